@@ -1,0 +1,276 @@
+"""The trainable policy: a Stable-Diffusion-shaped diffusers model with a LoRA adapter.
+
+Components load one by one from a hub id or a local folder (the layout that
+`save_pretrained` writes), so any SD-shaped checkpoint works whatever pipeline class it
+was saved with, and no safety checker or feature extractor is ever loaded. Only the LoRA
+weights train; the frozen UNet, VAE and text encoder sit in the chosen precision while
+LoRA parameters stay float32 and every log-prob is computed in float32 (zoo.sampling).
+The reference model is the same UNet with its adapter disabled: no copy is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from peft import LoraConfig, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+MODEL_PATH_ENV = "STEPZOO_MODEL_PATH"
+
+
+class ModelUnavailable(RuntimeError):
+    """The model's files are neither in a local folder nor in the Hugging Face cache."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    rank: int = 4
+    """LoRA rank r of every adapted projection."""
+    alpha: float = 4.0
+    """LoRA alpha; the update is scaled by alpha / rank."""
+    target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet attention projections that get an adapter (DDPO's and SDPO's choice)."""
+
+    def peft_config(self) -> LoraConfig:
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            init_lora_weights="gaussian",
+            target_modules=list(self.target_modules),
+        )
+
+
+def resolve_model(model: str) -> str:
+    """Return a loadable folder or hub id for `model`, or raise ModelUnavailable.
+
+    Looks at, in order: `model` as a local folder, the folder in $STEPZOO_MODEL_PATH
+    when `model` is a hub id, then the Hugging Face cache. Never downloads.
+    """
+    if Path(model).is_dir():
+        if not (Path(model) / "unet").is_dir():
+            raise ModelUnavailable(
+                f"--model {model}: the folder has no unet/ subfolder; point it at a diffusers "
+                "pipeline folder (the layout `save_pretrained` writes: unet/, vae/, text_encoder/, "
+                "tokenizer/, scheduler/)"
+            )
+        return model
+    override = os.environ.get(MODEL_PATH_ENV)
+    if override and Path(override).is_dir():
+        return override
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, "unet/config.json")
+    if isinstance(cached, str):
+        return model
+    raise ModelUnavailable(
+        f"--model {model}: not a local folder and not in the Hugging Face cache "
+        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and stepzoo never downloads at run "
+        f"time. Fetch it on a connected machine with `huggingface-cli download {model}` and copy the "
+        f"cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at a "
+        "diffusers pipeline folder."
+    )
+
+
+class Policy:
+    """UNet + VAE + text encoder + tokenizer + schedulers, with an optional LoRA adapter."""
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: dict,
+        *,
+        device: torch.device | str = "cpu",
+        mixed_precision: MixedPrecision = "no",
+        lora: LoraSettings | None = None,
+    ):
+        self.device = torch.device(device)
+        self.mixed_precision = mixed_precision
+        self.weight_dtype = PRECISION_DTYPES[mixed_precision]
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.to(self.device, self.weight_dtype)
+            module.eval()
+        self.lora = lora
+        if lora is not None:
+            unet.add_adapter(lora.peft_config())
+            # Adapter weights train in float32 whatever the frozen weights' precision.
+            cast_training_params(unet, dtype=torch.float32)
+        self._uncond_embeds: torch.Tensor | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        *,
+        device: torch.device | str = "cpu",
+        mixed_precision: MixedPrecision = "no",
+        lora: LoraSettings | None = None,
+    ) -> "Policy":
+        source = resolve_model(model)
+        # stepzoo never downloads: the files are local or in the cache (resolve_model checked).
+        kwargs = {"local_files_only": True}
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
+        return cls(
+            unet, vae, text_encoder, tokenizer, scheduler_config,
+            device=device, mixed_precision=mixed_precision, lora=lora,
+        )
+
+    # --- sampling support -------------------------------------------------------------
+
+    def scheduler_for(self, kind: str) -> DDIMScheduler | LCMScheduler:
+        """A fresh scheduler of the sampler's kind built from the model's own config, so
+        its beta schedule and timestep spacing are the model's."""
+        scheduler_cls = DDIMScheduler if kind == "ddim" else LCMScheduler
+        return scheduler_cls.from_config(self.scheduler_config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        size = self.unet.config.sample_size
+        return (self.unet.config.in_channels, size, size)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, L, D) text-encoder hidden states, padded to the tokenizer's max length."""
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        return self.text_encoder(tokens.input_ids.to(self.device))[0]
+
+    def uncond_embeds(self) -> torch.Tensor:
+        """(1, L, D) embedding of the empty caption, computed once."""
+        if self._uncond_embeds is None:
+            self._uncond_embeds = self.encode_prompts([""])
+        return self._uncond_embeds
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    def predict_noise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        guidance_scale: float,
+        kind: str,
+    ) -> torch.Tensor:
+        """ε̂ (N,C,h,w) in float32, guided.
+
+        DDIM: classifier-free guidance with the conditional and unconditional halves in
+        one batched UNet call. LCM: when the UNet was distilled with a guidance embedding
+        (`time_cond_proj_dim`), w = guidance - 1 is embedded and passed as
+        `timestep_cond` (one pass); otherwise classifier-free guidance as for DDIM.
+        """
+        n = latents.shape[0]
+        guidance_embedding = kind == "lcm" and self.unet.config.time_cond_proj_dim is not None
+        use_cfg = guidance_scale > 1.0 and not guidance_embedding
+        timestep_cond = None
+        if guidance_embedding:
+            w = torch.full((n,), guidance_scale - 1.0, device=self.device)
+            # LCM's guidance embedding is the VDM sinusoid of 1000·w (sin half first).
+            timestep_cond = get_timestep_embedding(
+                w * 1000.0, self.unet.config.time_cond_proj_dim, flip_sin_to_cos=False, downscale_freq_shift=1
+            ).to(self.weight_dtype)
+        if use_cfg:
+            uncond = self.uncond_embeds().expand(n, -1, -1)
+            latents = torch.cat([latents, latents])
+            timesteps = torch.cat([timesteps, timesteps])
+            prompt_embeds = torch.cat([uncond, prompt_embeds])
+        with self._autocast():
+            eps = self.unet(
+                latents.to(self.weight_dtype),
+                timesteps,
+                encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
+                timestep_cond=timestep_cond,
+            ).sample.float()
+        if use_cfg:
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        return eps
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N,C,h,w) -> images (N,3,H,W) float32 in [0, 1]."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            latents = latents + config.shift_factor
+        images = self.vae.decode(latents.to(self.weight_dtype)).sample.float()
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the frozen base model: the LoRA adapter is disabled inside the block."""
+        if self.lora is None:
+            yield
+            return
+        self.unet.disable_adapters()
+        try:
+            yield
+        finally:
+            self.unet.enable_adapters()
+
+    # --- training support -------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter in diffusers' LoRA key format (what `load_lora_weights` reads)."""
+        peft_state = get_peft_model_state_dict(self.unet)
+        return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+        from diffusers import StableDiffusionPipeline
+
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to save")
+        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=self.lora_state_dict(),
+            unet_lora_adapter_metadata=metadata,
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        return Path(folder) / LORA_WEIGHT_NAME
+
+    def load_lora(self, folder: str | Path) -> None:
+        """Load adapter weights written by `save_lora` into this policy's adapter."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to load into")
+        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
+        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(unet_state))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
+        cast_training_params(self.unet, dtype=torch.float32)

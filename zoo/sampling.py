@@ -1,0 +1,274 @@
+"""Samplers whose every transition is a Gaussian with a known log-density.
+
+Two transition kernels share one trajectory sampler:
+
+- DDIM with eta > 0 (DDPO, D3PO, SDPO):
+  x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t);  σ = eta·sqrt((1-ᾱ_t')/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_t');
+  x_t' ~ N(sqrt(ᾱ_t')·x̂0 + sqrt(1-ᾱ_t'-σ²)·ε̂, σ²).
+- LCM multistep consistency sampling (RLCM): denoised = c_out·x̂0 + c_skip·x_t;
+  x_t' ~ N(sqrt(ᾱ_t')·denoised, 1-ᾱ_t').
+
+Both need ᾱ_t' < 1 at the last step to have a density. Past the end of the schedule
+ᾱ_t' is ᾱ of timestep 0 (as the DDPO/SDPO reference code clamps it), never 1. That is a
+deliberate deviation from diffusers' LCMScheduler, which returns `denoised` without noise
+at the last step: here the last transition is stochastic like every other one and its
+sample x_0 is what gets decoded, so every recorded log-prob belongs to an action that
+affects the image (in the RLCM reference the last step's log-prob never reaches the
+reward). The extra noise has std sqrt(1-ᾱ_0) ≈ 0.03 for Stable Diffusion's schedule.
+
+Log-probs are averaged over the C·h·w latent elements, not summed: summed log-densities
+of 16k-element latents make importance ratios overflow, and the published clip ranges
+are tuned to the mean.
+
+Timesteps come from the loaded scheduler's config (`timestep_spacing`), so "trailing"
+spacing puts a 1-step sample at t=999. Transitions are addressed by step index k
+(0 = first, noisiest step), which is all a re-scoring call needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from diffusers import DDIMScheduler, LCMScheduler
+
+from zoo.trajectory import Trajectory
+
+if TYPE_CHECKING:
+    from zoo.policy import Policy
+
+SamplerKind = Literal["ddim", "lcm"]
+
+
+class SamplerConfigError(ValueError):
+    """An impossible sampler setting, named by its flag."""
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    kind: SamplerKind = "ddim"
+    """Transition kernel: "ddim" (eta > 0, classifier-free guidance) or "lcm" (consistency
+    sampling, guidance as an embedding when the UNet has one)."""
+    num_steps: int = 50
+    """Sampling steps K (1 to 50 for the published models)."""
+    eta: float = 1.0
+    """DDIM stochasticity; 0 is deterministic and has no density, so RL refuses it."""
+    guidance_scale: float = 1.0
+    """Classifier-free guidance scale (DDIM), or LCM's guidance w (embedded as w-1)."""
+
+    def validate(self, *, for_training: bool) -> None:
+        if self.kind not in ("ddim", "lcm"):
+            raise SamplerConfigError(f"--sampler must be 'ddim' or 'lcm', got {self.kind!r}")
+        if self.num_steps < 1:
+            raise SamplerConfigError(f"--steps must be at least 1, got {self.num_steps}")
+        if self.guidance_scale < 1.0:
+            raise SamplerConfigError(f"--guidance must be >= 1 (1 disables guidance), got {self.guidance_scale}")
+        if self.kind == "ddim":
+            if self.eta < 0:
+                raise SamplerConfigError(f"--eta must be >= 0, got {self.eta}")
+            if for_training and self.eta == 0:
+                raise SamplerConfigError(
+                    "--eta 0 makes DDIM deterministic: its transitions have no log-probability, "
+                    "so policy-gradient training cannot use them; pass --eta 1 (the published setting)"
+                )
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std²) averaged over every dim but the first: (N, ...) -> (N,).
+
+    std is (N,) or broadcastable. Computed in float32.
+    """
+    x, mean = x.float(), mean.float()
+    std = _per_sample(std.float(), x)
+    log_density = -((x - mean) ** 2) / (2 * std**2) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return log_density.flatten(1).mean(dim=1)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape (N,) per-sample scalars to broadcast against (N, C, h, w)."""
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def ddim_transition(
+    eps: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DDIM step as a Gaussian: returns (mean (N,C,h,w), std (N,), x̂0 (N,C,h,w)), float32.
+
+    alpha_t, alpha_prev are ᾱ_t and ᾱ_t' per sample, (N,).
+    """
+    eps, x_t = eps.float(), x_t.float()
+    a_t, a_prev = _per_sample(alpha_t.float(), x_t), _per_sample(alpha_prev.float(), x_t)
+    pred_x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    std = eta * variance.clamp(min=0).sqrt()
+    direction = (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    mean = a_prev.sqrt() * pred_x0 + direction
+    return mean, std.flatten(), pred_x0
+
+
+def lcm_transition(
+    eps: torch.Tensor,
+    x_t: torch.Tensor,
+    alpha_t: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    c_skip: torch.Tensor,
+    c_out: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LCM step as a Gaussian: returns (mean, std (N,), x̂0, denoised), float32.
+
+    c_skip, c_out are the boundary-condition scalings of timestep t per sample, (N,).
+    """
+    eps, x_t = eps.float(), x_t.float()
+    a_t, a_prev = _per_sample(alpha_t.float(), x_t), _per_sample(alpha_prev.float(), x_t)
+    pred_x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    denoised = _per_sample(c_out.float(), x_t) * pred_x0 + _per_sample(c_skip.float(), x_t) * x_t
+    mean = a_prev.sqrt() * denoised
+    std = (1 - a_prev).sqrt().flatten()
+    return mean, std, pred_x0, denoised
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """Per-step constants of one sampler at one step count K, all shaped (K,)."""
+
+    timesteps: torch.Tensor  # long, t of step k
+    alpha_t: torch.Tensor  # float64, ᾱ_t
+    alpha_prev: torch.Tensor  # float64, ᾱ_t' (ᾱ of timestep 0 past the end)
+    c_skip: torch.Tensor  # float64, LCM boundary scalings (unused by DDIM)
+    c_out: torch.Tensor
+
+
+def make_schedule(scheduler: DDIMScheduler | LCMScheduler, kind: SamplerKind, num_steps: int) -> StepSchedule:
+    """Timesteps from the scheduler's own `set_timesteps`, so its config's spacing applies."""
+    scheduler.set_timesteps(num_steps, device="cpu")
+    timesteps = scheduler.timesteps.to(torch.long).clone()
+    if len(timesteps) != num_steps:
+        raise SamplerConfigError(
+            f"the {type(scheduler).__name__} gave {len(timesteps)} timesteps for --steps {num_steps}; "
+            "choose a step count the scheduler supports"
+        )
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    if kind == "ddim":
+        prev = timesteps - scheduler.config.num_train_timesteps // num_steps
+    else:
+        prev = torch.cat([timesteps[1:], timesteps.new_tensor([-1])])
+    alpha_prev = torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], alphas_cumprod[0])
+    if kind == "lcm":
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timesteps.to(torch.float64))
+    else:
+        c_skip, c_out = torch.zeros(num_steps, dtype=torch.float64), torch.ones(num_steps, dtype=torch.float64)
+    return StepSchedule(timesteps, alphas_cumprod[timesteps], alpha_prev, c_skip, c_out)
+
+
+class TrajectorySampler:
+    """Samples trajectories with per-step log-probs and re-scores stored transitions.
+
+    Sampling and re-scoring run the same `transition` code, so re-scoring a stored
+    transition under unchanged weights reproduces its log-prob exactly.
+    """
+
+    def __init__(self, policy: "Policy", config: SamplerConfig):
+        config.validate(for_training=False)
+        self.policy = policy
+        self.config = config
+        self.schedule = make_schedule(policy.scheduler_for(config.kind), config.kind, config.num_steps)
+
+    def _step_constants(self, step_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s = self.schedule
+        idx = step_index.cpu()
+        device = self.policy.device
+        return tuple(v[idx].to(device) for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out))
+
+    def transition(
+        self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The policy at (x_t, k): (mean (N,C,h,w), std (N,), x̂0 (N,C,h,w)), float32.
+
+        latents (N,C,h,w), step_index (N,) long, prompt_embeds (N,L,D). Gradients flow
+        through the UNet when enabled by the caller.
+        """
+        t, alpha_t, alpha_prev, c_skip, c_out = self._step_constants(step_index)
+        eps = self.policy.predict_noise(latents, t, prompt_embeds, self.config.guidance_scale, self.config.kind)
+        if self.config.kind == "ddim":
+            return ddim_transition(eps, latents, alpha_t, alpha_prev, self.config.eta)
+        mean, std, pred_x0, _ = lcm_transition(eps, latents, alpha_t, alpha_prev, c_skip, c_out)
+        return mean, std, pred_x0
+
+    def log_prob(
+        self,
+        latents: torch.Tensor,
+        step_index: torch.Tensor,
+        next_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> torch.Tensor:
+        """(N,) float32 log-density of x_t -> x_t' under the current weights (with grad)."""
+        mean, std, _ = self.transition(latents, step_index, prompt_embeds)
+        return gaussian_log_prob(next_latents, mean, std)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        group_size: int = 1,
+        shared_noise: bool = False,
+        generator: torch.Generator | None = None,
+        record_pred_x0: bool = False,
+        reference_log_probs: bool = False,
+        initial_noise: torch.Tensor | None = None,
+    ) -> Trajectory:
+        """Sample `group_size` trajectories for each prompt, all in one batch.
+
+        Noise is drawn on the CPU from `generator` so that a seed gives the same
+        trajectories on any device. `initial_noise` (P, G, C, h, w) overrides x_T (the
+        evaluation uses it to hold noise fixed across checkpoints).
+        """
+        policy = self.policy
+        num_prompts, num_steps = len(prompts), self.config.num_steps
+        n = num_prompts * group_size
+        latent_shape = policy.latent_shape
+        if initial_noise is None:
+            noise_groups = 1 if shared_noise else group_size
+            initial_noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
+            initial_noise = initial_noise.expand(num_prompts, group_size, *latent_shape)
+        x = initial_noise.reshape(n, *latent_shape).to(policy.device, torch.float32)
+
+        embeds = policy.encode_prompts(prompts)  # (P, L, D)
+        flat_embeds = embeds.repeat_interleave(group_size, dim=0)  # (P*G, L, D)
+
+        latents, next_latents, log_probs, pred_x0s, ref_log_probs = [], [], [], [], []
+        for k in range(num_steps):
+            step_index = torch.full((n,), k, dtype=torch.long)
+            mean, std, pred_x0 = self.transition(x, step_index, flat_embeds)
+            z = torch.randn(x.shape, generator=generator).to(policy.device)
+            x_next = mean + std.reshape(-1, 1, 1, 1) * z
+            latents.append(x)
+            next_latents.append(x_next)
+            log_probs.append(gaussian_log_prob(x_next, mean, std))
+            if record_pred_x0:
+                pred_x0s.append(pred_x0)
+            if reference_log_probs:
+                with policy.reference():
+                    ref_log_probs.append(self.log_prob(x, step_index, x_next, flat_embeds))
+            x = x_next
+
+        def stack(steps: list[torch.Tensor]) -> torch.Tensor:
+            """K tensors (N, ...) -> (P, G, K, ...)."""
+            stacked = torch.stack(steps, dim=1)
+            return stacked.reshape(num_prompts, group_size, num_steps, *stacked.shape[2:])
+
+        images = policy.decode(x)
+        timesteps = self.schedule.timesteps.to(policy.device).expand(num_prompts, group_size, num_steps)
+        return Trajectory(
+            prompts=list(prompts),
+            prompt_embeds=embeds,
+            timesteps=timesteps.clone(),
+            latents=stack(latents),
+            next_latents=stack(next_latents),
+            log_probs=stack(log_probs),
+            images=images.reshape(num_prompts, group_size, *images.shape[1:]),
+            pred_x0=stack(pred_x0s) if record_pred_x0 else None,
+            ref_log_probs=stack(ref_log_probs) if reference_log_probs else None,
+        )
