@@ -1,0 +1,162 @@
+"""DDPO: PPO-clip on every denoising step, advantages from a per-prompt stat tracker.
+
+Paper: Black, Janner, Du, Kostrikov, Levine, "Training Diffusion Models with Reinforcement
+Learning", ICLR 2024 (arXiv 2305.13301); the DDPO_IS variant.
+Reference code: kvablack/ddpo-pytorch (`scripts/train.py`, `config/base.py`,
+`ddpo_pytorch/stat_tracking.py`).
+
+Implementation details (numbers refer to the reference's training script):
+1. Sampling: DDIM with eta = 1, K = 50, classifier-free guidance 5, one trajectory per
+   prompt from its own x_T; the log-prob of each transition is the Gaussian log-density
+   averaged over the latent's elements (see `zoo.sampling`).
+2. Rewards: one score of the final image per trajectory, gathered across processes.
+3. Advantages: per-prompt stat tracker (buffer 16, min_count 16; `zoo.stat_tracking`),
+   one scalar per trajectory, broadcast over its K steps.
+4. Training order: shuffle trajectories, permute the time axis independently per
+   trajectory, then for each minibatch and each step j recompute log p under the current
+   weights (CFG on, the sampling guidance scale).
+5. Loss per step: ratio = exp(logp - old_logp), A_c = clamp(A, +-adv_clip_max),
+   loss = mean(max(-A_c * ratio, -A_c * clamp(ratio, 1 - clip_range, 1 + clip_range))).
+   The clip range 1e-4 is tiny because the log-probs are element means.
+6. Gradient accumulation spans every step of a minibatch: one optimizer step per
+   `gradient_accumulation_steps` minibatches x K steps (`loss_calls_per_update`), so each
+   update sees whole trajectories.
+7. Metrics: approx_kl = 0.5 * mean((logp - old_logp)^2) (the reference's estimator, not
+   Schulman's k3), clipfrac = mean(|ratio - 1| > clip_range).
+8. Optimizer: AdamW, lr 3e-4, betas (0.9, 0.999), eps 1e-8, weight decay 1e-4, grad-norm
+   clip 1.0; LoRA rank 4 (scale 1, i.e. alpha = rank) on attention q, k, v, out.
+
+Deliberate deviations: none in the math. The stat tracker keeps prompts in order of first
+appearance instead of sorting them (each prompt's statistics are independent of the others,
+so the advantages are identical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds
+from zoo.stat_tracking import PerPromptStatTracker
+
+
+_FIELD_RULES = (
+    ("learning_rate", "must be positive", lambda v: v > 0),
+    ("adam_beta1", "must lie in [0, 1)", lambda v: 0 <= v < 1),
+    ("adam_beta2", "must lie in [0, 1)", lambda v: 0 <= v < 1),
+    ("adam_epsilon", "must be positive", lambda v: v > 0),
+    ("weight_decay", "must be non-negative", lambda v: v >= 0),
+    ("max_grad_norm", "must be positive, or None for no clipping", lambda v: v is None or v > 0),
+    ("train_batch_size", "must be at least 1", lambda v: v >= 1),
+    ("gradient_accumulation_steps", "must be at least 1", lambda v: v >= 1),
+    ("num_inner_epochs", "must be at least 1", lambda v: v >= 1),
+    ("clip_range", "must be positive", lambda v: v > 0),
+    ("adv_clip_max", "must be positive", lambda v: v > 0),
+    ("tracker_buffer_size", "must be at least 1", lambda v: v >= 1),
+    ("tracker_min_count", "must be at least 1", lambda v: v >= 1),
+    ("lora_rank", "must be at least 1", lambda v: v >= 1),
+    ("lora_alpha", "must be positive", lambda v: v > 0),
+    ("num_steps", "must be at least 1", lambda v: v >= 1),
+    ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
+)
+"""(field, rule, predicate): the values `DDPOConfig` refuses, each with the sentence it raises."""
+
+
+@dataclass(frozen=True)
+class DDPOConfig:
+    """DDPO's hyperparameters; defaults are ddpo-pytorch's `config/base.py`."""
+
+    learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value before each optimizer step; None disables clipping."""
+    train_batch_size: int = 1
+    """Trajectories per minibatch, per process."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step; each minibatch contributes all of its K steps (see `loss_calls_per_update`)."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    clip_range: float = 1e-4
+    """PPO clip range: the ratio is clamped to [1 - clip_range, 1 + clip_range]."""
+    adv_clip_max: float = 5.0
+    """Advantages are clamped to [-adv_clip_max, adv_clip_max] in the loss."""
+    tracker_buffer_size: int = 16
+    """Rewards kept per prompt by the stat tracker, across epochs."""
+    tracker_min_count: int = 16
+    """Below this many buffered rewards a prompt is normalised by the whole batch's mean and std."""
+    lora_rank: int = 4
+    """LoRA rank of the UNet adapter."""
+    lora_alpha: float = 4.0
+    """LoRA alpha (the adapter's scale is alpha / rank)."""
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that receive a LoRA adapter."""
+    sampler: Literal["ddim", "lcm"] = "ddim"
+    """Sampler whose transitions are trained on."""
+    num_steps: int = 50
+    """Sampling steps K during training."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
+    eta: float = 1.0
+    """DDIM eta; must be positive, since a deterministic step (eta = 0) has no log-density."""
+
+    def __post_init__(self) -> None:
+        for name, rule, holds in _FIELD_RULES:
+            if not holds(getattr(self, name)):
+                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r}).")
+        if self.tracker_min_count > self.tracker_buffer_size:
+            raise ValueError(
+                f"tracker_min_count ({self.tracker_min_count}) exceeds tracker_buffer_size "
+                f"({self.tracker_buffer_size}), so per-prompt statistics would never be used."
+            )
+        if self.sampler == "ddim" and self.eta <= 0:
+            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
+
+    @property
+    def loss_calls_per_update(self) -> int:
+        """`loss` calls (backward passes) between optimizer steps: every step of every
+        accumulated minibatch, as the reference multiplies accumulation by K."""
+        return self.gradient_accumulation_steps * self.num_steps
+
+    def build(self) -> "DDPO":
+        return DDPO(self)
+
+
+class DDPO(Algorithm):
+    def __init__(self, config: DDPOConfig):
+        self.config = config
+        self.needs = SamplingNeeds(group_size=1, shared_noise=False)
+
+    def new_tracker(self) -> PerPromptStatTracker:
+        return PerPromptStatTracker(self.config.tracker_buffer_size, self.config.tracker_min_count)
+
+    @torch.no_grad()
+    def advantages(self, prompts: list[str], returns: torch.Tensor, tracker: PerPromptStatTracker) -> torch.Tensor:
+        """returns: (P, 1) final-image rewards -> (P, 1, K) advantages, constant along K."""
+        num_prompts, group_size = returns.shape
+        per_trajectory = tracker.update(prompts, returns[:, 0]).view(num_prompts, group_size)
+        return per_trajectory[:, :, None].expand(-1, -1, self.config.num_steps).clone()
+
+    def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        c = self.config
+        log_ratio = inputs.log_probs - inputs.old_log_probs  # (p, 1, S)
+        ratio = torch.exp(log_ratio)
+        advantages = inputs.advantages.clamp(-c.adv_clip_max, c.adv_clip_max)
+        unclipped = -advantages * ratio
+        clipped = -advantages * ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
+        loss = torch.maximum(unclipped, clipped).mean()
+        metrics = {
+            "loss": loss.detach(),
+            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+            "clipfrac": ((ratio.detach() - 1.0).abs() > c.clip_range).float().mean(),
+        }
+        return loss, metrics
