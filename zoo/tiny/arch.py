@@ -112,6 +112,9 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
         pad_token=EOS_TOKEN,
     )
     staged.save_pretrained(folder)
+    # tokenizer.json repeats vocab.json and merges.txt in 3.6 MB; the two source files
+    # rebuild it on load, and every shipped model carries a tokenizer.
+    (folder / "tokenizer.json").unlink()
     return CLIPTokenizer.from_pretrained(folder)
 
 
