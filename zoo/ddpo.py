@@ -127,6 +127,11 @@ class DDPOConfig:
         accumulated minibatch, as the reference multiplies accumulation by K."""
         return self.gradient_accumulation_steps * self.num_steps
 
+    @property
+    def steps_in_outer_loop(self) -> bool:
+        """The reference trains every step of a minibatch before the next minibatch."""
+        return False
+
     def build(self) -> "DDPO":
         return DDPO(self)
 
