@@ -57,3 +57,33 @@ class ImageTransform:
         mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
         return (images - mean) / std
+
+
+def transform_from_clip_image_processor(processor) -> ImageTransform:
+    """The ImageTransform equal to a transformers CLIPImageProcessor's configuration.
+
+    Raises ValueError for settings this module does not reproduce, rather than scoring
+    differently from the model's own processor.
+    """
+    resample_names = {2: "bilinear", 3: "bicubic"}
+    size = processor.size
+    crop = processor.crop_size
+    supported = (
+        processor.do_resize
+        and processor.do_center_crop
+        and processor.do_rescale
+        and abs(processor.rescale_factor - 1 / 255) < 1e-9
+        and processor.do_normalize
+        and "shortest_edge" in size
+        and crop["height"] == crop["width"]
+        and int(processor.resample) in resample_names
+    )
+    if not supported:
+        raise ValueError(f"unsupported image processor settings for tensor preprocessing: {processor.to_dict()}")
+    return ImageTransform(
+        size=size["shortest_edge"],
+        crop=crop["height"],
+        mean=tuple(processor.image_mean),
+        std=tuple(processor.image_std),
+        interpolation=resample_names[int(processor.resample)],
+    )

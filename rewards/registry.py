@@ -1,0 +1,456 @@
+"""Every reward by name, where its weights live, and a cheap preflight check.
+
+`check_reward` only looks at the file system and at `importlib.util.find_spec`: it
+imports no torch and loads no model, so the benchmark can call it for every reward
+before it builds a pipeline, and fail in a second with one readable paragraph.
+
+Weights are looked up, for each file or folder a reward needs, in this order (the
+first place that is set is used; a place that is set but incomplete is an error,
+never a reason to look further):
+1. a path given by the caller (`--reward-path NAME=PATH`; a reward's second artifact
+   as `--reward-path NAME:ROLE=PATH`, e.g. `aesthetic:clip=/models/clip-vit-l-14`),
+2. the environment variable `STEPZOO_<NAME>_PATH` (`STEPZOO_<NAME>_<ROLE>_PATH`),
+   the name upper-cased with `-` and `.` turned into `_`,
+3. a default local location where one exists (tiny-clip's folder in the repository),
+4. the Hugging Face hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`), offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from rewards.errors import MissingRewardPackages, MissingRewardWeights, UnknownReward
+
+if TYPE_CHECKING:
+    import torch
+
+    from rewards.base import Reward
+
+PRIMARY = "weights"
+"""Role of the artifact a plain `--reward-path NAME=PATH` points at."""
+
+REAL_REWARDS_INSTALL = (
+    "pip install -e '.[real-rewards]' && pip install --no-deps image-reward==1.5 hpsv2x==1.2.0 "
+    "(or `make venv`)"
+)
+CLIP_FOLDER_FILES = (
+    ("config.json",),
+    ("model.safetensors", "pytorch_model.bin"),
+    ("preprocessor_config.json",),
+    ("tokenizer.json", "vocab.json"),
+)
+"""A transformers CLIPModel folder with its processor: one file from each group."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file or folder that a reward loads."""
+
+    role: str
+    """PRIMARY for the path `--reward-path NAME=PATH` sets; otherwise the ROLE in NAME:ROLE."""
+    what: str
+    """What it is, for error messages."""
+    files: tuple[tuple[str, ...], ...]
+    """Files needed, one from each group. A file artifact has one group of one name."""
+    folder: bool
+    """Whether the artifact is a folder (transformers style) or a single file."""
+    published: str
+    """Where the authors publish it (URL)."""
+    hub_repo: str | None = None
+    """Hugging Face repo id searched in the local hub cache, if it is published there."""
+    default_path: Path | None = None
+    """A local location searched before the hub cache."""
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A registry entry: what the reward is and what it needs."""
+
+    name: str
+    source: str
+    """Paper and reference code."""
+    inputs: str
+    """Resolution and normalisation the model expects (done on tensors by the reward)."""
+    score_range: str
+    packages: tuple[str, ...]
+    """Top-level modules that must be importable."""
+    extra: str | None
+    """The pip extra of this project that brings those packages, if not the core install."""
+    artifacts: tuple[Artifact, ...]
+    build: Callable[[RewardSpec, dict[str, Path], "torch.device | str", "torch.dtype"], "Reward"]
+    """Builds the reward from the paths `check_reward` found (role -> path)."""
+
+
+def env_var(name: str, role: str = PRIMARY) -> str:
+    """STEPZOO_<NAME>_PATH for the primary artifact, STEPZOO_<NAME>_<ROLE>_PATH otherwise."""
+    parts = [name] if role == PRIMARY else [name, role]
+    stem = "_".join(part.upper().replace("-", "_").replace(".", "_") for part in parts)
+    return f"STEPZOO_{stem}_PATH"
+
+
+def path_key(name: str, role: str = PRIMARY) -> str:
+    """The key of `paths` (and of `--reward-path KEY=PATH`) for a reward's artifact."""
+    return name if role == PRIMARY else f"{name}:{role}"
+
+
+def _build_aesthetic(spec, found, device, dtype):
+    from rewards.aesthetic import AestheticScore
+
+    return AestheticScore(spec.name, found[PRIMARY], found["clip"], device=device, dtype=dtype)
+
+
+def _build_imagereward(spec, found, device, dtype):
+    from rewards.imagereward import ImageRewardScore
+
+    folder = found[PRIMARY]
+    return ImageRewardScore(
+        spec.name, folder / "ImageReward.pt", folder / "med_config.json", found["tokenizer"], device=device, dtype=dtype
+    )
+
+
+def _build_hps(spec, found, device, dtype):
+    from rewards.hps import HPSv2Score
+
+    return HPSv2Score(spec.name, found[PRIMARY], device=device, dtype=dtype)
+
+
+def _build_pickscore(spec, found, device, dtype):
+    from rewards.clip_score import CLIPScore
+
+    return CLIPScore(spec.name, found[PRIMARY], found["processor"], logit_scale=True, device=device, dtype=dtype)
+
+
+def _build_tiny_clip(spec, found, device, dtype):
+    from rewards.clip_score import CLIPScore
+
+    return CLIPScore(spec.name, found[PRIMARY], found[PRIMARY], logit_scale=False, device=device, dtype=dtype)
+
+
+def _jpeg_builder(sign: float):
+    def build(spec, found, device, dtype):
+        from rewards.jpeg import JpegSize
+
+        return JpegSize(spec.name, sign, device=device, dtype=dtype)
+
+    return build
+
+
+def _hps_checkpoint(version: str, filename: str) -> Artifact:
+    return Artifact(
+        role=PRIMARY,
+        what=f"the HPS {version} checkpoint {filename}",
+        files=((filename,),),
+        folder=False,
+        published=f"https://huggingface.co/xswu/HPSv2/blob/main/{filename}",
+        hub_repo="xswu/HPSv2",
+    )
+
+
+_HPS_COMMON = dict(
+    inputs="224x224, bicubic resize of the short side + centre crop, OpenAI CLIP mean/std",
+    score_range="cosine of image and prompt features, ~0.2-0.3 for ordinary images (max 1)",
+    packages=("open_clip",),
+    extra=None,
+    build=_build_hps,
+)
+
+REWARDS: dict[str, RewardSpec] = {
+    "aesthetic": RewardSpec(
+        name="aesthetic",
+        source="LAION aesthetic predictor v2, https://github.com/christophschuhmann/improved-aesthetic-predictor "
+        "(MLP on CLIP ViT-L/14 image embeddings, as DDPO/SDPO use it)",
+        inputs="224x224, bicubic resize of the short side + centre crop, OpenAI CLIP mean/std; prompt ignored",
+        score_range="predicted mean AVA rating, 1-10 (ordinary images 4-7)",
+        packages=("transformers",),
+        extra=None,
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the MLP head sac+logos+ava1-l14-linearMSE.pth",
+                files=(("sac+logos+ava1-l14-linearMSE.pth",),),
+                folder=False,
+                published="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                "sac%2Blogos%2Bava1-l14-linearMSE.pth",
+                # Where ImageReward's `load_score("Aesthetic")` downloads it.
+                default_path=Path("~/.cache/ImageReward/sac+logos+ava1-l14-linearMSE.pth").expanduser(),
+            ),
+            Artifact(
+                role="clip",
+                what="the CLIP ViT-L/14 folder (transformers format, with its processor)",
+                files=CLIP_FOLDER_FILES,
+                folder=True,
+                published="https://huggingface.co/openai/clip-vit-large-patch14",
+                hub_repo="openai/clip-vit-large-patch14",
+            ),
+        ),
+        build=_build_aesthetic,
+    ),
+    "imagereward": RewardSpec(
+        name="imagereward",
+        source="ImageReward v1.0, Xu et al. 2023, https://github.com/THUDM/ImageReward (the image-reward package)",
+        inputs="224x224, bicubic resize of the short side + centre crop, OpenAI CLIP mean/std; prompt: "
+        "BERT uncased tokens, 35 max",
+        score_range="standardised preference, ~N(0, 1) on its training images (typically -2..2)",
+        packages=("ImageReward", "timm", "fairscale", "clip", "datasets"),
+        extra="real-rewards",
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the folder with ImageReward.pt and med_config.json",
+                files=(("ImageReward.pt",), ("med_config.json",)),
+                folder=True,
+                published="https://huggingface.co/THUDM/ImageReward",
+                hub_repo="THUDM/ImageReward",
+            ),
+            Artifact(
+                role="tokenizer",
+                what="the bert-base-uncased tokenizer folder (vocab.txt) that BLIP's text encoder uses",
+                files=(("vocab.txt",),),
+                folder=True,
+                published="https://huggingface.co/google-bert/bert-base-uncased",
+                hub_repo="bert-base-uncased",
+            ),
+        ),
+        build=_build_imagereward,
+    ),
+    "hpsv2": RewardSpec(
+        name="hpsv2",
+        source="HPS v2, Wu et al. 2023, https://github.com/tgxs002/HPSv2 (open_clip ViT-H-14)",
+        artifacts=(_hps_checkpoint("v2.0", "HPS_v2_compressed.pt"),),
+        **_HPS_COMMON,
+    ),
+    "hpsv2.1": RewardSpec(
+        name="hpsv2.1",
+        source="HPS v2.1, https://github.com/tgxs002/HPSv2 (open_clip ViT-H-14, more training data)",
+        artifacts=(_hps_checkpoint("v2.1", "HPS_v2.1_compressed.pt"),),
+        **_HPS_COMMON,
+    ),
+    "pickscore": RewardSpec(
+        name="pickscore",
+        source="PickScore_v1, Kirstain et al. 2023, https://github.com/yuvalkirstain/PickScore (CLIP ViT-H/14)",
+        inputs="224x224, bicubic resize of the short side + centre crop, OpenAI CLIP mean/std; prompt: CLIP BPE, 77 max",
+        score_range="logit_scale * cosine (logit scale ~100): ~18-23 for ordinary images",
+        packages=("transformers",),
+        extra=None,
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the PickScore_v1 model folder (transformers CLIPModel)",
+                files=(("config.json",), ("model.safetensors", "pytorch_model.bin")),
+                folder=True,
+                published="https://huggingface.co/yuvalkirstain/PickScore_v1",
+                hub_repo="yuvalkirstain/PickScore_v1",
+            ),
+            Artifact(
+                role="processor",
+                what="the processor folder of laion/CLIP-ViT-H-14-laion2B-s32B-b79K that PickScore's authors use",
+                files=(("preprocessor_config.json",), ("tokenizer.json", "vocab.json")),
+                folder=True,
+                published="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                hub_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            ),
+        ),
+        build=_build_pickscore,
+    ),
+    "jpeg_compressibility": RewardSpec(
+        name="jpeg_compressibility",
+        source="DDPO, Black et al. 2023, https://github.com/kvablack/ddpo-pytorch",
+        inputs="any size; rounded to 8 bits and saved as JPEG quality 95; prompt ignored",
+        score_range="minus the file size in kB (1000 bytes): -(a few) .. -(tens) at 512 px",
+        packages=("PIL",),
+        extra=None,
+        artifacts=(),
+        build=_jpeg_builder(-1.0),
+    ),
+    "jpeg_incompressibility": RewardSpec(
+        name="jpeg_incompressibility",
+        source="DDPO, Black et al. 2023, https://github.com/kvablack/ddpo-pytorch",
+        inputs="any size; rounded to 8 bits and saved as JPEG quality 95; prompt ignored",
+        score_range="the file size in kB (1000 bytes): a few to tens at 512 px",
+        packages=("PIL",),
+        extra=None,
+        artifacts=(),
+        build=_jpeg_builder(1.0),
+    ),
+    "tiny-clip": RewardSpec(
+        name="tiny-clip",
+        source="this project's CLIP-style judge of the tiny world (zoo/tiny), loaded like pickscore",
+        inputs="the folder's CLIPImageProcessor settings (resize of the short side, centre crop, mean/std)",
+        score_range="cosine of image and caption embeddings, -1..1",
+        packages=("transformers",),
+        extra=None,
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
+                files=CLIP_FOLDER_FILES,
+                folder=True,
+                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
+                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
+            ),
+        ),
+        build=_build_tiny_clip,
+    ),
+}
+
+
+def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+    """'aesthetic:1,pickscore:0.5' -> [('aesthetic', 1.0), ('pickscore', 0.5)]; a missing
+    weight is 1. Raises UnknownReward (a ValueError) naming --reward and the choices."""
+    choices = ", ".join(REWARDS)
+    terms = []
+    for term in spec.split(","):
+        name, _, weight_text = term.strip().partition(":")
+        if name not in REWARDS:
+            raise UnknownReward(
+                f"--reward: unknown reward {name!r} in {spec!r}; choose from {choices} "
+                "(a weighted sum is written aesthetic:1,pickscore:0.5)"
+            )
+        try:
+            weight = float(weight_text) if weight_text else 1.0
+        except ValueError:
+            raise UnknownReward(f"--reward: weight {weight_text!r} of {name!r} in {spec!r} is not a number") from None
+        if name in dict(terms):
+            raise UnknownReward(f"--reward: {name!r} appears twice in {spec!r}")
+        terms.append((name, weight))
+    return terms
+
+
+def _hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
+
+
+def _complete(path: Path, artifact: Artifact) -> Path | None:
+    """The artifact's path at `path` if every needed file is there, else None. A file
+    artifact may be named directly or by the folder that holds it."""
+    if not artifact.folder:
+        filename = artifact.files[0][0]
+        if path.is_file():
+            return path
+        return path / filename if (path / filename).is_file() else None
+    if all(any((path / name).is_file() for name in group) for group in artifact.files):
+        return path
+    return None
+
+
+def _from_hub_cache(artifact: Artifact) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for group in artifact.files:
+        hits = [try_to_load_from_cache(artifact.hub_repo, name, cache_dir=_hub_cache_dir()) for name in group]
+        hits = [hit for hit in hits if isinstance(hit, str)]
+        if not hits:
+            return None
+        found.append(Path(hits[0]))
+    return found[0].parent if artifact.folder else found[0]
+
+
+def _describe_files(artifact: Artifact) -> str:
+    return ", ".join(" or ".join(group) for group in artifact.files)
+
+
+def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]]) -> str:
+    parts = [f"Reward '{spec.name}' cannot be loaded because its weights were not found."]
+    for artifact, looked in problems:
+        key = path_key(spec.name, artifact.role)
+        where = [f"pass --reward-path {key}=PATH", f"set {env_var(spec.name, artifact.role)}"]
+        if artifact.default_path is not None:
+            where.append(f"put it at {artifact.default_path}")
+        if artifact.hub_repo is not None:
+            where.append(
+                f"place the hub repo {artifact.hub_repo} in the Hugging Face cache ({_hub_cache_dir()}, "
+                f"e.g. `hf download {artifact.hub_repo}` on a machine with access, then copy the cache here)"
+            )
+        parts.append(
+            f"It needs {artifact.what} ({'a folder with ' if artifact.folder else 'file '}{_describe_files(artifact)}), "
+            f"published at {artifact.published}; {looked}. To fix: {', or '.join(where)}."
+        )
+    return " ".join(parts)
+
+
+def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str | Path] | None = None) -> dict[str, Path]:
+    """Preflight for one reward: packages importable and every weight file found.
+
+    `path` is the reward's `--reward-path` (primary artifact); `paths` may hold the same
+    and the `NAME:ROLE` keys of the other artifacts. Returns role -> local path. Raises
+    MissingRewardPackages or MissingRewardWeights (both RewardUnavailable) with one
+    paragraph; imports no torch and loads nothing.
+    """
+    if name not in REWARDS:
+        parse_reward_spec(name)
+    spec = REWARDS[name]
+    given = dict(paths or {})
+    if path is not None:
+        given[name] = path
+
+    missing_packages = [module for module in spec.packages if importlib.util.find_spec(module) is None]
+    if missing_packages:
+        install = REAL_REWARDS_INSTALL if spec.extra else "pip install -e ."
+        raise MissingRewardPackages(
+            f"Reward '{spec.name}' needs the Python packages {', '.join(missing_packages)}, which are not "
+            f"importable here; install them with {install}."
+        )
+
+    found: dict[str, Path] = {}
+    problems: list[tuple[Artifact, str]] = []
+    for artifact in spec.artifacts:
+        key = path_key(spec.name, artifact.role)
+        variable = env_var(spec.name, artifact.role)
+        if given.get(key) is not None:
+            source, location = f"--reward-path {key}", Path(given[key]).expanduser()
+        elif os.environ.get(variable):
+            source, location = variable, Path(os.environ[variable]).expanduser()
+        else:
+            source, location = None, None
+        if location is not None:
+            hit = _complete(location, artifact)
+            if hit is None:
+                problems.append((artifact, f"{source} points at {location}, which lacks {_describe_files(artifact)}"))
+            else:
+                found[artifact.role] = hit
+            continue
+        hit = _complete(artifact.default_path, artifact) if artifact.default_path is not None else None
+        if hit is None and artifact.hub_repo is not None:
+            hit = _from_hub_cache(artifact)
+        if hit is None:
+            problems.append((artifact, f"neither --reward-path {key} nor {variable} is set and no default location has it"))
+        else:
+            found[artifact.role] = hit
+    if problems:
+        raise MissingRewardWeights(_missing_paragraph(spec, problems))
+    return found
+
+
+def check_rewards(spec: str, paths: dict[str, str | Path] | None = None) -> dict[str, dict[str, Path]]:
+    """Preflight of every reward of a `--reward` spec: name -> (role -> path)."""
+    return {name: check_reward(name, paths=paths) for name, _ in parse_reward_spec(spec)}
+
+
+def load_reward(
+    spec: str,
+    device: "torch.device | str" = "cpu",
+    dtype: "torch.dtype | None" = None,
+    paths: dict[str, str | Path] | None = None,
+) -> "Reward":
+    """Builds the reward of a `--reward` spec, after `check_rewards` found everything.
+
+    One name with weight 1 gives that reward; otherwise a WeightedSum of the members.
+    """
+    import torch
+
+    from rewards.base import WeightedSum
+
+    dtype = torch.float32 if dtype is None else dtype
+    found = check_rewards(spec, paths)
+    terms = parse_reward_spec(spec)
+    members = [(REWARDS[name].build(REWARDS[name], found[name], device, dtype), weight) for name, weight in terms]
+    if len(members) == 1 and members[0][1] == 1.0:
+        return members[0][0]
+    return WeightedSum(members)
