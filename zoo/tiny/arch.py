@@ -52,7 +52,9 @@ class TinyArch:
     downsamples once."""
 
     unet_channels: tuple[int, ...] = (32, 64)
-    """Output channels per UNet resolution; every level but the last has cross-attention."""
+    """Output channels per UNet resolution. Every level but the first (full latent
+    resolution) has cross-attention: self-attention over 16x16 latents costs 3x the rest of
+    the UNet on this CPU, and 8x8 is fine enough to bind a colour to a shape."""
     unet_layers_per_block: int = 1
     unet_head_dim: int = 8
     unet_groups: int = 8
@@ -72,12 +74,8 @@ class TinyArch:
 TEST_ARCH = TinyArch()
 # The shipped model: big enough to learn colour x shape x background binding.
 TRAINED_ARCH = TinyArch(
-    unet_channels=(64, 128, 128),
-    unet_layers_per_block=1,
+    unet_channels=(32, 64, 128),
     unet_head_dim=16,
-    unet_groups=16,
-    vae_channels=(32, 64),
-    vae_groups=16,
     text_hidden=64,
     text_layers=3,
     text_heads=4,
@@ -114,8 +112,38 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
     staged.save_pretrained(folder)
     # tokenizer.json repeats vocab.json and merges.txt in 3.6 MB; the two source files
     # rebuild it on load, and every shipped model carries a tokenizer.
-    (folder / "tokenizer.json").unlink()
+    _drop_tokenizer_json(folder)
     return CLIPTokenizer.from_pretrained(folder)
+
+
+def _drop_tokenizer_json(folder: Path) -> None:
+    (folder / "tokenizer.json").unlink()
+
+
+def mark_float32_compute(folder: Path) -> None:
+    """Make a transformers model folder load as float32 while its weights stay float16.
+
+    transformers 5 loads with the dtype named in config.json; float16 text towers beside a
+    float32 UNet break the pipeline on the CPU ("mat1 and mat2 must have the same dtype").
+    """
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["dtype"] = "float32"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, half: bool) -> Path:
+    """`save_pretrained`, minus the redundant tokenizer.json; with `half`, weights are
+    stored in float16 (half the bytes) but every component still loads as float32."""
+    folder = Path(folder)
+    if half:
+        pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder)
+    if half:
+        pipe.to(dtype=torch.float32)
+        mark_float32_compute(folder / "text_encoder")
+    _drop_tokenizer_json(folder / "tokenizer")
+    return folder
 
 
 def text_encoder_config(arch: TinyArch) -> CLIPTextConfig:
@@ -140,8 +168,8 @@ def make_unet(arch: TinyArch, sample_size: int, lcm: bool) -> UNet2DConditionMod
         in_channels=arch.latent_channels,
         out_channels=arch.latent_channels,
         block_out_channels=arch.unet_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
         layers_per_block=arch.unet_layers_per_block,
         attention_head_dim=arch.unet_head_dim,
         norm_num_groups=arch.unet_groups,
@@ -229,5 +257,4 @@ def build_random_pipeline(
         tokenizer=tokenizer,
         lcm=lcm,
     )
-    pipe.save_pretrained(folder)
-    return folder
+    return save_pipeline(pipe, folder, half=False)
