@@ -96,9 +96,8 @@ def final_records(records: pd.DataFrame) -> pd.DataFrame:
     """
     per_epoch = records.groupby(["algo", "seed", "epoch"])["eval_steps"].nunique().rename("n").reset_index()
     per_epoch["full"] = per_epoch.groupby(["algo", "seed"])["n"].transform("max")
-    last = (
-        per_epoch[per_epoch["n"] == per_epoch["full"]].groupby(["algo", "seed"])["epoch"].max().rename("last").reset_index()
-    )
+    complete = per_epoch[per_epoch["n"] == per_epoch["full"]]
+    last = complete.groupby(["algo", "seed"])["epoch"].max().rename("last").reset_index()
     merged = records.merge(last, on=["algo", "seed"])
     return merged[merged["epoch"] == merged["last"]].drop(columns="last")
 
@@ -107,7 +106,7 @@ def summary_table(records: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
     """The step-generalization table of one reward's records, indexed by algorithm.
 
     Per step count, `<k> steps` is the mean over seeds of the final evaluation's mean, and
-    `<k> steps spread` the std over seeds (ddof 1) when the row has two or more seeds,
+    `<k> steps spread` the std over seeds (ddof 1) when the cell has two or more seeds,
     otherwise the single evaluation's std over its images. `seeds` counts the seeds; the
     budget columns are final values, mean over seeds. Rows without records are all NaN.
     """
