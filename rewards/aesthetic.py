@@ -50,12 +50,11 @@ class AestheticScore(Reward):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        from transformers import AutoImageProcessor, CLIPVisionModelWithProjection
+        from transformers import AutoImageProcessor, CLIPModel
 
         super().__init__(device, dtype)
         self.name = name
-        # The vision tower and projection only: the text tower is not needed to score.
-        self.clip = CLIPVisionModelWithProjection.from_pretrained(clip_dir).eval()
+        self.clip = CLIPModel.from_pretrained(clip_dir).eval()
         self.transform = transform_from_clip_image_processor(AutoImageProcessor.from_pretrained(clip_dir))
         state = torch.load(head_path, map_location="cpu", weights_only=True)
         state = {key.removeprefix("layers."): value for key, value in state.items()}
@@ -74,5 +73,5 @@ class AestheticScore(Reward):
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         pixels = self.transform(images).to(self.dtype)  # (B, 3, 224, 224)
-        embeds = F.normalize(self.clip(pixel_values=pixels).image_embeds, dim=-1)  # (B, 768)
+        embeds = F.normalize(self.clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)  # (B, 768)
         return self.head(embeds).squeeze(-1)

@@ -31,14 +31,26 @@ def _get_head_mask(self, head_mask, num_hidden_layers: int, is_attention_chunked
     return [None] * num_hidden_layers
 
 
-def import_image_reward():
-    """Imports `ImageReward` after restoring what its BLIP text encoder needs from transformers 4.
+def _init_weights_via_post_init(self) -> None:
+    # transformers 4 models ended __init__ with init_weights(); transformers 5 needs the
+    # bookkeeping of post_init() first, and post_init() calls init_weights() back.
+    from transformers import PreTrainedModel
+
+    if "all_tied_weights_keys" in self.__dict__:
+        PreTrainedModel.init_weights(self)
+    else:
+        self.post_init()
+
+
+def import_image_reward() -> type:
+    """Imports the `ImageReward` model class after restoring what its BLIP text encoder needs from transformers 4.
 
     transformers 5 moved `apply_chunking_to_forward` and `prune_linear_layer` to
     `transformers.pytorch_utils` and removed `find_pruneable_heads_and_indices` (used
     only for head pruning, which scoring never does) and the `PreTrainedModel` helpers
-    `invert_attention_mask` and `get_head_mask`. The names are re-exported where the
-    package imports them, and the two helpers are attached to its own BertModel only.
+    `invert_attention_mask` and `get_head_mask`, and its models must call `post_init`
+    where transformers 4 models called `init_weights`. The names are re-exported where
+    the package imports them; the methods are attached to its own BERT classes only.
     """
     import transformers.modeling_utils as modeling_utils
     import transformers.pytorch_utils as pytorch_utils
@@ -49,13 +61,14 @@ def import_image_reward():
     if not hasattr(modeling_utils, "find_pruneable_heads_and_indices"):
         modeling_utils.find_pruneable_heads_and_indices = _head_pruning_unsupported
 
-    import ImageReward
+    from ImageReward.ImageReward import ImageReward
     from ImageReward.models.BLIP import med
 
     if not hasattr(med.BertModel, "invert_attention_mask"):
         med.BertModel.invert_attention_mask = _invert_attention_mask
     if not hasattr(med.BertModel, "get_head_mask"):
         med.BertModel.get_head_mask = _get_head_mask
+    med.BertPreTrainedModel.init_weights = _init_weights_via_post_init
     return ImageReward
 
 
@@ -107,11 +120,11 @@ class ImageRewardScore(Reward):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
-        package = import_image_reward()
+        model_class = import_image_reward()
         super().__init__(device, dtype)
         self.name = name
         with _local_bert_tokenizer(tokenizer_dir):
-            self.model = package.ImageReward.ImageReward(med_config=str(med_config), device="cpu").eval()
+            self.model = model_class(med_config=str(med_config), device="cpu").eval()
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         missing, _ = self.model.load_state_dict(state, strict=False)
         needed = [key for key in missing if key.startswith(("blip.visual_encoder.", "blip.text_encoder.", "mlp."))]

@@ -40,7 +40,7 @@ REAL_REWARDS_INSTALL = (
 CLIP_FOLDER_FILES = (
     ("config.json",),
     ("model.safetensors", "pytorch_model.bin"),
-    ("preprocessor_config.json",),
+    ("preprocessor_config.json", "processor_config.json"),
     ("tokenizer.json", "vocab.json"),
 )
 """A transformers CLIPModel folder with its processor: one file from each group."""
@@ -248,7 +248,7 @@ REWARDS: dict[str, RewardSpec] = {
             Artifact(
                 role="processor",
                 what="the processor folder of laion/CLIP-ViT-H-14-laion2B-s32B-b79K that PickScore's authors use",
-                files=(("preprocessor_config.json",), ("tokenizer.json", "vocab.json")),
+                files=(("preprocessor_config.json", "processor_config.json"), ("tokenizer.json", "vocab.json")),
                 folder=True,
                 published="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                 hub_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
@@ -352,8 +352,17 @@ def _from_hub_cache(artifact: Artifact) -> Path | None:
     return found[0].parent if artifact.folder else found[0]
 
 
-def _describe_files(artifact: Artifact) -> str:
-    return ", ".join(" or ".join(group) for group in artifact.files)
+def _describe_files(artifact: Artifact, groups: tuple[tuple[str, ...], ...] | None = None) -> str:
+    return ", ".join(" or ".join(group) for group in (artifact.files if groups is None else groups))
+
+
+def _missing_files(path: Path, artifact: Artifact) -> str:
+    if not path.exists():
+        return "which does not exist"
+    if not artifact.folder:
+        return f"which is neither {artifact.files[0][0]} nor a folder holding it"
+    absent = tuple(group for group in artifact.files if not any((path / name).is_file() for name in group))
+    return f"which lacks {_describe_files(artifact, absent)}"
 
 
 def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]]) -> str:
@@ -412,7 +421,7 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
         if location is not None:
             hit = _complete(location, artifact)
             if hit is None:
-                problems.append((artifact, f"{source} points at {location}, which lacks {_describe_files(artifact)}"))
+                problems.append((artifact, f"{source} points at {location}, {_missing_files(location, artifact)}"))
             else:
                 found[artifact.role] = hit
             continue
