@@ -63,7 +63,7 @@ class Artifact:
     hub_repo: str | None = None
     """Hugging Face repo id searched in the local hub cache, if it is published there."""
     default_path: Path | None = None
-    """A local location searched before the hub cache."""
+    """A local location searched before the hub cache (`~` expanded when searched)."""
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ REWARDS: dict[str, RewardSpec] = {
                 published="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                 "sac%2Blogos%2Bava1-l14-linearMSE.pth",
                 # Where ImageReward's `load_score("Aesthetic")` downloads it.
-                default_path=Path("~/.cache/ImageReward/sac+logos+ava1-l14-linearMSE.pth").expanduser(),
+                default_path=Path("~/.cache/ImageReward/sac+logos+ava1-l14-linearMSE.pth"),
             ),
             Artifact(
                 role="clip",
@@ -371,7 +371,7 @@ def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]]) -
         key = path_key(spec.name, artifact.role)
         where = [f"pass --reward-path {key}=PATH", f"set {env_var(spec.name, artifact.role)}"]
         if artifact.default_path is not None:
-            where.append(f"put it at {artifact.default_path}")
+            where.append(f"put it at {artifact.default_path.expanduser()}")
         if artifact.hub_repo is not None:
             where.append(
                 f"place the hub repo {artifact.hub_repo} in the Hugging Face cache ({_hub_cache_dir()}, "
@@ -425,7 +425,7 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
             else:
                 found[artifact.role] = hit
             continue
-        hit = _complete(artifact.default_path, artifact) if artifact.default_path is not None else None
+        hit = _complete(artifact.default_path.expanduser(), artifact) if artifact.default_path is not None else None
         if hit is None and artifact.hub_repo is not None:
             hit = _from_hub_cache(artifact)
         if hit is None:

@@ -1,0 +1,45 @@
+"""`python -m rewards check SPEC [--reward-path KEY=PATH ...]`: the preflight as a command.
+
+Prints where each reward's weights were found, or the one-paragraph reason it cannot be
+loaded (exit status 2, no traceback). It loads no model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rewards.errors import RewardUnavailable
+from rewards.registry import check_rewards
+
+
+def parse_reward_paths(items: list[str]) -> dict[str, str]:
+    """['aesthetic=/a.pth', 'aesthetic:clip=/clip'] -> {'aesthetic': '/a.pth', 'aesthetic:clip': '/clip'}."""
+    paths = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not key or not path:
+            raise SystemExit(f"--reward-path: expected NAME=PATH or NAME:ROLE=PATH, got {item!r}")
+        paths[key] = path
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rewards", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["check"])
+    parser.add_argument("reward", help="a --reward spec, e.g. aesthetic or aesthetic:1,pickscore:0.5")
+    parser.add_argument("--reward-path", action="append", default=[], metavar="NAME[:ROLE]=PATH")
+    args = parser.parse_args(argv)
+    try:
+        found = check_rewards(args.reward, parse_reward_paths(args.reward_path))
+    except (RewardUnavailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for name, artifacts in found.items():
+        where = ", ".join(f"{role}: {path}" for role, path in artifacts.items()) or "no weights needed"
+        print(f"{name}: ok ({where})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
