@@ -25,7 +25,7 @@ def pair_batch(log_ratios: list[list[list[float]]], advantages: list[list[float]
 def test_zero_when_scaled_log_ratio_difference_equals_advantage_difference():
     """η = 2. y: log-ratios [0.1, 0.2, 0.3] sum 0.6; y': [-0.1, 0, 0.1] sum 0. Δ / η = 0.3;
     A(y) - A(y') = 0.5 - 0.2 = 0.3, so the residual, the loss and its gradient are 0."""
-    algo = REBELConfig(log_scale=2.0).build()
+    algo = REBELConfig(log_scale=2.0, num_steps=3).build()
     inputs = pair_batch([[[0.1, 0.2, 0.3], [-0.1, 0.0, 0.1]]], [[0.5, 0.2]])
     loss, _ = algo.loss(inputs)
     loss.backward()
@@ -40,7 +40,7 @@ def test_sums_over_steps_per_pair_not_over_the_batch():
     (The reference's batch sum would give both pairs Δ = 0.7: ((0.4)^2 + (1.1)^2) / 2 = 0.685.)
     Gradient of pair 0's y log-probs: 2 · 0.3 / η / p = 0.3 at each step, y': -0.3;
     pair 1: 2 · 0.5 / 2 = 0.5 and -0.5."""
-    algo = REBELConfig(log_scale=1.0).build()
+    algo = REBELConfig(log_scale=1.0, num_steps=2).build()
     inputs = pair_batch([[[0.4, 0.2], [0.0, 0.0]], [[0.05, 0.05], [0.0, 0.0]]], [[0.5, 0.2], [-0.2, 0.2]])
     loss, metrics = algo.loss(inputs)
     loss.backward()
@@ -48,6 +48,13 @@ def test_sums_over_steps_per_pair_not_over_the_batch():
     expected_grad = torch.tensor([[[0.3, 0.3], [-0.3, -0.3]], [[0.5, 0.5], [-0.5, -0.5]]])
     torch.testing.assert_close(inputs.log_probs.grad, expected_grad)
     torch.testing.assert_close(metrics["log_ratio_diff"], torch.tensor(0.35))
+
+
+def test_refuses_a_chunk_of_steps():
+    """A partial sum over steps would be a different loss; REBEL needs every step at once."""
+    algo = REBELConfig(num_steps=3).build()
+    with pytest.raises(ValueError, match="whole trajectories"):
+        algo.loss(pair_batch([[[0.1, 0.2], [0.0, 0.0]]], [[0.5, 0.2]]))
 
 
 def test_advantages_from_both_members_in_reference_order():

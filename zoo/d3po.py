@@ -18,7 +18,10 @@ Implementation details:
    logp_ref is the base model's (the LoRA adapter disabled; never a copy of the UNet).
 5. Gradient accumulation spans every step of a minibatch (`gradient_accumulation_steps` x K
    backward passes per update, as the reference's accelerator is configured).
-6. Optimizer: AdamW, lr 3e-5, weight decay 1e-4, grad-norm clip 1.0; LoRA rank 4 (scale 1)
+6. Metrics: loss, tie_fraction, preference_accuracy (share of decided pairs whose logit is
+   positive), ratio_clipfrac (log-ratios outside the clamp), kl_to_reference
+   = 0.5 * mean((logp - logp_ref)^2).
+7. Optimizer: AdamW, lr 3e-5, weight decay 1e-4, grad-norm clip 1.0; LoRA rank 4 (scale 1)
    on attention q, k, v, out. β = 0.1, ε = 0.1.
 
 Deliberate deviations:

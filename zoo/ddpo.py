@@ -146,9 +146,11 @@ class DDPO(Algorithm):
 
     @torch.no_grad()
     def advantages(self, prompts: list[str], returns: torch.Tensor, tracker: PerPromptStatTracker) -> torch.Tensor:
-        """returns: (P, 1) final-image rewards -> (P, 1, K) advantages, constant along K."""
+        """returns: (P, G) final-image rewards -> (P, G, K) advantages, constant along K."""
         num_prompts, group_size = returns.shape
-        per_trajectory = tracker.update(prompts, returns[:, 0]).view(num_prompts, group_size)
+        member_major = returns.transpose(0, 1).reshape(-1)  # (G*P,)
+        per_trajectory = tracker.update(prompts * group_size, member_major)
+        per_trajectory = per_trajectory.view(group_size, num_prompts).transpose(0, 1)  # (P, G)
         return per_trajectory[:, :, None].expand(-1, -1, self.config.num_steps).clone()
 
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -21,7 +21,9 @@ Implementation details:
    backward passes per update (sized for its per-step PPO loop) while REBEL makes one per
    minibatch, so an update spans 4 x 8 = 32 minibatches of 2 pairs. `loss_calls_per_update`
    reproduces that effective batch.
-7. Optimizer: Adam (AdamW with weight decay 0 here), lr 1e-4, no gradient clipping; LoRA
+7. Metrics: loss, approx_kl = 0.5 * mean((logp - old)^2) over steps, log_ratio_diff =
+   mean |Δ|, advantage_diff = mean |A(y) - A(y')|.
+8. Optimizer: Adam (AdamW with weight decay 0 here), lr 1e-4, no gradient clipping; LoRA
    rank 8, alpha 8 on to_q, to_k, to_v, to_out.0.
 
 Deliberate deviations:
@@ -151,6 +153,11 @@ class REBEL(Algorithm):
         return per_trajectory[:, :, None].expand(-1, -1, self.config.num_steps).clone()
 
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if inputs.log_probs.shape[2] != self.config.num_steps:
+            raise ValueError(
+                f"REBEL's loss spans whole trajectories: expected all {self.config.num_steps} steps "
+                f"in one call, got {inputs.log_probs.shape[2]}."
+            )
         log_ratio = inputs.log_probs - inputs.old_log_probs  # (p, 2, K)
         sequence_log_ratio = log_ratio.sum(dim=2)  # (p, 2), each trajectory's own sum over steps
         log_ratio_diff = sequence_log_ratio[:, 0] - sequence_log_ratio[:, 1]  # (p,)

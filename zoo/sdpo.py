@@ -199,6 +199,8 @@ class SDPO(Algorithm):
 
     def reward_steps(self, traj: Trajectory) -> torch.Tensor:
         """(P, G, 3): the first step, the anchor and the last step of every trajectory."""
+        if traj.pred_x0 is None:
+            raise ValueError("SDPO needs x̂0 at every step: sample with needs.record_pred_x0.")
         anchor, *_ = anchor_similarities(traj.pred_x0)
         first = torch.zeros_like(anchor)
         last = torch.full_like(anchor, traj.num_steps - 1)
