@@ -33,7 +33,8 @@ def softplus(x: float) -> float:
 def test_preferences_from_rewards():
     """Rewards [[1, 2], [3, 3], [5, 4]]: member 1 wins, a tie, member 0 wins."""
     algo = D3POConfig(num_steps=4).build()
-    preferences = algo.advantages(["a", "b", "c"], torch.tensor([[1.0, 2.0], [3.0, 3.0], [5.0, 4.0]]), algo.new_tracker())
+    rewards = torch.tensor([[1.0, 2.0], [3.0, 3.0], [5.0, 4.0]])
+    preferences = algo.advantages(["a", "b", "c"], rewards, algo.new_tracker())
     expected = torch.tensor([[-1.0, 1.0], [0.0, 0.0], [1.0, -1.0]])
     torch.testing.assert_close(preferences, expected[:, :, None].expand(3, 2, 4))
 

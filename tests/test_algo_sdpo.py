@@ -173,8 +173,10 @@ def test_temporal_weight_follows_step_index():
 
 def test_defaults_and_paper_settings():
     config = SDPOConfig()
-    assert (config.clip_range, config.adv_clip_max, config.step_weight_decay, config.discount) == (1e-4, 5.0, 0.99, 0.99)
-    assert (config.tracker_buffer_size, config.tracker_min_count, config.guidance_scale, config.num_steps) == (32, 16, 1.0, 50)
+    assert (config.clip_range, config.adv_clip_max) == (1e-4, 5.0)
+    assert (config.step_weight_decay, config.log_scale, config.discount) == (0.99, 1.0, 0.99)
+    assert (config.tracker_buffer_size, config.tracker_min_count) == (32, 16)
+    assert (config.guidance_scale, config.num_steps, config.eta) == (1.0, 50, 1.0)
     assert config.loss_calls_per_update == 8 and config.steps_in_outer_loop
     pickscore = config_for_reward("pickscore")
     assert (pickscore.learning_rate, pickscore.train_batch_size, pickscore.gradient_accumulation_steps) == (6e-5, 1, 16)

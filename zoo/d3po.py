@@ -157,13 +157,13 @@ class D3PO(Algorithm):
         preference = inputs.advantages  # (p, 2, S): +1 winner, -1 loser, 0 tie
         logits = c.beta * (preference * log_ratio).sum(dim=1)  # (p, S) = β (log r_w - log r_l)
         decided = (preference[:, 0] != 0).to(logits.dtype)  # (p, S)
-        num_decided = decided.sum()
-        loss = (-F.logsigmoid(logits) * decided).sum() / num_decided.clamp(min=1.0)
+        num_decided = decided.sum().clamp(min=1.0)
+        loss = (-F.logsigmoid(logits) * decided).sum() / num_decided
         detached = raw_log_ratio.detach()
         metrics = {
             "loss": loss.detach(),
             "tie_fraction": 1.0 - decided.mean(),
-            "preference_accuracy": ((logits.detach() > 0).to(logits.dtype) * decided).sum() / num_decided.clamp(min=1.0),
+            "preference_accuracy": ((logits.detach() > 0).to(logits.dtype) * decided).sum() / num_decided,
             "ratio_clipfrac": ((detached < low) | (detached > high)).float().mean(),
             "kl_to_reference": 0.5 * (detached**2).mean(),
         }

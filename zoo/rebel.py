@@ -80,7 +80,7 @@ class REBELConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay (0: the reference's plain Adam)."""
     max_grad_norm: float | None = None
-    """Clip the global gradient norm to this value before each optimizer step; None (the reference) disables clipping."""
+    """Clip the global gradient norm to this value before each optimizer step; None disables it (the reference)."""
     train_batch_size: int = 2
     """Pairs per minibatch, per process; each `loss` call covers all K steps of its pairs."""
     gradient_accumulation_steps: int = 4
