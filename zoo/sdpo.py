@@ -34,15 +34,15 @@ Implementation details:
 9. Metrics: clipfrac = mean((w·Δρ_c - ΔA)² > (w·Δρ - ΔA)²), adv_clipfrac (the share of
    advantages that the clamp changed).
 10. Optimizer: AdamW, weight decay 1e-4, grad-norm clip 1.0, LoRA rank 4 (scale 1) on
-   attention q, k, v, out; per-reward lr, batch and accumulation in `config_for_reward`.
+    attention q, k, v, out; per-reward lr, batch and accumulation in `config_for_reward`.
 
 Deliberate deviations:
 - Cosine similarities are computed in float32 whatever the sampling precision (the
   reference takes them in its sampler's precision).
 - adv_clipfrac counts advantages clamped on either side; the reference's `clamped > raw`
   counts only those below -adv_clip_max.
-Cost: 3 reward
-calls per trajectory, against 1 for DDPO; the runner counts them.
+
+Cost: 3 reward calls per trajectory, against 1 for DDPO; the runner counts them.
 """
 
 from __future__ import annotations
