@@ -44,6 +44,9 @@ def test_random_pipeline_reloads(tmp_path):
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.timestep_spacing == "trailing"
     assert pipe.tokenizer.model_max_length == TOKENIZER_MAX_LENGTH
+    reference = SimpleTokenizer(context_length=TOKENIZER_MAX_LENGTH)
+    ids = pipe.tokenizer(CAPTIONS[0], padding="max_length", max_length=TOKENIZER_MAX_LENGTH).input_ids
+    assert ids[:9] == reference([CAPTIONS[0]])[0].tolist()[:9]
     pipe.scheduler.set_timesteps(1)
     assert pipe.scheduler.timesteps.tolist() == [999]
     images = _sample(pipe, 2)

@@ -1,0 +1,18 @@
+"""The tiny world: a shapes-and-colours text-to-image model and CLIP judge, trained by
+`python -m zoo.tiny.build` and shipped under zoo/tiny/assets/ in diffusers/transformers
+folder formats (see results/tiny-world/README.md for how they were made and how good
+they are)."""
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+PIPELINE = ASSETS / "pipeline"
+"""The base model: StableDiffusionPipeline folder, DDIMScheduler with trailing spacing."""
+PIPELINE_LCM = ASSETS / "pipeline-lcm"
+"""The LCM-distilled model: same VAE/text encoder/tokenizer, LCMScheduler."""
+CLIP = ASSETS / "clip"
+"""The judge behind the `tiny-clip` reward: CLIPModel + CLIPProcessor folder."""
+
+DEFAULT_GUIDANCE = 4.0
+"""Classifier-free guidance scale to sample the tiny model with (DDIM and LCM): the prompt
+fidelity at 8 steps is measured at this scale in results/tiny-world/README.md."""

@@ -93,14 +93,7 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = lines[1 : 1 + _NUM_MERGES]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
-    vocab += [BOS_TOKEN, EOS_TOKEN]
-    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    _write_bpe_files(folder)
     staged = CLIPTokenizer.from_pretrained(
         folder,
         model_max_length=TOKENIZER_MAX_LENGTH,
@@ -110,13 +103,26 @@ def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
         pad_token=EOS_TOKEN,
     )
     staged.save_pretrained(folder)
-    # tokenizer.json repeats vocab.json and merges.txt in 3.6 MB; the two source files
-    # rebuild it on load, and every shipped model carries a tokenizer.
-    _drop_tokenizer_json(folder)
+    slim_tokenizer_folder(folder)
     return CLIPTokenizer.from_pretrained(folder)
 
 
-def _drop_tokenizer_json(folder: Path) -> None:
+def _write_bpe_files(folder: Path) -> None:
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = lines[1 : 1 + _NUM_MERGES]
+    symbols = list(bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
+    vocab += [BOS_TOKEN, EOS_TOKEN]
+    assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+
+
+def slim_tokenizer_folder(folder: Path) -> None:
+    """Replace a saved tokenizer.json (3.6 MB) by vocab.json + merges.txt (1.5 MB), from
+    which `from_pretrained` rebuilds the same tokenizer. transformers 5 saves only
+    tokenizer.json, and every shipped model folder carries a tokenizer."""
+    _write_bpe_files(folder)
     (folder / "tokenizer.json").unlink()
 
 
@@ -142,7 +148,7 @@ def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, half: bool)
     if half:
         pipe.to(dtype=torch.float32)
         mark_float32_compute(folder / "text_encoder")
-    _drop_tokenizer_json(folder / "tokenizer")
+    slim_tokenizer_folder(folder / "tokenizer")
     return folder
 
 

@@ -1,0 +1,436 @@
+"""Train and save the tiny world's models: `python -m zoo.tiny.build --out zoo/tiny/assets --seed 0`.
+
+Stages, each deterministic given the seed (one torch generator per stage, derived from it):
+1. the CLIP judge (transformers CLIPModel + CLIPProcessor) -> <out>/clip, used by the
+   `tiny-clip` reward like PickScore;
+2. the VAE, with the latent scaling factor measured on data and written to its config;
+3. the UNet and the CLIP text encoder, trained jointly from scratch on the train captions
+   (10% empty captions for classifier-free guidance, EMA weights shipped)
+   -> <out>/pipeline (DDIM, trailing spacing);
+4. an LCM-style consistency distillation of that UNet (guidance-embedding input,
+   LCMScheduler) -> <out>/pipeline-lcm, sharing the VAE, text encoder and tokenizer with
+   <out>/pipeline through relative symlinks.
+
+`--smoke` runs a few steps of every stage at tiny batch sizes (seconds), for the tests.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import tyro
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
+
+from zoo.tiny import data
+from zoo.tiny.arch import (
+    TEST_ARCH,
+    TOKENIZER_MAX_LENGTH,
+    TRAINED_ARCH,
+    TinyArch,
+    assemble_pipeline,
+    build_tokenizer,
+    make_ddim_scheduler,
+    make_unet,
+    make_vae,
+    mark_float32_compute,
+    save_pipeline,
+    slim_tokenizer_folder,
+    text_encoder_config,
+)
+
+# OpenAI CLIP's pixel statistics, so the judge's processor is configured like a real CLIP.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Hyperparameters of the whole build; the defaults are what ships."""
+
+    out: Path = Path("zoo/tiny/assets")
+    """Folder that receives clip/, pipeline/ and pipeline-lcm/ (replaced if present)."""
+    seed: int = 0
+    """Seeds every stage; the same seed rebuilds the same weights on the same torch build."""
+    smoke: bool = False
+    """A seconds-long run of every stage (tiny sizes, few steps) to test the build itself."""
+    threads: int = 2
+    """torch intra-op threads; the machine has 2 cores."""
+
+    clip_steps: int = 1200
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+
+    vae_steps: int = 1200
+    vae_batch: int = 64
+    vae_lr: float = 2e-3
+    vae_kl_weight: float = 1e-6
+    """Small, as in Stable Diffusion's VAE: latents stay detailed, the KL keeps them bounded."""
+
+    unet_steps: int = 2000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    empty_caption_rate: float = 0.1
+    """Fraction of captions replaced by "" so the model also learns the unconditional score
+    that classifier-free guidance needs."""
+    min_snr_gamma: float = 5.0
+    """Min-SNR loss weighting (Hang et al. 2023): stops the easy low-noise timesteps from
+    dominating the epsilon loss, which speeds up convergence of small models."""
+    ema_decay: float = 0.999
+
+    lcm_steps: int = 600
+    lcm_batch: int = 32
+    lcm_lr: float = 2e-4
+    lcm_skip: int = 20
+    """Teacher DDIM step in training timesteps: 1000 / 20 = 50, LCMScheduler's
+    `original_inference_steps`, so the distilled timesteps are the ones it samples at."""
+    lcm_guidance_range: tuple[float, float] = (2.0, 6.0)
+    """Guidance scales (pipeline convention, 1 = none) the student learns to imitate."""
+    lcm_target_decay: float = 0.95
+
+    @property
+    def arch(self) -> TinyArch:
+        return TEST_ARCH if self.smoke else TRAINED_ARCH
+
+
+SMOKE_OVERRIDES = dict(
+    clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, lcm_steps=2, lcm_batch=4
+)
+
+
+def _generator(seed: int, stage: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 * seed + stage)
+
+
+def _warmup_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float, warmup: int = 100) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * min(1.0, (step + 1) / warmup)
+
+
+def _log(stage: str, step: int, total: int, loss: float, started: float) -> None:
+    if step % max(1, total // 10) == 0 or step == total - 1:
+        print(f"[{stage}] step {step + 1}/{total} loss {loss:.4f} {time.time() - started:.0f}s", flush=True)
+
+
+def _tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=TOKENIZER_MAX_LENGTH, truncation=True, return_tensors="pt"
+    ).input_ids
+
+
+def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Blur half the batch and add a little noise: generated samples are softer and noisier
+    than renders, and the judge must score them, not only clean drawings."""
+    n = images.shape[0]
+    kernel = torch.tensor([0.25, 0.5, 0.25])
+    kernel = (kernel[:, None] * kernel[None, :]).expand(3, 1, 3, 3)
+    blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+    blur = (torch.rand(n, 1, 1, 1, generator=generator) < 0.5).float()
+    noise_level = 0.04 * torch.rand(n, 1, 1, 1, generator=generator)
+    noisy = blur * blurred + (1 - blur) * images + noise_level * torch.randn(images.shape, generator=generator)
+    return noisy.clamp(0, 1)
+
+
+# ---------------------------------------------------------------- 1. CLIP judge
+
+
+def judge_config(smoke: bool) -> CLIPConfig:
+    arch = TEST_ARCH if smoke else TRAINED_ARCH
+    text = text_encoder_config(arch).to_dict()
+    width = 32 if smoke else 96
+    vision = dict(
+        image_size=data.IMAGE_SIZE,
+        patch_size=4,
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=2 if smoke else 4,
+        num_attention_heads=4,
+    )
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=arch.text_hidden)
+
+
+def judge_processor(tokenizer) -> CLIPProcessor:
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": data.IMAGE_SIZE},
+        crop_size={"height": data.IMAGE_SIZE, "width": data.IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN),
+        image_std=list(CLIP_STD),
+    )
+    return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def normalize_for_judge(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images (B, 3, 32, 32) -> the judge's pixel_values, as its processor makes them."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def contrastive_loss(model: CLIPModel, images: torch.Tensor, captions: list[str], tokenizer) -> torch.Tensor:
+    """Symmetric CLIP loss with the batch's unique captions as the text side.
+
+    With 48 captions, a batch of 128 repeats each caption ~3 times: treating repeats as
+    negatives would push matching pairs apart. Images -> captions: one correct class each.
+    Captions -> images: a soft target spread evenly over all images of that caption.
+    """
+    unique = sorted(set(captions))
+    labels = torch.tensor([unique.index(c) for c in captions])  # (B,)
+    image_features = F.normalize(model.get_image_features(pixel_values=normalize_for_judge(images)).pooler_output, dim=-1)
+    text_features = F.normalize(model.get_text_features(input_ids=_tokenize(tokenizer, unique)).pooler_output, dim=-1)
+    logits = model.logit_scale.exp() * image_features @ text_features.T  # (B, U)
+    image_to_text = F.cross_entropy(logits, labels)
+    match = F.one_hot(labels, len(unique)).float()  # (B, U)
+    text_targets = (match / match.sum(0, keepdim=True)).T  # (U, B), rows sum to 1
+    text_to_image = -(text_targets * logits.T.log_softmax(-1)).sum(-1).mean()
+    return (image_to_text + text_to_image) / 2
+
+
+def train_judge(cfg: BuildConfig, tokenizer, out: Path) -> CLIPModel:
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 1)
+    model = CLIPModel(judge_config(cfg.smoke))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.0)
+    # The judge scores every caption, held-out ones included: it is the reward model of this
+    # world, so it is trained on all of them (on fresh renders, never on generated samples).
+    captions = data.all_captions()
+    started = time.time()
+    for step in range(cfg.clip_steps):
+        _warmup_lr(optimizer, step, cfg.clip_lr)
+        images, batch_captions = data.sample_batch(cfg.clip_batch, captions, generator)
+        loss = contrastive_loss(model, _augment(images, generator), batch_captions, tokenizer)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        _log("clip", step, cfg.clip_steps, loss.item(), started)
+    model.eval()
+    model.half().save_pretrained(out)
+    model.float()
+    mark_float32_compute(out)
+    judge_processor(tokenizer).save_pretrained(out)
+    slim_tokenizer_folder(out)
+    return model
+
+
+# ---------------------------------------------------------------- 2. VAE
+
+
+def train_vae(cfg: BuildConfig):
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 2)
+    vae = make_vae(cfg.arch, data.IMAGE_SIZE)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    captions = data.train_captions()
+    started = time.time()
+    for step in range(cfg.vae_steps):
+        _warmup_lr(optimizer, step, cfg.vae_lr)
+        images, _ = data.sample_batch(cfg.vae_batch, captions, generator)
+        pixels = 2 * images - 1
+        posterior = vae.encode(pixels).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(reconstruction, pixels) + cfg.vae_kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _log("vae", step, cfg.vae_steps, loss.item(), started)
+    vae.eval().requires_grad_(False)
+    # Stable Diffusion scales latents to unit variance before diffusion; a small VAE's
+    # latents are far from that (std ~1.6 in the prototype), so measure it.
+    images, _ = data.sample_batch(512 if not cfg.smoke else 16, captions, generator)
+    latents = vae.encode(2 * images - 1).latent_dist.sample(generator)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    reconstruction = (vae.decode(vae.encode(2 * images - 1).latent_dist.mode()).sample.clamp(-1, 1) + 1) / 2
+    psnr = -10 * math.log10(F.mse_loss(reconstruction, images).item())
+    print(f"[vae] scaling_factor {vae.config.scaling_factor:.4f} latent mean {latents.mean():.3f} psnr {psnr:.1f} dB", flush=True)
+    return vae
+
+
+# ---------------------------------------------------------------- 3. UNet + text encoder
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            e.lerp_(p, 1 - decay)
+
+
+def _encode_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    with torch.no_grad():
+        return vae.encode(2 * images - 1).latent_dist.sample(generator) * vae.config.scaling_factor
+
+
+def train_unet(cfg: BuildConfig, vae, tokenizer) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 3)
+    unet = make_unet(cfg.arch, data.IMAGE_SIZE // 2, lcm=False)
+    text_encoder = CLIPTextModel(text_encoder_config(cfg.arch))
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.0)
+    scheduler = make_ddim_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod  # (1000,)
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    loss_weight = snr.clamp(max=cfg.min_snr_gamma) / snr  # (1000,) min-SNR-gamma for epsilon targets
+    captions = data.train_captions()
+    started = time.time()
+    for step in range(cfg.unet_steps):
+        _warmup_lr(optimizer, step, cfg.unet_lr)
+        images, batch_captions = data.sample_batch(cfg.unet_batch, captions, generator)
+        drop = torch.rand(len(batch_captions), generator=generator) < cfg.empty_caption_rate
+        batch_captions = ["" if d else c for c, d in zip(batch_captions, drop.tolist())]
+        latents = _encode_latents(vae, images, generator)  # (B, 4, 16, 16)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, t)
+        hidden = text_encoder(_tokenize(tokenizer, batch_captions)).last_hidden_state  # (B, 16, D)
+        prediction = unet(noisy, t, hidden).sample
+        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (loss_weight[t] * per_sample).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        # Warm-up of the EMA decay (as in diffusers' EMAModel) so the random init does not
+        # linger in the shipped weights of a short run.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_unet, unet, decay)
+        _ema_update(ema_text, text_encoder, decay)
+        _log("unet", step, cfg.unet_steps, loss.item(), started)
+    return ema_unet.eval(), ema_text.eval()
+
+
+# ---------------------------------------------------------------- 4. LCM distillation
+
+
+def _boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """c_skip, c_out of LCMScheduler (its defaults), so training and sampling agree."""
+    scaled = t.float() * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def _consistency_output(unet, x_t, t, hidden, w_embedding, alphas_cumprod):
+    """f(x_t, t) = c_skip x_t + c_out x̂0, x̂0 from the epsilon prediction."""
+    eps = unet(x_t, t, hidden, timestep_cond=w_embedding).sample
+    alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    c_skip, c_out = _boundary_scalings(t)
+    return c_skip * x_t + c_out * x0
+
+
+def distill_lcm(cfg: BuildConfig, teacher: UNet2DConditionModel, text_encoder, vae, tokenizer) -> UNet2DConditionModel:
+    """Latent consistency distillation (Luo et al. 2023, arXiv:2310.04378).
+
+    The student starts as the teacher plus a zero-initialised guidance-embedding input.
+    Each step: noise a latent to t on the 50-step grid; the teacher, with classifier-free
+    guidance w, takes one DDIM step to t - 20; the student's consistency output at
+    (x_t, t) is pulled towards the target network's output at (x_{t-20}, t - 20).
+    """
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 4)
+    student = make_unet(cfg.arch, data.IMAGE_SIZE // 2, lcm=True)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all("cond_proj" in name for name in missing), (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    target = copy.deepcopy(student).requires_grad_(False)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=cfg.lcm_lr, weight_decay=0.0)
+    noise_schedule = make_ddim_scheduler()
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    grid = torch.arange(cfg.lcm_skip - 1, 1000, cfg.lcm_skip)  # (50,) 19, 39, ..., 999
+    captions = data.train_captions()
+    with torch.no_grad():
+        empty_hidden = text_encoder(_tokenize(tokenizer, [""])).last_hidden_state
+    low, high = cfg.lcm_guidance_range
+    started = time.time()
+    for step in range(cfg.lcm_steps):
+        _warmup_lr(optimizer, step, cfg.lcm_lr)
+        images, batch_captions = data.sample_batch(cfg.lcm_batch, captions, generator)
+        n = len(batch_captions)
+        latents = _encode_latents(vae, images, generator)
+        t = grid[torch.randint(len(grid), (n,), generator=generator)]  # (B,)
+        t_prev = (t - cfg.lcm_skip).clamp(min=0)
+        x_t = noise_schedule.add_noise(latents, torch.randn(latents.shape, generator=generator), t)
+        guidance = low + (high - low) * torch.rand(n, generator=generator)  # (B,)
+        # The very embedding the pipeline computes at sampling time (it ignores `self`).
+        w_embedding = StableDiffusionPipeline.get_guidance_scale_embedding(
+            None, guidance - 1, embedding_dim=student.config.time_cond_proj_dim
+        )
+        with torch.no_grad():
+            hidden = text_encoder(_tokenize(tokenizer, batch_captions)).last_hidden_state
+            eps_both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([hidden, empty_hidden.expand_as(hidden)])).sample
+            eps_cond, eps_uncond = eps_both.chunk(2)
+            g = guidance.view(-1, 1, 1, 1)
+            eps = eps_uncond + g * (eps_cond - eps_uncond)
+            alpha, alpha_prev = alphas_cumprod[t].view(-1, 1, 1, 1), alphas_cumprod[t_prev].view(-1, 1, 1, 1)
+            x0 = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+            x_prev = alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps
+            goal = _consistency_output(target, x_prev, t_prev, hidden, w_embedding, alphas_cumprod)
+        prediction = _consistency_output(student, x_t, t, hidden, w_embedding, alphas_cumprod)
+        # Pseudo-Huber distance as in the LCM paper: robust to the rare huge x̂0 error at
+        # the noisiest timesteps, where x̂0 divides by sqrt(alpha) ~ 0.07.
+        loss = ((prediction - goal).pow(2) + 1e-6).sqrt().mean() - 1e-3
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        _ema_update(target, student, cfg.lcm_target_decay)
+        _log("lcm", step, cfg.lcm_steps, loss.item(), started)
+    return target.eval()
+
+
+# ---------------------------------------------------------------- assembly
+
+
+def _link_shared(lcm_folder: Path, base_folder: Path) -> None:
+    """Point the LCM pipeline's VAE, text encoder and tokenizer at the base pipeline's
+    (relative symlinks): they are the same weights, and a second copy of the 49,408-row
+    token table would cost the size budget ~8 MB."""
+    for component in ("vae", "text_encoder", "tokenizer"):
+        shutil.rmtree(lcm_folder / component)
+        os.symlink(Path("..") / base_folder.name / component, lcm_folder / component)
+
+
+def build(cfg: BuildConfig) -> None:
+    torch.set_num_threads(cfg.threads)
+    started = time.time()
+    out = cfg.out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    tokenizer_folder = out / "_tokenizer"
+    tokenizer = build_tokenizer(tokenizer_folder)
+
+    train_judge(cfg, tokenizer, out / "clip")
+    print(f"judge done at {time.time() - started:.0f}s", flush=True)
+    vae = train_vae(cfg)
+    print(f"vae done at {time.time() - started:.0f}s", flush=True)
+    unet, text_encoder = train_unet(cfg, vae, tokenizer)
+    base = assemble_pipeline(unet, vae, text_encoder, tokenizer, lcm=False)
+    save_pipeline(base, out / "pipeline", half=True)
+    print(f"pipeline done at {time.time() - started:.0f}s", flush=True)
+    student = distill_lcm(cfg, unet, text_encoder, vae, tokenizer)
+    save_pipeline(assemble_pipeline(student, vae, text_encoder, tokenizer, lcm=True), out / "pipeline-lcm", half=True)
+    _link_shared(out / "pipeline-lcm", out / "pipeline")
+    shutil.rmtree(tokenizer_folder)
+    print(f"build done in {time.time() - started:.0f}s", flush=True)
+
+
+def main() -> None:
+    cfg = tyro.cli(BuildConfig)
+    if cfg.smoke:
+        cfg = replace(cfg, **SMOKE_OVERRIDES)
+    build(cfg)
+
+
+if __name__ == "__main__":
+    main()
