@@ -17,6 +17,7 @@ Stages, each deterministic given the seed (one torch generator per stage, derive
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -403,6 +404,12 @@ def _link_shared(lcm_folder: Path, base_folder: Path) -> None:
 def build(cfg: BuildConfig) -> None:
     torch.set_num_threads(cfg.threads)
     started = time.time()
+    stage_seconds: dict[str, float] = {}
+
+    def finished(stage: str) -> None:
+        stage_seconds[stage] = round(time.time() - started - sum(stage_seconds.values()), 1)
+        print(f"{stage} done at {time.time() - started:.0f}s", flush=True)
+
     out = cfg.out
     if out.exists():
         shutil.rmtree(out)
@@ -411,18 +418,27 @@ def build(cfg: BuildConfig) -> None:
     tokenizer = build_tokenizer(tokenizer_folder)
 
     train_judge(cfg, tokenizer, out / "clip")
-    print(f"judge done at {time.time() - started:.0f}s", flush=True)
+    finished("judge")
     vae = train_vae(cfg)
-    print(f"vae done at {time.time() - started:.0f}s", flush=True)
+    finished("vae")
     unet, text_encoder = train_unet(cfg, vae, tokenizer)
     base = assemble_pipeline(unet, vae, text_encoder, tokenizer, lcm=False)
     save_pipeline(base, out / "pipeline", half=True)
-    print(f"pipeline done at {time.time() - started:.0f}s", flush=True)
+    finished("unet")
     student = distill_lcm(cfg, unet, text_encoder, vae, tokenizer)
     save_pipeline(assemble_pipeline(student, vae, text_encoder, tokenizer, lcm=True), out / "pipeline-lcm", half=True)
     _link_shared(out / "pipeline-lcm", out / "pipeline")
+    finished("lcm")
     shutil.rmtree(tokenizer_folder)
-    print(f"build done in {time.time() - started:.0f}s", flush=True)
+    info = dict(
+        command=f"python -m zoo.tiny.build --out {out} --seed {cfg.seed}" + (" --smoke" if cfg.smoke else ""),
+        wall_seconds=round(time.time() - started, 1),
+        stage_seconds=stage_seconds,
+        torch=torch.__version__,
+        threads=cfg.threads,
+    )
+    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"build done in {info['wall_seconds']}s", flush=True)
 
 
 def main() -> None:

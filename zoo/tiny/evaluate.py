@@ -1,0 +1,246 @@
+"""Measure the shipped tiny world: `python -m zoo.tiny.evaluate`.
+
+Writes results/tiny-world/{metrics.json, README.md, samples.png, samples-lcm.png}:
+- the judge's zero-shot accuracy on fresh renders (its top caption among all captions);
+- for the base (DDIM, eta 1, trailing) and LCM pipelines, on the held-out prompts, at each
+  step count: the tiny-clip reward (image-caption cosine similarity) and the fidelity
+  ("correct colour and shape": the judge's top caption is the prompt);
+- loading time and sampling throughput on this machine.
+Sampling goes through the stock diffusers StableDiffusionPipeline, not the project's sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from diffusers import StableDiffusionPipeline
+from torchvision.utils import make_grid, save_image
+from transformers import CLIPModel, CLIPProcessor
+
+from zoo.tiny import CLIP, DEFAULT_GUIDANCE, PIPELINE, PIPELINE_LCM, data
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    out: Path = Path("results/tiny-world")
+    steps: tuple[int, ...] = (1, 2, 4, 8)
+    samples_per_step: int = 64
+    """Samples per step count, spread evenly over the held-out prompts."""
+    guidance: float = DEFAULT_GUIDANCE
+    judge_images_per_caption: int = 64
+    seed: int = 0
+    """Seeds the evaluation noise and renders; the build used other streams."""
+    threads: int = 2
+
+
+class Judge:
+    """The tiny CLIP judge, loaded and fed exactly like a real CLIP reward model."""
+
+    def __init__(self, folder: Path, captions: list[str]):
+        self.model = CLIPModel.from_pretrained(folder).eval()
+        self.processor = CLIPProcessor.from_pretrained(folder)
+        self.captions = captions
+        with torch.no_grad():
+            text = self.processor(text=captions, padding="max_length", return_tensors="pt")
+            self.text_features = F.normalize(self.model.get_text_features(**text).pooler_output, dim=-1)
+
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [0, 1] -> unit features (B, D), via the processor."""
+        arrays = list((images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy())
+        pixels = self.processor(images=arrays, return_tensors="pt").pixel_values
+        return F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cosine similarity to the prompt (B,), whether the top caption is the prompt (B,))."""
+        similarity = self.image_features(images) @ self.text_features.T  # (B, all captions)
+        target = torch.tensor([self.captions.index(p) for p in prompts])
+        reward = similarity.gather(1, target[:, None]).squeeze(1)
+        return reward, similarity.argmax(1) == target
+
+
+def judge_accuracy(judge: Judge, captions: list[str], per_caption: int, seed: int) -> float:
+    generator = torch.Generator().manual_seed(10_000 + seed)
+    prompts = [c for c in captions for _ in range(per_caption)]
+    _, correct = judge.score(data.render(prompts, generator), prompts)
+    return correct.float().mean().item()
+
+
+def load_pipeline(folder: Path) -> tuple[StableDiffusionPipeline, float]:
+    started = time.perf_counter()
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    seconds = time.perf_counter() - started
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, seconds
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
+    return pipe(
+        prompts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images  # (B, 3, 32, 32) in [0, 1]
+
+
+def step_sweep(pipe, judge: Judge, cfg: EvalConfig) -> tuple[list[dict], dict[int, torch.Tensor]]:
+    heldout = data.heldout_captions()
+    prompts = [heldout[i % len(heldout)] for i in range(cfg.samples_per_step)]
+    rows, images_by_steps = [], {}
+    for steps in cfg.steps:
+        images = sample(pipe, prompts, steps, cfg.guidance, cfg.seed + steps)
+        reward, correct = judge.score(images, prompts)
+        rows.append(
+            dict(
+                steps=steps,
+                reward_mean=reward.mean().item(),
+                reward_std=reward.std().item(),
+                fidelity=correct.float().mean().item(),
+                count=len(prompts),
+            )
+        )
+        images_by_steps[steps] = images
+        print(f"  {steps} steps: reward {rows[-1]['reward_mean']:.3f} fidelity {rows[-1]['fidelity']:.3f}", flush=True)
+    return rows, images_by_steps
+
+
+def throughput(pipe, cfg: EvalConfig, batch: int = 64, repeats: int = 3) -> dict[str, float]:
+    """Images per second at `batch` prompts per call, median of `repeats` calls."""
+    prompts = [data.heldout_captions()[0]] * batch
+    rates = {}
+    for steps in cfg.steps:
+        seconds = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            sample(pipe, prompts, steps, cfg.guidance, cfg.seed)
+            seconds.append(time.perf_counter() - started)
+        rates[f"{steps}_steps"] = batch / statistics.median(seconds)
+    return rates
+
+
+def save_grid(images_by_steps: dict[int, torch.Tensor], path: Path, per_cell: int = 3) -> None:
+    """Rows: held-out prompts. Column groups: step counts, `per_cell` samples each."""
+    n_prompts = len(data.heldout_captions())
+    tiles = []
+    for prompt_index in range(n_prompts):
+        for steps, images in images_by_steps.items():
+            # Samples of prompt i sit at i, i + n_prompts, ... (prompts cycle).
+            tiles.extend(images[prompt_index + n_prompts * k] for k in range(per_cell))
+    grid = make_grid(torch.stack(tiles), nrow=per_cell * len(images_by_steps), padding=2, pad_value=0.5)
+    grid = F.interpolate(grid[None], scale_factor=3, mode="nearest")[0]
+    save_image(grid, path)
+
+
+def _table(rows: list[dict]) -> str:
+    lines = ["| steps | tiny-clip reward (mean ± std) | fidelity | n |", "|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['steps']} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | {r['fidelity']:.3f} | {r['count']} |")
+    return "\n".join(lines)
+
+
+def write_readme(metrics: dict, path: Path) -> None:
+    build = metrics.get("build", {})
+    heldout = "\n".join(f"- {c}" for c in data.heldout_captions())
+    text = f"""# The tiny world: measurements
+
+Produced by `python -m zoo.tiny.evaluate` (this file, metrics.json and the PNGs) on
+{metrics['machine']}, torch {metrics['torch']}, {metrics['threads']} threads, from the
+artifacts built by `python -m zoo.tiny.build --out zoo/tiny/assets --seed 0`
+(build wall time: {build.get('wall_seconds', 'n/a')} s, see build_info.json in the assets).
+
+Data: {len(data.all_captions())} captions ({len(data.COLOURS)} colours x {len(data.SHAPES)} shapes x
+{len(data.BACKGROUNDS)} backgrounds), {len(data.train_captions())} for training and
+{len(data.heldout_captions())} held out (every colour-shape pair still appears in training,
+with the other background):
+{heldout}
+
+## Judge (tiny-clip)
+Zero-shot accuracy (top caption among all {len(data.all_captions())} captions equals the
+rendered one) on fresh renders, {metrics['judge']['images_per_caption']} per caption:
+- held-out captions: {metrics['judge']['heldout_accuracy']:.4f}
+- all captions: {metrics['judge']['all_accuracy']:.4f}
+
+## Base model, held-out prompts
+DDIM, eta 1, trailing spacing, guidance {metrics['guidance']} (`zoo.tiny.DEFAULT_GUIDANCE`),
+{metrics['samples_per_step']} samples per step count. Fidelity = the judge's top caption
+among all captions is the prompt ("correct colour, shape and background").
+
+{_table(metrics['base'])}
+
+## LCM-distilled model, held-out prompts
+LCMScheduler, guidance {metrics['guidance']} through the guidance embedding (no second pass).
+
+{_table(metrics['lcm'])}
+
+Sample grids (rows: held-out prompts in the order above; column groups: 1, 2, 4, 8 steps,
+3 samples each): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
+
+## Cost on this CPU
+- loading (`StableDiffusionPipeline.from_pretrained`): base {metrics['load_seconds']['base']:.2f} s,
+  LCM {metrics['load_seconds']['lcm']:.2f} s; judge {metrics['load_seconds']['judge']:.2f} s
+- sampling throughput, batch 64, images/s (base with CFG, i.e. two UNet passes per step):
+  {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['base'].items())}
+- LCM (one UNet pass per step):
+  {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['lcm'].items())}
+"""
+    path.write_text(text)
+
+
+def main() -> None:
+    cfg = tyro.cli(EvalConfig)
+    torch.set_num_threads(cfg.threads)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    judge = Judge(CLIP, data.all_captions())
+    judge_seconds = time.perf_counter() - started
+    judge_metrics = dict(
+        images_per_caption=cfg.judge_images_per_caption,
+        heldout_accuracy=judge_accuracy(judge, data.heldout_captions(), cfg.judge_images_per_caption, cfg.seed),
+        all_accuracy=judge_accuracy(judge, data.all_captions(), cfg.judge_images_per_caption, cfg.seed),
+    )
+    print(f"judge: {judge_metrics}", flush=True)
+
+    base, base_seconds = load_pipeline(PIPELINE)
+    print("base:", flush=True)
+    base_rows, base_images = step_sweep(base, judge, cfg)
+    save_grid(base_images, cfg.out / "samples.png")
+    lcm, lcm_seconds = load_pipeline(PIPELINE_LCM)
+    print("lcm:", flush=True)
+    lcm_rows, lcm_images = step_sweep(lcm, judge, cfg)
+    save_grid(lcm_images, cfg.out / "samples-lcm.png")
+
+    build_info = PIPELINE.parent / "build_info.json"
+    metrics = dict(
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        torch=torch.__version__,
+        threads=cfg.threads,
+        guidance=cfg.guidance,
+        samples_per_step=cfg.samples_per_step,
+        judge=judge_metrics,
+        base=base_rows,
+        lcm=lcm_rows,
+        load_seconds=dict(base=base_seconds, lcm=lcm_seconds, judge=judge_seconds),
+        throughput=dict(base=throughput(base, cfg), lcm=throughput(lcm, cfg)),
+        build=json.loads(build_info.read_text()) if build_info.exists() else {},
+    )
+    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_readme(metrics, cfg.out / "README.md")
+    print(json.dumps(metrics["throughput"]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
