@@ -163,3 +163,13 @@ def test_wrong_checkpoint_is_rejected(tiny_paths, tmp_path):
     torch.save({"state_dict": {"not": torch.zeros(1)}}, tmp_path / "HPS_v2_compressed.pt")
     with tiny_architectures(), pytest.raises(RuntimeError, match="Missing key"):
         load_reward("hpsv2", paths={"hpsv2": str(tmp_path)})
+
+
+def test_to_dtype_keeps_float32_scores(tiny_paths):
+    with tiny_architectures():
+        reward = load_reward("tiny-clip", paths=tiny_paths)
+    batch = images()
+    full = reward.score(batch, PROMPTS)
+    half = reward.to(dtype=torch.bfloat16).score(batch, PROMPTS)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0, atol=0.05)
