@@ -115,6 +115,9 @@ class Policy:
             # Adapter weights train in float32 whatever the frozen weights' precision.
             cast_training_params(unet, dtype=torch.float32)
         self._uncond_embeds: torch.Tensor | None = None
+        # What runs the forward pass: the UNet itself, or the DDP wrapper around it that
+        # the trainer installs so that gradients are averaged across processes.
+        self.denoiser: torch.nn.Module = unet
 
     @classmethod
     def from_pretrained(
@@ -205,7 +208,7 @@ class Policy:
             timesteps = torch.cat([timesteps, timesteps])
             prompt_embeds = torch.cat([uncond, prompt_embeds])
         with self._autocast():
-            eps = self.unet(
+            eps = self.denoiser(
                 latents.to(self.weight_dtype),
                 timesteps,
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
@@ -242,6 +245,18 @@ class Policy:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.unet.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore weights saved by `adapter_state`; keys must match exactly."""
+        own = get_peft_model_state_dict(self.unet)
+        if set(own) != set(state):
+            raise ValueError("the checkpoint's LoRA does not fit this model (rank or target modules differ)")
+        set_peft_model_state_dict(self.unet, state)
+        cast_training_params(self.unet, dtype=torch.float32)
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter in diffusers' LoRA key format (what `load_lora_weights` reads)."""

@@ -1,0 +1,89 @@
+"""Step generalization, measured: held-out reward of one policy at several step counts.
+
+Every algorithm and checkpoint is evaluated on the same held-out prompts with the same
+noise: the generator of each step count is seeded by (evaluation seed, step count,
+process), so differences between rows are differences between policies, not noise.
+(The noise does depend on the number of processes, which splits the prompts.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image
+
+from rewards.base import Reward
+from zoo.policy import Policy
+from zoo.sampling import SamplerConfig, TrajectorySampler
+
+STRIP_IMAGES = 8
+"""Images per sample strip (the first evaluation prompts of the main process)."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    prompts: tuple[str, ...]
+    step_counts: tuple[int, ...]
+    samples_per_prompt: int
+    batch_size: int
+    sampler: str
+    guidance_scale: float
+    eta: float
+    seed: int
+
+
+def _generator(seed: int, step_count: int, process: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1_000_003 * seed + 1_009 * step_count + process)
+
+
+@torch.no_grad()
+def evaluate(
+    policy: Policy, rewards: dict[str, Reward], settings: EvalSettings, accelerator: Accelerator
+) -> tuple[dict[tuple[int, str], dict], dict[int, torch.Tensor]]:
+    """Score the policy at each step count with each reward.
+
+    Returns ({(step_count, reward): {"mean", "std", "count"}}, {step_count: strip images
+    (n, 3, H, W)}) where strips are filled on the main process only.
+    """
+    everything = [p for p in settings.prompts for _ in range(settings.samples_per_prompt)]
+    per_process = math.ceil(len(everything) / accelerator.num_processes)
+    mine = everything[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+    stats: dict[tuple[int, str], dict] = {}
+    strips: dict[int, torch.Tensor] = {}
+    for step_count in settings.step_counts:
+        sampler = TrajectorySampler(
+            policy, SamplerConfig(settings.sampler, step_count, settings.eta, settings.guidance_scale)
+        )
+        generator = _generator(settings.seed, step_count, accelerator.process_index)
+        scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
+        images_kept: list[torch.Tensor] = []
+        for start in range(0, len(mine), settings.batch_size):
+            prompts = mine[start : start + settings.batch_size]
+            images = sampler.sample(prompts, generator=generator).images[:, 0]  # (B, 3, H, W)
+            for name, reward in rewards.items():
+                scores[name].append(reward.score(images, prompts).float())
+            if sum(len(x) for x in images_kept) < STRIP_IMAGES:
+                images_kept.append(images.cpu())
+        for name in rewards:
+            local = torch.cat(scores[name]).tolist() if scores[name] else []
+            # Processes may hold unequal shares, which tensor gathers do not allow.
+            gathered = torch.tensor(gather_object(local), dtype=torch.float64)
+            stats[(step_count, name)] = {
+                "mean": float(gathered.mean()),
+                "std": float(gathered.std(unbiased=False)) if len(gathered) > 1 else 0.0,
+                "count": int(len(gathered)),
+            }
+        if accelerator.is_main_process and images_kept:
+            strips[step_count] = torch.cat(images_kept)[:STRIP_IMAGES]
+    return stats, strips
+
+
+def save_strip(images: torch.Tensor, path) -> None:
+    """Save (n, 3, H, W) images in [0, 1] side by side as one PNG."""
+    row = torch.cat(list(images), dim=2)  # (3, H, n*W)
+    array = (row.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    Image.fromarray(array).save(path)

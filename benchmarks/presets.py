@@ -1,0 +1,175 @@
+"""Named settings of the benchmark: the model, prompts, reward, sampler and budget.
+
+A preset fixes everything that must be equal across algorithms for a fair comparison:
+the base model, the training and evaluation prompts, the training sampler (kind, K,
+guidance, eta), the epoch budget and the trajectories sampled per epoch. Algorithm
+hyperparameters keep each method's published defaults, except where a preset follows a
+paper's own settings (`algo_overrides`). Presets are plain functions, listed in PRESETS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import zoo.tiny
+
+TINY_ASSETS = Path(zoo.tiny.__file__).parent / "assets"
+
+# 45 common animals, the kind of single-word prompts DDPO and SDPO train on; the last five
+# are held out for evaluation so held-out reward is not measured on training prompts.
+ANIMALS = (
+    "cat", "dog", "horse", "cow", "sheep", "goat", "pig", "rabbit", "deer", "fox",
+    "wolf", "bear", "lion", "tiger", "leopard", "cheetah", "elephant", "giraffe", "zebra",
+    "hippopotamus", "rhinoceros", "camel", "kangaroo", "koala", "panda", "monkey", "gorilla",
+    "squirrel", "hedgehog", "otter", "beaver", "raccoon", "owl", "eagle", "parrot",
+    "penguin", "flamingo", "swan", "duck", "chicken", "frog", "turtle", "crocodile",
+    "dolphin", "octopus",
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: str
+    """Hub id or local diffusers folder of the base model."""
+    reward: str
+    """Default training reward (a registry name or a weighted sum)."""
+    train_prompts: tuple[str, ...]
+    eval_prompts: tuple[str, ...]
+    sampler: str
+    """Training and evaluation sampler: "ddim" or "lcm"."""
+    num_steps: int
+    """Sampling steps K during training."""
+    guidance_scale: float
+    eta: float
+    epochs: int
+    trajectories_per_epoch: int
+    """Trajectories sampled per epoch on each process (groups x group size)."""
+    eval_every: int
+    eval_samples_per_prompt: int
+    eval_batch_size: int
+    mixed_precision: str
+    algo_overrides: dict[str, dict] = field(default_factory=dict)
+    """Per-algorithm config fields that this preset's paper set (name -> {field: value})."""
+
+
+def tiny() -> Preset:
+    """The embedded tiny world: runs the whole benchmark in minutes on 2 CPU cores."""
+    from zoo.tiny import data
+
+    return Preset(
+        name="tiny",
+        model=str(TINY_ASSETS / "pipeline"),
+        reward="tiny-clip",
+        train_prompts=tuple(data.train_captions()),
+        eval_prompts=tuple(data.heldout_captions()),
+        sampler="ddim",
+        num_steps=8,
+        guidance_scale=_tiny_guidance(),
+        eta=1.0,
+        epochs=10,
+        trajectories_per_epoch=32,
+        eval_every=2,
+        eval_samples_per_prompt=8,
+        eval_batch_size=64,
+        mixed_precision="no",
+        # 32 trajectories per epoch: 32 DDPO trajectories or 16 pairs. REBEL's reference
+        # accumulates over accumulation x K minibatches, so it needs the smaller batches
+        # to make one update per epoch.
+        algo_overrides={
+            "ddpo": {"train_batch_size": 4, "gradient_accumulation_steps": 2},
+            "d3po": {"train_batch_size": 4, "gradient_accumulation_steps": 2},
+            "rebel": {"train_batch_size": 2, "gradient_accumulation_steps": 1},
+            "sdpo": {"train_batch_size": 4, "gradient_accumulation_steps": 2},
+        },
+    )
+
+
+def _tiny_guidance() -> float:
+    from zoo.tiny import DEFAULT_GUIDANCE
+
+    return DEFAULT_GUIDANCE
+
+
+def sd_turbo() -> Preset:
+    """The SDPO paper: sd-turbo with DDIM (trailing), eta 1, K=50, no CFG, fp16, LoRA r4,
+    8 x 4 trajectories per GPU per epoch; lr/batch/accumulation per reward are in
+    `SD_TURBO_REWARD_SETTINGS` (the paper's configs, 4 GPUs)."""
+    return Preset(
+        name="sd-turbo",
+        model="stabilityai/sd-turbo",
+        reward="aesthetic",
+        train_prompts=ANIMALS[:40],
+        eval_prompts=ANIMALS[40:],
+        sampler="ddim",
+        num_steps=50,
+        guidance_scale=1.0,
+        eta=1.0,
+        epochs=100,
+        trajectories_per_epoch=32,
+        eval_every=10,
+        eval_samples_per_prompt=16,
+        eval_batch_size=16,
+        mixed_precision="fp16",
+    )
+
+
+# (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward,
+# from the SDPO paper's configs.
+SD_TURBO_REWARD_SETTINGS = {
+    "aesthetic": (1e-4, 2, 8, 100),
+    "imagereward": (5e-5, 1, 32, 200),
+    "hpsv2": (5e-5, 1, 32, 200),
+    "hpsv2.1": (5e-5, 1, 32, 200),
+    "pickscore": (6e-5, 1, 16, 200),
+}
+
+
+def lcm() -> Preset:
+    """RLCM's setting: LCM_Dreamshaper_v7, LCM sampling with 8 steps, guidance embedding 8,
+    LoRA r8/alpha 8, lr 1e-4, no gradient clipping."""
+    lora = {"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_grad_norm": None}
+    return Preset(
+        name="lcm",
+        model="SimianLuo/LCM_Dreamshaper_v7",
+        reward="aesthetic",
+        train_prompts=ANIMALS[:40],
+        eval_prompts=ANIMALS[40:],
+        sampler="lcm",
+        num_steps=8,
+        guidance_scale=8.0,
+        eta=1.0,
+        epochs=100,
+        trajectories_per_epoch=32,
+        eval_every=10,
+        eval_samples_per_prompt=16,
+        eval_batch_size=16,
+        mixed_precision="fp16",
+        algo_overrides={name: dict(lora) for name in ("ddpo", "rebel", "d3po", "sdpo")},
+    )
+
+
+def sd15() -> Preset:
+    """DDPO's setting: Stable Diffusion 1.5, DDIM eta 1, K=50, CFG 5, LoRA r4, lr 3e-4."""
+    return Preset(
+        name="sd15",
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        reward="aesthetic",
+        train_prompts=ANIMALS[:40],
+        eval_prompts=ANIMALS[40:],
+        sampler="ddim",
+        num_steps=50,
+        guidance_scale=5.0,
+        eta=1.0,
+        epochs=100,
+        trajectories_per_epoch=32,
+        eval_every=10,
+        eval_samples_per_prompt=16,
+        eval_batch_size=16,
+        mixed_precision="fp16",
+    )
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"tiny": tiny, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15}

@@ -1,0 +1,321 @@
+"""The training loop: one algorithm, one seed, a fixed epoch budget.
+
+This is the only place that touches accelerate, checkpoints and loggers; algorithms stay
+pure tensor math (zoo.algorithm). One epoch is:
+
+1. every process samples `trajectories_per_epoch` trajectories (groups of the size the
+   algorithm asks for) from prompts drawn with a generator seeded by (seed, epoch,
+   process), so a resumed run draws exactly what an uninterrupted one would;
+2. the images the algorithm names are scored, `shape_rewards` runs locally, and prompts
+   and returns are gathered so that advantages and stat tracking see the global batch;
+3. minibatches of groups are replayed step by step (or whole trajectories for
+   whole-trajectory losses), log-probs recomputed under the current weights, and
+   gradients accumulated over `gradient_accumulation_steps` minibatches times the loss
+   calls per minibatch, as the DDPO reference multiplies accumulation by K;
+4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
+   records), so a kill loses at most the epoch in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from benchmarks.checkpoint import load_state, save_state
+from benchmarks.evaluate import EvalSettings, evaluate, save_strip
+from rewards.base import Reward
+from zoo.algorithm import Algorithm, LossInputs
+from zoo.policy import LoraSettings, Policy
+from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.trajectory import Trajectory
+
+BASE = "base"
+"""The name of the untrained model's rows."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last complete checkpoint is left intact."""
+
+
+@dataclass
+class JobSettings:
+    """Everything one (algorithm, seed) run needs besides the algorithm's own config."""
+
+    model: str
+    epochs: int
+    trajectories_per_epoch: int
+    train_prompts: tuple[str, ...]
+    eval_every: int
+    eval: EvalSettings
+    mixed_precision: str
+    train_reward: str
+    out_dir: Path
+    log: Callable[[dict], None] = field(default=lambda row: None)
+
+
+def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
+    return out_dir / "checkpoints" / f"{algo}_seed{seed}.pt"
+
+
+def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict) -> list[dict]:
+    return [
+        {
+            "algo": algo,
+            "seed": seed,
+            "epoch": epoch,
+            "eval_steps": step_count,
+            "reward": reward_name,
+            **values,
+            "samples_seen": counters["samples_seen"],
+            "reward_calls": counters["reward_calls"],
+            "reward_images": counters["reward_calls"],
+            "wall_time": round(counters["wall_time"], 3),
+        }
+        for (step_count, reward_name), values in stats.items()
+    ]
+
+
+def _evaluate_and_record(
+    policy, rewards, settings: JobSettings, accelerator, algo, seed, epoch, counters, save_strips: bool
+) -> list[dict]:
+    stats, strips = evaluate(policy, rewards, settings.eval, accelerator)
+    if save_strips and accelerator.is_main_process:
+        (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        for step_count, images in strips.items():
+            save_strip(images, settings.out_dir / "samples" / f"{algo}_seed{seed}_steps{step_count}.png")
+    return _records(algo, seed, epoch, counters, stats)
+
+
+def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], accelerator: Accelerator) -> list[dict]:
+    """Rows of the untrained model (epoch 0), computed once per seed and checkpointed."""
+    path = checkpoint_path(settings.out_dir, BASE, seed)
+    state = load_state(path)
+    if state is not None:
+        return state["records"]
+    policy = Policy.from_pretrained(settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision)
+    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
+    records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
+    if accelerator.is_main_process:
+        save_state(path, {"records": records, "done": True})
+    accelerator.wait_for_everyone()
+    return records
+
+
+def _score(algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward) -> torch.Tensor:
+    """(P, G) scores of the final images, or (P, G, M) of the decoded x̂0 at `reward_steps`."""
+    steps = algorithm.reward_steps(traj)
+    num_prompts, group_size = traj.num_prompts, traj.group_size
+    if steps is None:
+        images = traj.images.flatten(0, 1)
+        prompts = [p for p in traj.prompts for _ in range(group_size)]
+        return reward.score(images, prompts).view(num_prompts, group_size)
+    if traj.pred_x0 is None:
+        raise ValueError("the algorithm scores x̂0 at chosen steps but did not ask the sampler to record x̂0")
+    per_trajectory = steps.shape[-1]
+    pi = torch.arange(num_prompts)[:, None, None]
+    gi = torch.arange(group_size)[None, :, None]
+    latents = traj.pred_x0[pi, gi, steps.cpu()]  # (P, G, M, C, h, w)
+    images = policy.decode(latents.flatten(0, 2))
+    prompts = [p for p in traj.prompts for _ in range(group_size * per_trajectory)]
+    return reward.score(images, prompts).view(num_prompts, group_size, per_trajectory)
+
+
+def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
+    """(P, G, K) independent permutations of the K steps per trajectory (shared inside a
+    group when the algorithm pairs its members step by step)."""
+    members = 1 if same_in_group else group_size
+    orders = torch.stack([torch.randperm(num_steps, generator=generator) for _ in range(num_prompts * members)])
+    return orders.view(num_prompts, members, num_steps).expand(num_prompts, group_size, num_steps)
+
+
+def _train_epoch(
+    algorithm: Algorithm,
+    config: Any,
+    sampler: TrajectorySampler,
+    traj: Trajectory,
+    advantages: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    generator: torch.Generator,
+    show_progress: bool,
+) -> dict[str, float]:
+    policy = sampler.policy
+    needs = algorithm.needs
+    num_prompts, group_size, num_steps = traj.log_probs.shape
+    batch = config.train_batch_size
+    chunks = [torch.arange(num_steps)] if needs.whole_trajectory_loss else [torch.tensor([j]) for j in range(num_steps)]
+    calls_per_update = config.loss_calls_per_update
+    params = policy.trainable_parameters()
+    totals: dict[str, float] = {}
+    calls = 0
+    pi = torch.arange(batch)[:, None, None]
+    gi = torch.arange(group_size)[None, :, None]
+    progress = tqdm(
+        total=config.num_inner_epochs * (num_prompts // batch) * len(chunks),
+        desc="train", leave=False, disable=not show_progress,
+    )
+    for _ in range(config.num_inner_epochs):
+        order = torch.randperm(num_prompts, generator=generator)
+        step_orders = _step_orders(num_prompts, group_size, num_steps, needs.same_step_order_in_group, generator)
+        minibatches = order.split(batch)
+        # DDPO, REBEL and D3PO replay every step of a minibatch before the next minibatch;
+        # SDPO's reference replays step j of every minibatch before step j + 1.
+        if config.steps_in_outer_loop:
+            schedule = [(mb, chunk) for chunk in chunks for mb in minibatches]
+        else:
+            schedule = [(mb, chunk) for mb in minibatches for chunk in chunks]
+        for minibatch, chunk in schedule:
+            sub = traj.select_prompts(minibatch)
+            steps = step_orders[minibatch][:, :, chunk].to(sub.latents.device)  # (p, G, S)
+            latents = sub.latents[pi, gi, steps]  # (p, G, S, C, h, w)
+            next_latents = sub.next_latents[pi, gi, steps]
+            s = steps.shape[-1]
+            embeds = sub.prompt_embeds[:, None, None].expand(-1, group_size, s, -1, -1)
+            calls += 1
+            update_now = calls % calls_per_update == 0
+            # DDP all-reduces on every backward unless told not to: only the last
+            # backward before an optimizer step needs synchronised gradients.
+            sync = contextlib.nullcontext() if update_now else accelerator.no_sync(policy.denoiser)
+            with sync:
+                log_probs = sampler.log_prob(
+                    latents.flatten(0, 2), steps.flatten(), next_latents.flatten(0, 2), embeds.flatten(0, 2)
+                ).view(batch, group_size, s)
+                inputs = LossInputs(
+                    log_probs=log_probs,
+                    old_log_probs=sub.log_probs[pi, gi, steps],
+                    advantages=advantages[minibatch.to(advantages.device)][pi, gi, steps.to(advantages.device)],
+                    step_index=steps,
+                    ref_log_probs=None if sub.ref_log_probs is None else sub.ref_log_probs[pi, gi, steps],
+                )
+                loss, metrics = algorithm.loss(inputs)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {float(loss)} at a training step; stopping with the last "
+                        "complete checkpoint intact (try a lower learning rate)"
+                    )
+                accelerator.backward(loss / calls_per_update)
+            if update_now:
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            progress.update(1)
+    progress.close()
+    return {name: value / max(calls, 1) for name, value in totals.items()}
+
+
+def run_algorithm(
+    algo: str,
+    config: Any,
+    seed: int,
+    settings: JobSettings,
+    train_reward: Reward,
+    eval_rewards: dict[str, Reward],
+    accelerator: Accelerator,
+) -> list[dict]:
+    """Train `algo` from the base for `settings.epochs` epochs (resuming from its
+    checkpoint if one exists) and return its evaluation records."""
+    path = checkpoint_path(settings.out_dir, algo, seed)
+    state = load_state(path)
+    if state is not None and state.get("done"):
+        return state["records"]
+
+    algorithm = config.build()
+    needs = algorithm.needs
+    torch.manual_seed(seed)  # the LoRA initialisation, identical for every algorithm of a seed
+    lora = LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules))
+    policy = Policy.from_pretrained(
+        settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora
+    )
+    sampler = TrajectorySampler(
+        policy, SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale)
+    )
+    optimizer = torch.optim.AdamW(
+        policy.trainable_parameters(),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    tracker = algorithm.new_tracker()
+    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
+    records: list[dict] = []
+    start_epoch = 0
+    if state is not None:
+        policy.load_adapter_state(state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        tracker.load_state_dict(state["tracker"])
+        counters = dict(state["counters"])
+        records = list(state["records"])
+        start_epoch = state["epoch"]
+    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+
+    group_size = needs.group_size
+    groups = settings.trajectories_per_epoch // group_size
+    rank, world = accelerator.process_index, accelerator.num_processes
+    show = accelerator.is_main_process
+    epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not show,
+                  initial=start_epoch, total=settings.epochs)
+    for epoch in epochs:
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
+        prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
+        prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
+        traj = sampler.sample(
+            prompts,
+            group_size=group_size,
+            shared_noise=needs.shared_noise,
+            generator=generator,
+            record_pred_x0=needs.record_pred_x0,
+            reference_log_probs=needs.reference_log_probs,
+        )
+        images_before = train_reward.images_scored
+        scores = _score(algorithm, traj, policy, train_reward)
+        if not torch.isfinite(scores).all():
+            raise TrainingDiverged(f"the reward {settings.train_reward} returned NaN or inf for some images")
+        returns = algorithm.shape_rewards(traj, scores)
+        all_prompts = gather_object(prompts)
+        all_returns = accelerator.gather(returns.contiguous())
+        advantages = algorithm.advantages(all_prompts, all_returns, tracker)[rank * groups : (rank + 1) * groups]
+        metrics = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, show)
+
+        local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)
+        counters["reward_calls"] += int(accelerator.gather(local_calls).sum())
+        counters["samples_seen"] += settings.trajectories_per_epoch * world
+        counters["wall_time"] += time.perf_counter() - started
+        mean_score = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
+        done = epoch + 1
+        if done % settings.eval_every == 0 or done == settings.epochs:
+            records += _evaluate_and_record(
+                policy, eval_rewards, settings, accelerator, algo, seed, done, counters,
+                save_strips=done == settings.epochs,
+            )
+        if show:
+            epochs.set_postfix(reward=f"{mean_score:.4f}", loss=f"{metrics.get('loss', math.nan):.2e}")
+            settings.log({"algo": algo, "seed": seed, "epoch": done, "train_reward": mean_score, **metrics})
+        if accelerator.is_main_process:
+            save_state(path, {
+                "epoch": done,
+                "done": done == settings.epochs,
+                "lora": policy.adapter_state(),
+                "optimizer": optimizer.state_dict(),
+                "tracker": tracker.state_dict(),
+                "counters": counters,
+                "records": records,
+            })
+        accelerator.wait_for_everyone()
+
+    if accelerator.is_main_process:
+        policy.save_lora(settings.out_dir / "lora" / f"{algo}_seed{seed}")
+    return records
