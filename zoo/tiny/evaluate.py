@@ -39,7 +39,8 @@ class EvalConfig:
     judge_images_per_caption: int = 64
     seed: int = 0
     """Seeds the evaluation noise and renders; the build used other streams."""
-    threads: int = 2
+    threads: int = 1
+    """torch threads; 1 is robust to a shared CPU (see BuildConfig.threads)."""
 
 
 class Judge:
