@@ -50,6 +50,8 @@ class RunArgs:
     """Base model: a hub id in the Hugging Face cache or a local diffusers folder (default: the preset's)."""
     epochs: int | None = None
     """Training epochs per algorithm and seed (default: the preset's)."""
+    train_steps: int | None = None
+    """Sampling steps K during training, for every algorithm (default: the preset's)."""
     eval_steps: str = "1,2,4,8"
     """Comma-separated sampling step counts at which held-out reward is measured."""
     eval_every: int | None = None
@@ -209,13 +211,17 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     configs = {name: getattr(args.algo, name) for name in algos}
+    if args.train_steps is not None:
+        if args.train_steps < 1:
+            raise UsageError(f"--train-steps must be at least 1, got {args.train_steps}")
+        configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
     for name, cfg in configs.items():
         _check_batch_sizes(name, cfg, trajectories, num_processes)
-    model = args.model or preset.model
-    resolve_model(model)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
         check_rewards(name, reward_paths)
+    model = args.model or preset.model
+    resolve_model(model)
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model, epochs,
                 eval_every, trajectories, eval_samples, out_dir, configs)

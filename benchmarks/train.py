@@ -129,6 +129,18 @@ def _score(algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Rewar
     return reward.score(images, prompts).view(num_prompts, group_size, per_trajectory)
 
 
+def global_advantages(
+    algorithm: Algorithm, prompts: list[str], returns: torch.Tensor, tracker: Any, accelerator: Accelerator
+) -> torch.Tensor:
+    """This process's slice of the advantages computed on the batch gathered from every
+    process, so that stat tracking sees the global batch and every process's tracker
+    holds the same state. prompts: P local captions; returns (P, G) or (P, G, K)."""
+    all_prompts = gather_object(list(prompts))
+    all_returns = accelerator.gather(returns.contiguous())
+    start = accelerator.process_index * len(prompts)
+    return algorithm.advantages(all_prompts, all_returns, tracker)[start : start + len(prompts)]
+
+
 def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
     """(P, G, K) independent permutations of the K steps per trajectory (shared inside a
     group when the algorithm pairs its members step by step)."""
@@ -285,9 +297,7 @@ def run_algorithm(
         if not torch.isfinite(scores).all():
             raise TrainingDiverged(f"the reward {settings.train_reward} returned NaN or inf for some images")
         returns = algorithm.shape_rewards(traj, scores)
-        all_prompts = gather_object(prompts)
-        all_returns = accelerator.gather(returns.contiguous())
-        advantages = algorithm.advantages(all_prompts, all_returns, tracker)[rank * groups : (rank + 1) * groups]
+        advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
         metrics = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, show)
 
         local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)

@@ -68,6 +68,8 @@ def resolve_model(model: str) -> str:
                 "tokenizer/, scheduler/)"
             )
         return model
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise ModelUnavailable(f"--model {model}: no such folder; pass a diffusers pipeline folder or a hub id")
     override = os.environ.get(MODEL_PATH_ENV)
     if override and Path(override).is_dir():
         return override

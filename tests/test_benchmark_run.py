@@ -1,0 +1,140 @@
+"""The benchmark runner end to end on a micro budget: outputs, resume, refusals."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from safetensors.torch import load_file
+
+import benchmarks.train
+from benchmarks.run import main
+
+ALGOS = ["ddpo", "rebel", "d3po", "sdpo"]
+EVAL_STEPS = [1, 2]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def micro_args(model: str, out: Path) -> list[str]:
+    """Two epochs of 8 trajectories at K=2 on the random tiny pipeline, JPEG reward: every
+    code path of the runner in seconds. Batch sizes make one update per epoch each."""
+    return [
+        "--model", model,
+        "--reward", "jpeg_compressibility",
+        "--epochs", "2",
+        "--eval-every", "1",
+        "--trajectories-per-epoch", "8",
+        "--eval-samples-per-prompt", "1",
+        "--eval-steps", ",".join(map(str, EVAL_STEPS)),
+        "--train-steps", "2",
+        "--d3po.gradient-accumulation-steps", "1",
+        "--out", str(out),
+    ]
+
+
+def _comparable(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "wall_time"} for row in records]
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "run"
+    assert main(micro_args(tiny_pipeline_dir, out)) == 0
+    return out
+
+
+def test_run_writes_every_output(finished_run):
+    out = finished_run
+    for name in ["records.jsonl", "table.md", "table.csv", "curves.png", "samples.png", "config.json", "metrics.jsonl"]:
+        assert (out / name).is_file(), name
+    records = _records(out)
+    # base: one evaluation; each algorithm: epochs 1 and 2; each at 2 step counts.
+    assert len(records) == len(EVAL_STEPS) * (1 + 2 * len(ALGOS))
+    assert {r["algo"] for r in records} == {"base", *ALGOS}
+    final = [r for r in records if r["epoch"] == 2]
+    assert all(r["samples_seen"] == 16 and r["count"] == 8 for r in final)
+    calls = {r["algo"]: r["reward_calls"] for r in final}
+    # SDPO scores first, anchor and last x̂0: three reward calls per trajectory.
+    assert calls == {"ddpo": 16, "rebel": 16, "d3po": 16, "sdpo": 48}
+
+    table = pd.read_csv(out / "table.csv")
+    assert table.iloc[:, 0].tolist() == ["base", *ALGOS]
+    assert {"1 step", "2 steps", "reward calls", "wall time (s)"} <= set(table.columns)
+    config = json.loads((out / "config.json").read_text())
+    assert config["algorithm_configs"]["sdpo"]["num_steps"] == 2
+    for algo in ALGOS:
+        assert (out / "lora" / f"{algo}_seed0" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_resume_after_interruption_gives_the_same_records(finished_run, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Stop the run right after REBEL's first epoch is checkpointed, resume, and compare
+    with the uninterrupted run: the same records and the same final LoRA weights."""
+    out = tmp_path / "run"
+    real_save = benchmarks.train.save_state
+
+    class Interrupted(Exception):
+        pass
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if Path(path).name == "rebel_seed0.pt" and state["epoch"] == 1:
+            raise Interrupted
+
+    monkeypatch.setattr(benchmarks.train, "save_state", save_then_stop)
+    with pytest.raises(Interrupted):
+        main(micro_args(tiny_pipeline_dir, out))
+    monkeypatch.setattr(benchmarks.train, "save_state", real_save)
+
+    assert main(micro_args(tiny_pipeline_dir, out)) == 2  # refuses to overwrite silently
+    assert main(micro_args(tiny_pipeline_dir, out) + ["--resume"]) == 0
+    assert _comparable(_records(out)) == _comparable(_records(finished_run))
+    for algo in ALGOS:
+        name = f"lora/{algo}_seed0/pytorch_lora_weights.safetensors"
+        resumed, straight = load_file(out / name), load_file(finished_run / name)
+        assert resumed.keys() == straight.keys()
+        assert all((resumed[k] == straight[k]).all() for k in resumed), algo
+
+
+def test_missing_reward_weights_end_fast_with_one_paragraph(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPZOO_")}
+    env["HF_HOME"] = str(tmp_path / "hf")
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--algos", "sdpo,ddpo,rebel", "--reward", "pickscore"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("error: Reward 'pickscore'") and "--reward-path" in lines[0]
+    assert elapsed < 60
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.parametrize(
+    "extra,flag",
+    [
+        (["--algos", "sdpo,ppo"], "--algos"),
+        (["--preset", "sdxl"], "--preset"),
+        (["--reward", "aesthetics"], "--reward"),
+        (["--eval-steps", "0,4"], "--eval-steps"),
+        (["--trajectories-per-epoch", "7"], "--trajectories-per-epoch"),
+        (["--sdpo.train-batch-size", "3"], "--sdpo.train-batch-size"),
+        (["--model", "/nonexistent/folder"], "--model"),
+    ],
+)
+def test_bad_inputs_are_refused_before_loading(extra, flag, tiny_pipeline_dir, tmp_path, capsys):
+    args = micro_args(tiny_pipeline_dir, tmp_path / "run") + extra
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
