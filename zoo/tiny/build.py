@@ -68,9 +68,14 @@ class BuildConfig:
     shares the CPU, a 2-thread build slowed down 40x here (threads spin waiting for each
     other), while a 1-thread build only loses its share of the CPU."""
 
-    clip_steps: int = 600
+    clip_steps: int = 1000
     clip_batch: int = 96
     clip_lr: float = 1e-3
+    clip_patch: int = 4
+    """Vision patch side. With 8x8 patches (17 tokens, 10x cheaper) the judge mistook
+    squares for circles: 79% accuracy after 600 steps."""
+    clip_width: int = 64
+    clip_layers: int = 3
 
     vae_steps: int = 800
     vae_batch: int = 48
@@ -105,7 +110,10 @@ class BuildConfig:
 
 
 SMOKE_OVERRIDES = dict(
-    clip_steps=3, clip_batch=16, vae_steps=3, vae_batch=8, unet_steps=3, unet_batch=8, lcm_steps=2, lcm_batch=4
+    clip_steps=3, clip_batch=16, clip_width=32, clip_layers=2,
+    vae_steps=3, vae_batch=8,
+    unet_steps=3, unet_batch=8,
+    lcm_steps=2, lcm_batch=4,
 )
 
 
@@ -145,21 +153,17 @@ def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------- 1. CLIP judge
 
 
-def judge_config(smoke: bool) -> CLIPConfig:
-    arch = TEST_ARCH if smoke else TRAINED_ARCH
-    text = text_encoder_config(arch).to_dict()
-    width = 32 if smoke else 64
-    # 8x8 patches: 17 tokens per image keep a training step ~0.1 s on this CPU (4x4 patches
-    # cost 10x more), and colour, shape and background are still plain to see.
+def judge_config(cfg: BuildConfig) -> CLIPConfig:
+    text = text_encoder_config(cfg.arch).to_dict()
     vision = dict(
         image_size=data.IMAGE_SIZE,
-        patch_size=8,
-        hidden_size=width,
-        intermediate_size=4 * width,
-        num_hidden_layers=2 if smoke else 3,
+        patch_size=cfg.clip_patch,
+        hidden_size=cfg.clip_width,
+        intermediate_size=4 * cfg.clip_width,
+        num_hidden_layers=cfg.clip_layers,
         num_attention_heads=4,
     )
-    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=arch.text_hidden)
+    return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.arch.text_hidden)
 
 
 def judge_processor(tokenizer) -> CLIPProcessor:
@@ -201,7 +205,7 @@ def contrastive_loss(model: CLIPModel, images: torch.Tensor, captions: list[str]
 def train_judge(cfg: BuildConfig, tokenizer, out: Path) -> CLIPModel:
     torch.manual_seed(cfg.seed)
     generator = _generator(cfg.seed, 1)
-    model = CLIPModel(judge_config(cfg.smoke))
+    model = CLIPModel(judge_config(cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.0)
     # The judge scores every caption, held-out ones included: it is the reward model of this
     # world, so it is trained on all of them (on fresh renders, never on generated samples).

@@ -12,6 +12,7 @@ Sampling goes through the stock diffusers StableDiffusionPipeline, not the proje
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -26,12 +27,14 @@ from diffusers import StableDiffusionPipeline
 from torchvision.utils import make_grid, save_image
 from transformers import CLIPModel, CLIPProcessor
 
-from zoo.tiny import CLIP, DEFAULT_GUIDANCE, PIPELINE, PIPELINE_LCM, data
+from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, data
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     out: Path = Path("results/tiny-world")
+    assets: Path = ASSETS
+    """Folder with clip/, pipeline/, pipeline-lcm/ (what `zoo.tiny.build --out` wrote)."""
     steps: tuple[int, ...] = (1, 2, 4, 8)
     samples_per_step: int = 64
     """Samples per step count, spread evenly over the held-out prompts."""
@@ -134,6 +137,7 @@ def throughput(pipe, cfg: EvalConfig, batch: int = 64, repeats: int = 3) -> dict
 def save_grid(images_by_steps: dict[int, torch.Tensor], path: Path, per_cell: int = 3) -> None:
     """Rows: held-out prompts. Column groups: step counts, `per_cell` samples each."""
     n_prompts = len(data.heldout_captions())
+    per_cell = min(per_cell, len(next(iter(images_by_steps.values()))) // n_prompts)
     tiles = []
     for prompt_index in range(n_prompts):
         for steps, images in images_by_steps.items():
@@ -157,9 +161,9 @@ def write_readme(metrics: dict, path: Path) -> None:
     text = f"""# The tiny world: measurements
 
 Produced by `python -m zoo.tiny.evaluate` (this file, metrics.json and the PNGs) on
-{metrics['machine']}, torch {metrics['torch']}, {metrics['threads']} threads, from the
-artifacts built by `python -m zoo.tiny.build --out zoo/tiny/assets --seed 0`
-(build wall time: {build.get('wall_seconds', 'n/a')} s, see build_info.json in the assets).
+{metrics['machine']} (shared with other jobs), torch {metrics['torch']}, {metrics['threads']}
+torch thread(s), from the artifacts built by `{build.get('command', 'python -m zoo.tiny.build')}`
+(wall time {build.get('wall_seconds', 'n/a')} s; per stage: {build.get('stage_seconds', 'n/a')}).
 
 Data: {len(data.all_captions())} captions ({len(data.COLOURS)} colours x {len(data.SHAPES)} shapes x
 {len(data.BACKGROUNDS)} backgrounds), {len(data.train_captions())} for training and
@@ -185,8 +189,8 @@ LCMScheduler, guidance {metrics['guidance']} through the guidance embedding (no 
 
 {_table(metrics['lcm'])}
 
-Sample grids (rows: held-out prompts in the order above; column groups: 1, 2, 4, 8 steps,
-3 samples each): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
+Sample grids (rows: held-out prompts in the order above; column groups: {', '.join(map(str, metrics['config']['steps']))} steps,
+the first samples of each prompt): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
 
 ## Cost on this CPU
 - loading (`StableDiffusionPipeline.from_pretrained`): base {metrics['load_seconds']['base']:.2f} s,
@@ -205,7 +209,7 @@ def main() -> None:
     cfg.out.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    judge = Judge(CLIP, data.all_captions())
+    judge = Judge(cfg.assets / "clip", data.all_captions())
     judge_seconds = time.perf_counter() - started
     judge_metrics = dict(
         images_per_caption=cfg.judge_images_per_caption,
@@ -214,19 +218,19 @@ def main() -> None:
     )
     print(f"judge: {judge_metrics}", flush=True)
 
-    base, base_seconds = load_pipeline(PIPELINE)
+    base, base_seconds = load_pipeline(cfg.assets / "pipeline")
     print("base:", flush=True)
     base_rows, base_images = step_sweep(base, judge, cfg)
     save_grid(base_images, cfg.out / "samples.png")
-    lcm, lcm_seconds = load_pipeline(PIPELINE_LCM)
+    lcm, lcm_seconds = load_pipeline(cfg.assets / "pipeline-lcm")
     print("lcm:", flush=True)
     lcm_rows, lcm_images = step_sweep(lcm, judge, cfg)
     save_grid(lcm_images, cfg.out / "samples-lcm.png")
 
-    build_info = PIPELINE.parent / "build_info.json"
+    build_info = cfg.assets / "build_info.json"
     metrics = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
+        machine=f"{platform.machine()}, {os.cpu_count()} cores",
         torch=torch.__version__,
         threads=cfg.threads,
         guidance=cfg.guidance,
