@@ -93,19 +93,18 @@ def _tiny_guidance() -> float:
     return DEFAULT_GUIDANCE
 
 
-def sd_turbo() -> Preset:
-    """The SDPO paper: sd-turbo with DDIM (trailing), eta 1, K=50, no CFG, fp16, LoRA r4,
-    8 x 4 trajectories per GPU per epoch; lr/batch/accumulation per reward are in
-    `SD_TURBO_REWARD_SETTINGS` (the paper's configs, 4 GPUs)."""
-    return Preset(
-        name="sd-turbo",
-        model="stabilityai/sd-turbo",
+def _published(name: str, model: str, sampler: str, num_steps: int, guidance_scale: float, **overrides) -> Preset:
+    """The settings the GPU presets share: animal prompts (five held out), fp16, 8 x 4
+    trajectories per process per epoch as in the DDPO and SDPO configs."""
+    settings = dict(
+        name=name,
+        model=model,
         reward="aesthetic",
         train_prompts=ANIMALS[:40],
         eval_prompts=ANIMALS[40:],
-        sampler="ddim",
-        num_steps=50,
-        guidance_scale=1.0,
+        sampler=sampler,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
         eta=1.0,
         epochs=100,
         trajectories_per_epoch=32,
@@ -114,10 +113,17 @@ def sd_turbo() -> Preset:
         eval_batch_size=16,
         mixed_precision="fp16",
     )
+    return Preset(**{**settings, **overrides})
+
+
+def sd_turbo() -> Preset:
+    """The SDPO paper: sd-turbo with DDIM (trailing), eta 1, K=50, no CFG, fp16, LoRA r4;
+    lr/batch/accumulation/epochs per reward are in `SD_TURBO_REWARD_SETTINGS`."""
+    return _published("sd-turbo", "stabilityai/sd-turbo", "ddim", 50, 1.0)
 
 
 # (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward,
-# from the SDPO paper's configs.
+# from the SDPO paper's configs (4 GPUs).
 SD_TURBO_REWARD_SETTINGS = {
     "aesthetic": (1e-4, 2, 8, 100),
     "imagereward": (5e-5, 1, 32, 200),
@@ -130,46 +136,16 @@ SD_TURBO_REWARD_SETTINGS = {
 def lcm() -> Preset:
     """RLCM's setting: LCM_Dreamshaper_v7, LCM sampling with 8 steps, guidance embedding 8,
     LoRA r8/alpha 8, lr 1e-4, no gradient clipping."""
-    lora = {"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_grad_norm": None}
-    return Preset(
-        name="lcm",
-        model="SimianLuo/LCM_Dreamshaper_v7",
-        reward="aesthetic",
-        train_prompts=ANIMALS[:40],
-        eval_prompts=ANIMALS[40:],
-        sampler="lcm",
-        num_steps=8,
-        guidance_scale=8.0,
-        eta=1.0,
-        epochs=100,
-        trajectories_per_epoch=32,
-        eval_every=10,
-        eval_samples_per_prompt=16,
-        eval_batch_size=16,
-        mixed_precision="fp16",
-        algo_overrides={name: dict(lora) for name in ("ddpo", "rebel", "d3po", "sdpo")},
+    rlcm = {"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_grad_norm": None}
+    return _published(
+        "lcm", "SimianLuo/LCM_Dreamshaper_v7", "lcm", 8, 8.0,
+        algo_overrides={name: dict(rlcm) for name in ("ddpo", "rebel", "d3po", "sdpo")},
     )
 
 
 def sd15() -> Preset:
     """DDPO's setting: Stable Diffusion 1.5, DDIM eta 1, K=50, CFG 5, LoRA r4, lr 3e-4."""
-    return Preset(
-        name="sd15",
-        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        reward="aesthetic",
-        train_prompts=ANIMALS[:40],
-        eval_prompts=ANIMALS[40:],
-        sampler="ddim",
-        num_steps=50,
-        guidance_scale=5.0,
-        eta=1.0,
-        epochs=100,
-        trajectories_per_epoch=32,
-        eval_every=10,
-        eval_samples_per_prompt=16,
-        eval_batch_size=16,
-        mixed_precision="fp16",
-    )
+    return _published("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 5.0)
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"tiny": tiny, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15}
