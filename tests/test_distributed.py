@@ -12,6 +12,7 @@ from benchmarks.train import global_advantages
 from zoo.registry import ALGORITHMS
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
+sys.path.insert(0, str(Path(__file__).parent))
 from advantages import NUM_STEPS, global_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,3 +41,28 @@ def test_two_processes_give_the_advantages_of_one(tmp_path):
             one = global_advantages(algorithm, prompts, returns, tracker, accelerator)
             assert one.shape[:2] == returns.shape[:2]
             torch.testing.assert_close(two[f"{algo}/{epoch}"], one, rtol=0, atol=0)
+
+
+def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
+    """The whole runner under DDP with gloo: every process samples and trains, only the
+    main process writes, and the budget counts both processes' trajectories."""
+    import json
+
+    from test_benchmark_run import micro_args
+
+    out = tmp_path / "run"
+    args = micro_args(tiny_pipeline_dir, out) + ["--algos", "ddpo,sdpo", "--epochs", "1"]
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "benchmarks.run", *args,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    trained = [r for r in records if r["algo"] != "base"]
+    assert {r["algo"] for r in trained} == {"ddpo", "sdpo"}
+    assert all(r["samples_seen"] == 2 * 8 for r in trained)  # 8 per process per epoch
+    assert all(r["count"] == 8 for r in records)  # held-out prompts split across processes
+    assert (out / "table.md").is_file() and (out / "lora" / "sdpo_seed0").is_dir()
