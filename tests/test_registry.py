@@ -112,18 +112,33 @@ def test_registry_names_configs_that_build_algorithms():
         assert not missing, f"{name} lacks the shared fields {missing}"
 
 
+def field_docstrings(config_class: type) -> dict[str, str | None]:
+    """Field name -> the string under the field where it was last declared (None if there is
+    none): a config re-declares a shared field of its base to change its default."""
+    docstrings = {}
+    for cls in reversed(config_class.__mro__):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, following in zip(body, body[1:] + [None]):
+            if isinstance(node, ast.AnnAssign):
+                documented = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+                docstrings[node.target.id] = following.value.value if documented else None
+    return docstrings
+
+
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_every_field_has_a_docstring(name):
-    """tyro turns the string under each field into --help; a field without one is undocumented."""
+def test_every_field_has_a_docstring_in_help(name, monkeypatch, capsys):
+    """tyro turns the string under each field into --help, inherited fields included; a field
+    without one is undocumented."""
     config_class = ALGORITHMS[name]
-    body = ast.parse(inspect.getsource(config_class)).body[0].body
-    undocumented = [
-        node.target.id
-        for node, following in zip(body, body[1:] + [None])
-        if isinstance(node, ast.AnnAssign)
-        and not (isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant))
-    ]
-    assert not undocumented
+    docstrings = field_docstrings(config_class)
+    assert not [field for field, doc in docstrings.items() if doc is None]
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag, so each docstring appears whole
+    with pytest.raises(SystemExit):
+        tyro.cli(config_class, args=["--help"])
+    help_text = capsys.readouterr().out
+    assert not [field for field in docstrings if docstrings[field] not in help_text]
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

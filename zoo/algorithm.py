@@ -11,13 +11,17 @@ The runner (benchmarks/) drives it each epoch:
    batch (identical on every process), then keeps its own slice;
 5. for each minibatch and chunk of steps, recomputes log-probs under the current
    weights and calls `loss`, which returns (loss, metrics).
+
+Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
+from every config, and whose `build()` makes the algorithm.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -81,3 +85,111 @@ class Algorithm(abc.ABC):
     @abc.abstractmethod
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss for one minibatch and detached scalar metrics to log."""
+
+
+FieldRule = tuple[str, str, Callable[[Any], bool]]
+"""(field, rule, predicate): a value the predicate rejects is refused with the sentence
+"<field> <rule> (got <value>)."."""
+
+
+def check_field_rules(config: Any, rules: tuple[FieldRule, ...]) -> None:
+    """Raises ValueError, naming the field, for the first value that breaks its rule."""
+    for name, rule, holds in rules:
+        value = getattr(config, name)
+        if not holds(value):
+            raise ValueError(f"{name} {rule} (got {value!r}).")
+
+
+def check_tracker_sizes(config: Any, statistics: str) -> None:
+    """Refuses a stat tracker whose buffer can never hold `tracker_min_count` values, since
+    its `statistics` ("per-prompt", "per-step") would then never replace the batch's."""
+    if config.tracker_min_count > config.tracker_buffer_size:
+        raise ValueError(
+            f"tracker_min_count ({config.tracker_min_count}) exceeds tracker_buffer_size "
+            f"({config.tracker_buffer_size}), so {statistics} statistics would never be used."
+        )
+
+
+_TRAINING_RULES: tuple[FieldRule, ...] = (
+    ("learning_rate", "must be positive", lambda v: v > 0),
+    ("adam_beta1", "must lie in [0, 1)", lambda v: 0 <= v < 1),
+    ("adam_beta2", "must lie in [0, 1)", lambda v: 0 <= v < 1),
+    ("adam_epsilon", "must be positive", lambda v: v > 0),
+    ("weight_decay", "must be non-negative", lambda v: v >= 0),
+    ("max_grad_norm", "must be positive, or None for no clipping", lambda v: v is None or v > 0),
+    ("train_batch_size", "must be at least 1", lambda v: v >= 1),
+    ("gradient_accumulation_steps", "must be at least 1", lambda v: v >= 1),
+    ("num_inner_epochs", "must be at least 1", lambda v: v >= 1),
+    ("lora_rank", "must be at least 1", lambda v: v >= 1),
+    ("lora_alpha", "must be positive", lambda v: v > 0),
+    ("num_steps", "must be at least 1", lambda v: v >= 1),
+    ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
+)
+"""The values of the shared fields that every `TrainingConfig` refuses."""
+
+
+@dataclass(frozen=True)
+class TrainingConfig(abc.ABC):
+    """The fields the runner reads from every algorithm's config: optimizer, minibatches,
+    LoRA adapter and the sampler whose transitions are trained on.
+
+    Defaults are ddpo-pytorch's `config/base.py`, which the D3PO and SDPO reference code
+    forked. An algorithm's config subclasses this, re-declares a field only where its
+    reference publishes another default, adds its own fields, extends `__post_init__` with
+    its own rules, and implements `build`.
+    """
+
+    learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value before each optimizer step; None disables clipping."""
+    train_batch_size: int = 1
+    """Groups per minibatch, per process; a group is one prompt's `needs.group_size` trajectories (one, or a pair)."""
+    gradient_accumulation_steps: int = 1
+    """Minibatches per optimizer step; each minibatch contributes all of its K steps (see `loss_calls_per_update`)."""
+    num_inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    lora_rank: int = 4
+    """LoRA rank of the UNet adapter."""
+    lora_alpha: float = 4.0
+    """LoRA alpha (the adapter's scale is alpha / rank)."""
+    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """UNet modules that receive a LoRA adapter."""
+    sampler: Literal["ddim", "lcm"] = "ddim"
+    """Sampler whose transitions are trained on."""
+    num_steps: int = 50
+    """Sampling steps K during training."""
+    guidance_scale: float = 5.0
+    """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
+    eta: float = 1.0
+    """DDIM eta when `sampler` is ddim (must be positive: eta = 0 has no log-density); unused by LCM."""
+
+    def __post_init__(self) -> None:
+        check_field_rules(self, _TRAINING_RULES)
+        if self.sampler == "ddim" and self.eta <= 0:
+            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
+
+    @property
+    def loss_calls_per_update(self) -> int:
+        """`loss` calls (backward passes) between optimizer steps: gradient_accumulation_steps
+        x K, as ddpo-pytorch's accelerator counts them (every step of every accumulated
+        minibatch)."""
+        return self.gradient_accumulation_steps * self.num_steps
+
+    @property
+    def steps_in_outer_loop(self) -> bool:
+        """Whether step j of every minibatch is trained before step j + 1; by default every
+        step of a minibatch is trained before the next minibatch, as in ddpo-pytorch."""
+        return False
+
+    @abc.abstractmethod
+    def build(self) -> Algorithm:
+        """The algorithm these hyperparameters configure."""

@@ -38,92 +38,37 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds
+from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules
 from zoo.stat_tracking import NoStatTracker
 
 _FIELD_RULES = (
-    ("learning_rate", "must be positive", lambda v: v > 0),
-    ("adam_beta1", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_beta2", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_epsilon", "must be positive", lambda v: v > 0),
-    ("weight_decay", "must be non-negative", lambda v: v >= 0),
-    ("max_grad_norm", "must be positive, or None for no clipping", lambda v: v is None or v > 0),
-    ("train_batch_size", "must be at least 1", lambda v: v >= 1),
-    ("gradient_accumulation_steps", "must be at least 1", lambda v: v >= 1),
-    ("num_inner_epochs", "must be at least 1", lambda v: v >= 1),
     ("beta", "must be positive", lambda v: v > 0),
     ("ratio_clip", "must lie in (0, 1)", lambda v: 0 < v < 1),
-    ("lora_rank", "must be at least 1", lambda v: v >= 1),
-    ("lora_alpha", "must be positive", lambda v: v > 0),
-    ("num_steps", "must be at least 1", lambda v: v >= 1),
-    ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
 )
-"""(field, rule, predicate): the values `D3POConfig` refuses, each with the sentence it raises."""
+"""(field, rule, predicate): the values of its own fields that `D3POConfig` refuses."""
 
 
 @dataclass(frozen=True)
-class D3POConfig:
-    """D3PO's hyperparameters; defaults are yk7333/d3po's `config/base.py`."""
+class D3POConfig(TrainingConfig):
+    """D3PO's hyperparameters; defaults are yk7333/d3po's `config/base.py`, a fork of
+    ddpo-pytorch's (shared fields are re-declared where it changed `TrainingConfig`'s)."""
 
     learning_rate: float = 3e-5
-    """AdamW learning rate."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value before each optimizer step; None disables clipping."""
-    train_batch_size: int = 1
-    """Pairs per minibatch, per process."""
-    gradient_accumulation_steps: int = 1
-    """Minibatches per optimizer step; each minibatch contributes all of its K steps (see `loss_calls_per_update`)."""
-    num_inner_epochs: int = 1
-    """Passes over each epoch's samples."""
+    """AdamW learning rate (yk7333/d3po's)."""
+    num_steps: int = 20
+    """Sampling steps K during training (yk7333/d3po's)."""
     beta: float = 0.1
     """β: the DPO temperature multiplying the winner's minus the loser's log-ratio."""
     ratio_clip: float = 0.1
     """ε: each policy/reference ratio is clamped to [1 - ε, 1 + ε]."""
-    lora_rank: int = 4
-    """LoRA rank of the UNet adapter."""
-    lora_alpha: float = 4.0
-    """LoRA alpha (the adapter's scale is alpha / rank)."""
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    """UNet modules that receive a LoRA adapter."""
-    sampler: Literal["ddim", "lcm"] = "ddim"
-    """Sampler whose transitions are trained on."""
-    num_steps: int = 20
-    """Sampling steps K during training."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
-    eta: float = 1.0
-    """DDIM eta; must be positive, since a deterministic step (eta = 0) has no log-density."""
 
     def __post_init__(self) -> None:
-        for name, rule, holds in _FIELD_RULES:
-            if not holds(getattr(self, name)):
-                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r}).")
-        if self.sampler == "ddim" and self.eta <= 0:
-            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
-
-    @property
-    def loss_calls_per_update(self) -> int:
-        """`loss` calls (backward passes) between optimizer steps: every step of every
-        accumulated minibatch."""
-        return self.gradient_accumulation_steps * self.num_steps
-
-    @property
-    def steps_in_outer_loop(self) -> bool:
-        """The reference trains every step of a minibatch before the next minibatch."""
-        return False
+        super().__post_init__()
+        check_field_rules(self, _FIELD_RULES)
 
     def build(self) -> "D3PO":
         return D3PO(self)

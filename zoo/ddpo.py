@@ -34,58 +34,26 @@ so the advantages are identical).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds
+from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes
 from zoo.stat_tracking import PerPromptStatTracker
 
-
 _FIELD_RULES = (
-    ("learning_rate", "must be positive", lambda v: v > 0),
-    ("adam_beta1", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_beta2", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_epsilon", "must be positive", lambda v: v > 0),
-    ("weight_decay", "must be non-negative", lambda v: v >= 0),
-    ("max_grad_norm", "must be positive, or None for no clipping", lambda v: v is None or v > 0),
-    ("train_batch_size", "must be at least 1", lambda v: v >= 1),
-    ("gradient_accumulation_steps", "must be at least 1", lambda v: v >= 1),
-    ("num_inner_epochs", "must be at least 1", lambda v: v >= 1),
     ("clip_range", "must be positive", lambda v: v > 0),
     ("adv_clip_max", "must be positive", lambda v: v > 0),
     ("tracker_buffer_size", "must be at least 1", lambda v: v >= 1),
     ("tracker_min_count", "must be at least 1", lambda v: v >= 1),
-    ("lora_rank", "must be at least 1", lambda v: v >= 1),
-    ("lora_alpha", "must be positive", lambda v: v > 0),
-    ("num_steps", "must be at least 1", lambda v: v >= 1),
-    ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
 )
-"""(field, rule, predicate): the values `DDPOConfig` refuses, each with the sentence it raises."""
+"""(field, rule, predicate): the values of its own fields that `DDPOConfig` refuses."""
 
 
 @dataclass(frozen=True)
-class DDPOConfig:
-    """DDPO's hyperparameters; defaults are ddpo-pytorch's `config/base.py`."""
+class DDPOConfig(TrainingConfig):
+    """DDPO's hyperparameters; defaults are ddpo-pytorch's `config/base.py`, as are
+    `TrainingConfig`'s for the shared fields."""
 
-    learning_rate: float = 3e-4
-    """AdamW learning rate."""
-    adam_beta1: float = 0.9
-    """AdamW beta1."""
-    adam_beta2: float = 0.999
-    """AdamW beta2."""
-    adam_epsilon: float = 1e-8
-    """AdamW epsilon."""
-    weight_decay: float = 1e-4
-    """AdamW weight decay."""
-    max_grad_norm: float | None = 1.0
-    """Clip the global gradient norm to this value before each optimizer step; None disables clipping."""
-    train_batch_size: int = 1
-    """Trajectories per minibatch, per process."""
-    gradient_accumulation_steps: int = 1
-    """Minibatches per optimizer step; each minibatch contributes all of its K steps (see `loss_calls_per_update`)."""
-    num_inner_epochs: int = 1
-    """Passes over each epoch's samples."""
     clip_range: float = 1e-4
     """PPO clip range: the ratio is clamped to [1 - clip_range, 1 + clip_range]."""
     adv_clip_max: float = 5.0
@@ -94,43 +62,11 @@ class DDPOConfig:
     """Rewards kept per prompt by the stat tracker, across epochs."""
     tracker_min_count: int = 16
     """Below this many buffered rewards a prompt is normalised by the whole batch's mean and std."""
-    lora_rank: int = 4
-    """LoRA rank of the UNet adapter."""
-    lora_alpha: float = 4.0
-    """LoRA alpha (the adapter's scale is alpha / rank)."""
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    """UNet modules that receive a LoRA adapter."""
-    sampler: Literal["ddim", "lcm"] = "ddim"
-    """Sampler whose transitions are trained on."""
-    num_steps: int = 50
-    """Sampling steps K during training."""
-    guidance_scale: float = 5.0
-    """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
-    eta: float = 1.0
-    """DDIM eta; must be positive, since a deterministic step (eta = 0) has no log-density."""
 
     def __post_init__(self) -> None:
-        for name, rule, holds in _FIELD_RULES:
-            if not holds(getattr(self, name)):
-                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r}).")
-        if self.tracker_min_count > self.tracker_buffer_size:
-            raise ValueError(
-                f"tracker_min_count ({self.tracker_min_count}) exceeds tracker_buffer_size "
-                f"({self.tracker_buffer_size}), so per-prompt statistics would never be used."
-            )
-        if self.sampler == "ddim" and self.eta <= 0:
-            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
-
-    @property
-    def loss_calls_per_update(self) -> int:
-        """`loss` calls (backward passes) between optimizer steps: every step of every
-        accumulated minibatch, as the reference multiplies accumulation by K."""
-        return self.gradient_accumulation_steps * self.num_steps
-
-    @property
-    def steps_in_outer_loop(self) -> bool:
-        """The reference trains every step of a minibatch before the next minibatch."""
-        return False
+        super().__post_init__()
+        check_field_rules(self, _FIELD_RULES)
+        check_tracker_sizes(self, "per-prompt")
 
     def build(self) -> "DDPO":
         return DDPO(self)

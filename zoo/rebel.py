@@ -41,95 +41,53 @@ from typing import Literal
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds
+from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes
 from zoo.stat_tracking import PerPromptStatTracker
 
 _FIELD_RULES = (
-    ("learning_rate", "must be positive", lambda v: v > 0),
-    ("adam_beta1", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_beta2", "must lie in [0, 1)", lambda v: 0 <= v < 1),
-    ("adam_epsilon", "must be positive", lambda v: v > 0),
-    ("weight_decay", "must be non-negative", lambda v: v >= 0),
-    ("max_grad_norm", "must be positive, or None for no clipping", lambda v: v is None or v > 0),
-    ("train_batch_size", "must be at least 1", lambda v: v >= 1),
-    ("gradient_accumulation_steps", "must be at least 1", lambda v: v >= 1),
-    ("num_inner_epochs", "must be at least 1", lambda v: v >= 1),
     ("log_scale", "must be positive", lambda v: v > 0),
     ("tracker_buffer_size", "must be at least 1", lambda v: v >= 1),
     ("tracker_min_count", "must be at least 1", lambda v: v >= 1),
-    ("lora_rank", "must be at least 1", lambda v: v >= 1),
-    ("lora_alpha", "must be positive", lambda v: v > 0),
-    ("num_steps", "must be at least 1", lambda v: v >= 1),
-    ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
 )
-"""(field, rule, predicate): the values `REBELConfig` refuses, each with the sentence it raises."""
+"""(field, rule, predicate): the values of its own fields that `REBELConfig` refuses."""
 
 
 @dataclass(frozen=True)
-class REBELConfig:
-    """REBEL's hyperparameters; defaults are RLCM's aesthetic task on LCM_Dreamshaper_v7."""
+class REBELConfig(TrainingConfig):
+    """REBEL's hyperparameters; defaults are RLCM's aesthetic task on LCM_Dreamshaper_v7
+    (shared fields are re-declared where RLCM's differ from `TrainingConfig`'s)."""
 
     learning_rate: float = 1e-4
-    """Adam learning rate."""
-    adam_beta1: float = 0.9
-    """Adam beta1."""
-    adam_beta2: float = 0.999
-    """Adam beta2."""
-    adam_epsilon: float = 1e-8
-    """Adam epsilon."""
+    """AdamW learning rate (RLCM's)."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (0: the reference's plain Adam)."""
+    """Decoupled weight decay (0: RLCM's plain Adam)."""
     max_grad_norm: float | None = None
-    """Clip the global gradient norm to this value before each optimizer step; None disables it (the reference)."""
+    """Clip the global gradient norm to this value before each optimizer step; None disables it (RLCM's)."""
     train_batch_size: int = 2
-    """Pairs per minibatch, per process; each `loss` call covers all K steps of its pairs."""
+    """Pairs per minibatch, per process (RLCM's); each `loss` call covers all K steps of its pairs."""
     gradient_accumulation_steps: int = 4
-    """The reference's accumulation setting; an update spans this many x K minibatches (see `loss_calls_per_update`)."""
-    num_inner_epochs: int = 1
-    """Passes over each epoch's samples."""
+    """RLCM's accumulation setting; an update spans this many x K minibatches (see `loss_calls_per_update`)."""
+    lora_rank: int = 8
+    """LoRA rank of the UNet adapter (RLCM's)."""
+    lora_alpha: float = 8.0
+    """LoRA alpha (RLCM's; the adapter's scale is alpha / rank)."""
+    sampler: Literal["ddim", "lcm"] = "lcm"
+    """Sampler whose transitions are trained on (RLCM's LCM multistep sampling)."""
+    num_steps: int = 8
+    """Sampling steps K during training (RLCM's)."""
+    guidance_scale: float = 8.0
+    """Guidance scale, RLCM's w (LCM: embedded as w = guidance_scale - 1; DDIM: classifier-free guidance)."""
     log_scale: float = 1.0
     """η: the pair's log-ratio difference is divided by η before it is regressed onto the advantage difference."""
     tracker_buffer_size: int = 32
     """Rewards kept per prompt by the stat tracker, across epochs."""
     tracker_min_count: int = 16
     """Below this many buffered rewards a prompt is normalised by the whole batch's mean and std."""
-    lora_rank: int = 8
-    """LoRA rank of the UNet adapter."""
-    lora_alpha: float = 8.0
-    """LoRA alpha (the adapter's scale is alpha / rank)."""
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    """UNet modules that receive a LoRA adapter."""
-    sampler: Literal["ddim", "lcm"] = "lcm"
-    """Sampler whose transitions are trained on."""
-    num_steps: int = 8
-    """Sampling steps K during training."""
-    guidance_scale: float = 8.0
-    """Guidance scale (LCM: embedded as w = guidance_scale - 1; DDIM: classifier-free guidance)."""
-    eta: float = 1.0
-    """DDIM eta when `sampler` is ddim (must be positive: eta = 0 has no log-density); unused by LCM."""
 
     def __post_init__(self) -> None:
-        for name, rule, holds in _FIELD_RULES:
-            if not holds(getattr(self, name)):
-                raise ValueError(f"{name} {rule} (got {getattr(self, name)!r}).")
-        if self.tracker_min_count > self.tracker_buffer_size:
-            raise ValueError(
-                f"tracker_min_count ({self.tracker_min_count}) exceeds tracker_buffer_size "
-                f"({self.tracker_buffer_size}), so per-prompt statistics would never be used."
-            )
-        if self.sampler == "ddim" and self.eta <= 0:
-            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
-
-    @property
-    def loss_calls_per_update(self) -> int:
-        """`loss` calls (backward passes, one per minibatch) between optimizer steps; the
-        reference's accelerator counted gradient_accumulation_steps x K of them."""
-        return self.gradient_accumulation_steps * self.num_steps
-
-    @property
-    def steps_in_outer_loop(self) -> bool:
-        """Each `loss` call already spans every step of its minibatch."""
-        return False
+        super().__post_init__()
+        check_field_rules(self, _FIELD_RULES)
+        check_tracker_sizes(self, "per-prompt")
 
     def build(self) -> "REBEL":
         return REBEL(self)
