@@ -5,14 +5,19 @@ reward against the number of sampling steps.
     accelerate launch --num_processes 8 -m benchmarks.run --algos sdpo,ddpo,rebel --reward pickscore
 
 Every input is checked before any model loads (names, weights, sizes, the output
-folder); a bad one ends the run with one line naming the flag and exit code 2.
+folder); a bad one ends the run with one line naming the flag and exit code 2. A run
+that cannot go on (a diverged loss, a failing reward, a full disk) ends with one line
+and exit code 1, its last good checkpoint intact for `--resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field, make_dataclass
@@ -24,9 +29,24 @@ import tyro
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from zoo.registry import ALGORITHMS
 
+
+
+def _unchecked(config_cls: type) -> type:
+    """`config_cls` without its `__post_init__` checks, to parse into: tyro reports a value
+    that a config refuses in a multi-line box naming the dataclass, so parsing skips the
+    checks and `_checked` re-creates the real config, naming the flag in one line."""
+    return type(
+        config_cls.__name__,
+        (config_cls,),
+        {"__post_init__": lambda self: None, "__doc__": config_cls.__doc__, "__module__": config_cls.__module__},
+    )
+
+
+UNCHECKED_CONFIGS = {name: _unchecked(config_cls) for name, config_cls in ALGORITHMS.items()}
+
 AlgoConfigs = make_dataclass(
     "AlgoConfigs",
-    [(name, config_cls, field(default_factory=config_cls)) for name, config_cls in ALGORITHMS.items()],
+    [(name, config_cls, field(default_factory=config_cls)) for name, config_cls in UNCHECKED_CONFIGS.items()],
     frozen=True,
 )
 AlgoConfigs.__doc__ = "Per-algorithm hyperparameters (defaults: the published ones, then the preset's)."
@@ -70,6 +90,8 @@ class RunArgs:
     """Continue the run in --out from its last complete epoch."""
     overwrite: bool = False
     """Replace the run already in --out."""
+    max_bad_reward_batches: int = 3
+    """Epochs whose training reward raised or returned NaN/inf that are skipped (no update) before the run stops."""
     wandb: bool = False
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
     reward_path: tuple[str, ...] = ()
@@ -115,8 +137,39 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
             lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[reward]
             overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
         known = {f.name for f in dataclasses.fields(config_cls)}
-        configs[name] = dataclasses.replace(config_cls(), **{k: v for k, v in overrides.items() if k in known})
+        preset_config = dataclasses.replace(config_cls(), **{k: v for k, v in overrides.items() if k in known})
+        configs[name] = UNCHECKED_CONFIGS[name](**_init_values(preset_config))
     return AlgoConfigs(**configs)
+
+
+def _init_values(config: Any) -> dict[str, Any]:
+    return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
+
+
+def _checked(name: str, config: Any) -> Any:
+    """The real config of algorithm `name` with the values parsed into `config`; a value it
+    refuses becomes a UsageError naming the flag (the field the message starts with)."""
+    config_cls = ALGORITHMS[name]
+    try:
+        return config_cls(**_init_values(config))
+    except ValueError as error:
+        fields = {f.name for f in dataclasses.fields(config_cls)}
+        named = [word for word in re.findall(r"\w+", str(error)) if word in fields]
+        flag = f"--{name}.{named[0].replace('_', '-')}" if named else f"--{name}.*"
+        raise UsageError(f"{flag}: {error}") from None
+
+
+def _one_line(tyro_error: str) -> str:
+    """tyro's error box as one line: the text of the box's first section."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", tyro_error)
+    rows = [line.strip().strip("│").strip() for line in text.splitlines() if line.strip().startswith("│")]
+    first = []
+    for row in rows:
+        if row and not row.strip("─"):
+            break
+        first.append(row)
+    line = " ".join(" ".join(first or text.split()).split())
+    return line.removeprefix("Error parsing ")
 
 
 def parse_args(argv: list[str]) -> RunArgs:
@@ -126,10 +179,20 @@ def parse_args(argv: list[str]) -> RunArgs:
     preset = PRESETS[preset_name]()
     reward = _peek(argv, "--reward") or preset.reward
     defaults = RunArgs(preset=preset_name, algo=preset_algo_configs(preset, reward))
+    # tyro prints a multi-line box and exits; the box is kept to be reported in one line.
+    box = io.StringIO()
     try:
-        return tyro.cli(RunArgs, args=argv, default=defaults)
+        with contextlib.redirect_stderr(box):
+            args = tyro.cli(RunArgs, args=argv, default=defaults)
+    except SystemExit as stop:
+        if stop.code:
+            raise UsageError(_one_line(box.getvalue())) from None
+        raise
     except ValueError as error:
         raise UsageError(str(error)) from None
+    sys.stderr.write(box.getvalue())
+    configs = {name: _checked(name, getattr(args.algo, name)) for name in ALGORITHMS}
+    return dataclasses.replace(args, algo=AlgoConfigs(**configs))
 
 
 @dataclass
@@ -168,6 +231,7 @@ class Plan:
             "train_prompts": list(self.preset.train_prompts),
             "eval_prompts": list(self.preset.eval_prompts),
             "mixed_precision": self.preset.mixed_precision,
+            "max_bad_reward_batches": self.args.max_bad_reward_batches,
             "algorithm_configs": {name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()},
         }
 
@@ -178,6 +242,9 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     from rewards.registry import check_rewards, parse_reward_spec
     from zoo.policy import resolve_model
 
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+
     preset = PRESETS[args.preset]()
     algos = list(ALGORITHMS) if args.algos == "all" else _split(args.algos, "--algos")
     unknown = [a for a in algos if a not in ALGORITHMS]
@@ -187,19 +254,14 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     if not seeds:
         raise UsageError("--seeds: give at least one seed")
     eval_steps = _split(args.eval_steps, "--eval-steps", int)
-    if not eval_steps or any(k < 1 or k > 1000 for k in eval_steps):
-        raise UsageError(f"--eval-steps: step counts must lie in 1..1000 (the training schedule), got {args.eval_steps!r}")
+    if not eval_steps or any(k < 1 for k in eval_steps):
+        raise UsageError(f"--eval-steps: step counts must be at least 1, got {args.eval_steps!r}")
     reward = args.reward or preset.reward
     parse_reward_spec(reward)
     eval_rewards = _split(args.eval_rewards, "--eval-rewards")
     for name in eval_rewards:
         parse_reward_spec(name)
-    reward_paths = {}
-    for item in args.reward_path:
-        key, sep, path = item.partition("=")
-        if not sep:
-            raise UsageError(f"--reward-path: expected NAME=PATH, got {item!r}")
-        reward_paths[key] = path
+    reward_paths = _reward_paths(args.reward_path)
     epochs = args.epochs if args.epochs is not None else preset.epochs
     if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:
         epochs = SD_TURBO_REWARD_SETTINGS[reward][3]
@@ -210,6 +272,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                         ("--eval-samples-per-prompt", eval_samples)]:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.max_bad_reward_batches < 0:
+        raise UsageError(f"--max-bad-reward-batches must be at least 0, got {args.max_bad_reward_batches}")
     configs = {name: getattr(args.algo, name) for name in algos}
     if args.train_steps is not None:
         if args.train_steps < 1:
@@ -221,12 +285,52 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     for name in eval_rewards:
         check_rewards(name, reward_paths)
     model = args.model or preset.model
-    resolve_model(model)
+    schedule = _schedule_length(model, resolve_model(model))
+    too_many = [k for k in eval_steps if k > schedule]
+    if too_many:
+        raise UsageError(
+            f"--eval-steps {args.eval_steps}: more steps than the {schedule} timesteps of {model}'s training schedule"
+        )
+    for name, cfg in configs.items():
+        if cfg.num_steps > schedule:
+            flag = "--train-steps" if args.train_steps is not None else f"--{name}.num-steps"
+            raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model, epochs,
                 eval_every, trajectories, eval_samples, out_dir, configs)
     _check_out_dir(plan)
     return plan
+
+
+def _reward_paths(items: tuple[str, ...]) -> dict[str, str]:
+    """--reward-path NAME=PATH items as a dict, each key naming a reward's weights."""
+    from rewards.registry import REWARDS, path_key
+
+    keys = [path_key(name, artifact.role) for name, spec in REWARDS.items() for artifact in spec.artifacts]
+    paths = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not path.strip():
+            raise UsageError(f"--reward-path: expected NAME=PATH, got {item!r}")
+        if key not in keys:
+            raise UsageError(f"--reward-path: {key!r} names no reward's weights; choose from {', '.join(keys)}")
+        paths[key] = path
+    return paths
+
+
+def _schedule_length(model: str, source: str) -> int:
+    """The number of training timesteps in the model's scheduler config, read without
+    loading the model; `source` is `resolve_model`'s answer (a folder or a cached hub id)."""
+    if Path(source).is_dir():
+        config = Path(source) / "scheduler" / "scheduler_config.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
+        config = Path(cached) if isinstance(cached, str) else None
+    if config is None or not config.is_file():
+        raise UsageError(f"--model {model}: scheduler/scheduler_config.json is missing; a diffusers pipeline has one")
+    return int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
 
 
 def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
@@ -253,18 +357,30 @@ def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: in
         )
 
 
+RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
+"""Settings that a resumed run may change: they decide when a run stops, not what it computes."""
+
+
 def _check_out_dir(plan: Plan) -> None:
     out = plan.out_dir
     config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
     if not config_path.exists():
         if plan.args.resume:
             raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--out {out} is a folder with other files and no stepzoo run; choose a new or empty folder")
         return
     if plan.args.resume:
-        saved = json.loads(config_path.read_text())
-        if saved != json.loads(json.dumps(plan.config_json())):
-            changed = sorted(k for k in saved.keys() | plan.config_json().keys()
-                             if saved.get(k) != json.loads(json.dumps(plan.config_json().get(k))))
+        try:
+            saved = json.loads(config_path.read_text())
+        except ValueError:
+            raise UsageError(f"--resume: {config_path} is not valid JSON") from None
+        current = json.loads(json.dumps(plan.config_json()))
+        changed = sorted(k for k in saved.keys() | current.keys()
+                         if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+        if changed:
             raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
         return
     if not plan.args.overwrite:
@@ -288,7 +404,8 @@ def execute(plan: Plan) -> str:
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=plan.preset.mixed_precision if on_gpu else "no")
     out = plan.out_dir
     if accelerator.is_main_process:
-        if plan.args.overwrite and out.exists():
+        # Only a folder that holds a run is ever deleted (`_check_out_dir` refused others).
+        if plan.args.overwrite and (out / "config.json").exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "config.json", json.dumps(plan.config_json(), indent=2) + "\n")
@@ -323,6 +440,7 @@ def execute(plan: Plan) -> str:
             train_reward=plan.reward,
             out_dir=out,
             log=logger,
+            max_bad_reward_batches=plan.args.max_bad_reward_batches,
         )
         records += evaluate_base(settings, seed, eval_rewards, accelerator)
         for algo in plan.algos:
@@ -348,11 +466,20 @@ def _make_logger(plan: Plan, accelerator):
 
         os.environ.setdefault("WANDB_MODE", "offline")
         run = wandb.init(project="stepzoo", name=plan.out_dir.name, dir=str(plan.out_dir), config=plan.config_json())
+    from benchmarks.checkpoint import write_jsonl
+
     path = plan.out_dir / "metrics.jsonl"
+    # A resumed run logs again the epochs after its last checkpoint: rows are keyed by
+    # epoch, so the new row replaces the interrupted run's and each epoch appears once.
+    rows = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows[row["algo"], row["seed"], row["epoch"]] = row
 
     def log(row: dict) -> None:
-        with open(path, "a") as handle:
-            handle.write(json.dumps(row) + "\n")
+        rows[row["algo"], row["seed"], row["epoch"]] = row
+        write_jsonl(path, list(rows.values()))
         if run is not None:
             run.log({f"{row['algo']}/seed{row['seed']}/{k}": v for k, v in row.items() if isinstance(v, float)})
 
@@ -360,6 +487,8 @@ def _make_logger(plan: Plan, accelerator):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.checkpoint import CorruptCheckpoint, WriteFailed
+    from benchmarks.train import RunStopped
     from rewards.errors import RewardUnavailable
     from zoo.policy import ModelUnavailable
 
@@ -370,7 +499,11 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    table = execute(plan)
+    try:
+        table = execute(plan)
+    except (RunStopped, WriteFailed, CorruptCheckpoint) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     if table:
         print(table)
         print(f"\nresults in {plan.out_dir}")

@@ -14,12 +14,19 @@ pure tensor math (zoo.algorithm). One epoch is:
    calls per minibatch, as the DDPO reference multiplies accumulation by K;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
    records), so a kill loses at most the epoch in flight.
+
+Faults: a reward that raises or returns NaN/inf skips that epoch's update (nothing reaches
+the stat tracker) with a counted warning, and stops the run after
+`max_bad_reward_batches` such epochs; a non-finite loss or adapter weight stops the run
+before anything is checkpointed. Either way the run ends with `RunStopped`, and the
+checkpoint on disk is the last good epoch's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +37,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from benchmarks.checkpoint import load_state, save_state
+from benchmarks.checkpoint import kill_point, load_state, save_state
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from rewards.base import Reward
 from zoo.algorithm import Algorithm, LossInputs
@@ -42,8 +49,16 @@ BASE = "base"
 """The name of the untrained model's rows."""
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last complete checkpoint is left intact."""
+class RunStopped(RuntimeError):
+    """The run cannot go on; the checkpoint on disk is the last good epoch's."""
+
+
+class TrainingDiverged(RunStopped):
+    """The loss or the adapter weights became NaN or infinite."""
+
+
+class RewardFailures(RunStopped):
+    """The training reward failed (raised, or returned NaN/inf) in more epochs than allowed."""
 
 
 @dataclass
@@ -60,6 +75,8 @@ class JobSettings:
     train_reward: str
     out_dir: Path
     log: Callable[[dict], None] = field(default=lambda row: None)
+    max_bad_reward_batches: int = 3
+    """Epochs whose reward failed that are skipped (no update) before the run stops."""
 
 
 def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
@@ -110,23 +127,40 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
     return records
 
 
-def _score(algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward) -> torch.Tensor:
-    """(P, G) scores of the final images, or (P, G, M) of the decoded x̂0 at `reward_steps`."""
+def _reward_inputs(
+    algorithm: Algorithm, traj: Trajectory, policy: Policy
+) -> tuple[torch.Tensor, list[str], tuple[int, ...]]:
+    """The images to score (N, 3, H, W), their N prompts, and the shape of the scores:
+    (P, G) for the final images, or (P, G, M) for the decoded x̂0 at `reward_steps`."""
     steps = algorithm.reward_steps(traj)
     num_prompts, group_size = traj.num_prompts, traj.group_size
     if steps is None:
-        images = traj.images.flatten(0, 1)
         prompts = [p for p in traj.prompts for _ in range(group_size)]
-        return reward.score(images, prompts).view(num_prompts, group_size)
+        return traj.images.flatten(0, 1), prompts, (num_prompts, group_size)
     if traj.pred_x0 is None:
         raise ValueError("the algorithm scores x̂0 at chosen steps but did not ask the sampler to record x̂0")
     per_trajectory = steps.shape[-1]
     pi = torch.arange(num_prompts)[:, None, None]
     gi = torch.arange(group_size)[None, :, None]
     latents = traj.pred_x0[pi, gi, steps.cpu()]  # (P, G, M, C, h, w)
-    images = policy.decode(latents.flatten(0, 2))
     prompts = [p for p in traj.prompts for _ in range(group_size * per_trajectory)]
-    return reward.score(images, prompts).view(num_prompts, group_size, per_trajectory)
+    return policy.decode(latents.flatten(0, 2)), prompts, (num_prompts, group_size, per_trajectory)
+
+
+def _score(algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward) -> tuple[torch.Tensor | None, str | None]:
+    """(scores, None), or (None, what went wrong) when the reward raised or returned NaN
+    or inf. Scores: (P, G) of the final images, or (P, G, M) of x̂0 at `reward_steps`."""
+    images, prompts, shape = _reward_inputs(algorithm, traj, policy)
+    try:
+        scores = reward.score(images, prompts).view(shape)
+    # Rewards are third-party models (and soon remote services): any failure of one
+    # costs one update, not the run, up to the limit the caller enforces.
+    except Exception as error:
+        return None, f"raised {type(error).__name__}: {error}"
+    bad = int((~torch.isfinite(scores)).sum())
+    if bad:
+        return None, f"returned NaN or inf for {bad} of {scores.numel()} scores"
+    return scores, None
 
 
 def global_advantages(
@@ -210,10 +244,7 @@ def _train_epoch(
                 )
                 loss, metrics = algorithm.loss(inputs)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {float(loss)} at a training step; stopping with the last "
-                        "complete checkpoint intact (try a lower learning rate)"
-                    )
+                    raise TrainingDiverged(f"the loss became {float(loss)} (try a lower learning rate)")
                 accelerator.backward(loss / calls_per_update)
             if update_now:
                 if config.max_grad_norm is not None:
@@ -261,14 +292,14 @@ def run_algorithm(
         weight_decay=config.weight_decay,
     )
     tracker = algorithm.new_tracker()
-    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
+    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0, "bad_reward_batches": 0}
     records: list[dict] = []
     start_epoch = 0
     if state is not None:
         policy.load_adapter_state(state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         tracker.load_state_dict(state["tracker"])
-        counters = dict(state["counters"])
+        counters.update(state["counters"])
         records = list(state["records"])
         start_epoch = state["epoch"]
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
@@ -280,10 +311,14 @@ def run_algorithm(
     epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not show,
                   initial=start_epoch, total=settings.epochs)
     for epoch in epochs:
+        done = epoch + 1
+        where = f"{algo} seed {seed}, epoch {done}"
+        last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"nothing was checkpointed for {algo} yet"
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
         prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
+        kill_point(f"sample:{algo}:{done}")
         traj = sampler.sample(
             prompts,
             group_size=group_size,
@@ -293,32 +328,56 @@ def run_algorithm(
             reference_log_probs=needs.reference_log_probs,
         )
         images_before = train_reward.images_scored
-        scores = _score(algorithm, traj, policy, train_reward)
-        if not torch.isfinite(scores).all():
-            raise TrainingDiverged(f"the reward {settings.train_reward} returned NaN or inf for some images")
-        returns = algorithm.shape_rewards(traj, scores)
-        advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
-        metrics = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, show)
+        scores, failure = _score(algorithm, traj, policy, train_reward)
+        # Every process skips an epoch that failed anywhere, so that the stat trackers and
+        # the DDP all-reduces stay in step; nothing of it reaches the tracker.
+        failures = gather_object([failure] if failure else [])
+        if failures:
+            counters["bad_reward_batches"] += 1
+            count, limit = counters["bad_reward_batches"], settings.max_bad_reward_batches
+            what = f"{where}: the reward {settings.train_reward} {failures[0]}"
+            if count > limit:
+                raise RewardFailures(
+                    f"{what}; that is {count} failed reward batches, more than --max-bad-reward-batches {limit} "
+                    f"allows; {last_good}"
+                )
+            if show:
+                tqdm.write(f"warning: {what}; skipping this epoch's update ({count} of at most {limit})", file=sys.stderr)
+            metrics = {"bad_reward_batches": float(count)}
+        else:
+            returns = algorithm.shape_rewards(traj, scores)
+            advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
+            kill_point(f"train:{algo}:{done}")
+            try:
+                metrics = _train_epoch(
+                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, show
+                )
+            except TrainingDiverged as error:
+                raise TrainingDiverged(f"{where}: {error}; {last_good}") from None
+            metrics["train_reward"] = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
 
         local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)
         counters["reward_calls"] += int(accelerator.gather(local_calls).sum())
         counters["samples_seen"] += settings.trajectories_per_epoch * world
         counters["wall_time"] += time.perf_counter() - started
-        mean_score = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
-        done = epoch + 1
+        lora_state = policy.adapter_state()
+        if not all(torch.isfinite(weights).all() for weights in lora_state.values()):
+            raise TrainingDiverged(f"{where}: the LoRA weights became NaN or inf (try a lower learning rate); {last_good}")
         if done % settings.eval_every == 0 or done == settings.epochs:
+            kill_point(f"evaluate:{algo}:{done}")
             records += _evaluate_and_record(
                 policy, eval_rewards, settings, accelerator, algo, seed, done, counters,
                 save_strips=done == settings.epochs,
             )
         if show:
-            epochs.set_postfix(reward=f"{mean_score:.4f}", loss=f"{metrics.get('loss', math.nan):.2e}")
-            settings.log({"algo": algo, "seed": seed, "epoch": done, "train_reward": mean_score, **metrics})
+            epochs.set_postfix(reward=f"{metrics.get('train_reward', math.nan):.4f}",
+                               loss=f"{metrics.get('loss', math.nan):.2e}")
+            settings.log({"algo": algo, "seed": seed, "epoch": done, **metrics})
         if accelerator.is_main_process:
             save_state(path, {
                 "epoch": done,
                 "done": done == settings.epochs,
-                "lora": policy.adapter_state(),
+                "lora": lora_state,
                 "optimizer": optimizer.state_dict(),
                 "tracker": tracker.state_dict(),
                 "counters": counters,
