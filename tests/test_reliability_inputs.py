@@ -1,0 +1,155 @@
+"""Every bad input is refused before any model loads: exit code 2 and one line naming
+the flag or the file, never a traceback or one of tyro's multi-line boxes."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import benchmarks.run
+from benchmarks.run import main, make_plan, parse_args
+from zoo.registry import ALGORITHMS
+
+REPO = Path(__file__).resolve().parent.parent
+QUICK_SECONDS = 5.0
+"""Refusals read flags, folders and small JSON files only; model loading takes longer."""
+
+
+def base_args(model: str, out: Path) -> list[str]:
+    return [
+        "--model", model,
+        "--reward", "jpeg_compressibility",
+        "--epochs", "2",
+        "--trajectories-per-epoch", "8",
+        "--eval-steps", "1,2",
+        "--train-steps", "2",
+        "--d3po.gradient-accumulation-steps", "1",
+        "--out", str(out),
+    ]
+
+
+def _existing_run(model: str, out: Path, monkeypatch) -> None:
+    """A folder holding a run started with the base arguments (its config.json)."""
+    plan = make_plan(parse_args(base_args(model, out)))
+    out.mkdir(parents=True)
+    (out / "config.json").write_text(json.dumps(plan.config_json()))
+
+
+def _foreign_folder(model: str, out: Path, monkeypatch) -> None:
+    out.mkdir(parents=True)
+    (out / "thesis.tex").write_text("not a run")
+
+
+def _file_at_out(model: str, out: Path, monkeypatch) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("not a folder")
+
+
+def _no_imagereward_package(model: str, out: Path, monkeypatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ImageReward" else real(name, *a))
+
+
+# (id, extra flags, text the one line must contain, setup of the output folder or environment)
+CASES = [
+    ("unknown algorithm", ["--algos", "sdpo,ppo"], ["--algos", "ppo", ", ".join(ALGORITHMS)], None),
+    ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, sd-turbo"], None),
+    ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
+    ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),
+    ("hub model not cached", ["--model", "stabilityai/sd-turbo"], ["--model stabilityai/sd-turbo", "cache"], None),
+    ("missing reward weights", ["--reward", "pickscore"], ["Reward 'pickscore'", "--reward-path pickscore=PATH"], None),
+    ("reward path to nothing", ["--reward", "tiny-clip", "--reward-path", "tiny-clip=/nonexistent/clip"],
+     ["--reward-path tiny-clip", "/nonexistent/clip"], None),
+    ("missing optional package", ["--reward", "imagereward"], ["ImageReward", ".[real-rewards]"],
+     _no_imagereward_package),
+    ("malformed reward path", ["--reward-path", "pickscore"], ["--reward-path", "NAME=PATH"], None),
+    ("reward path for no reward", ["--reward-path", "pickscor=/models/x"], ["--reward-path", "'pickscor'"], None),
+    ("eta 0 with log-probs", ["--sdpo.eta", "0"], ["--sdpo.eta", "log-density"], None),
+    ("trajectories vs group size", ["--trajectories-per-epoch", "7"], ["--trajectories-per-epoch 7", "group size"],
+     None),
+    ("train batch vs groups", ["--sdpo.train-batch-size", "3"], ["--sdpo.train-batch-size 3"], None),
+    ("accumulation vs epoch", ["--ddpo.gradient-accumulation-steps", "3"], ["--ddpo.gradient-accumulation-steps 3"],
+     None),
+    ("eval steps below 1", ["--eval-steps", "0,4"], ["--eval-steps"], None),
+    ("eval steps beyond schedule", ["--eval-steps", "1,1001"], ["--eval-steps", "1000 timesteps"], None),
+    ("train steps below 1", ["--train-steps", "0"], ["--train-steps"], None),
+    ("lora rank 0", ["--ddpo.lora-rank", "0"], ["--ddpo.lora-rank", "at least 1"], None),
+    ("negative learning rate", ["--ddpo.learning-rate", "-1"], ["--ddpo.learning-rate", "positive"], None),
+    ("zero learning rate", ["--rebel.learning-rate", "0"], ["--rebel.learning-rate", "positive"], None),
+    ("tracker sizes", ["--ddpo.tracker-min-count", "99"], ["--ddpo.tracker-min-count", "tracker_buffer_size"], None),
+    ("epochs 0", ["--epochs", "0"], ["--epochs"], None),
+    ("epochs not a number", ["--epochs", "abc"], ["--epochs", "'abc'"], None),
+    ("unknown flag", ["--algo", "ppo"], ["--algo"], None),
+    ("seeds not numbers", ["--seeds", "1,x"], ["--seeds"], None),
+    ("negative reward-failure limit", ["--max-bad-reward-batches", "-1"], ["--max-bad-reward-batches"], None),
+    ("resume and overwrite", ["--resume", "--overwrite"], ["--resume", "--overwrite"], None),
+    ("resume with no run", ["--resume"], ["--resume", "no run"], None),
+    ("out holds another run", [], ["--out", "--resume", "--overwrite"], _existing_run),
+    ("resume with changed settings", ["--resume", "--epochs", "3"], ["--resume", "epochs"], _existing_run),
+    ("out holds other files", ["--overwrite"], ["--out", "no stepzoo run"], _foreign_folder),
+    ("out is a file", [], ["--out", "is a file"], _file_at_out),
+]
+
+
+@pytest.fixture(autouse=True)
+def no_model_loading(monkeypatch, tmp_path):
+    """Reaching `execute` (where models and rewards load) fails the test; no hub cache or
+    model folder from the environment leaks into a case."""
+
+    def loading(plan):
+        raise AssertionError("validation passed and the run went on to load models")
+
+    monkeypatch.setattr(benchmarks.run, "execute", loading)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    for name in [k for k in os.environ if k.startswith("STEPZOO_")]:
+        monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize("extra,expected,setup", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input_is_refused_in_one_line_before_loading(extra, expected, setup, tiny_pipeline_dir, tmp_path,
+                                                         monkeypatch, capsys):
+    out = tmp_path / "run"
+    if setup is not None:
+        setup(tiny_pipeline_dir, out, monkeypatch)
+    existed = out.exists()
+    capsys.readouterr()
+
+    started = time.perf_counter()
+    code = main(base_args(tiny_pipeline_dir, out) + extra)
+    elapsed = time.perf_counter() - started
+
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("error: ") and "Traceback" not in captured.err
+    assert not any(mark in lines[0] for mark in "╭│╰"), lines[0]
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert captured.out == ""
+    assert elapsed < QUICK_SECONDS
+    assert out.exists() == existed
+
+
+def test_table_covers_at_least_fifteen_inputs():
+    assert len(CASES) >= 15
+
+
+def test_a_refused_config_value_is_one_line_from_the_command_line(tiny_pipeline_dir, tmp_path):
+    """The real process: tyro's error box for a value a config's __post_init__ refuses
+    never reaches the terminal."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STEPZOO_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", *base_args(tiny_pipeline_dir, tmp_path / "run"),
+         "--ddpo.learning-rate", "-1"],
+        cwd=tmp_path, env={**env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --ddpo.learning-rate: learning_rate must be positive (got -1.0)."
+    assert not (tmp_path / "run").exists()
