@@ -39,6 +39,9 @@ class EvalConfig:
     samples_per_step: int = 64
     """Samples per step count, spread evenly over the held-out prompts."""
     guidance: float = DEFAULT_GUIDANCE
+    guidance_sweep: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0)
+    """Guidance scales at which the base model's 1- and 8-step fidelity is also measured,
+    to justify the default."""
     judge_images_per_caption: int = 64
     seed: int = 0
     """Seeds the evaluation noise and renders; the build used other streams."""
@@ -99,16 +102,19 @@ def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int) -> 
     ).images  # (B, 3, 32, 32) in [0, 1]
 
 
-def step_sweep(pipe, judge: Judge, cfg: EvalConfig) -> tuple[list[dict], dict[int, torch.Tensor]]:
+def step_sweep(
+    pipe, judge: Judge, cfg: EvalConfig, steps_list: tuple[int, ...], guidance: float
+) -> tuple[list[dict], dict[int, torch.Tensor]]:
     heldout = data.heldout_captions()
     prompts = [heldout[i % len(heldout)] for i in range(cfg.samples_per_step)]
     rows, images_by_steps = [], {}
-    for steps in cfg.steps:
-        images = sample(pipe, prompts, steps, cfg.guidance, cfg.seed + steps)
+    for steps in steps_list:
+        images = sample(pipe, prompts, steps, guidance, cfg.seed + steps)
         reward, correct = judge.score(images, prompts)
         rows.append(
             dict(
                 steps=steps,
+                guidance=guidance,
                 reward_mean=reward.mean().item(),
                 reward_std=reward.std().item(),
                 fidelity=correct.float().mean().item(),
@@ -116,7 +122,7 @@ def step_sweep(pipe, judge: Judge, cfg: EvalConfig) -> tuple[list[dict], dict[in
             )
         )
         images_by_steps[steps] = images
-        print(f"  {steps} steps: reward {rows[-1]['reward_mean']:.3f} fidelity {rows[-1]['fidelity']:.3f}", flush=True)
+        print(f"  {steps} steps, guidance {guidance}: reward {rows[-1]['reward_mean']:.3f} fidelity {rows[-1]['fidelity']:.3f}", flush=True)
     return rows, images_by_steps
 
 
@@ -148,10 +154,12 @@ def save_grid(images_by_steps: dict[int, torch.Tensor], path: Path, per_cell: in
     save_image(grid, path)
 
 
-def _table(rows: list[dict]) -> str:
-    lines = ["| steps | tiny-clip reward (mean ± std) | fidelity | n |", "|---:|---:|---:|---:|"]
+def _table(rows: list[dict], with_guidance: bool = False) -> str:
+    head = "| guidance " if with_guidance else ""
+    lines = [head + "| steps | tiny-clip reward (mean ± std) | fidelity | n |", "|---:" * (4 + with_guidance) + "|"]
     for r in rows:
-        lines.append(f"| {r['steps']} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | {r['fidelity']:.3f} | {r['count']} |")
+        cell = f"| {r['guidance']} " if with_guidance else ""
+        lines.append(cell + f"| {r['steps']} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | {r['fidelity']:.3f} | {r['count']} |")
     return "\n".join(lines)
 
 
@@ -189,6 +197,10 @@ LCMScheduler, guidance {metrics['guidance']} through the guidance embedding (no 
 
 {_table(metrics['lcm'])}
 
+Base model at other guidance scales (same prompts and seeds):
+
+{_table(metrics['guidance_sweep'], with_guidance=True)}
+
 Sample grids (rows: held-out prompts in the order above; column groups: {', '.join(map(str, metrics['config']['steps']))} steps,
 the first samples of each prompt): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
 
@@ -220,11 +232,13 @@ def main() -> None:
 
     base, base_seconds = load_pipeline(cfg.assets / "pipeline")
     print("base:", flush=True)
-    base_rows, base_images = step_sweep(base, judge, cfg)
+    base_rows, base_images = step_sweep(base, judge, cfg, cfg.steps, cfg.guidance)
     save_grid(base_images, cfg.out / "samples.png")
+    print("base, guidance sweep:", flush=True)
+    guidance_rows = [row for g in cfg.guidance_sweep for row in step_sweep(base, judge, cfg, (1, 8), g)[0]]
     lcm, lcm_seconds = load_pipeline(cfg.assets / "pipeline-lcm")
     print("lcm:", flush=True)
-    lcm_rows, lcm_images = step_sweep(lcm, judge, cfg)
+    lcm_rows, lcm_images = step_sweep(lcm, judge, cfg, cfg.steps, cfg.guidance)
     save_grid(lcm_images, cfg.out / "samples-lcm.png")
 
     build_info = cfg.assets / "build_info.json"
@@ -238,6 +252,7 @@ def main() -> None:
         judge=judge_metrics,
         base=base_rows,
         lcm=lcm_rows,
+        guidance_sweep=guidance_rows,
         load_seconds=dict(base=base_seconds, lcm=lcm_seconds, judge=judge_seconds),
         throughput=dict(base=throughput(base, cfg), lcm=throughput(lcm, cfg)),
         build=json.loads(build_info.read_text()) if build_info.exists() else {},
