@@ -1,0 +1,87 @@
+"""The published architectures of the presets' base models, as configs in this folder.
+
+Each preset folder holds the configs that the model's hub repository ships, written out
+here so that throughput and memory can be measured on the real shapes with random
+weights, with no download:
+
+- sd-turbo/: stabilityai/sd-turbo = Stable Diffusion 2.1 (base) shapes: UNet 866M
+  parameters (heads 5/10/20/20 of 64 channels, linear projections, cross-attention 1024),
+  OpenCLIP ViT-H text tower cut to its 23 first layers as SD 2 uses it (340M), the SD VAE
+  (84M). The scheduler is the DDIM that SDPO swaps in, with sd-turbo's "trailing" spacing.
+- sd15/: SD 1.5: UNet 860M (8 heads, cross-attention 768), CLIP ViT-L/14 text (123M), the
+  same VAE, its PNDM scheduler config (the samplers rebuild DDIM from it).
+- lcm/: SimianLuo/LCM_Dreamshaper_v7: the SD 1.5 UNet plus a 256-wide guidance embedding
+  (`time_cond_proj_dim`), with its LCMScheduler config.
+
+`reduced=True` keeps every block type, the block layout and the head counts but divides
+the widths by 8 and keeps one layer per block (two text layers): the same code paths at a
+size two CPU cores can run in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+ARCHS = Path(__file__).resolve().parent
+PRESET_ARCHS = {"sd-turbo": "sd-turbo", "sd15": "sd15", "lcm": "lcm"}
+TOKENIZER_LENGTH = 77
+"""Stable Diffusion's text context: 77 CLIP tokens."""
+WIDTH_DIVISOR = 8
+REDUCED_GROUPS = 8
+"""Group-norm groups of the reduced models (the real 32 do not divide 320 / 8)."""
+
+
+def load_configs(preset: str, reduced: bool = False) -> dict[str, dict]:
+    """The unet, vae, text_encoder and scheduler configs of a preset, optionally reduced."""
+    folder = ARCHS / PRESET_ARCHS[preset]
+    configs = {name: json.loads((folder / f"{name}.json").read_text()) for name in ("unet", "vae", "text_encoder", "scheduler")}
+    if reduced:
+        _reduce(configs)
+    return configs
+
+
+def _reduce(configs: dict[str, dict]) -> None:
+    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
+    text["hidden_size"] //= WIDTH_DIVISOR
+    text["intermediate_size"] //= WIDTH_DIVISOR
+    text["num_attention_heads"] = 4
+    text["num_hidden_layers"] = 2
+    unet["block_out_channels"] = [c // WIDTH_DIVISOR for c in unet["block_out_channels"]]
+    unet["layers_per_block"] = 1
+    unet["norm_num_groups"] = REDUCED_GROUPS
+    unet["cross_attention_dim"] = text["hidden_size"]
+    vae["block_out_channels"] = [c // WIDTH_DIVISOR for c in vae["block_out_channels"]]
+    vae["layers_per_block"] = 1
+    vae["norm_num_groups"] = REDUCED_GROUPS
+
+
+def build_components(
+    configs: dict[str, dict], resolution: int, device: torch.device | str = "cpu"
+) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
+    """Random-weight UNet, VAE and text encoder (float32) for `resolution`-pixel images,
+    initialised directly on `device` (seconds on a GPU, where a CPU takes a minute for
+    the 1.3B parameters), and the CLIP tokenizer built offline."""
+    downsampling = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    unet_config = dict(configs["unet"], sample_size=resolution // downsampling)
+    vae_config = dict(configs["vae"], sample_size=resolution)
+    text_config = CLIPTextConfig(**{k: v for k, v in configs["text_encoder"].items() if k != "architectures"})
+    with torch.device(device):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        vae = AutoencoderKL.from_config(vae_config)
+        text_encoder = CLIPTextModel(text_config)
+    return unet, vae, text_encoder, clip_tokenizer()
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """OpenAI CLIP's BPE tokenizer, 77 tokens, built from the vocabulary open_clip ships."""
+    from zoo.tiny.arch import build_tokenizer
+
+    with tempfile.TemporaryDirectory() as folder:
+        build_tokenizer(folder)
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=TOKENIZER_LENGTH)

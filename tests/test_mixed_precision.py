@@ -1,0 +1,164 @@
+"""Mixed precision and the speed switches change no result beyond rounding.
+
+The ratio test runs the real code paths: `TrajectorySampler.sample` under a half-precision
+policy, then the trainer's own epoch (`benchmarks.train._train_epoch`: minibatches of a
+different size than the sampling batch, shuffled steps, gradients on, backward), with a
+zero learning rate so that the weights stay those that sampled. Every ratio the loss sees
+must then be 1. Drift here is what other implementations show in bf16, where sampling and
+training run the model in different batch layouts or precisions.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from benchmarks.train import _train_epoch
+from zoo.algorithm import LossInputs
+from zoo.policy import LoraSettings, Performance, Policy
+from zoo.registry import ALGORITHMS
+from zoo.sampling import SamplerConfig, TrajectorySampler
+
+PROMPTS = [
+    "a red circle on a white background",
+    "a blue square on a black background",
+    "a green triangle on a white background",
+]
+NUM_STEPS = 3
+
+
+class RecordingAlgorithm:
+    """A registered algorithm that also keeps log p_current - log p_sampled of every
+    transition the trainer hands to its loss."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.needs = inner.needs
+        self.log_ratios: list[torch.Tensor] = []
+
+    def loss(self, inputs: LossInputs):
+        self.log_ratios.append((inputs.log_probs - inputs.old_log_probs).detach().flatten())
+        return self.inner.loss(inputs)
+
+
+def _fp16_runs_on_cpu() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            torch.nn.functional.conv2d(torch.randn(1, 2, 4, 4), torch.randn(2, 2, 3, 3))
+    except RuntimeError:
+        return False
+    return True
+
+
+def _policy(folder: str, precision: str, performance: Performance = Performance()) -> Policy:
+    torch.manual_seed(0)  # peft draws lora_A from the global generator
+    policy = Policy.from_pretrained(folder, mixed_precision=precision, lora=LoraSettings(), performance=performance)
+    # A fresh adapter is zero (lora_B = 0); a trained one is not, and its path must be
+    # re-scored exactly too.
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in policy.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    return policy
+
+
+# (algorithm, CFG scale): training minibatches of one group differ in size from the
+# sampling batch (3 prompts x group); REBEL puts all K steps of a minibatch in one UNet
+# call, DDPO and D3PO run classifier-free guidance, D3PO records reference log-probs.
+CASES = {"sdpo": 1.0, "ddpo": 4.0, "rebel": 1.0, "d3po": 4.0}
+PRECISIONS = [
+    pytest.param("bf16", id="bf16"),
+    pytest.param(
+        "fp16", id="fp16",
+        marks=pytest.mark.skipif(not _fp16_runs_on_cpu(), reason="this torch has no float16 CPU autocast kernels"),
+    ),
+]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("algo", list(CASES))
+def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_dir, algo, precision):
+    if precision == "fp16" and algo in ("rebel", "d3po"):
+        pytest.skip("float16 CPU kernels are ~10x slower than bf16; sdpo and ddpo cover its paths")
+    guidance = CASES[algo]
+    config = replace(ALGORITHMS[algo](), num_steps=NUM_STEPS, guidance_scale=guidance, train_batch_size=1)
+    algorithm = RecordingAlgorithm(config.build())
+    needs = algorithm.needs
+    policy = _policy(tiny_pipeline_dir, precision)
+    sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, config.num_steps, config.eta, guidance))
+    generator = torch.Generator().manual_seed(0)
+    traj = sampler.sample(
+        PROMPTS,
+        group_size=needs.group_size,
+        shared_noise=needs.shared_noise,
+        generator=generator,
+        record_pred_x0=needs.record_pred_x0,
+        reference_log_probs=needs.reference_log_probs,
+    )
+    advantages = torch.randn(traj.log_probs.shape, generator=generator)
+    # lr 0: AdamW's update and its decoupled weight decay are both exact no-ops.
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
+    accelerator = Accelerator(cpu=True)
+    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, False)
+
+    log_ratios = torch.cat(algorithm.log_ratios)
+    assert log_ratios.numel() == traj.log_probs.numel()  # every transition re-scored once
+    drift = float((log_ratios.exp() - 1).abs().max())
+    print(f"{algo} {precision}: max |ratio - 1| = {drift:.3g} over {log_ratios.numel()} transitions")
+    assert drift <= 1e-3
+
+
+def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_pipeline_dir):
+    grads = []
+    for checkpointing in (False, True):
+        policy = _policy(tiny_pipeline_dir, "no", Performance(gradient_checkpointing=checkpointing))
+        x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
+        eps = policy.predict_noise(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 4.0, "ddim")
+        eps.square().mean().backward()
+        grads.append([p.grad.clone() for p in policy.trainable_parameters()])
+    assert policy.unet.is_gradient_checkpointing
+    for plain, checkpointed in zip(*grads):
+        assert plain.abs().max() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-5, atol=1e-7)
+
+
+def test_optimizer_state_holds_lora_weights_only(tiny_pipeline_dir):
+    policy = _policy(tiny_pipeline_dir, "bf16")
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
+    x = torch.randn(2, *policy.latent_shape)
+    policy.predict_noise(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 1.0, "ddim").mean().backward()
+    optimizer.step()
+    lora = {id(p) for n, p in policy.unet.named_parameters() if "lora_" in n}
+    assert {id(p) for p in optimizer.state} == lora
+    state_elements = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    lora_elements = sum(p.numel() for n, p in policy.unet.named_parameters() if "lora_" in n)
+    unet_elements = sum(p.numel() for p in policy.unet.parameters())
+    assert state_elements == 2 * lora_elements  # Adam's two moments, float32
+    assert all(t.dtype == torch.float32 for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
+    assert lora_elements < 0.1 * unet_elements
+
+
+def test_compiled_unet_predicts_what_the_eager_one_does(tiny_pipeline_dir, monkeypatch):
+    """The plumbing of `compile_unet` (in-place compile, peft adapters, the reference
+    switch), traced by dynamo with its eager backend so that the test compiles no C++."""
+    compile_eagerly = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, **_: compile_eagerly(fn, backend="eager"))
+    torch._dynamo.reset()
+    eager = _policy(tiny_pipeline_dir, "no")
+    compiled = _policy(tiny_pipeline_dir, "no", Performance(compile_unet=True))
+    assert compiled.unet._compiled_call_impl is not None
+    x = torch.randn(2, *eager.latent_shape, generator=torch.Generator().manual_seed(2))
+    embeds = eager.encode_prompts(PROMPTS[:2])
+    t = torch.tensor([999, 500])
+    outputs = {}
+    with torch.no_grad():
+        for name, policy in (("eager", eager), ("compiled", compiled)):
+            outputs[name] = policy.predict_noise(x, t, embeds, 1.0, "ddim")
+            with policy.reference():
+                outputs[name + "-ref"] = policy.predict_noise(x, t, embeds, 1.0, "ddim")
+    torch.testing.assert_close(outputs["compiled"], outputs["eager"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outputs["compiled-ref"], outputs["eager-ref"], rtol=1e-5, atol=1e-6)
+    assert (outputs["eager"] - outputs["eager-ref"]).abs().max() > 1e-4
