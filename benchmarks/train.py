@@ -244,7 +244,7 @@ def _train_epoch(
                 )
                 loss, metrics = algorithm.loss(inputs)
                 if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {float(loss)} (try a lower learning rate)")
+                    raise TrainingDiverged(f"the loss became {float(loss.detach())} (try a lower learning rate)")
                 accelerator.backward(loss / calls_per_update)
             if update_now:
                 if config.max_grad_norm is not None:
