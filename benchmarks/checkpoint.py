@@ -36,9 +36,9 @@ class CorruptCheckpoint(RuntimeError):
 
 
 def kill_point(name: str) -> None:
-    """SIGKILL this process if $STEPZOO_KILL_AT is `name`. Names: `sample:ALGO:EPOCH`,
-    `train:ALGO:EPOCH`, `evaluate:ALGO:EPOCH` (benchmarks.train, EPOCH counted from 1) and
-    `write:FILENAME` (here: halfway through the temporary file of FILENAME's next write)."""
+    """SIGKILL this process if $STEPZOO_KILL_AT is `name`. Names: `train:ALGO:EPOCH` and
+    `evaluate:ALGO:EPOCH` (benchmarks.train, EPOCH counted from 1), and `write:FILENAME`
+    (here: halfway through the temporary file of FILENAME's next write)."""
     if os.environ.get(KILL_AT_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
 

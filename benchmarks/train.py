@@ -318,7 +318,6 @@ def run_algorithm(
         generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
         prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
-        kill_point(f"sample:{algo}:{done}")
         traj = sampler.sample(
             prompts,
             group_size=group_size,
