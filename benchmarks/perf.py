@@ -1,0 +1,447 @@
+"""Throughput and memory of every algorithm's sampling, training and reward on a preset's
+real architecture with random weights (no download).
+
+    python -m benchmarks.perf --preset sd-turbo --algos sdpo,ddpo        # a GPU, 512px
+    python -m benchmarks.perf --preset sd-turbo --reduced --resolution 128 --steps 4
+    python -m benchmarks.perf --preset tiny                               # the tiny world
+
+Per algorithm, with its group size and sampling needs (x̂0 recording, reference
+log-probs), in the preset's precision:
+- sampling trajectories/s of one `TrajectorySampler.sample` call of `--batch-size`
+  trajectories, and the same trajectories sampled the reference codes' way, one
+  sampler call per group member (each pair member its own UNet pass);
+- training transitions/s of one trainer minibatch (log-prob recompute with gradients,
+  the algorithm's loss, backward, AdamW step), and the same with one log-prob call per
+  group member;
+- reward images/s of `--reward` on images of the preset's resolution;
+- peak memory: CUDA's max allocated per phase, or the process's peak RSS on a CPU;
+- the training step's FLOPs (torch's FLOP counter, checkpointing off so recomputation
+  does not count) per second, and on a GPU its model FLOP utilisation against a dense
+  matmul timed in the same run (bf16 8192³; float32 2048³ on a CPU).
+Prints a Markdown table and writes it with a JSON record under `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+import tyro
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import CLIPTextModel
+
+from benchmarks import archs
+from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from rewards.registry import load_reward
+from zoo.algorithm import LossInputs
+from zoo.policy import LoraSettings, Performance, Policy
+from zoo.registry import ALGORITHMS
+from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.trajectory import Trajectory
+
+COLUMNS = (
+    ("algo", "algo"),
+    ("group", "G"),
+    ("batch", "traj/call"),
+    ("train_batch", "train groups"),
+    ("steps", "K"),
+    ("sample_traj_s", "sample traj/s"),
+    ("sample_speedup", "× per-member"),
+    ("train_transitions_s", "train trans/s"),
+    ("train_speedup", "× per-member"),
+    ("ratio_drift", "ratio drift"),
+    ("reward_images_s", "reward img/s"),
+    ("sample_peak_gb", "sample peak GB"),
+    ("train_peak_gb", "train peak GB"),
+    ("train_tflops", "train TFLOP/s"),
+    ("mfu", "MFU"),
+)
+"""(JSON key, Markdown header) of each table column."""
+
+
+@dataclass
+class PerfArgs:
+    """stepzoo throughput and memory on a preset's architecture with random weights."""
+
+    preset: str = "tiny"
+    """Architecture, sampler and precision: tiny, sd-turbo, lcm or sd15."""
+    algos: str = "all"
+    """Comma-separated algorithms, or "all"."""
+    batch_size: int | None = None
+    """Trajectories per sampling call (default 8: the SDPO paper's sampling batch)."""
+    steps: int | None = None
+    """Sampling steps K (default: the preset's; 50 for sd-turbo)."""
+    resolution: int | None = None
+    """Image side in pixels (default: 512 for the real models, 32 for tiny, 128 reduced)."""
+    reduced: bool = False
+    """Divide the real architecture's widths by 8 (CPU-sized, same code paths)."""
+    device: str = "auto"
+    """"cuda", "cpu" or "auto" (CUDA when available)."""
+    mixed_precision: str | None = None
+    """"no", "fp16" or "bf16" (default: the preset's on CUDA, "no" on a CPU)."""
+    reward: str = "jpeg_compressibility"
+    """Reward timed on the sampled images (one that needs no download)."""
+    train_batch_size: int | None = None
+    """Groups per training minibatch (default: the preset's paper setting for each algorithm)."""
+    gradient_checkpointing: bool = False
+    """Checkpoint the UNet's blocks during training (less memory, ~1/3 more compute)."""
+    compile_unet: bool = False
+    """torch.compile the UNet (warm-up then includes compilation)."""
+    tf32: bool = True
+    """TF32 for the float32 matmuls left on CUDA."""
+    baseline: bool = True
+    """Also time the per-member way (the reference codes')."""
+    repeats: int = 3
+    """Timed repetitions after one warm-up; the median is reported."""
+    seed: int = 0
+    """Seed of the random weights, the prompts' order and the sampling noise."""
+    tag: str = ""
+    """Suffix of the output files' names, to keep several settings apart."""
+    out: str = "results/perf"
+    """Folder for <preset>[-reduced]-<device>[-<tag>].md and .json."""
+
+
+# --- setup ------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision: str, lora: LoraSettings) -> Policy:
+    performance = Performance(
+        tf32=args.tf32, gradient_checkpointing=args.gradient_checkpointing, compile_unet=args.compile_unet
+    )
+    torch.manual_seed(args.seed)
+    if preset.name == "tiny":
+        from zoo.tiny import arch
+
+        resolution = args.resolution or 32
+        lcm = preset.sampler == "lcm"
+        unet = arch.make_unet(arch.TRAINED_ARCH, resolution // 2, lcm)
+        vae = arch.make_vae(arch.TRAINED_ARCH, resolution)
+        text_encoder = CLIPTextModel(arch.text_encoder_config(arch.TRAINED_ARCH))
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer = arch.build_tokenizer(folder)
+        scheduler = (arch.make_lcm_scheduler() if lcm else arch.make_ddim_scheduler()).config
+    else:
+        configs = archs.load_configs(preset.name, reduced=args.reduced)
+        resolution = args.resolution or (128 if args.reduced else 512)
+        unet, vae, text_encoder, tokenizer = archs.build_components(configs, resolution, device)
+        scheduler = configs["scheduler"]
+    return Policy(
+        unet, vae, text_encoder, tokenizer, scheduler,
+        device=device, mixed_precision=precision, lora=lora, performance=performance,
+    )
+
+
+def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
+    """The algorithm's config as the runner would build it for this preset."""
+    config = ALGORITHMS[name]()
+    overrides = dict(preset.algo_overrides.get(name, {}))
+    if preset.name == "sd-turbo" and name == "sdpo":
+        lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS["aesthetic"]
+        overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
+    if args.train_batch_size is not None:
+        overrides["train_batch_size"] = args.train_batch_size
+    return replace(
+        config, **overrides, sampler=preset.sampler, num_steps=num_steps,
+        guidance_scale=preset.guidance_scale, eta=preset.eta,
+    )
+
+
+# --- timing -----------------------------------------------------------------------------
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of `repeats` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        started = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gb(device: torch.device) -> float:
+    """CUDA: max allocated since the last reset. CPU: the process's peak RSS so far."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate measured here: the ceiling MFU is taken against."""
+    size = 8192 if device.type == "cuda" else 1024
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: a @ b, device, repeats=10 if device.type == "cuda" else 3)
+    return 2 * size**3 / seconds / 1e12
+
+
+# --- one algorithm ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainingBatch:
+    """One trainer minibatch gathered from a sampled trajectory batch: p groups, G members,
+    S steps each (S = 1 for per-step losses, K for whole-trajectory losses)."""
+
+    latents: torch.Tensor  # (p, G, S, C, h, w)
+    next_latents: torch.Tensor  # (p, G, S, C, h, w)
+    steps: torch.Tensor  # (p, G, S) long
+    embeds: torch.Tensor  # (p, G, S, L, D)
+    old_log_probs: torch.Tensor  # (p, G, S)
+    ref_log_probs: torch.Tensor | None  # (p, G, S)
+
+
+def training_batch(traj: Trajectory, groups: int, whole_trajectory: bool) -> TrainingBatch:
+    sub = traj.select_prompts(torch.arange(groups))
+    p, g, k = sub.log_probs.shape
+    chosen = torch.arange(k) if whole_trajectory else torch.tensor([k // 2])
+    steps = chosen.expand(p, g, -1).to(sub.latents.device)
+    s = steps.shape[-1]
+    return TrainingBatch(
+        latents=sub.latents[:, :, chosen],
+        next_latents=sub.next_latents[:, :, chosen],
+        steps=steps,
+        embeds=sub.prompt_embeds[:, None, None].expand(-1, g, s, -1, -1),
+        old_log_probs=sub.log_probs[:, :, chosen],
+        ref_log_probs=None if sub.ref_log_probs is None else sub.ref_log_probs[:, :, chosen],
+    )
+
+
+def train_call(sampler, algorithm, optimizer, batch: TrainingBatch, per_member: bool) -> torch.Tensor:
+    """Recompute log-probs (one UNet call, or one per group member), loss, backward, step.
+    Returns the recomputed log-probs (p, G, S), detached."""
+
+    def log_prob(members: slice) -> torch.Tensor:
+        lat, nxt, emb, st = (t[:, members] for t in (batch.latents, batch.next_latents, batch.embeds, batch.steps))
+        out = sampler.log_prob(lat.flatten(0, 2), st.flatten(), nxt.flatten(0, 2), emb.flatten(0, 2))
+        return out.view(st.shape)
+
+    group_size = batch.steps.shape[1]
+    if per_member:
+        log_probs = torch.cat([log_prob(slice(g, g + 1)) for g in range(group_size)], dim=1)
+    else:
+        log_probs = log_prob(slice(None))
+    advantages = torch.linspace(-1, 1, log_probs.numel(), device=log_probs.device).view(log_probs.shape)
+    inputs = LossInputs(log_probs, batch.old_log_probs, advantages, batch.steps, batch.ref_log_probs)
+    loss, _ = algorithm.loss(inputs)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return log_probs.detach()
+
+
+def measure_algorithm(
+    row: dict, name: str, args: PerfArgs, preset: Preset, policy: Policy, reward, num_steps: int, matmul_peak: float
+) -> None:
+    """Fills `row` phase by phase, so that a phase that runs out of memory keeps the
+    figures of the phases before it."""
+    device = policy.device
+    config = algorithm_config(name, preset, args, num_steps)
+    algorithm = config.build()
+    needs = algorithm.needs
+    batch = args.batch_size or 8
+    if batch % needs.group_size:
+        raise SystemExit(f"--batch-size {batch} is not a multiple of {name}'s group size {needs.group_size}")
+    groups = batch // needs.group_size
+    # A minibatch can hold no more groups than one sampling call made.
+    train_groups = min(config.train_batch_size, groups)
+    prompts = [preset.train_prompts[i % len(preset.train_prompts)] for i in range(groups)]
+    sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, num_steps, config.eta, config.guidance_scale))
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def sample(group_size: int, shared_noise: bool) -> Trajectory:
+        return sampler.sample(
+            prompts, group_size=group_size, shared_noise=shared_noise, generator=generator,
+            record_pred_x0=needs.record_pred_x0, reference_log_probs=needs.reference_log_probs,
+        )
+
+    row.update(group=needs.group_size, batch=batch, train_batch=train_groups, steps=num_steps)
+    reset_peak(device)
+    seconds = timed(lambda: sample(needs.group_size, needs.shared_noise), device, args.repeats)
+    row["sample_peak_gb"] = peak_gb(device)
+    row["sample_traj_s"] = batch / seconds
+    if args.baseline:
+        per_member = timed(lambda: [sample(1, False) for _ in range(needs.group_size)], device, args.repeats)
+        row["sample_speedup"] = per_member / seconds
+
+    traj = sample(needs.group_size, needs.shared_noise)
+    images = traj.images.flatten(0, 1)
+    reward_prompts = [p for p in traj.prompts for _ in range(needs.group_size)]
+    row["reward_images_s"] = images.shape[0] / timed(lambda: reward.score(images, reward_prompts), device, args.repeats)
+
+    tb = training_batch(traj, train_groups, needs.whole_trajectory_loss)
+    transitions = tb.steps.numel()
+    # The first re-scoring runs under the weights that sampled: the ratio the trainer's
+    # first minibatch sees, which must be 1 up to rounding in any precision.
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
+    rescored = train_call(sampler, algorithm, optimizer, tb, False)
+    row["ratio_drift"] = float((rescored - tb.old_log_probs).exp().sub(1).abs().max())
+    reset_peak(device)
+    seconds = timed(lambda: train_call(sampler, algorithm, optimizer, tb, False), device, args.repeats)
+    row["train_peak_gb"] = peak_gb(device)
+    row["train_transitions_s"] = transitions / seconds
+    if args.baseline:
+        row["train_speedup"] = timed(lambda: train_call(sampler, algorithm, optimizer, tb, True), device, args.repeats) / seconds
+    flops = training_flops(policy, lambda: train_call(sampler, algorithm, optimizer, tb, False))
+    row["train_tflops"] = flops / seconds / 1e12
+    row["mfu"] = row["train_tflops"] / matmul_peak
+
+
+def training_flops(policy: Policy, step: Callable[[], None]) -> int:
+    """FLOPs of one training call as the model defines them: activation recomputation
+    by gradient checkpointing is switched off while counting."""
+    checkpointing = policy.unet.is_gradient_checkpointing
+    if checkpointing:
+        policy.unet.disable_gradient_checkpointing()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    if checkpointing:
+        policy.unet.enable_gradient_checkpointing()
+    return counter.get_total_flops()
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, str) or isinstance(value, int):
+        return str(value)
+    if key == "mfu":
+        return f"{100 * value:.1f}%"
+    if key.endswith("speedup"):
+        return f"{value:.2f}×"
+    return f"{value:.3g}"
+
+
+def command_line(args: PerfArgs) -> str:
+    """The command that reproduces `args` (flags that differ from the defaults)."""
+    flags = []
+    for key, value in asdict(args).items():
+        if value != getattr(PerfArgs, key):
+            flag = "--" + key.replace("_", "-")
+            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
+    return " ".join(["python -m benchmarks.perf", *flags])
+
+
+def markdown(record: dict) -> str:
+    env = record["environment"]
+    lines = [
+        f"# stepzoo perf: {record['setting']}",
+        "",
+        f"`{record['command']}`",
+        "",
+        f"- device: {env['device_name']} · torch {env['torch']} · precision {record['precision']} · "
+        f"resolution {record['resolution']}px · options {record['performance']}",
+        f"- matmul peak measured here: {record['matmul_peak_tflops']:.3g} TFLOP/s ({record['matmul_dtype']}); "
+        f"MFU = training FLOPs/s over it",
+        f"- reward: {record['reward']}; peak memory: "
+        + ("CUDA max allocated per phase" if env["device_type"] == "cuda" else "process peak RSS (cumulative)"),
+        "- ratio drift: max over the first training minibatch of |exp(logp re-scored − logp sampled) − 1|, "
+        "under the weights that sampled",
+        "- × per-member: time of the reference codes' way (one sampler / log-prob call per group member) "
+        "over stepzoo's one batched call",
+        "",
+        "| " + " | ".join(header for _, header in COLUMNS) + " |",
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for row in record["rows"]:
+        cells = [_cell(key, row.get(key)) for key, _ in COLUMNS]
+        if "error" in row:
+            cells[0] += f" ({row['error']})"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(args: PerfArgs) -> dict:
+    if args.preset not in PRESETS:
+        raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
+    names = list(ALGORITHMS) if args.algos == "all" else [a.strip() for a in args.algos.split(",")]
+    unknown = [n for n in names if n not in ALGORITHMS]
+    if unknown:
+        raise SystemExit(f"--algos: unknown {', '.join(unknown)}; known: {', '.join(ALGORITHMS)}")
+    if args.reduced and args.preset == "tiny":
+        raise SystemExit("--reduced applies to the real architectures (sd-turbo, lcm, sd15), not tiny")
+    device = resolve_device(args.device)
+    preset = PRESETS[args.preset]()
+    precision = args.mixed_precision or (preset.mixed_precision if device.type == "cuda" else "no")
+    num_steps = args.steps or preset.num_steps
+
+    # One LoRA shape for every algorithm of the run, so that rows compare algorithms and
+    # not adapters: the rank of the first algorithm's config for this preset.
+    first = algorithm_config(names[0], preset, args, num_steps)
+    policy = build_policy(args, preset, device, precision, LoraSettings(first.lora_rank, first.lora_alpha,
+                                                                         tuple(first.lora_target_modules)))
+    reward = load_reward(args.reward, device=device)
+    matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak_tflops(device, matmul_dtype)
+
+    rows = []
+    for name in names:
+        row = {"algo": name}
+        try:
+            measure_algorithm(row, name, args, preset, policy, reward, num_steps, peak)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+            torch.cuda.empty_cache()
+        rows.append(row)
+        print(" ".join(f"{k}={_cell(k, v)}" for k, v in row.items()), flush=True)
+
+    setting = f"{args.preset}{'-reduced' if args.reduced else ''}-{device.type}{'-' + args.tag if args.tag else ''}"
+    record = {
+        "setting": setting,
+        "command": command_line(args),
+        "args": asdict(args),
+        "precision": precision,
+        "resolution": 2 * policy.latent_shape[1] if args.preset == "tiny" else policy.vae.config.sample_size,
+        "performance": asdict(policy.performance),
+        "reward": args.reward,
+        "matmul_peak_tflops": peak,
+        "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
+        "environment": {
+            "device_type": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "rows": rows,
+    }
+    table = markdown(record)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{setting}.md").write_text(table)
+    (out / f"{setting}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main(tyro.cli(PerfArgs))
