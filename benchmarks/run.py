@@ -30,7 +30,6 @@ from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from zoo.registry import ALGORITHMS
 
 
-
 def _unchecked(config_cls: type) -> type:
     """`config_cls` without its `__post_init__` checks, to parse into: tyro reports a value
     that a config refuses in a multi-line box naming the dataclass, so parsing skips the
@@ -50,6 +49,7 @@ AlgoConfigs = make_dataclass(
     frozen=True,
 )
 AlgoConfigs.__doc__ = "Per-algorithm hyperparameters (defaults: the published ones, then the preset's)."
+# tyro parses into the unchecked classes; `parse_args` returns the real, checked configs.
 
 # The sampler fields that a preset sets for every algorithm alike, so that all of them
 # train on the same trajectories distribution and budget.
@@ -370,7 +370,9 @@ def _check_out_dir(plan: Plan) -> None:
         if plan.args.resume:
             raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
         if out.is_dir() and any(out.iterdir()):
-            raise UsageError(f"--out {out} is a folder with other files and no stepzoo run; choose a new or empty folder")
+            raise UsageError(
+                f"--out {out} is a folder with other files and no stepzoo run; choose a new or empty folder"
+            )
         return
     if plan.args.resume:
         try:

@@ -16,8 +16,8 @@ pure tensor math (zoo.algorithm). One epoch is:
    records), so a kill loses at most the epoch in flight.
 
 Faults: a reward that raises or returns NaN/inf skips that epoch's update (nothing reaches
-the stat tracker) with a counted warning, and stops the run after
-`max_bad_reward_batches` such epochs; a non-finite loss or adapter weight stops the run
+the stat tracker) with a counted warning, and stops the run at the first such epoch
+beyond `max_bad_reward_batches`; a non-finite loss or adapter weight stops the run
 before anything is checkpointed. Either way the run ends with `RunStopped`, and the
 checkpoint on disk is the last good epoch's.
 """
@@ -147,16 +147,18 @@ def _reward_inputs(
     return policy.decode(latents.flatten(0, 2)), prompts, (num_prompts, group_size, per_trajectory)
 
 
-def _score(algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward) -> tuple[torch.Tensor | None, str | None]:
+def _score(
+    algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward
+) -> tuple[torch.Tensor | None, str | None]:
     """(scores, None), or (None, what went wrong) when the reward raised or returned NaN
     or inf. Scores: (P, G) of the final images, or (P, G, M) of x̂0 at `reward_steps`."""
     images, prompts, shape = _reward_inputs(algorithm, traj, policy)
     try:
         scores = reward.score(images, prompts).view(shape)
-    # Rewards are third-party models (and soon remote services): any failure of one
-    # costs one update, not the run, up to the limit the caller enforces.
+    # Rewards are third-party models: any failure of one costs one update, not the run,
+    # up to the limit the caller enforces.
     except Exception as error:
-        return None, f"raised {type(error).__name__}: {error}"
+        return None, f"raised {type(error).__name__}: {' '.join(str(error).split())}"
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
         return None, f"returned NaN or inf for {bad} of {scores.numel()} scores"
@@ -313,7 +315,7 @@ def run_algorithm(
     for epoch in epochs:
         done = epoch + 1
         where = f"{algo} seed {seed}, epoch {done}"
-        last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"nothing was checkpointed for {algo} yet"
+        last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"no {algo} epoch was checkpointed"
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
         prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
@@ -341,7 +343,8 @@ def run_algorithm(
                     f"allows; {last_good}"
                 )
             if show:
-                tqdm.write(f"warning: {what}; skipping this epoch's update ({count} of at most {limit})", file=sys.stderr)
+                tqdm.write(f"warning: {what}; skipping this epoch's update ({count} of at most {limit})",
+                           file=sys.stderr)
             metrics = {"bad_reward_batches": float(count)}
         else:
             returns = algorithm.shape_rewards(traj, scores)
@@ -361,7 +364,9 @@ def run_algorithm(
         counters["wall_time"] += time.perf_counter() - started
         lora_state = policy.adapter_state()
         if not all(torch.isfinite(weights).all() for weights in lora_state.values()):
-            raise TrainingDiverged(f"{where}: the LoRA weights became NaN or inf (try a lower learning rate); {last_good}")
+            raise TrainingDiverged(
+                f"{where}: the LoRA weights became NaN or inf (try a lower learning rate); {last_good}"
+            )
         if done % settings.eval_every == 0 or done == settings.epochs:
             kill_point(f"evaluate:{algo}:{done}")
             records += _evaluate_and_record(
