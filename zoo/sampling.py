@@ -174,12 +174,24 @@ class TrajectorySampler:
         self.policy = policy
         self.config = config
         self.schedule = make_schedule(policy.scheduler_for(config.kind), config.kind, config.num_steps)
+        # On the policy's device once: a host-to-device copy per step would make the host
+        # wait for the GPU to drain, so it could not queue the next UNet call meanwhile.
+        s = self.schedule
+        self._constants = tuple(
+            v.to(policy.device) for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out)
+        )
 
     def _step_constants(self, step_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s = self.schedule
-        idx = step_index.cpu()
-        device = self.policy.device
-        return tuple(v[idx].to(device) for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out))
+        idx = step_index.to(self.policy.device)
+        return tuple(v[idx] for v in self._constants)
+
+    def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
+        """Standard normal noise drawn on the CPU (a seed gives the same trajectories on any
+        device), copied to a GPU from pinned memory without blocking the host."""
+        z = torch.randn(shape, generator=generator)
+        if self.policy.device.type == "cuda":
+            return z.pin_memory().to(self.policy.device, non_blocking=True)
+        return z
 
     def transition(
         self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
@@ -240,9 +252,9 @@ class TrajectorySampler:
 
         latents, next_latents, log_probs, pred_x0s, ref_log_probs = [], [], [], [], []
         for k in range(num_steps):
-            step_index = torch.full((n,), k, dtype=torch.long)
+            step_index = torch.full((n,), k, dtype=torch.long, device=policy.device)
             mean, std, pred_x0 = self.transition(x, step_index, flat_embeds)
-            z = torch.randn(x.shape, generator=generator).to(policy.device)
+            z = self._noise(x.shape, generator)
             x_next = mean + std.reshape(-1, 1, 1, 1) * z
             latents.append(x)
             next_latents.append(x_next)
