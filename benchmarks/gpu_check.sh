@@ -17,6 +17,9 @@
 # Then through the device tool: run(command="bash benchmarks/gpu_check.sh",
 # carry=[".whl"], timeout_s=480). Everything lands in $OUT (tables.md, records.json,
 # log.txt, env.txt); without $OUT (a plain shell) it goes to results/perf/gpu.
+# A dry run of the same sequence on a CPU, reduced (about 5 minutes on 2 cores):
+#   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/gpu-check \
+#   PERF_EXTRA="--reduced --resolution 64 --steps 2 --batch-size 4" bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-results/perf/gpu}
 mkdir -p "$OUT/runs"
@@ -38,8 +41,9 @@ perf() {
   local tag=$1 limit=$2
   shift 2
   echo "=== $tag (at ${SECONDS}s)" | tee -a "$LOG"
-  timeout "$limit" python3 -m benchmarks.perf --preset sd-turbo --device cuda --tag "$tag" \
-    --out "$OUT/runs" "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  # shellcheck disable=SC2086
+  timeout "$limit" python3 -m benchmarks.perf --preset sd-turbo --tag "$tag" --out "$OUT/runs" \
+    "$@" ${PERF_EXTRA:-} 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
 }
 
 # 1. The paper's precision, every algorithm, against the per-member way.

@@ -404,17 +404,6 @@ def main(args: PerfArgs) -> dict:
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_tflops(device, matmul_dtype)
 
-    rows = []
-    for name in names:
-        row = {"algo": name}
-        try:
-            measure_algorithm(row, name, args, preset, policy, reward, num_steps, peak)
-        except torch.OutOfMemoryError:
-            row["error"] = "out of memory"
-            torch.cuda.empty_cache()
-        rows.append(row)
-        print(" ".join(f"{k}={_cell(k, v)}" for k, v in row.items()), flush=True)
-
     setting = f"{args.preset}{'-reduced' if args.reduced else ''}-{device.type}{'-' + args.tag if args.tag else ''}"
     record = {
         "setting": setting,
@@ -432,14 +421,23 @@ def main(args: PerfArgs) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
         },
-        "rows": rows,
+        "rows": [],
     }
-    table = markdown(record)
-    print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{setting}.md").write_text(table)
-    (out / f"{setting}.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name in names:
+        row = {"algo": name}
+        try:
+            measure_algorithm(row, name, args, preset, policy, reward, num_steps, peak)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+            torch.cuda.empty_cache()
+        record["rows"].append(row)
+        print(" ".join(f"{k}={_cell(k, v)}" for k, v in row.items()), flush=True)
+        # Written after every algorithm, so a run stopped by a time limit keeps its rows.
+        (out / f"{setting}.md").write_text(markdown(record))
+        (out / f"{setting}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(markdown(record))
     return record
 
 
