@@ -203,6 +203,7 @@ Base model at other guidance scales (same prompts and seeds):
 
 Sample grids (rows: held-out prompts in the order above; column groups: {', '.join(map(str, metrics['config']['steps']))} steps,
 the first samples of each prompt): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
+What they look like, and how the build was run: `notes.md` (written by hand).
 
 ## Cost on this CPU
 - loading (`StableDiffusionPipeline.from_pretrained`): base {metrics['load_seconds']['base']:.2f} s,
