@@ -28,6 +28,16 @@ PROMPTS = [
 NUM_STEPS = 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: two threads on two cores shared with other jobs slow every
+    kernel down many times over (measured here), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class RecordingAlgorithm:
     """A registered algorithm that also keeps log p_current - log p_sampled of every
     transition the trainer hands to its loss."""
@@ -80,8 +90,6 @@ PRECISIONS = [
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("algo", list(CASES))
 def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_dir, algo, precision):
-    if precision == "fp16" and algo in ("rebel", "d3po"):
-        pytest.skip("float16 CPU kernels are ~10x slower than bf16; sdpo and ddpo cover its paths")
     guidance = CASES[algo]
     config = replace(ALGORITHMS[algo](), num_steps=NUM_STEPS, guidance_scale=guidance, train_batch_size=1)
     algorithm = RecordingAlgorithm(config.build())
@@ -109,6 +117,28 @@ def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_di
     drift = float((log_ratios.exp() - 1).abs().max())
     print(f"{algo} {precision}: max |ratio - 1| = {drift:.3g} over {log_ratios.numel()} transitions")
     assert drift <= 1e-3
+
+
+def test_rescoring_in_another_precision_drifts_past_the_bound(tiny_pipeline_dir):
+    """The control: samples of a bf16 policy re-scored by the float32 one (a sampler and a
+    trainer that disagree on precision, as in the implementations that drift) move the
+    ratio by more than 1e-3, so the bound above can fail."""
+    samplers = {
+        precision: TrajectorySampler(_policy(tiny_pipeline_dir, precision), SamplerConfig("ddim", NUM_STEPS))
+        for precision in ("bf16", "no")
+    }
+    traj = samplers["bf16"].sample(PROMPTS, group_size=2, generator=torch.Generator().manual_seed(0))
+    p, g, k = traj.log_probs.shape
+    embeds = traj.prompt_embeds.repeat_interleave(g, dim=0)
+    drift = 0.0
+    with torch.no_grad():
+        for step in range(k):
+            rescored = samplers["no"].log_prob(
+                traj.latents[:, :, step].flatten(0, 1), torch.full((p * g,), step),
+                traj.next_latents[:, :, step].flatten(0, 1), embeds,
+            )
+            drift = max(drift, float((rescored - traj.log_probs[:, :, step].flatten()).exp().sub(1).abs().max()))
+    assert drift > 1e-3
 
 
 def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_pipeline_dir):
