@@ -5,15 +5,13 @@
 # training transitions/s, peak memory (target <= 12 GB), training MFU against a bf16
 # matmul timed in the same run, and the re-scored ratio drift in fp16 and bf16.
 #
-# The GPU machine has torch, transformers, peft and accelerate but no diffusers, tyro or
-# open_clip (open_clip ships the CLIP vocabulary the tokenizer is built from), and no
-# package index: carry them as wheels. Once, on the CPU machine, in the repo root
-# (.whl/ is git-ignored):
+# The GPU machine has torch, transformers, peft and accelerate but neither diffusers nor
+# tyro, and no package index: carry them as wheels (about 7 MB; the CLIP tokenizer comes
+# from the repository's tiny-world folder, so open_clip is not needed). Once, on the CPU
+# machine, in the repo root (.whl/ is git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 --platform any -d .whl \
-#     diffusers==0.42.1 tyro==1.0.17 open_clip_torch==3.3.0 ftfy wcwidth docstring-parser \
-#     typeguard importlib_metadata
+#     --implementation cp --platform any -d .whl \
+#     diffusers==0.42.1 tyro==1.0.17 docstring-parser typeguard importlib_metadata
 # Then through the device tool: run(command="bash benchmarks/gpu_check.sh",
 # carry=[".whl"], timeout_s=480). Everything lands in $OUT (tables.md, records.json,
 # log.txt, env.txt); without $OUT (a plain shell) it goes to results/perf/gpu.

@@ -21,7 +21,6 @@ size two CPU cores can run in seconds.
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -66,7 +65,7 @@ def build_components(
 ) -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer]:
     """Random-weight UNet, VAE and text encoder (float32) for `resolution`-pixel images,
     initialised directly on `device` (seconds on a GPU, where a CPU takes a minute for
-    the 1.3B parameters), and the CLIP tokenizer built offline."""
+    the 1.3B parameters), and the CLIP tokenizer."""
     downsampling = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
     unet_config = dict(configs["unet"], sample_size=resolution // downsampling)
     vae_config = dict(configs["vae"], sample_size=resolution)
@@ -79,9 +78,8 @@ def build_components(
 
 
 def clip_tokenizer() -> CLIPTokenizer:
-    """OpenAI CLIP's BPE tokenizer, 77 tokens, built from the vocabulary open_clip ships."""
-    from zoo.tiny.arch import build_tokenizer
+    """OpenAI CLIP's BPE tokenizer at Stable Diffusion's 77 tokens: the tiny world ships
+    the same vocabulary and merges, only its context is shorter."""
+    from zoo.tiny import PIPELINE
 
-    with tempfile.TemporaryDirectory() as folder:
-        build_tokenizer(folder)
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=TOKENIZER_LENGTH)
+    return CLIPTokenizer.from_pretrained(PIPELINE / "tokenizer", model_max_length=TOKENIZER_LENGTH)
