@@ -1,0 +1,117 @@
+"""The tiny world: data generator, shipped artifacts, and a rebuild from another seed."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionPipeline
+
+from zoo.tiny import CLIP, DEFAULT_GUIDANCE, PIPELINE, PIPELINE_LCM, data
+from zoo.tiny.build import BuildConfig, SMOKE_OVERRIDES, build
+from zoo.tiny.evaluate import Judge
+
+# ---------------------------------------------------------------- data
+
+
+def test_render_is_a_function_of_the_generator():
+    captions = data.all_captions()
+    first = data.render(captions, torch.Generator().manual_seed(5))
+    again = data.render(captions, torch.Generator().manual_seed(5))
+    other = data.render(captions, torch.Generator().manual_seed(6))
+    assert first.shape == (len(captions), 3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert first.min() >= 0 and first.max() <= 1
+
+
+def test_sample_batch_is_deterministic_and_uses_only_given_captions():
+    train = data.train_captions()
+    images, captions = data.sample_batch(32, train, torch.Generator().manual_seed(0))
+    images_again, captions_again = data.sample_batch(32, train, torch.Generator().manual_seed(0))
+    assert captions == captions_again and torch.equal(images, images_again)
+    assert set(captions) <= set(train)
+
+
+def test_heldout_split_is_disjoint_and_recombines_seen_parts():
+    train, heldout = set(data.train_captions()), set(data.heldout_captions())
+    assert not train & heldout
+    assert train | heldout == set(data.all_captions())
+    assert len(data.all_captions()) == len(data.COLOURS) * len(data.SHAPES) * len(data.BACKGROUNDS)
+    assert len(data.COLOURS) >= 6 and {"circle", "square", "triangle"} < set(data.SHAPES)
+    seen = [data.parse_caption(c) for c in train]
+    for colour, shape, background in map(data.parse_caption, heldout):
+        # Every word and every colour-shape pair of a held-out caption is seen in training.
+        assert any(c == colour and s == shape for c, s, _ in seen)
+        assert any(b == background for _, _, b in seen)
+
+
+def test_shape_pixels_have_the_captioned_colour():
+    captions = [data.caption(colour, "square", "black") for colour in data.COLOURS]
+    images = data.render(captions, torch.Generator().manual_seed(0))
+    for image, colour in zip(images, data.COLOURS):
+        inside = image.sum(0) > 0.5  # (H, W): the background is at most 3 * 0.11
+        assert inside.sum() >= 16  # the smallest square is 8.5 px wide
+        drawn = image[:, inside].median(dim=1).values
+        assert torch.allclose(drawn, torch.tensor(data.COLOURS[colour]), atol=data.COLOUR_JITTER + 1e-6)
+
+
+# ---------------------------------------------------------------- shipped artifacts
+
+
+@pytest.fixture(scope="module")
+def judge():
+    return Judge(CLIP, data.all_captions())
+
+
+def test_judge_loads_and_recognises_renders(judge):
+    captions = data.all_captions()
+    images = data.render(captions, torch.Generator().manual_seed(123))
+    reward, correct = judge.score(images, captions)
+    assert torch.isfinite(reward).all()
+    assert reward.abs().max() <= 1 + 1e-5
+    assert correct.float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("folder", "scheduler"), [(PIPELINE, DDIMScheduler), (PIPELINE_LCM, LCMScheduler)], ids=["ddim", "lcm"]
+)
+def test_shipped_pipeline_samples_finite_images_that_score(folder, scheduler, judge):
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    assert isinstance(pipe.scheduler, scheduler)
+    assert all(m.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder))
+    prompts = data.heldout_captions()[:4]
+    images = pipe(
+        prompts,
+        num_inference_steps=2,
+        guidance_scale=DEFAULT_GUIDANCE,
+        eta=1.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images
+    assert images.shape == (4, 3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+    assert torch.isfinite(images).all()
+    reward, _ = judge.score(images, prompts)
+    assert torch.isfinite(reward).all()
+
+
+def test_shipped_assets_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in PIPELINE.parent.rglob("*") if p.is_file() and not p.is_symlink())
+    assert total <= 40 * 2**20
+
+
+# ---------------------------------------------------------------- rebuild
+
+
+def test_smoke_build_from_another_seed_reloads(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    out = tmp_path / "assets"
+    build(BuildConfig(out=out, seed=7, smoke=True, **SMOKE_OVERRIDES))
+    assert json.loads((out / "build_info.json").read_text())["command"].endswith("--seed 7 --smoke")
+    for folder in (out / "pipeline", out / "pipeline-lcm"):
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        images = pipe(["a red circle on a white background"], num_inference_steps=1, output_type="pt").images
+        assert torch.isfinite(images).all()
+    model, processor = CLIPModel.from_pretrained(out / "clip"), CLIPProcessor.from_pretrained(out / "clip")
+    text = processor(text=data.all_captions(), padding="max_length", return_tensors="pt")
+    assert torch.isfinite(model.get_text_features(**text).pooler_output).all()
