@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import tyro
 
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from zoo.policy import Performance
 from zoo.registry import ALGORITHMS
 
 
@@ -96,6 +97,9 @@ class RunArgs:
     """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
     reward_path: tuple[str, ...] = ()
     """Weights locations as NAME=PATH (e.g. pickscore=/models/PickScore_v1); see each reward's error for keys."""
+    performance: Performance = field(default_factory=Performance)
+    """Speed and memory switches (TF32, gradient checkpointing, torch.compile); not part of
+    the run's identity, so a resumed run may change them."""
     algo: Annotated[AlgoConfigs, tyro.conf.arg(name="")] = field(default_factory=AlgoConfigs)
 
 
@@ -443,6 +447,7 @@ def execute(plan: Plan) -> str:
             out_dir=out,
             log=logger,
             max_bad_reward_batches=plan.args.max_bad_reward_batches,
+            performance=plan.args.performance,
         )
         records += evaluate_base(settings, seed, eval_rewards, accelerator)
         for algo in plan.algos:

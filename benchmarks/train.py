@@ -41,7 +41,7 @@ from benchmarks.checkpoint import kill_point, load_state, save_state
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from rewards.base import Reward
 from zoo.algorithm import Algorithm, LossInputs
-from zoo.policy import LoraSettings, Policy
+from zoo.policy import LoraSettings, Performance, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.trajectory import Trajectory
 
@@ -76,6 +76,7 @@ class JobSettings:
     out_dir: Path
     log: Callable[[dict], None] = field(default=lambda row: None)
     max_bad_reward_batches: int = 3
+    performance: Performance = field(default_factory=Performance)
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
 
 
@@ -118,7 +119,10 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
     state = load_state(path)
     if state is not None:
         return state["records"]
-    policy = Policy.from_pretrained(settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision)
+    policy = Policy.from_pretrained(
+        settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision,
+        performance=settings.performance,
+    )
     counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
     records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
     if accelerator.is_main_process:
@@ -281,7 +285,8 @@ def run_algorithm(
     torch.manual_seed(seed)  # the LoRA initialisation, identical for every algorithm of a seed
     lora = LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules))
     policy = Policy.from_pretrained(
-        settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora
+        settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora,
+        performance=settings.performance,
     )
     sampler = TrajectorySampler(
         policy, SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale)

@@ -28,16 +28,6 @@ PROMPTS = [
 NUM_STEPS = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: two threads on two cores shared with other jobs slow every
-    kernel down many times over (measured here), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class RecordingAlgorithm:
     """A registered algorithm that also keeps log p_current - log p_sampled of every
     transition the trainer hands to its loss."""

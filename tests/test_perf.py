@@ -13,16 +13,6 @@ FIGURES = ("sample_traj_s", "sample_speedup", "train_transitions_s", "train_spee
            "sample_peak_gb", "train_peak_gb", "train_tflops", "mfu", "ratio_drift")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: two threads on two cores shared with other jobs slow every
-    kernel down many times over (measured here), one thread does not."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _check_outputs(record: dict, out, setting: str, algos: list[str], figures=FIGURES) -> None:
     table = (out / f"{setting}.md").read_text()
     assert "| " + " | ".join(header for _, header in COLUMNS) + " |" in table

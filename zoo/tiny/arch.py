@@ -198,26 +198,19 @@ def make_vae(arch: TinyArch, image_size: int) -> AutoencoderKL:
     )
 
 
+# "trailing" spacing makes a 1-step sample start at t=999; the default "leading" with
+# steps_offset=1 would start it at t=1, from pure noise.
+_SCHEDULER_SETTINGS = dict(
+    **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing"
+)
+
+
 def make_ddim_scheduler() -> DDIMScheduler:
-    # "trailing" spacing makes a 1-step sample start at t=999; the default "leading" with
-    # steps_offset=1 would start it at t=1, from pure noise.
-    return DDIMScheduler(
-        **_SD_SCHEDULE,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="trailing",
-    )
+    return DDIMScheduler(**_SCHEDULER_SETTINGS)
 
 
 def make_lcm_scheduler() -> LCMScheduler:
-    return LCMScheduler(
-        **_SD_SCHEDULE,
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        timestep_spacing="trailing",
-    )
+    return LCMScheduler(**_SCHEDULER_SETTINGS)
 
 
 def assemble_pipeline(
