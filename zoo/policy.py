@@ -142,7 +142,10 @@ class Policy:
         self.scheduler_config = dict(scheduler_config)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
-            module.to(self.device, self.weight_dtype)
+            module.to(self.device)
+            # Cast only when needed: diffusers warns on every `to(dtype)` call.
+            if module.dtype != self.weight_dtype:
+                module.to(dtype=self.weight_dtype)
             module.eval()
         self.lora = lora
         if lora is not None:
@@ -177,9 +180,10 @@ class Policy:
         source = resolve_model(model)
         # stepzoo never downloads: the files are local or in the cache (resolve_model checked).
         kwargs = {"local_files_only": True}
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
+        dtype = PRECISION_DTYPES[mixed_precision]
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
         return cls(
