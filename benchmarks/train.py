@@ -207,10 +207,9 @@ def _train_epoch(
     chunks = [torch.arange(num_steps)] if needs.whole_trajectory_loss else [torch.tensor([j]) for j in range(num_steps)]
     calls_per_update = config.loss_calls_per_update
     params = policy.trainable_parameters()
-    totals: dict[str, float] = {}
+    totals: dict[str, torch.Tensor] = {}
     calls = 0
-    pi = torch.arange(batch)[:, None, None]
-    gi = torch.arange(group_size)[None, :, None]
+    gi = torch.arange(group_size, device=traj.latents.device)[None, :, None]
     progress = tqdm(
         total=config.num_inner_epochs * (num_prompts // batch) * len(chunks),
         desc="train", leave=False, disable=not show_progress,
@@ -226,12 +225,15 @@ def _train_epoch(
         else:
             schedule = [(mb, chunk) for mb in minibatches for chunk in chunks]
         for minibatch, chunk in schedule:
-            sub = traj.select_prompts(minibatch)
-            steps = step_orders[minibatch][:, :, chunk].to(sub.latents.device)  # (p, G, S)
-            latents = sub.latents[pi, gi, steps]  # (p, G, S, C, h, w)
-            next_latents = sub.next_latents[pi, gi, steps]
+            # Index only the transitions this call trains on: copying the minibatch's whole
+            # trajectories (all K steps, x̂0, images) for each of its K calls is K times the work.
+            device = traj.latents.device
+            mb = minibatch.to(device)[:, None, None]  # (p, 1, 1)
+            steps = step_orders[minibatch][:, :, chunk].to(device)  # (p, G, S)
+            latents = traj.latents[mb, gi, steps]  # (p, G, S, C, h, w)
+            next_latents = traj.next_latents[mb, gi, steps]
             s = steps.shape[-1]
-            embeds = sub.prompt_embeds[:, None, None].expand(-1, group_size, s, -1, -1)
+            embeds = traj.prompt_embeds[mb[:, 0, 0]][:, None, None].expand(-1, group_size, s, -1, -1)
             calls += 1
             update_now = calls % calls_per_update == 0
             # DDP all-reduces on every backward unless told not to: only the last
@@ -243,10 +245,10 @@ def _train_epoch(
                 ).view(batch, group_size, s)
                 inputs = LossInputs(
                     log_probs=log_probs,
-                    old_log_probs=sub.log_probs[pi, gi, steps],
-                    advantages=advantages[minibatch.to(advantages.device)][pi, gi, steps.to(advantages.device)],
+                    old_log_probs=traj.log_probs[mb, gi, steps],
+                    advantages=advantages.to(device)[mb, gi, steps],
                     step_index=steps,
-                    ref_log_probs=None if sub.ref_log_probs is None else sub.ref_log_probs[pi, gi, steps],
+                    ref_log_probs=None if traj.ref_log_probs is None else traj.ref_log_probs[mb, gi, steps],
                 )
                 loss, metrics = algorithm.loss(inputs)
                 if not torch.isfinite(loss):
@@ -257,11 +259,12 @@ def _train_epoch(
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+            # Summed on the device: a float() per call would wait for the GPU every call.
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
+                totals[name] = totals.get(name, 0.0) + value.detach()
             progress.update(1)
     progress.close()
-    return {name: value / max(calls, 1) for name, value in totals.items()}
+    return {name: float(value) / max(calls, 1) for name, value in totals.items()}
 
 
 def run_algorithm(
