@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import zoo.tiny
+from zoo.sdpo import PAPER_REWARD_SETTINGS
 
 TINY_ASSETS = Path(zoo.tiny.__file__).parent / "assets"
 
@@ -124,15 +125,9 @@ def sd_turbo() -> Preset:
     return _published("sd-turbo", "stabilityai/sd-turbo", "ddim", 50, 1.0)
 
 
-# (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward,
-# from the SDPO paper's configs (4 GPUs).
-SD_TURBO_REWARD_SETTINGS = {
-    "aesthetic": (1e-4, 2, 8, 100),
-    "imagereward": (5e-5, 1, 32, 200),
-    "hpsv2": (5e-5, 1, 32, 200),
-    "hpsv2.1": (5e-5, 1, 32, 200),
-    "pickscore": (6e-5, 1, 16, 200),
-}
+# (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward: the
+# SDPO paper's configs, with HPS v2.1 on its HPSv2 settings.
+SD_TURBO_REWARD_SETTINGS = {**PAPER_REWARD_SETTINGS, "hpsv2.1": PAPER_REWARD_SETTINGS["hpsv2"]}
 
 
 def lcm() -> Preset:

@@ -116,18 +116,25 @@ class SDPOConfig(TrainingConfig):
         return SDPO(self)
 
 
+PAPER_REWARD_SETTINGS: dict[str, tuple[float, int, int, int]] = {
+    "aesthetic": (1e-4, 2, 8, 100),
+    "imagereward": (5e-5, 1, 32, 200),
+    "hpsv2": (5e-5, 1, 32, 200),
+    "pickscore": (6e-5, 1, 16, 200),
+}
+"""(learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward in the
+paper's configs (4 GPUs, 8 x 4 pairs sampled per GPU per epoch)."""
+
+
 def config_for_reward(reward: str) -> SDPOConfig:
-    """The paper's per-reward settings (4 GPUs, 8 x 4 pairs sampled per GPU per epoch):
-    aesthetic 100 epochs, the others 200."""
-    settings = {
-        "aesthetic": dict(learning_rate=1e-4, train_batch_size=2, gradient_accumulation_steps=8),
-        "imagereward": dict(learning_rate=5e-5, train_batch_size=1, gradient_accumulation_steps=32),
-        "hpsv2": dict(learning_rate=5e-5, train_batch_size=1, gradient_accumulation_steps=32),
-        "pickscore": dict(learning_rate=6e-5, train_batch_size=1, gradient_accumulation_steps=16),
-    }
-    if reward not in settings:
-        raise ValueError(f"SDPO's paper has settings for {sorted(settings)}, not {reward!r}.")
-    return replace(SDPOConfig(), **settings[reward])
+    """The paper's per-reward settings (the epoch budget is the runner's: see
+    `PAPER_REWARD_SETTINGS`)."""
+    if reward not in PAPER_REWARD_SETTINGS:
+        raise ValueError(f"SDPO's paper has settings for {sorted(PAPER_REWARD_SETTINGS)}, not {reward!r}.")
+    learning_rate, batch, accumulation, _ = PAPER_REWARD_SETTINGS[reward]
+    return replace(
+        SDPOConfig(), learning_rate=learning_rate, train_batch_size=batch, gradient_accumulation_steps=accumulation
+    )
 
 
 def anchor_similarities(pred_x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
