@@ -243,7 +243,7 @@ class Plan:
 def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     """Check every input and resolve defaults; raises UsageError or RewardUnavailable /
     ModelUnavailable (one paragraph each) before anything heavy happens."""
-    from rewards.registry import check_rewards, parse_reward_spec
+    from rewards.registry import check_rewards, parse_reward_paths, parse_reward_spec
     from zoo.policy import resolve_model
 
     if args.resume and args.overwrite:
@@ -265,7 +265,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     eval_rewards = _split(args.eval_rewards, "--eval-rewards")
     for name in eval_rewards:
         parse_reward_spec(name)
-    reward_paths = _reward_paths(args.reward_path)
+    reward_paths = parse_reward_paths(args.reward_path)
     epochs = args.epochs if args.epochs is not None else preset.epochs
     if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:
         epochs = SD_TURBO_REWARD_SETTINGS[reward][3]
@@ -304,22 +304,6 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                 eval_every, trajectories, eval_samples, out_dir, configs)
     _check_out_dir(plan)
     return plan
-
-
-def _reward_paths(items: tuple[str, ...]) -> dict[str, str]:
-    """--reward-path NAME=PATH items as a dict, each key naming a reward's weights."""
-    from rewards.registry import REWARDS, path_key
-
-    keys = [path_key(name, artifact.role) for name, spec in REWARDS.items() for artifact in spec.artifacts]
-    paths = {}
-    for item in items:
-        key, sep, path = item.partition("=")
-        if not sep or not path.strip():
-            raise UsageError(f"--reward-path: expected NAME=PATH, got {item!r}")
-        if key not in keys:
-            raise UsageError(f"--reward-path: {key!r} names no reward's weights; choose from {', '.join(keys)}")
-        paths[key] = path
-    return paths
 
 
 def _schedule_length(model: str, source: str) -> int:

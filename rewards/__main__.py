@@ -10,18 +10,7 @@ import argparse
 import sys
 
 from rewards.errors import RewardUnavailable
-from rewards.registry import check_rewards
-
-
-def parse_reward_paths(items: list[str]) -> dict[str, str]:
-    """['aesthetic=/a.pth', 'aesthetic:clip=/clip'] -> {'aesthetic': '/a.pth', 'aesthetic:clip': '/clip'}."""
-    paths = {}
-    for item in items:
-        key, sep, path = item.partition("=")
-        if not sep or not key or not path:
-            raise SystemExit(f"--reward-path: expected NAME=PATH or NAME:ROLE=PATH, got {item!r}")
-        paths[key] = path
-    return paths
+from rewards.registry import check_rewards, parse_reward_paths
 
 
 def main(argv: list[str] | None = None) -> int:

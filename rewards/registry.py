@@ -320,6 +320,21 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     return terms
 
 
+def parse_reward_paths(items: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """--reward-path items ('aesthetic=/a.pth', 'aesthetic:clip=/clip') as {key: path};
+    every key must name a reward's weights (`path_key`). Raises UnknownReward."""
+    keys = [path_key(name, artifact.role) for name, spec in REWARDS.items() for artifact in spec.artifacts]
+    paths = {}
+    for item in items:
+        key, sep, path = item.partition("=")
+        if not sep or not path.strip():
+            raise UnknownReward(f"--reward-path: expected NAME=PATH or NAME:ROLE=PATH, got {item!r}")
+        if key not in keys:
+            raise UnknownReward(f"--reward-path: {key!r} names no reward's weights; choose from {', '.join(keys)}")
+        paths[key] = path
+    return paths
+
+
 def _hub_cache_dir() -> Path:
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
