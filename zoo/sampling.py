@@ -28,7 +28,7 @@ spacing puts a 1-step sample at t=999. Transitions are addressed by step index k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -173,17 +173,15 @@ class TrajectorySampler:
         config.validate(for_training=False)
         self.policy = policy
         self.config = config
-        self.schedule = make_schedule(policy.scheduler_for(config.kind), config.kind, config.num_steps)
+        schedule = make_schedule(policy.scheduler_for(config.kind), config.kind, config.num_steps)
         # On the policy's device once: a host-to-device copy per step would make the host
         # wait for the GPU to drain, so it could not queue the next UNet call meanwhile.
-        s = self.schedule
-        self._constants = tuple(
-            v.to(policy.device) for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out)
-        )
+        self.schedule = StepSchedule(*(getattr(schedule, f.name).to(policy.device) for f in fields(StepSchedule)))
 
     def _step_constants(self, step_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         idx = step_index.to(self.policy.device)
-        return tuple(v[idx] for v in self._constants)
+        s = self.schedule
+        return tuple(v[idx] for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out))
 
     def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
         """Standard normal noise drawn on the CPU (a seed gives the same trajectories on any
@@ -272,7 +270,7 @@ class TrajectorySampler:
             return stacked.reshape(num_prompts, group_size, num_steps, *stacked.shape[2:])
 
         images = policy.decode(x)
-        timesteps = self.schedule.timesteps.to(policy.device).expand(num_prompts, group_size, num_steps)
+        timesteps = self.schedule.timesteps.expand(num_prompts, group_size, num_steps)
         return Trajectory(
             prompts=list(prompts),
             prompt_embeds=embeds,
