@@ -40,6 +40,7 @@ from transformers import CLIPTextModel
 
 from benchmarks import archs
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.train import Transitions, gather_transitions
 from rewards.registry import load_reward
 from zoo.algorithm import LossInputs
 from zoo.policy import LoraSettings, Performance, Policy
@@ -204,36 +205,15 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
 # --- one algorithm ----------------------------------------------------------------------
 
 
-@dataclass
-class TrainingBatch:
-    """One trainer minibatch gathered from a sampled trajectory batch: p groups, G members,
-    S steps each (S = 1 for per-step losses, K for whole-trajectory losses)."""
-
-    latents: torch.Tensor  # (p, G, S, C, h, w)
-    next_latents: torch.Tensor  # (p, G, S, C, h, w)
-    steps: torch.Tensor  # (p, G, S) long
-    embeds: torch.Tensor  # (p, G, S, L, D)
-    old_log_probs: torch.Tensor  # (p, G, S)
-    ref_log_probs: torch.Tensor | None  # (p, G, S)
-
-
-def training_batch(traj: Trajectory, groups: int, whole_trajectory: bool) -> TrainingBatch:
-    sub = traj.select_prompts(torch.arange(groups))
-    p, g, k = sub.log_probs.shape
+def training_batch(traj: Trajectory, groups: int, whole_trajectory: bool) -> Transitions:
+    """The trainer's minibatch of the first `groups` groups: every step (whole-trajectory
+    losses) or the middle one."""
+    k = traj.num_steps
     chosen = torch.arange(k) if whole_trajectory else torch.tensor([k // 2])
-    steps = chosen.expand(p, g, -1).to(sub.latents.device)
-    s = steps.shape[-1]
-    return TrainingBatch(
-        latents=sub.latents[:, :, chosen],
-        next_latents=sub.next_latents[:, :, chosen],
-        steps=steps,
-        embeds=sub.prompt_embeds[:, None, None].expand(-1, g, s, -1, -1),
-        old_log_probs=sub.log_probs[:, :, chosen],
-        ref_log_probs=None if sub.ref_log_probs is None else sub.ref_log_probs[:, :, chosen],
-    )
+    return gather_transitions(traj, torch.arange(groups), chosen.expand(groups, traj.group_size, -1))
 
 
-def train_call(sampler, algorithm, optimizer, batch: TrainingBatch, per_member: bool) -> torch.Tensor:
+def train_call(sampler, algorithm, optimizer, batch: Transitions, per_member: bool) -> torch.Tensor:
     """Recompute log-probs (one UNet call, or one per group member), loss, backward, step.
     Returns the recomputed log-probs (p, G, S), detached."""
 

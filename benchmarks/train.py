@@ -181,6 +181,43 @@ def global_advantages(
     return algorithm.advantages(all_prompts, all_returns, tracker)[start : start + len(prompts)]
 
 
+@dataclass
+class Transitions:
+    """The transitions one loss call trains on: p groups, G members, S steps each."""
+
+    latents: torch.Tensor  # (p, G, S, C, h, w) x_t
+    next_latents: torch.Tensor  # (p, G, S, C, h, w) x_t'
+    steps: torch.Tensor  # (p, G, S) long step indices
+    embeds: torch.Tensor  # (p, G, S, L, D) prompt embeddings
+    old_log_probs: torch.Tensor  # (p, G, S)
+    ref_log_probs: torch.Tensor | None  # (p, G, S)
+
+    def log_probs(self, sampler: TrajectorySampler) -> torch.Tensor:
+        """(p, G, S) log-probs under the sampler's current weights, in one UNet call."""
+        flat = sampler.log_prob(
+            self.latents.flatten(0, 2), self.steps.flatten(), self.next_latents.flatten(0, 2), self.embeds.flatten(0, 2)
+        )
+        return flat.view(self.steps.shape)
+
+
+def gather_transitions(traj: Trajectory, groups: torch.Tensor, steps: torch.Tensor) -> Transitions:
+    """The transitions at `steps` (p, G, S) of the groups `groups` (p,). Indexes only those:
+    copying the groups' whole trajectories (all K steps, x̂0, images) for each of a
+    minibatch's K loss calls would be K times the work."""
+    device = traj.latents.device
+    mb = groups.to(device)[:, None, None]  # (p, 1, 1)
+    gi = torch.arange(traj.group_size, device=device)[None, :, None]  # (1, G, 1)
+    steps = steps.to(device)
+    return Transitions(
+        latents=traj.latents[mb, gi, steps],
+        next_latents=traj.next_latents[mb, gi, steps],
+        steps=steps,
+        embeds=traj.prompt_embeds[mb[:, 0, 0]][:, None, None].expand(-1, traj.group_size, steps.shape[-1], -1, -1),
+        old_log_probs=traj.log_probs[mb, gi, steps],
+        ref_log_probs=None if traj.ref_log_probs is None else traj.ref_log_probs[mb, gi, steps],
+    )
+
+
 def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
     """(P, G, K) independent permutations of the K steps per trajectory (shared inside a
     group when the algorithm pairs its members step by step)."""
@@ -209,7 +246,9 @@ def _train_epoch(
     params = policy.trainable_parameters()
     totals: dict[str, torch.Tensor] = {}
     calls = 0
-    gi = torch.arange(group_size, device=traj.latents.device)[None, :, None]
+    device = traj.latents.device
+    advantages = advantages.to(device)
+    gi = torch.arange(group_size, device=device)[None, :, None]
     progress = tqdm(
         total=config.num_inner_epochs * (num_prompts // batch) * len(chunks),
         desc="train", leave=False, disable=not show_progress,
@@ -225,30 +264,20 @@ def _train_epoch(
         else:
             schedule = [(mb, chunk) for mb in minibatches for chunk in chunks]
         for minibatch, chunk in schedule:
-            # Index only the transitions this call trains on: copying the minibatch's whole
-            # trajectories (all K steps, x̂0, images) for each of its K calls is K times the work.
-            device = traj.latents.device
-            mb = minibatch.to(device)[:, None, None]  # (p, 1, 1)
-            steps = step_orders[minibatch][:, :, chunk].to(device)  # (p, G, S)
-            latents = traj.latents[mb, gi, steps]  # (p, G, S, C, h, w)
-            next_latents = traj.next_latents[mb, gi, steps]
-            s = steps.shape[-1]
-            embeds = traj.prompt_embeds[mb[:, 0, 0]][:, None, None].expand(-1, group_size, s, -1, -1)
+            transitions = gather_transitions(traj, minibatch, step_orders[minibatch][:, :, chunk])
+            mb = minibatch.to(device)[:, None, None]
             calls += 1
             update_now = calls % calls_per_update == 0
             # DDP all-reduces on every backward unless told not to: only the last
             # backward before an optimizer step needs synchronised gradients.
             sync = contextlib.nullcontext() if update_now else accelerator.no_sync(policy.denoiser)
             with sync:
-                log_probs = sampler.log_prob(
-                    latents.flatten(0, 2), steps.flatten(), next_latents.flatten(0, 2), embeds.flatten(0, 2)
-                ).view(batch, group_size, s)
                 inputs = LossInputs(
-                    log_probs=log_probs,
-                    old_log_probs=traj.log_probs[mb, gi, steps],
-                    advantages=advantages.to(device)[mb, gi, steps],
-                    step_index=steps,
-                    ref_log_probs=None if traj.ref_log_probs is None else traj.ref_log_probs[mb, gi, steps],
+                    log_probs=transitions.log_probs(sampler),
+                    old_log_probs=transitions.old_log_probs,
+                    advantages=advantages[mb, gi, transitions.steps],
+                    step_index=transitions.steps,
+                    ref_log_probs=transitions.ref_log_probs,
                 )
                 loss, metrics = algorithm.loss(inputs)
                 if not torch.isfinite(loss):
