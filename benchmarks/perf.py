@@ -10,9 +10,11 @@ log-probs), in the preset's precision:
 - sampling trajectories/s of one `TrajectorySampler.sample` call of `--batch-size`
   trajectories, and the same trajectories sampled the reference codes' way, one
   sampler call per group member (each pair member its own UNet pass);
+- sampling and scoring `--sample-calls` such calls as the trainer does an epoch, with
+  each call's rewards overlapped with the next call's sampling, against scoring serially;
 - training transitions/s of one trainer minibatch (log-prob recompute with gradients,
-  the algorithm's loss, backward, AdamW step), and the same with one log-prob call per
-  group member;
+  the algorithm's loss, backward in the trainer's chunks of steps, AdamW step), and the
+  same with one log-prob call per group member;
 - reward images/s of `--reward` on images of the preset's resolution;
 - peak memory: CUDA's max allocated per phase, or the process's peak RSS on a CPU;
 - the training step's FLOPs (torch's FLOP counter, checkpointing off so recomputation
@@ -40,9 +42,8 @@ from transformers import CLIPTextModel
 
 from benchmarks import archs
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
-from benchmarks.train import Transitions, gather_transitions
+from benchmarks.train import TrainLoop, Transitions, gather_transitions, minibatch_losses, sample_and_score
 from rewards.registry import load_reward
-from zoo.algorithm import LossInputs
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
@@ -56,6 +57,9 @@ COLUMNS = (
     ("steps", "K"),
     ("sample_traj_s", "sample traj/s"),
     ("sample_speedup", "× per-member"),
+    ("epoch_traj_s", "sample+reward traj/s"),
+    ("overlap_speedup", "× overlap"),
+    ("overlap_score_diff", "overlap Δscore"),
     ("train_transitions_s", "train trans/s"),
     ("train_speedup", "× per-member"),
     ("ratio_drift", "ratio drift"),
@@ -92,6 +96,11 @@ class PerfArgs:
     """Reward timed on the sampled images (one that needs no download)."""
     train_batch_size: int | None = None
     """Groups per training minibatch (default: the preset's paper setting for each algorithm)."""
+    sample_calls: int = 3
+    """Sampling calls of `--batch-size` whose rewards are scored serially, then overlapped
+    with the next call's sampling, as the trainer samples an epoch (timed once each)."""
+    steps_per_backward: int = TrainLoop.steps_per_backward
+    """Steps per backward pass of whole-trajectory losses (REBEL), as the trainer's flag."""
     gradient_checkpointing: bool = False
     """Checkpoint the UNet's blocks during training (less memory, ~1/3 more compute)."""
     compile_unet: bool = False
@@ -169,9 +178,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+def timed(fn: Callable[[], object], device: torch.device, repeats: int, warm_up: bool = True) -> float:
     """Median seconds of `repeats` calls after one warm-up call."""
-    fn()
+    if warm_up:
+        fn()
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -213,27 +223,15 @@ def training_batch(traj: Trajectory, groups: int, whole_trajectory: bool) -> Tra
     return gather_transitions(traj, torch.arange(groups), chosen.expand(groups, traj.group_size, -1))
 
 
-def train_call(sampler, algorithm, optimizer, batch: Transitions, per_member: bool) -> torch.Tensor:
-    """Recompute log-probs (one UNet call, or one per group member), loss, backward, step.
-    Returns the recomputed log-probs (p, G, S), detached."""
-
-    def log_prob(members: slice) -> torch.Tensor:
-        lat, nxt, emb, st = (t[:, members] for t in (batch.latents, batch.next_latents, batch.embeds, batch.steps))
-        out = sampler.log_prob(lat.flatten(0, 2), st.flatten(), nxt.flatten(0, 2), emb.flatten(0, 2))
-        return out.view(st.shape)
-
-    group_size = batch.steps.shape[1]
-    if per_member:
-        log_probs = torch.cat([log_prob(slice(g, g + 1)) for g in range(group_size)], dim=1)
-    else:
-        log_probs = log_prob(slice(None))
-    advantages = torch.linspace(-1, 1, log_probs.numel(), device=log_probs.device).view(log_probs.shape)
-    inputs = LossInputs(log_probs, batch.old_log_probs, advantages, batch.steps, batch.ref_log_probs)
-    loss, _ = algorithm.loss(inputs)
-    loss.backward()
+def train_call(sampler, algorithm, optimizer, batch: Transitions, per_member: bool, steps_per_backward: int) -> None:
+    """The trainer's minibatch: log-prob recompute (one UNet call, or one per group
+    member), loss, backward (in chunks of steps for whole-trajectory losses), AdamW step."""
+    shape = batch.steps.shape
+    advantages = torch.linspace(-1, 1, batch.steps.numel(), device=batch.steps.device).view(shape)
+    for loss, _, _ in minibatch_losses(algorithm, sampler, batch, advantages, steps_per_backward, per_member):
+        loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return log_probs.detach()
 
 
 def measure_algorithm(
@@ -270,6 +268,25 @@ def measure_algorithm(
         per_member = timed(lambda: [sample(1, False) for _ in range(needs.group_size)], device, args.repeats)
         row["sample_speedup"] = per_member / seconds
 
+    epoch_prompts = prompts * args.sample_calls
+
+    epoch_scores = {}
+
+    def epoch(overlap: bool) -> None:
+        loop = TrainLoop(sample_batch_size=batch, overlap_rewards=overlap)
+        noise = torch.Generator().manual_seed(args.seed)
+        _, scores, failure = sample_and_score(algorithm, sampler, epoch_prompts, noise, reward, loop)
+        if failure:
+            raise RuntimeError(f"--reward {args.reward} {failure}")
+        epoch_scores[overlap] = scores
+
+    # Sampling is warm by now: one timing each, of the same trajectories, whose scores
+    # must not depend on where (which thread, which CUDA stream) they were computed.
+    overlapped = timed(lambda: epoch(True), device, 1, warm_up=False)
+    row["epoch_traj_s"] = batch * args.sample_calls / overlapped
+    row["overlap_speedup"] = timed(lambda: epoch(False), device, 1, warm_up=False) / overlapped
+    row["overlap_score_diff"] = float((epoch_scores[True] - epoch_scores[False]).abs().max())
+
     traj = sample(needs.group_size, needs.shared_noise)
     images = traj.images.flatten(0, 1)
     reward_prompts = [p for p in traj.prompts for _ in range(needs.group_size)]
@@ -277,18 +294,20 @@ def measure_algorithm(
 
     tb = training_batch(traj, train_groups, needs.whole_trajectory_loss)
     transitions = tb.steps.numel()
-    # The first re-scoring runs under the weights that sampled: the ratio the trainer's
-    # first minibatch sees, which must be 1 up to rounding in any precision.
-    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
-    rescored = train_call(sampler, algorithm, optimizer, tb, False)
+    # Re-scored as the trainer's first minibatch is, under the weights that sampled: the
+    # ratio must be 1 up to rounding in any precision.
+    rescored = tb.log_probs(sampler).detach()
     row["ratio_drift"] = float((rescored - tb.old_log_probs).exp().sub(1).abs().max())
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
+    step = args.steps_per_backward
     reset_peak(device)
-    seconds = timed(lambda: train_call(sampler, algorithm, optimizer, tb, False), device, args.repeats)
+    seconds = timed(lambda: train_call(sampler, algorithm, optimizer, tb, False, step), device, args.repeats)
     row["train_peak_gb"] = peak_gb(device)
     row["train_transitions_s"] = transitions / seconds
     if args.baseline:
-        row["train_speedup"] = timed(lambda: train_call(sampler, algorithm, optimizer, tb, True), device, args.repeats) / seconds
-    flops = training_flops(policy, lambda: train_call(sampler, algorithm, optimizer, tb, False))
+        row["train_speedup"] = timed(lambda: train_call(sampler, algorithm, optimizer, tb, True, step), device,
+                                     args.repeats) / seconds
+    flops = training_flops(policy, lambda: train_call(sampler, algorithm, optimizer, tb, False, step))
     row["train_tflops"] = flops / seconds / 1e12
     row["mfu"] = row["train_tflops"] / matmul_peak
 
@@ -349,6 +368,11 @@ def markdown(record: dict) -> str:
         "under the weights that sampled",
         "- × per-member: time of the reference codes' way (one sampler / log-prob call per group member) "
         "over stepzoo's one batched call",
+        f"- sample+reward: {record['args']['sample_calls']} sampling calls scored as the trainer scores an epoch; "
+        "× overlap: time with rewards scored after each call over time with them scored while the next call samples; "
+        "overlap Δscore: max |difference| of the two ways' scores of the same trajectories",
+        "- train TFLOP/s counts the FLOPs executed; a whole-trajectory loss over more than "
+        f"{record['args']['steps_per_backward']} steps includes its extra forward pass without gradients",
         "",
         "| " + " | ".join(header for _, header in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),

@@ -48,6 +48,8 @@ class Preset:
     epochs: int
     trajectories_per_epoch: int
     """Trajectories sampled per epoch on each process (groups x group size)."""
+    sample_batch_size: int
+    """Trajectories per sampling call (their rewards overlap the next call's sampling)."""
     eval_every: int
     eval_samples_per_prompt: int
     eval_batch_size: int
@@ -72,6 +74,7 @@ def tiny() -> Preset:
         eta=1.0,
         epochs=10,
         trajectories_per_epoch=64,
+        sample_batch_size=16,
         eval_every=2,
         eval_samples_per_prompt=8,
         eval_batch_size=64,
@@ -97,8 +100,8 @@ def _tiny_guidance() -> float:
 
 
 def _published(name: str, model: str, sampler: str, num_steps: int, guidance_scale: float, **overrides) -> Preset:
-    """The settings the GPU presets share: animal prompts (five held out), fp16, 8 x 4
-    trajectories per process per epoch as in the DDPO and SDPO configs."""
+    """The settings the GPU presets share: animal prompts (five held out), fp16, 4 sampling
+    calls of 8 trajectories per process per epoch as in the DDPO and SDPO configs."""
     settings = dict(
         name=name,
         model=model,
@@ -111,6 +114,7 @@ def _published(name: str, model: str, sampler: str, num_steps: int, guidance_sca
         eta=1.0,
         epochs=100,
         trajectories_per_epoch=32,
+        sample_batch_size=8,
         eval_every=10,
         eval_samples_per_prompt=16,
         eval_batch_size=16,

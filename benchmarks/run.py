@@ -27,6 +27,7 @@ from typing import Annotated, Any
 import tyro
 
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.train import TrainLoop
 from zoo.policy import Performance
 from zoo.registry import ALGORITHMS
 
@@ -100,6 +101,9 @@ class RunArgs:
     performance: Performance = field(default_factory=Performance)
     """Speed and memory switches (TF32, gradient checkpointing, torch.compile); not part of
     the run's identity, so a resumed run may change them."""
+    loop: TrainLoop = field(default_factory=TrainLoop)
+    """Sampling-call size, rewards overlapped with sampling, steps per backward pass of
+    whole-trajectory losses; not part of the run's identity either."""
     algo: Annotated[AlgoConfigs, tyro.conf.arg(name="")] = field(default_factory=AlgoConfigs)
 
 
@@ -218,6 +222,7 @@ class Plan:
     eval_samples_per_prompt: int
     out_dir: Path
     configs: dict[str, Any]
+    loop: TrainLoop
 
     def config_json(self) -> dict:
         return {
@@ -285,6 +290,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
     for name, cfg in configs.items():
         _check_batch_sizes(name, cfg, trajectories, num_processes)
+    loop = _check_loop(args.loop, preset, configs)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
         check_rewards(name, reward_paths)
@@ -301,9 +307,25 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model, epochs,
-                eval_every, trajectories, eval_samples, out_dir, configs)
+                eval_every, trajectories, eval_samples, out_dir, configs, loop)
     _check_out_dir(plan)
     return plan
+
+
+def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> TrainLoop:
+    """`loop` with the preset's sampling-call size filled in; refuses sizes that cannot be."""
+    sample_batch = loop.sample_batch_size if loop.sample_batch_size is not None else preset.sample_batch_size
+    if sample_batch < 1:
+        raise UsageError(f"--loop.sample-batch-size must be at least 1, got {sample_batch}")
+    for name, cfg in configs.items():
+        group_size = cfg.build().needs.group_size
+        if sample_batch % group_size:
+            raise UsageError(
+                f"--loop.sample-batch-size {sample_batch} is not a multiple of {name}'s group size {group_size}"
+            )
+    if loop.steps_per_backward < 1:
+        raise UsageError(f"--loop.steps-per-backward must be at least 1, got {loop.steps_per_backward}")
+    return dataclasses.replace(loop, sample_batch_size=sample_batch)
 
 
 def _schedule_length(model: str, source: str) -> int:
@@ -432,6 +454,7 @@ def execute(plan: Plan) -> str:
             log=logger,
             max_bad_reward_batches=plan.args.max_bad_reward_batches,
             performance=plan.args.performance,
+            loop=plan.loop,
         )
         records += evaluate_base(settings, seed, eval_rewards, accelerator)
         for algo in plan.algos:

@@ -4,14 +4,17 @@ This is the only place that touches accelerate, checkpoints and loggers; algorit
 pure tensor math (zoo.algorithm). One epoch is:
 
 1. every process samples `trajectories_per_epoch` trajectories (groups of the size the
-   algorithm asks for) from prompts drawn with a generator seeded by (seed, epoch,
-   process), so a resumed run draws exactly what an uninterrupted one would;
-2. the images the algorithm names are scored, `shape_rewards` runs locally, and prompts
-   and returns are gathered so that advantages and stat tracking see the global batch;
+   algorithm asks for) from prompts and noise drawn with a generator seeded by (seed,
+   epoch, process), so a resumed run draws exactly what an uninterrupted one would, in
+   sampling calls of `TrainLoop.sample_batch_size` trajectories;
+2. the images the algorithm names are scored, each call's while the next one samples,
+   `shape_rewards` runs locally, and prompts and returns are gathered so that advantages
+   and stat tracking see the global batch;
 3. minibatches of groups are replayed step by step (or whole trajectories for
-   whole-trajectory losses), log-probs recomputed under the current weights, and
-   gradients accumulated over `gradient_accumulation_steps` minibatches times the loss
-   calls per minibatch, as the DDPO reference multiplies accumulation by K;
+   whole-trajectory losses, in chunks of steps with the exact gradient), log-probs
+   recomputed under the current weights, and gradients accumulated over
+   `gradient_accumulation_steps` minibatches times the loss calls per minibatch, as the
+   DDPO reference multiplies accumulation by K;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
    records), so a kill loses at most the epoch in flight.
 
@@ -28,6 +31,8 @@ import contextlib
 import math
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +45,7 @@ from tqdm.auto import tqdm
 from benchmarks.checkpoint import kill_point, load_state, save_state
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from rewards.base import Reward
+from rewards.executor import RewardExecutor
 from zoo.algorithm import Algorithm, LossInputs
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
@@ -61,6 +67,26 @@ class RewardFailures(RunStopped):
     """The training reward failed (raised, or returned NaN/inf) in more epochs than allowed."""
 
 
+@dataclass(frozen=True)
+class TrainLoop:
+    """Speed and memory switches of the training loop. Like `Performance`, none of them
+    changes what is computed beyond floating-point rounding, so a resumed run may change
+    them: an epoch's noise is drawn before it is split into sampling calls."""
+
+    sample_batch_size: int | None = None
+    """Trajectories per sampling call, a multiple of each algorithm's group size (default:
+    the preset's). Smaller calls bound the sampler's memory and let rewards overlap."""
+    overlap_rewards: bool = True
+    """Score each sampling call's images in a background thread (on CUDA, its own stream)
+    while the next call samples."""
+    steps_per_backward: int = 8
+    """Losses over whole trajectories (REBEL) recompute at most this many steps of a
+    minibatch per backward pass, so their memory does not grow with K. With fewer than K,
+    one extra forward pass without gradients first gives every step's log-prob, and each
+    chunk's backward gets the whole loss's exact gradient (the other steps enter as
+    constants)."""
+
+
 @dataclass
 class JobSettings:
     """Everything one (algorithm, seed) run needs besides the algorithm's own config."""
@@ -76,8 +102,9 @@ class JobSettings:
     out_dir: Path
     log: Callable[[dict], None] = field(default=lambda row: None)
     max_bad_reward_batches: int = 3
-    performance: Performance = field(default_factory=Performance)
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
+    performance: Performance = field(default_factory=Performance)
+    loop: TrainLoop = field(default_factory=TrainLoop)
 
 
 def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
@@ -151,22 +178,72 @@ def _reward_inputs(
     return policy.decode(latents.flatten(0, 2)), prompts, (num_prompts, group_size, per_trajectory)
 
 
-def _score(
-    algorithm: Algorithm, traj: Trajectory, policy: Policy, reward: Reward
-) -> tuple[torch.Tensor | None, str | None]:
-    """(scores, None), or (None, what went wrong) when the reward raised or returned NaN
-    or inf. Scores: (P, G) of the final images, or (P, G, M) of x̂0 at `reward_steps`."""
-    images, prompts, shape = _reward_inputs(algorithm, traj, policy)
+def _run_now(score: Callable[..., torch.Tensor], *args) -> Future:
+    """The finished future of `score(*args)`: the serial path's stand-in for the executor."""
+    future: Future = Future()
     try:
-        scores = reward.score(images, prompts).view(shape)
-    # Rewards are third-party models: any failure of one costs one update, not the run,
-    # up to the limit the caller enforces.
-    except Exception as error:
-        return None, f"raised {type(error).__name__}: {' '.join(str(error).split())}"
+        future.set_result(score(*args))
+    except Exception as error:  # handed to the caller as the executor would hand it
+        future.set_exception(error)
+    return future
+
+
+def sample_and_score(
+    algorithm: Algorithm,
+    sampler: TrajectorySampler,
+    prompts: list[str],
+    generator: torch.Generator,
+    reward: Reward,
+    loop: TrainLoop,
+) -> tuple[Trajectory, torch.Tensor | None, str | None]:
+    """Sample `needs.group_size` trajectories per prompt in calls of `loop.sample_batch_size`
+    trajectories, scoring each call's images (in the background when `overlap_rewards`).
+
+    Returns (trajectories, scores, None), or (trajectories, None, what went wrong) when
+    the reward raised or returned NaN or inf. Scores: (P, G) of the final images, or
+    (P, G, M) of x̂0 at `reward_steps`. Every noise draw is made before the first call,
+    so the trajectories do not depend on `sample_batch_size`.
+    """
+    needs = algorithm.needs
+    policy = sampler.policy
+    num_prompts, group_size = len(prompts), needs.group_size
+    latent_shape = policy.latent_shape
+    noise_groups = 1 if needs.shared_noise else group_size
+    initial_noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
+    initial_noise = initial_noise.expand(num_prompts, group_size, *latent_shape)
+    step_noise = torch.randn((num_prompts, group_size, sampler.config.num_steps, *latent_shape), generator=generator)
+    groups_per_call = max(1, (loop.sample_batch_size or num_prompts * group_size) // group_size)
+
+    parts, pending, shapes = [], [], []
+    executor = RewardExecutor(reward) if loop.overlap_rewards else None
+    try:
+        for start in range(0, num_prompts, groups_per_call):
+            call = slice(start, start + groups_per_call)
+            part = sampler.sample(
+                prompts[call], group_size=group_size, initial_noise=initial_noise[call],
+                step_noise=step_noise[call], record_pred_x0=needs.record_pred_x0,
+                reference_log_probs=needs.reference_log_probs,
+            )
+            images, image_prompts, shape = _reward_inputs(algorithm, part, policy)
+            pending.append(executor.submit(images, image_prompts) if executor else _run_now(reward.score, images, image_prompts))
+            parts.append(part)
+            shapes.append(shape)
+        scores = []
+        for future, shape in zip(pending, shapes):
+            try:
+                scores.append(future.result().view(shape))
+            # Rewards are third-party models: any failure of one costs one update, not
+            # the run, up to the limit the caller enforces.
+            except Exception as error:
+                return Trajectory.cat(parts), None, f"raised {type(error).__name__}: {' '.join(str(error).split())}"
+    finally:
+        if executor is not None:
+            executor.shutdown()
+    traj, scores = Trajectory.cat(parts), torch.cat(scores)
     bad = int((~torch.isfinite(scores)).sum())
     if bad:
-        return None, f"returned NaN or inf for {bad} of {scores.numel()} scores"
-    return scores, None
+        return traj, None, f"returned NaN or inf for {bad} of {scores.numel()} scores"
+    return traj, scores, None
 
 
 def global_advantages(
@@ -192,12 +269,61 @@ class Transitions:
     old_log_probs: torch.Tensor  # (p, G, S)
     ref_log_probs: torch.Tensor | None  # (p, G, S)
 
-    def log_probs(self, sampler: TrajectorySampler) -> torch.Tensor:
-        """(p, G, S) log-probs under the sampler's current weights, in one UNet call."""
+    def log_probs(self, sampler: TrajectorySampler, per_member: bool = False) -> torch.Tensor:
+        """(p, G, S) log-probs under the sampler's current weights, in one UNet call, or
+        in one call per group member (`per_member`: the reference codes' way, for
+        benchmarks.perf)."""
+        if per_member:
+            return torch.cat([self.select(steps=slice(None), members=slice(g, g + 1)).log_probs(sampler)
+                              for g in range(self.steps.shape[1])], dim=1)
         flat = sampler.log_prob(
             self.latents.flatten(0, 2), self.steps.flatten(), self.next_latents.flatten(0, 2), self.embeds.flatten(0, 2)
         )
         return flat.view(self.steps.shape)
+
+    def select(self, steps: slice | torch.Tensor, members: slice = slice(None)) -> "Transitions":
+        """The transitions at positions `steps` of dim 2 (and `members` of dim 1)."""
+        return Transitions(*(None if t is None else t[:, members][:, :, steps] for t in (
+            self.latents, self.next_latents, self.steps, self.embeds, self.old_log_probs, self.ref_log_probs)))
+
+
+def minibatch_losses(
+    algorithm: Algorithm,
+    sampler: TrajectorySampler,
+    transitions: Transitions,
+    advantages: torch.Tensor,
+    steps_per_backward: int,
+    per_member: bool = False,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
+    """(loss, metrics, last): the losses whose backward passes together give one
+    minibatch's gradient; `last` marks the final one.
+
+    A per-step loss (or a trajectory of at most `steps_per_backward` steps) is one loss.
+    A whole-trajectory loss over more steps is computed once per chunk of steps: every
+    step's log-prob is first computed without gradients, and each chunk's loss takes the
+    chunk's log-probs with gradients and the rest as constants. Each is the full loss in
+    value, and the sum of their gradients is the full loss's gradient. Metrics come with
+    the first loss only. Lazily: each loss's graph can be freed before the next is built.
+    advantages: (p, G, S), aligned with `transitions`.
+    """
+
+    def loss(log_probs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return algorithm.loss(LossInputs(
+            log_probs=log_probs, old_log_probs=transitions.old_log_probs, advantages=advantages,
+            step_index=transitions.steps, ref_log_probs=transitions.ref_log_probs,
+        ))
+
+    num_steps = transitions.steps.shape[2]
+    if not algorithm.needs.whole_trajectory_loss or num_steps <= steps_per_backward:
+        yield *loss(transitions.log_probs(sampler, per_member)), True
+        return
+    chunks = torch.arange(num_steps, device=transitions.steps.device).split(steps_per_backward)
+    with torch.no_grad():
+        constants = torch.cat([transitions.select(chunk).log_probs(sampler, per_member) for chunk in chunks], dim=2)
+    for i, chunk in enumerate(chunks):
+        with_grad = transitions.select(chunk).log_probs(sampler, per_member)
+        value, metrics = loss(constants.index_copy(2, chunk, with_grad))
+        yield value, metrics if i == 0 else None, i == len(chunks) - 1
 
 
 def gather_transitions(traj: Trajectory, groups: torch.Tensor, steps: torch.Tensor) -> Transitions:
@@ -235,6 +361,7 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     generator: torch.Generator,
+    loop: TrainLoop,
     show_progress: bool,
 ) -> dict[str, float]:
     policy = sampler.policy
@@ -268,29 +395,25 @@ def _train_epoch(
             mb = minibatch.to(device)[:, None, None]
             calls += 1
             update_now = calls % calls_per_update == 0
-            # DDP all-reduces on every backward unless told not to: only the last
-            # backward before an optimizer step needs synchronised gradients.
-            sync = contextlib.nullcontext() if update_now else accelerator.no_sync(policy.denoiser)
-            with sync:
-                inputs = LossInputs(
-                    log_probs=transitions.log_probs(sampler),
-                    old_log_probs=transitions.old_log_probs,
-                    advantages=advantages[mb, gi, transitions.steps],
-                    step_index=transitions.steps,
-                    ref_log_probs=transitions.ref_log_probs,
-                )
-                loss, metrics = algorithm.loss(inputs)
+            losses = minibatch_losses(
+                algorithm, sampler, transitions, advantages[mb, gi, transitions.steps], loop.steps_per_backward
+            )
+            for loss, metrics, last in losses:
                 if not torch.isfinite(loss):
                     raise TrainingDiverged(f"the loss became {float(loss.detach())} (try a lower learning rate)")
-                accelerator.backward(loss / calls_per_update)
+                # DDP all-reduces on every backward unless told not to: only the last
+                # backward before an optimizer step needs synchronised gradients.
+                sync = update_now and last
+                with contextlib.nullcontext() if sync else accelerator.no_sync(policy.denoiser):
+                    accelerator.backward(loss / calls_per_update)
+                # Summed on the device: a float() per call would wait for the GPU every call.
+                for name, value in (metrics or {}).items():
+                    totals[name] = totals.get(name, 0.0) + value.detach()
             if update_now:
                 if config.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            # Summed on the device: a float() per call would wait for the GPU every call.
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value.detach()
             progress.update(1)
     progress.close()
     return {name: float(value) / max(calls, 1) for name, value in totals.items()}
@@ -357,16 +480,8 @@ def run_algorithm(
         generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
         prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
-        traj = sampler.sample(
-            prompts,
-            group_size=group_size,
-            shared_noise=needs.shared_noise,
-            generator=generator,
-            record_pred_x0=needs.record_pred_x0,
-            reference_log_probs=needs.reference_log_probs,
-        )
         images_before = train_reward.images_scored
-        scores, failure = _score(algorithm, traj, policy, train_reward)
+        traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, train_reward, settings.loop)
         # Every process skips an epoch that failed anywhere, so that the stat trackers and
         # the DDP all-reduces stay in step; nothing of it reaches the tracker.
         failures = gather_object([failure] if failure else [])
@@ -389,7 +504,7 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics = _train_epoch(
-                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, show
+                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, settings.loop, show
                 )
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"{where}: {error}; {last_good}") from None

@@ -1,9 +1,11 @@
 """Mixed precision and the speed switches change no result beyond rounding.
 
-The ratio test runs the real code paths: `TrajectorySampler.sample` under a half-precision
-policy, then the trainer's own epoch (`benchmarks.train._train_epoch`: minibatches of a
-different size than the sampling batch, shuffled steps, gradients on, backward), with a
-zero learning rate so that the weights stay those that sampled. Every ratio the loss sees
+The ratio test runs the real code paths: the trainer's sampling (`sample_and_score`, one
+group per sampling call, rewards overlapped) under a half-precision policy, then the
+trainer's own epoch (`benchmarks.train._train_epoch`: minibatches of a different size than
+the sampling batch, shuffled steps, gradients on, REBEL's whole trajectories in chunks of
+steps over a pass without gradients, backward), with a zero learning rate so that the
+weights stay those that sampled. Every ratio the loss sees
 must then be 1. Drift here is what other implementations show in bf16, where sampling and
 training run the model in different batch layouts or precisions.
 """
@@ -14,7 +16,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks.train import _train_epoch
+from benchmarks.train import TrainLoop, _train_epoch, sample_and_score
+from rewards.registry import load_reward
 from zoo.algorithm import LossInputs
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
@@ -87,23 +90,23 @@ def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_di
     policy = _policy(tiny_pipeline_dir, precision)
     sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, config.num_steps, config.eta, guidance))
     generator = torch.Generator().manual_seed(0)
-    traj = sampler.sample(
-        PROMPTS,
-        group_size=needs.group_size,
-        shared_noise=needs.shared_noise,
-        generator=generator,
-        record_pred_x0=needs.record_pred_x0,
-        reference_log_probs=needs.reference_log_probs,
+    loop = TrainLoop(sample_batch_size=needs.group_size, overlap_rewards=True, steps_per_backward=2)
+    traj, _, failure = sample_and_score(
+        algorithm.inner, sampler, PROMPTS, generator, load_reward("jpeg_compressibility"), loop
     )
+    assert failure is None
     advantages = torch.randn(traj.log_probs.shape, generator=generator)
     # lr 0: AdamW's update and its decoupled weight decay are both exact no-ops.
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
-    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, False)
+    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, False)
 
     log_ratios = torch.cat(algorithm.log_ratios)
-    assert log_ratios.numel() == traj.log_probs.numel()  # every transition re-scored once
+    # Every transition re-scored once per loss call it is part of: REBEL's 3 steps in
+    # chunks of 2 make two calls per minibatch, each seeing all 3 steps.
+    calls_per_minibatch = 2 if needs.whole_trajectory_loss else 1
+    assert log_ratios.numel() == traj.log_probs.numel() * calls_per_minibatch
     drift = float((log_ratios.exp() - 1).abs().max())
     print(f"{algo} {precision}: max |ratio - 1| = {drift:.3g} over {log_ratios.numel()} transitions")
     assert drift <= 1e-3

@@ -186,10 +186,12 @@ class TrajectorySampler:
     def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
         """Standard normal noise drawn on the CPU (a seed gives the same trajectories on any
         device), copied to a GPU from pinned memory without blocking the host."""
-        z = torch.randn(shape, generator=generator)
+        return self._to_device(torch.randn(shape, generator=generator))
+
+    def _to_device(self, cpu_tensor: torch.Tensor) -> torch.Tensor:
         if self.policy.device.type == "cuda":
-            return z.pin_memory().to(self.policy.device, non_blocking=True)
-        return z
+            return cpu_tensor.pin_memory().to(self.policy.device, non_blocking=True)
+        return cpu_tensor
 
     def transition(
         self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
@@ -228,12 +230,16 @@ class TrajectorySampler:
         record_pred_x0: bool = False,
         reference_log_probs: bool = False,
         initial_noise: torch.Tensor | None = None,
+        step_noise: torch.Tensor | None = None,
     ) -> Trajectory:
         """Sample `group_size` trajectories for each prompt, all in one batch.
 
         Noise is drawn on the CPU from `generator` so that a seed gives the same
         trajectories on any device. `initial_noise` (P, G, C, h, w) overrides x_T (the
-        evaluation uses it to hold noise fixed across checkpoints).
+        evaluation uses it to hold noise fixed across checkpoints); `step_noise`
+        (P, G, K, C, h, w) overrides the noise of every transition (the trainer draws an
+        epoch's noise up front, so that its trajectories do not depend on how the epoch
+        is split into sampling calls).
         """
         policy = self.policy
         num_prompts, num_steps = len(prompts), self.config.num_steps
@@ -244,6 +250,8 @@ class TrajectorySampler:
             initial_noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
             initial_noise = initial_noise.expand(num_prompts, group_size, *latent_shape)
         x = initial_noise.reshape(n, *latent_shape).to(policy.device, torch.float32)
+        if step_noise is not None:
+            step_noise = self._to_device(step_noise.reshape(n, num_steps, *latent_shape))
 
         embeds = policy.encode_prompts(prompts)  # (P, L, D)
         flat_embeds = embeds.repeat_interleave(group_size, dim=0)  # (P*G, L, D)
@@ -252,7 +260,7 @@ class TrajectorySampler:
         for k in range(num_steps):
             step_index = torch.full((n,), k, dtype=torch.long, device=policy.device)
             mean, std, pred_x0 = self.transition(x, step_index, flat_embeds)
-            z = self._noise(x.shape, generator)
+            z = self._noise(x.shape, generator) if step_noise is None else step_noise[:, k]
             x_next = mean + std.reshape(-1, 1, 1, 1) * z
             latents.append(x)
             next_latents.append(x_next)

@@ -46,6 +46,22 @@ class Trajectory:
         update["prompts"] = [self.prompts[i] for i in index.tolist()]
         return replace(self, **update)
 
+    @classmethod
+    def cat(cls, parts: list["Trajectory"]) -> "Trajectory":
+        """The batch of every part's groups, in order (parts sampled in several calls)."""
+        if len(parts) == 1:
+            return parts[0]
+        update = {}
+        for f in fields(cls):
+            values = [getattr(part, f.name) for part in parts]
+            if f.name == "prompts":
+                update[f.name] = [prompt for value in values for prompt in value]
+            elif values[0] is None:
+                update[f.name] = None
+            else:
+                update[f.name] = torch.cat(values)
+        return cls(**update)
+
     def to(self, device: torch.device | str) -> "Trajectory":
         update = {
             f.name: getattr(self, f.name).to(device)
