@@ -45,16 +45,16 @@ perf() {
 }
 
 # 1. The paper's precision, every algorithm, against the per-member way.
-perf fp16 150 --mixed-precision fp16 --algos sdpo,ddpo,d3po,rebel
+perf fp16 170 --mixed-precision fp16 --algos sdpo,ddpo,d3po,rebel
 # 2. The memory target: gradient checkpointing on.
-perf fp16-ckpt 90 --mixed-precision fp16 --gradient-checkpointing --algos sdpo,ddpo,rebel --no-baseline
+perf fp16-ckpt 80 --mixed-precision fp16 --gradient-checkpointing --algos sdpo,ddpo,rebel --no-baseline
 # 3. bf16 ratio drift and memory at the paper's batch.
-perf bf16-ckpt 60 --mixed-precision bf16 --gradient-checkpointing --algos sdpo --no-baseline
+perf bf16-ckpt 50 --mixed-precision bf16 --gradient-checkpointing --algos sdpo --no-baseline
 # 4. MFU at a larger minibatch (4 pairs = 8 UNet samples per training call).
-perf bf16-tb4 60 --mixed-precision bf16 --algos sdpo --train-batch-size 4 --no-baseline
+perf bf16-tb4 50 --mixed-precision bf16 --algos sdpo --train-batch-size 4 --no-baseline
 # 5. torch.compile, if time is left (compilation takes a minute or two).
-if [ "$SECONDS" -lt 270 ]; then
-  perf bf16-compile 150 --mixed-precision bf16 --algos sdpo --compile-unet --no-baseline --repeats 2
+if [ "$SECONDS" -lt 250 ]; then
+  perf bf16-compile 130 --mixed-precision bf16 --algos sdpo --compile-unet --no-baseline --repeats 2
 fi
 
 cat "$OUT"/runs/*.md > "$OUT/tables.md"

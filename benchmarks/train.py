@@ -76,9 +76,10 @@ class TrainLoop:
     sample_batch_size: int | None = None
     """Trajectories per sampling call, a multiple of each algorithm's group size (default:
     the preset's). Smaller calls bound the sampler's memory and let rewards overlap."""
-    overlap_rewards: bool = True
+    overlap_rewards: bool | None = None
     """Score each sampling call's images in a background thread (on CUDA, its own stream)
-    while the next call samples."""
+    while the next call samples. None: on CUDA only; on a CPU the reward and the sampler
+    compete for the same cores."""
     steps_per_backward: int = 8
     """Losses over whole trajectories (REBEL) recompute at most this many steps of a
     minibatch per backward pass, so their memory does not grow with K. With fewer than K,
@@ -215,7 +216,8 @@ def sample_and_score(
     groups_per_call = max(1, (loop.sample_batch_size or num_prompts * group_size) // group_size)
 
     parts, pending, shapes = [], [], []
-    executor = RewardExecutor(reward) if loop.overlap_rewards else None
+    overlap = loop.overlap_rewards if loop.overlap_rewards is not None else policy.device.type == "cuda"
+    executor = RewardExecutor(reward) if overlap else None
     try:
         for start in range(0, num_prompts, groups_per_call):
             call = slice(start, start + groups_per_call)
