@@ -260,11 +260,13 @@ def measure_algorithm(
         )
 
     row.update(group=needs.group_size, batch=batch, train_batch=train_groups, steps=num_steps)
+    # With one member per group the per-member way is the batched way itself.
+    baseline = args.baseline and needs.group_size > 1
     reset_peak(device)
     seconds = timed(lambda: sample(needs.group_size, needs.shared_noise), device, args.repeats)
     row["sample_peak_gb"] = peak_gb(device)
     row["sample_traj_s"] = batch / seconds
-    if args.baseline:
+    if baseline:
         per_member = timed(lambda: [sample(1, False) for _ in range(needs.group_size)], device, args.repeats)
         row["sample_speedup"] = per_member / seconds
 
@@ -308,7 +310,7 @@ def measure_algorithm(
     seconds = timed(lambda: train_call(sampler, algorithm, optimizer, tb, False, step), device, args.repeats)
     row["train_peak_gb"] = peak_gb(device)
     row["train_transitions_s"] = transitions / seconds
-    if args.baseline:
+    if baseline:
         row["train_speedup"] = timed(lambda: train_call(sampler, algorithm, optimizer, tb, True, step), device,
                                      args.repeats) / seconds
     flops = training_flops(policy, lambda: train_call(sampler, algorithm, optimizer, tb, False, step))

@@ -81,3 +81,34 @@ def test_bf16_weights_keep_float32_log_prob_path(tiny_pipeline_dir):
     x = torch.randn(2, *policy.latent_shape)
     eps = policy.predict_noise(x, torch.tensor([999, 999]), policy.encode_prompts(["a", "b"]), 2.0, "ddim")
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
+
+
+def test_half_precision_adapters_skip_the_float32_round_trip_bit_identically(tiny_pipeline_dir):
+    """peft would cast each adapter's input to float32 and autocast straight back; the
+    policy turns that off under mixed precision, which must change no bit of the output
+    or of the adapter gradients."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(tiny_pipeline_dir, mixed_precision="bf16", lora=LoraSettings())
+    with torch.no_grad():
+        for param in policy.trainable_parameters():
+            param.normal_(0, 0.1)
+    adapters = [m for m in policy.unet.modules() if isinstance(m, BaseTunerLayer)]
+    assert adapters and not any(m.cast_input_dtype_enabled for m in adapters)
+    x = torch.randn(2, *policy.latent_shape)
+    embeds = policy.encode_prompts(["a", "b"])
+
+    def output_and_grads():
+        for param in policy.trainable_parameters():
+            param.grad = None
+        eps = policy.predict_noise(x, torch.tensor([999, 500]), embeds, 2.0, "ddim")
+        eps.square().mean().backward()
+        return eps.detach(), [p.grad.clone() for p in policy.trainable_parameters()]
+
+    eps, grads = output_and_grads()
+    for module in adapters:
+        module.cast_input_dtype_enabled = True
+    eps_cast, grads_cast = output_and_grads()
+    assert torch.equal(eps, eps_cast)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_cast))

@@ -25,6 +25,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from peft import LoraConfig, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -152,6 +153,13 @@ class Policy:
             unet.add_adapter(lora.peft_config())
             # Adapter weights train in float32 whatever the frozen weights' precision.
             cast_training_params(unet, dtype=torch.float32)
+            if mixed_precision != "no":
+                # peft casts each adapter's input to float32 (its weights' dtype), which
+                # autocast casts straight back: two activation-sized copies per adapted
+                # layer, forward and backward, for bit-identical results.
+                for module in unet.modules():
+                    if isinstance(module, BaseTunerLayer):
+                        module.cast_input_dtype_enabled = False
         if performance.tf32 and self.device.type == "cuda":
             enable_tf32()
         if performance.gradient_checkpointing:
