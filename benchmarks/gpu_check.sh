@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures in one call of about 5 minutes on one H100/H200: the sd-turbo
+# Issue 7's GPU figures in one call of about 6.5 minutes on one H100/H200: the sd-turbo
 # architecture (random weights) at 512px, K = 50, the SDPO paper's batches (8 trajectories
 # per sampling call, 2 pairs per training minibatch), per algorithm: trajectories/s,
 # training transitions/s, peak memory (target <= 12 GB), training MFU against a bf16
@@ -13,13 +13,13 @@
 #     --implementation cp --platform any -d .whl \
 #     diffusers==0.42.1 tyro==1.0.17 docstring-parser typeguard importlib_metadata
 # Then through the device tool: run(command="bash benchmarks/gpu_check.sh",
-# carry=[".whl"], timeout_s=480). Everything lands in $OUT (tables.md, records.json,
-# log.txt, env.txt); without $OUT (a plain shell) it goes to results/perf/gpu.
+# carry=[".whl"], timeout_s=450). Everything lands in $OUT (tables.md, records.json,
+# log.txt, env.txt); without $OUT (a plain shell) it goes to results/perf/gpu/latest.
 # A dry run of the same sequence on a CPU, reduced (about 5 minutes on 2 cores):
 #   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/gpu-check \
-#   PERF_EXTRA="--reduced --resolution 64 --steps 2 --batch-size 4" bash benchmarks/gpu_check.sh
+#   PERF_EXTRA="--reduced --resolution 64 --steps 10 --batch-size 4" bash benchmarks/gpu_check.sh
 set -uo pipefail
-OUT=${OUT:-results/perf/gpu}
+OUT=${OUT:-results/perf/gpu/latest}
 mkdir -p "$OUT/runs"
 LOG="$OUT/log.txt"
 
@@ -44,18 +44,17 @@ perf() {
     "$@" ${PERF_EXTRA:-} 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
 }
 
-# 1. The paper's precision, every algorithm, against the per-member way.
-perf fp16 170 --mixed-precision fp16 --algos sdpo,ddpo,d3po,rebel
-# 2. The memory target: gradient checkpointing on.
-perf fp16-ckpt 80 --mixed-precision fp16 --gradient-checkpointing --algos sdpo,ddpo,rebel --no-baseline
-# 3. bf16 ratio drift and memory at the paper's batch.
-perf bf16-ckpt 50 --mixed-precision bf16 --gradient-checkpointing --algos sdpo --no-baseline
-# 4. MFU at a larger minibatch (4 pairs = 8 UNet samples per training call).
-perf bf16-tb4 50 --mixed-precision bf16 --algos sdpo --train-batch-size 4 --no-baseline
-# 5. torch.compile, if time is left (compilation takes a minute or two).
-if [ "$SECONDS" -lt 250 ]; then
-  perf bf16-compile 130 --mixed-precision bf16 --algos sdpo --compile-unet --no-baseline --repeats 2
-fi
+# Sized from the 2026-11-26 H100 run (results/perf/gpu/2026-11-26-h100): one algorithm
+# with its per-member baselines takes ~45 s at --repeats 2 --sample-calls 1 (a sampling
+# call of 8 trajectories at K = 50 ~3 s), a setting's start (random 866M UNet, matmul
+# peak) ~20 s. torch.compile is left out: compiling SDPO's shapes took over 195 s.
+QUICK="--repeats 2 --sample-calls 1"
+# 1. The paper's precision and batches, every algorithm, against the per-member way.
+perf fp16 200 --mixed-precision fp16 --algos sdpo,rebel,d3po,ddpo $QUICK
+# 2. The memory target with gradient checkpointing (REBEL: K = 50 in chunks of 8 steps).
+perf fp16-ckpt 100 --mixed-precision fp16 --gradient-checkpointing --algos sdpo,rebel --no-baseline $QUICK
+# 3. MFU where launches no longer dominate: 8 pairs per training call (bf16).
+perf bf16-tb8 90 --mixed-precision bf16 --algos sdpo --batch-size 16 --train-batch-size 8 --no-baseline $QUICK
 
 cat "$OUT"/runs/*.md > "$OUT/tables.md"
 python3 - "$OUT" <<'EOF'
