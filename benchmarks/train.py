@@ -42,7 +42,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from benchmarks.checkpoint import kill_point, load_state, save_state
+from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_state
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from rewards.base import Reward
 from rewards.executor import RewardExecutor
@@ -141,6 +141,23 @@ def _evaluate_and_record(
     return _records(algo, seed, epoch, counters, stats)
 
 
+def _save_on_main(accelerator: Accelerator, path: Path, state: dict) -> None:
+    """The main process writes the checkpoint; if that fails, every process stops (the
+    main one with the `WriteFailed` naming the path), instead of the others waiting for
+    the main one at the next collective."""
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            save_state(path, state)
+        except WriteFailed as error:
+            failure = error
+    failed = accelerator.gather(torch.tensor([int(failure is not None)], device=accelerator.device))
+    if failure is not None:
+        raise failure
+    if bool(failed.any()):
+        raise RunStopped(f"the main process could not write {path}")
+
+
 def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], accelerator: Accelerator) -> list[dict]:
     """Rows of the untrained model (epoch 0), computed once per seed and checkpointed."""
     path = checkpoint_path(settings.out_dir, BASE, seed)
@@ -153,9 +170,7 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
     )
     counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
     records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
-    if accelerator.is_main_process:
-        save_state(path, {"records": records, "done": True})
-    accelerator.wait_for_everyone()
+    _save_on_main(accelerator, path, {"records": records, "done": True})
     return records
 
 
@@ -376,6 +391,7 @@ def _train_epoch(
     totals: dict[str, torch.Tensor] = {}
     calls = 0
     device = traj.latents.device
+    first_bad = torch.zeros((), device=device)  # the latest loss, until one is not finite: then that one
     advantages = advantages.to(device)
     gi = torch.arange(group_size, device=device)[None, :, None]
     progress = tqdm(
@@ -401,8 +417,9 @@ def _train_epoch(
                 algorithm, sampler, transitions, advantages[mb, gi, transitions.steps], loop.steps_per_backward
             )
             for loss, metrics, last in losses:
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"the loss became {float(loss.detach())} (try a lower learning rate)")
+                # Recorded on the device and checked once per epoch: a check per call
+                # would make the host wait for the GPU every call.
+                first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
                 # DDP all-reduces on every backward unless told not to: only the last
                 # backward before an optimizer step needs synchronised gradients.
                 sync = update_now and last
@@ -418,6 +435,12 @@ def _train_epoch(
                 optimizer.zero_grad(set_to_none=True)
             progress.update(1)
     progress.close()
+    # Every process learns of a non-finite loss on any of them, so that all stop together
+    # instead of the others waiting for the diverged one's next collective.
+    bad = accelerator.gather(first_bad.reshape(1))
+    bad = bad[~torch.isfinite(bad)]
+    if bad.numel():
+        raise TrainingDiverged(f"the loss became {float(bad[0])} (try a lower learning rate)")
     return {name: float(value) / max(calls, 1) for name, value in totals.items()}
 
 
@@ -531,17 +554,15 @@ def run_algorithm(
             epochs.set_postfix(reward=f"{metrics.get('train_reward', math.nan):.4f}",
                                loss=f"{metrics.get('loss', math.nan):.2e}")
             settings.log({"algo": algo, "seed": seed, "epoch": done, **metrics})
-        if accelerator.is_main_process:
-            save_state(path, {
-                "epoch": done,
-                "done": done == settings.epochs,
-                "lora": lora_state,
-                "optimizer": optimizer.state_dict(),
-                "tracker": tracker.state_dict(),
-                "counters": counters,
-                "records": records,
-            })
-        accelerator.wait_for_everyone()
+        _save_on_main(accelerator, path, {
+            "epoch": done,
+            "done": done == settings.epochs,
+            "lora": lora_state,
+            "optimizer": optimizer.state_dict(),
+            "tracker": tracker.state_dict(),
+            "counters": counters,
+            "records": records,
+        })
 
     if accelerator.is_main_process:
         policy.save_lora(settings.out_dir / "lora" / f"{algo}_seed{seed}")

@@ -66,3 +66,37 @@ def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
     assert all(r["samples_seen"] == 2 * 8 for r in trained)  # 8 per process per epoch
     assert all(r["count"] == 8 for r in records)  # held-out prompts split across processes
     assert (out / "table.md").is_file() and (out / "lora" / "sdpo_seed0").is_dir()
+
+
+def _run_with_fault(mode: str, model: str, out: Path) -> subprocess.CompletedProcess:
+    from test_benchmark_run import micro_args
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(REPO / "tests" / "distributed" / "fault_on_one_process.py"), mode,
+        *micro_args(model, out), "--algos", "ddpo",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=out.parent)
+
+
+def test_nan_loss_on_one_process_stops_every_process(tiny_pipeline_dir, tmp_path):
+    """A loss that turns NaN on one process only: both processes stop at the end of that
+    epoch with the run's own error, and the checkpoint keeps the epoch before. Were the
+    diverged process to stop alone, the other would fail in its next collective (gloo
+    notices the dead peer; NCCL on GPUs waits out its timeout)."""
+    out = tmp_path / "run"
+    result = _run_with_fault("nan-loss", tiny_pipeline_dir, out)
+    assert result.returncode != 0
+    assert result.stderr.count("ddpo seed 0, epoch 2: the loss became nan") == 2, result.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "ddpo_seed0.pt", weights_only=True)["epoch"] == 1
+
+
+def test_checkpoint_write_failure_on_the_main_process_stops_every_process(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    result = _run_with_fault("write-fails", tiny_pipeline_dir, out)
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr, result.stderr[-3000:]
+    assert "the main process could not write" in result.stderr, result.stderr[-3000:]
+    assert torch.load(out / "checkpoints" / "ddpo_seed0.pt", weights_only=True)["epoch"] == 1
