@@ -37,6 +37,8 @@ class Preset:
     """Hub id or local diffusers folder of the base model."""
     reward: str
     """Default training reward (a registry name or a weighted sum)."""
+    eval_rewards: tuple[str, ...]
+    """Rewards scored at evaluation only, by default (to catch reward hacking)."""
     train_prompts: tuple[str, ...]
     eval_prompts: tuple[str, ...]
     sampler: str
@@ -65,7 +67,12 @@ def tiny() -> Preset:
     return Preset(
         name="tiny",
         model=str(TINY_ASSETS / "pipeline"),
-        reward="tiny-clip",
+        # DDPO's compressibility task, watched by tiny-clip (prompt alignment) for reward
+        # hacking: all four algorithms raise it within the budget. Trained on tiny-clip
+        # itself they do not (the base's K=4 samples score 0.883 against 0.906 for real
+        # renders of the captions, and 640 trajectories move nothing beyond noise).
+        reward="jpeg_compressibility",
+        eval_rewards=("tiny-clip",),
         train_prompts=tuple(data.train_captions()),
         eval_prompts=tuple(data.heldout_captions()),
         sampler="ddim",
@@ -82,13 +89,13 @@ def tiny() -> Preset:
         # Trained at K=4: the base model's 4-step samples are already good (fidelity 0.91),
         # while 1 and 2 steps are not (0.20, 0.55): the step-generalization gap. The
         # published learning rates (1e-4 to 3e-4) move nothing within a 10-epoch, 640-
-        # trajectory budget; 1e-3 with one minibatch per update is this world's setting.
+        # trajectory budget; 1e-2 with one minibatch per update is this world's setting.
         # REBEL's reference accumulates over accumulation x K minibatches, hence batch 2.
         algo_overrides={
-            "ddpo": {"learning_rate": 1e-3, "train_batch_size": 4, "gradient_accumulation_steps": 1},
-            "d3po": {"learning_rate": 1e-3, "train_batch_size": 4, "gradient_accumulation_steps": 1},
-            "rebel": {"learning_rate": 1e-3, "train_batch_size": 2, "gradient_accumulation_steps": 1},
-            "sdpo": {"learning_rate": 1e-3, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+            "ddpo": {"learning_rate": 1e-2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+            "d3po": {"learning_rate": 1e-2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+            "rebel": {"learning_rate": 1e-2, "train_batch_size": 2, "gradient_accumulation_steps": 1},
+            "sdpo": {"learning_rate": 1e-2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
         },
     )
 
@@ -106,6 +113,7 @@ def _published(name: str, model: str, sampler: str, num_steps: int, guidance_sca
         name=name,
         model=model,
         reward="aesthetic",
+        eval_rewards=(),
         train_prompts=ANIMALS[:40],
         eval_prompts=ANIMALS[40:],
         sampler=sampler,

@@ -80,8 +80,9 @@ class RunArgs:
     """Evaluate every this many epochs (and always after the last; default: the preset's)."""
     seeds: str = "0"
     """Comma-separated seeds; several give a mean and a spread per table cell."""
-    eval_rewards: str = ""
-    """Comma-separated extra rewards scored at evaluation only, to catch reward hacking."""
+    eval_rewards: str | None = None
+    """Comma-separated extra rewards scored at evaluation only, to catch reward hacking
+    (default: the preset's; "" for none)."""
     trajectories_per_epoch: int | None = None
     """Trajectories sampled per epoch on each process (default: the preset's)."""
     eval_samples_per_prompt: int | None = None
@@ -267,7 +268,10 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         raise UsageError(f"--eval-steps: step counts must be at least 1, got {args.eval_steps!r}")
     reward = args.reward or preset.reward
     parse_reward_spec(reward)
-    eval_rewards = _split(args.eval_rewards, "--eval-rewards")
+    if args.eval_rewards is None:
+        eval_rewards = [name for name in preset.eval_rewards if name != reward]
+    else:
+        eval_rewards = _split(args.eval_rewards, "--eval-rewards")
     for name in eval_rewards:
         parse_reward_spec(name)
     reward_paths = parse_reward_paths(args.reward_path)

@@ -25,6 +25,7 @@ def micro_args(model: str, out: Path) -> list[str]:
     return [
         "--model", model,
         "--reward", "jpeg_compressibility",
+        "--eval-rewards", "",
         "--epochs", "2",
         "--eval-every", "1",
         "--trajectories-per-epoch", "8",

@@ -7,9 +7,11 @@ than the base's own seed-to-seed spread: the range of the base's mean reward ove
 evaluation seeds (different noise, same prompts). A run that changes nothing, or only
 reshuffles noise, cannot pass.
 
-The learning rate is 1e-2 for every algorithm: at the published rates nothing moves
-within this budget. The tiny-clip reward is not used here: at these budgets none of the
-four algorithms raised it beyond noise (see the README's tiny-world results).
+The algorithms' settings are the tiny preset's (learning rate 1e-2, one minibatch per
+update): at the published rates nothing moves within this budget. The preset's default
+evaluation reward, tiny-clip, is scored too but not asserted on: trained on tiny-clip
+itself, none of the four algorithms raised it beyond noise at these budgets (see the
+README's tiny-world results).
 """
 
 import json
@@ -30,15 +32,6 @@ EVAL_STEPS = (1, 2, 4, 8)
 EVAL_SAMPLES_PER_PROMPT = 4
 EPOCHS = 6
 BASE_SEEDS = range(5)
-# One minibatch per update where the config has an accumulation to set (REBEL's and
-# SDPO's defaults already update often enough at this size).
-ALGO_FLAGS = {
-    "ddpo": ["--ddpo.learning-rate", "1e-2", "--ddpo.gradient-accumulation-steps", "1"],
-    "d3po": ["--d3po.learning-rate", "1e-2", "--d3po.gradient-accumulation-steps", "1"],
-    "rebel": ["--rebel.learning-rate", "1e-2"],
-    "sdpo": ["--sdpo.learning-rate", "1e-2"],
-}
-
 pytestmark = pytest.mark.slow
 
 
@@ -82,10 +75,10 @@ def test_training_raises_held_out_reward(algo, base_spread, tmp_path):
         "--eval-samples-per-prompt", str(EVAL_SAMPLES_PER_PROMPT),
         "--eval-steps", ",".join(map(str, EVAL_STEPS)),
         "--out", str(out),
-        *ALGO_FLAGS[algo],
     ]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["reward"] == REWARD]
     final = [r for r in records if r["algo"] == algo and r["epoch"] == EPOCHS]
     base = [r for r in records if r["algo"] == "base"]
     trained_mean = sum(r["mean"] for r in final) / len(final)

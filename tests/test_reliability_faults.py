@@ -24,6 +24,7 @@ def fault_args(model: str, out: Path, epochs: int) -> list[str]:
         "--model", model,
         "--algos", "ddpo",
         "--reward", "jpeg_compressibility",
+        "--eval-rewards", "",
         "--epochs", str(epochs),
         "--eval-every", str(epochs),
         "--trajectories-per-epoch", "8",

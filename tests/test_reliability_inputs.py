@@ -24,6 +24,7 @@ def base_args(model: str, out: Path) -> list[str]:
     return [
         "--model", model,
         "--reward", "jpeg_compressibility",
+        "--eval-rewards", "",
         "--epochs", "2",
         "--trajectories-per-epoch", "8",
         "--eval-steps", "1,2",

@@ -34,6 +34,7 @@ def kill_args(model: str, out: Path) -> list[str]:
         "--model", model,
         "--algos", ",".join(ALGOS),
         "--reward", "jpeg_compressibility",
+        "--eval-rewards", "",
         "--epochs", "2",
         "--eval-every", "1",
         "--trajectories-per-epoch", "8",
