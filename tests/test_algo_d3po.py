@@ -53,6 +53,15 @@ def test_hand_computed_point():
     torch.testing.assert_close(metrics["preference_accuracy"], torch.tensor(1.0))
 
 
+def test_preference_accuracy_counts_unseparated_pairs_as_half():
+    """Three decided pairs: one ranked right (logit > 0), one wrong, one with both
+    log-ratios clamped to the same bound (logit 0): accuracy (1 + 0 + 0.5) / 3."""
+    algo = D3POConfig(beta=0.1, ratio_clip=0.1).build()
+    inputs = pair_steps([[0.05, -0.02], [-0.02, 0.05], [0.5, 0.7]], [[1.0, -1.0]] * 3)
+    _, metrics = algo.loss(inputs)
+    torch.testing.assert_close(metrics["preference_accuracy"], torch.tensor(0.5))
+
+
 def test_ratios_are_clamped_with_no_gradient_outside():
     """Winner log-ratio 0.5 -> log 1.1, loser -0.5 -> log 0.9: logit = 0.1 · log(1.1 / 0.9);
     both clamped, so the gradient is zero."""

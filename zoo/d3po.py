@@ -19,7 +19,7 @@ Implementation details:
 5. Gradient accumulation spans every step of a minibatch (`gradient_accumulation_steps` x K
    backward passes per update, as the reference's accelerator is configured).
 6. Metrics: loss, tie_fraction, preference_accuracy (share of decided pairs whose logit is
-   positive), ratio_clipfrac (log-ratios outside the clamp), kl_to_reference
+   positive, a logit of 0 counting one half), ratio_clipfrac (log-ratios outside the clamp), kl_to_reference
    = 0.5 * mean((logp - logp_ref)^2).
 7. Optimizer: AdamW, lr 3e-5, weight decay 1e-4, grad-norm clip 1.0; LoRA rank 4 (scale 1)
    on attention q, k, v, out. β = 0.1, ε = 0.1.
@@ -108,7 +108,9 @@ class D3PO(Algorithm):
         metrics = {
             "loss": loss.detach(),
             "tie_fraction": 1.0 - decided.mean(),
-            "preference_accuracy": ((logits.detach() > 0).to(logits.dtype) * decided).sum() / num_decided,
+            # A pair the model does not separate (logit 0: both ratios clamped to the same
+            # bound, or an untrained adapter) counts as a coin flip, not as wrong.
+            "preference_accuracy": ((torch.sign(logits.detach()) + 1) / 2 * decided).sum() / num_decided,
             "ratio_clipfrac": ((detached < low) | (detached > high)).float().mean(),
             "kl_to_reference": 0.5 * (detached**2).mean(),
         }
