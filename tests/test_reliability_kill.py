@@ -28,21 +28,11 @@ RUN_TIMEOUT = 400
 
 
 def kill_args(model: str, out: Path) -> list[str]:
-    """DDPO (per-prompt tracker) and SDPO (dense x̂0 rewards, reference log-probs), two
-    epochs each, evaluated after every epoch at 1 and 2 steps."""
-    return [
-        "--model", model,
-        "--algos", ",".join(ALGOS),
-        "--reward", "jpeg_compressibility",
-        "--eval-rewards", "",
-        "--epochs", "2",
-        "--eval-every", "1",
-        "--trajectories-per-epoch", "8",
-        "--eval-samples-per-prompt", "1",
-        "--eval-steps", "1,2",
-        "--train-steps", "2",
-        "--out", str(out),
-    ]
+    """DDPO (per-prompt tracker) and SDPO (dense x̂0 rewards, reference log-probs) on the
+    micro run: two epochs each, evaluated after every epoch at 1 and 2 steps."""
+    from test_benchmark_run import micro_args
+
+    return micro_args(model, out) + ["--algos", ",".join(ALGOS)]
 
 
 def _env(kill_at: str | None) -> dict[str, str]:
