@@ -9,6 +9,7 @@ process), so differences between rows are differences between policies, not nois
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +47,9 @@ def evaluate(
 ) -> tuple[dict[tuple[int, str], dict], dict[int, torch.Tensor]]:
     """Score the policy at each step count with each reward.
 
-    Returns ({(step_count, reward): {"mean", "std", "count"}}, {step_count: strip images
-    (n, 3, H, W)}) where strips are filled on the main process only.
+    Returns ({(step_count, reward): {"mean", "std", "count", "nonfinite"}}, {step_count:
+    strip images (n, 3, H, W)}) where strips are filled on the main process only; mean,
+    std and count are over the finite scores, nonfinite counts the others.
     """
     everything = [p for p in settings.prompts for _ in range(settings.samples_per_prompt)]
     per_process = math.ceil(len(everything) / accelerator.num_processes)
@@ -72,10 +74,18 @@ def evaluate(
             local = torch.cat(scores[name]).tolist() if scores[name] else []
             # Processes may hold unequal shares, which tensor gathers do not allow.
             gathered = torch.tensor(gather_object(local), dtype=torch.float64)
+            # A reward model's NaN or inf on some images must not wipe out the cell: they
+            # are left out of the mean, counted in the record and reported.
+            finite = gathered[torch.isfinite(gathered)]
+            nonfinite = len(gathered) - len(finite)
+            if nonfinite and accelerator.is_main_process:
+                print(f"warning: evaluation at {step_count} steps: the reward {name} returned NaN or inf for "
+                      f"{nonfinite} of {len(gathered)} images; they are left out of the mean", file=sys.stderr)
             stats[(step_count, name)] = {
-                "mean": float(gathered.mean()),
-                "std": float(gathered.std(unbiased=False)) if len(gathered) > 1 else 0.0,
-                "count": int(len(gathered)),
+                "mean": float(finite.mean()) if len(finite) else math.nan,
+                "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0,
+                "count": int(len(finite)),
+                "nonfinite": nonfinite,
             }
         if accelerator.is_main_process and images_kept:
             strips[step_count] = torch.cat(images_kept)[:STRIP_IMAGES]

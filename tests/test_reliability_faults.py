@@ -1,7 +1,8 @@
 """Faults during a run: a reward that returns NaN or raises, a loss that turns NaN, a full
 disk while checkpointing, and checkpoints that are damaged or carry code. Each either
 costs one update (with a counted warning) or ends the run with one line and exit code 1,
-leaving the previous epoch's checkpoint on disk."""
+leaving the previous epoch's checkpoint on disk. NaN scores at evaluation are left out of
+the cell's mean, counted and reported."""
 
 import errno
 import math
@@ -256,3 +257,37 @@ def test_a_checkpoint_that_is_not_plain_tensors_is_refused_naming_its_path(conte
         torch.save({"epoch": 1, "payload": Payload()}, path)
     with pytest.raises(CorruptCheckpoint, match=re.escape(str(path))):
         load_state(path)
+
+
+def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_dir, capsys):
+    """A reward model that returns NaN for one image of a batch: the cell's mean is the
+    other images', the record counts the NaN, and a warning names the reward."""
+    from accelerate import Accelerator
+
+    from benchmarks.evaluate import EvalSettings, evaluate
+    from zoo.policy import Policy
+
+    class NaNOnFirstImage(Reward):
+        name = "nan-first"
+
+        def _score(self, images, prompts):
+            scores = images.mean(dim=(1, 2, 3))
+            scores[0] = math.nan
+            return scores
+
+    settings = EvalSettings(prompts=("a cat", "a dog"), step_counts=(1,), samples_per_prompt=2, batch_size=4,
+                            sampler="ddim", guidance_scale=2.0, eta=1.0, seed=0)
+    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    stats, _ = evaluate(policy, {"nan-first": NaNOnFirstImage(), "clean": _Brightness()}, settings,
+                        Accelerator(cpu=True))
+    faulty, clean = stats[(1, "nan-first")], stats[(1, "clean")]
+    assert (faulty["count"], faulty["nonfinite"]) == (3, 1) and (clean["count"], clean["nonfinite"]) == (4, 0)
+    assert math.isfinite(faulty["mean"]) and faulty["mean"] != clean["mean"]
+    assert "the reward nan-first returned NaN or inf for 1 of 4 images" in capsys.readouterr().err
+
+
+class _Brightness(Reward):
+    name = "brightness"
+
+    def _score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
