@@ -40,7 +40,9 @@ class SamplingNeeds:
     """Whether the loss needs log-probs under the frozen base model (adapter disabled)."""
     whole_trajectory_loss: bool = False
     """Whether one loss term spans all K steps of a trajectory (REBEL's sequence ratio),
-    so the runner must pass every step of a minibatch to one `loss` call."""
+    so the runner must pass every step of a minibatch to one `loss` call. (Its backward
+    may still run in chunks of steps, with the exact gradient: see
+    `benchmarks.train.minibatch_losses`.)"""
     same_step_order_in_group: bool = True
     """Whether the members of a group see their steps in the same shuffled order."""
 
