@@ -107,15 +107,18 @@ def summary_table(records: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
 
     Per step count, `<k> steps` is the mean over seeds of the final evaluation's mean, and
     `<k> steps spread` the std over seeds (ddof 1) when the cell has two or more seeds,
-    otherwise the single evaluation's std over its images. `seeds` counts the seeds; the
+    otherwise the single evaluation's standard error (its std over its images / √count),
+    which is what tells whether two rows' means differ. `seeds` counts the seeds; the
     budget columns are final values, mean over seeds. Rows without records are all NaN.
     """
     final = final_records(records)
     steps = sorted(records["eval_steps"].unique())
     cells = final.groupby(["algo", "eval_steps"]).agg(
-        mean=("mean", "mean"), seed_std=("mean", "std"), eval_std=("std", "first"), seeds=("seed", "nunique")
+        mean=("mean", "mean"), seed_std=("mean", "std"), eval_std=("std", "first"), count=("count", "first"),
+        seeds=("seed", "nunique"),
     )
-    cells["spread"] = cells["seed_std"].where(cells["seeds"] >= 2, cells["eval_std"])
+    eval_error = cells["eval_std"] / cells["count"].clip(lower=1) ** 0.5
+    cells["spread"] = cells["seed_std"].where(cells["seeds"] >= 2, eval_error)
     table = pd.DataFrame(index=pd.Index(list(rows), name="algorithm"))
     for k in steps:
         at_k = cells.xs(k, level="eval_steps")
@@ -152,11 +155,11 @@ def _caption(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[
         over = f"{int(seeds.iloc[0])} seeds" if seeds.nunique() == 1 else "seeds"
         spread = f"mean over {over} ± std over seeds (ddof 1)"
     elif several.empty:
-        spread = f"single seed: mean ± the within-evaluation std over its {images} images"
+        spread = f"single seed: mean ± its standard error over {images} images (std / √n)"
     else:
         spread = (
             "mean over seeds ± std over seeds (ddof 1); rows with a single seed "
-            f"({', '.join(single.index)}) show ± the within-evaluation std over {images} images instead"
+            f"({', '.join(single.index)}) show ± the standard error over {images} images instead"
         )
     parts = [
         f"Mean {reward} reward ({kind}) of {images} held-out images at each row's last evaluated epoch; "

@@ -178,17 +178,18 @@ def test_interrupted_algorithm_reports_its_last_evaluated_epoch(tmp_path):
 
 
 def test_single_seed_single_step_count_and_missing_strips(tmp_path):
-    """One seed: the spread is the evaluation's own std over its images (0.05 for seed 0),
-    sdpo at 4 steps 0.550 ± 0.050; missing strips leave the grid without them."""
+    """One seed: the spread is the evaluation's standard error, its std over its images
+    (0.05 for seed 0) / √64: sdpo at 4 steps 0.5500 ± 0.0063; missing strips leave the
+    grid without them."""
     run = make_run(tmp_path, seeds=(0,), steps=(4,), rewards=(TRAINING,))
     (run / "samples" / "ddpo_seed0_steps4.png").unlink()
     text = write_report(run, TRAINING)
 
     rows = markdown_rows(text)
     assert rows["algorithm"][0] == "4 steps" and rows["algorithm"][1] == "epochs"
-    assert rows["sdpo"][0] == "0.550 ± 0.050"
-    assert "single seed: mean ± the within-evaluation std over its 64 images" in text
-    assert pd.read_csv(run / "table.csv", index_col="algorithm").loc["sdpo", "4 steps spread"] == pytest.approx(0.05)
+    assert rows["sdpo"][0] == "0.5500 ± 0.0063"
+    assert "single seed: mean ± its standard error over 64 images (std / √n)" in text
+    assert pd.read_csv(run / "table.csv", index_col="algorithm").loc["sdpo", "4 steps spread"] == pytest.approx(0.05 / 8)
     assert not list(run.glob("table_*.csv"))
     with Image.open(run / "samples.png") as grid:
         colors = {color for _, color in grid.convert("RGB").getcolors(grid.width * grid.height)}
