@@ -223,11 +223,10 @@ def sample_and_score(
     needs = algorithm.needs
     policy = sampler.policy
     num_prompts, group_size = len(prompts), needs.group_size
-    latent_shape = policy.latent_shape
-    noise_groups = 1 if needs.shared_noise else group_size
-    initial_noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
-    initial_noise = initial_noise.expand(num_prompts, group_size, *latent_shape)
-    step_noise = torch.randn((num_prompts, group_size, sampler.config.num_steps, *latent_shape), generator=generator)
+    initial_noise = sampler.initial_noise(num_prompts, group_size, needs.shared_noise, generator)
+    step_noise = torch.randn(
+        (num_prompts, group_size, sampler.config.num_steps, *policy.latent_shape), generator=generator
+    )
     groups_per_call = max(1, (loop.sample_batch_size or num_prompts * group_size) // group_size)
 
     parts, pending, shapes = [], [], []

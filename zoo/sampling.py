@@ -188,6 +188,15 @@ class TrajectorySampler:
         device), copied to a GPU from pinned memory without blocking the host."""
         return self._to_device(torch.randn(shape, generator=generator))
 
+    def initial_noise(
+        self, num_prompts: int, group_size: int, shared_noise: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        """(P, G, C, h, w) x_T drawn on the CPU: one draw per group when its members share it."""
+        latent_shape = self.policy.latent_shape
+        noise_groups = 1 if shared_noise else group_size
+        noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
+        return noise.expand(num_prompts, group_size, *latent_shape)
+
     def _to_device(self, cpu_tensor: torch.Tensor) -> torch.Tensor:
         if self.policy.device.type == "cuda":
             return cpu_tensor.pin_memory().to(self.policy.device, non_blocking=True)
@@ -246,9 +255,7 @@ class TrajectorySampler:
         n = num_prompts * group_size
         latent_shape = policy.latent_shape
         if initial_noise is None:
-            noise_groups = 1 if shared_noise else group_size
-            initial_noise = torch.randn((num_prompts, noise_groups, *latent_shape), generator=generator)
-            initial_noise = initial_noise.expand(num_prompts, group_size, *latent_shape)
+            initial_noise = self.initial_noise(num_prompts, group_size, shared_noise, generator)
         x = initial_noise.reshape(n, *latent_shape).to(policy.device, torch.float32)
         if step_noise is not None:
             step_noise = self._to_device(step_noise.reshape(n, num_steps, *latent_shape))

@@ -7,7 +7,7 @@ methods), K sampling steps and a latent of C x h x w. Groups are a tensor dimens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -36,16 +36,6 @@ class Trajectory:
     def num_steps(self) -> int:
         return self.log_probs.shape[2]
 
-    def select_prompts(self, index: torch.Tensor) -> "Trajectory":
-        """The sub-batch of the groups at `index` (P',), every tensor field indexed on dim 0."""
-        update = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, torch.Tensor):
-                update[f.name] = value[index.to(value.device)]
-        update["prompts"] = [self.prompts[i] for i in index.tolist()]
-        return replace(self, **update)
-
     @classmethod
     def cat(cls, parts: list["Trajectory"]) -> "Trajectory":
         """The batch of every part's groups, in order (parts sampled in several calls)."""
@@ -61,11 +51,3 @@ class Trajectory:
             else:
                 update[f.name] = torch.cat(values)
         return cls(**update)
-
-    def to(self, device: torch.device | str) -> "Trajectory":
-        update = {
-            f.name: getattr(self, f.name).to(device)
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        return replace(self, **update)
