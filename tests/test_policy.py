@@ -83,17 +83,24 @@ def test_bf16_weights_keep_float32_log_prob_path(tiny_pipeline_dir):
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
+def policy_with_random_adapter(folder: str, mixed_precision: str = "no") -> Policy:
+    """LoRA's B starts at zero, which would leave A's gradient and the adapter's output
+    zero: randomise both."""
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(folder, mixed_precision=mixed_precision, lora=LoraSettings())
+    with torch.no_grad():
+        for param in policy.trainable_parameters():
+            param.normal_(0, 0.05)
+    return policy
+
+
 def test_half_precision_adapters_skip_the_float32_round_trip_bit_identically(tiny_pipeline_dir):
     """peft would cast each adapter's input to float32 and autocast straight back; the
     policy turns that off under mixed precision, which must change no bit of the output
     or of the adapter gradients."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(tiny_pipeline_dir, mixed_precision="bf16", lora=LoraSettings())
-    with torch.no_grad():
-        for param in policy.trainable_parameters():
-            param.normal_(0, 0.1)
+    policy = policy_with_random_adapter(tiny_pipeline_dir, mixed_precision="bf16")
     adapters = [m for m in policy.unet.modules() if isinstance(m, BaseTunerLayer)]
     assert adapters and not any(m.cast_input_dtype_enabled for m in adapters)
     x = torch.randn(2, *policy.latent_shape)

@@ -263,6 +263,7 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     """A reward model that returns NaN for one image of a batch: the cell's mean is the
     other images', the record counts the NaN, and a warning names the reward."""
     from accelerate import Accelerator
+    from test_train_loop import Brightness
 
     from benchmarks.evaluate import EvalSettings, evaluate
     from zoo.policy import Policy
@@ -278,16 +279,9 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     settings = EvalSettings(prompts=("a cat", "a dog"), step_counts=(1,), samples_per_prompt=2, batch_size=4,
                             sampler="ddim", guidance_scale=2.0, eta=1.0, seed=0)
     policy = Policy.from_pretrained(tiny_pipeline_dir)
-    stats, _ = evaluate(policy, {"nan-first": NaNOnFirstImage(), "clean": _Brightness()}, settings,
+    stats, _ = evaluate(policy, {"nan-first": NaNOnFirstImage(), "clean": Brightness()}, settings,
                         Accelerator(cpu=True))
     faulty, clean = stats[(1, "nan-first")], stats[(1, "clean")]
     assert (faulty["count"], faulty["nonfinite"]) == (3, 1) and (clean["count"], clean["nonfinite"]) == (4, 0)
     assert math.isfinite(faulty["mean"]) and faulty["mean"] != clean["mean"]
     assert "the reward nan-first returned NaN or inf for 1 of 4 images" in capsys.readouterr().err
-
-
-class _Brightness(Reward):
-    name = "brightness"
-
-    def _score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))

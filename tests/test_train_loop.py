@@ -10,19 +10,10 @@ import torch
 from benchmarks.train import TrainLoop, gather_transitions, minibatch_losses, sample_and_score
 from rewards.base import Reward
 from zoo.ddpo import DDPOConfig
-from zoo.policy import LoraSettings, Policy
 from zoo.rebel import REBELConfig
 from zoo.sampling import SamplerConfig, TrajectorySampler
 
-
-def _policy_with_random_adapter(folder: str) -> Policy:
-    """LoRA's B starts at zero, which would leave A's gradient zero: randomise both."""
-    torch.manual_seed(0)
-    policy = Policy.from_pretrained(folder, lora=LoraSettings(rank=4, alpha=4))
-    with torch.no_grad():
-        for param in policy.trainable_parameters():
-            param.normal_(0, 0.05)
-    return policy
+from test_policy import policy_with_random_adapter
 
 
 def _gradient(policy, algorithm, sampler, transitions, advantages, steps_per_backward) -> tuple[torch.Tensor, list]:
@@ -36,7 +27,7 @@ def _gradient(policy, algorithm, sampler, transitions, advantages, steps_per_bac
 
 
 def test_chunked_whole_trajectory_loss_gives_the_one_pass_gradient(tiny_pipeline_dir):
-    policy = _policy_with_random_adapter(tiny_pipeline_dir)
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
     config = REBELConfig(sampler="ddim", num_steps=4, guidance_scale=2.0)
     algorithm = config.build()
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 2.0))
@@ -69,7 +60,7 @@ def test_chunked_whole_trajectory_loss_gives_the_one_pass_gradient(tiny_pipeline
 
 
 def test_per_step_losses_are_never_chunked(tiny_pipeline_dir):
-    policy = _policy_with_random_adapter(tiny_pipeline_dir)
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
     algorithm = DDPOConfig(num_steps=4).build()
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 2.0))
     traj = sampler.sample(["a cat", "a dog"], generator=torch.Generator().manual_seed(1))
@@ -78,9 +69,9 @@ def test_per_step_losses_are_never_chunked(tiny_pipeline_dir):
     assert len(losses) == 1
 
 
-class _Brightness(Reward):
+class Brightness(Reward):
     """Mean brightness (smooth, unlike JPEG sizes), recording the thread each batch is
-    scored on."""
+    scored on; raises on call `fail_on_call` (1-based) if given."""
 
     name = "brightness"
 
@@ -102,13 +93,13 @@ class _Brightness(Reward):
 def test_epoch_does_not_depend_on_call_size_or_overlap(tiny_pipeline_dir, algo):
     from zoo.registry import ALGORITHMS
 
-    policy = _policy_with_random_adapter(tiny_pipeline_dir)
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
     algorithm = ALGORITHMS[algo](num_steps=3).build()
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 3, 1.0, 2.0))
     prompts = ["a cat", "a dog", "a fox", "a cow", "a pig", "an owl"]
 
     def epoch(loop: TrainLoop):
-        reward = _Brightness()
+        reward = Brightness()
         traj, scores, failure = sample_and_score(
             algorithm, sampler, prompts, torch.Generator().manual_seed(5), reward, loop
         )
@@ -135,11 +126,11 @@ def test_epoch_does_not_depend_on_call_size_or_overlap(tiny_pipeline_dir, algo):
 
 
 def test_a_failing_call_fails_the_epoch_with_the_reason(tiny_pipeline_dir):
-    policy = _policy_with_random_adapter(tiny_pipeline_dir)
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
     algorithm = DDPOConfig(num_steps=2).build()
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 2, 1.0, 2.0))
     for overlap in (False, True):
-        reward = _Brightness(fail_on_call=2)
+        reward = Brightness(fail_on_call=2)
         traj, scores, failure = sample_and_score(
             algorithm, sampler, ["a cat"] * 6, torch.Generator().manual_seed(0), reward,
             TrainLoop(sample_batch_size=2, overlap_rewards=overlap),
