@@ -1,0 +1,523 @@
+"""Invariants of the training loop (benchmarks/train.py, benchmarks/evaluate.py) that the
+end-to-end runs cannot see: which transition each `loss` call trains on, with which step
+and advantage, in which order, under which accumulation; that a resume restores the stat
+tracker's history; and that every row of a table is evaluated on the same noise.
+
+The replay tests drive `_train_epoch` with a stand-in sampler over a coded trajectory:
+transition (p, g, k) of group p, member g, step k carries the code c = 100 p + 10 g + k in
+its x_t (x_t' = c + 0.5, the prompt embedding p, the stored log-prob -c / 1000), and the
+stand-in recomputes the log-prob from x_t, checking on the way that x_t', the step index
+and the prompt embedding belong to the same transition. A recording wrapper around the
+real algorithm then decodes what each `loss` call received.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import benchmarks.train
+from benchmarks.checkpoint import load_state
+from benchmarks.evaluate import EvalSettings, evaluate
+from benchmarks.train import JobSettings, TrainLoop, _step_orders, _train_epoch, checkpoint_path, run_algorithm
+from zoo.registry import ALGORITHMS
+from zoo.trajectory import Trajectory
+
+from test_policy import policy_with_random_adapter
+from test_train_loop import Brightness
+
+NUM_PROMPTS, NUM_STEPS = 6, 4
+REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
+
+
+@pytest.fixture(scope="module")
+def accelerator() -> Accelerator:
+    return Accelerator(cpu=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Replay through _train_epoch on a coded trajectory
+
+
+def coded_trajectory(num_prompts: int, group_size: int, num_steps: int, reference: bool) -> Trajectory:
+    p = torch.arange(num_prompts)[:, None, None]
+    g = torch.arange(group_size)[None, :, None]
+    k = torch.arange(num_steps)[None, None, :]
+    code = (100 * p + 10 * g + k).float()  # (P, G, K)
+    latents = code[..., None, None, None].clone()  # (P, G, K, 1, 1, 1)
+    log_probs = -code / 1000
+    return Trajectory(
+        prompts=[f"prompt {i}" for i in range(num_prompts)],
+        prompt_embeds=torch.arange(num_prompts, dtype=torch.float32).view(num_prompts, 1, 1),
+        timesteps=torch.arange(num_steps).flip(0).expand(num_prompts, group_size, num_steps).clone(),
+        latents=latents,
+        next_latents=latents + 0.5,
+        log_probs=log_probs,
+        images=torch.zeros(num_prompts, group_size, 3, 1, 1),
+        ref_log_probs=log_probs - REF_OFFSET if reference else None,
+    )
+
+
+def decode(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored log-probs -c / 1000 -> (p, g, k) of the transitions they belong to."""
+    code = torch.round(-log_probs.detach() * 1000).long()
+    return code // 100, code // 10 % 10, code % 10
+
+
+class CodedPolicy:
+    """The two things `_train_epoch` asks of the policy: the trainable parameters and the
+    (here unwrapped) denoiser for `no_sync`."""
+
+    def __init__(self):
+        self.theta = torch.nn.Parameter(torch.zeros(()))
+        self.denoiser = torch.nn.Linear(1, 1)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.theta]
+
+
+class CodedSampler:
+    """log p(x_t -> x_t') = -c / 1000 + θ cos(c), c read from x_t: the stored log-prob at
+    θ = 0, with a gradient that differs per transition."""
+
+    def __init__(self):
+        self.policy = CodedPolicy()
+
+    def log_prob(self, latents, step_index, next_latents, prompt_embeds) -> torch.Tensor:
+        code = latents.flatten(1)[:, 0]
+        assert torch.equal(step_index, (code % 10).long()), "step index of another transition"
+        assert torch.equal(next_latents.flatten(1)[:, 0], code + 0.5), "x_t' of another transition"
+        assert torch.equal(prompt_embeds.flatten(1)[:, 0], torch.div(code, 100, rounding_mode="floor")), \
+            "prompt embedding of another group"
+        return -code / 1000 + self.policy.theta * torch.cos(code)
+
+
+class Recorder:
+    """The algorithm, recording each `loss` call's inputs and the gradient of its loss."""
+
+    def __init__(self, algorithm, params):
+        self.algorithm, self.needs, self.params = algorithm, algorithm.needs, params
+        self.calls: list[SimpleNamespace] = []
+
+    def loss(self, inputs):
+        loss, metrics = self.algorithm.loss(inputs)
+        (grad,) = torch.autograd.grad(loss, self.params, retain_graph=True)
+        self.calls.append(SimpleNamespace(
+            log_probs=inputs.log_probs.detach().clone(), old=inputs.old_log_probs.clone(),
+            advantages=inputs.advantages.clone(), step_index=inputs.step_index.clone(),
+            ref=None if inputs.ref_log_probs is None else inputs.ref_log_probs.clone(), grad=grad,
+        ))
+        return loss, metrics
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Learning rate 0 (the log-probs stay the stored ones); records the gradient each step sees."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.grads: list[torch.Tensor] = []
+
+    def step(self, closure=None):
+        self.grads.append(self.param_groups[0]["params"][0].grad.clone())
+        return super().step(closure)
+
+
+def replay(name: str, accelerator, advantages=None, seed: int = 0, **overrides):
+    """One `_train_epoch` of algorithm `name` over the coded trajectory; returns (config,
+    advantages, recorded loss calls, recorded optimizer steps)."""
+    config = ALGORITHMS[name](num_steps=NUM_STEPS, **overrides)
+    algorithm = config.build()
+    group_size = algorithm.needs.group_size
+    traj = coded_trajectory(NUM_PROMPTS, group_size, NUM_STEPS, algorithm.needs.reference_log_probs)
+    if advantages is None:
+        # Distinct per (group, member, step), inside every clamp, not all of one sign.
+        advantages = torch.randn(NUM_PROMPTS, group_size, NUM_STEPS, generator=torch.Generator().manual_seed(7))
+        if name == "d3po":  # preferences: +1 / -1 per pair
+            advantages = advantages[:, :1].sign().expand(-1, 2, -1) * torch.tensor([1.0, -1.0])[None, :, None]
+    sampler = CodedSampler()
+    recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
+    optimizer = RecordingSGD(sampler.policy.trainable_parameters())
+    _train_epoch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
+                 torch.Generator().manual_seed(seed), TrainLoop(), False)
+    return config, advantages, recorder.calls, optimizer.grads
+
+
+PAIR_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().build().needs.group_size == 2]
+
+
+@pytest.mark.parametrize("name", [n for n in PAIR_ALGORITHMS
+                                  if ALGORITHMS[n]().build().needs.same_step_order_in_group])
+def test_both_members_of_a_pair_get_the_same_step_in_every_loss_call(name, accelerator):
+    """Invariant (a): with `same_step_order_in_group` (SDPO, D3PO, REBEL), member 0 and
+    member 1 of a group see their steps in one shuffled order, so every `loss` call pairs
+    the two members at the same step k: SDPO's Δρ and D3PO's log r_w - log r_l subtract the
+    two members' log-ratios at one step and weight them with member 0's λ^k. Breaking it
+    (`_step_orders` drawing one order per member) makes the pair compare different steps.
+    Also: the two members are those of one group, each call's step index is the step of the
+    transition it carries, and x_t, x_t', the prompt embedding and the stored log-probs all
+    belong to that transition (the stand-in sampler checks them)."""
+    _, _, calls, _ = replay(name, accelerator)
+    assert calls
+    for call in calls:
+        p, g, k = decode(call.old)
+        assert torch.equal(call.step_index, k)
+        assert torch.equal(call.step_index[:, 0], call.step_index[:, 1])
+        assert torch.equal(p[:, 0], p[:, 1])
+        assert torch.equal(g, torch.arange(2)[None, :, None].expand_as(g))
+        torch.testing.assert_close(call.log_probs, call.old, rtol=0, atol=0)  # recomputed = stored at θ = 0
+        if call.ref is not None:
+            torch.testing.assert_close(call.ref, call.old - REF_OFFSET, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_every_transition_is_trained_once_per_inner_epoch_in_a_shuffled_order(name, accelerator):
+    """Each inner epoch replays every (group, member, step) exactly once (twice with two
+    inner epochs), groups in a shuffled order and each group's steps in its own shuffled
+    order (ddpo-pytorch shuffles samples and permutes the time axis per sample): a loop
+    that trained some transitions twice and others never, or always in the sampled order,
+    would still run."""
+    for inner_epochs in (1, 2):
+        config, _, calls, _ = replay(name, accelerator, num_inner_epochs=inner_epochs)
+        group_size = ALGORITHMS[name]().build().needs.group_size
+        seen = torch.zeros(NUM_PROMPTS, group_size, NUM_STEPS, dtype=torch.long)
+        for call in calls:
+            p, g, k = decode(call.old)
+            seen.index_put_((p.flatten(), g.flatten(), k.flatten()), torch.ones(p.numel(), dtype=torch.long),
+                            accumulate=True)
+        assert (seen == inner_epochs).all()
+    first_groups = torch.cat([decode(call.old)[0][:, 0, 0] for call in calls[: len(calls) // 2]])
+    groups_in_order = list(dict.fromkeys(first_groups.tolist()))
+    assert groups_in_order != sorted(groups_in_order), "groups are replayed in the sampled order"
+    # Each group's steps in the order they are replayed: not all the same order.
+    per_group: dict[int, list[int]] = {}
+    for call in calls[: len(calls) // 2]:
+        p, _, k = decode(call.old)
+        for group, steps in zip(p[:, 0, 0].tolist(), k[:, 0].tolist()):
+            per_group.setdefault(group, []).extend(steps)
+    assert len({tuple(steps) for steps in per_group.values()}) > 1, "every group replays its steps in one order"
+
+
+def test_step_orders_are_permutations_shared_in_a_group_only_when_asked():
+    """`_step_orders`: each trajectory's row is a permutation of the K steps; with
+    `same_in_group` the members of a group share their group's row, without it each member
+    draws its own (the two settings are not the same)."""
+    generator = torch.Generator().manual_seed(0)
+    shared = _step_orders(5, 2, 6, True, generator)
+    own = _step_orders(5, 2, 6, False, generator)
+    for orders in (shared, own):
+        assert orders.shape == (5, 2, 6)
+        assert torch.equal(orders.sort(dim=-1).values, torch.arange(6).expand(5, 2, 6))
+    assert torch.equal(shared[:, 0], shared[:, 1])
+    assert not torch.equal(own[:, 0], own[:, 1])
+    assert not torch.equal(shared[0, 0], shared[1, 0])  # groups are permuted independently
+
+
+@pytest.mark.parametrize("name", ["sdpo", "ddpo", "d3po"])
+def test_each_transition_is_trained_on_its_own_steps_advantage(name, accelerator):
+    """Invariant (b): after groups are shuffled and steps permuted, the advantages a `loss`
+    call receives are those of the transitions it trains on: `advantages[p, g, k]` for
+    group p, member g, step k (`_train_epoch` indexes them with the minibatch's groups and
+    `transitions.steps`). The advantages here differ per (group, member, step), as SDPO's
+    per-step ones do, so indexing them by the position in the shuffled order, by the
+    unshuffled group, or by another member fails."""
+    _, advantages, calls, _ = replay(name, accelerator)
+    for call in calls:
+        p, g, k = decode(call.old)
+        torch.testing.assert_close(call.advantages, advantages[p, g, k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name, steps_outer", [("sdpo", True), ("ddpo", False), ("d3po", False)])
+def test_replay_order_steps_or_minibatches_outer(name, steps_outer, accelerator):
+    """SDPO's reference trains position j of every minibatch's step orders before position
+    j + 1 (`steps_in_outer_loop`): the first ⌈P/b⌉ calls then cover every group once. DDPO
+    and D3PO (ddpo-pytorch's loop) replay all K steps of a minibatch before the next: the
+    first K calls share one minibatch's groups."""
+    config, _, calls, _ = replay(name, accelerator, train_batch_size=2)
+    assert config.steps_in_outer_loop == steps_outer
+    minibatches = math.ceil(NUM_PROMPTS / config.train_batch_size)
+    assert len(calls) == minibatches * NUM_STEPS
+    groups = [frozenset(decode(call.old)[0][:, 0, 0].tolist()) for call in calls]
+    if steps_outer:
+        first = set().union(*groups[:minibatches])
+        assert first == set(range(NUM_PROMPTS)) and sum(map(len, groups[:minibatches])) == NUM_PROMPTS
+    else:
+        assert len(set(groups[:NUM_STEPS])) == 1 and len(set(groups)) == minibatches
+
+
+def _clipped(gradient: torch.Tensor, max_norm: float | None) -> torch.Tensor:
+    if max_norm is None:
+        return gradient
+    return gradient * min(1.0, max_norm / (float(gradient.abs()) + 1e-6))
+
+
+@pytest.mark.parametrize("name", ["sdpo", "ddpo", "d3po"])
+@pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
+def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_grad_norm, accelerator):
+    """Gradient accumulation: an optimizer step comes every `loss_calls_per_update` loss
+    calls, and the gradient it applies is the sum of those calls' gradients divided by
+    `loss_calls_per_update` (a mean over the update's calls), clipped to `max_grad_norm`
+    when set, and nothing carried over from the previous update (zero_grad). (REBEL is left
+    out: its accumulation is being redefined.)"""
+    config, _, calls, grads = replay(
+        name, accelerator, train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm
+    )
+    per_update = config.loss_calls_per_update
+    assert len(calls) % per_update == 0
+    assert len(grads) == len(calls) // per_update >= 2
+    for update, applied in enumerate(grads):
+        window = calls[update * per_update : (update + 1) * per_update]
+        expected = _clipped(torch.stack([call.grad for call in window]).sum() / per_update, max_grad_norm)
+        assert float(expected.abs()) > 1e-6
+        torch.testing.assert_close(applied, expected, rtol=1e-5, atol=0)
+    if max_grad_norm is not None:
+        assert any(float(g.abs()) == pytest.approx(max_grad_norm, rel=1e-3) for g in grads)  # the clip acted
+
+
+# ----------------------------------------------------------------------------------------
+# Resume restores the stat tracker
+
+
+def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...]) -> JobSettings:
+    return JobSettings(
+        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs,
+        eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
+                          sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
+        mixed_precision="no", train_reward="brightness", out_dir=out,
+    )
+
+
+RESUME_CONFIGS = {
+    # One prompt, 4 trajectories (DDPO) or 2 pairs (SDPO) per epoch: epoch 1 leaves 4
+    # returns per buffer (per prompt, or per (prompt, step)), under min_count 5, so it
+    # normalises by the batch; epoch 2 pushes 4 more and normalises by its buffer, which
+    # holds 2 of epoch 1's returns (buffer 6). Without epoch 1's history it would fall back.
+    "ddpo": dict(num_steps=2, guidance_scale=1.0, train_batch_size=2, learning_rate=3e-2,
+                 tracker_buffer_size=6, tracker_min_count=5),
+    "sdpo": dict(num_steps=2, train_batch_size=1, gradient_accumulation_steps=1, learning_rate=3e-2,
+                 tracker_buffer_size=6, tracker_min_count=5),
+}
+
+
+@pytest.mark.parametrize("algo", list(RESUME_CONFIGS))
+def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_path, monkeypatch, accelerator):
+    """Invariant (c): `--resume` restores the stat tracker (`tracker.load_state_dict` in
+    `run_algorithm`). Two epochs straight, against one epoch, a stop right after its
+    checkpoint, and a resumed second epoch, with tracker sizes chosen so that the second
+    epoch's advantages come from a buffer that holds first-epoch returns (RESUME_CONFIGS).
+    The runs must end with the same tracker state, LoRA weights, counters and records.
+    (The kill tests never fill a buffer to min_count, so a resume that forgot the tracker
+    passed them.) Also: the two epochs draw different noise (the generator is seeded by
+    the epoch)."""
+    config = ALGORITHMS[algo](**RESUME_CONFIGS[algo])
+    drawn: dict[str, list[torch.Tensor]] = {"straight": [], "resumed": []}
+    real_sample = benchmarks.train.sample_and_score
+
+    def run(name: str, epochs_before_stop: int | None = None) -> dict:
+        out = tmp_path / name.split("-")[0]
+
+        def sample_and_score(*args, **kwargs):
+            traj, scores, failure = real_sample(*args, **kwargs)
+            drawn[name.split("-")[0]].append(traj.latents[:, :, 0].clone())
+            return traj, scores, failure
+
+        monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
+        run_algorithm(algo, config, 0, _job(tiny_pipeline_dir, out, 2, ("a cat",)), Brightness(),
+                      {"brightness": Brightness()}, accelerator)
+        return load_state(checkpoint_path(out, algo, 0))
+
+    straight = run("straight")
+    real_save = benchmarks.train.save_state
+
+    class Stop(Exception):
+        pass
+
+    def save_then_stop(path, state):
+        real_save(path, state)
+        if state["epoch"] == 1:
+            raise Stop
+
+    monkeypatch.setattr(benchmarks.train, "save_state", save_then_stop)
+    with pytest.raises(Stop):
+        run("resumed-first")
+    monkeypatch.setattr(benchmarks.train, "save_state", real_save)
+    first = load_state(checkpoint_path(tmp_path / "resumed", algo, 0))
+    assert first["epoch"] == 1 and not first["done"]
+    resumed = run("resumed-second")
+
+    assert straight["done"] and resumed["done"]
+    # The test can tell: epoch 2 normalised by buffers that hold epoch 1's returns.
+    final, before = straight["tracker"]["buffers"]["a cat"], first["tracker"]["buffers"]["a cat"]
+    for buffer, earlier in zip(final, before) if algo == "sdpo" else [(final, before)]:
+        assert len(earlier) == 4 and len(buffer) == 6 and buffer[:2] == earlier[-2:]
+    assert resumed["tracker"] == straight["tracker"]
+    assert resumed["lora"].keys() == straight["lora"].keys()
+    for key in straight["lora"]:
+        assert torch.equal(resumed["lora"][key], straight["lora"][key]), key
+    drop_time = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]  # noqa: E731
+    assert drop_time(resumed["records"]) == drop_time(straight["records"])
+    assert {k: v for k, v in resumed["counters"].items() if k != "wall_time"} == \
+        {k: v for k, v in straight["counters"].items() if k != "wall_time"}
+    # Epochs draw their own noise; the resumed epoch drew the straight run's.
+    assert len(drawn["straight"]) == 2 and len(drawn["resumed"]) == 2
+    assert (drawn["straight"][0] - drawn["straight"][1]).abs().max() > 0.1
+    assert torch.equal(drawn["resumed"][1], drawn["straight"][1])
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation noise
+
+
+class RecordingBrightness(Brightness):
+    """Brightness that keeps every score it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.returned: list[torch.Tensor] = []
+
+    def _score(self, images, prompts):
+        scores = super()._score(images, prompts)
+        self.returned.append(scores.clone())
+        return scores
+
+
+def _eval_settings(step_counts: tuple[int, ...], seed: int = 0) -> EvalSettings:
+    return EvalSettings(prompts=("a cat", "a dog", "a fox"), step_counts=step_counts, samples_per_prompt=2,
+                        batch_size=4, sampler="ddim", guidance_scale=2.0, eta=1.0, seed=seed)
+
+
+def test_every_row_is_evaluated_on_the_same_noise(tiny_pipeline_dir, accelerator):
+    """Invariant (d): two policies with identical weights (two algorithms' rows after the
+    same update, or the base row twice) get identical evaluation rows and sample strips,
+    whatever happened to the global RNG in between (training draws from it), because each
+    step count's noise comes from its own generator seeded by (evaluation seed, step count,
+    process). A step count's row does not depend on which other step counts are evaluated
+    with it; another evaluation seed gives other noise. The row's numbers are the finite
+    scores' mean, population std and count."""
+    first, second = policy_with_random_adapter(tiny_pipeline_dir), policy_with_random_adapter(tiny_pipeline_dir)
+    reward = RecordingBrightness()
+    stats, strips = evaluate(first, {"brightness": reward}, _eval_settings((1, 2)), accelerator)
+    torch.manual_seed(12345)
+    torch.randn(1000)
+    again, strips_again = evaluate(second, {"brightness": Brightness()}, _eval_settings((1, 2)), accelerator)
+    assert again == stats
+    assert strips.keys() == strips_again.keys() == {1, 2}
+    assert all(torch.equal(strips[k], strips_again[k]) for k in strips)
+
+    alone, _ = evaluate(second, {"brightness": Brightness()}, _eval_settings((2,)), accelerator)
+    assert alone[(2, "brightness")] == stats[(2, "brightness")]
+    other_seed, _ = evaluate(second, {"brightness": Brightness()}, _eval_settings((1, 2), seed=1), accelerator)
+    assert other_seed[(1, "brightness")]["mean"] != stats[(1, "brightness")]["mean"]
+
+    # 6 images per step count in batches of 4 and 2: two calls per step count.
+    assert len(reward.returned) == 4
+    for step_count, scores in ((1, reward.returned[:2]), (2, reward.returned[2:])):
+        scores = torch.cat(scores).double()
+        row = stats[(step_count, "brightness")]
+        assert row["count"] == 6 and row["nonfinite"] == 0
+        assert row["mean"] == pytest.approx(float(scores.mean()), rel=1e-12)
+        assert row["std"] == pytest.approx(float(scores.std(correction=0)), rel=1e-12)
+    assert stats[(1, "brightness")]["mean"] != stats[(2, "brightness")]["mean"]
+
+
+# ----------------------------------------------------------------------------------------
+# Stat tracker eviction, and the DDIM density at 0 < eta < 1
+
+
+@pytest.mark.parametrize("restored", [False, True], ids=["fresh", "restored"])
+def test_per_step_buffers_keep_only_the_last_buffer_size_returns(restored):
+    """Invariant (e): SDPO's per-(prompt, step) buffer is a window of the last
+    `buffer_size` returns, as the per-prompt one is (also once restored from a checkpoint's
+    state). buffer_size 3, min_count 3, one prompt, K = 2 (step 1's returns are ten times
+    step 0's).
+
+    Batch 1: [[1, 10], [2, 20]]: 2 < 3 values, each step falls back to its batch column:
+      mean 1.5, std 0.5, A = [-0.5, 0.5] / (0.5 + 1e-6) (step 1: [-5, 5] / (5 + 1e-6)).
+    Batch 2: [[3, 30], [5, 50]]: step 0 holds [1, 2, 3, 5] -> the last three [2, 3, 5]:
+      mean 10/3, population std sqrt((16 + 1 + 25) / 27) = sqrt(14)/3, so
+      A = [-1/3, 5/3] / (sqrt(14)/3 + 1e-6) (keeping all four: mean 2.75, A = [0.25, 2.25] / (std + 1e-6)).
+    Batch 3: [[7, 70]]: [3, 5, 7], mean 5, std sqrt(8/3), A = 2 / (sqrt(8/3) + 1e-6).
+    The per-prompt tracker gets step 0's column and must give step 0's numbers."""
+    from zoo.stat_tracking import PerPromptStatTracker, PerPromptStepStatTracker
+
+    def reload(tracker):
+        if not restored:
+            return tracker
+        copy = type(tracker)(3, 3)
+        copy.load_state_dict(tracker.state_dict())
+        return copy
+
+    eps = 1e-6
+    second = torch.tensor([-1 / 3, 5 / 3], dtype=torch.float64) / (math.sqrt(14) / 3 + eps)
+    third = torch.tensor([2.0], dtype=torch.float64) / (math.sqrt(8 / 3) + eps)
+    batches = [[[1.0, 10.0], [2.0, 20.0]], [[3.0, 30.0], [5.0, 50.0]], [[7.0, 70.0]]]
+
+    per_step, per_prompt = PerPromptStepStatTracker(3, 3), PerPromptStatTracker(3, 3)
+    results, per_prompt_results = [], []
+    for batch in batches:
+        returns = torch.tensor(batch, dtype=torch.float64)
+        prompts = ["a"] * len(batch)
+        results.append(per_step.update(prompts, returns))
+        per_prompt_results.append(per_prompt.update(prompts, returns[:, 0]))
+        per_step, per_prompt = reload(per_step), reload(per_prompt)
+    first = torch.tensor([[-0.5 / (0.5 + eps), -5 / (5 + eps)], [0.5 / (0.5 + eps), 5 / (5 + eps)]], dtype=torch.float64)
+    torch.testing.assert_close(results[0], first, rtol=1e-12, atol=0)
+    second_step1 = torch.tensor([-10 / 3, 50 / 3], dtype=torch.float64) / (10 * math.sqrt(14) / 3 + eps)
+    torch.testing.assert_close(results[1], torch.stack([second, second_step1], dim=1), rtol=1e-12, atol=0)
+    third_step1 = torch.tensor([20.0], dtype=torch.float64) / (10 * math.sqrt(8 / 3) + eps)
+    torch.testing.assert_close(results[2], torch.stack([third, third_step1], dim=1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_prompt_results[1], second, rtol=1e-12, atol=0)
+    torch.testing.assert_close(per_prompt_results[2], third, rtol=1e-12, atol=0)
+    assert per_step.state_dict()["buffers"] == {"a": [[3.0, 5.0, 7.0], [30.0, 50.0, 70.0]]}
+    assert per_prompt.state_dict()["buffers"] == {"a": [3.0, 5.0, 7.0]}
+
+
+def test_ddim_log_density_at_eta_one_half_by_hand():
+    """Invariant (f): the DDIM transition's log-density at 0 < eta < 1, worked numbers.
+    Published formula (DDIM, Song et al. 2021, eq. 16; docs/ALGORITHMS.md):
+      x̂0 = (x_t - sqrt(1-ᾱ_t) ε̂) / sqrt(ᾱ_t)
+      σ² = eta² (1-ᾱ_t')/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_t')
+      μ = sqrt(ᾱ_t') x̂0 + sqrt(1-ᾱ_t'-σ²) ε̂
+      log p = mean over elements of -(x_t'-μ)²/(2σ²) - log σ - log(2π)/2.
+    Sample 0: ᾱ_t = 0.36, ᾱ_t' = 0.64, x_t = (0.6, -1.2), ε̂ = (0.8, 0.4), eta 0.5:
+      x̂0 = ((0.6 - 0.64)/0.6, (-1.2 - 0.32)/0.6) = (-1/15, -38/15);
+      σ² = 0.25 · (0.36/0.64) · (1 - 0.5625) = 0.0615234375;
+      μ = 0.8 x̂0 + sqrt(0.36 - 0.0615234375) ε̂.
+    Sample 1: ᾱ_t = 0.5, ᾱ_t' = 0.9, x_t = (0.2, 0.3), ε̂ = (-0.5, 1.0):
+      σ² = 0.25 · (0.1/0.5) · (1 - 5/9) = 1/45.
+    At eta 1 σ² would be 4 times larger, and at eta 0.5 with σ instead of σ² in the
+    direction term or eta left out the numbers differ far beyond the tolerance."""
+    from zoo.sampling import ddim_transition, gaussian_log_prob
+
+    eta = 0.5
+    alpha_t, alpha_prev = [0.36, 0.5], [0.64, 0.9]
+    x_t = [[0.6, -1.2], [0.2, 0.3]]
+    eps = [[0.8, 0.4], [-0.5, 1.0]]
+    x_next = [[0.1, -2.0], [0.5, 0.0]]
+    expected_std, expected_mean, expected_log_prob = [], [], []
+    for i in range(2):
+        a, a_prev = alpha_t[i], alpha_prev[i]
+        x0 = [(x - math.sqrt(1 - a) * e) / math.sqrt(a) for x, e in zip(x_t[i], eps[i])]
+        variance = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+        mean = [math.sqrt(a_prev) * x + math.sqrt(1 - a_prev - variance) * e for x, e in zip(x0, eps[i])]
+        log_density = [-((y - m) ** 2) / (2 * variance) - 0.5 * math.log(variance) - 0.5 * math.log(2 * math.pi)
+                       for y, m in zip(x_next[i], mean)]
+        expected_std.append(math.sqrt(variance))
+        expected_mean.append(mean)
+        expected_log_prob.append(sum(log_density) / 2)
+    assert expected_std[0] ** 2 == pytest.approx(0.0615234375, rel=1e-12)
+    assert expected_std[1] ** 2 == pytest.approx(1 / 45, rel=1e-12)
+
+    shape = (2, 2, 1, 1)  # (N, C, h, w)
+    mean, std, pred_x0 = ddim_transition(
+        torch.tensor(eps).view(shape), torch.tensor(x_t).view(shape),
+        torch.tensor(alpha_t, dtype=torch.float64), torch.tensor(alpha_prev, dtype=torch.float64), eta,
+    )
+    torch.testing.assert_close(pred_x0[0].flatten(), torch.tensor([-1 / 15, -38 / 15]), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(std, torch.tensor(expected_std), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mean.flatten(1), torch.tensor(expected_mean), rtol=1e-6, atol=1e-7)
+    log_prob = gaussian_log_prob(torch.tensor(x_next).view(shape), mean, std)
+    torch.testing.assert_close(log_prob, torch.tensor(expected_log_prob), rtol=1e-6, atol=1e-6)
