@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import tyro
 
@@ -74,6 +74,9 @@ class RunArgs:
     """Training epochs per algorithm and seed (default: the preset's)."""
     train_steps: int | None = None
     """Sampling steps K during training, for every algorithm (default: the preset's)."""
+    eval_split: Literal["test", "validation"] = "test"
+    """Held-out prompts to evaluate on: the preset's test prompts (the reported tables) or
+    its validation prompts (what `benchmarks.tune` selects hyperparameters on)."""
     eval_steps: str = "1,2,4,8"
     """Comma-separated sampling step counts at which held-out reward is measured."""
     eval_every: int | None = None
@@ -213,6 +216,7 @@ class Plan:
     algos: list[str]
     seeds: list[int]
     eval_steps: list[int]
+    eval_prompts: tuple[str, ...]
     reward: str
     eval_rewards: list[str]
     reward_paths: dict[str, str]
@@ -239,7 +243,8 @@ class Plan:
             "trajectories_per_epoch": self.trajectories_per_epoch,
             "eval_samples_per_prompt": self.eval_samples_per_prompt,
             "train_prompts": list(self.preset.train_prompts),
-            "eval_prompts": list(self.preset.eval_prompts),
+            "eval_split": self.args.eval_split,
+            "eval_prompts": list(self.eval_prompts),
             "mixed_precision": self.preset.mixed_precision,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
             "algorithm_configs": {name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()},
@@ -260,6 +265,12 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     unknown = [a for a in algos if a not in ALGORITHMS]
     if unknown or not algos:
         raise UsageError(f"--algos: unknown algorithm {', '.join(unknown) or '(none)'}; choose from {', '.join(ALGORITHMS)}")
+    repeated = sorted({a for a in algos if algos.count(a) > 1})
+    if repeated:
+        raise UsageError(
+            f"--algos: {', '.join(repeated)} listed more than once; each algorithm trains once per seed "
+            "(use --seeds for repeats)"
+        )
     seeds = _split(args.seeds, "--seeds", int)
     if not seeds:
         raise UsageError("--seeds: give at least one seed")
@@ -310,7 +321,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             flag = "--train-steps" if args.train_steps is not None else f"--{name}.num-steps"
             raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model, epochs,
+    eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
+    plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model, epochs,
                 eval_every, trajectories, eval_samples, out_dir, configs, loop)
     _check_out_dir(plan)
     return plan
@@ -347,6 +359,16 @@ def _schedule_length(model: str, source: str) -> int:
     return int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
 
 
+def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
+    """The loss calls (backward passes without chunking) and optimizer updates that one
+    epoch of `trajectories` trajectories per process makes under `cfg`, as the training
+    loop makes them. Assumes `_check_batch_sizes` holds."""
+    needs = cfg.build().needs
+    minibatches = trajectories // needs.group_size // cfg.train_batch_size * cfg.num_inner_epochs
+    calls = minibatches * (1 if needs.whole_trajectory_loss else cfg.num_steps)
+    return {"loss_calls": calls, "optimizer_updates": calls // cfg.loss_calls_per_update}
+
+
 def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
     group_size = cfg.build().needs.group_size
     if trajectories % group_size:
@@ -359,9 +381,7 @@ def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: in
             f"--{name}.train-batch-size {cfg.train_batch_size} does not divide the {groups} groups per process "
             f"per epoch (--trajectories-per-epoch {trajectories} / group size {group_size})"
         )
-    calls = groups // cfg.train_batch_size * cfg.num_inner_epochs
-    if not cfg.build().needs.whole_trajectory_loss:
-        calls *= cfg.num_steps
+    calls = epoch_budget(cfg, trajectories)["loss_calls"]
     if calls % cfg.loss_calls_per_update:
         raise UsageError(
             f"--{name}.gradient-accumulation-steps {cfg.gradient_accumulation_steps} makes an optimizer step every "
@@ -443,7 +463,7 @@ def execute(plan: Plan) -> str:
             train_prompts=plan.preset.train_prompts,
             eval_every=plan.eval_every,
             eval=EvalSettings(
-                prompts=plan.preset.eval_prompts,
+                prompts=plan.eval_prompts,
                 step_counts=tuple(plan.eval_steps),
                 samples_per_prompt=plan.eval_samples_per_prompt,
                 batch_size=plan.preset.eval_batch_size,

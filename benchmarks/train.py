@@ -122,6 +122,8 @@ def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict) -> l
             "reward": reward_name,
             **values,
             "samples_seen": counters["samples_seen"],
+            "optimizer_updates": counters["optimizer_updates"],
+            "backward_passes": counters["backward_passes"],
             "reward_calls": counters["reward_calls"],
             "reward_images": counters["reward_calls"],
             "wall_time": round(counters["wall_time"], 3),
@@ -168,7 +170,7 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision,
         performance=settings.performance,
     )
-    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0}
+    counters = {"samples_seen": 0, "optimizer_updates": 0, "backward_passes": 0, "reward_calls": 0, "wall_time": 0.0}
     records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
     _save_on_main(accelerator, path, {"records": records, "done": True})
     return records
@@ -379,7 +381,9 @@ def _train_epoch(
     generator: torch.Generator,
     loop: TrainLoop,
     show_progress: bool,
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, int]]:
+    """One epoch of updates on `traj`: (mean metrics per loss call, this process's counts of
+    optimizer updates and backward passes)."""
     policy = sampler.policy
     needs = algorithm.needs
     num_prompts, group_size, num_steps = traj.log_probs.shape
@@ -388,7 +392,7 @@ def _train_epoch(
     calls_per_update = config.loss_calls_per_update
     params = policy.trainable_parameters()
     totals: dict[str, torch.Tensor] = {}
-    calls = 0
+    calls = updates = backward_passes = 0
     device = traj.latents.device
     first_bad = torch.zeros((), device=device)  # the latest loss, until one is not finite: then that one
     advantages = advantages.to(device)
@@ -424,6 +428,7 @@ def _train_epoch(
                 sync = update_now and last
                 with contextlib.nullcontext() if sync else accelerator.no_sync(policy.denoiser):
                     accelerator.backward(loss / calls_per_update)
+                backward_passes += 1
                 # Summed on the device: a float() per call would wait for the GPU every call.
                 for name, value in (metrics or {}).items():
                     totals[name] = totals.get(name, 0.0) + value.detach()
@@ -432,6 +437,7 @@ def _train_epoch(
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                updates += 1
             progress.update(1)
     progress.close()
     # Every process learns of a non-finite loss on any of them, so that all stop together
@@ -440,7 +446,8 @@ def _train_epoch(
     bad = bad[~torch.isfinite(bad)]
     if bad.numel():
         raise TrainingDiverged(f"the loss became {float(bad[0])} (try a lower learning rate)")
-    return {name: float(value) / max(calls, 1) for name, value in totals.items()}
+    metrics = {name: float(value) / max(calls, 1) for name, value in totals.items()}
+    return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}
 
 
 def run_algorithm(
@@ -478,7 +485,8 @@ def run_algorithm(
         weight_decay=config.weight_decay,
     )
     tracker = algorithm.new_tracker()
-    counters = {"samples_seen": 0, "reward_calls": 0, "wall_time": 0.0, "bad_reward_batches": 0}
+    counters = {"samples_seen": 0, "optimizer_updates": 0, "backward_passes": 0, "reward_calls": 0,
+                "wall_time": 0.0, "bad_reward_batches": 0}
     records: list[dict] = []
     start_epoch = 0
     if state is not None:
@@ -527,12 +535,15 @@ def run_algorithm(
             advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
             kill_point(f"train:{algo}:{done}")
             try:
-                metrics = _train_epoch(
+                metrics, counts = _train_epoch(
                     algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, settings.loop, show
                 )
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"{where}: {error}; {last_good}") from None
             metrics["train_reward"] = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
+            # Every process takes the same updates (DDP); backward passes are counted on all.
+            counters["optimizer_updates"] += counts["optimizer_updates"]
+            counters["backward_passes"] += counts["backward_passes"] * world
 
         local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)
         counters["reward_calls"] += int(accelerator.gather(local_calls).sum())

@@ -12,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 import benchmarks.train
+from benchmarks.presets import tiny
 from benchmarks.run import main
 
 ALGOS = ["ddpo", "rebel", "d3po", "sdpo"]
@@ -33,6 +34,7 @@ def micro_args(model: str, out: Path) -> list[str]:
         "--eval-steps", ",".join(map(str, EVAL_STEPS)),
         "--train-steps", "2",
         "--d3po.gradient-accumulation-steps", "1",
+        "--sdpo.gradient-accumulation-steps", "2",
         "--out", str(out),
     ]
 
@@ -61,7 +63,13 @@ def test_run_writes_every_output(finished_run):
     assert len(records) == len(EVAL_STEPS) * (1 + 2 * len(ALGOS))
     assert {r["algo"] for r in records} == {"base", *ALGOS}
     final = [r for r in records if r["epoch"] == 2]
-    assert all(r["samples_seen"] == 16 and r["count"] == 8 for r in final)
+    test_images = len(tiny().eval_prompts)  # one sample per test prompt
+    assert all(r["samples_seen"] == 16 and r["count"] == test_images for r in final)
+    # One update per epoch each; a backward pass per loss call: per step (K = 2), or per
+    # whole trajectory (REBEL).
+    assert all(r["optimizer_updates"] == 2 for r in final)
+    backward = {r["algo"]: r["backward_passes"] for r in final}
+    assert backward == {"ddpo": 4, "rebel": 2, "d3po": 4, "sdpo": 4}
     calls = {r["algo"]: r["reward_calls"] for r in final}
     # SDPO scores first, anchor and last x̂0: three reward calls per trajectory.
     assert calls == {"ddpo": 16, "rebel": 16, "d3po": 16, "sdpo": 48}

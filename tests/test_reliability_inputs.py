@@ -30,6 +30,7 @@ def base_args(model: str, out: Path) -> list[str]:
         "--eval-steps", "1,2",
         "--train-steps", "2",
         "--d3po.gradient-accumulation-steps", "1",
+        "--sdpo.gradient-accumulation-steps", "2",
         "--out", str(out),
     ]
 
@@ -59,6 +60,8 @@ def _no_imagereward_package(model: str, out: Path, monkeypatch) -> None:
 # (id, extra flags, text the one line must contain, setup of the output folder or environment)
 CASES = [
     ("unknown algorithm", ["--algos", "sdpo,ppo"], ["--algos", "ppo", ", ".join(ALGORITHMS)], None),
+    ("algorithm listed twice", ["--algos", "sdpo,ddpo,sdpo"], ["--algos", "sdpo listed more than once"], None),
+    ("unknown eval split", ["--eval-split", "train"], ["--eval-split", "'train'"], None),
     ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, sd-turbo"], None),
     ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
     ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),

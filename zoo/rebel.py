@@ -17,10 +17,11 @@ Implementation details:
 5. Loss per pair: Δ = Σ_k (logp_θ(y) - old(y)) - Σ_k (logp_θ(y') - old(y')),
    loss = mean((Δ / η - (A(y) - A(y')))²), η = `log_scale` (the reference's multiplier
    `rebel_rl` = 1/η = 1).
-6. Accumulation: the reference's accelerator counts `gradient_accumulation_steps` x K
-   backward passes per update (sized for its per-step PPO loop) while REBEL makes one per
-   minibatch, so an update spans 4 x 8 = 32 minibatches of 2 pairs. `loss_calls_per_update`
-   reproduces that effective batch.
+6. Accumulation: one backward pass per minibatch, an optimizer step every
+   `gradient_accumulation_steps` minibatches (4 x 2 pairs). At rlcm's latest commit
+   (b8330ed, `scripts/main.py` lines 43-48) the accelerator multiplies accumulation by K
+   for PPO only; the earlier REBEL commit (815ef1b) multiplied it for REBEL too, which
+   made an update span 4 x 8 = 32 minibatches.
 7. Metrics: loss, approx_kl = 0.5 * mean((logp - old)^2) over steps, log_ratio_diff =
    mean |Δ|, advantage_diff = mean |A(y) - A(y')|.
 8. Optimizer: Adam (AdamW with weight decay 0 here), lr 1e-4, no gradient clipping; LoRA
@@ -66,7 +67,7 @@ class REBELConfig(TrainingConfig):
     train_batch_size: int = 2
     """Pairs per minibatch, per process (RLCM's); each `loss` call covers all K steps of its pairs."""
     gradient_accumulation_steps: int = 4
-    """RLCM's accumulation setting; an update spans this many x K minibatches (see `loss_calls_per_update`)."""
+    """Minibatches per optimizer step (RLCM's; one backward pass each, not multiplied by K)."""
     lora_rank: int = 8
     """LoRA rank of the UNet adapter (RLCM's)."""
     lora_alpha: float = 8.0
@@ -88,6 +89,12 @@ class REBELConfig(TrainingConfig):
         super().__post_init__()
         check_field_rules(self, _FIELD_RULES)
         check_tracker_sizes(self, "per-prompt")
+
+    @property
+    def loss_calls_per_update(self) -> int:
+        """One `loss` call per minibatch covers all K steps, so an update is
+        `gradient_accumulation_steps` calls (rlcm b8330ed, `scripts/main.py` lines 43-48)."""
+        return self.gradient_accumulation_steps
 
     def build(self) -> "REBEL":
         return REBEL(self)

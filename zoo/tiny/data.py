@@ -67,8 +67,23 @@ def train_captions() -> list[str]:
 
 
 def heldout_captions() -> list[str]:
-    """Captions never rendered for training: the evaluation prompts."""
+    """Captions never rendered for training: the validation and test prompts."""
     return [caption(c, s, b) for c, s, b, held in _COMBINATIONS if held]
+
+
+# Positions in `heldout_captions` of the test half: each half has every shape once, two
+# captions per background and four colours.
+_TEST_POSITIONS = (0, 3, 4, 7)
+
+
+def validation_captions() -> list[str]:
+    """Half of the held-out captions, for tuning hyperparameters."""
+    return [text for i, text in enumerate(heldout_captions()) if i not in _TEST_POSITIONS]
+
+
+def test_captions() -> list[str]:
+    """The other half, for the reported tables (never used for tuning)."""
+    return [heldout_captions()[i] for i in _TEST_POSITIONS]
 
 
 def parse_caption(text: str) -> tuple[str, str, str]:

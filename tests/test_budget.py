@@ -1,0 +1,79 @@
+"""What each algorithm's epoch costs: the optimizer updates and backward passes that
+`benchmarks.run.epoch_budget` declares are the ones the training loop takes, REBEL steps
+the optimizer once per `gradient_accumulation_steps` minibatches (rlcm's latest commit),
+and the tiny preset gives every algorithm the same updates per epoch."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from benchmarks.presets import tiny
+from benchmarks.run import _checked, epoch_budget, preset_algo_configs
+from benchmarks.train import TrainLoop, _train_epoch
+from zoo.registry import ALGORITHMS
+from zoo.rebel import REBELConfig
+from zoo.sampling import SamplerConfig, TrajectorySampler
+
+from test_policy import policy_with_random_adapter
+
+
+def test_rebel_steps_the_optimizer_once_per_accumulated_minibatches_at_k4():
+    """rlcm b8330ed (`scripts/main.py` lines 43-48) multiplies accumulation by K for PPO
+    only. 64 trajectories = 32 pairs; batch 2 -> 16 minibatches of one whole-trajectory
+    loss call each; accumulation 1 -> 16 updates (815ef1b's x K gave 16 / 4 = 4)."""
+    config = REBELConfig(sampler="ddim", num_steps=4, train_batch_size=2, gradient_accumulation_steps=1)
+    assert config.loss_calls_per_update == 1
+    assert epoch_budget(config, 64) == {"loss_calls": 16, "optimizer_updates": 16}
+    assert epoch_budget(replace(config, gradient_accumulation_steps=4), 64)["optimizer_updates"] == 4
+
+
+def test_tiny_preset_gives_every_algorithm_eight_updates_of_32_transitions_per_epoch():
+    """64 trajectories at K = 4 are 256 transitions; 8 updates each average 32 of them, for
+    every algorithm (SDPO's per-step updates included)."""
+    preset = tiny()
+    configs = preset_algo_configs(preset, preset.reward)
+    for name in ALGORITHMS:
+        config = _checked(name, getattr(configs, name))
+        budget = epoch_budget(config, preset.trajectories_per_epoch)
+        assert budget["optimizer_updates"] == 8, name
+        assert preset.trajectories_per_epoch * config.num_steps // budget["optimizer_updates"] == 32
+
+
+class CountingAdamW(torch.optim.AdamW):
+    steps = 0
+
+    def step(self, closure=None):
+        CountingAdamW.steps += 1
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("name", list(ALGORITHMS))
+def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pipeline_dir, name):
+    """8 trajectories at K = 4, batch 2 groups, accumulation 2: the optimizer steps exactly
+    `epoch_budget`'s updates, and the loop reports them with its backward passes (REBEL's
+    4-step losses in chunks of 2 steps: two backward passes per minibatch)."""
+    config = replace(ALGORITHMS[name](), sampler="ddim", num_steps=4, guidance_scale=1.0, train_batch_size=2,
+                     gradient_accumulation_steps=2)
+    algorithm = config.build()
+    group_size = algorithm.needs.group_size
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
+    sampler = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 1.0))
+    generator = torch.Generator().manual_seed(0)
+    traj = sampler.sample(["a cat"] * (8 // group_size), group_size=group_size, generator=generator,
+                          record_pred_x0=algorithm.needs.record_pred_x0,
+                          reference_log_probs=algorithm.needs.reference_log_probs)
+    advantages = torch.randn(traj.log_probs.shape, generator=generator)
+    CountingAdamW.steps = 0
+    optimizer = CountingAdamW(policy.trainable_parameters(), lr=1e-3)
+    accelerator = Accelerator(cpu=True)
+    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+    _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator,
+                             TrainLoop(steps_per_backward=2), False)
+
+    budget = epoch_budget(config, 8)
+    assert budget["optimizer_updates"] >= 1
+    assert CountingAdamW.steps == counts["optimizer_updates"] == budget["optimizer_updates"]
+    chunks = 2 if algorithm.needs.whole_trajectory_loss else 1
+    assert counts["backward_passes"] == budget["loss_calls"] * chunks
