@@ -107,7 +107,7 @@ class Recorder:
         loss, metrics = self.algorithm.loss(inputs)
         (grad,) = torch.autograd.grad(loss, self.params, retain_graph=True)
         self.calls.append(SimpleNamespace(
-            log_probs=inputs.log_probs.detach().clone(), old=inputs.old_log_probs.clone(),
+            loss=float(loss.detach()), log_probs=inputs.log_probs.detach().clone(), old=inputs.old_log_probs.clone(),
             advantages=inputs.advantages.clone(), step_index=inputs.step_index.clone(),
             ref=None if inputs.ref_log_probs is None else inputs.ref_log_probs.clone(), grad=grad,
         ))
@@ -141,8 +141,9 @@ def replay(name: str, accelerator, advantages=None, seed: int = 0, **overrides):
     sampler = CodedSampler()
     recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
-    _train_epoch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
-                 torch.Generator().manual_seed(seed), TrainLoop(), False)
+    result = _train_epoch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
+                          torch.Generator().manual_seed(seed), TrainLoop(), False)
+    replay.metrics = result[0] if isinstance(result, tuple) else result  # (metrics, counts) or metrics
     return config, advantages, recorder.calls, optimizer.grads
 
 
@@ -277,8 +278,57 @@ def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_gra
         assert any(float(g.abs()) == pytest.approx(max_grad_norm, rel=1e-3) for g in grads)  # the clip acted
 
 
+@pytest.mark.parametrize("name", ["sdpo", "ddpo"])
+def test_epoch_metrics_are_means_over_loss_calls(name, accelerator):
+    """The metrics an epoch logs are the means over its loss calls (here the loss itself),
+    not sums or the last call's."""
+    _, _, calls, _ = replay(name, accelerator)
+    expected = sum(call.loss for call in calls) / len(calls)
+    assert len({call.loss for call in calls}) > 1
+    assert replay.metrics["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_non_finite_loss_before_finite_ones_stops_the_epoch(accelerator, monkeypatch):
+    """A loss that is NaN in one early call and finite after it still stops the epoch with
+    `TrainingDiverged`: the loop keeps the first non-finite loss it saw, not the latest."""
+    from benchmarks.train import TrainingDiverged
+
+    real_loss = Recorder.loss
+
+    def nan_on_second_call(self, inputs):
+        loss, metrics = real_loss(self, inputs)
+        if len(self.calls) == 2:
+            loss = loss + math.nan * loss.detach()  # NaN value, finite gradient
+        return loss, metrics
+
+    monkeypatch.setattr(Recorder, "loss", nan_on_second_call)
+    with pytest.raises(TrainingDiverged, match="nan"):
+        replay("ddpo", accelerator)
+
+
+def test_pairs_share_x_T_exactly_when_the_algorithm_asks(tiny_pipeline_dir):
+    """`sample_and_score` starts both members of a group from one x_T for the algorithms
+    whose `needs.shared_noise` says so (SDPO and D3PO compare two trajectories from the same
+    start), and from independent ones otherwise (REBEL's y and y'); the step noise is
+    every trajectory's own either way."""
+    from benchmarks.train import sample_and_score
+    from zoo.sampling import SamplerConfig, TrajectorySampler
+
+    sampler = TrajectorySampler(policy_with_random_adapter(tiny_pipeline_dir), SamplerConfig("ddim", 1, 1.0, 1.0))
+    for name in PAIR_ALGORITHMS:
+        algorithm = ALGORITHMS[name](num_steps=1).build()
+        traj, _, failure = sample_and_score(algorithm, sampler, ["a cat", "a dog"], torch.Generator().manual_seed(0),
+                                            Brightness(), TrainLoop(sample_batch_size=2, overlap_rewards=False))
+        assert failure is None
+        x_T, x_next = traj.latents[:, :, 0], traj.next_latents[:, :, 0]
+        assert torch.equal(x_T[:, 0], x_T[:, 1]) == algorithm.needs.shared_noise, name
+        assert (x_T[:, 0] - x_T[:, 1]).abs().max() > 0.1 or algorithm.needs.shared_noise
+        assert (x_next[:, 0] - x_next[:, 1]).abs().min() > 0, name
+        assert not torch.equal(x_T[0, 0], x_T[1, 0])
+
+
 # ----------------------------------------------------------------------------------------
-# Resume restores the stat tracker
+# Resume restores the stat tracker; seeds and epochs draw their own noise
 
 
 def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...]) -> JobSettings:
@@ -365,6 +415,38 @@ def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_
     assert len(drawn["straight"]) == 2 and len(drawn["resumed"]) == 2
     assert (drawn["straight"][0] - drawn["straight"][1]).abs().max() > 0.1
     assert torch.equal(drawn["resumed"][1], drawn["straight"][1])
+
+
+def test_each_seed_draws_its_own_noise_and_every_algorithm_of_a_seed_starts_from_one_lora(
+    tiny_pipeline_dir, tmp_path, monkeypatch, accelerator
+):
+    """`run_algorithm` seeds the LoRA initialisation by the seed alone, so DDPO and SDPO of
+    one seed start from the same adapter (their rows differ by training only), and the
+    epoch's generator by (seed, epoch, process), so another seed samples other trajectories.
+    Each run is stopped at its first sampling call."""
+    real_sample = benchmarks.train.sample_and_score
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    for algo, seed in (("ddpo", 0), ("sdpo", 0), ("ddpo", 1)):
+        def sample_and_score(algorithm, sampler, prompts, generator, reward, loop, key=(algo, seed)):
+            traj, _, _ = real_sample(algorithm, sampler, prompts, generator, reward, loop)
+            seen[key] = (sampler.policy.adapter_state(), traj.latents[:, 0, 0].clone())
+            raise Stop
+
+        monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
+        torch.manual_seed(100 + len(seen))  # whatever the global RNG holds
+        config = ALGORITHMS[algo](**RESUME_CONFIGS[algo])
+        with pytest.raises(Stop):
+            run_algorithm(algo, config, seed, _job(tiny_pipeline_dir, tmp_path / f"{algo}{seed}", 1, ("a cat",)),
+                          Brightness(), {"brightness": Brightness()}, accelerator)
+    (lora_d0, x_d0), (lora_s0, x_s0), (lora_d1, x_d1) = seen[("ddpo", 0)], seen[("sdpo", 0)], seen[("ddpo", 1)]
+    assert lora_d0.keys() == lora_s0.keys() == lora_d1.keys()
+    assert all(torch.equal(lora_d0[k], lora_s0[k]) for k in lora_d0)
+    assert any(not torch.equal(lora_d0[k], lora_d1[k]) for k in lora_d0)
+    assert (x_d0 - x_d1).abs().max() > 0.1
 
 
 # ----------------------------------------------------------------------------------------
