@@ -1,0 +1,76 @@
+"""The tuning protocol: every algorithm gets the same configurations, each trained under
+the full budget and scored on validation prompts only; the selection follows the
+declared rule."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from benchmarks.presets import tiny
+from benchmarks.tune import TUNING_SEEDS, main, select
+
+from test_benchmark_run import micro_args
+
+
+def test_select_keeps_the_best_mean_validation_reward_and_breaks_ties_by_grid_order():
+    """ddpo: scores -1.0, -0.8, -0.9 at lr 1e-3, 3e-3, 1e-2 -> 3e-3. rebel: -0.5 at both
+    1e-3 and 1e-2 (a tie) -> the first in the grid, 1e-3, whatever order the rows come in.
+    d3po: NaN (diverged) never wins over a finite score."""
+    scores = pd.DataFrame([
+        {"algo": "ddpo", "learning_rate": 1e-3, "order": 0, "score": -1.0},
+        {"algo": "ddpo", "learning_rate": 3e-3, "order": 1, "score": -0.8},
+        {"algo": "ddpo", "learning_rate": 1e-2, "order": 2, "score": -0.9},
+        {"algo": "rebel", "learning_rate": 1e-2, "order": 2, "score": -0.5},
+        {"algo": "rebel", "learning_rate": 1e-3, "order": 0, "score": -0.5},
+        {"algo": "d3po", "learning_rate": 1e-3, "order": 0, "score": float("nan")},
+        {"algo": "d3po", "learning_rate": 3e-3, "order": 1, "score": -2.0},
+    ])
+    chosen = select(scores, ["learning_rate"])
+    assert chosen["ddpo"] == {"learning_rate": 3e-3, "score": -0.8}
+    assert chosen["rebel"]["learning_rate"] == 1e-3
+    assert chosen["d3po"]["learning_rate"] == 3e-3
+
+
+def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(tiny_pipeline_dir, tmp_path):
+    """Two learning rates x two algorithms, one epoch each: one run folder per learning
+    rate, evaluated once (after the last epoch) on the validation prompts with the tuning
+    seed; the table has one row per (algorithm, learning rate) and the selection is the
+    row with the best mean over step counts."""
+    out = tmp_path / "tune"
+    micro = micro_args(tiny_pipeline_dir, tmp_path / "unused")
+    owned = {micro.index(flag) for flag in ("--out", "--eval-every")}
+    run_args = [arg for i, arg in enumerate(micro) if i not in owned and i - 1 not in owned]
+    argv = ["--out", str(out), "--grid", "learning_rate=1e-3,1e-1", *run_args, "--algos", "ddpo,rebel",
+            "--epochs", "1"]
+    assert main(argv) == 0
+
+    validation = list(tiny().val_prompts)
+    for lr in ("0.001", "0.1"):
+        run = out / f"learning_rate={lr}"
+        config = json.loads((run / "config.json").read_text())
+        assert config["eval_split"] == "validation" and config["eval_prompts"] == validation
+        assert not set(validation) & set(tiny().eval_prompts)
+        assert config["seeds"] == [int(TUNING_SEEDS)]
+        assert config["algorithm_configs"]["rebel"]["learning_rate"] == float(lr)
+        records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+        assert {r["epoch"] for r in records if r["algo"] != "base"} == {1}
+        assert all(r["count"] == len(validation) for r in records)
+    table = pd.read_csv(out / "tuning.csv")
+    assert sorted(zip(table["algo"], table["learning_rate"])) == [
+        ("ddpo", 0.001), ("ddpo", 0.1), ("rebel", 0.001), ("rebel", 0.1)]
+    selected = json.loads((out / "selected.json").read_text())["selected"]
+    for algo, rows in table.groupby("algo"):
+        best = rows.loc[rows["score"].idxmax()]
+        assert selected[algo]["learning_rate"] == best["learning_rate"]
+        assert best["score"] == pytest.approx(rows.loc[best.name, ["1 step", "2 steps"]].mean())
+    assert (table["selected"].sum()) == 2
+    assert "max approx_kl" in table.columns
+
+
+def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
+    """--eval-split belongs to the tuner: passing it is refused in one line, before training."""
+    code = main(["--out", str(tmp_path / "t"), "--model", tiny_pipeline_dir, "--eval-split", "test"])
+    assert code == 2
+    assert "--eval-split" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
