@@ -5,8 +5,9 @@ re-reported without training: `python -m benchmarks.report RUN_DIR --reward tiny
 
 Inputs, as the runner writes them:
 - `records.jsonl`: one evaluation per line (algo, seed, epoch, samples_seen, eval_steps,
-  reward, mean, std, count, reward_calls, reward_images, wall_time). The untrained model is
-  algo "base" at epoch 0; every algorithm's curve starts from the base of the same seed.
+  reward, mean, std, count, reward_calls, reward_images, wall_time, and in newer runs
+  optimizer_updates and backward_passes). The untrained model is algo "base" at epoch 0;
+  every algorithm's curve starts from the base of the same seed.
 - `samples/{algo}_seed{seed}_steps{k}.png`: one strip of the evaluation prompts per
   algorithm, seed and step count, at the final checkpoint.
 
@@ -14,6 +15,16 @@ Outputs, next to them: `table.md`, `table.csv` and `curves.png` for the training
 `table_<reward>.csv` and `curves_<reward>.png` for every extra held-out reward (their
 tables are appended to `table.md`, so reward hacking is visible next to the gains); and
 `samples.png`.
+
+The statistics of a table cell (one row, one step count), all at 95% (`CONFIDENCE`):
+- interval: with two or more seeds, the percentile bootstrap interval of the mean over
+  seeds of each seed's final evaluation mean (`scipy.stats.bootstrap`, fixed seed); with
+  one seed, mean ± 1.96 standard errors of that evaluation (std over its images / √count);
+- mark against base (↑ / ↓): paired by seed when both rows have the same two or more
+  seeds (the bootstrap interval of the mean per-seed difference excludes 0), otherwise
+  the two rows' intervals do not overlap;
+- bold: the column's best mean, only when it is separable from the second-best by the
+  same test.
 """
 
 from __future__ import annotations
@@ -24,24 +35,47 @@ import math
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
+from scipy import stats  # noqa: E402
 
 BASE = "base"
 RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]
-# Final training budget per row: record field -> table column.
+# Final training budget per row, in column order: record field -> table column. Runs
+# recorded before optimizer_updates and backward_passes existed show "–" there.
 BUDGET_COLUMNS = {
-    "epoch": "epochs",
-    "samples_seen": "samples",
+    "samples_seen": "trajectories",
+    "optimizer_updates": "updates",
+    "backward_passes": "backward passes",
     "reward_calls": "reward calls",
-    "wall_time": "wall time (s)",
+    "wall_time": "train s",
+    "epoch": "epochs",
 }
+CONFIDENCE = 0.95
+# Percentile, not BCa. With the 2-3 seeds a benchmark can afford, every bootstrap interval
+# of a mean is narrow: a resample mean never leaves [min, max] of the seeds, and at 3 seeds
+# each extreme is drawn (all three resamples equal to it) with probability 1/27 = 3.7% >
+# 2.5%, so the 95% percentile interval is exactly the range of the seed means. That range
+# covers the true mean 1 - 2^(1-n) of the time (50% at 2 seeds, 75% at 3), and a paired
+# mark at 3 seeds means "all three seeds moved the same way" (a sign test, p = 0.25), which
+# the legend says in words. BCa is worse here: its bias correction and jackknife
+# acceleration, estimated from 3 values, shrink that range further (in 72% of simulated
+# 3-seed cells) and it is undefined (NaN) when the values are equal, e.g. a zero paired
+# difference. At 5 seeds both still cover only about 85% (simulated, normal seed noise).
+BOOTSTRAP_METHOD = "percentile"
+BOOTSTRAP_RESAMPLES = 9999
+BOOTSTRAP_SEED = 0  # the same resamples for every cell, so a report is reproducible
+# The single-seed interval: mean ± z standard errors, z = 1.96 at 95%.
+NORMAL_Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))
+STEP_COLUMN = re.compile(r"\d+ steps?")
 STRIP_NAME = re.compile(r"(?P<algo>.+)_seed(?P<seed>\d+)_steps(?P<steps>\d+)\.png")
 # Sample cells are resized to this height range: tiny-world images (32 px) are too small
 # to judge, SD-sized strips would make a grid of tens of megapixels.
@@ -54,6 +88,22 @@ def steps_label(steps: int) -> str:
 
 def spread_label(steps: int) -> str:
     return f"{steps_label(steps)} spread"
+
+
+def ci_labels(steps: int) -> tuple[str, str]:
+    return f"{steps_label(steps)} ci_low", f"{steps_label(steps)} ci_high"
+
+
+def seeds_label(steps: int) -> str:
+    return f"{steps_label(steps)} seeds"
+
+
+def vs_base_label(steps: int) -> str:
+    return f"{steps_label(steps)} vs base"
+
+
+def best_label(steps: int) -> str:
+    return f"{steps_label(steps)} best"
 
 
 def file_suffix(reward: str) -> str:
@@ -102,42 +152,124 @@ def final_records(records: pd.DataFrame) -> pd.DataFrame:
     return merged[merged["epoch"] == merged["last"]].drop(columns="last")
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One row at one step count: the mean over seeds, its 95% interval, the spread shown
+    next to a single seed's mean, and the seeds' own final means (for paired tests).
+    Seeds whose evaluation mean is NaN (every image's score non-finite) are left out."""
+
+    mean: float
+    low: float
+    high: float
+    spread: float
+    per_seed: dict[int, float]
+
+
+EMPTY_CELL = Cell(math.nan, math.nan, math.nan, math.nan, {})
+
+
+def bootstrap_interval(values: Sequence[float]) -> tuple[float, float]:
+    """The 95% percentile bootstrap interval of the mean of `values` (two or more)."""
+    result = stats.bootstrap(
+        (np.asarray(values, dtype=float),),
+        np.mean,
+        confidence_level=CONFIDENCE,
+        n_resamples=BOOTSTRAP_RESAMPLES,
+        method=BOOTSTRAP_METHOD,
+        rng=BOOTSTRAP_SEED,
+    )
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def cell_statistics(final: pd.DataFrame) -> Cell:
+    """A cell from its final evaluations (one row per seed).
+
+    Two or more seeds: the mean over seeds, the bootstrap interval of that mean and, as
+    spread, the std over seeds (ddof 1). One seed: its mean, the evaluation's standard
+    error (std over its images / √count) as spread and mean ± NORMAL_Z standard errors.
+    """
+    finite = final[np.isfinite(final["mean"].astype(float))]
+    per_seed = {int(seed): float(mean) for seed, mean in zip(finite["seed"], finite["mean"])}
+    values = list(per_seed.values())
+    if len(values) >= 2:
+        return Cell(float(np.mean(values)), *bootstrap_interval(values), float(np.std(values, ddof=1)), per_seed)
+    if len(values) == 1:
+        only = finite.iloc[0]
+        error = float(only["std"]) / max(float(only["count"]), 1.0) ** 0.5
+        return Cell(values[0], values[0] - NORMAL_Z * error, values[0] + NORMAL_Z * error, error, per_seed)
+    return EMPTY_CELL
+
+
+def compare(a: Cell, b: Cell) -> int:
+    """1 when `a` is significantly above `b`, -1 when below, 0 when not separable.
+
+    Paired by seed when both cells have the same two or more seeds: the bootstrap interval
+    of the mean of the per-seed differences a - b excludes 0. Otherwise (different seeds, a
+    single seed) the two cells' intervals do not overlap. An empty cell compares as 0.
+    """
+    if math.isnan(a.mean) or math.isnan(b.mean):
+        return 0
+    if len(a.per_seed) >= 2 and a.per_seed.keys() == b.per_seed.keys():
+        low, high = bootstrap_interval([a.per_seed[s] - b.per_seed[s] for s in sorted(a.per_seed)])
+    else:
+        low, high = a.low - b.high, a.high - b.low  # low > 0: a's interval lies above b's
+    return 1 if low > 0 else -1 if high < 0 else 0
+
+
 def summary_table(records: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
     """The step-generalization table of one reward's records, indexed by algorithm.
 
-    Per step count, `<k> steps` is the mean over seeds of the final evaluation's mean, and
-    `<k> steps spread` the std over seeds (ddof 1) when the cell has two or more seeds,
-    otherwise the single evaluation's standard error (its std over its images / √count),
-    which is what tells whether two rows' means differ. `seeds` counts the seeds; the
-    budget columns are final values, mean over seeds. Rows without records are all NaN.
+    Per step count k (see `cell_statistics` and `compare`): `<k> steps` the mean over seeds
+    of the final evaluation's mean, `<k> steps ci_low` / `ci_high` its 95% interval,
+    `<k> steps spread` the std over seeds (ddof 1), or with one seed the evaluation's
+    standard error, `<k> steps seeds` the seeds with a finite mean, `<k> steps vs base`
+    1 / -1 / 0 for significantly above / below / not separable from the base row (empty
+    for base itself and without a base row), and `<k> steps best` whether the row is the
+    column's best mean and separable from the second-best. `seeds` counts the seeds. The
+    budget columns (`BUDGET_COLUMNS`) are the final values, mean over seeds; empty when
+    some seed's records lack the field (runs recorded before it existed). Rows without
+    records are empty.
     """
     final = final_records(records)
     steps = sorted(records["eval_steps"].unique())
-    cells = final.groupby(["algo", "eval_steps"]).agg(
-        mean=("mean", "mean"), seed_std=("mean", "std"), eval_std=("std", "first"), count=("count", "first"),
-        seeds=("seed", "nunique"),
-    )
-    eval_error = cells["eval_std"] / cells["count"].clip(lower=1) ** 0.5
-    cells["spread"] = cells["seed_std"].where(cells["seeds"] >= 2, eval_error)
     table = pd.DataFrame(index=pd.Index(list(rows), name="algorithm"))
     for k in steps:
-        at_k = cells.xs(k, level="eval_steps")
-        table[steps_label(k)] = at_k["mean"].reindex(table.index)
-        table[spread_label(k)] = at_k["spread"].reindex(table.index)
+        at_k = final[final["eval_steps"] == k]
+        cells = {algo: cell_statistics(at_k[at_k["algo"] == algo]) for algo in rows}
+        low, high = ci_labels(k)
+        table[steps_label(k)] = [cells[algo].mean for algo in rows]
+        table[low] = [cells[algo].low for algo in rows]
+        table[high] = [cells[algo].high for algo in rows]
+        table[spread_label(k)] = [cells[algo].spread for algo in rows]
+        table[seeds_label(k)] = [len(cells[algo].per_seed) for algo in rows]
+        base = cells.get(BASE)
+        marks = [
+            None if base is None or algo == BASE or math.isnan(cells[algo].mean) else compare(cells[algo], base)
+            for algo in rows
+        ]
+        table[vs_base_label(k)] = pd.array(marks, dtype="Int64")
+        ranked = sorted((a for a in rows if not math.isnan(cells[a].mean)), key=lambda a: -cells[a].mean)
+        best = ranked[0] if len(ranked) >= 2 and compare(cells[ranked[0]], cells[ranked[1]]) == 1 else None
+        table[best_label(k)] = [algo == best for algo in rows]
     table["seeds"] = final.groupby("algo")["seed"].nunique().reindex(table.index)
-    # Budget counters are the same at every step count of an evaluation; one row per seed.
-    budget = final.groupby(["algo", "seed"])[list(BUDGET_COLUMNS)].max().groupby("algo").mean()
+    # Budget counters are the same at every step count of an evaluation; one value per seed.
     for field, column in BUDGET_COLUMNS.items():
-        table[column] = budget[field].reindex(table.index)
+        if field not in final:
+            table[column] = math.nan
+            continue
+        per_seed = final.groupby(["algo", "seed"])[field].max()
+        table[column] = per_seed.groupby("algo").mean(skipna=False).reindex(table.index)
     return table
 
 
-def _decimals(spreads: pd.Series) -> int:
-    """Decimals that show the smallest positive spread to two significant figures."""
-    positive = spreads[spreads > 0]
+def _decimals(widths: pd.Series) -> int:
+    """Decimals that show the table's median positive interval half-width (or standard
+    error) to two significant figures: the smallest would print every cell of a table with
+    one tight row (base) to five decimals."""
+    positive = widths[widths > 0]
     if positive.empty:
         return 3
-    return min(6, max(1, 1 - math.floor(math.log10(positive.min()))))
+    return min(6, max(1, 1 - math.floor(math.log10(positive.median()))))
 
 
 def _count(value: float) -> str:
@@ -146,24 +278,37 @@ def _count(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
 
 
+def _step_columns(table: pd.DataFrame) -> list[str]:
+    return [c for c in table.columns if STEP_COLUMN.fullmatch(c)]
+
+
+def _cell_text(row: pd.Series, column: str, decimals: int) -> str:
+    """`mean [lo, hi]` (two or more seeds) or `mean ± se` (one seed), bold when best, then
+    the mark against base."""
+    if pd.isna(row[column]):
+        return "–"
+    mean = f"{row[column]:.{decimals}f}"
+    if row[f"{column} seeds"] >= 2:
+        text = f"{mean} [{row[f'{column} ci_low']:.{decimals}f}, {row[f'{column} ci_high']:.{decimals}f}]"
+    else:
+        text = f"{mean} ± {row[f'{column} spread']:.{decimals}f}"
+    if row[f"{column} best"]:
+        text = f"**{text}**"
+    vs_base = row[f"{column} vs base"]
+    mark = "" if pd.isna(vs_base) else {1: " ↑", -1: " ↓"}.get(int(vs_base), "")
+    return text + mark
+
+
 def _caption(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[int]) -> str:
     images = "/".join(str(c) for c in sorted(set(counts)))
     kind = "training" if training else "held-out, not trained on"
     seeds = table["seeds"].dropna()
-    several, single = seeds[seeds >= 2], seeds[seeds == 1]
-    if single.empty:
-        over = f"{int(seeds.iloc[0])} seeds" if seeds.nunique() == 1 else "seeds"
-        spread = f"mean over {over} ± std over seeds (ddof 1)"
-    elif several.empty:
-        spread = f"single seed: mean ± its standard error over {images} images (std / √n)"
-    else:
-        spread = (
-            "mean over seeds ± std over seeds (ddof 1); rows with a single seed "
-            f"({', '.join(single.index)}) show ± the standard error over {images} images instead"
-        )
+    over = f"{int(seeds.iloc[0])} seed{'s' if seeds.iloc[0] > 1 else ''}" if seeds.nunique() == 1 else "seeds"
     parts = [
-        f"Mean {reward} reward ({kind}) of {images} held-out images at each row's last evaluated epoch; "
-        f"{spread}. Budget columns: final values, mean over seeds."
+        f"Mean {reward} reward ({kind}, higher is better) of {images} held-out images at each row's last "
+        f"evaluated epoch, mean over {over}. Budget columns, final values, mean over seeds: trajectories "
+        "sampled for training, optimizer updates, backward passes, reward-model calls (images scored) and "
+        "training seconds; – where the records lack the counter."
     ]
     trained = table.drop(index=BASE, errors="ignore")
     longest = trained["epochs"].max()
@@ -175,10 +320,60 @@ def _caption(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[
     return " ".join(parts)
 
 
+def _legend(table: pd.DataFrame, counts: Sequence[int]) -> str:
+    """How to read the cells, marks and bold of this table, in one paragraph."""
+    level = f"{CONFIDENCE:.0%}"
+    seeds = table[[f"{c} seeds" for c in _step_columns(table)]]
+    several = sorted({int(n) for n in seeds.stack() if n >= 2})
+    single = [algo for algo, row in seeds.iterrows() if (row == 1).any()]
+    parts = []
+    if several:
+        few = [n for n in several if n <= 3]
+        caveat = ""
+        if few:
+            coverage = " and ".join(f"{1 - 2 ** (1 - n):.0%} of the time at {n} seeds" for n in few)
+            caveat = (
+                f"; with {' or '.join(str(n) for n in few)} seeds this interval is the range of the seed "
+                f"means, which covers the true mean only about {coverage}, not {level}"
+            )
+        parts.append(
+            f"`mean [lo, hi]`: mean over seeds and the {level} {BOOTSTRAP_METHOD} bootstrap interval of that mean "
+            f"(scipy.stats.bootstrap over the seeds' final means, {BOOTSTRAP_RESAMPLES} resamples, "
+            f"seed {BOOTSTRAP_SEED}){caveat}."
+        )
+    if single:
+        images = "/".join(str(c) for c in sorted(set(counts)))
+        which = f" (one seed: {', '.join(single)})" if several else ""
+        parts.append(
+            f"`mean ± se`{which}: the single evaluation's standard error over its {images} images (std / √n); "
+            f"its {level} interval is mean ± {NORMAL_Z:.2f} se."
+        )
+    if BASE in table.index:
+        parts.append(
+            f"↑ / ↓: significantly above / below base at the same step count, paired by seed when both rows "
+            f"have the same seeds (the {level} bootstrap interval of the mean per-seed difference excludes 0; "
+            "at 3 seeds: every seed moved the same way), otherwise their intervals do not overlap; no mark: "
+            "not separable from base."
+        )
+    else:
+        parts.append("No base row, so no marks.")
+    parts.append(
+        "Bold: the column's best mean, only when it is separable from the second-best by the same test; a "
+        "column without bold has no clear winner."
+    )
+    return " ".join(parts)
+
+
 def markdown_table(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[int]) -> str:
-    """One titled Markdown table with its caption line underneath."""
-    step_columns = [c for c in table.columns if c.endswith(("step", "steps"))]
-    decimals = _decimals(table[[f"{c} spread" for c in step_columns]].stack())
+    """One titled Markdown table with its caption and legend underneath."""
+    step_columns = _step_columns(table)
+    widths = pd.concat(
+        [
+            ((table[f"{c} ci_high"] - table[f"{c} ci_low"]) / 2).where(table[f"{c} seeds"] >= 2, table[f"{c} spread"])
+            for c in step_columns
+        ]
+    )
+    decimals = _decimals(widths)
     header = ["algorithm", *step_columns, *BUDGET_COLUMNS.values()]
     lines = [
         f"### {reward} ({'training reward' if training else 'extra held-out reward'})",
@@ -187,14 +382,12 @@ def markdown_table(table: pd.DataFrame, reward: str, training: bool, counts: Seq
         "|---" + "|---:" * (len(header) - 1) + "|",
     ]
     for algo, row in table.iterrows():
-        cells = [
-            "–" if pd.isna(row[c]) else f"{row[c]:.{decimals}f} ± {row[f'{c} spread']:.{decimals}f}"
-            for c in step_columns
-        ]
+        cells = [_cell_text(row, c, decimals) for c in step_columns]
         budget = [_count(row[c]) for c in BUDGET_COLUMNS.values()]
-        budget[-1] = "–" if pd.isna(row["wall time (s)"]) else f"{row['wall time (s)']:.1f}"
+        seconds = row[BUDGET_COLUMNS["wall_time"]]
+        budget[list(BUDGET_COLUMNS).index("wall_time")] = "–" if pd.isna(seconds) else f"{seconds:.1f}"
         lines.append("| " + " | ".join([str(algo), *cells, *budget]) + " |")
-    lines += ["", _caption(table, reward, training, counts)]
+    lines += ["", _caption(table, reward, training, counts), "", _legend(table, counts)]
     return "\n".join(lines)
 
 
