@@ -76,7 +76,7 @@ def test_run_writes_every_output(finished_run):
 
     table = pd.read_csv(out / "table.csv")
     assert table.iloc[:, 0].tolist() == ["base", *ALGOS]
-    assert {"1 step", "2 steps", "reward calls", "wall time (s)"} <= set(table.columns)
+    assert {"1 step", "2 steps", "trajectories", "updates", "backward passes", "reward calls", "train s"} <= set(table.columns)
     config = json.loads((out / "config.json").read_text())
     assert config["algorithm_configs"]["sdpo"]["num_steps"] == 2
     for algo in ALGOS:
