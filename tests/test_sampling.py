@@ -38,11 +38,14 @@ def _rescored_log_probs(sampler: TrajectorySampler, traj) -> torch.Tensor:
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4, 8])
 @pytest.mark.parametrize(
-    "kind,guidance", [("ddim", 1.0), ("ddim", 4.0), ("lcm", 8.0)], ids=["ddim-nocfg", "ddim-cfg", "lcm"]
+    "kind,guidance,spacing",
+    [("ddim", 1.0, None), ("ddim", 4.0, None), ("lcm", 8.0, None), ("lcm", 8.0, "skipping")],
+    ids=["ddim-nocfg", "ddim-cfg", "lcm", "lcm-skipping"],
 )
-def test_rescoring_gives_ratio_one(request, kind, guidance, num_steps):
+def test_rescoring_gives_ratio_one(request, kind, guidance, spacing, num_steps):
     policy = request.getfixturevalue("lcm_policy" if kind == "lcm" else "ddim_policy")
-    sampler = TrajectorySampler(policy, SamplerConfig(kind=kind, num_steps=num_steps, guidance_scale=guidance))
+    config = SamplerConfig(kind=kind, num_steps=num_steps, guidance_scale=guidance, timestep_spacing=spacing)
+    sampler = TrajectorySampler(policy, config)
     traj = sampler.sample(PROMPTS, group_size=2, generator=torch.Generator().manual_seed(0))
     assert traj.log_probs.shape == (2, 2, num_steps)
     assert torch.isfinite(traj.log_probs).all()
@@ -84,6 +87,47 @@ def test_trailing_spacing_starts_at_the_top(ddim_policy):
         assert int(sampler.schedule.timesteps[0]) == first
     eight = TrajectorySampler(ddim_policy, SamplerConfig("ddim", 8)).schedule.timesteps
     assert eight.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
+
+
+def test_ddim_spacing_overrides_the_model_config(ddim_policy):
+    """A "leading" config (Stable Diffusion 1.5's) starts 1 and 2 steps at t = 1 and
+    501, 1; `timestep_spacing="trailing"` starts them at the top whatever the config says."""
+    leading = Policy(ddim_policy.unet, ddim_policy.vae, ddim_policy.text_encoder, ddim_policy.tokenizer,
+                     {**ddim_policy.scheduler_config, "timestep_spacing": "leading", "steps_offset": 1})
+    for k, own, trailing in [(1, [1], [999]), (2, [501, 1], [999, 499])]:
+        assert TrajectorySampler(leading, SamplerConfig("ddim", k)).schedule.timesteps.tolist() == own
+        config = SamplerConfig("ddim", k, timestep_spacing="trailing")
+        assert TrajectorySampler(leading, config).schedule.timesteps.tolist() == trailing
+    fifty = TrajectorySampler(leading, SamplerConfig("ddim", 50, timestep_spacing="trailing")).schedule
+    assert fifty.timesteps[0] == 999 and fifty.timesteps[-1] == 19
+    alphas = DDIMScheduler.from_config(ddim_policy.scheduler_config).alphas_cumprod.double()
+    assert fifty.alpha_prev[0] == alphas[979] and fifty.alpha_prev[-1] == alphas[0]
+
+
+def test_lcm_skipping_spacing_is_rlcms_rule(lcm_policy):
+    """rlcm lcm_rl_pytorch/diffusers_patch/lcm_scheduler.py:377-382: every (50 // K)-th of
+    the distillation timesteps 19, 39, ..., 999 from the top; diffusers' LCMScheduler
+    (None) takes floor(linspace) indices instead, which differ from K = 4 on."""
+    def timesteps(k, spacing):
+        config = SamplerConfig("lcm", k, guidance_scale=8.0, timestep_spacing=spacing)
+        return TrajectorySampler(lcm_policy, config).schedule.timesteps.tolist()
+
+    assert timesteps(8, "skipping") == [999, 879, 759, 639, 519, 399, 279, 159]
+    assert timesteps(8, None) == [999, 879, 759, 639, 499, 379, 259, 139]
+    assert timesteps(4, "skipping") == [999, 759, 519, 279]
+    assert timesteps(2, "skipping") == timesteps(2, None) == [999, 499]
+    assert timesteps(1, "skipping") == [999]
+    schedule = TrajectorySampler(lcm_policy, SamplerConfig("lcm", 8, timestep_spacing="skipping")).schedule
+    alphas = LCMScheduler.from_config(lcm_policy.scheduler_config).alphas_cumprod.double()
+    assert schedule.alpha_prev.tolist() == alphas[[879, 759, 639, 519, 399, 279, 159, 0]].tolist()
+    with pytest.raises(SamplerConfigError, match="--steps 51"):
+        TrajectorySampler(lcm_policy, SamplerConfig("lcm", 51, timestep_spacing="skipping"))
+
+
+@pytest.mark.parametrize("kind,spacing", [("lcm", "trailing"), ("ddim", "skipping"), ("ddim", "last")])
+def test_a_spacing_of_another_sampler_is_refused(kind, spacing):
+    with pytest.raises(SamplerConfigError, match="timestep spacing"):
+        SamplerConfig(kind, 4, timestep_spacing=spacing).validate(for_training=False)
 
 
 def test_ddim_mean_at_eta_zero_equals_diffusers_step(ddim_policy):

@@ -201,11 +201,15 @@ class Policy:
 
     # --- sampling support -------------------------------------------------------------
 
-    def scheduler_for(self, kind: str) -> DDIMScheduler | LCMScheduler:
+    def scheduler_for(self, kind: str, timestep_spacing: str | None = None) -> DDIMScheduler | LCMScheduler:
         """A fresh scheduler of the sampler's kind built from the model's own config, so
-        its beta schedule and timestep spacing are the model's."""
-        scheduler_cls = DDIMScheduler if kind == "ddim" else LCMScheduler
-        return scheduler_cls.from_config(self.scheduler_config)
+        its beta schedule is the model's; a DDIM `timestep_spacing` ("trailing", ...)
+        replaces the config's, None keeps it. LCM's spacing is not a scheduler setting
+        (diffusers' LCMScheduler ignores it): `zoo.sampling.make_schedule` applies it."""
+        if kind == "ddim":
+            spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing is not None else {}
+            return DDIMScheduler.from_config(self.scheduler_config, **spacing)
+        return LCMScheduler.from_config(self.scheduler_config)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:

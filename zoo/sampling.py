@@ -20,9 +20,13 @@ Log-probs are averaged over the C·h·w latent elements, not summed: summed log-
 of 16k-element latents make importance ratios overflow, and the published clip ranges
 are tuned to the mean.
 
-Timesteps come from the loaded scheduler's config (`timestep_spacing`), so "trailing"
-spacing puts a 1-step sample at t=999. Transitions are addressed by step index k
-(0 = first, noisiest step), which is all a re-scoring call needs.
+Timesteps: `SamplerConfig.timestep_spacing` places them, or None keeps the model's
+scheduler config. For DDIM, "trailing" starts every step count at the top of the schedule
+(t = 999, and 999, 499 at 2 steps), where Stable Diffusion 1.5's own "leading" config
+starts a 1-step sample at t = 1, pure noise that is never denoised. For LCM, "skipping"
+is the LCM paper's skipping-step rule as RLCM computes it (`lcm_skipping_timesteps`).
+Transitions are addressed by step index k (0 = first, noisiest step), which is all a
+re-scoring call needs.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ if TYPE_CHECKING:
 
 SamplerKind = Literal["ddim", "lcm"]
 
+TIMESTEP_SPACINGS: dict[str, tuple[str, ...]] = {"ddim": ("leading", "trailing", "linspace"), "lcm": ("skipping",)}
+"""The timestep spacings each sampler kind accepts besides None (the scheduler config's own).
+DDIM's are diffusers' (`Policy.scheduler_for` writes them into the scheduler's config);
+LCM's "skipping" is computed here, since diffusers' LCMScheduler ignores `timestep_spacing`."""
+
 
 class SamplerConfigError(ValueError):
     """An impossible sampler setting, named by its flag."""
@@ -57,10 +66,23 @@ class SamplerConfig:
     """DDIM stochasticity; 0 is deterministic and has no density, so RL refuses it."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale (DDIM), or LCM's guidance w (embedded as w-1)."""
+    timestep_spacing: str | None = None
+    """Where the K timesteps sit; None keeps the model's scheduler config. DDIM: "leading",
+    "trailing" or "linspace" (diffusers' spacings; "trailing" starts every K at t = N - 1).
+    LCM: "skipping", every (n // K)-th of the n = `original_inference_steps` distillation
+    timesteps counted down from the top (RLCM's rule; None is diffusers' LCMScheduler,
+    whose indices floor(linspace(0, n, K)) differ from it at K = 3, 4, 6, 8, 9 and 11 on
+    for n = 50)."""
 
     def validate(self, *, for_training: bool) -> None:
         if self.kind not in ("ddim", "lcm"):
             raise SamplerConfigError(f"--sampler must be 'ddim' or 'lcm', got {self.kind!r}")
+        allowed = TIMESTEP_SPACINGS[self.kind]
+        if self.timestep_spacing is not None and self.timestep_spacing not in allowed:
+            raise SamplerConfigError(
+                f"timestep spacing {self.timestep_spacing!r} does not apply to the {self.kind} sampler; "
+                f"choose from {', '.join(allowed)} or None (the scheduler config's own)"
+            )
         if self.num_steps < 1:
             raise SamplerConfigError(f"--steps must be at least 1, got {self.num_steps}")
         if self.guidance_scale < 1.0:
@@ -140,10 +162,39 @@ class StepSchedule:
     c_out: torch.Tensor
 
 
-def make_schedule(scheduler: DDIMScheduler | LCMScheduler, kind: SamplerKind, num_steps: int) -> StepSchedule:
-    """Timesteps from the scheduler's own `set_timesteps`, so its config's spacing applies."""
-    scheduler.set_timesteps(num_steps, device="cpu")
-    timesteps = scheduler.timesteps.to(torch.long).clone()
+def lcm_skipping_timesteps(num_train_timesteps: int, original_steps: int, num_steps: int) -> torch.Tensor:
+    """(K,) long: the LCM paper's skipping-step schedule as RLCM's patched LCMScheduler
+    computes it (Owen-Oertell/rlcm lcm_rl_pytorch/diffusers_patch/lcm_scheduler.py:377-382):
+    the distillation timesteps c·i - 1 (c = N // n, i = 1..n), every (n // K)-th from the
+    top. N = 1000, n = 50: K = 8 gives 999, 879, 759, 639, 519, 399, 279, 159, where
+    diffusers' LCMScheduler (0.42) gives 999, 879, 759, 639, 499, 379, 259, 139."""
+    if not 1 <= num_steps <= original_steps:
+        raise SamplerConfigError(
+            f"--steps {num_steps}: LCM's skipping-step schedule takes 1 to {original_steps} steps "
+            f"(the scheduler's original_inference_steps)"
+        )
+    step = num_train_timesteps // original_steps
+    origin = torch.arange(1, original_steps + 1, dtype=torch.long) * step - 1
+    return origin.flip(0)[:: original_steps // num_steps][:num_steps].clone()
+
+
+def make_schedule(
+    scheduler: DDIMScheduler | LCMScheduler, kind: SamplerKind, num_steps: int, timestep_spacing: str | None = None
+) -> StepSchedule:
+    """Timesteps from the scheduler's own `set_timesteps`, so its config's spacing applies,
+    or LCM's skipping-step rule when `timestep_spacing` is "skipping". A DDIM spacing must
+    already be the scheduler's (`Policy.scheduler_for` builds it so)."""
+    if kind == "lcm" and timestep_spacing == "skipping":
+        config = scheduler.config
+        timesteps = lcm_skipping_timesteps(config.num_train_timesteps, config.original_inference_steps, num_steps)
+    else:
+        if timestep_spacing is not None and scheduler.config.get("timestep_spacing") != timestep_spacing:
+            raise ValueError(
+                f"the scheduler's timestep spacing is {scheduler.config.get('timestep_spacing')!r}, not "
+                f"{timestep_spacing!r}: build it with Policy.scheduler_for"
+            )
+        scheduler.set_timesteps(num_steps, device="cpu")
+        timesteps = scheduler.timesteps.to(torch.long).clone()
     if len(timesteps) != num_steps:
         raise SamplerConfigError(
             f"the {type(scheduler).__name__} gave {len(timesteps)} timesteps for --steps {num_steps}; "
@@ -173,7 +224,8 @@ class TrajectorySampler:
         config.validate(for_training=False)
         self.policy = policy
         self.config = config
-        schedule = make_schedule(policy.scheduler_for(config.kind), config.kind, config.num_steps)
+        scheduler = policy.scheduler_for(config.kind, config.timestep_spacing)
+        schedule = make_schedule(scheduler, config.kind, config.num_steps, config.timestep_spacing)
         # On the policy's device once: a host-to-device copy per step would make the host
         # wait for the GPU to drain, so it could not queue the next UNet call meanwhile.
         self.schedule = StepSchedule(*(getattr(schedule, f.name).to(policy.device) for f in fields(StepSchedule)))
