@@ -35,6 +35,13 @@ class EvalSettings:
     guidance_scale: float
     eta: float
     seed: int
+    timestep_spacing: str | None = None
+    """The preset's timestep spacing (`SamplerConfig.timestep_spacing`); None keeps the
+    model's scheduler config."""
+
+    def sampler_config(self, step_count: int) -> SamplerConfig:
+        """The sampler that evaluates at `step_count` steps."""
+        return SamplerConfig(self.sampler, step_count, self.eta, self.guidance_scale, self.timestep_spacing)
 
 
 def _generator(seed: int, step_count: int, process: int) -> torch.Generator:
@@ -57,9 +64,7 @@ def evaluate(
     stats: dict[tuple[int, str], dict] = {}
     strips: dict[int, torch.Tensor] = {}
     for step_count in settings.step_counts:
-        sampler = TrajectorySampler(
-            policy, SamplerConfig(settings.sampler, step_count, settings.eta, settings.guidance_scale)
-        )
+        sampler = TrajectorySampler(policy, settings.sampler_config(step_count))
         generator = _generator(settings.seed, step_count, accelerator.process_index)
         scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
         images_kept: list[torch.Tensor] = []

@@ -1,9 +1,9 @@
 """Named settings of the benchmark: the model, prompts, reward, sampler and budget.
 
 A preset fixes everything that must be equal across algorithms for a fair comparison:
-the base model, the training, validation and test prompts, the training sampler (kind,
-K, guidance, eta), the epoch budget, the trajectories sampled per epoch and the tuning
-grid that every algorithm gets alike. Algorithm hyperparameters keep each method's
+the base model, the training, validation and test prompts, the sampler (kind, K,
+guidance, eta, timestep spacing), the epoch budget, the trajectories sampled per epoch
+and the tuning grid that every algorithm gets alike. Algorithm hyperparameters keep each method's
 published defaults, except where a preset follows a paper's own settings or a tuning run
 selected them (`algo_overrides`). Presets are plain functions, listed in PRESETS.
 """
@@ -19,16 +19,25 @@ from zoo.sdpo import PAPER_REWARD_SETTINGS
 
 TINY_ASSETS = Path(zoo.tiny.__file__).parent / "assets"
 
-# 45 common animals, the kind of single-word prompts DDPO and SDPO train on; the last ten
-# are held out: five to tune on (validation), five to report (test).
-ANIMALS = (
-    "cat", "dog", "horse", "cow", "sheep", "goat", "pig", "rabbit", "deer", "fox",
-    "wolf", "bear", "lion", "tiger", "leopard", "cheetah", "elephant", "giraffe", "zebra",
-    "hippopotamus", "rhinoceros", "camel", "kangaroo", "koala", "panda", "monkey", "gorilla",
-    "squirrel", "hedgehog", "otter", "beaver", "raccoon", "owl", "eagle", "parrot",
-    "penguin", "flamingo", "swan", "duck", "chicken", "frog", "turtle", "crocodile",
-    "dolphin", "octopus",
+# The training prompts of every GPU preset's paper: DDPO's, SDPO's and RLCM's (and D3PO's)
+# "simple_animals" lists hold these 45 names in this order (kvablack/ddpo-pytorch
+# ddpo_pytorch/assets/simple_animals.txt, ZiyiZhang27/sdpo sdpo_pytorch/assets/simple_animals.txt,
+# Owen-Oertell/rlcm lcm_rl_pytorch/datasets/simple_animals.txt, yk7333/d3po
+# d3po_pytorch/assets/simple_animals.txt), and their aesthetic runs train on them
+# (ddpo-pytorch config/dgx.py:55, sdpo config/config_sdpo.py:26, rlcm
+# lcm_rl_pytorch/conf/task/aesthetic.yaml:24).
+SIMPLE_ANIMALS = (
+    "cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
+    "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle",
+    "ant", "butterfly", "fish", "shark", "whale", "dolphin", "squirrel", "mouse", "rat",
+    "snake", "turtle", "frog", "chicken", "duck", "goose", "bee", "pig", "turkey", "fly",
+    "llama", "camel", "bat", "gorilla", "hedgehog", "kangaroo",
 )
+# Held out: animals that no reference list holds, so the whole published training list
+# stays in training and no held-out prompt was ever trained on. Validation prompts are
+# what `benchmarks.tune` selects on; test prompts are the reported tables'.
+VALIDATION_ANIMALS = ("elephant", "giraffe", "owl", "penguin", "crocodile")
+TEST_ANIMALS = ("panda", "koala", "flamingo", "parrot", "octopus")
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,12 @@ class Preset:
     """Sampling steps K during training."""
     guidance_scale: float
     eta: float
+    timestep_spacing: str | None
+    """Where the sampler's timesteps sit, in training and at every evaluation step count
+    (`zoo.sampling.SamplerConfig.timestep_spacing`): "trailing" for every DDIM preset, so
+    that 1- and 2-step samples start at t = 999 whatever the base model's scheduler config
+    says (Stable Diffusion 1.5's "leading" starts them at t = 1 and 501); None keeps the
+    model's config."""
     epochs: int
     trajectories_per_epoch: int
     """Trajectories sampled per epoch on each process (groups x group size)."""
@@ -90,6 +105,7 @@ def tiny() -> Preset:
         num_steps=4,
         guidance_scale=_tiny_guidance(),
         eta=1.0,
+        timestep_spacing="trailing",
         epochs=10,
         trajectories_per_epoch=64,
         sample_batch_size=16,
@@ -122,56 +138,152 @@ def _tiny_guidance() -> float:
     return DEFAULT_GUIDANCE
 
 
-def _published(name: str, model: str, sampler: str, num_steps: int, guidance_scale: float, **overrides) -> Preset:
-    """The settings the GPU presets share: animal prompts (five held out), fp16, 4 sampling
-    calls of 8 trajectories per process per epoch as in the DDPO and SDPO configs."""
-    settings = dict(
-        name=name,
-        model=model,
+def _published(**settings) -> Preset:
+    """What the GPU presets share: the published animal prompts (held-out animals for
+    validation and test), the default reward (aesthetic, each paper's headline task), 8
+    trajectories per sampling call (sample batch 8 in all three papers' configs) and the
+    evaluation, which is stepzoo's own: none of the references scores held-out prompts."""
+    shared = dict(
         reward="aesthetic",
         eval_rewards=(),
-        train_prompts=ANIMALS[:35],
-        val_prompts=ANIMALS[35:40],
-        eval_prompts=ANIMALS[40:],
-        sampler=sampler,
-        num_steps=num_steps,
-        guidance_scale=guidance_scale,
-        eta=1.0,
-        epochs=100,
-        trajectories_per_epoch=32,
+        train_prompts=SIMPLE_ANIMALS,
+        val_prompts=VALIDATION_ANIMALS,
+        eval_prompts=TEST_ANIMALS,
+        # sdpo config/config_sdpo.py:20, ddpo-pytorch config/dgx.py:19, rlcm
+        # lcm_rl_pytorch/conf/task/aesthetic.yaml:8 (a speed setting here, not a result one).
         sample_batch_size=8,
-        eval_every=10,
-        eval_samples_per_prompt=16,
-        eval_batch_size=16,
-        mixed_precision="fp16",
+        eval_samples_per_prompt=16,  # stepzoo's
+        eval_batch_size=16,  # stepzoo's
     )
-    return Preset(**{**settings, **overrides})
+    return Preset(**{**shared, **settings})
 
 
 def sd_turbo() -> Preset:
-    """The SDPO paper: sd-turbo with DDIM (trailing), eta 1, K=50, no CFG, fp16, LoRA r4;
-    lr/batch/accumulation/epochs per reward are in `SD_TURBO_REWARD_SETTINGS`."""
-    return _published("sd-turbo", "stabilityai/sd-turbo", "ddim", 50, 1.0)
+    """The SDPO paper (ZiyiZhang27/sdpo at fcee34d, `config/config_sdpo.py` on
+    `config/base_sdpo.py`): sd-turbo, DDIM eta 1, K = 50, no CFG, fp16, LoRA r4 (the
+    defaults of every algorithm's config). lr, minibatch, accumulation and epochs per reward
+    are `SD_TURBO_REWARD_SETTINGS`, which the runner gives every algorithm alike: stepzoo
+    shares them, where the paper's baselines had settings the repository does not hold."""
+    return _published(
+        name="sd-turbo",
+        model="stabilityai/sd-turbo",  # sdpo config/config_sdpo.py:10
+        sampler="ddim",  # sdpo scripts/train_sdpo.py:118 (DDIMScheduler from sd-turbo's scheduler config)
+        # train_sdpo.py:118 keeps sd-turbo's scheduler config, whose spacing is "trailing"
+        # (K = 50: t = 999, 979, ..., 19); explicit here so that no model file decides it.
+        timestep_spacing="trailing",
+        num_steps=50,  # sdpo config/config_sdpo.py:13
+        guidance_scale=1.0,  # sdpo config/base_sdpo.py:50 (and train.cfg = False, :88)
+        eta=1.0,  # sdpo config/base_sdpo.py:48
+        epochs=100,  # sdpo config/config_sdpo.py:15 (aesthetic; 200 for the other rewards, :38, :53, :68)
+        # 32 pairs per GPU per epoch: 8 prompts per batch (config_sdpo.py:20) x 4 batches
+        # (:21), each prompt sampled twice from one x_T (scripts/train_sdpo.py:479, :489).
+        # Shared by every algorithm: DDPO samples 64 single trajectories.
+        trajectories_per_epoch=64,
+        eval_every=10,  # stepzoo's (the reference saves a checkpoint every epoch, base_sdpo.py:20)
+        mixed_precision="fp16",  # sdpo config/base_sdpo.py:24
+        # No algo_overrides: SDPOConfig's defaults are the reference's (LoRA rank 4 with
+        # diffusers' LoRAAttnProcessor default, scripts/train_sdpo.py:142; clip range 1e-4,
+        # base_sdpo.py:92; advantage clip 5, :90; grad norm 1.0, :79; weight decay 1e-4,
+        # :72; λ 0.99, :99; γ 0.99, :57; stat tracker 32/16, config_sdpo.py:27-30), and
+        # lr, minibatch and accumulation come per reward from SD_TURBO_REWARD_SETTINGS.
+    )
 
 
 # (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward: the
-# SDPO paper's configs, with HPS v2.1 on its HPSv2 settings.
+# SDPO paper's configs (cited in `zoo.sdpo.PAPER_REWARD_SETTINGS`), with HPS v2.1 on its
+# HPSv2 settings. The runner applies the first three to every algorithm on sd-turbo.
 SD_TURBO_REWARD_SETTINGS = {**PAPER_REWARD_SETTINGS, "hpsv2.1": PAPER_REWARD_SETTINGS["hpsv2"]}
 
 
 def lcm() -> Preset:
-    """RLCM's setting: LCM_Dreamshaper_v7, LCM sampling with 8 steps, guidance embedding 8,
-    LoRA r8/alpha 8, lr 1e-4, no gradient clipping."""
-    rlcm = {"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-4, "max_grad_norm": None}
+    """RLCM's aesthetic task (Owen-Oertell/rlcm at b8330ed, `lcm_rl_pytorch/conf/config.yaml`
+    and `conf/task/aesthetic.yaml`): LCM_Dreamshaper_v7, LCM sampling with 8 steps on RLCM's
+    timestep rule, guidance embedding 8, LoRA r8/alpha 8, lr 1e-4, Adam."""
+    # Every algorithm: RLCM's LoRA (aesthetic.yaml:22 r, :21 alpha) and learning rate (:7),
+    # shared so that every adapter has the same capacity; Adam without weight decay
+    # (core/rebel_training_loop.py:27, core/ppo_training_loop.py:26).
+    shared = {"lora_rank": 8, "lora_alpha": 8.0, "learning_rate": 1e-4, "weight_decay": 0.0}
+    # Minibatch 2 (aesthetic.yaml:9), accumulation 4 (:14; times K for PPO only,
+    # scripts/main.py:43-48, which is how DDPOConfig and REBELConfig count it), stat tracker
+    # buffer 32 / min count 16 (:18, :19).
+    rlcm_loops = {"train_batch_size": 2, "gradient_accumulation_steps": 4,
+                  "tracker_buffer_size": 32, "tracker_min_count": 16}
     return _published(
-        "lcm", "SimianLuo/LCM_Dreamshaper_v7", "lcm", 8, 8.0,
-        algo_overrides={name: dict(rlcm) for name in ("ddpo", "rebel", "d3po", "sdpo")},
+        name="lcm",
+        model="SimianLuo/LCM_Dreamshaper_v7",  # rlcm conf/task/aesthetic.yaml:6
+        sampler="lcm",  # rlcm scripts/main.py:65 (its patched LCMScheduler)
+        # RLCM's patched LCMScheduler (diffusers_patch/lcm_scheduler.py:377-382) with 50
+        # original inference steps (its default, lcm_scheduler.py:205; conf/config.yaml:12
+        # passes lcm_origin_steps 50, which the patched pipeline's **kwargs swallows,
+        # diffusers_patch/pipeline.py:542; stepzoo reads it from the model's scheduler
+        # config, 50 for LCM_Dreamshaper_v7): K = 8
+        # runs t = 999, 879, 759, 639, 519, 399, 279, 159. diffusers' LCMScheduler (None
+        # here; 0.42.1) would run ..., 639, 499, 379, 259, 139.
+        timestep_spacing="skipping",
+        num_steps=8,  # rlcm conf/task/aesthetic.yaml:16
+        guidance_scale=8.0,  # rlcm conf/config.yaml:13 (embedded as w - 1: core/rebel_training_loop.py:252-257)
+        eta=1.0,  # unused by LCM sampling
+        # RLCM's epoch is 10 rounds (aesthetic.yaml:17) of sampling 8 prompts (:8, :10) and
+        # training on them at once: one optimizer update per round for REBEL (8 pairs,
+        # core/rebel_training_loop.py:45-84) and PPO (8 trajectories, ppo_training_loop.py:39-58).
+        # A stepzoo epoch is one such round, so that every update trains on fresh samples
+        # and the stat tracker sees each round, as in RLCM: 100 RLCM epochs (:15) = 1000
+        # here, of 16 trajectories (REBEL's 8 pairs; DDPO gets 16 trajectories, 2 updates,
+        # RLCM PPO's 8 trajectories per update). The same 16000 trajectories as 100 epochs
+        # of 160 would instead train 10 updates on each batch before sampling again.
+        epochs=1000,
+        trajectories_per_epoch=16,
+        eval_every=100,  # every 10 RLCM epochs, its checkpoint interval (conf/config.yaml:14)
+        mixed_precision="fp16",  # rlcm scripts/main.py:49
+        algo_overrides={
+            # REBEL: RLCM's loop has no gradient clipping (rebel_training_loop.py:334-336).
+            "rebel": {**shared, **rlcm_loops, "max_grad_norm": None},
+            # DDPO is RLCM's PPO: clip range 1e-4 (aesthetic.yaml:11), gradient norm 5 (:12,
+            # used at ppo_training_loop.py:253-255), advantages clipped at 10 (:13).
+            "ddpo": {**shared, **rlcm_loops, "clip_range": 1e-4, "max_grad_norm": 5.0, "adv_clip_max": 10.0},
+            # RLCM runs neither: its LoRA, lr and optimizer, and their own references'
+            # minibatches, accumulation and gradient clipping (1.0).
+            "sdpo": dict(shared),
+            "d3po": dict(shared),
+        },
     )
 
 
 def sd15() -> Preset:
-    """DDPO's setting: Stable Diffusion 1.5, DDIM eta 1, K=50, CFG 5, LoRA r4, lr 3e-4."""
-    return _published("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5", "ddim", 50, 5.0)
+    """DDPO's aesthetic task (kvablack/ddpo-pytorch at 1958463, `config/dgx.py:aesthetic` on
+    `config/base.py`): Stable Diffusion 1.5, DDIM eta 1, K = 50, CFG 5, fp16, LoRA r4,
+    lr 3e-4. Its minibatch, accumulation and stat tracker are DDPO's own (`algo_overrides`);
+    the other algorithms keep their published defaults."""
+    return _published(
+        name="sd15",
+        # ddpo-pytorch config/base.py:38 (runwayml/stable-diffusion-v1-5, now at this id).
+        # The paper's aesthetic run used CompVis/stable-diffusion-v1-4 (config/dgx.py:11,
+        # which aesthetic inherits, :48); the preset keeps the base config's 1.5.
+        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        sampler="ddim",  # ddpo-pytorch scripts/train.py:110
+        # Deviation: DDPO keeps SD 1.5's scheduler config (scripts/train.py:110), whose
+        # "leading" spacing with steps_offset 1 trains at t = 981, 961, ..., 1; here t = 999,
+        # 979, ..., 19, the same K = 50 grid 18 steps higher, so that training and the 1- and
+        # 2-step evaluation share one rule that starts at the top (leading starts them at
+        # t = 1 and 501, samples of pure noise).
+        timestep_spacing="trailing",
+        num_steps=50,  # ddpo-pytorch config/base.py:45
+        guidance_scale=5.0,  # ddpo-pytorch config/base.py:50
+        eta=1.0,  # ddpo-pytorch config/base.py:48
+        epochs=200,  # ddpo-pytorch config/dgx.py:49
+        trajectories_per_epoch=32,  # ddpo-pytorch config/dgx.py:19-20: 8 x 4 batches per GPU
+        eval_every=10,  # stepzoo's (the reference checkpoints every epoch, config/dgx.py:15)
+        mixed_precision="fp16",  # ddpo-pytorch config/base.py:22
+        algo_overrides={
+            # Minibatch 4 (dgx.py:23) and accumulation 4 (:53): 2 updates per epoch; stat
+            # tracker buffer 32 / min count 16 (:56-59). DDPOConfig's defaults hold the rest:
+            # lr 3e-4 (base.py:64), weight decay 1e-4 (:70), grad norm 1.0 (:77), clip range
+            # 1e-4 (:87), advantage clip 5 (:85), LoRA rank 4 (scripts/train.py:146, diffusers'
+            # LoRAAttnProcessor default).
+            "ddpo": {"train_batch_size": 4, "gradient_accumulation_steps": 4,
+                     "tracker_buffer_size": 32, "tracker_min_count": 16},
+        },
+    )
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"tiny": tiny, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15}

@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from benchmarks.evaluate import EvalSettings
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import TrainLoop
 from zoo.policy import Performance
@@ -246,9 +247,25 @@ class Plan:
             "eval_split": self.args.eval_split,
             "eval_prompts": list(self.eval_prompts),
             "mixed_precision": self.preset.mixed_precision,
+            "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
             "algorithm_configs": {name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()},
         }
+
+    def eval_settings(self, seed: int) -> EvalSettings:
+        """The evaluation of every checkpoint of `seed`: the preset's sampler, guidance, eta
+        and timestep spacing at each of `eval_steps`."""
+        return EvalSettings(
+            prompts=self.eval_prompts,
+            step_counts=tuple(self.eval_steps),
+            samples_per_prompt=self.eval_samples_per_prompt,
+            batch_size=self.preset.eval_batch_size,
+            sampler=self.preset.sampler,
+            guidance_scale=self.preset.guidance_scale,
+            eta=self.preset.eta,
+            seed=seed,
+            timestep_spacing=self.preset.timestep_spacing,
+        )
 
 
 def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
@@ -431,7 +448,6 @@ def execute(plan: Plan) -> str:
     from accelerate import Accelerator
 
     from benchmarks.checkpoint import write_jsonl, write_text
-    from benchmarks.evaluate import EvalSettings
     from benchmarks.report import write_report
     from benchmarks.train import JobSettings, evaluate_base, run_algorithm
     from rewards.registry import load_reward
@@ -462,16 +478,7 @@ def execute(plan: Plan) -> str:
             trajectories_per_epoch=plan.trajectories_per_epoch,
             train_prompts=plan.preset.train_prompts,
             eval_every=plan.eval_every,
-            eval=EvalSettings(
-                prompts=plan.eval_prompts,
-                step_counts=tuple(plan.eval_steps),
-                samples_per_prompt=plan.eval_samples_per_prompt,
-                batch_size=plan.preset.eval_batch_size,
-                sampler=plan.preset.sampler,
-                guidance_scale=plan.preset.guidance_scale,
-                eta=plan.preset.eta,
-                seed=seed,
-            ),
+            eval=plan.eval_settings(seed),
             mixed_precision=mixed_precision,
             train_reward=plan.reward,
             out_dir=out,

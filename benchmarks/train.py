@@ -450,6 +450,14 @@ def _train_epoch(
     return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}
 
 
+def training_sampler_config(config: Any, settings: JobSettings) -> SamplerConfig:
+    """The sampler `config` trains with: its kind, K, eta and guidance, with the preset's
+    timestep spacing when it samples with the preset's kind (the evaluation's); a config
+    that samples with another kind keeps the scheduler config's own spacing."""
+    spacing = settings.eval.timestep_spacing if config.sampler == settings.eval.sampler else None
+    return SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale, spacing)
+
+
 def run_algorithm(
     algo: str,
     config: Any,
@@ -474,9 +482,7 @@ def run_algorithm(
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora,
         performance=settings.performance,
     )
-    sampler = TrajectorySampler(
-        policy, SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale)
-    )
+    sampler = TrajectorySampler(policy, training_sampler_config(config, settings))
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
         lr=config.learning_rate,

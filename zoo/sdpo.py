@@ -117,13 +117,19 @@ class SDPOConfig(TrainingConfig):
 
 
 PAPER_REWARD_SETTINGS: dict[str, tuple[float, int, int, int]] = {
+    # sdpo config/base_sdpo.py:66 (lr), config/config_sdpo.py:23, :24, :15
     "aesthetic": (1e-4, 2, 8, 100),
+    # sdpo config/config_sdpo.py:43, :44, :45, :38
     "imagereward": (5e-5, 1, 32, 200),
+    # sdpo config/config_sdpo.py:58, :59, :60, :53
     "hpsv2": (5e-5, 1, 32, 200),
+    # sdpo config/config_sdpo.py:73, :74, :75, :68
     "pickscore": (6e-5, 1, 16, 200),
 }
 """(learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward in the
-paper's configs (4 GPUs, 8 x 4 pairs sampled per GPU per epoch)."""
+paper's configs (ZiyiZhang27/sdpo at fcee34d; made for 4 GPUs, README.md:84), each of which
+samples 8 prompts x 4 batches per GPU per epoch (config_sdpo.py:20-21), every prompt twice:
+32 pairs."""
 
 
 def config_for_reward(reward: str) -> SDPOConfig:

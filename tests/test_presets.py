@@ -1,0 +1,185 @@
+"""The presets against their papers' configs (issue 12): the timesteps every preset samples
+at, training and evaluation alike, and the audited budgets and hyperparameters.
+
+References at their latest commits: ZiyiZhang27/sdpo fcee34d, kvablack/ddpo-pytorch
+1958463, Owen-Oertell/rlcm b8330ed (file:line citations beside each value in
+`benchmarks/presets.py`).
+"""
+
+import json
+
+import pytest
+
+from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
+from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
+from benchmarks.train import JobSettings, training_sampler_config
+from zoo.policy import Policy
+from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.tiny.arch import build_random_pipeline
+
+DDIM_PRESETS = [name for name, preset in PRESETS.items() if preset().sampler == "ddim"]
+GPU_PRESETS = [name for name in PRESETS if name != "tiny"]
+RLCM_EIGHT_STEPS = [999, 879, 759, 639, 519, 399, 279, 159]
+"""RLCM's 8 timesteps: rlcm lcm_rl_pytorch/diffusers_patch/lcm_scheduler.py:377-382 with
+original_inference_steps 50 (:205); diffusers 0.42.1 gives 999, 879, 759, 639, 499, 379, 259, 139."""
+
+
+@pytest.fixture(scope="module")
+def leading_pipeline_dir(tmp_path_factory) -> str:
+    """A tiny random DDIM pipeline whose scheduler config says "leading" with steps_offset
+    1, as Stable Diffusion 1.5's does."""
+    folder = build_random_pipeline(tmp_path_factory.mktemp("leading") / "pipe", seed=0)
+    path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "timestep_spacing": "leading", "steps_offset": 1}))
+    return str(folder)
+
+
+def _plan(preset: str, model: str, out):
+    """The plan of `preset` on a local tiny model, with a reward that needs no weights."""
+    args = parse_args(["--preset", preset, "--model", model, "--reward", "jpeg_compressibility",
+                       "--eval-steps", "1,2,4,8", "--out", str(out)])
+    return make_plan(args)
+
+
+def _job(plan, out) -> JobSettings:
+    return JobSettings(model=plan.model, epochs=plan.epochs, trajectories_per_epoch=plan.trajectories_per_epoch,
+                       train_prompts=plan.preset.train_prompts, eval_every=plan.eval_every,
+                       eval=plan.eval_settings(0), mixed_precision="no", train_reward=plan.reward, out_dir=out)
+
+
+def _timesteps(policy: Policy, config: SamplerConfig) -> list[int]:
+    return TrajectorySampler(policy, config).schedule.timesteps.tolist()
+
+
+@pytest.mark.parametrize("name", DDIM_PRESETS)
+def test_ddim_presets_sample_from_the_top_of_the_schedule(name, leading_pipeline_dir, tmp_path):
+    """Evaluation at 1 and 2 steps starts at t = 999 and training runs the trailing K = 50
+    grid, though the model's scheduler config says "leading" (t = 1 at one step)."""
+    policy = Policy.from_pretrained(leading_pipeline_dir)
+    assert _timesteps(policy, SamplerConfig("ddim", 1)) == [1]  # the trap: the config's own spacing
+    plan = _plan(name, leading_pipeline_dir, tmp_path / "run")
+    evaluation = plan.eval_settings(seed=0)
+    assert _timesteps(policy, evaluation.sampler_config(1)) == [999]
+    assert _timesteps(policy, evaluation.sampler_config(2)) == [999, 499]
+    job = _job(plan, tmp_path / "run")
+    for algo, config in plan.configs.items():
+        timesteps = _timesteps(policy, training_sampler_config(config, job))
+        assert timesteps[0] == 999 and timesteps[-1] == 1000 // config.num_steps - 1, algo
+    assert plan.config_json()["timestep_spacing"] == "trailing"  # recorded in config.json
+
+
+def test_lcm_preset_runs_rlcm_timesteps(tiny_lcm_pipeline_dir, tmp_path):
+    """Training and 8-step evaluation on RLCM's rule, not diffusers' LCMScheduler's."""
+    policy = Policy.from_pretrained(tiny_lcm_pipeline_dir)
+    plan = _plan("lcm", tiny_lcm_pipeline_dir, tmp_path / "run")
+    assert _timesteps(policy, plan.eval_settings(seed=0).sampler_config(8)) == RLCM_EIGHT_STEPS
+    assert _timesteps(policy, plan.eval_settings(seed=0).sampler_config(1)) == [999]
+    job = _job(plan, tmp_path / "run")
+    for algo, config in plan.configs.items():
+        assert _timesteps(policy, training_sampler_config(config, job)) == RLCM_EIGHT_STEPS, algo
+    assert plan.config_json()["timestep_spacing"] == "skipping"
+
+
+def test_every_preset_names_its_timestep_spacing():
+    for name, preset in PRESETS.items():
+        expected = "trailing" if preset().sampler == "ddim" else "skipping"
+        assert preset().timestep_spacing == expected, name
+
+
+def test_gpu_presets_train_on_the_published_animals_and_hold_out_others():
+    """DDPO's, SDPO's and RLCM's simple_animals list (the same 45 names) is the training set;
+    validation and test prompts are animals outside it and outside each other."""
+    assert len(SIMPLE_ANIMALS) == len(set(SIMPLE_ANIMALS)) == 45
+    assert SIMPLE_ANIMALS[:3] == ("cat", "dog", "horse") and SIMPLE_ANIMALS[-1] == "kangaroo"
+    for name in GPU_PRESETS:
+        preset = PRESETS[name]()
+        assert preset.train_prompts == SIMPLE_ANIMALS, name
+        train, val, test = set(preset.train_prompts), set(preset.val_prompts), set(preset.eval_prompts)
+        assert len(val) == len(test) == 5
+        assert not (train & val or train & test or val & test), name
+
+
+def test_sd_turbo_samples_32_pairs_per_process_per_epoch():
+    """sdpo config/config_sdpo.py:20-21: 8 prompts x 4 batches per GPU, each sampled twice."""
+    preset = PRESETS["sd-turbo"]()
+    assert preset.trajectories_per_epoch == 64
+    assert preset.epochs == 100 and preset.sample_batch_size == 8
+    assert (preset.model, preset.num_steps, preset.guidance_scale, preset.eta) == ("stabilityai/sd-turbo", 50, 1.0, 1.0)
+
+
+SDPO_PAPER = {
+    # reward: (lr, train batch, accumulation, epochs, SDPO's optimizer updates per epoch)
+    "aesthetic": (1e-4, 2, 8, 100, 100),
+    "imagereward": (5e-5, 1, 32, 200, 50),
+    "hpsv2": (5e-5, 1, 32, 200, 50),
+    "hpsv2.1": (5e-5, 1, 32, 200, 50),
+    "pickscore": (6e-5, 1, 16, 200, 100),
+}
+
+
+@pytest.mark.parametrize("reward", sorted(SDPO_PAPER))
+def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
+    """lr, minibatch, accumulation and epochs per reward (sdpo config/config_sdpo.py), given
+    to every algorithm; with 32 pairs per epoch SDPO makes the reference's updates per
+    epoch (pairs / batch x K steps / accumulation), and every algorithm's epoch ends on an
+    update boundary."""
+    lr, batch, accumulation, epochs, sdpo_updates = SDPO_PAPER[reward]
+    assert SD_TURBO_REWARD_SETTINGS[reward] == (lr, batch, accumulation, epochs)
+    preset = PRESETS["sd-turbo"]()
+    configs = preset_algo_configs(preset, reward)
+    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+        config = getattr(configs, algo)
+        assert (config.learning_rate, config.train_batch_size, config.gradient_accumulation_steps) == (
+            lr, batch, accumulation), algo
+        _check_batch_sizes(algo, config, preset.trajectories_per_epoch, 1)
+    assert epoch_budget(configs.sdpo, preset.trajectories_per_epoch)["optimizer_updates"] == sdpo_updates
+
+
+@pytest.mark.parametrize("name", GPU_PRESETS)
+def test_gpu_preset_budgets_fit_every_algorithm(name):
+    """`--algos all` passes the batch-size checks at each GPU preset's default budget."""
+    preset = PRESETS[name]()
+    configs = preset_algo_configs(preset, preset.reward)
+    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+        _check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
+
+
+def test_sd15_follows_ddpo_aesthetic_config():
+    """ddpo-pytorch config/dgx.py:aesthetic on config/base.py: 200 epochs of 8 x 4
+    trajectories per GPU, minibatch 4, accumulation 4 (2 updates per epoch), stat tracker
+    32/16, lr 3e-4, clip range 1e-4, CFG 5, K = 50."""
+    preset = PRESETS["sd15"]()
+    assert (preset.epochs, preset.trajectories_per_epoch) == (200, 32)
+    assert (preset.num_steps, preset.guidance_scale, preset.eta, preset.sampler) == (50, 5.0, 1.0, "ddim")
+    ddpo = preset_algo_configs(preset, preset.reward).ddpo
+    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (4, 4)
+    assert (ddpo.tracker_buffer_size, ddpo.tracker_min_count) == (32, 16)
+    assert (ddpo.learning_rate, ddpo.clip_range, ddpo.adv_clip_max, ddpo.max_grad_norm) == (3e-4, 1e-4, 5.0, 1.0)
+    assert (ddpo.lora_rank, ddpo.lora_alpha) == (4, 4.0)
+    assert epoch_budget(ddpo, preset.trajectories_per_epoch)["optimizer_updates"] == 2
+
+
+def test_lcm_follows_rlcm_aesthetic_config():
+    """rlcm conf/task/aesthetic.yaml and conf/config.yaml: a stepzoo epoch is one RLCM
+    sampling round (8 prompts, REBEL's 8 pairs), 1000 of them = 100 RLCM epochs x 10 rounds;
+    one REBEL update per round; PPO (DDPO) with gradient norm 5 and advantage clip 10, REBEL
+    unclipped; LoRA r8/alpha 8, lr 1e-4, Adam (no weight decay) for every algorithm."""
+    preset = PRESETS["lcm"]()
+    assert (preset.epochs, preset.trajectories_per_epoch) == (1000, 16)
+    assert preset.epochs * preset.trajectories_per_epoch == 100 * 10 * 8 * 2
+    assert (preset.num_steps, preset.guidance_scale, preset.sampler) == (8, 8.0, "lcm")
+    configs = preset_algo_configs(preset, preset.reward)
+    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+        config = getattr(configs, algo)
+        assert (config.lora_rank, config.lora_alpha, config.learning_rate, config.weight_decay) == (
+            8, 8.0, 1e-4, 0.0), algo
+    rebel, ddpo = configs.rebel, configs.ddpo
+    assert (rebel.train_batch_size, rebel.gradient_accumulation_steps, rebel.max_grad_norm) == (2, 4, None)
+    assert (rebel.tracker_buffer_size, rebel.tracker_min_count) == (32, 16)
+    assert epoch_budget(rebel, preset.trajectories_per_epoch)["optimizer_updates"] == 1
+    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2, 4)
+    assert (ddpo.max_grad_norm, ddpo.adv_clip_max, ddpo.clip_range) == (5.0, 10.0, 1e-4)
+    assert (ddpo.tracker_buffer_size, ddpo.tracker_min_count) == (32, 16)
+    # RLCM's PPO: one update per 8 trajectories.
+    assert epoch_budget(ddpo, preset.trajectories_per_epoch)["optimizer_updates"] == 2
