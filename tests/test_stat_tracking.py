@@ -109,3 +109,20 @@ def test_no_stat_tracker_has_empty_state():
     tracker = NoStatTracker()
     tracker.load_state_dict(tracker.state_dict())
     assert tracker.state_dict() == {}
+
+
+@pytest.mark.parametrize("tracker_class", [PerPromptStatTracker, PerPromptStepStatTracker])
+def test_min_count_up_to_buffer_size_is_accepted_one_more_is_refused(tracker_class):
+    """A buffer of 4 can reach min_count 4 (DDPO's 16/16 is this case) but never 5."""
+    tracker_class(buffer_size=4, min_count=4)
+    with pytest.raises(ValueError, match=r"min_count \(5\) exceeds buffer_size \(4\)"):
+        tracker_class(buffer_size=4, min_count=5)
+
+
+@pytest.mark.parametrize("tracker_class", [PerPromptStatTracker, PerPromptStepStatTracker])
+def test_loading_a_state_of_another_min_count_is_refused(tracker_class):
+    """Resuming with the same buffer size but another min_count would silently switch
+    prompts between batch and own statistics at other epochs: refused, naming both."""
+    state = tracker_class(16, 16).state_dict()
+    with pytest.raises(ValueError, match="min_count=16.*min_count=8"):
+        tracker_class(16, 8).load_state_dict(state)
