@@ -138,3 +138,16 @@ def test_impossible_values_name_the_field():
         D3POConfig(ratio_clip=1.0)
     with pytest.raises(ValueError, match="beta"):
         D3POConfig(beta=0.0)
+
+
+def test_tie_fraction_and_kl_to_reference_by_hand():
+    """Three pairs, the last tied: tie_fraction 1/3. Log-ratios to the reference
+    (0.05, -0.02), (0.03, 0.01), (0.2, 0.0): kl_to_reference = 0.5 · mean of their squares
+    = 0.5 · (0.0025 + 0.0004 + 0.0009 + 0.0001 + 0.04 + 0) / 6; ratio_clipfrac: only 0.2 is
+    outside [log 0.9, log 1.1], 1/6."""
+    algo = D3POConfig().build()
+    inputs = pair_steps([[0.05, -0.02], [0.03, 0.01], [0.2, 0.0]], [[1.0, -1.0], [-1.0, 1.0], [0.0, 0.0]])
+    _, metrics = algo.loss(inputs)
+    torch.testing.assert_close(metrics["tie_fraction"], torch.tensor(1 / 3))
+    torch.testing.assert_close(metrics["kl_to_reference"], torch.tensor(0.5 * 0.0439 / 6))
+    torch.testing.assert_close(metrics["ratio_clipfrac"], torch.tensor(1 / 6))

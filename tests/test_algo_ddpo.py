@@ -36,6 +36,8 @@ def one_step(log_ratio: float, advantage: float, old: float = -1.0) -> LossInput
         (0.5, 2.0, -1.0, -1.0),
         # advantage 10 is clamped to adv_clip_max 5 at ratio 1: loss -5, gradient -5.
         (1.0, 10.0, -5.0, -5.0),
+        # and -10 to -5: loss 5, gradient 5.
+        (1.0, -10.0, 5.0, 5.0),
     ],
 )
 def test_clip_branches(ratio, advantage, expected_loss, expected_grad):

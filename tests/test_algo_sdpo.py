@@ -191,3 +191,35 @@ def test_impossible_values_name_the_field():
         SDPOConfig(step_weight_decay=0.0)
     with pytest.raises(ValueError, match="discount"):
         SDPOConfig(discount=1.5)
+
+
+def test_anchor_score_overwrites_the_first_steps_when_the_anchor_is_the_first_step():
+    """x̂0 = (1, 0), (1, 1), (0, 1): sim_first + sim_last = [1 + 0, 2/√2, 0 + 1] = [1, 1.41, 1],
+    so the anchor is step 0 (the first of the tied minima), and sim_anchor = sim_first. The
+    reference writes the exact scores at the first and last steps and then R_anchor at the
+    anchor, so r_0 = R_anchor (5), not R_first (1); r_2 = R_last (3); r_1 weighs the three
+    scores by equal similarities 1/√2: (1 + 5 + 3) / 3 = 3. γ = 0."""
+    pred_x0 = torch.tensor([[[(1.0, 0.0), (1.0, 1.0), (0.0, 1.0)]]])[..., None, None]  # (1, 1, 3, 2, 1, 1)
+    latents = torch.zeros(1, 1, 3, 2, 1, 1)
+    traj = Trajectory(
+        prompts=["cat"], prompt_embeds=torch.zeros(1, 1, 1), timesteps=torch.tensor([999, 666, 333]).expand(1, 1, 3),
+        latents=latents, next_latents=latents, log_probs=torch.zeros(1, 1, 3), images=torch.zeros(1, 1, 3, 1, 1),
+        pred_x0=pred_x0,
+    )
+    algo = SDPOConfig(discount=0.0).build()
+    assert algo.reward_steps(traj).tolist() == [[[0, 0, 2]]]
+    dense = algo.shape_rewards(traj, torch.tensor([[[1.0, 5.0, 3.0]]]))
+    torch.testing.assert_close(dense, torch.tensor([[[5.0, 3.0, 3.0]]]))
+
+
+def test_metrics_inside_the_trust_region_and_negative_advantage_clamp():
+    """clip_range 0.5 contains the log-ratios (0.3, -0.2), so the clipped term equals the
+    unclipped one: clipfrac 0 (ties do not count as clipped). approx_kl = 0.5 · mean(0.3²,
+    0.2²) = 0.0325. A = (-7, 1) is clamped to (-5, 1): ΔA = -6, adv_clipfrac 1/2; λ = 1 so
+    w = 1, Δρ = 0.5: loss (0.5 + 6)² = 42.25."""
+    algo = SDPOConfig(step_weight_decay=1.0, clip_range=0.5, adv_clip_max=5.0).build()
+    loss, metrics = algo.loss(pair_step([[0.3, -0.2]], [[-7.0, 1.0]], [2]))
+    torch.testing.assert_close(loss, torch.tensor(42.25))
+    torch.testing.assert_close(metrics["clipfrac"], torch.tensor(0.0))
+    torch.testing.assert_close(metrics["approx_kl"], torch.tensor(0.0325))
+    torch.testing.assert_close(metrics["adv_clipfrac"], torch.tensor(0.5))
