@@ -83,3 +83,21 @@ def test_impossible_values_name_the_field():
         REBELConfig(log_scale=0.0)
     with pytest.raises(ValueError, match="tracker_min_count"):
         REBELConfig(tracker_buffer_size=8, tracker_min_count=16)
+
+
+def test_metrics_by_hand():
+    """The pairs of `test_sums_over_steps_per_pair_not_over_the_batch`: ΔA = 0.3 and -0.4, so
+    advantage_diff = mean |ΔA| = 0.35; log-ratios 0.4, 0.2, 0.05, 0.05 and four zeros:
+    approx_kl = 0.5 · (0.16 + 0.04 + 0.0025 + 0.0025) / 8."""
+    algo = REBELConfig(log_scale=1.0, num_steps=2).build()
+    inputs = pair_batch([[[0.4, 0.2], [0.0, 0.0]], [[0.05, 0.05], [0.0, 0.0]]], [[0.5, 0.2], [-0.2, 0.2]])
+    _, metrics = algo.loss(inputs)
+    torch.testing.assert_close(metrics["advantage_diff"], torch.tensor(0.35))
+    torch.testing.assert_close(metrics["approx_kl"], torch.tensor(0.5 * 0.205 / 8))
+
+
+def test_pairs_are_sampled_from_independent_noise():
+    """REBEL's y and y' are two independent samples of the prompt (RLCM samples the batch
+    twice); SDPO and D3PO are the ones that share x_T."""
+    needs = REBELConfig().build().needs
+    assert needs.group_size == 2 and not needs.shared_noise
