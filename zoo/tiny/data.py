@@ -114,17 +114,28 @@ def _signed_distance(shape: str, dx: torch.Tensor, dy: torch.Tensor, radius: tor
     raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
 
 
-def render(captions: list[str], generator: torch.Generator) -> torch.Tensor:
+def render(
+    captions: list[str],
+    generator: torch.Generator,
+    radius: torch.Tensor | None = None,
+    centre: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Images (B, 3, IMAGE_SIZE, IMAGE_SIZE) in [0, 1], one per caption, drawn with random
-    size, position and shades from `generator`."""
+    size, position and shades from `generator`.
+
+    `radius` (B,) and `centre` (B, 2) as (x, y) in pixels, when given, replace the random
+    size and position (the generator still draws them, so the shades stay the same)."""
     n = len(captions)
     parsed = [parse_caption(text) for text in captions]
-    radius = MIN_RADIUS + (MAX_RADIUS - MIN_RADIUS) * torch.rand(n, generator=generator)
+    random_radius = MIN_RADIUS + (MAX_RADIUS - MIN_RADIUS) * torch.rand(n, generator=generator)
     # Centres keep the whole shape (at most 1.2 r from its centre) inside the frame.
-    margin = 1.2 * radius + 0.5
+    margin = 1.2 * random_radius + 0.5
     span = IMAGE_SIZE - 2 * margin
     centre_x = margin + span * torch.rand(n, generator=generator)
     centre_y = margin + span * torch.rand(n, generator=generator)
+    radius = random_radius if radius is None else radius.float()
+    if centre is not None:
+        centre_x, centre_y = centre[:, 0].float(), centre[:, 1].float()
     colour_shift = COLOUR_JITTER * (2 * torch.rand(n, 3, generator=generator) - 1)
     background_shift = BACKGROUND_JITTER * (2 * torch.rand(n, generator=generator) - 1)
 
