@@ -130,6 +130,27 @@ def _build_tiny_clip(spec, found, device, dtype):
     return CLIPScore(spec.name, found[PRIMARY], found[PRIMARY], logit_scale=False, device=device, dtype=dtype)
 
 
+def _build_tiny_aesthetic(spec, found, device, dtype):
+    from rewards.tiny_gold import TinyAesthetic
+
+    return TinyAesthetic(spec.name, found[PRIMARY], found["clip"], device=device, dtype=dtype)
+
+
+def _build_tiny_align(spec, found, device, dtype):
+    from rewards.tiny_gold import TinyAlign
+
+    return TinyAlign(spec.name, found[PRIMARY], device=device, dtype=dtype)
+
+
+def _gold_builder(class_name: str):
+    def build(spec, found, device, dtype):
+        import rewards.tiny_gold
+
+        return getattr(rewards.tiny_gold, class_name)(spec.name, device=device, dtype=dtype)
+
+    return build
+
+
 def _jpeg_builder(sign: float):
     def build(spec, found, device, dtype):
         from rewards.jpeg import JpegSize
@@ -294,6 +315,77 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_tiny_clip,
+    ),
+    "tiny-aesthetic": RewardSpec(
+        name="tiny-aesthetic",
+        source="this project's aesthetic proxy of the tiny world (rewards/tiny_gold.py): an MLP head on the tiny "
+        "judge's image embedding trained on noisy tiny-aesthetic-gold labels, as the LAION predictor on CLIP; "
+        "a training reward, judged by tiny-aesthetic-gold",
+        inputs="the tiny judge's CLIPImageProcessor settings, L2-normalised image embedding; prompt ignored",
+        score_range="predicted tiny-aesthetic-gold (0..1): base model 0.56 at 1 step, 0.72 at 8; best renders 0.79",
+        packages=("transformers", "safetensors"),
+        extra=None,
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the tiny aesthetic head folder (config.json + model.safetensors)",
+                files=(("config.json",), ("model.safetensors",)),
+                folder=True,
+                published="this repository, zoo/tiny/assets/aesthetic (trained by `python -m zoo.tiny.build --only aesthetic`)",
+                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "aesthetic",
+            ),
+            Artifact(
+                role="clip",
+                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
+                files=CLIP_FOLDER_FILES,
+                folder=True,
+                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
+                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
+            ),
+        ),
+        build=_build_tiny_aesthetic,
+    ),
+    "tiny-aesthetic-gold": RewardSpec(
+        name="tiny-aesthetic-gold",
+        source="this project's pixel rule for the tiny world (zoo/tiny/gold.py): size, centring, saturation and "
+        "edge crispness of the segmented shape; EVALUATION ONLY, the gold that tiny-aesthetic approximates",
+        inputs="resized to 32x32 if needed; prompt ignored",
+        score_range="0..1: base model 0.49 at 1 step, 0.72 at 8; best renders 0.91",
+        packages=("torch",),
+        extra=None,
+        artifacts=(),
+        build=_gold_builder("TinyAestheticGold"),
+    ),
+    "tiny-align": RewardSpec(
+        name="tiny-align",
+        source="this project's alignment proxy of the tiny world (rewards/tiny_gold.py): the tiny judge's "
+        "probability of the prompt among the 48 captions; a training reward, judged by tiny-align-gold",
+        inputs="the folder's CLIPImageProcessor settings; prompt: the folder's CLIP tokenizer, 16 tokens",
+        score_range="probability 0..1 (chance 1/48): base model 0.29 at 1 step, 0.95 at 8",
+        packages=("transformers",),
+        extra=None,
+        artifacts=(
+            Artifact(
+                role=PRIMARY,
+                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
+                files=CLIP_FOLDER_FILES,
+                folder=True,
+                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
+                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
+            ),
+        ),
+        build=_build_tiny_align,
+    ),
+    "tiny-align-gold": RewardSpec(
+        name="tiny-align-gold",
+        source="this project's pixel rule for the tiny world (zoo/tiny/gold.py): colour, shape and background "
+        "measured on the segmented picture against the prompt's; EVALUATION ONLY, the gold that tiny-align approximates",
+        inputs="resized to 32x32 if needed; the prompt must name a tiny-world colour, shape or background",
+        score_range="fraction of the prompt's attributes shown: 0, 1/3, 2/3 or 1",
+        packages=("torch",),
+        extra=None,
+        artifacts=(),
+        build=_gold_builder("TinyAlignGold"),
     ),
 }
 

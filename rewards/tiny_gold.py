@@ -1,0 +1,197 @@
+"""The tiny world's gold and proxy rewards, as in reward-overoptimization studies.
+
+Two tasks, each with a *gold* score computed from the pixels by a rule (zoo/tiny/gold.py;
+evaluation only: never train on it) and a *proxy*, a learned model that approximates it
+(the training reward):
+
+| task | proxy (train on it) | gold (evaluate with it) |
+|---|---|---|
+| aesthetic, prompt-agnostic | `tiny-aesthetic`: an MLP head on the tiny judge's image embedding, trained on ~2k noisy gold labels (as the LAION aesthetic predictor is a head on CLIP) | `tiny-aesthetic-gold`: size, centring, saturation, crispness of the shape |
+| prompt alignment | `tiny-align`: the judge's probability of the prompt among all 48 captions | `tiny-align-gold`: colour, shape and background measured on the pixels |
+
+A run that raises a proxy while its gold falls is hacking its proxy. Their accuracy
+against each other is in results/tiny-world/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rewards.base import Reward
+from rewards.preprocess import transform_from_clip_image_processor
+
+HEAD_CONFIG = "config.json"
+HEAD_WEIGHTS = "model.safetensors"
+
+
+class TinyAestheticHead(nn.Module):
+    """The `tiny-aesthetic` proxy head: embed_dim -> hidden -> 1, GELU, on the L2-normalised
+    image embedding of the tiny judge. Saved as `config.json` (architecture, what it was
+    trained on) + `model.safetensors` (float32 weights, `layers.0.*`, `layers.2.*`)."""
+
+    def __init__(self, embed_dim: int = 64, hidden: int = 32):
+        super().__init__()
+        self.embed_dim, self.hidden = embed_dim, hidden
+        self.layers = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, embed_dim) unit embeddings -> (B,) predicted gold."""
+        return self.layers(embeddings).squeeze(-1)
+
+    def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
+        """Writes config.json (embed_dim, hidden, plus `extra`) and model.safetensors."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = dict(architecture="TinyAestheticHead", embed_dim=self.embed_dim, hidden=self.hidden, activation="gelu")
+        config.update(extra or {})
+        (folder / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        state = {key: value.detach().float().contiguous() for key, value in self.state_dict().items()}
+        save_file(state, folder / HEAD_WEIGHTS, metadata={"format": "pt"})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "TinyAestheticHead":
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        config = json.loads((folder / HEAD_CONFIG).read_text())
+        if config.get("architecture") != "TinyAestheticHead":
+            raise ValueError(f"{folder / HEAD_CONFIG} describes {config.get('architecture')!r}, not TinyAestheticHead")
+        head = cls(config["embed_dim"], config["hidden"])
+        head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
+        return head.eval()
+
+
+def load_judge(clip_dir: str | Path):
+    """(CLIPModel, its CLIP tokenizer, the tensor image transform of its processor)."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = AutoProcessor.from_pretrained(clip_dir)
+    return model, processor.tokenizer, transform_from_clip_image_processor(processor.image_processor)
+
+
+def judge_image_embeddings(model, transform, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, D) L2-normalised float32 image embeddings, the way
+    `CLIPScore` computes them (what the aesthetic head is trained on and scores)."""
+    pixels = transform(images).to(dtype)
+    return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+
+
+class TinyAesthetic(Reward):
+    """`tiny-aesthetic`: the PROXY of the aesthetic task, a training reward.
+
+    The learned head `TinyAestheticHead` (zoo/tiny/assets/aesthetic) on the tiny judge's
+    L2-normalised image embedding (zoo/tiny/assets/clip, preprocessed as `CLIPScore`
+    does), regressing `tiny-aesthetic-gold` (0..1) from ~2k images labelled with the gold
+    plus Gaussian noise, as the LAION aesthetic predictor regresses human ratings from
+    CLIP embeddings. It sees size, saturation and sharpness, hardly position, and it can
+    be hacked: watch `tiny-aesthetic-gold`. The prompt is ignored.
+    """
+
+    def __init__(self, name: str, head_dir: str | Path, clip_dir: str | Path, *, device="cpu", dtype=torch.float32):
+        super().__init__(device, dtype)
+        self.name = name
+        self.clip, _, self.transform = load_judge(clip_dir)
+        self.head = TinyAestheticHead.from_pretrained(head_dir)
+        embed_dim = self.clip.config.projection_dim
+        if self.head.embed_dim != embed_dim:
+            raise ValueError(f"{name}: head {head_dir} expects {self.head.embed_dim}-d embeddings, the judge at {clip_dir} gives {embed_dim}-d")
+        self.to(self.device, self.dtype)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.clip, self.head]
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        embeddings = judge_image_embeddings(self.clip, self.transform, images, self.dtype)
+        return self.head(embeddings.to(self.dtype)).float()
+
+
+class TinyAlign(Reward):
+    """`tiny-align`: the PROXY of the alignment task, a training reward.
+
+    The tiny judge's probability of the prompt among the tiny world's 48 captions:
+    softmax over captions of logit_scale * cosine(image, caption), taken at the prompt
+    (0..1; chance is 1/48). A prompt that is not one of the 48 captions competes with
+    the 48 and itself. Judge fidelity (its top caption is the prompt) is this
+    probability's argmax; `tiny-align-gold` checks it on the pixels.
+    """
+
+    def __init__(self, name: str, clip_dir: str | Path, *, device="cpu", dtype=torch.float32):
+        from zoo.tiny import data
+
+        super().__init__(device, dtype)
+        self.name = name
+        self.model, self.tokenizer, self.transform = load_judge(clip_dir)
+        self.captions = data.all_captions()
+        self.max_length = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        self.to(self.device, self.dtype)
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [self.model]
+
+    def _text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
+        tokens = tokens.to(self.device)
+        features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+        return F.normalize(features.pooler_output.float(), dim=-1)
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        image_embeds = judge_image_embeddings(self.model, self.transform, images, self.dtype)  # (B, D)
+        novel = sorted({p for p in prompts if p not in self.captions})
+        texts = self.captions + novel
+        text_embeds = self._text_embeddings(texts)  # (48 + N, D)
+        logits = self.model.logit_scale.float().exp() * image_embeds @ text_embeds.T  # (B, 48 + N)
+        index = torch.tensor([texts.index(p) for p in prompts], device=self.device)
+        # Each image competes its prompt against the 48 captions only (and the prompt itself).
+        allowed = torch.zeros_like(logits, dtype=torch.bool)
+        allowed[:, : len(self.captions)] = True
+        allowed[torch.arange(len(prompts), device=self.device), index] = True
+        probabilities = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return probabilities.gather(1, index[:, None]).squeeze(1)
+
+
+class TinyAestheticGold(Reward):
+    """`tiny-aesthetic-gold`: the GOLD of the aesthetic task. EVALUATION ONLY: never
+    train on it (it is the truth that catches a proxy being hacked).
+
+    A rule on the pixels (zoo.tiny.gold.aesthetic, formula in that module):
+    presence * framing * (0.4 size + 0.1 centring + 0.2 saturation + 0.3 crispness) of the segmented shape, in
+    [0, 1]. The prompt is ignored.
+    """
+
+    def __init__(self, name: str, *, device="cpu", dtype=torch.float32):
+        super().__init__(device, dtype)
+        self.name = name
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from zoo.tiny import gold
+
+        return gold.aesthetic(images)
+
+
+class TinyAlignGold(Reward):
+    """`tiny-align-gold`: the GOLD of the alignment task. EVALUATION ONLY: never train
+    on it.
+
+    A rule on the pixels (zoo.tiny.gold.alignment): the fraction of the attributes the
+    prompt names (colour, shape, background: 1/3 each for a tiny-world caption) that the
+    segmented picture shows; 0, 1/3, 2/3 or 1. Raises ValueError for a prompt that names
+    none of them.
+    """
+
+    def __init__(self, name: str, *, device="cpu", dtype=torch.float32):
+        super().__init__(device, dtype)
+        self.name = name
+
+    def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from zoo.tiny import gold
+
+        return gold.alignment(images, prompts)
