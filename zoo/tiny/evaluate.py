@@ -213,6 +213,13 @@ What they look like, and how the build was run: `notes.md` (written by hand).
 - LCM (one UNet pass per step):
   {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['lcm'].items())}
 """
+    # The gold and proxy rewards' section, written by `python -m zoo.tiny.evaluate_gold`,
+    # stays at the end.
+    from zoo.tiny.evaluate_gold import SECTION
+
+    old = path.read_text() if path.exists() else ""
+    if SECTION in old:
+        text += "\n" + old[old.index(SECTION) :]
     path.write_text(text)
 
 
