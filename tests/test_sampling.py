@@ -229,3 +229,50 @@ def test_reference_log_probs_equal_current_before_training(tiny_pipeline_dir):
     traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(7), reference_log_probs=True)
     torch.testing.assert_close(traj.ref_log_probs, traj.log_probs, rtol=0, atol=1e-6)
     assert math.isfinite(float(traj.ref_log_probs.sum()))
+
+
+def test_lcm_transition_is_diffusers_step_with_the_same_noise(lcm_policy):
+    """Each LCM transition is N(sqrt(ᾱ_t') · denoised, 1 - ᾱ_t') with t' the next timestep of
+    the schedule: with the noise diffusers' LCMScheduler draws, mean + std · z is its
+    prev_sample at every step but the last. At the last step ᾱ_t' is ᾱ of timestep 0 (the
+    documented deviation: diffusers returns `denoised` without noise)."""
+    num_steps, guidance = 4, 8.0
+    sampler = TrajectorySampler(lcm_policy, SamplerConfig("lcm", num_steps, guidance_scale=guidance))
+    reference = LCMScheduler.from_config(lcm_policy.scheduler_config)
+    reference.set_timesteps(num_steps)
+    alphas = reference.alphas_cumprod.double()
+    x = torch.randn(2, *lcm_policy.latent_shape, generator=torch.Generator().manual_seed(8))
+    embeds = lcm_policy.encode_prompts(PROMPTS)
+    for k in range(num_steps):
+        t = reference.timesteps[k]
+        with torch.no_grad():
+            mean, std, _ = sampler.transition(x, torch.full((2,), k, dtype=torch.long), embeds)
+            eps = lcm_policy.predict_noise(x, torch.full((2,), int(t)), embeds, guidance, "lcm")
+        out = reference.step(eps, t, x, generator=torch.Generator().manual_seed(10 + k))
+        if k < num_steps - 1:
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + k))
+            a_prev = alphas[reference.timesteps[k + 1]]
+            torch.testing.assert_close(std, torch.full((2,), float((1 - a_prev).sqrt())), rtol=1e-6, atol=0)
+            torch.testing.assert_close(mean + std.view(-1, 1, 1, 1) * z, out.prev_sample, rtol=1e-5, atol=1e-5)
+            x = out.prev_sample
+        else:
+            torch.testing.assert_close(std, torch.full((2,), float((1 - alphas[0]).sqrt())), rtol=1e-6, atol=0)
+            torch.testing.assert_close(mean, float(alphas[0].sqrt()) * out.denoised, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_transitions_use_the_given_noise_at_full_scale(ddim_policy):
+    """x_T is `initial_noise` and every x_t' is mean + std · z with z the given step noise
+    (the log-prob's Gaussian is the one actually sampled from, not a narrower one)."""
+    num_steps = 3
+    sampler = TrajectorySampler(ddim_policy, SamplerConfig("ddim", num_steps, eta=1.0, guidance_scale=2.0))
+    generator = torch.Generator().manual_seed(9)
+    initial = torch.randn(2, 1, *ddim_policy.latent_shape, generator=generator)
+    step_noise = torch.randn(2, 1, num_steps, *ddim_policy.latent_shape, generator=generator)
+    traj = sampler.sample(PROMPTS, initial_noise=initial, step_noise=step_noise)
+    torch.testing.assert_close(traj.latents[:, 0, 0], initial[:, 0], rtol=0, atol=0)
+    for k in range(num_steps):
+        with torch.no_grad():
+            mean, std, _ = sampler.transition(traj.latents[:, 0, k], torch.full((2,), k), traj.prompt_embeds)
+        assert float(std.min()) > 0.01
+        expected = mean + std.view(-1, 1, 1, 1) * step_noise[:, 0, k]
+        torch.testing.assert_close(traj.next_latents[:, 0, k], expected, rtol=1e-5, atol=1e-6)
