@@ -469,7 +469,7 @@ class RecordingBrightness(Brightness):
 
 
 def _eval_settings(step_counts: tuple[int, ...], seed: int = 0) -> EvalSettings:
-    return EvalSettings(prompts=("a cat", "a dog", "a fox"), step_counts=step_counts, samples_per_prompt=2,
+    return EvalSettings(prompts=("a cat", "a dog", "a fox"), step_counts=step_counts, samples_per_prompt=3,
                         batch_size=4, sampler="ddim", guidance_scale=2.0, eta=1.0, seed=seed)
 
 
@@ -496,12 +496,16 @@ def test_every_row_is_evaluated_on_the_same_noise(tiny_pipeline_dir, accelerator
     other_seed, _ = evaluate(second, {"brightness": Brightness()}, _eval_settings((1, 2), seed=1), accelerator)
     assert other_seed[(1, "brightness")]["mean"] != stats[(1, "brightness")]["mean"]
 
-    # 6 images per step count in batches of 4 and 2: two calls per step count.
-    assert len(reward.returned) == 4
-    for step_count, scores in ((1, reward.returned[:2]), (2, reward.returned[2:])):
+    # 9 images per step count in batches of 4, 4 and 1: three calls per step count; the
+    # strip holds the first STRIP_IMAGES (8) of them.
+    from benchmarks.evaluate import STRIP_IMAGES
+
+    assert STRIP_IMAGES == 8 and all(strip.shape == (8, 3, 32, 32) for strip in strips.values())
+    assert len(reward.returned) == 6
+    for step_count, scores in ((1, reward.returned[:3]), (2, reward.returned[3:])):
         scores = torch.cat(scores).double()
         row = stats[(step_count, "brightness")]
-        assert row["count"] == 6 and row["nonfinite"] == 0
+        assert row["count"] == 9 and row["nonfinite"] == 0
         assert row["mean"] == pytest.approx(float(scores.mean()), rel=1e-12)
         assert row["std"] == pytest.approx(float(scores.std(correction=0)), rel=1e-12)
     assert stats[(1, "brightness")]["mean"] != stats[(2, "brightness")]["mean"]
@@ -605,3 +609,35 @@ def test_ddim_log_density_at_eta_one_half_by_hand():
     torch.testing.assert_close(mean.flatten(1), torch.tensor(expected_mean), rtol=1e-6, atol=1e-7)
     log_prob = gaussian_log_prob(torch.tensor(x_next).view(shape), mean, std)
     torch.testing.assert_close(log_prob, torch.tensor(expected_log_prob), rtol=1e-6, atol=1e-6)
+
+
+def test_infinite_and_all_nan_evaluation_scores(tiny_pipeline_dir, accelerator):
+    """Evaluation leaves every non-finite score out of a cell's mean (inf as well as NaN)
+    and counts it; a cell with no finite score has mean NaN (not 0, which would read as a
+    real reward), count 0 and std 0."""
+
+    class InfOnFirst(RecordingBrightness):
+        name = "inf-first"
+
+        def _score(self, images, prompts):
+            scores = super()._score(images, prompts).clone()
+            scores[0] = math.inf
+            return scores
+
+    class AllNaN(Brightness):
+        name = "all-nan"
+
+        def _score(self, images, prompts):
+            return torch.full((images.shape[0],), math.nan)
+
+    settings = EvalSettings(prompts=("a cat",), step_counts=(1,), samples_per_prompt=3, batch_size=3,
+                            sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0)
+    inf_first = InfOnFirst()
+    stats, _ = evaluate(policy_with_random_adapter(tiny_pipeline_dir), {"inf-first": inf_first, "all-nan": AllNaN()},
+                        settings, accelerator)
+    finite = inf_first.returned[0][1:].double()
+    assert stats[(1, "inf-first")] == {"mean": pytest.approx(float(finite.mean()), rel=1e-12),
+                                       "std": pytest.approx(float(finite.std(correction=0)), rel=1e-12),
+                                       "count": 2, "nonfinite": 1}
+    cell = stats[(1, "all-nan")]
+    assert math.isnan(cell["mean"]) and (cell["std"], cell["count"], cell["nonfinite"]) == (0.0, 0, 3)
