@@ -86,7 +86,8 @@ class RunArgs:
     """Comma-separated seeds; several give a mean and a spread per table cell."""
     eval_rewards: str | None = None
     """Comma-separated extra rewards scored at evaluation only, to catch reward hacking
-    (default: the preset's; "" for none)."""
+    (default: the preset's; "" for none). The gold of a proxy training reward (e.g.
+    tiny-aesthetic-gold for tiny-aesthetic) is scored as well, whatever this says."""
     trajectories_per_epoch: int | None = None
     """Trajectories sampled per epoch on each process (default: the preset's)."""
     eval_samples_per_prompt: int | None = None
@@ -271,7 +272,7 @@ class Plan:
 def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     """Check every input and resolve defaults; raises UsageError or RewardUnavailable /
     ModelUnavailable (one paragraph each) before anything heavy happens."""
-    from rewards.registry import check_rewards, parse_reward_paths, parse_reward_spec
+    from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
     from zoo.policy import resolve_model
 
     if args.resume and args.overwrite:
@@ -302,6 +303,9 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         eval_rewards = _split(args.eval_rewards, "--eval-rewards")
     for name in eval_rewards:
         parse_reward_spec(name)
+    # A proxy's gold is what tells a real gain from hacking the proxy, so it is scored
+    # whatever --eval-rewards says, ahead of the others.
+    eval_rewards = [g for g in gold_rewards(reward) if g != reward and g not in eval_rewards] + eval_rewards
     reward_paths = parse_reward_paths(args.reward_path)
     epochs = args.epochs if args.epochs is not None else preset.epochs
     if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:

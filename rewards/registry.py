@@ -83,6 +83,9 @@ class RewardSpec:
     artifacts: tuple[Artifact, ...]
     build: Callable[[RewardSpec, dict[str, Path], "torch.device | str", "torch.dtype"], "Reward"]
     """Builds the reward from the paths `check_reward` found (role -> path)."""
+    gold: str | None = None
+    """The registry name of this reward's gold, when it is a proxy: the score it
+    approximates, evaluated next to it and never trained on (`GOLD_OF`)."""
 
 
 def env_var(name: str, role: str = PRIMARY) -> str:
@@ -344,6 +347,7 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_tiny_aesthetic,
+        gold="tiny-aesthetic-gold",
     ),
     "tiny-aesthetic-gold": RewardSpec(
         name="tiny-aesthetic-gold",
@@ -375,6 +379,7 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_tiny_align,
+        gold="tiny-align-gold",
     ),
     "tiny-align-gold": RewardSpec(
         name="tiny-align-gold",
@@ -388,6 +393,17 @@ REWARDS: dict[str, RewardSpec] = {
         build=_gold_builder("TinyAlignGold"),
     ),
 }
+
+GOLD_OF: dict[str, str] = {name: spec.gold for name, spec in REWARDS.items() if spec.gold is not None}
+"""Proxy -> gold: the declared pairs. The runner evaluates the gold of the training reward
+and the report marks a proxy's cell as hacking against its gold (benchmarks.report)."""
+
+
+def gold_rewards(spec: str) -> list[str]:
+    """The golds of the rewards of a `--reward` spec (of each member of a weighted sum), in
+    the spec's order, each once; [] when none is a proxy. Raises UnknownReward."""
+    golds = (GOLD_OF.get(name) for name, _ in parse_reward_spec(spec))
+    return list(dict.fromkeys(gold for gold in golds if gold is not None))
 
 
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
