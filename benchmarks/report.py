@@ -13,7 +13,8 @@ Inputs, as the runner writes them:
 
 Outputs, next to them: `table.md`, `table.csv` and `curves.png` for the training reward;
 `table_<reward>.csv` and `curves_<reward>.png` for every extra held-out reward (their
-tables are appended to `table.md`, so reward hacking is visible next to the gains); and
+tables are appended to `table.md`, so reward hacking is visible next to the gains; a
+proxy's gold, `rewards.registry.GOLD_OF`, right after the proxy's table); and
 `samples.png`.
 
 The statistics of a table cell (one row, one step count), all at 95% (`CONFIDENCE`):
@@ -24,7 +25,9 @@ The statistics of a table cell (one row, one step count), all at 95% (`CONFIDENC
   seeds (the bootstrap interval of the mean per-seed difference excludes 0), otherwise
   the two rows' intervals do not overlap;
 - bold: the column's best mean, only when it is separable from the second-best by the
-  same test.
+  same test;
+- hacking (⚠, in the table of a proxy whose gold was evaluated too): the row is marked ↑
+  on the proxy and ↓ on its gold at the same step count, both by the test above.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import stats  # noqa: E402
+
+from rewards.errors import UnknownReward  # noqa: E402
+from rewards.registry import GOLD_OF, gold_rewards  # noqa: E402
 
 BASE = "base"
 RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]
@@ -76,6 +82,7 @@ BOOTSTRAP_SEED = 0  # the same resamples for every cell, so a report is reproduc
 # The single-seed interval: mean ± z standard errors, z = 1.96 at 95%.
 NORMAL_Z = float(stats.norm.ppf(0.5 + CONFIDENCE / 2))
 STEP_COLUMN = re.compile(r"\d+ steps?")
+HACKING_MARK = "⚠"
 STRIP_NAME = re.compile(r"(?P<algo>.+)_seed(?P<seed>\d+)_steps(?P<steps>\d+)\.png")
 # Sample cells are resized to this height range: tiny-world images (32 px) are too small
 # to judge, SD-sized strips would make a grid of tens of megapixels.
@@ -262,6 +269,42 @@ def summary_table(records: pd.DataFrame, rows: Sequence[str]) -> pd.DataFrame:
     return table
 
 
+def with_hacking(proxy: pd.DataFrame, gold: pd.DataFrame) -> pd.DataFrame:
+    """`proxy`'s summary table with, after each step count's `<k> steps best`, a column
+    `<k> steps hacking`: True where the row is significantly above base on the proxy and
+    significantly below base on its gold at that step count (both tables' `vs base`, the
+    test of `compare`), False otherwise; empty where either mark is (base itself, no base
+    row, an empty cell). `gold` is the gold's summary table over the same rows."""
+    table = proxy.copy()
+    for column in _step_columns(proxy):
+        up = proxy[f"{column} vs base"]
+        down = gold.get(f"{column} vs base", pd.Series(pd.NA, index=gold.index)).reindex(proxy.index)
+        marks = [pd.NA if pd.isna(u) or pd.isna(d) else bool(u == 1 and d == -1) for u, d in zip(up, down)]
+        table.insert(table.columns.get_loc(f"{column} best") + 1, f"{column} hacking", pd.array(marks, dtype="boolean"))
+    return table
+
+
+def _golds(reward: str) -> list[str]:
+    """The golds declared for `reward` (each member of a weighted sum); none for a name
+    the registry does not know (a run recorded under another version)."""
+    try:
+        return gold_rewards(reward)
+    except UnknownReward:
+        return []
+
+
+def section_order(reward: str, recorded: Sequence[str]) -> list[str]:
+    """The order of the report's tables: the training reward first, every proxy's recorded
+    gold right after the proxy's table, the other rewards as first recorded."""
+    golds = {name: [g for g in _golds(name) if g in recorded] for name in dict.fromkeys([reward, *recorded])}
+    after_proxy = {g for name, of_name in golds.items() for g in of_name if g != name} - {reward}
+    order: list[str] = []
+    for name, of_name in golds.items():
+        if name not in after_proxy and name not in order:
+            order += [name, *(g for g in of_name if g not in order)]
+    return order
+
+
 def _decimals(widths: pd.Series) -> int:
     """Decimals that show the table's median positive interval half-width (or standard
     error) to two significant figures: the smallest would print every cell of a table with
@@ -284,7 +327,7 @@ def _step_columns(table: pd.DataFrame) -> list[str]:
 
 def _cell_text(row: pd.Series, column: str, decimals: int) -> str:
     """`mean [lo, hi]` (two or more seeds) or `mean ± se` (one seed), bold when best, then
-    the mark against base."""
+    the mark against base and the hacking mark."""
     if pd.isna(row[column]):
         return "–"
     mean = f"{row[column]:.{decimals}f}"
@@ -296,7 +339,8 @@ def _cell_text(row: pd.Series, column: str, decimals: int) -> str:
         text = f"**{text}**"
     vs_base = row[f"{column} vs base"]
     mark = "" if pd.isna(vs_base) else {1: " ↑", -1: " ↓"}.get(int(vs_base), "")
-    return text + mark
+    hacking = row.get(f"{column} hacking")
+    return text + mark + (f" {HACKING_MARK}" if not pd.isna(hacking) and hacking else "")
 
 
 def _caption(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[int]) -> str:
@@ -320,8 +364,9 @@ def _caption(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[
     return " ".join(parts)
 
 
-def _legend(table: pd.DataFrame, counts: Sequence[int]) -> str:
-    """How to read the cells, marks and bold of this table, in one paragraph."""
+def _legend(table: pd.DataFrame, counts: Sequence[int], gold: str | None = None) -> str:
+    """How to read the cells, marks and bold of this table, in one paragraph; `gold`: the
+    gold this proxy's table was checked against for hacking."""
     level = f"{CONFIDENCE:.0%}"
     seeds = table[[f"{c} seeds" for c in _step_columns(table)]]
     several = sorted({int(n) for n in seeds.stack() if n >= 2})
@@ -361,11 +406,21 @@ def _legend(table: pd.DataFrame, counts: Sequence[int]) -> str:
         "Bold: the column's best mean, only when it is separable from the second-best by the same test; a "
         "column without bold has no clear winner."
     )
+    if gold is not None and BASE in table.index:
+        parts.append(
+            f"{HACKING_MARK} HACKING: proxy significantly up, gold significantly down at the same step count, by "
+            f"the table's paired test (↑ here and ↓ in the {gold} table, its gold)."
+        )
     return " ".join(parts)
 
 
-def markdown_table(table: pd.DataFrame, reward: str, training: bool, counts: Sequence[int]) -> str:
-    """One titled Markdown table with its caption and legend underneath."""
+def markdown_table(
+    table: pd.DataFrame, reward: str, training: bool, counts: Sequence[int], gold: str | None = None,
+    proxy: str | None = None,
+) -> str:
+    """One titled Markdown table with its caption and legend underneath. `gold`: the gold
+    that `table`'s hacking marks (`with_hacking`) were set against; `proxy`: the proxy
+    whose gold this table is."""
     step_columns = _step_columns(table)
     widths = pd.concat(
         [
@@ -376,7 +431,8 @@ def markdown_table(table: pd.DataFrame, reward: str, training: bool, counts: Seq
     decimals = _decimals(widths)
     header = ["algorithm", *step_columns, *BUDGET_COLUMNS.values()]
     lines = [
-        f"### {reward} ({'training reward' if training else 'extra held-out reward'})",
+        f"### {reward} ({'training reward' if training else 'extra held-out reward'}"
+        f"{f', gold of {proxy}' if proxy else ''})",
         "",
         "| " + " | ".join(header) + " |",
         "|---" + "|---:" * (len(header) - 1) + "|",
@@ -387,7 +443,7 @@ def markdown_table(table: pd.DataFrame, reward: str, training: bool, counts: Seq
         seconds = row[BUDGET_COLUMNS["wall_time"]]
         budget[list(BUDGET_COLUMNS).index("wall_time")] = "–" if pd.isna(seconds) else f"{seconds:.1f}"
         lines.append("| " + " | ".join([str(algo), *cells, *budget]) + " |")
-    lines += ["", _caption(table, reward, training, counts), "", _legend(table, counts)]
+    lines += ["", _caption(table, reward, training, counts), "", _legend(table, counts, gold)]
     return "\n".join(lines)
 
 
@@ -497,7 +553,9 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     """Write tables, curves and the sample grid of a run folder; return `table.md`'s text.
 
     `reward` is the training reward; any other recorded reward gets its own table and
-    curves. `algos` orders the rows after base (default: order of first appearance).
+    curves, a proxy's gold right after the proxy (`section_order`), and a proxy whose
+    gold was recorded gets the hacking marks (`with_hacking`). `algos` orders the rows
+    after base (default: order of first appearance).
     """
     run_dir = Path(run_dir)
     records = load_records(run_dir)
@@ -505,14 +563,21 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     if reward not in recorded:
         raise ValueError(f"reward {reward!r} is not in {run_dir / 'records.jsonl'}; recorded: {', '.join(recorded)}")
     rows = row_order(records, algos)
+    tables = {name: summary_table(records[records["reward"] == name], rows) for name in recorded}
+    # Hacking is checked for a declared proxy only, not for a weighted sum with one among
+    # its members: the other members can move the sum either way.
+    gold_of = {name: GOLD_OF[name] for name in recorded if GOLD_OF.get(name) in recorded}
+    proxy_of = {gold: name for name, gold in gold_of.items()}
     sections = []
-    for name in [reward, *(r for r in recorded if r != reward)]:
+    for name in section_order(reward, recorded):
         training = name == reward
         of_reward = records[records["reward"] == name]
-        table = summary_table(of_reward, rows)
+        gold = gold_of.get(name)
+        table = tables[name] if gold is None else with_hacking(tables[name], tables[gold])
         suffix = "" if training else f"_{file_suffix(name)}"
         table.to_csv(run_dir / f"table{suffix}.csv")
-        sections.append(markdown_table(table, name, training, final_records(of_reward)["count"].tolist()))
+        counts = final_records(of_reward)["count"].tolist()
+        sections.append(markdown_table(table, name, training, counts, gold=gold, proxy=proxy_of.get(name)))
         plot_curves(of_reward, name, rows, run_dir / f"curves{suffix}.png")
     text = "\n\n".join(sections) + "\n"
     (run_dir / "table.md").write_text(text)

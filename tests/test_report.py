@@ -472,3 +472,107 @@ def test_cli_prints_the_table_and_names_bad_choices(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(run), "--reward", "pickscore"])
     assert "'pickscore' is not in" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- gold next to proxy
+PROXY, GOLD = "tiny-aesthetic", "tiny-aesthetic-gold"
+ALIGN, ALIGN_GOLD = "tiny-align", "tiny-align-gold"
+UP = {s: 0.2 + TINY[s] for s in TINY}  # above base on every seed
+DOWN = {s: -0.2 + TINY[s] for s in TINY}  # below base on every seed
+
+
+def gold_run(tmp_path, gaps, rewards=(PROXY, "tiny-clip", GOLD)):
+    """Three seeds, one final epoch, step counts 1 and 2, `rewards` recorded in that order.
+    Every reward's mean is 0.5 + SEED_NOISE[seed] for base and that plus
+    gaps[reward, algo, k][seed] for an algorithm (0 where `gaps` has no entry)."""
+    rows = []
+    for seed in TINY:
+        for algo, epoch in [("base", 0), ("sdpo", 5), ("ddpo", 5)]:
+            for k in (1, 2):
+                for reward in rewards:
+                    gap = 0.0 if algo == "base" else gaps.get((reward, algo, k), {}).get(seed, 0.0)
+                    rows.append({**record(algo, seed, epoch, k, TRAINING), "reward": reward,
+                                 "mean": 0.5 + SEED_NOISE[seed] + gap})
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def titles(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("### ")]
+
+
+def test_hacking_marked_where_the_proxy_rises_and_its_gold_falls_on_every_seed(tmp_path):
+    """sdpo at 1 step: proxy above base and gold below on all three seeds (paired test ↑
+    and ↓): marked ⚠. The cases that are not: sdpo at 2 steps (proxy ↑, gold ↑ too); ddpo
+    at 1 step (gold ↓ but the proxy within noise, differences of both signs); ddpo at 2
+    steps (proxy ↑, gold within noise). The gold's table comes right after the proxy's,
+    though tiny-clip was recorded between them; only the proxy's table carries the mark
+    and the `hacking` columns (empty for base)."""
+    gaps = {
+        (PROXY, "sdpo", 1): UP, (GOLD, "sdpo", 1): DOWN,
+        (PROXY, "sdpo", 2): UP, (GOLD, "sdpo", 2): UP,
+        (PROXY, "ddpo", 1): WITHIN, (GOLD, "ddpo", 1): DOWN,
+        (PROXY, "ddpo", 2): UP, (GOLD, "ddpo", 2): WITHIN,
+    }
+    run = gold_run(tmp_path, gaps)
+    text = write_report(run, PROXY)
+    proxy_rows = markdown_rows(text)
+    gold_text = text.split(f"### {GOLD}")[1]
+    gold_rows = markdown_rows(gold_text)
+
+    assert titles(text) == [f"### {PROXY} (training reward)", f"### {GOLD} (extra held-out reward, gold of {PROXY})",
+                            "### tiny-clip (extra held-out reward)"]
+    assert proxy_rows["sdpo"][0].endswith("↑ ⚠") and gold_rows["sdpo"][0].endswith("↓")
+    assert proxy_rows["sdpo"][1].endswith("↑") and gold_rows["sdpo"][1].endswith("↑")
+    assert not proxy_rows["ddpo"][0].endswith(("↑", "↓", "⚠"))
+    assert gold_rows["ddpo"][0].endswith("↓")
+    assert proxy_rows["ddpo"][1].endswith("↑") and not gold_rows["ddpo"][1].endswith(("↑", "↓"))
+    assert sum(cell.count("⚠") for row in proxy_rows.values() for cell in row) == 1
+    assert "⚠" not in gold_text.split("\n\n")[1]
+    assert ("⚠ HACKING: proxy significantly up, gold significantly down at the same step count, by the table's "
+            f"paired test (↑ here and ↓ in the {GOLD} table, its gold).") in text.split(f"### {GOLD}")[0]
+
+    table = table_csv(run)
+    assert table.columns.get_loc("1 step hacking") == table.columns.get_loc("1 step best") + 1
+    assert table["1 step hacking"].isna().tolist() == [True, False, False]
+    assert table.loc[["sdpo", "ddpo"], "1 step hacking"].tolist() == [True, False]
+    assert table.loc[["sdpo", "ddpo"], "2 steps hacking"].tolist() == [False, False]
+    for other in [GOLD, "tiny-clip"]:
+        assert not any("hacking" in c for c in pd.read_csv(run / f"table_{other}.csv").columns)
+
+
+def test_no_hacking_mark_where_the_gold_rises_with_the_proxy(tmp_path):
+    """Both algorithms raise the proxy and the gold on every seed at both step counts:
+    no ⚠ anywhere, the `hacking` columns all False (base empty), the legend still says
+    what the mark would mean."""
+    gaps = {(reward, algo, k): UP for reward in (PROXY, GOLD) for algo in ALGOS for k in (1, 2)}
+    run = gold_run(tmp_path, gaps)
+    text = write_report(run, PROXY)
+    table = table_csv(run)
+
+    assert "⚠" not in "".join(cell for row in markdown_rows(text).values() for cell in row)
+    assert all(cell.endswith("↑") for algo in ALGOS for cell in markdown_rows(text)[algo][:2])
+    assert table.loc[list(ALGOS), ["1 step hacking", "2 steps hacking"]].eq(False).all().all()
+    assert "⚠ HACKING: proxy significantly up, gold significantly down" in text
+
+
+def test_every_declared_pair_is_checked_and_rewards_without_gold_are_unchanged(tmp_path):
+    """Training on tiny-aesthetic with the alignment pair watched (recorded gold first):
+    tiny-align is checked against tiny-align-gold as well (sdpo at 2 steps ⚠), and each gold
+    follows its proxy. A run whose rewards declare no gold (tiny-clip trained, aesthetic
+    watched: as the JPEG task) has no hacking column, mark or legend line."""
+    gaps = {(ALIGN, "sdpo", 2): UP, (ALIGN_GOLD, "sdpo", 2): DOWN}
+    run = gold_run(tmp_path, gaps, rewards=(PROXY, ALIGN_GOLD, "tiny-clip", GOLD, ALIGN))
+    text = write_report(run, PROXY)
+    order = [PROXY, GOLD, "tiny-clip", ALIGN, ALIGN_GOLD]
+    assert [t.split(" (")[0] for t in titles(text)] == [f"### {r}" for r in order]
+    assert f"### {ALIGN_GOLD} (extra held-out reward, gold of {ALIGN})" in text
+    align = pd.read_csv(run / f"table_{ALIGN}.csv", index_col="algorithm")
+    assert align.loc[["sdpo", "ddpo"], "2 steps hacking"].tolist() == [True, False]
+    assert markdown_rows(text.split(f"### {ALIGN} ")[1])["sdpo"][1].endswith("↑ ⚠")
+
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    text = write_report(make_run(plain), TRAINING)
+    assert "⚠" not in text and "HACKING" not in text
+    assert not any("hacking" in c for c in table_csv(plain).columns)
