@@ -79,6 +79,10 @@ class Preset:
     algo_overrides: dict[str, dict] = field(default_factory=dict)
     """Per-algorithm config fields that this preset's paper set or its tuning run selected
     (name -> {field: value})."""
+    groups_per_prompt: int = 1
+    """Groups sampled from each prompt drawn per epoch, side by side (`--groups-per-prompt`,
+    `benchmarks.train.draw_prompt_ids`); 1 draws each group's prompt on its own, as the
+    papers' loops do."""
     tuning_grid: dict[str, tuple] = field(default_factory=dict)
     """Config field -> candidate values: `benchmarks.tune` trains every algorithm at every
     combination (the same number of configurations for each) and keeps the best by

@@ -90,6 +90,11 @@ class RunArgs:
     tiny-aesthetic-gold for tiny-aesthetic) is scored as well, whatever this says."""
     trajectories_per_epoch: int | None = None
     """Trajectories sampled per epoch on each process (default: the preset's)."""
+    groups_per_prompt: int | None = None
+    """Groups sampled from each prompt drawn in an epoch, side by side: N draws groups / N
+    prompts and N groups of each, so per-prompt stat trackers see N x group size rewards
+    of a prompt per epoch. Must divide every algorithm's groups per process per epoch
+    (default: the preset's; 1 draws each group's prompt on its own)."""
     eval_samples_per_prompt: int | None = None
     """Evaluation samples per held-out prompt and step count (default: the preset's)."""
     out: str | None = None
@@ -226,6 +231,7 @@ class Plan:
     epochs: int
     eval_every: int
     trajectories_per_epoch: int
+    groups_per_prompt: int
     eval_samples_per_prompt: int
     out_dir: Path
     configs: dict[str, Any]
@@ -243,6 +249,7 @@ class Plan:
             "epochs": self.epochs,
             "eval_every": self.eval_every,
             "trajectories_per_epoch": self.trajectories_per_epoch,
+            "groups_per_prompt": self.groups_per_prompt,
             "eval_samples_per_prompt": self.eval_samples_per_prompt,
             "train_prompts": list(self.preset.train_prompts),
             "eval_split": self.args.eval_split,
@@ -312,9 +319,10 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         epochs = SD_TURBO_REWARD_SETTINGS[reward][3]
     eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
     trajectories = args.trajectories_per_epoch or preset.trajectories_per_epoch
+    groups_per_prompt = args.groups_per_prompt if args.groups_per_prompt is not None else preset.groups_per_prompt
     eval_samples = args.eval_samples_per_prompt or preset.eval_samples_per_prompt
     for flag, value in [("--epochs", epochs), ("--eval-every", eval_every), ("--trajectories-per-epoch", trajectories),
-                        ("--eval-samples-per-prompt", eval_samples)]:
+                        ("--groups-per-prompt", groups_per_prompt), ("--eval-samples-per-prompt", eval_samples)]:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.max_bad_reward_batches < 0:
@@ -326,6 +334,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
     for name, cfg in configs.items():
         _check_batch_sizes(name, cfg, trajectories, num_processes)
+        _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)
     loop = _check_loop(args.loop, preset, configs)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
@@ -344,7 +353,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
     eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
     plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model, epochs,
-                eval_every, trajectories, eval_samples, out_dir, configs, loop)
+                eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)
     _check_out_dir(plan)
     return plan
 
@@ -412,8 +421,23 @@ def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: in
         )
 
 
+def _check_groups_per_prompt(name: str, cfg: Any, trajectories: int, groups_per_prompt: int) -> None:
+    """Every prompt drawn in an epoch gets the same number of groups: refuses an N that
+    does not divide the algorithm's groups per process per epoch."""
+    group_size = cfg.build().needs.group_size
+    groups = trajectories // group_size
+    if groups % groups_per_prompt:
+        raise UsageError(
+            f"--groups-per-prompt {groups_per_prompt} does not divide {name}'s {groups} groups per process per "
+            f"epoch (--trajectories-per-epoch {trajectories} / group size {group_size})"
+        )
+
+
 RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
 """Settings that a resumed run may change: they decide when a run stops, not what it computes."""
+RESUME_DEFAULTS = {"groups_per_prompt": 1}
+"""Settings recorded in config.json since a later version, with the value that runs
+recorded before them had, so that those runs can still be resumed."""
 
 
 def _check_out_dir(plan: Plan) -> None:
@@ -436,7 +460,7 @@ def _check_out_dir(plan: Plan) -> None:
             raise UsageError(f"--resume: {config_path} is not valid JSON") from None
         current = json.loads(json.dumps(plan.config_json()))
         changed = sorted(k for k in saved.keys() | current.keys()
-                         if k not in RESUME_MAY_CHANGE and saved.get(k) != current.get(k))
+                         if k not in RESUME_MAY_CHANGE and saved.get(k, RESUME_DEFAULTS.get(k)) != current.get(k))
         if changed:
             raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
         return
@@ -480,6 +504,7 @@ def execute(plan: Plan) -> str:
             model=plan.model,
             epochs=plan.epochs,
             trajectories_per_epoch=plan.trajectories_per_epoch,
+            groups_per_prompt=plan.groups_per_prompt,
             train_prompts=plan.preset.train_prompts,
             eval_every=plan.eval_every,
             eval=plan.eval_settings(seed),

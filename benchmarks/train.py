@@ -4,9 +4,10 @@ This is the only place that touches accelerate, checkpoints and loggers; algorit
 pure tensor math (zoo.algorithm). One epoch is:
 
 1. every process samples `trajectories_per_epoch` trajectories (groups of the size the
-   algorithm asks for) from prompts and noise drawn with a generator seeded by (seed,
-   epoch, process), so a resumed run draws exactly what an uninterrupted one would, in
-   sampling calls of `TrainLoop.sample_batch_size` trajectories;
+   algorithm asks for, `groups_per_prompt` groups of each prompt drawn, `draw_prompt_ids`)
+   from prompts and noise drawn with a generator seeded by (seed, epoch, process), so a
+   resumed run draws exactly what an uninterrupted one would, in sampling calls of
+   `TrainLoop.sample_batch_size` trajectories;
 2. the images the algorithm names are scored, each call's while the next one samples,
    `shape_rewards` runs locally, and prompts and returns are gathered so that advantages
    and stat tracking see the global batch;
@@ -106,6 +107,30 @@ class JobSettings:
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
     performance: Performance = field(default_factory=Performance)
     loop: TrainLoop = field(default_factory=TrainLoop)
+    groups_per_prompt: int = 1
+    """Groups sampled from each prompt drawn per epoch (`draw_prompt_ids`)."""
+
+
+def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, generator: torch.Generator) -> torch.Tensor:
+    """The training prompt (an index below `num_prompts`) of each of an epoch's `groups` groups.
+
+    groups_per_prompt = 1: each group's prompt drawn uniformly and independently, with
+    replacement (one `torch.randint`; prompts repeat only by chance). N > 1: groups / N
+    prompts drawn uniformly, without replacement (all distinct) when groups / N <=
+    num_prompts and with replacement otherwise, each repeated N times in adjacent
+    positions; every group keeps its own noise. So a per-prompt stat tracker sees at least
+    N x group size rewards of every prompt drawn in the epoch (more when it is drawn twice,
+    or by another process). `groups` must be a multiple of N (`benchmarks.run` refuses
+    others).
+    """
+    if groups_per_prompt == 1:
+        return torch.randint(num_prompts, (groups,), generator=generator)
+    blocks = groups // groups_per_prompt
+    if blocks <= num_prompts:
+        drawn = torch.randperm(num_prompts, generator=generator)[:blocks]
+    else:
+        drawn = torch.randint(num_prompts, (blocks,), generator=generator)
+    return drawn.repeat_interleave(groups_per_prompt)
 
 
 def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
@@ -516,7 +541,7 @@ def run_algorithm(
         last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"no {algo} epoch was checkpointed"
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
-        prompt_ids = torch.randint(len(settings.train_prompts), (groups,), generator=generator)
+        prompt_ids = draw_prompt_ids(len(settings.train_prompts), groups, settings.groups_per_prompt, generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
         images_before = train_reward.images_scored
         traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, train_reward, settings.loop)
