@@ -74,3 +74,18 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert code == 2
     assert "--eval-split" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_tiny_preset_carries_the_committed_tuning_selection():
+    """The tiny preset's learning rates are the ones its committed tuning run selected
+    (results/tune-tiny-jpeg_compressibility/selected.json), on the preset's own grid."""
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "results" / "tune-tiny-jpeg_compressibility"
+    selected = json.loads((run / "selected.json").read_text())
+    preset = tiny()
+    assert selected["preset"] == "tiny" and selected["reward"] == preset.reward
+    assert set(selected["selected"]) == set(preset.algo_overrides)
+    for algo, chosen in selected["selected"].items():
+        assert chosen["learning_rate"] in preset.tuning_grid["learning_rate"]
+        assert preset.algo_overrides[algo]["learning_rate"] == chosen["learning_rate"], algo
