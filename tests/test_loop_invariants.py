@@ -126,25 +126,26 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def replay(name: str, accelerator, advantages=None, seed: int = 0, **overrides):
-    """One `_train_epoch` of algorithm `name` over the coded trajectory; returns (config,
-    advantages, recorded loss calls, recorded optimizer steps)."""
+def replay(name: str, accelerator, **overrides) -> SimpleNamespace:
+    """One `_train_epoch` of algorithm `name` over the coded trajectory: its config, the
+    advantages, the recorded loss calls, the gradients the optimizer steps saw, and the
+    epoch's metrics."""
     config = ALGORITHMS[name](num_steps=NUM_STEPS, **overrides)
     algorithm = config.build()
     group_size = algorithm.needs.group_size
     traj = coded_trajectory(NUM_PROMPTS, group_size, NUM_STEPS, algorithm.needs.reference_log_probs)
-    if advantages is None:
-        # Distinct per (group, member, step), inside every clamp, not all of one sign.
-        advantages = torch.randn(NUM_PROMPTS, group_size, NUM_STEPS, generator=torch.Generator().manual_seed(7))
-        if name == "d3po":  # preferences: +1 / -1 per pair
-            advantages = advantages[:, :1].sign().expand(-1, 2, -1) * torch.tensor([1.0, -1.0])[None, :, None]
+    # Distinct per (group, member, step), inside every clamp, not all of one sign.
+    advantages = torch.randn(NUM_PROMPTS, group_size, NUM_STEPS, generator=torch.Generator().manual_seed(7))
+    if name == "d3po":  # preferences: +1 / -1 per pair
+        advantages = advantages[:, :1].sign().expand(-1, 2, -1) * torch.tensor([1.0, -1.0])[None, :, None]
     sampler = CodedSampler()
     recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
     result = _train_epoch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
-                          torch.Generator().manual_seed(seed), TrainLoop(), False)
-    replay.metrics = result[0] if isinstance(result, tuple) else result  # (metrics, counts) or metrics
-    return config, advantages, recorder.calls, optimizer.grads
+                          torch.Generator().manual_seed(0), TrainLoop(), False)
+    metrics = result[0] if isinstance(result, tuple) else result  # (metrics, counts), or metrics alone
+    return SimpleNamespace(config=config, advantages=advantages, calls=recorder.calls, grads=optimizer.grads,
+                           metrics=metrics)
 
 
 PAIR_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().build().needs.group_size == 2]
@@ -161,7 +162,7 @@ def test_both_members_of_a_pair_get_the_same_step_in_every_loss_call(name, accel
     transition it carries, and x_t, x_t', the prompt embedding and the stored log-probs all
     belong to that transition (the stand-in sampler checks them)."""
     assert ALGORITHMS[name]().build().needs.same_step_order_in_group
-    _, _, calls, _ = replay(name, accelerator)
+    calls = replay(name, accelerator).calls
     assert calls
     for call in calls:
         p, g, k = decode(call.old)
@@ -182,7 +183,7 @@ def test_every_transition_is_trained_once_per_inner_epoch_in_a_shuffled_order(na
     that trained some transitions twice and others never, or always in the sampled order,
     would still run."""
     for inner_epochs in (1, 2):
-        config, _, calls, _ = replay(name, accelerator, num_inner_epochs=inner_epochs)
+        calls = replay(name, accelerator, num_inner_epochs=inner_epochs).calls
         group_size = ALGORITHMS[name]().build().needs.group_size
         seen = torch.zeros(NUM_PROMPTS, group_size, NUM_STEPS, dtype=torch.long)
         for call in calls:
@@ -225,7 +226,8 @@ def test_each_transition_is_trained_on_its_own_steps_advantage(name, accelerator
     `transitions.steps`). The advantages here differ per (group, member, step), as SDPO's
     per-step ones do, so indexing them by the position in the shuffled order, by the
     unshuffled group, or by another member fails."""
-    _, advantages, calls, _ = replay(name, accelerator)
+    run = replay(name, accelerator)
+    advantages, calls = run.advantages, run.calls
     for call in calls:
         p, g, k = decode(call.old)
         torch.testing.assert_close(call.advantages, advantages[p, g, k], rtol=0, atol=0)
@@ -237,7 +239,8 @@ def test_replay_order_steps_or_minibatches_outer(name, steps_outer, accelerator)
     j + 1 (`steps_in_outer_loop`): the first ⌈P/b⌉ calls then cover every group once. DDPO
     and D3PO (ddpo-pytorch's loop) replay all K steps of a minibatch before the next: the
     first K calls share one minibatch's groups."""
-    config, _, calls, _ = replay(name, accelerator, train_batch_size=2)
+    run = replay(name, accelerator, train_batch_size=2)
+    config, calls = run.config, run.calls
     assert config.steps_in_outer_loop == steps_outer
     minibatches = math.ceil(NUM_PROMPTS / config.train_batch_size)
     assert len(calls) == minibatches * NUM_STEPS
@@ -263,9 +266,8 @@ def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_gra
     `loss_calls_per_update` (a mean over the update's calls), clipped to `max_grad_norm`
     when set, and nothing carried over from the previous update (zero_grad). (REBEL is left
     out: its accumulation is being redefined.)"""
-    config, _, calls, grads = replay(
-        name, accelerator, train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm
-    )
+    run = replay(name, accelerator, train_batch_size=1, gradient_accumulation_steps=2, max_grad_norm=max_grad_norm)
+    config, calls, grads = run.config, run.calls, run.grads
     per_update = config.loss_calls_per_update
     assert len(calls) % per_update == 0
     assert len(grads) == len(calls) // per_update >= 2
@@ -282,10 +284,10 @@ def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_gra
 def test_epoch_metrics_are_means_over_loss_calls(name, accelerator):
     """The metrics an epoch logs are the means over its loss calls (here the loss itself),
     not sums or the last call's."""
-    _, _, calls, _ = replay(name, accelerator)
-    expected = sum(call.loss for call in calls) / len(calls)
-    assert len({call.loss for call in calls}) > 1
-    assert replay.metrics["loss"] == pytest.approx(expected, rel=1e-6)
+    run = replay(name, accelerator)
+    expected = sum(call.loss for call in run.calls) / len(run.calls)
+    assert len({call.loss for call in run.calls}) > 1
+    assert run.metrics["loss"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_non_finite_loss_before_finite_ones_stops_the_epoch(accelerator, monkeypatch):
@@ -335,7 +337,7 @@ def test_pairs_share_x_T_exactly_when_the_algorithm_asks(tiny_pipeline_dir):
 
 def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...]) -> JobSettings:
     return JobSettings(
-        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs,
+        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs + 1,
         eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
                           sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
         mixed_precision="no", train_reward="brightness", out_dir=out,
@@ -410,6 +412,8 @@ def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_
     for key in straight["lora"]:
         assert torch.equal(resumed["lora"][key], straight["lora"][key]), key
     drop_time = lambda rows: [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]  # noqa: E731
+    # eval_every is 3: only the last epoch's evaluation, which every run must have.
+    assert {row["epoch"] for row in straight["records"]} == {2}
     assert drop_time(resumed["records"]) == drop_time(straight["records"])
     assert {k: v for k, v in resumed["counters"].items() if k != "wall_time"} == \
         {k: v for k, v in straight["counters"].items() if k != "wall_time"}
