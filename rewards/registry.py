@@ -127,6 +127,17 @@ def _build_pickscore(spec, found, device, dtype):
     return CLIPScore(spec.name, found[PRIMARY], found["processor"], logit_scale=True, device=device, dtype=dtype)
 
 
+def _tiny_clip_artifact(role: str) -> Artifact:
+    """The tiny world's CLIP judge folder, which tiny-clip, tiny-aesthetic and tiny-align load."""
+    return Artifact(
+        role=role,
+        what="the tiny CLIP folder (transformers CLIPModel with its processor)",
+        files=CLIP_FOLDER_FILES,
+        folder=True,
+        published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
+        default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
+    )
+
 def _build_tiny_clip(spec, found, device, dtype):
     from rewards.clip_score import CLIPScore
 
@@ -308,14 +319,7 @@ REWARDS: dict[str, RewardSpec] = {
         packages=("transformers",),
         extra=None,
         artifacts=(
-            Artifact(
-                role=PRIMARY,
-                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
-                files=CLIP_FOLDER_FILES,
-                folder=True,
-                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
-                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
-            ),
+            _tiny_clip_artifact(PRIMARY),
         ),
         build=_build_tiny_clip,
     ),
@@ -337,14 +341,7 @@ REWARDS: dict[str, RewardSpec] = {
                 published="this repository, zoo/tiny/assets/aesthetic (trained by `python -m zoo.tiny.build --only aesthetic`)",
                 default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "aesthetic",
             ),
-            Artifact(
-                role="clip",
-                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
-                files=CLIP_FOLDER_FILES,
-                folder=True,
-                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
-                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
-            ),
+            _tiny_clip_artifact("clip"),
         ),
         build=_build_tiny_aesthetic,
         gold="tiny-aesthetic-gold",
@@ -369,14 +366,7 @@ REWARDS: dict[str, RewardSpec] = {
         packages=("transformers",),
         extra=None,
         artifacts=(
-            Artifact(
-                role=PRIMARY,
-                what="the tiny CLIP folder (transformers CLIPModel with its processor)",
-                files=CLIP_FOLDER_FILES,
-                folder=True,
-                published="this repository, zoo/tiny/assets/clip (trained and saved by the tiny world in zoo/tiny)",
-                default_path=Path(__file__).resolve().parent.parent / "zoo" / "tiny" / "assets" / "clip",
-            ),
+            _tiny_clip_artifact(PRIMARY),
         ),
         build=_build_tiny_align,
         gold="tiny-align-gold",
