@@ -31,6 +31,19 @@ from test_policy import policy_with_random_adapter
 from test_train_loop import Brightness
 
 NUM_PROMPTS, NUM_STEPS = 6, 4
+
+
+class RecordingBrightness(Brightness):
+    """Brightness that keeps every score it returned."""
+
+    def __init__(self):
+        super().__init__()
+        self.returned: list[torch.Tensor] = []
+
+    def _score(self, images, prompts):
+        scores = super()._score(images, prompts)
+        self.returned.append(scores.clone())
+        return scores
 REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
 
 
@@ -331,16 +344,34 @@ def test_pairs_share_x_T_exactly_when_the_algorithm_asks(tiny_pipeline_dir):
         assert not torch.equal(x_T[0, 0], x_T[1, 0])
 
 
+def test_an_infinite_training_score_fails_the_epoch_like_nan(tiny_pipeline_dir):
+    """A reward that returns +inf (an overflow) fails the epoch as NaN does: no scores, so
+    nothing reaches the stat tracker, and the reason says how many scores were bad."""
+    from benchmarks.train import sample_and_score
+    from zoo.sampling import SamplerConfig, TrajectorySampler
+
+    class InfOnSecond(Brightness):
+        def _score(self, images, prompts):
+            scores = super()._score(images, prompts).clone()
+            scores[1] = math.inf
+            return scores
+
+    sampler = TrajectorySampler(policy_with_random_adapter(tiny_pipeline_dir), SamplerConfig("ddim", 1, 1.0, 1.0))
+    _, scores, failure = sample_and_score(ALGORITHMS["ddpo"](num_steps=1).build(), sampler, ["a cat"] * 3,
+                                          torch.Generator().manual_seed(0), InfOnSecond(), TrainLoop())
+    assert scores is None and failure == "returned NaN or inf for 1 of 3 scores"
+
+
 # ----------------------------------------------------------------------------------------
 # Resume restores the stat tracker; seeds and epochs draw their own noise
 
 
-def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...]) -> JobSettings:
+def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...], log=lambda row: None) -> JobSettings:
     return JobSettings(
         model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs + 1,
         eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
                           sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
-        mixed_precision="no", train_reward="brightness", out_dir=out,
+        mixed_precision="no", train_reward="brightness", out_dir=out, log=log,
     )
 
 
@@ -365,12 +396,15 @@ def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_
     The runs must end with the same tracker state, LoRA weights, counters and records.
     (The kill tests never fill a buffer to min_count, so a resume that forgot the tracker
     passed them.) Also: the two epochs draw different noise (the generator is seeded by
-    the epoch)."""
+    the epoch), the last epoch is evaluated although eval_every (3) does not divide the
+    epochs, and the logged train_reward is the mean of the epoch's training scores."""
     config = ALGORITHMS[algo](**RESUME_CONFIGS[algo])
     drawn: dict[str, list[torch.Tensor]] = {"straight": [], "resumed": []}
     real_sample = benchmarks.train.sample_and_score
+    logged: list[dict] = []
+    train_reward = RecordingBrightness()
 
-    def run(name: str, epochs_before_stop: int | None = None) -> dict:
+    def run(name: str) -> dict:
         out = tmp_path / name.split("-")[0]
 
         def sample_and_score(*args, **kwargs):
@@ -379,11 +413,17 @@ def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_
             return traj, scores, failure
 
         monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
-        run_algorithm(algo, config, 0, _job(tiny_pipeline_dir, out, 2, ("a cat",)), Brightness(),
-                      {"brightness": Brightness()}, accelerator)
+        straight_run = name == "straight"
+        run_algorithm(algo, config, 0, _job(tiny_pipeline_dir, out, 2, ("a cat",), logged.append if straight_run else
+                                            lambda row: None),
+                      train_reward if straight_run else Brightness(), {"brightness": Brightness()}, accelerator)
         return load_state(checkpoint_path(out, algo, 0))
 
     straight = run("straight")
+    # The logged train_reward is the mean of the epoch's training scores (one scoring call per epoch).
+    assert [row["epoch"] for row in logged] == [1, 2] and len(train_reward.returned) == 2
+    for row, scores in zip(logged, train_reward.returned):
+        assert row["train_reward"] == pytest.approx(float(scores.double().mean()), rel=1e-6)
     real_save = benchmarks.train.save_state
 
     class Stop(Exception):
@@ -457,19 +497,6 @@ def test_each_seed_draws_its_own_noise_and_every_algorithm_of_a_seed_starts_from
 
 # ----------------------------------------------------------------------------------------
 # Evaluation noise
-
-
-class RecordingBrightness(Brightness):
-    """Brightness that keeps every score it returned."""
-
-    def __init__(self):
-        super().__init__()
-        self.returned: list[torch.Tensor] = []
-
-    def _score(self, images, prompts):
-        scores = super()._score(images, prompts)
-        self.returned.append(scores.clone())
-        return scores
 
 
 def _eval_settings(step_counts: tuple[int, ...], seed: int = 0) -> EvalSettings:
