@@ -13,6 +13,7 @@ real algorithm then decodes what each `loss` call received.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -139,12 +140,13 @@ class RecordingSGD(torch.optim.SGD):
         return super().step(closure)
 
 
-def replay(name: str, accelerator, **overrides) -> SimpleNamespace:
-    """One `_train_epoch` of algorithm `name` over the coded trajectory: its config, the
-    advantages, the recorded loss calls, the gradients the optimizer steps saw, and the
-    epoch's metrics."""
+def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> SimpleNamespace:
+    """One `_train_epoch` of algorithm `name` (config `overrides`, `needs` fields replaced)
+    over the coded trajectory: its config, the advantages, the recorded loss calls, the
+    gradients the optimizer steps saw, and the epoch's metrics."""
     config = ALGORITHMS[name](num_steps=NUM_STEPS, **overrides)
     algorithm = config.build()
+    algorithm.needs = dataclasses.replace(algorithm.needs, **(needs or {}))
     group_size = algorithm.needs.group_size
     traj = coded_trajectory(NUM_PROMPTS, group_size, NUM_STEPS, algorithm.needs.reference_log_probs)
     # Distinct per (group, member, step), inside every clamp, not all of one sign.
@@ -214,6 +216,14 @@ def test_every_transition_is_trained_once_per_inner_epoch_in_a_shuffled_order(na
         for group, steps in zip(p[:, 0, 0].tolist(), k[:, 0].tolist()):
             per_group.setdefault(group, []).extend(steps)
     assert len({tuple(steps) for steps in per_group.values()}) > 1, "every group replays its steps in one order"
+
+
+def test_members_get_their_own_step_orders_when_the_algorithm_does_not_pair_steps(accelerator):
+    """The loop passes the algorithm's `same_step_order_in_group` on: with it off (here on
+    REBEL, whose per-trajectory sums do not depend on the order) the two members of a
+    group replay their steps in orders of their own."""
+    calls = replay("rebel", accelerator, needs={"same_step_order_in_group": False}).calls
+    assert any(not torch.equal(call.step_index[:, 0], call.step_index[:, 1]) for call in calls)
 
 
 def test_step_orders_are_permutations_shared_in_a_group_only_when_asked():
@@ -342,6 +352,73 @@ def test_pairs_share_x_T_exactly_when_the_algorithm_asks(tiny_pipeline_dir):
         assert (x_T[:, 0] - x_T[:, 1]).abs().max() > 0.1 or shared
         assert (x_next[:, 0] - x_next[:, 1]).abs().min() > 0, name
         assert not torch.equal(x_T[0, 0], x_T[1, 0])
+
+
+class IndexReward(Brightness):
+    """Scores image i of its n-th call 1000 n + i, keeping every call's images and prompts."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[tuple[torch.Tensor, list[str]]] = []
+
+    def _score(self, images, prompts):
+        self.seen.append((images.clone(), list(prompts)))
+        return 1000.0 * (len(self.seen) - 1) + torch.arange(images.shape[0], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", ["ddpo", "rebel", "sdpo"])
+def test_each_scored_image_comes_with_its_own_prompt_and_its_score_lands_on_its_trajectory(
+    name, tiny_pipeline_dir
+):
+    """`sample_and_score` hands the reward each image with the prompt of the trajectory it
+    came from (a prompt-alignment reward scores image against caption), and puts each score
+    back at that trajectory's (group, member[, scored step]): the final images for DDPO and
+    REBEL, the decoded x̂0 of SDPO's first, anchor and last steps. Sampled in calls of two
+    groups, so that scores are also placed across calls."""
+    from benchmarks.train import sample_and_score
+    from zoo.sampling import SamplerConfig, TrajectorySampler
+
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
+    sampler = TrajectorySampler(policy, SamplerConfig("ddim", 3, 1.0, 1.0))
+    algorithm = ALGORITHMS[name](num_steps=3).build()
+    group_size = algorithm.needs.group_size
+    prompts = ["a cat", "a dog", "a fox"]
+    reward = IndexReward()
+    traj, scores, failure = sample_and_score(algorithm, sampler, prompts, torch.Generator().manual_seed(0), reward,
+                                             TrainLoop(sample_batch_size=2 * group_size, overlap_rewards=False))
+    assert failure is None and len(reward.seen) == 2
+    steps = algorithm.reward_steps(traj)
+    per_trajectory = 1 if steps is None else steps.shape[-1]
+    with torch.no_grad():
+        expected_images = traj.images if steps is None else policy.decode(
+            traj.pred_x0[torch.arange(3)[:, None, None], torch.arange(group_size)[None, :, None], steps].flatten(0, 2)
+        )
+    expected_images = expected_images.reshape(3, group_size, per_trajectory, *traj.images.shape[2:])
+    for call, (images, call_prompts) in enumerate(reward.seen):
+        for i, (image, prompt) in enumerate(zip(images, call_prompts)):
+            group = 2 * call + i // (group_size * per_trajectory)
+            member, scored = divmod(i % (group_size * per_trajectory), per_trajectory)
+            assert prompt == prompts[group]
+            torch.testing.assert_close(image, expected_images[group, member, scored], rtol=1e-5, atol=1e-6)
+            position = (group, member) if steps is None else (group, member, scored)
+            assert scores[position].item() == 1000 * call + i
+
+
+def test_per_member_log_probs_equal_the_batched_ones(tiny_pipeline_dir):
+    """`Transitions.log_probs(per_member=True)` (one UNet call per group member, the
+    reference codes' way that benchmarks.perf times against) computes the same log-probs
+    as the batched call, member by member."""
+    from benchmarks.train import gather_transitions
+    from zoo.sampling import SamplerConfig, TrajectorySampler
+
+    sampler = TrajectorySampler(policy_with_random_adapter(tiny_pipeline_dir), SamplerConfig("ddim", 2, 1.0, 2.0))
+    traj = sampler.sample(["a cat", "a dog"], group_size=2, generator=torch.Generator().manual_seed(3))
+    transitions = gather_transitions(traj, torch.tensor([1, 0]), torch.tensor([1, 0]).expand(2, 2, 2))
+    with torch.no_grad():
+        batched, per_member = transitions.log_probs(sampler), transitions.log_probs(sampler, per_member=True)
+    torch.testing.assert_close(per_member, batched, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batched, transitions.old_log_probs, rtol=0, atol=1e-5)
+    assert (batched[:, 0] - batched[:, 1]).abs().max() > 1e-3  # the members can be told apart
 
 
 def test_an_infinite_training_score_fails_the_epoch_like_nan(tiny_pipeline_dir):
