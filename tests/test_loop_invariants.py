@@ -226,6 +226,26 @@ def test_members_get_their_own_step_orders_when_the_algorithm_does_not_pair_step
     assert any(not torch.equal(call.step_index[:, 0], call.step_index[:, 1]) for call in calls)
 
 
+@pytest.mark.parametrize("steps_per_backward, forward_calls", [(4, 1), (8, 1), (3, 2 + 2)])
+def test_whole_trajectory_losses_pay_the_extra_forward_pass_only_when_chunked(steps_per_backward, forward_calls):
+    """`minibatch_losses`: a whole-trajectory loss (REBEL) over K = 4 steps with at most
+    `steps_per_backward` steps per backward is one loss from one forward pass; only with
+    fewer (3: chunks of 3 and 1) does it first take every step's log-prob without
+    gradients (2 calls) and then each chunk's with them (2 calls)."""
+    from benchmarks.train import gather_transitions, minibatch_losses
+
+    sampler = CodedSampler()
+    calls = []
+    real_log_prob = sampler.log_prob
+    sampler.log_prob = lambda *args: calls.append(args[0].shape[0]) or real_log_prob(*args)
+    algorithm = ALGORITHMS["rebel"](num_steps=NUM_STEPS).build()
+    traj = coded_trajectory(2, 2, NUM_STEPS, reference=False)
+    transitions = gather_transitions(traj, torch.tensor([1, 0]), torch.arange(NUM_STEPS).expand(2, 2, NUM_STEPS))
+    losses = list(minibatch_losses(algorithm, sampler, transitions, torch.zeros(2, 2, NUM_STEPS), steps_per_backward))
+    assert len(losses) == math.ceil(NUM_STEPS / min(steps_per_backward, NUM_STEPS))
+    assert len(calls) == forward_calls
+
+
 def test_step_orders_are_permutations_shared_in_a_group_only_when_asked():
     """`_step_orders`: each trajectory's row is a permutation of the K steps; with
     `same_in_group` the members of a group share their group's row, without it each member
