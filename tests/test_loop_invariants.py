@@ -35,15 +35,17 @@ NUM_PROMPTS, NUM_STEPS = 6, 4
 
 
 class RecordingBrightness(Brightness):
-    """Brightness that keeps every score it returned."""
+    """Brightness that keeps every score it returned and every prompt it was given."""
 
     def __init__(self):
         super().__init__()
         self.returned: list[torch.Tensor] = []
+        self.prompts: list[str] = []
 
     def _score(self, images, prompts):
         scores = super()._score(images, prompts)
         self.returned.append(scores.clone())
+        self.prompts += prompts
         return scores
 REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
 
@@ -769,3 +771,24 @@ def test_infinite_and_all_nan_evaluation_scores(tiny_pipeline_dir, accelerator):
                                        "count": 2, "nonfinite": 1}
     cell = stats[(1, "all-nan")]
     assert math.isnan(cell["mean"]) and (cell["std"], cell["count"], cell["nonfinite"]) == (0.0, 0, 3)
+
+
+def test_every_held_out_image_is_evaluated_once_across_processes(tiny_pipeline_dir, monkeypatch):
+    """Evaluation splits the held-out (prompt, sample) list into contiguous shares, one per
+    process, rounding the share up, so that every image is evaluated exactly once also when
+    the list does not divide evenly (3 images on 2 processes: 2 + 1, not 1 + 1). Simulated:
+    each rank's `evaluate` runs in turn with the gather left local."""
+    import benchmarks.evaluate
+
+    monkeypatch.setattr(benchmarks.evaluate, "gather_object", lambda local: local)
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
+    settings = EvalSettings(prompts=("a cat", "a dog", "a fox"), step_counts=(1,), samples_per_prompt=1, batch_size=4,
+                            sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0)
+    scored: list[str] = []
+    for rank in range(2):
+        reward = RecordingBrightness()
+        process = SimpleNamespace(num_processes=2, process_index=rank, is_main_process=rank == 0)
+        stats, _ = evaluate(policy, {"brightness": reward}, settings, process)
+        scored += reward.prompts
+        assert stats[(1, "brightness")]["count"] == [2, 1][rank]
+    assert scored == ["a cat", "a dog", "a fox"]
