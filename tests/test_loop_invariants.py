@@ -1,7 +1,10 @@
 """Invariants of the training loop (benchmarks/train.py, benchmarks/evaluate.py) that the
 end-to-end runs cannot see: which transition each `loss` call trains on, with which step
-and advantage, in which order, under which accumulation; that a resume restores the stat
-tracker's history; and that every row of a table is evaluated on the same noise.
+and advantage, in which order, under which accumulation; which image and prompt each
+score belongs to; that a resume restores the stat tracker's history and that seeds and
+epochs draw their own noise; that every row of a table is evaluated on the same noise and
+summarised from its finite scores; and two formulas the loop relies on (the per-step
+tracker's window, the DDIM density at 0 < eta < 1).
 
 The replay tests drive `_train_epoch` with a stand-in sampler over a coded trajectory:
 transition (p, g, k) of group p, member g, step k carries the code c = 100 p + 10 g + k in
@@ -32,6 +35,7 @@ from test_policy import policy_with_random_adapter
 from test_train_loop import Brightness
 
 NUM_PROMPTS, NUM_STEPS = 6, 4
+REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
 
 
 class RecordingBrightness(Brightness):
@@ -47,7 +51,6 @@ class RecordingBrightness(Brightness):
         self.returned.append(scores.clone())
         self.prompts += prompts
         return scores
-REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
 
 
 @pytest.fixture(scope="module")
@@ -681,7 +684,8 @@ def test_per_step_buffers_keep_only_the_last_buffer_size_returns(restored):
         results.append(per_step.update(prompts, returns))
         per_prompt_results.append(per_prompt.update(prompts, returns[:, 0]))
         per_step, per_prompt = reload(per_step), reload(per_prompt)
-    first = torch.tensor([[-0.5 / (0.5 + eps), -5 / (5 + eps)], [0.5 / (0.5 + eps), 5 / (5 + eps)]], dtype=torch.float64)
+    first = torch.tensor([[-0.5 / (0.5 + eps), -5 / (5 + eps)], [0.5 / (0.5 + eps), 5 / (5 + eps)]],
+                         dtype=torch.float64)
     torch.testing.assert_close(results[0], first, rtol=1e-12, atol=0)
     second_step1 = torch.tensor([-10 / 3, 50 / 3], dtype=torch.float64) / (10 * math.sqrt(14) / 3 + eps)
     torch.testing.assert_close(results[1], torch.stack([second, second_step1], dim=1), rtol=1e-12, atol=0)
