@@ -44,8 +44,19 @@ class EvalSettings:
         return SamplerConfig(self.sampler, step_count, self.eta, self.guidance_scale, self.timestep_spacing)
 
 
+EVAL_SEED_DOMAIN = 1 << 31
+"""Evaluation seeds lie in [2^31, 2^32) and the trainer's epoch seeds in [0, 2^31)
+(`benchmarks.train.epoch_seed`); torch's CPU generator reads only the low 32 bits of a
+seed. The trainer seeds epoch e with the same arithmetic, so without the split the
+evaluation at S steps would draw the noise of training epoch S."""
+
+
+def evaluation_seed(seed: int, step_count: int, process: int) -> int:
+    return EVAL_SEED_DOMAIN + (1_000_003 * seed + 1_009 * step_count + process) % EVAL_SEED_DOMAIN
+
+
 def _generator(seed: int, step_count: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed(1_000_003 * seed + 1_009 * step_count + process)
+    return torch.Generator().manual_seed(evaluation_seed(seed, step_count, process))
 
 
 @torch.no_grad()

@@ -133,6 +133,13 @@ def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, gener
     return drawn.repeat_interleave(groups_per_prompt)
 
 
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of everything one process draws in one epoch (prompts, x_T, step noise,
+    shuffles), so that a resumed run draws what an uninterrupted one would. Below 2^31:
+    evaluation seeds take the upper half of the generator's 32-bit seeds."""
+    return (1_000_003 * seed + 1_009 * epoch + rank) % (1 << 31)
+
+
 def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
     return out_dir / "checkpoints" / f"{algo}_seed{seed}.pt"
 
@@ -540,7 +547,7 @@ def run_algorithm(
         where = f"{algo} seed {seed}, epoch {done}"
         last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"no {algo} epoch was checkpointed"
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(1_000_003 * seed + 1_009 * epoch + rank)
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
         prompt_ids = draw_prompt_ids(len(settings.train_prompts), groups, settings.groups_per_prompt, generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
         images_before = train_reward.images_scored

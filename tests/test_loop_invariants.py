@@ -796,3 +796,20 @@ def test_every_held_out_image_is_evaluated_once_across_processes(tiny_pipeline_d
         scored += reward.prompts
         assert stats[(1, "brightness")]["count"] == [2, 1][rank]
     assert scored == ["a cat", "a dog", "a fox"]
+
+
+def test_evaluation_never_draws_a_training_epochs_noise():
+    """Evaluation at S steps used to be seeded exactly like training epoch S (the same
+    arithmetic on seed, index and process), so the held-out samples reused the x_T the
+    policy had just been trained on. The two seed sets are now disjoint in the 32 bits the
+    generator reads (seeds 2^32 apart draw the same noise), and the epoch's first draws
+    differ from the evaluation's."""
+    from benchmarks.evaluate import evaluation_seed
+    from benchmarks.train import epoch_seed
+
+    train = {epoch_seed(s, e, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for e in range(1000) for r in range(8)}
+    evaluation = {evaluation_seed(s, k, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for k in range(1, 1001) for r in range(8)}
+    assert not train & evaluation
+    epoch_noise = torch.randn(256, generator=torch.Generator().manual_seed(epoch_seed(0, 4, 0)))
+    eval_noise = torch.randn(256, generator=torch.Generator().manual_seed(evaluation_seed(0, 4, 0)))
+    assert not torch.allclose(epoch_noise, eval_noise)
