@@ -140,6 +140,11 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (1_000_003 * seed + 1_009 * epoch + rank) % (1 << 31)
 
 
+def _fresh_counters() -> dict:
+    """The budget a row has spent before training, as its records report it."""
+    return {"samples_seen": 0, "optimizer_updates": 0, "backward_passes": 0, "reward_calls": 0, "wall_time": 0.0}
+
+
 def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
     return out_dir / "checkpoints" / f"{algo}_seed{seed}.pt"
 
@@ -202,7 +207,7 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision,
         performance=settings.performance,
     )
-    counters = {"samples_seen": 0, "optimizer_updates": 0, "backward_passes": 0, "reward_calls": 0, "wall_time": 0.0}
+    counters = _fresh_counters()
     records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
     _save_on_main(accelerator, path, {"records": records, "done": True})
     return records
@@ -523,8 +528,7 @@ def run_algorithm(
         weight_decay=config.weight_decay,
     )
     tracker = algorithm.new_tracker()
-    counters = {"samples_seen": 0, "optimizer_updates": 0, "backward_passes": 0, "reward_calls": 0,
-                "wall_time": 0.0, "bad_reward_batches": 0}
+    counters = {**_fresh_counters(), "bad_reward_batches": 0}
     records: list[dict] = []
     start_epoch = 0
     if state is not None:

@@ -60,7 +60,12 @@ class Point:
 
     @property
     def name(self) -> str:
-        return ",".join(f"{name}={value:g}" for name, value in self.values.items())
+        return point_name(self.values)
+
+
+def point_name(values: dict[str, float]) -> str:
+    """A configuration as `field=value,...`: its run folder's name and its log line."""
+    return ",".join(f"{name}={value:g}" for name, value in values.items())
 
 
 def parse_grid(items: list[str]) -> dict[str, tuple[float, ...]]:
@@ -105,7 +110,7 @@ def make_points(run_argv: list[str], grid: dict[str, tuple], out: Path, resume: 
             arg for algo in first.algos for name, value in values.items()
             for arg in (f"--{algo}.{name.replace('_', '-')}", str(value))
         ]
-        point_out = out / ",".join(f"{name}={value:g}" for name, value in values.items())
+        point_out = out / point_name(values)
         flags = ["--resume"] if resume and (point_out / "config.json").exists() else ["--overwrite"] if overwrite else []
         plan = make_plan(parse_args(
             argv + overrides + ["--eval-split", "validation", "--eval-every", str(first.epochs), "--out", str(point_out),
