@@ -79,6 +79,10 @@ class Preset:
     algo_overrides: dict[str, dict] = field(default_factory=dict)
     """Per-algorithm config fields that this preset's paper set or its tuning run selected
     (name -> {field: value})."""
+    reward_overrides: dict[str, dict[str, dict]] = field(default_factory=dict)
+    """Training reward -> algorithm -> config fields applied over `algo_overrides` when the
+    run trains on that reward: what a tuning run selected for that task (learning rates
+    differ by task; one table per task stands on its own selection)."""
     groups_per_prompt: int = 1
     """Groups sampled from each prompt drawn per epoch, side by side (`--groups-per-prompt`,
     `benchmarks.train.draw_prompt_ids`); 1 draws each group's prompt on its own, as the

@@ -151,6 +151,7 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
             "guidance_scale": preset.guidance_scale,
             "eta": preset.eta,
             **preset.algo_overrides.get(name, {}),
+            **preset.reward_overrides.get(reward, {}).get(name, {}),
         }
         if preset.name == "sd-turbo" and reward in SD_TURBO_REWARD_SETTINGS:
             lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[reward]
