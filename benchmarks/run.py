@@ -313,7 +313,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         parse_reward_spec(name)
     # A proxy's gold is what tells a real gain from hacking the proxy, so it is scored
     # whatever --eval-rewards says, ahead of the others.
-    eval_rewards = [g for g in gold_rewards(reward) if g != reward and g not in eval_rewards] + eval_rewards
+    golds = [g for g in gold_rewards(reward) if g != reward]
+    eval_rewards = golds + [name for name in eval_rewards if name not in golds]
     reward_paths = parse_reward_paths(args.reward_path)
     epochs = args.epochs if args.epochs is not None else preset.epochs
     if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:

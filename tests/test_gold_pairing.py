@@ -43,12 +43,13 @@ def test_training_on_a_proxy_evaluates_its_gold(tmp_path):
     (first) and config.json; --eval-rewards adds others, "" leaves the gold alone, and
     naming the gold there does not score it twice."""
     plan = _plan(tmp_path, "--reward", "tiny-aesthetic")
-    assert plan.eval_rewards == ["tiny-aesthetic-gold", "tiny-clip"]
-    assert json.loads(json.dumps(plan.config_json()))["eval_rewards"] == ["tiny-aesthetic-gold", "tiny-clip"]
+    assert plan.eval_rewards == ["tiny-aesthetic-gold", "tiny-align-gold"]
+    assert json.loads(json.dumps(plan.config_json()))["eval_rewards"] == ["tiny-aesthetic-gold", "tiny-align-gold"]
     assert _plan(tmp_path, "--reward", "tiny-aesthetic", "--eval-rewards", "").eval_rewards == ["tiny-aesthetic-gold"]
     named = _plan(tmp_path, "--reward", "tiny-aesthetic", "--eval-rewards", "tiny-align,tiny-aesthetic-gold")
-    assert named.eval_rewards == ["tiny-align", "tiny-aesthetic-gold"]
-    assert _plan(tmp_path, "--reward", "tiny-align").eval_rewards == ["tiny-align-gold", "tiny-clip"]
+    assert named.eval_rewards == ["tiny-aesthetic-gold", "tiny-align"]
+    # The training reward's gold leads even where the preset lists another gold first.
+    assert _plan(tmp_path, "--reward", "tiny-align").eval_rewards == ["tiny-align-gold", "tiny-aesthetic-gold"]
 
 
 def test_a_weighted_sum_evaluates_its_members_golds(tmp_path):
@@ -57,6 +58,6 @@ def test_a_weighted_sum_evaluates_its_members_golds(tmp_path):
 
 
 def test_a_reward_without_gold_adds_nothing(tmp_path):
-    """The JPEG task: the preset's watched tiny-clip only, or what --eval-rewards says."""
-    assert _plan(tmp_path, "--reward", "jpeg_compressibility").eval_rewards == ["tiny-clip"]
+    """The JPEG task: the preset's watched golds only, or what --eval-rewards says."""
+    assert _plan(tmp_path, "--reward", "jpeg_compressibility").eval_rewards == ["tiny-aesthetic-gold", "tiny-align-gold"]
     assert _plan(tmp_path, "--reward", "jpeg_compressibility", "--eval-rewards", "").eval_rewards == []

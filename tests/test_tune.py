@@ -76,16 +76,24 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-def test_tiny_preset_carries_the_committed_tuning_selection():
-    """The tiny preset's learning rates are the ones its committed tuning run selected
-    (results/tune-tiny-jpeg_compressibility/selected.json), on the preset's own grid."""
+@pytest.mark.parametrize("reward", ["tiny-aesthetic", "tiny-align", "jpeg_compressibility"])
+def test_tiny_preset_carries_the_committed_tuning_selection(reward):
+    """For each task, the learning rates the tiny preset trains with are the ones its
+    committed tuning run (results/tune-tiny-<reward>/selected.json) selected, from the grid
+    that run tried; the current tasks were tuned on the preset's own grid."""
     from pathlib import Path
 
-    run = Path(__file__).resolve().parents[1] / "results" / "tune-tiny-jpeg_compressibility"
+    from benchmarks.run import preset_algo_configs
+
+    run = Path(__file__).resolve().parents[1] / "results" / f"tune-tiny-{reward}"
     selected = json.loads((run / "selected.json").read_text())
+    tried = set(pd.read_csv(run / "tuning.csv")["learning_rate"])
     preset = tiny()
-    assert selected["preset"] == "tiny" and selected["reward"] == preset.reward
+    assert selected["preset"] == "tiny" and selected["reward"] == reward
+    configs = preset_algo_configs(preset, reward)
     assert set(selected["selected"]) == set(preset.algo_overrides)
     for algo, chosen in selected["selected"].items():
-        assert chosen["learning_rate"] in preset.tuning_grid["learning_rate"]
-        assert preset.algo_overrides[algo]["learning_rate"] == chosen["learning_rate"], algo
+        assert chosen["learning_rate"] in tried
+        if reward != "jpeg_compressibility":
+            assert chosen["learning_rate"] in preset.tuning_grid["learning_rate"]
+        assert getattr(configs, algo).learning_rate == chosen["learning_rate"], algo

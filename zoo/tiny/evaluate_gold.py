@@ -20,6 +20,7 @@ Every reward is loaded through `rewards.registry.load_reward`, as the benchmark 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 import tyro
-from scipy.stats import pearsonr, spearmanr
+from scipy.stats import mannwhitneyu, pearsonr, spearmanr
 
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, data, gold
 from zoo.tiny.evaluate import load_pipeline, sample
@@ -126,7 +127,7 @@ def main() -> None:
     print(f"alignment gold on renders: {accuracy}", flush=True)
     sets = image_sets(cfg)
 
-    rows, scores, seconds = {}, {}, {name: 0.0 for name in REWARD_NAMES}
+    rows, scores, exact_right, seconds = {}, {}, {}, {name: 0.0 for name in REWARD_NAMES}
     for set_name, (images, prompts) in sets.items():
         scores[set_name] = {}
         for name, reward in rewards.items():
@@ -139,11 +140,12 @@ def main() -> None:
         )
         rows[set_name] = {name: _stats(values) for name, values in scores[set_name].items()}
         rows[set_name]["gold all three right"] = _stats(exact_match)
+        exact_right[set_name] = exact_match
         print(f"  {set_name}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in rows[set_name].items()), flush=True)
 
-    def agreement(set_names: list[str]) -> dict:
-        proxy = torch.cat([scores[s]["tiny-aesthetic"] for s in set_names])
-        truth = torch.cat([scores[s]["tiny-aesthetic-gold"] for s in set_names])
+    def agreement(proxy_name: str, gold_name: str, set_names: list[str]) -> dict:
+        proxy = torch.cat([scores[s][proxy_name] for s in set_names])
+        truth = torch.cat([scores[s][gold_name] for s in set_names])
         return dict(
             pearson=float(pearsonr(proxy, truth)[0]),
             spearman=float(spearmanr(proxy, truth)[0]),
@@ -151,8 +153,21 @@ def main() -> None:
             n=len(proxy),
         )
 
-    proxy_accuracy = {"all": agreement(list(sets))}
-    proxy_accuracy.update({name: agreement([name]) for name in sets})
+    def separation(set_names: list[str]) -> float:
+        """AUROC of tiny-align for "gold finds all three right" (Mann-Whitney U / n1 n2)."""
+        proxy = torch.cat([scores[s]["tiny-align"] for s in set_names])
+        right = torch.cat([exact_right[s] for s in set_names]).bool()
+        if right.all() or not right.any():
+            return math.nan
+        return float(mannwhitneyu(proxy[right], proxy[~right]).statistic) / (int(right.sum()) * int((~right).sum()))
+
+    proxy_accuracy = {"all": agreement("tiny-aesthetic", "tiny-aesthetic-gold", list(sets))}
+    proxy_accuracy.update({name: agreement("tiny-aesthetic", "tiny-aesthetic-gold", [name]) for name in sets})
+    base_sets = [name for name in sets if name.startswith("base")]
+    align_accuracy = {
+        name: {**agreement("tiny-align", "tiny-align-gold", members), "auroc_all_three": separation(members)}
+        for name, members in [("all", list(sets)), ("base samples", base_sets)] + [(n, [n]) for n in base_sets]
+    }
     count = sum(len(images) for images, _ in sets.values())
     head_config = json.loads((cfg.assets / "aesthetic" / "config.json").read_text())
     metrics = dict(
@@ -164,6 +179,7 @@ def main() -> None:
         alignment_gold_on_renders=accuracy,
         headroom=rows,
         aesthetic_proxy_vs_gold=proxy_accuracy,
+        alignment_proxy_vs_gold=align_accuracy,
         aesthetic_head=dict(
             bytes=(cfg.assets / "aesthetic" / "model.safetensors").stat().st_size,
             parameters=sum(p.numel() for p in rewards["tiny-aesthetic"].head.parameters()),
@@ -195,6 +211,11 @@ def write_section(metrics: dict, path: Path) -> None:
     proxy_table = ["| images | n | Pearson | Spearman | RMSE |", "|---|---:|---:|---:|---:|"]
     for name, a in agreement.items():
         proxy_table.append(f"| {name} | {a['n']} | {a['pearson']:.3f} | {a['spearman']:.3f} | {a['rmse']:.3f} |")
+    align_table = ["| images | n | Pearson | Spearman | AUROC, all three right |", "|---|---:|---:|---:|---:|"]
+    for name, a in metrics["alignment_proxy_vs_gold"].items():
+        align_table.append(
+            f"| {name} | {a['n']} | {a['pearson']:.3f} | {a['spearman']:.3f} | {a['auroc_all_three']:.3f} |"
+        )
     steps = metrics["config"]["steps"]
     gaps = ["| steps | aesthetic gold | aesthetic proxy | alignment gold | alignment proxy |", "|---:|---:|---:|---:|---:|"]
     for k in steps:
@@ -263,6 +284,13 @@ a policy can exploit; the gold catches it.
 Other seeds than the build's; "all" pools every set above.
 
 {chr(10).join(proxy_table)}
+
+### Alignment proxy vs. gold
+`tiny-align` (the judge's probability of the prompt) against `tiny-align-gold` (fraction of
+the prompt's attributes the pixels show); AUROC: how well the proxy ranks samples whose gold
+finds all three attributes right above those it does not (0.5 = chance).
+
+{chr(10).join(align_table)}
 
 Scoring speed on this CPU (images/s, batches of 64-160): {speed}.
 
