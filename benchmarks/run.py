@@ -322,6 +322,13 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
     trajectories = args.trajectories_per_epoch or preset.trajectories_per_epoch
     groups_per_prompt = args.groups_per_prompt if args.groups_per_prompt is not None else preset.groups_per_prompt
+    if args.resume and args.groups_per_prompt is None and args.out and (Path(args.out) / "config.json").is_file():
+        # A resumed run keeps the draw it started with, whatever the preset says now.
+        try:
+            saved = json.loads((Path(args.out) / "config.json").read_text())
+            groups_per_prompt = saved.get("groups_per_prompt", RESUME_DEFAULTS["groups_per_prompt"])
+        except ValueError:
+            pass  # _check_out_dir reports the broken file
     eval_samples = args.eval_samples_per_prompt or preset.eval_samples_per_prompt
     for flag, value in [("--epochs", epochs), ("--eval-every", eval_every), ("--trajectories-per-epoch", trajectories),
                         ("--groups-per-prompt", groups_per_prompt), ("--eval-samples-per-prompt", eval_samples)]:
