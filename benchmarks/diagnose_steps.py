@@ -33,6 +33,7 @@ from benchmarks.presets import PRESETS
 from rewards.registry import gold_rewards, load_reward
 from zoo.policy import LoraSettings, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.sdpo import anchor_similarities
 
 DIAGNOSIS_SEED_OFFSET = 7_919
 """Added to the run seed so that the diagnosis draws noise that no evaluation cell drew."""
@@ -107,16 +108,19 @@ def score_steps(
     rewards: dict, seed: int, batch_prompts: int = 16,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Sample pairs sharing x_T (SDPO's sampling) and score x̂0 at every step and the final
-    image: {reward: (P * pairs, 2, K + 1)}, and the K timesteps."""
+    image: {reward: (P * pairs, 2, K + 1)}, the K timesteps, and SDPO's anchor step of every
+    trajectory (the middle x̂0 its dense rewards score, `zoo.sdpo.anchor_similarities`)."""
     sampler = TrajectorySampler(policy, sampler_config)
     generator = torch.Generator().manual_seed(evaluation_seed(seed + DIAGNOSIS_SEED_OFFSET, sampler_config.num_steps, 0))
     everything = [p for p in prompts for _ in range(pairs_per_prompt)]
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
+    anchors: list[torch.Tensor] = []
     timesteps: list[int] = []
     for start in range(0, len(everything), batch_prompts):
         chunk = everything[start : start + batch_prompts]
         traj = sampler.sample(chunk, group_size=2, shared_noise=True, generator=generator, record_pred_x0=True)
         timesteps = [int(t) for t in traj.timesteps[0, 0]]
+        anchors.append(anchor_similarities(traj.pred_x0)[0].flatten())
         num_steps = traj.pred_x0.shape[2]
         pred = traj.pred_x0.flatten(0, 2)  # (P*2*K, C, h, w), step fastest
         images = torch.cat([policy.decode(pred[i : i + 64]) for i in range(0, len(pred), 64)])
@@ -126,7 +130,8 @@ def score_steps(
         for name, reward in rewards.items():
             flat = reward.score(all_images.flatten(0, 2), repeated).float().cpu()
             collected[name].append(flat.view(len(chunk), 2, num_steps + 1))
-    return {name: torch.cat(parts) for name, parts in collected.items()}, timesteps
+    scores = {name: torch.cat(parts) for name, parts in collected.items()}
+    return scores, timesteps, torch.cat(anchors)
 
 
 def _model_folder(config: dict) -> str:
@@ -151,11 +156,12 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
     gold = reward_names[1]
     rewards = {name: load_reward(name) for name in reward_names}
     algo_configs = config["algorithm_configs"]
-    chosen = algos or list(algo_configs)
+    chosen = list(algo_configs) if algos is None else algos
     unknown = [a for a in chosen if a not in algo_configs]
     if unknown:
         raise SystemExit(f"--algos: {unknown} not in the run {run} (it trained {list(algo_configs)})")
-    first = algo_configs[chosen[0]]
+    # Every algorithm of a run samples with the preset's shared sampler fields.
+    first = next(iter(algo_configs.values()))
     num_steps = steps or first["num_steps"]
     sampler_config = SamplerConfig(first["sampler"], num_steps, first["eta"], first["guidance_scale"],
                                    config.get("timestep_spacing"))
@@ -177,11 +183,14 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
         policy = Policy.from_pretrained(model, lora=lora)
         if folder is not None:
             policy.load_lora(folder)
-        scores, timesteps = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed)
+        scores, timesteps, anchors = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed)
         results["policies"][name] = {
             reward: [vars(s) for s in step_statistics(scores[reward], scores[gold][..., -1], timesteps)]
             for reward in reward_names
-        } | {"final": {reward: float(scores[reward][..., -1].mean()) for reward in reward_names}}
+        } | {
+            "final": {reward: float(scores[reward][..., -1].mean()) for reward in reward_names},
+            "anchor_fraction": [float((anchors == k).double().mean()) for k in range(num_steps)],
+        }
     return results
 
 
@@ -208,6 +217,10 @@ def render(results: dict) -> str:
                 f"| {truth['corr_with_final']:.2f} | {proxy['pair_sign_agreement']:.2f} "
                 f"| {proxy['pair_sign_agreement_with_gold']:.2f} | {proxy['pair_ties']:.2f} |"
             )
+    lines += ["", "SDPO's anchor step (the middle x̂0 its dense rewards score), fraction of trajectories per k:", ""]
+    for name, per_reward in results["policies"].items():
+        fractions = ", ".join(f"k={k} {f:.2f}" for k, f in enumerate(per_reward["anchor_fraction"]))
+        lines.append(f"- {name}: {fractions}")
     return "\n".join(lines) + "\n"
 
 
@@ -215,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="a benchmarks.run output folder")
     parser.add_argument("--seed", type=int, default=0, help="which seed's adapters (lora/<algo>_seed<N>)")
-    parser.add_argument("--algos", default=None, help="comma-separated; default: every algorithm of the run")
+    parser.add_argument("--algos", default=None,
+                        help='comma-separated; default: every algorithm of the run; "" for the base model alone')
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--pairs-per-prompt", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="K; default: the run's training K")
@@ -224,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.run / "config.json").is_file():
         print(f"--run {args.run}: no config.json; pass a benchmarks.run output folder", file=sys.stderr)
         return 2
-    results = diagnose(args.run, args.seed, args.algos.split(",") if args.algos else None, args.split,
+    algos = None if args.algos is None else [a for a in args.algos.split(",") if a]
+    results = diagnose(args.run, args.seed, algos, args.split,
                        args.pairs_per_prompt, args.steps)
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
