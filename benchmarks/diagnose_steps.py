@@ -56,6 +56,8 @@ class StepStats:
     """The same, against the gold's final difference: does this step's signal point at the truth?"""
     pair_ties: float
     """Fraction of pairs whose x̂0_k score the same (at k = 0 pairs that share x_T always do)."""
+    gold_pair_ties: float
+    """Fraction of pairs whose final images the gold scores the same (left out of the gold agreement)."""
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -65,11 +67,13 @@ def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _sign_agreement(step_diff: torch.Tensor, final_diff: torch.Tensor) -> tuple[float, float]:
-    """(agreement among non-tied pairs, tie fraction)."""
+    """(agreement among the pairs that neither difference ties, fraction of pairs whose step
+    difference ties). A tied final difference (a gold counting attributes ties often) has no
+    sign to agree with, so those pairs are left out rather than counted as disagreeing."""
     tied = step_diff.abs() < 1e-9
-    kept = ~tied
+    kept = ~tied & (final_diff.abs() >= 1e-9)
     if not bool(kept.any()):
-        return math.nan, 1.0
+        return math.nan, float(tied.double().mean())
     agree = (torch.sign(step_diff[kept]) == torch.sign(final_diff[kept])).double().mean()
     return float(agree), float(tied.double().mean())
 
@@ -98,6 +102,7 @@ def step_statistics(
             pair_sign_agreement=agreement,
             pair_sign_agreement_with_gold=gold_agreement,
             pair_ties=ties,
+            gold_pair_ties=float((gold_diff.abs() < 1e-9).double().mean()),
         ))
     return out
 
@@ -202,12 +207,13 @@ def render(results: dict) -> str:
         "",
         f"x̂0_k scored by {train_reward} (the training reward) and {gold} (its gold). "
         "corr: Pearson with the final image's score of the same reward. sign: fraction of "
-        "pairs (non-tied) whose step-k difference has the final difference's sign, of the "
-        f"training reward / of the gold. Step 0 (t = 999) is the 1-step sample.",
+        "pairs (neither difference tied) whose step-k difference has the final difference's sign, "
+        f"of the training reward / of the gold; ties: pairs whose step-k scores tie; gold ties: pairs "
+        f"whose final gold scores tie (left out). Step 0 (t = 999) is the 1-step sample.",
         "",
         f"| policy | k | t | {train_reward} x̂0_k | {gold} x̂0_k | corr {train_reward} | corr {gold} "
-        f"| sign vs final {train_reward} | sign vs final {gold} | ties |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| sign vs final {train_reward} | sign vs final {gold} | ties | gold ties |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, per_reward in results["policies"].items():
         for proxy, truth in zip(per_reward[train_reward], per_reward[gold]):
@@ -215,7 +221,8 @@ def render(results: dict) -> str:
                 f"| {name} | {proxy['step']} | {proxy['timestep']} | {proxy['mean']:.3f} ± {proxy['stderr']:.3f} "
                 f"| {truth['mean']:.3f} ± {truth['stderr']:.3f} | {proxy['corr_with_final']:.2f} "
                 f"| {truth['corr_with_final']:.2f} | {proxy['pair_sign_agreement']:.2f} "
-                f"| {proxy['pair_sign_agreement_with_gold']:.2f} | {proxy['pair_ties']:.2f} |"
+                f"| {proxy['pair_sign_agreement_with_gold']:.2f} | {proxy['pair_ties']:.2f} "
+                f"| {proxy['gold_pair_ties']:.2f} |"
             )
     lines += ["", "SDPO's anchor step (the middle x̂0 its dense rewards score), fraction of trajectories per k:", ""]
     for name, per_reward in results["policies"].items():

@@ -34,9 +34,21 @@ def test_step_statistics_on_worked_numbers():
     values = torch.tensor([0.5, 0.5, 0.1, 0.3, 0.2, 0.4])
     assert step0.mean == pytest.approx(float(values.mean()))
     assert step0.stderr == pytest.approx(float(values.std()) / math.sqrt(6))
+    assert step0.gold_pair_ties == 0.0
     final = scores[..., -1].flatten()
     expected = torch.corrcoef(torch.stack([values, final]))[0, 1]
     assert step0.corr_with_final == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_pairs_the_gold_ties_are_left_out_of_the_gold_agreement():
+    """A gold that counts attributes ties within most pairs; such a pair has no sign to agree
+    with. Pair 1 ties on the gold; pair 2's step difference (+) agrees with its gold (+)."""
+    scores = torch.tensor([[[0.1, 0.3], [0.2, 0.1]], [[0.4, 0.5], [0.1, 0.2]]])  # K = 1
+    gold_final = torch.tensor([[1.0, 1.0], [1.0, 2 / 3]])
+    (step,) = step_statistics(scores, gold_final, [999])
+    assert step.gold_pair_ties == pytest.approx(0.5)
+    assert step.pair_sign_agreement_with_gold == pytest.approx(1.0)
+    assert step.pair_sign_agreement == pytest.approx(0.5)  # pair 1: step -0.1, final +0.2
 
 
 def test_x0_prediction_at_the_top_step_is_the_one_step_sample(tiny_pipeline_dir):
