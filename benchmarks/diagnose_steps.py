@@ -110,7 +110,7 @@ def step_statistics(
 @torch.no_grad()
 def score_steps(
     policy: Policy, sampler_config: SamplerConfig, prompts: list[str], pairs_per_prompt: int,
-    rewards: dict, seed: int, batch_prompts: int = 16,
+    rewards: dict, seed: int, shared_noise: bool = True, batch_prompts: int = 16,
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Sample pairs sharing x_T (SDPO's sampling) and score x̂0 at every step and the final
     image: {reward: (P * pairs, 2, K + 1)}, the K timesteps, and SDPO's anchor step of every
@@ -123,7 +123,7 @@ def score_steps(
     timesteps: list[int] = []
     for start in range(0, len(everything), batch_prompts):
         chunk = everything[start : start + batch_prompts]
-        traj = sampler.sample(chunk, group_size=2, shared_noise=True, generator=generator, record_pred_x0=True)
+        traj = sampler.sample(chunk, group_size=2, shared_noise=shared_noise, generator=generator, record_pred_x0=True)
         timesteps = [int(t) for t in traj.timesteps[0, 0]]
         anchors.append(anchor_similarities(traj.pred_x0)[0].flatten())
         num_steps = traj.pred_x0.shape[2]
@@ -149,7 +149,7 @@ def _model_folder(config: dict) -> str:
 
 
 def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_per_prompt: int,
-             steps: int | None) -> dict:
+             steps: int | None, shared_noise: bool = True) -> dict:
     config = json.loads((run / "config.json").read_text())
     preset = PRESETS[config["preset"]]()
     prompts = list(preset.val_prompts if split == "validation" else preset.eval_prompts)
@@ -172,7 +172,8 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
                                    config.get("timestep_spacing"))
     model = _model_folder(config)
     results: dict = {"run": str(run), "seed": seed, "split": split, "num_steps": num_steps,
-                     "pairs_per_prompt": pairs_per_prompt, "prompts": prompts, "rewards": reward_names,
+                     "pairs_per_prompt": pairs_per_prompt, "shared_noise": shared_noise, "prompts": prompts,
+                     "rewards": reward_names,
                      "policies": {}}
     policies: list[tuple[str, Path | None, dict | None]] = [("base", None, None)]
     for algo in chosen:
@@ -188,7 +189,8 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
         policy = Policy.from_pretrained(model, lora=lora)
         if folder is not None:
             policy.load_lora(folder)
-        scores, timesteps, anchors = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed)
+        scores, timesteps, anchors = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed,
+                                                 shared_noise)
         results["policies"][name] = {
             reward: [vars(s) for s in step_statistics(scores[reward], scores[gold][..., -1], timesteps)]
             for reward in reward_names
@@ -203,7 +205,8 @@ def render(results: dict) -> str:
     train_reward, gold = results["rewards"][:2]
     lines = [
         f"### Per-step signal at K = {results['num_steps']} ({results['split']} prompts, "
-        f"{results['pairs_per_prompt']} pairs sharing x_T per prompt, seed {results['seed']})",
+        f"{results['pairs_per_prompt']} pairs {'sharing' if results['shared_noise'] else 'not sharing'} x_T "
+        f"per prompt, seed {results['seed']})",
         "",
         f"x̂0_k scored by {train_reward} (the training reward) and {gold} (its gold). "
         "corr: Pearson with the final image's score of the same reward. sign: fraction of "
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", choices=("test", "validation"), default="test")
     parser.add_argument("--pairs-per-prompt", type=int, default=16)
     parser.add_argument("--steps", type=int, default=None, help="K; default: the run's training K")
+    parser.add_argument("--independent-noise", action="store_true",
+                        help="pairs from independent x_T (DDPO's and REBEL's comparisons) instead of a shared one "
+                             "(SDPO's and D3PO's); writes steps-independent.md/json")
     parser.add_argument("--out", type=Path, default=None, help="default: the run folder")
     args = parser.parse_args(argv)
     if not (args.run / "config.json").is_file():
@@ -247,12 +253,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     algos = None if args.algos is None else [a for a in args.algos.split(",") if a]
     results = diagnose(args.run, args.seed, algos, args.split,
-                       args.pairs_per_prompt, args.steps)
+                       args.pairs_per_prompt, args.steps, not args.independent_noise)
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
-    (out / "steps.json").write_text(json.dumps(results, indent=1))
+    stem = "steps-independent" if args.independent_noise else "steps"
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
     table = render(results)
-    (out / "steps.md").write_text(table)
+    (out / f"{stem}.md").write_text(table)
     print(table)
     return 0
 

@@ -80,3 +80,23 @@ def test_a_reward_without_gold_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"preset": "tiny", "reward": "jpeg_compressibility"}))
     with pytest.raises(SystemExit, match="declares no gold"):
         main(["--run", str(tmp_path)])
+
+
+class _Brightness:
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_pairs_share_x_t_only_when_asked(tiny_pipeline_dir, shared):
+    """SDPO's and D3PO's pairs share x_T, so their x̂0 at t = 999 ties; DDPO's and REBEL's
+    comparisons (`--independent-noise`) do not."""
+    from benchmarks.diagnose_steps import score_steps
+
+    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    config = SamplerConfig("ddim", 2, 1.0, 1.0, "trailing")
+    scores, timesteps, anchors = score_steps(policy, config, ["a red circle on a white background"], 3,
+                                             {"brightness": _Brightness()}, seed=0, shared_noise=shared)
+    first = scores["brightness"][:, :, 0]  # (3 pairs, 2)
+    assert scores["brightness"].shape == (3, 2, 3) and timesteps == [999, 499] and anchors.shape == (6,)
+    assert bool(torch.equal(first[:, 0], first[:, 1])) == shared
