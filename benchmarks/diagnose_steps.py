@@ -60,12 +60,6 @@ class StepStats:
     """Fraction of pairs whose final images the gold scores the same (left out of the gold agreement)."""
 
 
-def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double() - a.double().mean(), b.double() - b.double().mean()
-    denominator = math.sqrt(float((a * a).sum()) * float((b * b).sum()))
-    return float((a * b).sum()) / denominator if denominator > 0 else math.nan
-
-
 def _sign_agreement(step_diff: torch.Tensor, final_diff: torch.Tensor) -> tuple[float, float]:
     """(agreement among the pairs that neither difference ties, fraction of pairs whose step
     difference ties). A tied final difference (a gold counting attributes ties often) has no
@@ -86,6 +80,7 @@ def step_statistics(
     final = scores[..., -1]
     final_diff = final[:, 0] - final[:, 1]
     gold_diff = gold_final[:, 0] - gold_final[:, 1]
+    gold_ties = float((gold_diff.abs() < 1e-9).double().mean())
     out = []
     for k, timestep in enumerate(timesteps):
         at_k = scores[..., k]
@@ -98,11 +93,11 @@ def step_statistics(
             timestep=timestep,
             mean=float(flat.mean()),
             stderr=float(flat.std() / math.sqrt(len(flat))),
-            corr_with_final=_pearson(flat, final.flatten()),
+            corr_with_final=float(torch.corrcoef(torch.stack([flat, final.flatten().double()]))[0, 1]),
             pair_sign_agreement=agreement,
             pair_sign_agreement_with_gold=gold_agreement,
             pair_ties=ties,
-            gold_pair_ties=float((gold_diff.abs() < 1e-9).double().mean()),
+            gold_pair_ties=gold_ties,
         ))
     return out
 
@@ -111,9 +106,9 @@ def step_statistics(
 def score_steps(
     policy: Policy, sampler_config: SamplerConfig, prompts: list[str], pairs_per_prompt: int,
     rewards: dict, seed: int, shared_noise: bool = True, batch_prompts: int = 16,
-) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Sample pairs sharing x_T (SDPO's sampling) and score x̂0 at every step and the final
-    image: {reward: (P * pairs, 2, K + 1)}, the K timesteps, and SDPO's anchor step of every
+) -> tuple[dict[str, torch.Tensor], list[int], torch.Tensor]:
+    """Sample pairs, sharing x_T (SDPO's and D3PO's sampling) or not (`shared_noise`), and
+    score x̂0 at every step and the final image: {reward: (P * pairs, 2, K + 1)}, the K timesteps, and SDPO's anchor step of every
     trajectory (the middle x̂0 its dense rewards score, `zoo.sdpo.anchor_similarities`)."""
     sampler = TrajectorySampler(policy, sampler_config)
     generator = torch.Generator().manual_seed(evaluation_seed(seed + DIAGNOSIS_SEED_OFFSET, sampler_config.num_steps, 0))

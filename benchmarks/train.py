@@ -44,7 +44,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_state
-from benchmarks.evaluate import EvalSettings, evaluate, save_strip
+from benchmarks.evaluate import EvalSettings, evaluate, mixed_seed, save_strip
 from rewards.base import Reward
 from rewards.executor import RewardExecutor
 from zoo.algorithm import Algorithm, LossInputs
@@ -137,7 +137,7 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of everything one process draws in one epoch (prompts, x_T, step noise,
     shuffles), so that a resumed run draws what an uninterrupted one would. Below 2^31:
     evaluation seeds take the upper half of the generator's 32-bit seeds."""
-    return (1_000_003 * seed + 1_009 * epoch + rank) % (1 << 31)
+    return mixed_seed(seed, epoch, rank)
 
 
 def _fresh_counters() -> dict:
