@@ -6,7 +6,7 @@ evaluation only: never train on it) and a *proxy*, a learned model that approxim
 
 | task | proxy (train on it) | gold (evaluate with it) |
 |---|---|---|
-| aesthetic, prompt-agnostic | `tiny-aesthetic`: an MLP head on the tiny judge's image embedding, trained on ~2k noisy gold labels (as the LAION aesthetic predictor is a head on CLIP) | `tiny-aesthetic-gold`: size, centring, saturation, crispness of the shape |
+| aesthetic, prompt-agnostic | `tiny-aesthetic`: an MLP head on the tiny judge's image features (its vision tower's mean patch token), trained on ~2k noisy gold labels (as the LAION aesthetic predictor is a head on CLIP) | `tiny-aesthetic-gold`: size, centring, saturation, crispness of the shape |
 | prompt alignment | `tiny-align`: the judge's probability of the prompt among all 48 captions | `tiny-align-gold`: colour, shape and background measured on the pixels |
 
 A run that raises a proxy while its gold falls is hacking its proxy. Their accuracy
@@ -27,29 +27,37 @@ from rewards.preprocess import transform_from_clip_image_processor
 
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
+PATCH_FEATURES = "vision last_hidden_state, mean over patch tokens"
+"""What the aesthetic head reads. Not the projected image embedding, which the LAION
+predictor reads on CLIP: the tiny judge was trained contrastively on 48 captions that name
+colour, shape and background only, so its embedding discards size and crispness, the
+gold's heaviest terms. Measured on 1,792 held-out same-prompt base pairs (clean labels or
+noise 0.05, 2k-7k training images): a head on the embedding ranks K = 4 pairs as the gold
+does in 0.59-0.63 of them, a head on the mean patch token in 0.74-0.79."""
 
 
 class TinyAestheticHead(nn.Module):
-    """The `tiny-aesthetic` proxy head: embed_dim -> hidden -> 1, GELU, on the L2-normalised
-    image embedding of the tiny judge. Saved as `config.json` (architecture, what it was
-    trained on) + `model.safetensors` (float32 weights, `layers.0.*`, `layers.2.*`)."""
+    """The `tiny-aesthetic` proxy head: feature_dim -> hidden -> 1, GELU, on the tiny
+    judge's patch features (`judge_patch_features`). Saved as `config.json` (architecture,
+    what it was trained on) + `model.safetensors` (float32 weights, `layers.0.*`, `layers.2.*`)."""
 
-    def __init__(self, embed_dim: int = 64, hidden: int = 32):
+    def __init__(self, feature_dim: int = 64, hidden: int = 32):
         super().__init__()
-        self.embed_dim, self.hidden = embed_dim, hidden
-        self.layers = nn.Sequential(nn.Linear(embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        self.feature_dim, self.hidden = feature_dim, hidden
+        self.layers = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
-    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, embed_dim) unit embeddings -> (B,) predicted gold."""
-        return self.layers(embeddings).squeeze(-1)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(B, feature_dim) judge patch features -> (B,) predicted gold."""
+        return self.layers(features).squeeze(-1)
 
     def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Writes config.json (embed_dim, hidden, plus `extra`) and model.safetensors."""
+        """Writes config.json (feature_dim, hidden, plus `extra`) and model.safetensors."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        config = dict(architecture="TinyAestheticHead", embed_dim=self.embed_dim, hidden=self.hidden, activation="gelu")
+        config = dict(architecture="TinyAestheticHead", feature_dim=self.feature_dim, hidden=self.hidden,
+                      activation="gelu", features=PATCH_FEATURES)
         config.update(extra or {})
         (folder / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         state = {key: value.detach().float().contiguous() for key, value in self.state_dict().items()}
@@ -64,7 +72,11 @@ class TinyAestheticHead(nn.Module):
         config = json.loads((folder / HEAD_CONFIG).read_text())
         if config.get("architecture") != "TinyAestheticHead":
             raise ValueError(f"{folder / HEAD_CONFIG} describes {config.get('architecture')!r}, not TinyAestheticHead")
-        head = cls(config["embed_dim"], config["hidden"])
+        if config.get("features") != PATCH_FEATURES:
+            raise ValueError(f"{folder / HEAD_CONFIG} was trained on {config.get('features')!r} features, this code "
+                             f"computes {PATCH_FEATURES!r}: rebuild it with `python -m zoo.tiny.build --out "
+                             f"zoo/tiny/assets --only aesthetic`")
+        head = cls(config["feature_dim"], config["hidden"])
         head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
         return head.eval()
 
@@ -85,14 +97,22 @@ def judge_image_embeddings(model, transform, images: torch.Tensor, dtype: torch.
     return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
 
 
+def judge_patch_features(model, transform, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, hidden) float32: the judge's vision tower's last
+    hidden state averaged over the patch tokens (`PATCH_FEATURES`; the class token left
+    out), what the aesthetic head is trained on and scores."""
+    pixels = transform(images).to(dtype)
+    tokens = model.vision_model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
+    return tokens[:, 1:].mean(dim=1).float()
+
+
 class TinyAesthetic(Reward):
     """`tiny-aesthetic`: the PROXY of the aesthetic task, a training reward.
 
     The learned head `TinyAestheticHead` (zoo/tiny/assets/aesthetic) on the tiny judge's
-    L2-normalised image embedding (zoo/tiny/assets/clip, preprocessed as `CLIPScore`
-    does), regressing `tiny-aesthetic-gold` (0..1) from ~2k images labelled with the gold
+    mean patch token (zoo/tiny/assets/clip, preprocessed as `CLIPScore` does), regressing `tiny-aesthetic-gold` (0..1) from ~2k images labelled with the gold
     plus Gaussian noise, as the LAION aesthetic predictor regresses human ratings from
-    CLIP embeddings. It sees size, saturation and sharpness, hardly position, and it can
+    CLIP embeddings. It sees size, saturation and sharpness, less position, and it can
     be hacked: watch `tiny-aesthetic-gold`. The prompt is ignored.
     """
 
@@ -101,17 +121,18 @@ class TinyAesthetic(Reward):
         self.name = name
         self.clip, _, self.transform = load_judge(clip_dir)
         self.head = TinyAestheticHead.from_pretrained(head_dir)
-        embed_dim = self.clip.config.projection_dim
-        if self.head.embed_dim != embed_dim:
-            raise ValueError(f"{name}: head {head_dir} expects {self.head.embed_dim}-d embeddings, the judge at {clip_dir} gives {embed_dim}-d")
+        feature_dim = self.clip.config.vision_config.hidden_size
+        if self.head.feature_dim != feature_dim:
+            raise ValueError(f"{name}: head {head_dir} expects {self.head.feature_dim}-d features, "
+                             f"the judge at {clip_dir} gives {feature_dim}-d")
         self.to(self.device, self.dtype)
 
     def _modules(self) -> list[torch.nn.Module]:
         return [self.clip, self.head]
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        embeddings = judge_image_embeddings(self.clip, self.transform, images, self.dtype)
-        return self.head(embeddings.to(self.dtype)).float()
+        features = judge_patch_features(self.clip, self.transform, images, self.dtype)
+        return self.head(features.to(self.dtype)).float()
 
 
 class TinyAlign(Reward):

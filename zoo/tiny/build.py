@@ -10,7 +10,7 @@ Stages, each deterministic given the seed (one torch generator per stage, derive
 4. an LCM-style consistency distillation of that UNet (guidance-embedding input,
    LCMScheduler) -> <out>/pipeline-lcm, sharing the VAE, text encoder and tokenizer with
    <out>/pipeline through relative symlinks;
-5. the `tiny-aesthetic` proxy: an MLP head on the judge's image embedding, trained on
+5. the `tiny-aesthetic` proxy: an MLP head on the judge's mean patch token, trained on
    renders and base-model samples labelled with the `tiny-aesthetic-gold` rule
    (zoo/tiny/gold.py) plus Gaussian noise -> <out>/aesthetic (config.json +
    model.safetensors). `--only aesthetic` runs this stage alone on the judge and base
@@ -468,11 +468,11 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     Data: `aesthetic_renders` renders, `aesthetic_large_renders` large centred renders and
     `aesthetic_samples_per_step` base samples at each of `aesthetic_steps` (train
     captions), labelled with zoo.tiny.gold.aesthetic plus
-    N(0, aesthetic_label_noise^2). Inputs: the judge's L2-normalised image embeddings,
+    N(0, aesthetic_label_noise^2). Inputs: the judge's mean patch tokens (`judge_patch_features`),
     computed as the reward computes them. Loss: MSE on standardised labels; the label
     mean and std are folded into the last layer, so the head outputs gold units.
     """
-    from rewards.tiny_gold import TinyAestheticHead, judge_image_embeddings, load_judge
+    from rewards.tiny_gold import TinyAestheticHead, judge_patch_features, load_judge
 
     torch.manual_seed(cfg.seed)
     generator = _generator(cfg.seed, 5)
@@ -481,15 +481,15 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     sampled = time.time() - started
     judge, _, transform = load_judge(clip_dir)
     with torch.no_grad():
-        embeddings = judge_image_embeddings(judge, transform, images)  # (N, D)
+        features = judge_patch_features(judge, transform, images)  # (N, D)
     gold_labels = gold.aesthetic(images)  # (N,)
     labels = gold_labels + cfg.aesthetic_label_noise * torch.randn(gold_labels.shape, generator=generator)
     mean, std = labels.mean(), labels.std().clamp(min=1e-6)
-    head = TinyAestheticHead(embeddings.shape[1], cfg.aesthetic_hidden)
+    head = TinyAestheticHead(features.shape[1], cfg.aesthetic_hidden)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.aesthetic_lr, weight_decay=cfg.aesthetic_weight_decay)
     for step in range(cfg.aesthetic_train_steps):
         batch = torch.randint(len(labels), (cfg.aesthetic_batch,), generator=generator)
-        loss = F.mse_loss(head(embeddings[batch]), (labels[batch] - mean) / std)
+        loss = F.mse_loss(head(features[batch]), (labels[batch] - mean) / std)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -498,7 +498,7 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     with torch.no_grad():
         last.weight.mul_(std)
         last.bias.mul_(std).add_(mean)
-        predicted = head(embeddings)
+        predicted = head(features)
     fit = torch.corrcoef(torch.stack([predicted, gold_labels]))[0, 1].item()
     record = dict(
         images=len(labels),
@@ -523,7 +523,8 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     head.save_pretrained(
         out,
         extra=dict(
-            input="L2-normalised image embedding of the tiny judge (zoo/tiny/assets/clip), preprocessed by its processor",
+            input="the tiny judge's (zoo/tiny/assets/clip) vision tower's last hidden state, mean over the patch "
+            "tokens, images preprocessed by its processor",
             output="predicted tiny-aesthetic-gold (zoo.tiny.gold.aesthetic), 0..1",
             training=record,
         ),

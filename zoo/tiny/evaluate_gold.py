@@ -13,6 +13,9 @@ of results/tiny-world/README.md (replacing it if present):
 - the aesthetic proxy's accuracy against the gold on images it was not trained on
   (fresh renders and base samples, other seeds than the build's): Pearson, Spearman and
   RMSE, overall and per image set;
+- both proxies' accuracy inside the comparisons RL makes: pairs of base samples of one
+  prompt, sharing x_T (SDPO, D3PO) or not (DDPO, REBEL), how often the proxy prefers the
+  member the gold prefers;
 - scoring cost.
 Every reward is loaded through `rewards.registry.load_reward`, as the benchmark does.
 """
@@ -52,6 +55,8 @@ class GoldEvalConfig:
     """Renders per caption (all 48) for the alignment gold's accuracy."""
     seed: int = 20_000
     """Seeds the evaluation's renders and noise (the build's head used other streams)."""
+    pairs_per_step: int = 256
+    """Same-prompt pairs of base samples (train captions) per step count and noise kind."""
     threads: int = 1
 
 
@@ -112,6 +117,41 @@ def image_sets(cfg: GoldEvalConfig) -> dict[str, tuple[torch.Tensor, list[str]]]
             heldout_prompts,
         )
     return sets
+
+
+def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
+    """{"<k> steps, shared x_T" | "<k> steps, independent": {"<proxy>": fraction of pairs,
+    among those the proxy's gold does not tie, in which the proxy's difference has the
+    gold's sign, "<proxy> gold ties": the tied fraction, "n": pairs}}: pairs of base
+    samples of one train caption, drawn by the training sampler (`zoo.sampling`, DDIM eta 1,
+    trailing spacing) as the algorithms draw them."""
+    from rewards.registry import GOLD_OF
+    from zoo.policy import Policy
+    from zoo.sampling import SamplerConfig, TrajectorySampler
+
+    policy = Policy.from_pretrained(str(cfg.assets / "pipeline"))
+    train = data.train_captions()
+    prompts = [train[i % len(train)] for i in range(cfg.pairs_per_step)]
+    result = {}
+    for steps in cfg.steps:
+        sampler = TrajectorySampler(policy, SamplerConfig("ddim", steps, 1.0, DEFAULT_GUIDANCE, "trailing"))
+        for shared in (True, False):
+            generator = torch.Generator().manual_seed(cfg.seed + 300 + 2 * steps + shared)
+            images = torch.cat([
+                sampler.sample(prompts[i : i + 64], group_size=2, shared_noise=shared, generator=generator).images
+                for i in range(0, len(prompts), 64)
+            ])  # (P, 2, 3, H, W)
+            paired = [p for p in prompts for _ in range(2)]
+            row: dict = {"n": len(prompts)}
+            for proxy, gold_name in GOLD_OF.items():
+                proxy_diff, gold_diff = (rewards[name].score(images.flatten(0, 1), paired).view(-1, 2).diff(dim=1).squeeze(1)
+                                         for name in (proxy, gold_name))
+                decided = gold_diff.abs() > 1e-6
+                row[proxy] = ((proxy_diff[decided] > 0) == (gold_diff[decided] > 0)).double().mean().item()
+                row[f"{proxy} gold ties"] = 1 - decided.double().mean().item()
+            result[f"{steps} steps, {'shared x_T' if shared else 'independent'}"] = row
+            print(f"  pairs {steps} steps shared={shared}: {row}", flush=True)
+    return result
 
 
 def main() -> None:
@@ -180,6 +220,7 @@ def main() -> None:
         headroom=rows,
         aesthetic_proxy_vs_gold=proxy_accuracy,
         alignment_proxy_vs_gold=align_accuracy,
+        pair_agreement=pair_agreement(cfg, rewards),
         aesthetic_head=dict(
             bytes=(cfg.assets / "aesthetic" / "model.safetensors").stat().st_size,
             parameters=sum(p.numel() for p in rewards["tiny-aesthetic"].head.parameters()),
@@ -216,6 +257,10 @@ def write_section(metrics: dict, path: Path) -> None:
         align_table.append(
             f"| {name} | {a['n']} | {a['pearson']:.3f} | {a['spearman']:.3f} | {a['auroc_all_three']:.3f} |"
         )
+    pair_table = ["| pairs | n | tiny-aesthetic | tiny-align | tiny-align gold ties |", "|---|---:|---:|---:|---:|"]
+    for name, a in metrics["pair_agreement"].items():
+        pair_table.append(f"| {name} | {a['n']} | {a['tiny-aesthetic']:.3f} | {a['tiny-align']:.3f} "
+                          f"| {a['tiny-align gold ties']:.2f} |")
     steps = metrics["config"]["steps"]
     gaps = ["| steps | aesthetic gold | aesthetic proxy | alignment gold | alignment proxy |", "|---:|---:|---:|---:|---:|"]
     for k in steps:
@@ -241,8 +286,9 @@ Two tasks, each with a gold rule on the pixels (evaluation only) and a proxy to 
 - `tiny-aesthetic-gold` = presence x framing x (0.4 size + 0.1 centring + 0.2 saturation
   + 0.3 crispness) of the segmented shape, 0..1, prompt-agnostic. `tiny-aesthetic` = an
   MLP head (64 -> 32 -> 1, {metrics['aesthetic_head']['parameters']} parameters,
-  {metrics['aesthetic_head']['bytes']} bytes of safetensors) on the judge's normalised image
-  embedding, trained on {training.get('images', 'n/a')} images ({sources}; train captions)
+  {metrics['aesthetic_head']['bytes']} bytes of safetensors) on the judge's mean patch token
+  (its vision tower's last hidden state averaged over the 64 patches; why not its projected
+  embedding: `rewards.tiny_gold.PATCH_FEATURES`), trained on {training.get('images', 'n/a')} images ({sources}; train captions)
   labelled gold + N(0, {training.get('label_noise', 'n/a')}²).
 - `tiny-align-gold` = the fraction of the prompt's colour, shape and background that the
   segmented picture shows (1/3 each). `tiny-align` = the judge's probability of the
@@ -275,8 +321,8 @@ samples are the data's average size, and softer-edged than renders even at 8 ste
 alignment tasks leave room at 1 and 2 steps only, where the judge's probability of the
 prompt is {one['tiny-align']['mean']:.2f} and the gold finds all three attributes right in
 {one['gold all three right']['mean']:.0%} of 1-step samples. The aesthetic proxy is
-imperfect in the way a learned reward is: it hardly sees position (the judge's embedding
-is nearly translation-invariant) and rates blurry 1-step samples above their gold
+imperfect in the way a learned reward is: it sees position less than size (a mean over
+patches is nearly translation-invariant) and rates blurry 1-step samples above their gold
 ({one['tiny-aesthetic']['mean']:.3f} vs {one['tiny-aesthetic-gold']['mean']:.3f}), a direction
 a policy can exploit; the gold catches it.
 
@@ -284,6 +330,17 @@ a policy can exploit; the gold catches it.
 Other seeds than the build's; "all" pools every set above.
 
 {chr(10).join(proxy_table)}
+
+### Both proxies inside the comparisons RL makes
+Pairs of base samples of one train caption, drawn by the training sampler (DDIM, eta 1,
+trailing spacing, guidance {DEFAULT_GUIDANCE}): sharing x_T, as SDPO and D3PO draw their
+pairs, or from independent noise, as DDPO's and REBEL's per-prompt baselines compare them.
+Cell: the fraction of pairs in which the proxy prefers the member its gold prefers (0.5 =
+chance), pairs the gold ties left out (the aesthetic gold, continuous, ties none; the
+alignment gold's tied fraction is the last column). Across images a proxy can track its
+gold well and still be near chance here, and here is where the policy gradient reads it.
+
+{chr(10).join(pair_table)}
 
 ### Alignment proxy vs. gold
 `tiny-align` (the judge's probability of the prompt) against `tiny-align-gold` (fraction of
