@@ -336,8 +336,9 @@ Pairs of base samples of one train caption, drawn by the training sampler (DDIM,
 trailing spacing, guidance {DEFAULT_GUIDANCE}): sharing x_T, as SDPO and D3PO draw their
 pairs, or from independent noise, as DDPO's and REBEL's per-prompt baselines compare them.
 Cell: the fraction of pairs in which the proxy prefers the member its gold prefers (0.5 =
-chance), pairs the gold ties left out (the aesthetic gold, continuous, ties none; the
-alignment gold's tied fraction is the last column). Across images a proxy can track its
+chance), pairs the gold ties left out (the aesthetic gold, continuous, ties almost none; the
+alignment gold's tied fraction is the last column: at 1 step pairs that share x_T differ by
+the last step's noise only, and at 8 steps nearly every sample is right). Across images a proxy can track its
 gold well and still be near chance here, and here is where the policy gradient reads it.
 
 {chr(10).join(pair_table)}
