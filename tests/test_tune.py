@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.presets import tiny
-from benchmarks.tune import TUNING_SEEDS, main, select
+from benchmarks.tune import TUNING_SEEDS, Point, main, score_points, scoring_reward, select
 
 from test_benchmark_run import micro_args
 
@@ -66,6 +66,38 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
         assert best["score"] == pytest.approx(rows.loc[best.name, ["1 step", "2 steps"]].mean())
     assert (table["selected"].sum()) == 2
     assert "max approx_kl" in table.columns
+
+
+def _records(folder, values: dict[str, tuple[float, float]]) -> None:
+    """records.jsonl of a finished one-algorithm run: reward -> its means at 1 and 4 steps."""
+    folder.mkdir()
+    lines = [
+        {"algo": "ddpo", "seed": 100, "epoch": 10, "eval_steps": steps, "reward": reward, "mean": mean}
+        for reward, means in values.items() for steps, mean in zip((1, 4), means)
+    ]
+    (folder / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+
+def test_a_proxy_is_tuned_by_its_gold_and_a_plain_reward_by_itself(tmp_path):
+    """Where a configuration raises the proxy and drops its gold (hacking), the tuner ranks by
+    the gold; a reward without a gold is ranked by itself."""
+    from types import SimpleNamespace
+
+    assert scoring_reward("tiny-aesthetic") == "tiny-aesthetic-gold"
+    assert scoring_reward("tiny-align") == "tiny-align-gold"
+    assert scoring_reward("jpeg_compressibility") == "jpeg_compressibility"
+    hacks, aligns = tmp_path / "hacks", tmp_path / "aligns"
+    _records(hacks, {"tiny-aesthetic": (0.9, 0.9), "tiny-aesthetic-gold": (0.1, 0.2)})
+    _records(aligns, {"tiny-aesthetic": (0.6, 0.7), "tiny-aesthetic-gold": (0.6, 0.8)})
+    points = [
+        Point({"learning_rate": lr}, SimpleNamespace(out_dir=folder, algos=["ddpo"], reward="tiny-aesthetic",
+                                                     eval_rewards=["tiny-aesthetic-gold"]))
+        for lr, folder in ((8e-3, hacks), (1e-3, aligns))
+    ]
+    scores = score_points(points)
+    assert list(scores["score"]) == pytest.approx([0.15, 0.7])
+    assert list(scores["4 steps"]) == pytest.approx([0.9, 0.7])  # the table still shows the proxy
+    assert select(scores, ["learning_rate"])["ddpo"]["learning_rate"] == 1e-3
 
 
 def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
