@@ -155,3 +155,44 @@ def test_unknown_name_lists_the_plugin_and_server_forms():
         parse_reward_spec("aesthetik")
     assert "module.path:ClassName" in str(caught.value) and "http://HOST:PORT/NAME" in str(caught.value)
 
+
+# --- command lines -------------------------------------------------------------------
+
+
+def test_benchmark_refuses_a_broken_plugin_before_loading_anything(plugin, capsys, tmp_path):
+    from benchmarks.run import main
+
+    out = str(tmp_path / "run")
+    assert main(["--reward", "no_such_pkg.rewards:Sharp", "--out", out]) == 2
+    assert main(["--eval-rewards", f"{plugin}:helper", "--out", out]) == 2
+    assert not (tmp_path / "run").exists()
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("error: --reward no_such_pkg.rewards:Sharp: the plugin module 'no_such_pkg.rewards'")
+    assert second.startswith(f"error: --reward {plugin}:helper: 'helper'") and "not a subclass" in second
+
+
+def test_help_lists_algorithms_rewards_and_the_other_forms(capsys):
+    from benchmarks.run import main
+    from rewards.__main__ import main as rewards_main
+    from rewards.registry import REWARDS
+    from zoo.registry import ALGORITHMS
+
+    texts = []
+    for command in [main, rewards_main]:
+        with pytest.raises(SystemExit) as stop:
+            command(["--help"])
+        assert stop.value.code == 0
+        texts.append(capsys.readouterr().out)
+    for text in texts:
+        assert all(name in text for name in REWARDS)
+        assert "module.path:ClassName" in text and "http://HOST:PORT/NAME" in text
+    assert f"Algorithms (--algos): {', '.join(ALGORITHMS)}." in texts[0]
+
+
+def test_result_folder_of_a_plugin_or_server_reward_is_one_folder():
+    from benchmarks.run import folder_label
+
+    assert folder_label("aesthetic:1,pickscore:0.5") == "aesthetic1+pickscore0.5"
+    assert folder_label("http://127.0.0.1:8000/jpeg_compressibility:0.5,my.mod:Cls") == (
+        "http-127.0.0.18000-jpeg_compressibility0.5+my.modCls"
+    )
