@@ -42,7 +42,8 @@ from rewards.errors import RewardServerError
 TIMEOUT_ENV = "STEPZOO_REWARD_HTTP_TIMEOUT"
 RETRIES_ENV = "STEPZOO_REWARD_HTTP_RETRIES"
 DEFAULT_TIMEOUT_S = 60.0
-"""Seconds one request may take: a large batch on a busy GPU takes seconds, not minutes."""
+"""Seconds a request may wait on the server (urllib's timeout, per connect and per read):
+a large batch on a busy GPU takes seconds, a hung server forever."""
 DEFAULT_RETRIES = 3
 DEFAULT_BACKOFF_S = 1.0
 """Wait before the first retry; each further retry waits twice as long (1, 2, 4 s)."""
@@ -106,12 +107,15 @@ class HttpReward(Reward):
         """The client with timeout and retries from STEPZOO_REWARD_HTTP_TIMEOUT and
         STEPZOO_REWARD_HTTP_RETRIES where set. Raises ValueError naming a bad variable."""
         settings = {}
-        for key, variable, cast in [("timeout", TIMEOUT_ENV, float), ("retries", RETRIES_ENV, int)]:
+        for key, variable, cast, kind in [
+            ("timeout", TIMEOUT_ENV, float, "a number of seconds"),
+            ("retries", RETRIES_ENV, int, "a whole number"),
+        ]:
             if os.environ.get(variable):
                 try:
                     settings[key] = cast(os.environ[variable])
                 except ValueError:
-                    raise ValueError(f"{variable}={os.environ[variable]!r} is not a {cast.__name__}") from None
+                    raise ValueError(f"{variable}={os.environ[variable]!r} is not {kind}") from None
                 if settings[key] < 0 or (key == "timeout" and settings[key] == 0):
                     raise ValueError(
                         f"{variable}={os.environ[variable]!r} is out of range: the timeout must be above 0 s, "
@@ -147,10 +151,11 @@ class HttpReward(Reward):
                 with urllib.request.urlopen(request, timeout=self.timeout) as answer:
                     return answer.read()
             except urllib.error.HTTPError as error:
-                failure = f"answered HTTP {error.code} {error.reason}: {error.read()[:300].decode(errors='replace')}"
+                detail = " ".join(error.read()[:300].decode(errors="replace").split())  # one line, even from HTML
+                failure = f"answered HTTP {error.code} {error.reason}: {detail}"
                 if error.code < 500:
                     self._fail(failure)
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
+            except (OSError, http.client.HTTPException) as error:  # URLError is an OSError with a reason
                 failure = self._describe(getattr(error, "reason", error))
         attempts = self.retries + 1
         self._fail(f"{failure}, after {attempts} attempt{'s' if attempts > 1 else ''}")

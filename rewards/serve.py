@@ -37,6 +37,20 @@ def route(reward: Reward) -> str:
     return "/" + quote(reward.name, safe="")
 
 
+def parse_request(body: bytes) -> tuple[torch.Tensor, list[str]]:
+    """A scoring request's images (B, 3, H, W) in [0, 1] and B prompts. Raises ValueError
+    saying what is wrong, which the client receives with status 400."""
+    request = json.loads(body)
+    if not isinstance(request, dict):
+        raise ValueError("the body must be a JSON object")
+    images, prompts = decode_images(request), request.get("prompts")
+    if not (isinstance(prompts, list) and all(isinstance(prompt, str) for prompt in prompts)):
+        raise ValueError('"prompts" must be a list of strings')
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f'{images.shape[0]} images but {len(prompts)} "prompts"')
+    return images, prompts
+
+
 def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0) -> ThreadingHTTPServer:
     """A server for `reward`, bound but not yet serving (call `serve_forever`); port 0
     picks a free port, in `server.server_address`."""
@@ -55,11 +69,7 @@ def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0) -> Threa
                 self._not_here()
                 return
             try:
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                images = decode_images(request)
-                prompts = request.get("prompts")
-                if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
-                    raise ValueError('"prompts" must be a list of strings')
+                images, prompts = parse_request(self.rfile.read(int(self.headers.get("Content-Length", 0))))
             except ValueError as error:
                 self._answer(400, {"error": f"bad request: {error}"})
                 return

@@ -144,6 +144,8 @@ def test_health_check_returns_the_served_name_and_wrong_path_is_named():
         (json.dumps({"prompts": ["a"], "shape": [1, 3, 2, 2], "dtype": "float32", "images": ""}), '"dtype"'),
         (json.dumps({"prompts": ["a"], "shape": [1, 3, 2, 2], "dtype": "uint8", "images": "AAAA"}), "holds 3 bytes"),
         (json.dumps({"prompts": [1], "shape": [1, 3, 1, 1], "dtype": "uint8", "images": "AAAA"}), '"prompts"'),
+        (json.dumps({"prompts": [], "shape": [1, 3, 1, 1], "dtype": "uint8", "images": "AAAA"}), '1 images but 0'),
+        (b"[1, 2]", "must be a JSON object"),
     ],
 )
 def test_server_refuses_a_malformed_request_with_400(body, complaint):
@@ -228,7 +230,7 @@ def test_unavailable_server_is_retried_with_doubling_backoff(monkeypatch):
 
 
 def test_unavailable_server_gives_up_after_the_retries():
-    with scripted([(503, b'{"error": "warming up"}')]) as (url, seen):
+    with scripted([(503, b'<html>\n<body>warming up</body>\n</html>')]) as (url, seen):
         with pytest.raises(RewardServerError, match=f"{url} answered HTTP 503 .*warming up.*after 3 attempts"):
             HttpReward(url, **FAST).score(images(), PROMPTS)
     assert len(seen) == 3
@@ -254,7 +256,7 @@ def test_timeout_and_retries_come_from_the_environment(monkeypatch):
     client = HttpReward.from_env("http://127.0.0.1:1/scorer")
     assert (client.timeout, client.retries) == (7.5, 0)
     monkeypatch.setenv("STEPZOO_REWARD_HTTP_RETRIES", "many")
-    with pytest.raises(ValueError, match="STEPZOO_REWARD_HTTP_RETRIES='many' is not a int"):
+    with pytest.raises(ValueError, match="STEPZOO_REWARD_HTTP_RETRIES='many' is not a whole number"):
         check_reward("http://127.0.0.1:1/scorer")
     monkeypatch.setenv("STEPZOO_REWARD_HTTP_RETRIES", "-1")
     with pytest.raises(ValueError, match="STEPZOO_REWARD_HTTP_RETRIES='-1' is out of range"):
