@@ -30,6 +30,7 @@ from benchmarks.evaluate import EvalSettings
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import TrainLoop
 from zoo.policy import Performance
+from rewards.registry import REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
 
 
@@ -64,9 +65,10 @@ class RunArgs:
     """stepzoo benchmark: RL fine-tuning algorithms compared at 1, 2, 4, 8 sampling steps."""
 
     algos: str = "all"
-    """Comma-separated algorithms to train, or "all" for every registered one."""
+    """Comma-separated algorithms to train (listed above), or "all" for every registered one."""
     reward: str | None = None
-    """Training reward: a registry name or a weighted sum like aesthetic:1,pickscore:0.5 (default: the preset's)."""
+    """Training reward: a registry name (listed above), a plugin module.path:ClassName, a reward server
+    http://HOST:PORT/NAME, or a weighted sum of them like aesthetic:1,pickscore:0.5 (default: the preset's)."""
     preset: str = "tiny"
     """Model, prompts, sampler and budget: tiny (embedded, CPU), sd-turbo (SDPO), lcm (RLCM), sd15 (DDPO)."""
     model: str | None = None
@@ -85,8 +87,8 @@ class RunArgs:
     seeds: str = "0"
     """Comma-separated seeds; several give a mean and a spread per table cell."""
     eval_rewards: str | None = None
-    """Comma-separated extra rewards scored at evaluation only, to catch reward hacking
-    (default: the preset's; "" for none). The gold of a proxy training reward (e.g.
+    """Comma-separated extra rewards (names, plugins or servers, as in --reward) scored at
+    evaluation only, to catch reward hacking (default: the preset's; "" for none). The gold of a proxy training reward (e.g.
     tiny-aesthetic-gold for tiny-aesthetic) is scored as well, whatever this says."""
     trajectories_per_epoch: int | None = None
     """Trajectories sampled per epoch on each process (default: the preset's)."""
@@ -116,6 +118,14 @@ class RunArgs:
     """Sampling-call size, rewards overlapped with sampling, steps per backward pass of
     whole-trajectory losses; not part of the run's identity either."""
     algo: Annotated[AlgoConfigs, tyro.conf.arg(name="")] = field(default_factory=AlgoConfigs)
+
+
+HELP_DESCRIPTION = (
+    f"{RunArgs.__doc__}\n\n"
+    f"Algorithms (--algos): {', '.join(ALGORITHMS)}.\n\n"
+    f"Rewards (--reward, --eval-rewards): {', '.join(REWARDS)}; or {REWARD_FORMS}."
+)
+"""The head of --help: the registries' names, so that choosing needs no source reading."""
 
 
 class UsageError(ValueError):
@@ -203,7 +213,7 @@ def parse_args(argv: list[str]) -> RunArgs:
     box = io.StringIO()
     try:
         with contextlib.redirect_stderr(box):
-            args = tyro.cli(RunArgs, args=argv, default=defaults)
+            args = tyro.cli(RunArgs, args=argv, default=defaults, description=HELP_DESCRIPTION)
     except SystemExit as stop:
         if stop.code:
             raise UsageError(_one_line(box.getvalue())) from None
@@ -275,6 +285,12 @@ class Plan:
             seed=seed,
             timestep_spacing=self.preset.timestep_spacing,
         )
+
+
+def folder_label(reward: str) -> str:
+    """A `--reward` spec as one folder name: 'aesthetic:1,pickscore:0.5' -> 'aesthetic1+pickscore0.5';
+    a server's URL loses its slashes, which would nest folders."""
+    return re.sub(r"[^\w.+-]+", "-", reward.replace(":", "").replace(",", "+"))
 
 
 def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
@@ -359,7 +375,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         if cfg.num_steps > schedule:
             flag = "--train-steps" if args.train_steps is not None else f"--{name}.num-steps"
             raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
-    out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{reward.replace(':', '').replace(',', '+')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
     plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model, epochs,
                 eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)

@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.presets import PRESETS
-from benchmarks.run import Plan, UsageError, _peek, execute, make_plan, parse_args
+from benchmarks.run import Plan, UsageError, _peek, execute, folder_label, make_plan, parse_args
 
 TUNING_SEEDS = "100"
 """Default tuning seeds: never among the seeds the reported tables use (0, 1, 2, ...)."""
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         if preset_name not in PRESETS:
             raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward
-        out = Path(own.out or Path("results") / f"tune-{preset_name}-{reward.replace(':', '').replace(',', '+')}")
+        out = Path(own.out or Path("results") / f"tune-{preset_name}-{folder_label(reward)}")
         points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite)
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from rewards.errors import RewardUnavailable
-from rewards.registry import check_rewards, parse_reward_paths
+from rewards.registry import REWARD_FORMS, REWARDS, check_rewards, parse_reward_paths
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rewards", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m rewards",
+        description=__doc__.splitlines()[0],
+        # Filled here, not by argparse, which would break names like tiny-align at the hyphen.
+        epilog=textwrap.fill(f"Rewards: {', '.join(REWARDS)}; or {REWARD_FORMS}.", break_on_hyphens=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("command", choices=["check"])
-    parser.add_argument("reward", help="a --reward spec, e.g. aesthetic or aesthetic:1,pickscore:0.5")
+    parser.add_argument("reward", help="a --reward spec, e.g. aesthetic, aesthetic:1,pickscore:0.5 or mypkg.mod:MyReward")
     parser.add_argument("--reward-path", action="append", default=[], metavar="NAME[:ROLE]=PATH")
     args = parser.parse_args(argv)
     try:

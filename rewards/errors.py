@@ -21,3 +21,7 @@ class MissingRewardPackages(RewardUnavailable):
 
 class UnknownReward(ValueError):
     """A `--reward` spec names a reward that is not in the registry, or is malformed."""
+
+
+class RewardServerError(RewardUnavailable):
+    """A reward server (`--reward http://...`) was unreachable, too slow, or answered wrongly."""

@@ -4,6 +4,17 @@
 imports no torch and loads no model, so the benchmark can call it for every reward
 before it builds a pipeline, and fail in a second with one readable paragraph.
 
+Besides the registered names, a `--reward` term may be
+- a plugin, `module.path:ClassName`: any importable subclass of `rewards.base.Reward`,
+  built as `ClassName(name=<the term>, device=..., dtype=...)`. Its constructor sets
+  `self.name = name`, calls `super().__init__(device, dtype)`, and finds its own
+  weights; it implements `_score` (and `_modules` if it holds networks). The check
+  imports the module (and torch with it) and inspects the class; it builds nothing.
+- a reward server, `http://HOST:PORT/NAME` (or https), as `python -m rewards.serve NAME`
+  prints it: scored by `rewards.http.HttpReward`; the check asks the server's health
+  endpoint, so a dead server is reported before training starts.
+Registered names come first: `hpsv2:2` is hpsv2 with weight 2, never a plugin.
+
 Weights are looked up, for each file or folder a reward needs, in this order (the
 first place that is set is used; a place that is set but incomplete is an error,
 never a reason to look further):
@@ -18,7 +29,9 @@ never a reason to look further):
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -397,18 +410,46 @@ def gold_rewards(spec: str) -> list[str]:
     return list(dict.fromkeys(gold for gold in golds if gold is not None))
 
 
+PLUGIN_NAME = r"[A-Za-z_][\w.]*:[A-Za-z_]\w*"
+"""A plugin reward, `module.path:ClassName`."""
+SERVER_NAME = r"https?://[^/\s,]+/[^\s,:]+"
+"""A reward server, `http://HOST:PORT/NAME`: the path is required (and has no `:`), so a
+`:weight` after it is never mistaken for the port."""
+_EXTERNAL_TERM = re.compile(rf"(?P<name>{SERVER_NAME}|{PLUGIN_NAME})(?::(?P<weight>[^:]*))?")
+
+REWARD_FORMS = (
+    "a plugin class module.path:ClassName (a rewards.base.Reward subclass on the Python path), "
+    "or a reward server http://HOST:PORT/NAME (started with python -m rewards.serve NAME)"
+)
+"""The non-registered forms of a `--reward` term, for help texts and errors."""
+
+
+def _name_and_weight(term: str) -> tuple[str, str] | None:
+    """A term's reward name and weight text ('' when absent), or None if it is no reward."""
+    name, _, weight_text = term.partition(":")
+    if name in REWARDS:
+        return name, weight_text
+    match = _EXTERNAL_TERM.fullmatch(term)
+    return (match["name"], match["weight"] or "") if match else None
+
+
 def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
     """'aesthetic:1,pickscore:0.5' -> [('aesthetic', 1.0), ('pickscore', 0.5)]; a missing
-    weight is 1. Raises UnknownReward (a ValueError) naming --reward and the choices."""
+    weight is 1. A term may also be a plugin or a server (module docstring), weighted the
+    same way: 'tiny-align:1,mypkg.rewards:Sharpness:0.5'. Imports nothing. Raises
+    UnknownReward (a ValueError) naming --reward and the choices."""
     choices = ", ".join(REWARDS)
     terms = []
     for term in spec.split(","):
-        name, _, weight_text = term.strip().partition(":")
-        if name not in REWARDS:
+        term = term.strip()
+        parsed = _name_and_weight(term)
+        if parsed is None:
+            unknown = term if "://" in term else term.partition(":")[0]
             raise UnknownReward(
-                f"--reward: unknown reward {name!r} in {spec!r}; choose from {choices} "
-                "(a weighted sum is written aesthetic:1,pickscore:0.5)"
+                f"--reward: unknown reward {unknown!r} in {spec!r}; choose from {choices}, "
+                f"{REWARD_FORMS} (a weighted sum is written aesthetic:1,pickscore:0.5)"
             )
+        name, weight_text = parsed
         try:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
@@ -504,9 +545,18 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
     `path` is the reward's `--reward-path` (primary artifact); `paths` may hold the same
     and the `NAME:ROLE` keys of the other artifacts. Returns role -> local path. Raises
     MissingRewardPackages or MissingRewardWeights (both RewardUnavailable) with one
-    paragraph; imports no torch and loads nothing.
+    paragraph; imports no torch and loads nothing. A plugin is checked by `plugin_class`
+    and a server by its health endpoint (RewardServerError); both return {}.
     """
     if name not in REWARDS:
+        if re.fullmatch(SERVER_NAME, name):
+            from rewards.http import HttpReward
+
+            HttpReward.from_env(name).health()
+            return {}
+        if re.fullmatch(PLUGIN_NAME, name):
+            plugin_class(name)
+            return {}
         parse_reward_spec(name)
     spec = REWARDS[name]
     given = dict(paths or {})
@@ -551,6 +601,52 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
     return found
 
 
+def plugin_class(name: str) -> type["Reward"]:
+    """The class of a plugin reward `module.path:ClassName`, checked against the contract
+    (module docstring) without building it. Raises MissingRewardPackages when the module
+    does not import, UnknownReward when the class is missing or breaks the contract."""
+    from rewards.base import Reward
+
+    module_name, _, class_name = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise MissingRewardPackages(
+            f"--reward {name}: the plugin module {module_name!r} cannot be imported ({type(error).__name__}: "
+            f"{error}); install the package that provides it (pip install ...) or add the folder that holds "
+            f"it to PYTHONPATH."
+        ) from None
+    where = f"the module {module_name!r} ({getattr(module, '__file__', None) or 'no file'})"
+    found = getattr(module, class_name, None)
+    if found is None:
+        defined = [
+            key for key, value in vars(module).items()
+            if isinstance(value, type) and issubclass(value, Reward) and not inspect.isabstract(value)
+        ]
+        raise UnknownReward(
+            f"--reward {name}: {where} has no attribute {class_name!r}; its Reward subclasses are "
+            f"{', '.join(defined) or 'none'}."
+        )
+    if not (isinstance(found, type) and issubclass(found, Reward)):
+        raise UnknownReward(
+            f"--reward {name}: {class_name!r} in {where} is {found!r}, not a subclass of rewards.base.Reward; "
+            "a plugin reward subclasses it and implements _score."
+        )
+    if inspect.isabstract(found):
+        raise UnknownReward(
+            f"--reward {name}: {class_name} in {where} leaves {', '.join(sorted(found.__abstractmethods__))} "
+            "unimplemented."
+        )
+    try:
+        inspect.signature(found).bind(name=name, device="cpu", dtype=None)
+    except TypeError as error:
+        raise UnknownReward(
+            f"--reward {name}: {class_name} in {where} cannot be built as {class_name}(name=..., device=..., "
+            f"dtype=...) ({error}); give its constructor those keyword arguments."
+        ) from None
+    return found
+
+
 def check_rewards(spec: str, paths: dict[str, str | Path] | None = None) -> dict[str, dict[str, Path]]:
     """Preflight of every reward of a `--reward` spec: name -> (role -> path)."""
     return {name: check_reward(name, paths=paths) for name, _ in parse_reward_spec(spec)}
@@ -573,7 +669,18 @@ def load_reward(
     dtype = torch.float32 if dtype is None else dtype
     found = check_rewards(spec, paths)
     terms = parse_reward_spec(spec)
-    members = [(REWARDS[name].build(REWARDS[name], found[name], device, dtype), weight) for name, weight in terms]
+    members = [(_build(name, found[name], device, dtype), weight) for name, weight in terms]
     if len(members) == 1 and members[0][1] == 1.0:
         return members[0][0]
     return WeightedSum(members)
+
+
+def _build(name: str, found: dict[str, Path], device: "torch.device | str", dtype: "torch.dtype") -> "Reward":
+    """One checked reward: a registered one from its weights, a server's client, or a plugin."""
+    if name in REWARDS:
+        return REWARDS[name].build(REWARDS[name], found, device, dtype)
+    if re.fullmatch(SERVER_NAME, name):
+        from rewards.http import HttpReward
+
+        return HttpReward.from_env(name, device=device, dtype=dtype)
+    return plugin_class(name)(name=name, device=device, dtype=dtype)

@@ -1,0 +1,198 @@
+"""Plugin rewards, `--reward module.path:ClassName`: loading, the checks' messages, and
+plugins inside weighted sums. The plugins are modules written to tmp_path."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from rewards.errors import MissingRewardPackages, UnknownReward
+from rewards.registry import check_reward, check_rewards, gold_rewards, load_reward, parse_reward_spec
+
+PLUGIN = '''
+import torch
+
+from rewards.base import Reward
+
+
+class Brightness(Reward):
+    """Mean pixel value times `gain`; counts its constructions to show the checks build nothing."""
+
+    built = 0
+
+    def __init__(self, name, device="cpu", dtype=torch.float32, gain=2.0):
+        super().__init__(device, dtype)
+        self.name = name
+        self.gain = gain
+        Brightness.built += 1
+
+    def _score(self, images, prompts):
+        return self.gain * images.mean(dim=(1, 2, 3))
+
+
+class Unfinished(Reward):
+    def __init__(self, name, device="cpu", dtype=torch.float32):
+        super().__init__(device, dtype)
+        self.name = name
+
+
+class Positional(Reward):
+    def __init__(self, threshold, device="cpu"):
+        super().__init__(device)
+
+    def _score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+class NotAReward:
+    def __init__(self, name, device="cpu", dtype=torch.float32):
+        self.name = name
+
+    def score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+def helper():
+    pass
+'''
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """The module `my_plugins.scores` (PLUGIN) importable from tmp_path."""
+    package = tmp_path / "my_plugins"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "scores.py").write_text(textwrap.dedent(PLUGIN))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_plugins.scores"
+    for name in ["my_plugins", "my_plugins.scores"]:
+        sys.modules.pop(name, None)
+
+
+def images() -> torch.Tensor:
+    return torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # (B, 3, H, W)
+
+
+def test_plugin_is_loaded_by_spec_and_scores(plugin):
+    reward = load_reward(f"{plugin}:Brightness")
+    assert type(reward).__name__ == "Brightness" and type(reward).__module__ == plugin
+    assert reward.name == f"{plugin}:Brightness"
+    batch = images()
+    torch.testing.assert_close(reward.score(batch, ["a", "b", "c"]), 2.0 * batch.mean(dim=(1, 2, 3)))
+    assert reward.calls == 1 and reward.images_scored == 3
+
+
+def test_plugin_is_built_with_name_device_and_dtype(plugin):
+    reward = load_reward(f"{plugin}:Brightness", device="meta", dtype=torch.float16)
+    assert reward.device == torch.device("meta") and reward.dtype == torch.float16
+
+
+def test_check_imports_but_builds_nothing(plugin):
+    assert check_reward(f"{plugin}:Brightness") == {}
+    assert sys.modules[plugin].Brightness.built == 0
+
+
+def test_weighted_sum_of_registered_reward_and_plugin(plugin):
+    spec = f"jpeg_compressibility:1,{plugin}:Brightness:0.5"
+    assert parse_reward_spec(spec) == [("jpeg_compressibility", 1.0), (f"{plugin}:Brightness", 0.5)]
+    batch = images()
+    jpeg = load_reward("jpeg_compressibility").score(batch, [""] * 3)
+    total = load_reward(spec)
+    torch.testing.assert_close(total.score(batch, [""] * 3), jpeg + 0.5 * 2.0 * batch.mean(dim=(1, 2, 3)))
+    assert total.calls == 2  # one call to each member
+
+
+def test_plugin_with_weight_one_and_no_gold(plugin):
+    assert parse_reward_spec(f"{plugin}:Brightness:1") == [(f"{plugin}:Brightness", 1.0)]
+    assert gold_rewards(f"tiny-align:1,{plugin}:Brightness:2") == ["tiny-align-gold"]
+
+
+def test_missing_module_names_module_flag_and_fix(plugin):
+    with pytest.raises(MissingRewardPackages) as caught:
+        check_rewards("jpeg_compressibility,no_such_pkg.rewards:Sharp:0.5")
+    message = str(caught.value)
+    assert "--reward no_such_pkg.rewards:Sharp" in message and "'no_such_pkg.rewards'" in message
+    assert "pip install" in message and "PYTHONPATH" in message and "\n" not in message
+
+
+def test_missing_class_names_class_module_and_what_it_has(plugin):
+    with pytest.raises(UnknownReward) as caught:
+        load_reward(f"{plugin}:Brightnes")
+    message = str(caught.value)
+    assert f"--reward {plugin}:Brightnes" in message and "'Brightnes'" in message and f"'{plugin}'" in message
+    assert message.endswith("its Reward subclasses are Brightness, Positional.")
+    assert "scores.py" in message
+
+
+@pytest.mark.parametrize(
+    "attribute, complaint",
+    [
+        ("NotAReward", "not a subclass of rewards.base.Reward"),
+        ("helper", "not a subclass of rewards.base.Reward"),
+        ("torch", "not a subclass of rewards.base.Reward"),
+        ("Unfinished", "leaves _score unimplemented"),
+        ("Positional", "cannot be built as Positional(name=..., device=..., dtype=...)"),
+    ],
+)
+def test_plugin_that_breaks_the_contract_is_refused_before_building(plugin, attribute, complaint):
+    with pytest.raises(UnknownReward) as caught:
+        load_reward(f"jpeg_compressibility,{plugin}:{attribute}")
+    assert complaint in str(caught.value) and f"--reward {plugin}:{attribute}" in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", ["hpsv2:x", "my_plugins.scores:Brightness:x", "3d.module:Cls", "mod:Cls:1:2"])
+def test_malformed_plugin_terms_are_refused_while_parsing(spec):
+    with pytest.raises(UnknownReward, match="--reward"):
+        parse_reward_spec(spec)
+
+
+def test_unknown_name_lists_the_plugin_and_server_forms():
+    with pytest.raises(UnknownReward) as caught:
+        parse_reward_spec("aesthetik")
+    assert "module.path:ClassName" in str(caught.value) and "http://HOST:PORT/NAME" in str(caught.value)
+
+
+# --- command lines -------------------------------------------------------------------
+
+
+def test_benchmark_refuses_a_broken_plugin_before_loading_anything(plugin, capsys, tmp_path):
+    from benchmarks.run import main
+
+    out = str(tmp_path / "run")
+    assert main(["--reward", "no_such_pkg.rewards:Sharp", "--out", out]) == 2
+    assert main(["--eval-rewards", f"{plugin}:helper", "--out", out]) == 2
+    assert not (tmp_path / "run").exists()
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("error: --reward no_such_pkg.rewards:Sharp: the plugin module 'no_such_pkg.rewards'")
+    assert second.startswith(f"error: --reward {plugin}:helper: 'helper'") and "not a subclass" in second
+
+
+def test_help_lists_algorithms_rewards_and_the_other_forms(capsys):
+    from benchmarks.run import main
+    from rewards.__main__ import main as rewards_main
+    from rewards.registry import REWARDS
+    from zoo.registry import ALGORITHMS
+
+    texts = []
+    for command in [main, rewards_main]:
+        with pytest.raises(SystemExit) as stop:
+            command(["--help"])
+        assert stop.value.code == 0
+        texts.append(capsys.readouterr().out)
+    for text in texts:
+        assert all(name in text for name in REWARDS)
+        assert "module.path:ClassName" in text and "http://HOST:PORT/NAME" in text
+    assert f"Algorithms (--algos): {', '.join(ALGORITHMS)}." in texts[0]
+
+
+def test_result_folder_of_a_plugin_or_server_reward_is_one_folder():
+    from benchmarks.run import folder_label
+
+    assert folder_label("aesthetic:1,pickscore:0.5") == "aesthetic1+pickscore0.5"
+    assert folder_label("http://127.0.0.1:8000/jpeg_compressibility:0.5,my.mod:Cls") == (
+        "http-127.0.0.18000-jpeg_compressibility0.5+my.modCls"
+    )
