@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import zoo.tiny
+from zoo.hub import UNPINNED
 from zoo.sdpo import PAPER_REWARD_SETTINGS
 
 TINY_ASSETS = Path(zoo.tiny.__file__).parent / "assets"
@@ -45,6 +46,8 @@ class Preset:
     name: str
     model: str
     """Hub id or local diffusers folder of the base model."""
+    model_revision: str
+    """The hub revision of `model` that is downloaded and loaded (ignored for a folder)."""
     reward: str
     """Default training reward (a registry name or a weighted sum)."""
     eval_rewards: tuple[str, ...]
@@ -127,6 +130,7 @@ def tiny() -> Preset:
     return Preset(
         name="tiny",
         model=str(TINY_ASSETS / "pipeline"),
+        model_revision=UNPINNED,
         # The SDPO paper's main task in miniature: a learned aesthetic proxy, judged by the
         # pixel gold it approximates (scored automatically) and watched for prompt
         # alignment by the alignment gold. `--reward tiny-align` trains the alignment
@@ -203,6 +207,7 @@ def sd_turbo() -> Preset:
     return _published(
         name="sd-turbo",
         model="stabilityai/sd-turbo",  # sdpo config/config_sdpo.py:10
+        model_revision=UNPINNED,  # to be pinned to a commit hash (zoo.hub.UNPINNED)
         sampler="ddim",  # sdpo scripts/train_sdpo.py:118 (DDIMScheduler from sd-turbo's scheduler config)
         # train_sdpo.py:118 keeps sd-turbo's scheduler config, whose spacing is "trailing"
         # (K = 50: t = 999, 979, ..., 19); explicit here so that no model file decides it.
@@ -247,6 +252,7 @@ def lcm() -> Preset:
     return _published(
         name="lcm",
         model="SimianLuo/LCM_Dreamshaper_v7",  # rlcm conf/task/aesthetic.yaml:6
+        model_revision=UNPINNED,  # to be pinned to a commit hash (zoo.hub.UNPINNED)
         sampler="lcm",  # rlcm scripts/main.py:65 (its patched LCMScheduler)
         # RLCM's patched LCMScheduler (diffusers_patch/lcm_scheduler.py:377-382) with 50
         # original inference steps (its default, lcm_scheduler.py:205; conf/config.yaml:12
@@ -296,6 +302,7 @@ def sd15() -> Preset:
         # The paper's aesthetic run used CompVis/stable-diffusion-v1-4 (config/dgx.py:11,
         # which aesthetic inherits, :48); the preset keeps the base config's 1.5.
         model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+        model_revision=UNPINNED,  # to be pinned to a commit hash (zoo.hub.UNPINNED)
         sampler="ddim",  # ddpo-pytorch scripts/train.py:110
         # Deviation: DDPO keeps SD 1.5's scheduler config (scripts/train.py:110), whose
         # "leading" spacing with steps_offset 1 trains at t = 981, 961, ..., 1; here t = 999,

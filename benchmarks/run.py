@@ -72,7 +72,11 @@ class RunArgs:
     preset: str = "tiny"
     """Model, prompts, sampler and budget: tiny (embedded, CPU), sd-turbo (SDPO), lcm (RLCM), sd15 (DDPO)."""
     model: str | None = None
-    """Base model: a hub id in the Hugging Face cache or a local diffusers folder (default: the preset's)."""
+    """Base model: a hub id (downloaded on first use into the Hugging Face cache) or a local
+    diffusers folder (default: the preset's)."""
+    offline: bool = False
+    """Download nothing, as HF_HUB_OFFLINE=1 does: a model or reward weights missing from the
+    Hugging Face cache stop the run before anything loads, naming the command that fetches them."""
     epochs: int | None = None
     """Training epochs per algorithm and seed (default: the preset's)."""
     train_steps: int | None = None
@@ -239,6 +243,8 @@ class Plan:
     eval_rewards: list[str]
     reward_paths: dict[str, str]
     model: str
+    model_source: str
+    """The local folder `model` loads from (`resolve_model`'s answer)."""
     epochs: int
     eval_every: int
     trajectories_per_epoch: int
@@ -294,13 +300,18 @@ def folder_label(reward: str) -> str:
 
 
 def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
-    """Check every input and resolve defaults; raises UsageError or RewardUnavailable /
-    ModelUnavailable (one paragraph each) before anything heavy happens."""
+    """Check every input and resolve defaults, downloading a model or reward weights that
+    are not cached; raises UsageError, RewardUnavailable / ModelUnavailable (offline: a
+    line naming the fix, then details) or DownloadFailed before any model loads."""
     from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
+    from zoo.hub import UNPINNED
     from zoo.policy import resolve_model
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    if args.offline:
+        # The environment variable, so that every library and process of the run sees it.
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
     preset = PRESETS[args.preset]()
     algos = list(ALGORITHMS) if args.algos == "all" else _split(args.algos, "--algos")
@@ -365,7 +376,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     for name in eval_rewards:
         check_rewards(name, reward_paths)
     model = args.model or preset.model
-    schedule = _schedule_length(model, resolve_model(model))
+    model_source = resolve_model(model, preset.model_revision if model == preset.model else UNPINNED)
+    schedule = _schedule_length(model, model_source)
     too_many = [k for k in eval_steps if k > schedule]
     if too_many:
         raise UsageError(
@@ -377,8 +389,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
-    plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model, epochs,
-                eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)
+    plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model,
+                model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)
     _check_out_dir(plan)
     return plan
 
@@ -401,15 +413,9 @@ def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> Tra
 
 def _schedule_length(model: str, source: str) -> int:
     """The number of training timesteps in the model's scheduler config, read without
-    loading the model; `source` is `resolve_model`'s answer (a folder or a cached hub id)."""
-    if Path(source).is_dir():
-        config = Path(source) / "scheduler" / "scheduler_config.json"
-    else:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = try_to_load_from_cache(source, "scheduler/scheduler_config.json")
-        config = Path(cached) if isinstance(cached, str) else None
-    if config is None or not config.is_file():
+    loading the model; `source` is `resolve_model`'s answer (a folder)."""
+    config = Path(source) / "scheduler" / "scheduler_config.json"
+    if not config.is_file():
         raise UsageError(f"--model {model}: scheduler/scheduler_config.json is missing; a diffusers pipeline has one")
     return int(json.loads(config.read_text()).get("num_train_timesteps", 1000))
 
@@ -526,7 +532,7 @@ def execute(plan: Plan) -> str:
     records: list[dict] = []
     for seed in plan.seeds:
         settings = JobSettings(
-            model=plan.model,
+            model=plan.model_source,
             epochs=plan.epochs,
             trajectories_per_epoch=plan.trajectories_per_epoch,
             groups_per_prompt=plan.groups_per_prompt,
@@ -585,19 +591,37 @@ def _make_logger(plan: Plan, accelerator):
     return log
 
 
+def _main_process_first(num_processes: int) -> contextlib.AbstractContextManager:
+    """Under `accelerate launch`, the main process plans (and downloads) first and the
+    others then find everything in the cache; a single process just plans."""
+    if num_processes == 1:
+        return contextlib.nullcontext()
+    import torch
+    from accelerate import PartialState
+
+    # The state `execute`'s Accelerator then shares: the same device choice as there.
+    return PartialState(cpu=not torch.cuda.is_available()).main_process_first()
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.checkpoint import CorruptCheckpoint, WriteFailed
     from benchmarks.train import RunStopped
     from rewards.errors import RewardUnavailable
+    from zoo.hub import DownloadFailed
     from zoo.policy import ModelUnavailable
 
     argv = sys.argv[1:] if argv is None else argv
+    num_processes = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         args = parse_args(argv)
-        plan = make_plan(args, num_processes=int(os.environ.get("WORLD_SIZE", "1")))
+        with _main_process_first(num_processes):
+            plan = make_plan(args, num_processes=num_processes)
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DownloadFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         table = execute(plan)
     except (RunStopped, WriteFailed, CorruptCheckpoint) as error:

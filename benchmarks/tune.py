@@ -250,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.checkpoint import CorruptCheckpoint, WriteFailed
     from benchmarks.train import RunStopped
     from rewards.errors import RewardUnavailable
+    from zoo.hub import DownloadFailed
     from zoo.policy import ModelUnavailable
 
     parser = argparse.ArgumentParser(
@@ -274,6 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DownloadFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         for point in points:
             print(f"tuning configuration {point.name}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """`python -m rewards check SPEC [--reward-path KEY=PATH ...]`: the preflight as a command.
 
-Prints where each reward's weights were found, or the one-paragraph reason it cannot be
+Prints where each reward's weights were found, or the reason it cannot be
 loaded (exit status 2, no traceback). It loads no model.
 """
 
@@ -12,6 +12,7 @@ import textwrap
 
 from rewards.errors import RewardUnavailable
 from rewards.registry import REWARD_FORMS, REWARDS, check_rewards, parse_reward_paths
+from zoo.hub import DownloadFailed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RewardUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except DownloadFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     for name, artifacts in found.items():
         where = ", ".join(f"{role}: {path}" for role, path in artifacts.items()) or "no weights needed"
         print(f"{name}: ok ({where})")

@@ -23,7 +23,10 @@ never a reason to look further):
 2. the environment variable `STEPZOO_<NAME>_PATH` (`STEPZOO_<NAME>_<ROLE>_PATH`),
    the name upper-cased with `-` and `.` turned into `_`,
 3. a default local location where one exists (tiny-clip's folder in the repository),
-4. the Hugging Face hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`), offline.
+4. the Hugging Face hub cache (`HF_HUB_CACHE`, else `HF_HOME/hub`), where an artifact
+   published on the hub is downloaded on first use (only its files, at `hub_revision`;
+   `zoo.hub`). Offline (`HF_HUB_OFFLINE=1`) or without network, the check refuses with
+   a first line that names the `hf download` command that fetches what is missing.
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from rewards.errors import MissingRewardPackages, MissingRewardWeights, UnknownReward
+from zoo import hub
+from zoo.hub import UNPINNED, HubFiles
 
 if TYPE_CHECKING:
     import torch
@@ -57,6 +62,8 @@ CLIP_FOLDER_FILES = (
     ("tokenizer.json", "vocab.json"),
 )
 """A transformers CLIPModel folder with its processor: one file from each group."""
+CLIP_TOKENIZER_COMPANIONS = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+"""What a CLIP processor reads besides tokenizer.json and preprocessor_config.json."""
 
 
 @dataclass(frozen=True)
@@ -74,7 +81,19 @@ class Artifact:
     published: str
     """Where the authors publish it (URL)."""
     hub_repo: str | None = None
-    """Hugging Face repo id searched in the local hub cache, if it is published there."""
+    """Hugging Face repo id searched in the hub cache and downloaded from, if it is published there."""
+    hub_revision: str = UNPINNED
+    """The revision of `hub_repo` that is downloaded and loaded."""
+    hub_companions: tuple[str, ...] = ()
+    """Files of `hub_repo` that loading reads besides `files` (tokenizer and processor files)."""
+
+    def hub_files(self, groups: tuple[tuple[str, ...], ...] | None = None) -> HubFiles:
+        """What is downloaded from `hub_repo`: the companions and the first name of each group
+        of `files`; with `groups`, every name of those groups instead (for a repo that
+        publishes another of the accepted names)."""
+        if groups is None:
+            return HubFiles(self.hub_repo, self.hub_revision, self.hub_companions + tuple(g[0] for g in self.files))
+        return HubFiles(self.hub_repo, self.hub_revision, tuple(name for group in groups for name in group))
     default_path: Path | None = None
     """A local location searched before the hub cache (`~` expanded when searched)."""
 
@@ -233,6 +252,7 @@ REWARDS: dict[str, RewardSpec] = {
                 folder=True,
                 published="https://huggingface.co/openai/clip-vit-large-patch14",
                 hub_repo="openai/clip-vit-large-patch14",
+                hub_companions=CLIP_TOKENIZER_COMPANIONS,
             ),
         ),
         build=_build_aesthetic,
@@ -261,6 +281,7 @@ REWARDS: dict[str, RewardSpec] = {
                 folder=True,
                 published="https://huggingface.co/google-bert/bert-base-uncased",
                 hub_repo="bert-base-uncased",
+                hub_companions=("tokenizer_config.json",),
             ),
         ),
         build=_build_imagereward,
@@ -300,6 +321,7 @@ REWARDS: dict[str, RewardSpec] = {
                 folder=True,
                 published="https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
                 hub_repo="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                hub_companions=CLIP_TOKENIZER_COMPANIONS,
             ),
         ),
         build=_build_pickscore,
@@ -475,12 +497,6 @@ def parse_reward_paths(items: list[str] | tuple[str, ...]) -> dict[str, str]:
     return paths
 
 
-def _hub_cache_dir() -> Path:
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    return Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser() / "hub"
-
-
 def _complete(path: Path, artifact: Artifact) -> Path | None:
     """The artifact's path at `path` if every needed file is there, else None. A file
     artifact may be named directly or by the folder that holds it."""
@@ -489,22 +505,18 @@ def _complete(path: Path, artifact: Artifact) -> Path | None:
         if path.is_file():
             return path
         return path / filename if (path / filename).is_file() else None
-    if all(any((path / name).is_file() for name in group) for group in artifact.files):
-        return path
-    return None
+    return None if _absent_groups(path, artifact) else path
 
 
-def _from_hub_cache(artifact: Artifact) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
-
-    found = []
-    for group in artifact.files:
-        hits = [try_to_load_from_cache(artifact.hub_repo, name, cache_dir=_hub_cache_dir()) for name in group]
-        hits = [hit for hit in hits if isinstance(hit, str)]
-        if not hits:
-            return None
-        found.append(Path(hits[0]))
-    return found[0].parent if artifact.folder else found[0]
+def _from_hub(artifact: Artifact) -> Path | None:
+    """The artifact in the hub cache, downloaded first if it is not there; None when the
+    pinned revision lacks its files. Raises HubUnreachable or DownloadFailed (zoo.hub)."""
+    folder = hub.snapshot(artifact.hub_files(), lambda folder: _complete(folder, artifact) is not None)
+    absent = _absent_groups(folder, artifact)
+    if absent:
+        # The first names are the usual ones; the repo may publish another accepted name.
+        folder = hub.download(artifact.hub_files(absent))
+    return _complete(folder, artifact)
 
 
 def _describe_files(artifact: Artifact, groups: tuple[tuple[str, ...], ...] | None = None) -> str:
@@ -516,12 +528,25 @@ def _missing_files(path: Path, artifact: Artifact) -> str:
         return "which does not exist"
     if not artifact.folder:
         return f"which is neither {artifact.files[0][0]} nor a folder holding it"
-    absent = tuple(group for group in artifact.files if not any((path / name).is_file() for name in group))
-    return f"which lacks {_describe_files(artifact, absent)}"
+    return f"which lacks {_describe_files(artifact, _absent_groups(path, artifact))}"
 
 
-def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]]) -> str:
-    parts = [f"Reward '{spec.name}' cannot be loaded because its weights were not found."]
+def _absent_groups(folder: Path, artifact: Artifact) -> tuple[tuple[str, ...], ...]:
+    """The groups of `artifact.files` of which `folder` holds no file."""
+    return tuple(group for group in artifact.files if not any((folder / name).is_file() for name in group))
+
+
+def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]], unreachable: str | None) -> str:
+    """The refusal: a first line with what is missing and the one command (or flag) that
+    fixes it, then one paragraph of details. `unreachable` is why the hub could not be
+    asked (offline, no network), when it could have supplied the weights."""
+    fetch = [artifact.hub_files().command() for artifact, _ in problems if artifact.hub_repo and unreachable]
+    flags = [f"--reward-path {path_key(spec.name, artifact.role)}=PATH" for artifact, _ in problems
+             if not (artifact.hub_repo and unreachable)]
+    fixes = ([f"`{' && '.join(fetch)}`"] if fetch else []) + flags
+    why = f"its weights are not in the Hugging Face cache and {unreachable}" if fetch else problems[0][1]
+    first = f"Reward '{spec.name}' cannot be loaded: {why}; fix: {' and '.join(fixes)}"
+    parts = []
     for artifact, looked in problems:
         key = path_key(spec.name, artifact.role)
         where = [f"pass --reward-path {key}=PATH", f"set {env_var(spec.name, artifact.role)}"]
@@ -529,23 +554,26 @@ def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]]) -
             where.append(f"put it at {artifact.default_path.expanduser()}")
         if artifact.hub_repo is not None:
             where.append(
-                f"place the hub repo {artifact.hub_repo} in the Hugging Face cache ({_hub_cache_dir()}, "
-                f"e.g. `hf download {artifact.hub_repo}` on a machine with access, then copy the cache here)"
+                f"let it download into the Hugging Face cache ({hub.cache_dir()}) with network and without "
+                f"HF_HUB_OFFLINE, or fetch it there on a machine with access (`{artifact.hub_files().command()}`) "
+                "and copy the cache here"
             )
         parts.append(
             f"It needs {artifact.what} ({'a folder with ' if artifact.folder else 'file '}{_describe_files(artifact)}), "
             f"published at {artifact.published}; {looked}. To fix: {', or '.join(where)}."
         )
-    return " ".join(parts)
+    return first + "\n" + " ".join(parts)
 
 
 def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str | Path] | None = None) -> dict[str, Path]:
-    """Preflight for one reward: packages importable and every weight file found.
+    """Preflight for one reward: packages importable and every weight file found, weights
+    published on the hub downloaded into its cache first if they are not there.
 
     `path` is the reward's `--reward-path` (primary artifact); `paths` may hold the same
     and the `NAME:ROLE` keys of the other artifacts. Returns role -> local path. Raises
-    MissingRewardPackages or MissingRewardWeights (both RewardUnavailable) with one
-    paragraph; imports no torch and loads nothing. A plugin is checked by `plugin_class`
+    MissingRewardPackages (one paragraph) or MissingRewardWeights (a line naming the fix,
+    then details), both RewardUnavailable, or zoo.hub.DownloadFailed when a download
+    breaks off; imports no torch and loads nothing. A plugin is checked by `plugin_class`
     and a server by its health endpoint (RewardServerError); both return {}.
     """
     if name not in REWARDS:
@@ -573,6 +601,7 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
 
     found: dict[str, Path] = {}
     problems: list[tuple[Artifact, str]] = []
+    unreachable = None
     for artifact in spec.artifacts:
         key = path_key(spec.name, artifact.role)
         variable = env_var(spec.name, artifact.role)
@@ -590,14 +619,20 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
                 found[artifact.role] = hit
             continue
         hit = _complete(artifact.default_path.expanduser(), artifact) if artifact.default_path is not None else None
+        looked = f"neither --reward-path {key} nor {variable} is set and no default location has it"
         if hit is None and artifact.hub_repo is not None:
-            hit = _from_hub_cache(artifact)
+            try:
+                hit = _from_hub(artifact)
+            except hub.HubUnreachable as reason:
+                unreachable = str(reason)
+            else:
+                looked = f"the hub repo {artifact.hub_repo} at revision {artifact.hub_revision} lacks some of them"
         if hit is None:
-            problems.append((artifact, f"neither --reward-path {key} nor {variable} is set and no default location has it"))
+            problems.append((artifact, looked))
         else:
             found[artifact.role] = hit
     if problems:
-        raise MissingRewardWeights(_missing_paragraph(spec, problems))
+        raise MissingRewardWeights(_missing_paragraph(spec, problems, unreachable))
     return found
 
 

@@ -9,6 +9,13 @@ from zoo.tiny.arch import build_random_pipeline
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch):
+    """No test reaches the real hub: a missing model or reward weights are refused, as
+    offline, instead of downloaded (tests/test_hub_download.py serves a local hub)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> str:
     """A random-weight SD-shaped pipeline (DDIM, trailing spacing) saved in diffusers format."""

@@ -123,7 +123,8 @@ def test_missing_reward_weights_end_fast_with_one_paragraph(tmp_path):
     elapsed = time.perf_counter() - started
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr
-    assert lines[0].startswith("error: Reward 'pickscore'") and "--reward-path" in lines[0]
+    assert len(lines) == 2 and "Traceback" not in result.stderr  # the missing weights and the fix, then details
+    assert lines[0].startswith("error: Reward 'pickscore'") and "hf download yuvalkirstain/PickScore_v1" in lines[0]
+    assert "--reward-path" in lines[1]
     assert elapsed < 60
     assert not (tmp_path / "results").exists()

@@ -67,7 +67,7 @@ def test_saved_lora_loads_into_a_plain_diffusers_pipeline(tiny_pipeline_dir, tmp
 
 
 def test_missing_model_names_the_flag_and_the_fix(tmp_path):
-    with pytest.raises(ModelUnavailable, match="--model stabilityai/sd-turbo.*huggingface-cli download"):
+    with pytest.raises(ModelUnavailable, match="--model stabilityai/sd-turbo: .*HF_HUB_OFFLINE.*fix: `hf download"):
         resolve_model("stabilityai/sd-turbo")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelUnavailable, match="no unet/ subfolder"):

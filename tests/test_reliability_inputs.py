@@ -66,7 +66,8 @@ CASES = [
     ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
     ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),
     ("hub model not cached", ["--model", "stabilityai/sd-turbo"], ["--model stabilityai/sd-turbo", "cache"], None),
-    ("missing reward weights", ["--reward", "pickscore"], ["Reward 'pickscore'", "--reward-path pickscore=PATH"], None),
+    ("missing reward weights", ["--reward", "pickscore"], ["Reward 'pickscore'", "hf download yuvalkirstain/PickScore_v1"],
+     None),
     ("reward path to nothing", ["--reward", "tiny-clip", "--reward-path", "tiny-clip=/nonexistent/clip"],
      ["--reward-path tiny-clip", "/nonexistent/clip"], None),
     ("missing optional package", ["--reward", "imagereward"], ["ImageReward", ".[real-rewards]"],
@@ -138,7 +139,8 @@ def test_bad_input_is_refused_in_one_line_before_loading(extra, expected, setup,
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert code == 2
-    assert len(lines) == 1, captured.err
+    # One line; missing weights or models get a line with the fix, then details.
+    assert len(lines) == 1 or (len(lines) == 2 and "fix: " in lines[0]), captured.err
     assert lines[0].startswith("error: ") and "Traceback" not in captured.err
     assert not any(mark in lines[0] for mark in "╭│╰"), lines[0]
     for text in expected:

@@ -83,7 +83,7 @@ def test_every_spec_documents_itself():
 
 
 @pytest.mark.parametrize("name", WEIGHTED)
-def test_missing_weights_is_one_fast_paragraph(name, empty_machine):
+def test_missing_weights_are_a_fast_line_with_the_fix_then_details(name, empty_machine):
     shipped = [artifact.default_path for artifact in REWARDS[name].artifacts if artifact.default_path is not None]
     if name.startswith("tiny-") and shipped and all(path.is_dir() for path in shipped):
         pytest.skip(f"the shipped {name} files exist")
@@ -93,8 +93,10 @@ def test_missing_weights_is_one_fast_paragraph(name, empty_machine):
     assert time.perf_counter() - start < 0.5
     assert isinstance(caught.value, RewardUnavailable)
     message = str(caught.value)
-    assert "\n" not in message
-    assert f"Reward '{name}'" in message
+    first, details = message.split("\n")  # what is missing and the fix, then details
+    assert first.startswith(f"Reward '{name}'") and "fix: " in first and details.startswith("It needs")
+    if any(artifact.hub_repo for artifact in REWARDS[name].artifacts):
+        assert "fix: `hf download " in first
     for artifact in REWARDS[name].artifacts:
         assert artifact.files[0][0] in message  # the files
         assert artifact.published in message  # where they are published
@@ -104,7 +106,7 @@ def test_missing_weights_is_one_fast_paragraph(name, empty_machine):
 
 
 def test_preflight_imports_no_torch_and_prints_no_traceback(empty_machine):
-    """The command a user sees: one paragraph on stderr, exit status 2, torch never imported."""
+    """The command a user sees: the fix's line and one paragraph on stderr, exit status 2, torch never imported."""
     code = (
         "import sys\n"
         "from rewards.__main__ import main\n"
@@ -115,7 +117,7 @@ def test_preflight_imports_no_torch_and_prints_no_traceback(empty_machine):
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    assert result.stderr.startswith("error: Reward 'aesthetic'") and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: Reward 'aesthetic'") and result.stderr.count("\n") == 2
     assert "sac+logos+ava1-l14-linearMSE.pth" in result.stderr and "STEPZOO_AESTHETIC_PATH" in result.stderr
 
 

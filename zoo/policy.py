@@ -30,6 +30,9 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from zoo import hub
+from zoo.hub import UNPINNED, HubFiles
+
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -37,7 +40,8 @@ MODEL_PATH_ENV = "STEPZOO_MODEL_PATH"
 
 
 class ModelUnavailable(RuntimeError):
-    """The model's files are neither in a local folder nor in the Hugging Face cache."""
+    """The model's files are neither in a local folder nor in the Hugging Face cache, and
+    cannot be downloaded (offline or no network)."""
 
 
 @dataclass(frozen=True)
@@ -86,11 +90,28 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-def resolve_model(model: str) -> str:
-    """Return a loadable folder or hub id for `model`, or raise ModelUnavailable.
+PIPELINE_FILES = (
+    "model_index.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/*",
+    "scheduler/scheduler_config.json",
+)
+"""What `Policy.from_pretrained` reads from a hub pipeline, and all that is downloaded: the
+float32 safetensors of each component (loaded in the run's precision), not the fp16 or
+.bin variants, single-file checkpoints, safety checker or feature extractor."""
+
+
+def resolve_model(model: str, revision: str = UNPINNED) -> str:
+    """Return a loadable folder for `model`, or raise ModelUnavailable (or DownloadFailed).
 
     Looks at, in order: `model` as a local folder, the folder in $STEPZOO_MODEL_PATH
-    when `model` is a hub id, then the Hugging Face cache. Never downloads.
+    when `model` is a hub id, then the Hugging Face cache at `revision`; a hub id that
+    is not cached is downloaded (PIPELINE_FILES only) unless offline.
     """
     if Path(model).is_dir():
         if not (Path(model) / "unet").is_dir():
@@ -105,18 +126,27 @@ def resolve_model(model: str) -> str:
     override = os.environ.get(MODEL_PATH_ENV)
     if override and Path(override).is_dir():
         return override
-    from huggingface_hub import try_to_load_from_cache
+    files = HubFiles(model, revision, PIPELINE_FILES)
+    try:
+        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder))
+    except hub.HubUnreachable as reason:
+        raise ModelUnavailable(
+            f"--model {model}: not in the Hugging Face cache and {reason}; fix: `{files.command()}`\n"
+            f"The cache is {hub.cache_dir()}. Without network here, run that command on a machine with it "
+            f"and copy the cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at "
+            "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
+        ) from None
+    missing = _missing_pipeline_files(folder)
+    if missing:
+        raise ModelUnavailable(
+            f"--model {model}: the hub repo at revision {revision} has no {', '.join(missing)}; "
+            "stepzoo loads diffusers pipelines with float32 safetensors weights"
+        )
+    return str(folder)
 
-    cached = try_to_load_from_cache(model, "unet/config.json")
-    if isinstance(cached, str):
-        return model
-    raise ModelUnavailable(
-        f"--model {model}: not a local folder and not in the Hugging Face cache "
-        f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and stepzoo never downloads at run "
-        f"time. Fetch it on a connected machine with `huggingface-cli download {model}` and copy the "
-        f"cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at a "
-        "diffusers pipeline folder."
-    )
+
+def _missing_pipeline_files(folder: Path) -> list[str]:
+    return [pattern for pattern in PIPELINE_FILES if not any(folder.glob(pattern))]
 
 
 class Policy:
@@ -186,7 +216,7 @@ class Policy:
         performance: Performance = Performance(),
     ) -> "Policy":
         source = resolve_model(model)
-        # stepzoo never downloads: the files are local or in the cache (resolve_model checked).
+        # resolve_model answers with a local folder: nothing more is fetched.
         kwargs = {"local_files_only": True}
         dtype = PRECISION_DTYPES[mixed_precision]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
