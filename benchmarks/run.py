@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from benchmarks.evaluate import EvalSettings
+from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import TrainLoop
 from zoo.policy import Performance
@@ -251,7 +252,7 @@ class Plan:
     def config_json(self) -> dict:
         return {
             "preset": self.preset.name,
-            "model": self.model,
+            "model": portable_model(self.model),
             "algos": self.algos,
             "seeds": self.seeds,
             "eval_steps": self.eval_steps,
@@ -465,6 +466,27 @@ RESUME_DEFAULTS = {"groups_per_prompt": 1}
 recorded before them had, so that those runs can still be resumed."""
 
 
+def _read_config(path: Path, flag: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UsageError(f"{flag}: {path} is not valid JSON") from None
+
+
+def _recorded_setting(config: dict, key: str) -> Any:
+    """A setting of a config.json as this checkout reads it: the model as the folder or hub
+    id it names here (a relative folder is the same in every clone)."""
+    value = config.get(key, RESUME_DEFAULTS.get(key))
+    return recorded_model(value) if key == "model" and isinstance(value, str) else value
+
+
+def _changed_settings(saved: dict, plan: Plan, may_change: tuple[str, ...]) -> list[str]:
+    """The keys of config.json whose recorded value differs from `plan`'s."""
+    current = json.loads(json.dumps(plan.config_json()))
+    return sorted(k for k in saved.keys() | current.keys()
+                  if k not in may_change and _recorded_setting(saved, k) != _recorded_setting(current, k))
+
+
 def _check_out_dir(plan: Plan) -> None:
     out = plan.out_dir
     config_path = out / "config.json"
@@ -479,13 +501,7 @@ def _check_out_dir(plan: Plan) -> None:
             )
         return
     if plan.args.resume:
-        try:
-            saved = json.loads(config_path.read_text())
-        except ValueError:
-            raise UsageError(f"--resume: {config_path} is not valid JSON") from None
-        current = json.loads(json.dumps(plan.config_json()))
-        changed = sorted(k for k in saved.keys() | current.keys()
-                         if k not in RESUME_MAY_CHANGE and saved.get(k, RESUME_DEFAULTS.get(k)) != current.get(k))
+        changed = _changed_settings(_read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
         if changed:
             raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
         return
