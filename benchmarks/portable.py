@@ -31,7 +31,9 @@ def recorded_model(recorded: str) -> str:
     Runs recorded before paths were portable hold the absolute path of the checkout that
     made them (`/work/wt-f/zoo/tiny/assets/pipeline`); when that path does not exist here,
     the longest tail of it that is a pipeline folder (with `unet/`) under the repository
-    root stands for it. A shorter tail is no evidence: `/data/x/results` is not `results/`.
+    root stands for it; only a pipeline counts, so that `/data/x/results` is not taken for
+    `results/`. A relative "model" that is no folder here is a hub id (or a folder this
+    clone lacks, which loading then names).
     """
     path = PurePosixPath(recorded)
     if not path.is_absolute():
