@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.evaluate import evaluation_seed
+from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
 from rewards.registry import gold_rewards, load_reward
 from zoo.policy import LoraSettings, Policy
@@ -134,15 +135,6 @@ def score_steps(
     return scores, timesteps, torch.cat(anchors)
 
 
-def _model_folder(config: dict) -> str:
-    """The run's base model, or the preset's when the recorded folder has moved (a run
-    copied from another checkout records that checkout's absolute path)."""
-    model = config["model"]
-    if Path(model).is_dir() or not model.startswith("/"):
-        return model
-    return PRESETS[config["preset"]]().model
-
-
 def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_per_prompt: int,
              steps: int | None, shared_noise: bool = True) -> dict:
     config = json.loads((run / "config.json").read_text())
@@ -165,7 +157,7 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
     num_steps = steps or first["num_steps"]
     sampler_config = SamplerConfig(first["sampler"], num_steps, first["eta"], first["guidance_scale"],
                                    config.get("timestep_spacing"))
-    model = _model_folder(config)
+    model = recorded_model(config["model"])
     results: dict = {"run": str(run), "seed": seed, "split": split, "num_steps": num_steps,
                      "pairs_per_prompt": pairs_per_prompt, "shared_noise": shared_noise, "prompts": prompts,
                      "rewards": reward_names,

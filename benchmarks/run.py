@@ -27,8 +27,9 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from benchmarks.evaluate import EvalSettings
+from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
-from benchmarks.train import TrainLoop
+from benchmarks.train import BASE, TrainLoop
 from zoo.policy import Performance
 from rewards.registry import REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
@@ -109,6 +110,10 @@ class RunArgs:
     """Continue the run in --out from its last complete epoch."""
     overwrite: bool = False
     """Replace the run already in --out."""
+    extend: bool = False
+    """Add the algorithms of --algos to the finished run in --out: they train and evaluate
+    under its recorded settings, its base and algorithm rows are reused, and the report is
+    rewritten with every row."""
     max_bad_reward_batches: int = 3
     """Epochs whose training reward raised or returned NaN/inf that are skipped (no update) before the run stops."""
     wandb: bool = False
@@ -252,12 +257,15 @@ class Plan:
     eval_samples_per_prompt: int
     out_dir: Path
     configs: dict[str, Any]
+    """The configs of the algorithms this invocation trains."""
     loop: TrainLoop
+    recorded_configs: dict[str, dict] = field(default_factory=dict)
+    """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
 
     def config_json(self) -> dict:
         return {
             "preset": self.preset.name,
-            "model": self.model,
+            "model": portable_model(self.model),
             "algos": self.algos,
             "seeds": self.seeds,
             "eval_steps": self.eval_steps,
@@ -274,7 +282,9 @@ class Plan:
             "mixed_precision": self.preset.mixed_precision,
             "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
-            "algorithm_configs": {name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()},
+            "algorithm_configs": {
+                **self.recorded_configs, **{name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()}
+            },
         }
 
     def eval_settings(self, seed: int) -> EvalSettings:
@@ -309,6 +319,12 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
 
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    if args.extend and (args.resume or args.overwrite):
+        raise UsageError(
+            f"--extend and {'--resume' if args.resume else '--overwrite'} contradict each other: --extend adds "
+            "algorithms to a finished run, --resume continues an interrupted one, --overwrite replaces one; "
+            "pass one of them"
+        )
     if args.offline:
         # The environment variable, so that every library and process of the run sees it.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -349,10 +365,11 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
     trajectories = args.trajectories_per_epoch or preset.trajectories_per_epoch
     groups_per_prompt = args.groups_per_prompt if args.groups_per_prompt is not None else preset.groups_per_prompt
-    if args.resume and args.groups_per_prompt is None and args.out and (Path(args.out) / "config.json").is_file():
-        # A resumed run keeps the draw it started with, whatever the preset says now.
+    saved_config = Path(args.out) / "config.json" if args.out else None
+    if (args.resume or args.extend) and args.groups_per_prompt is None and saved_config and saved_config.is_file():
+        # A resumed or extended run keeps the draw it started with, whatever the preset says now.
         try:
-            saved = json.loads((Path(args.out) / "config.json").read_text())
+            saved = json.loads(saved_config.read_text())
             groups_per_prompt = saved.get("groups_per_prompt", RESUME_DEFAULTS["groups_per_prompt"])
         except ValueError:
             pass  # _check_out_dir reports the broken file
@@ -385,14 +402,23 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         )
     for name, cfg in configs.items():
         if cfg.num_steps > schedule:
-            flag = "--train-steps" if args.train_steps is not None else f"--{name}.num-steps"
-            raise UsageError(f"{flag} {cfg.num_steps} exceeds the {schedule} timesteps of {model}'s training schedule")
+            raise UsageError(
+                f"{_algo_flag(args, name, 'num_steps')} {cfg.num_steps} exceeds the {schedule} timesteps of "
+                f"{model}'s training schedule"
+            )
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
     plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model,
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)
     _check_out_dir(plan)
-    return plan
+    return _extended(plan) if args.extend else plan
+
+
+def _algo_flag(args: RunArgs, name: str, key: str) -> str:
+    """The flag that set algorithm `name`'s config field `key` (--train-steps sets every num_steps)."""
+    if key == "num_steps" and args.train_steps is not None:
+        return "--train-steps"
+    return f"--{name}.{key.replace('_', '-')}"
 
 
 def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> TrainLoop:
@@ -471,6 +497,31 @@ RESUME_DEFAULTS = {"groups_per_prompt": 1}
 recorded before them had, so that those runs can still be resumed."""
 
 
+EXTENSION_ADDS = ("algos", "algorithm_configs")
+"""Settings that an extension adds to (its new algorithms); it must match the rest."""
+
+
+def _read_config(path: Path, flag: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise UsageError(f"{flag}: {path} is not valid JSON") from None
+
+
+def _recorded_setting(config: dict, key: str) -> Any:
+    """A setting of a config.json as this checkout reads it: the model as the folder or hub
+    id it names here (a relative folder is the same in every clone)."""
+    value = config.get(key, RESUME_DEFAULTS.get(key))
+    return recorded_model(value) if key == "model" and isinstance(value, str) else value
+
+
+def _changed_settings(saved: dict, plan: Plan, may_change: tuple[str, ...]) -> list[str]:
+    """The keys of config.json whose recorded value differs from `plan`'s."""
+    current = json.loads(json.dumps(plan.config_json()))
+    return sorted(k for k in saved.keys() | current.keys()
+                  if k not in may_change and _recorded_setting(saved, k) != _recorded_setting(current, k))
+
+
 def _check_out_dir(plan: Plan) -> None:
     out = plan.out_dir
     config_path = out / "config.json"
@@ -479,24 +530,99 @@ def _check_out_dir(plan: Plan) -> None:
     if not config_path.exists():
         if plan.args.resume:
             raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
+        if plan.args.extend:
+            raise UsageError(
+                f"--extend: {out} holds no run to extend (no config.json); leave --extend out to start one there"
+            )
         if out.is_dir() and any(out.iterdir()):
             raise UsageError(
                 f"--out {out} is a folder with other files and no stepzoo run; choose a new or empty folder"
             )
         return
     if plan.args.resume:
-        try:
-            saved = json.loads(config_path.read_text())
-        except ValueError:
-            raise UsageError(f"--resume: {config_path} is not valid JSON") from None
-        current = json.loads(json.dumps(plan.config_json()))
-        changed = sorted(k for k in saved.keys() | current.keys()
-                         if k not in RESUME_MAY_CHANGE and saved.get(k, RESUME_DEFAULTS.get(k)) != current.get(k))
+        changed = _changed_settings(_read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
         if changed:
             raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
         return
-    if not plan.args.overwrite:
-        raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if not plan.args.overwrite and not plan.args.extend:
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, --extend to add algorithms to it "
+            "or --overwrite to replace it"
+        )
+
+
+def _setting_flag(key: str) -> str:
+    """The flag that sets a config.json key, or what decides it (the prompts: the preset)."""
+    if key in {f.name for f in dataclasses.fields(RunArgs)}:
+        return "--" + key.replace("_", "-")
+    return f"--preset's {key.replace('_', ' ')}"
+
+
+def _difference(key: str, saved: Any, current: Any, width: int = 60) -> str:
+    """One setting that differs, with both values when they are short (not prompt lists)."""
+    there, here = (",".join(map(str, v)) if isinstance(v, list) else str(v) for v in (saved, current))
+    if max(len(there), len(here)) > width:
+        return f"{_setting_flag(key)}: not the same"
+    return f"{_setting_flag(key)} {there} there, {here} here"
+
+
+def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
+    """The rows of `out`/records.jsonl by (algo, seed), as written. `execute` writes an
+    (algo, seed)'s rows only once it has finished, so each entry is final."""
+    path = out / "records.jsonl"
+    rows: dict[tuple[str, int], list[dict]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault((row["algo"], row["seed"]), []).append(row)
+    return rows
+
+
+def _extended(plan: Plan) -> Plan:
+    """`plan` with the finished run in its --out ahead of its own algorithms, which are
+    all new there; refuses what would make their rows incomparable with the recorded ones."""
+    out, config_path = plan.out_dir, plan.out_dir / "config.json"
+    saved = _read_config(config_path, "--extend")
+    recorded_algos = saved["algos"]
+    present = [name for name in plan.algos if name in recorded_algos]
+    if present:
+        raise UsageError(
+            f"--extend --algos: {out} already holds {', '.join(present)} ({config_path} lists "
+            f"{', '.join(recorded_algos)}); leave {'it' if len(present) == 1 else 'them'} out of --algos, "
+            "or pass --resume instead to finish an interrupted run, or --overwrite to redo the whole folder"
+        )
+    changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
+    if changed:
+        current = plan.config_json()
+        differences = "; ".join(
+            _difference(key, saved.get(key, RESUME_DEFAULTS.get(key)), current.get(key)) for key in changed
+        )
+        raise UsageError(
+            f"--extend: the run in {out} was made with other settings ({differences}); its base and algorithm "
+            f"rows are reused, so every setting but --algos and the per-algorithm flags must be as {config_path} "
+            "records it: pass its values, or choose another --out for a new run"
+        )
+    for name, cfg in plan.configs.items():
+        for recorded, recorded_config in saved["algorithm_configs"].items():
+            for key in SHARED_SAMPLER_FIELDS:
+                if key in recorded_config and getattr(cfg, key) != recorded_config[key]:
+                    flag = _algo_flag(plan.args, name, key)
+                    raise UsageError(
+                        f"{flag} {getattr(cfg, key)}: {recorded} in {out} trained with {key} {recorded_config[key]} "
+                        f"({config_path}), and every algorithm of a run trains with the same sampler; pass "
+                        f"{flag} {recorded_config[key]}"
+                    )
+    finished = recorded_rows(out)
+    unfinished = [f"{name} seed {seed}" for seed in plan.seeds for name in [BASE, *recorded_algos]
+                  if (name, seed) not in finished]
+    if unfinished:
+        raise UsageError(
+            f"--extend: {out / 'records.jsonl'} has no rows of {', '.join(unfinished)}, so the run is unfinished; "
+            "finish it with its own flags and --resume, then extend it"
+        )
+    return dataclasses.replace(
+        plan, algos=[*recorded_algos, *plan.algos], recorded_configs=saved["algorithm_configs"]
+    )
 
 
 def execute(plan: Plan) -> str:
@@ -528,8 +654,10 @@ def execute(plan: Plan) -> str:
         eval_rewards[name] = load_reward(name, device=accelerator.device, paths=plan.reward_paths)
 
     logger = _make_logger(plan, accelerator)
+    # Rows already finished are reused as recorded: an extension's base and algorithm
+    # rows, and a resumed run's whose checkpoints were not kept (committed results).
+    rows = recorded_rows(out)
     mixed_precision = plan.preset.mixed_precision if on_gpu else "no"
-    records: list[dict] = []
     for seed in plan.seeds:
         settings = JobSettings(
             model=plan.model_source,
@@ -547,18 +675,27 @@ def execute(plan: Plan) -> str:
             performance=plan.args.performance,
             loop=plan.loop,
         )
-        records += evaluate_base(settings, seed, eval_rewards, accelerator)
+        if (BASE, seed) not in rows:
+            rows[BASE, seed] = evaluate_base(settings, seed, eval_rewards, accelerator)
         for algo in plan.algos:
-            records += run_algorithm(algo, plan.configs[algo], seed, settings, train_reward, eval_rewards, accelerator)
-            if accelerator.is_main_process:
-                write_jsonl(out / "records.jsonl", records)
+            if (algo, seed) not in rows:
+                rows[algo, seed] = run_algorithm(
+                    algo, plan.configs[algo], seed, settings, train_reward, eval_rewards, accelerator
+                )
+                if accelerator.is_main_process:
+                    write_jsonl(out / "records.jsonl", _in_plan_order(plan, rows))
     table = ""
     if accelerator.is_main_process:
-        write_jsonl(out / "records.jsonl", records)
+        write_jsonl(out / "records.jsonl", _in_plan_order(plan, rows))
         table = write_report(out, reward=plan.reward, algos=plan.algos)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return table
+
+
+def _in_plan_order(plan: Plan, rows: dict[tuple[str, int], list[dict]]) -> list[dict]:
+    """Every finished row, per seed: base, then the algorithms in the plan's order."""
+    return [row for seed in plan.seeds for name in [BASE, *plan.algos] for row in rows.get((name, seed), [])]
 
 
 def _make_logger(plan: Plan, accelerator):
