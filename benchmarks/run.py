@@ -117,7 +117,10 @@ class RunArgs:
     max_bad_reward_batches: int = 3
     """Epochs whose training reward raised or returned NaN/inf that are skipped (no update) before the run stops."""
     wandb: bool = False
-    """Log to Weights & Biases (offline unless WANDB_MODE says otherwise)."""
+    """Log metrics, evaluations, the sample grid and the tables to Weights & Biases
+    (offline unless WANDB_MODE says otherwise; see benchmarks/tracking.py)."""
+    wandb_project: str = "stepzoo"
+    """The Weights & Biases project of --wandb."""
     reward_path: tuple[str, ...] = ()
     """Weights locations as NAME=PATH (e.g. pickscore=/models/PickScore_v1); see each reward's error for keys."""
     performance: Performance = field(default_factory=Performance)
@@ -313,6 +316,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     """Check every input and resolve defaults, downloading a model or reward weights that
     are not cached; raises UsageError, RewardUnavailable / ModelUnavailable (offline: a
     line naming the fix, then details) or DownloadFailed before any model loads."""
+    from benchmarks.tracking import require_wandb
     from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
     from zoo.hub import UNPINNED
     from zoo.policy import resolve_model
@@ -325,6 +329,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             "algorithms to a finished run, --resume continues an interrupted one, --overwrite replaces one; "
             "pass one of them"
         )
+    if args.wandb:
+        require_wandb()
     if args.offline:
         # The environment variable, so that every library and process of the run sees it.
         os.environ["HF_HUB_OFFLINE"] = "1"
@@ -653,7 +659,12 @@ def execute(plan: Plan) -> str:
     for name in plan.eval_rewards:
         eval_rewards[name] = load_reward(name, device=accelerator.device, paths=plan.reward_paths)
 
-    logger = _make_logger(plan, accelerator)
+    tracker = None
+    if plan.args.wandb and accelerator.is_main_process:
+        from benchmarks.tracking import Tracker
+
+        tracker = Tracker(out, plan.args.wandb_project)
+    logger = _make_logger(plan, accelerator, tracker)
     # Rows already finished are reused as recorded: an extension's base and algorithm
     # rows, and a resumed run's whose checkpoints were not kept (committed results).
     rows = recorded_rows(out)
@@ -671,6 +682,7 @@ def execute(plan: Plan) -> str:
             train_reward=plan.reward,
             out_dir=out,
             log=logger,
+            log_evaluations=tracker.log_evaluations if tracker else lambda records: None,
             max_bad_reward_batches=plan.args.max_bad_reward_batches,
             performance=plan.args.performance,
             loop=plan.loop,
@@ -688,6 +700,8 @@ def execute(plan: Plan) -> str:
     if accelerator.is_main_process:
         write_jsonl(out / "records.jsonl", _in_plan_order(plan, rows))
         table = write_report(out, reward=plan.reward, algos=plan.algos)
+        if tracker:
+            tracker.finish()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return table
@@ -698,16 +712,10 @@ def _in_plan_order(plan: Plan, rows: dict[tuple[str, int], list[dict]]) -> list[
     return [row for seed in plan.seeds for name in [BASE, *plan.algos] for row in rows.get((name, seed), [])]
 
 
-def _make_logger(plan: Plan, accelerator):
+def _make_logger(plan: Plan, accelerator, tracker):
     """Per-epoch training metrics to metrics.jsonl (and wandb when asked), main process only."""
     if not accelerator.is_main_process:
         return lambda row: None
-    run = None
-    if plan.args.wandb:
-        import wandb
-
-        os.environ.setdefault("WANDB_MODE", "offline")
-        run = wandb.init(project="stepzoo", name=plan.out_dir.name, dir=str(plan.out_dir), config=plan.config_json())
     from benchmarks.checkpoint import write_jsonl
 
     path = plan.out_dir / "metrics.jsonl"
@@ -722,8 +730,8 @@ def _make_logger(plan: Plan, accelerator):
     def log(row: dict) -> None:
         rows[row["algo"], row["seed"], row["epoch"]] = row
         write_jsonl(path, list(rows.values()))
-        if run is not None:
-            run.log({f"{row['algo']}/seed{row['seed']}/{k}": v for k, v in row.items() if isinstance(v, float)})
+        if tracker:
+            tracker.log_metrics(row)
 
     return log
 

@@ -103,6 +103,8 @@ class JobSettings:
     train_reward: str
     out_dir: Path
     log: Callable[[dict], None] = field(default=lambda row: None)
+    log_evaluations: Callable[[list[dict]], None] = field(default=lambda records: None)
+    """Called on the main process with each evaluation's records as it is made."""
     max_bad_reward_batches: int = 3
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
     performance: Performance = field(default_factory=Performance)
@@ -177,7 +179,10 @@ def _evaluate_and_record(
         (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
         for step_count, images in strips.items():
             save_strip(images, settings.out_dir / "samples" / f"{algo}_seed{seed}_steps{step_count}.png")
-    return _records(algo, seed, epoch, counters, stats)
+    records = _records(algo, seed, epoch, counters, stats)
+    if accelerator.is_main_process:
+        settings.log_evaluations(records)
+    return records
 
 
 def _save_on_main(accelerator: Accelerator, path: Path, state: dict) -> None:
