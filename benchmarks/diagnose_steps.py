@@ -32,6 +32,7 @@ from benchmarks.evaluate import evaluation_seed
 from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
 from rewards.registry import gold_rewards, load_reward
+from rewards.tiny_gold import pair_sign_agreement, pair_ties
 from zoo.policy import LoraSettings, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.sdpo import anchor_similarities
@@ -61,18 +62,6 @@ class StepStats:
     """Fraction of pairs whose final images the gold scores the same (left out of the gold agreement)."""
 
 
-def _sign_agreement(step_diff: torch.Tensor, final_diff: torch.Tensor) -> tuple[float, float]:
-    """(agreement among the pairs that neither difference ties, fraction of pairs whose step
-    difference ties). A tied final difference (a gold counting attributes ties often) has no
-    sign to agree with, so those pairs are left out rather than counted as disagreeing."""
-    tied = step_diff.abs() < 1e-9
-    kept = ~tied & (final_diff.abs() >= 1e-9)
-    if not bool(kept.any()):
-        return math.nan, float(tied.double().mean())
-    agree = (torch.sign(step_diff[kept]) == torch.sign(final_diff[kept])).double().mean()
-    return float(agree), float(tied.double().mean())
-
-
 def step_statistics(
     scores: torch.Tensor, gold_final: torch.Tensor, timesteps: list[int]
 ) -> list[StepStats]:
@@ -81,13 +70,13 @@ def step_statistics(
     final = scores[..., -1]
     final_diff = final[:, 0] - final[:, 1]
     gold_diff = gold_final[:, 0] - gold_final[:, 1]
-    gold_ties = float((gold_diff.abs() < 1e-9).double().mean())
+    gold_ties = pair_ties(gold_diff)
     out = []
     for k, timestep in enumerate(timesteps):
         at_k = scores[..., k]
         step_diff = at_k[:, 0] - at_k[:, 1]
-        agreement, ties = _sign_agreement(step_diff, final_diff)
-        gold_agreement, _ = _sign_agreement(step_diff, gold_diff)
+        agreement, ties = pair_sign_agreement(step_diff, final_diff)
+        gold_agreement, _ = pair_sign_agreement(step_diff, gold_diff)
         flat = at_k.flatten().double()
         out.append(StepStats(
             step=k,

@@ -56,6 +56,7 @@ def scoring_reward(reward: str) -> str:
 
     return GOLD_OF.get(reward, reward)
 
+
 TUNER_OWNS = ("--out", "--eval-split", "--eval-every", "--resume", "--overwrite")
 """Run flags that the tuner sets itself for every configuration."""
 

@@ -16,6 +16,7 @@ against each other is in results/tiny-world/README.md.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -34,6 +35,29 @@ colour, shape and background only, so its embedding discards size and crispness,
 gold's heaviest terms. Measured on 1,792 held-out same-prompt base pairs (clean labels or
 noise 0.05, 2k-7k training images): a head on the embedding ranks K = 4 pairs as the gold
 does in 0.59-0.63 of them, a head on the mean patch token in 0.74-0.79."""
+
+
+PAIR_TIE = 1e-9
+"""Score differences within a pair smaller than this are ties."""
+
+
+def pair_sign_agreement(diff: torch.Tensor, reference_diff: torch.Tensor) -> tuple[float, float]:
+    """How often a score difference within each pair (P,) has the sign of a reference
+    difference (P,): e.g. a proxy's against its gold's, or a step's against the final
+    image's. Returns (agreement among the pairs that neither difference ties, fraction of
+    pairs whose `diff` ties). A tied reference (a gold counting attributes ties often) has
+    no sign to agree with, so those pairs are left out rather than counted as disagreeing."""
+    tied = diff.abs() < PAIR_TIE
+    kept = ~tied & (reference_diff.abs() >= PAIR_TIE)
+    if not bool(kept.any()):
+        return math.nan, float(tied.double().mean())
+    agree = (torch.sign(diff[kept]) == torch.sign(reference_diff[kept])).double().mean()
+    return float(agree), float(tied.double().mean())
+
+
+def pair_ties(diff: torch.Tensor) -> float:
+    """The fraction of pairs whose score difference (P,) is a tie."""
+    return float((diff.abs() < PAIR_TIE).double().mean())
 
 
 class TinyAestheticHead(nn.Module):

@@ -18,6 +18,7 @@ from rewards.tiny_gold import (
     TinyAestheticHead,
     TinyAlign,
     TinyAlignGold,
+    pair_sign_agreement,
 )
 from zoo.tiny import ASSETS, CLIP, PIPELINE, data, gold
 
@@ -205,14 +206,14 @@ def test_aesthetic_proxy_ranks_same_prompt_pairs_as_the_gold_does(rewards):
     captions = data.train_captions()
     prompts = [captions[i % len(captions)] for i in range(64)]
     paired = [p for p in prompts for _ in range(2)]
-    agree = []
+    diffs = []
     for seed in (0, 1):
         for shared in (False, True):
             generator = torch.Generator().manual_seed(seed)
             images = sampler.sample(prompts, group_size=2, shared_noise=shared, generator=generator).images.flatten(0, 1)
-            proxy, truth = (rewards[name].score(images, paired).view(-1, 2).diff(dim=1) for name in NAMES[:2])
-            agree.append((proxy > 0) == (truth > 0))
-    agreement = torch.cat(agree).float().mean().item()
+            proxy, truth = (rewards[name].score(images, paired).view(-1, 2).diff(dim=1).squeeze(1) for name in NAMES[:2])
+            diffs.append((proxy, truth))
+    agreement, _ = pair_sign_agreement(*(torch.cat(parts) for parts in zip(*diffs)))
     assert agreement >= PROXY_MIN_PAIR_AGREEMENT, agreement
 
 

@@ -121,11 +121,12 @@ def image_sets(cfg: GoldEvalConfig) -> dict[str, tuple[torch.Tensor, list[str]]]
 
 def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
     """{"<k> steps, shared x_T" | "<k> steps, independent": {"<proxy>": fraction of pairs,
-    among those the proxy's gold does not tie, in which the proxy's difference has the
-    gold's sign, "<proxy> gold ties": the tied fraction, "n": pairs}}: pairs of base
+    among those neither the proxy nor its gold ties, in which the proxy's difference has the
+    gold's sign (`pair_sign_agreement`), "<proxy> gold ties": the gold's tied fraction, "n": pairs}}: pairs of base
     samples of one train caption, drawn by the training sampler (`zoo.sampling`, DDIM eta 1,
     trailing spacing) as the algorithms draw them."""
     from rewards.registry import GOLD_OF
+    from rewards.tiny_gold import pair_sign_agreement, pair_ties
     from zoo.policy import Policy
     from zoo.sampling import SamplerConfig, TrajectorySampler
 
@@ -146,9 +147,8 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
             for proxy, gold_name in GOLD_OF.items():
                 proxy_diff, gold_diff = (rewards[name].score(images.flatten(0, 1), paired).view(-1, 2).diff(dim=1).squeeze(1)
                                          for name in (proxy, gold_name))
-                decided = gold_diff.abs() > 1e-6
-                row[proxy] = ((proxy_diff[decided] > 0) == (gold_diff[decided] > 0)).double().mean().item()
-                row[f"{proxy} gold ties"] = 1 - decided.double().mean().item()
+                row[proxy], _ = pair_sign_agreement(proxy_diff, gold_diff)
+                row[f"{proxy} gold ties"] = pair_ties(gold_diff)
             result[f"{steps} steps, {'shared x_T' if shared else 'independent'}"] = row
             print(f"  pairs {steps} steps shared={shared}: {row}", flush=True)
     return result
