@@ -111,9 +111,10 @@ class RunArgs:
     overwrite: bool = False
     """Replace the run already in --out."""
     extend: bool = False
-    """Add the algorithms of --algos to the finished run in --out: they train and evaluate
-    under its recorded settings, its base and algorithm rows are reused, and the report is
-    rewritten with every row."""
+    """Add algorithms (those of --algos it does not hold) or seeds (those of --seeds it does
+    not hold; --seeds must list its own too, and --algos every algorithm it holds, at its
+    recorded settings) to the finished run in --out: they train and evaluate under its
+    recorded settings, its recorded rows are reused, and the report is rewritten with every row."""
     max_bad_reward_batches: int = 3
     """Epochs whose training reward raised or returned NaN/inf that are skipped (no update) before the run stops."""
     wandb: bool = False
@@ -326,7 +327,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     if args.extend and (args.resume or args.overwrite):
         raise UsageError(
             f"--extend and {'--resume' if args.resume else '--overwrite'} contradict each other: --extend adds "
-            "algorithms to a finished run, --resume continues an interrupted one, --overwrite replaces one; "
+            "algorithms or seeds to a finished run, --resume continues an interrupted one, --overwrite replaces one; "
             "pass one of them"
         )
     if args.wandb:
@@ -503,8 +504,8 @@ RESUME_DEFAULTS = {"groups_per_prompt": 1}
 recorded before them had, so that those runs can still be resumed."""
 
 
-EXTENSION_ADDS = ("algos", "algorithm_configs")
-"""Settings that an extension adds to (its new algorithms); it must match the rest."""
+EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
+"""Settings that an extension adds to (its new algorithms and seeds); it must match the rest."""
 
 
 def _read_config(path: Path, flag: str) -> dict:
@@ -552,7 +553,7 @@ def _check_out_dir(plan: Plan) -> None:
         return
     if not plan.args.overwrite and not plan.args.extend:
         raise UsageError(
-            f"--out {out} already holds a run; pass --resume to continue it, --extend to add algorithms to it "
+            f"--out {out} already holds a run; pass --resume to continue it, --extend to add algorithms or seeds to it "
             "or --overwrite to replace it"
         )
 
@@ -585,17 +586,32 @@ def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
 
 
 def _extended(plan: Plan) -> Plan:
-    """`plan` with the finished run in its --out ahead of its own algorithms, which are
-    all new there; refuses what would make their rows incomparable with the recorded ones."""
+    """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
+    new algorithms train on every seed, every algorithm trains on the new seeds; refuses
+    what would make the new rows incomparable with the recorded ones."""
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
     saved = _read_config(config_path, "--extend")
-    recorded_algos = saved["algos"]
+    recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
     present = [name for name in plan.algos if name in recorded_algos]
-    if present:
+    new_seeds = [seed for seed in plan.seeds if seed not in recorded_seeds]
+    dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
+    if dropped_seeds:
+        raise UsageError(
+            f"--extend --seeds: {out} holds seeds {','.join(map(str, recorded_seeds))} ({config_path}); list them "
+            f"all in --seeds (with the seeds to add), e.g. --seeds {','.join(map(str, [*recorded_seeds, *new_seeds]))}"
+        )
+    if present and not new_seeds:
         raise UsageError(
             f"--extend --algos: {out} already holds {', '.join(present)} ({config_path} lists "
             f"{', '.join(recorded_algos)}); leave {'it' if len(present) == 1 else 'them'} out of --algos, "
-            "or pass --resume instead to finish an interrupted run, or --overwrite to redo the whole folder"
+            "add seeds with --seeds, or pass --resume instead to finish an interrupted run, or --overwrite to redo "
+            "the whole folder"
+        )
+    missing = [name for name in recorded_algos if name not in plan.algos]
+    if new_seeds and missing:
+        raise UsageError(
+            f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
+            f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
         )
     changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
     if changed:
@@ -605,9 +621,20 @@ def _extended(plan: Plan) -> Plan:
         )
         raise UsageError(
             f"--extend: the run in {out} was made with other settings ({differences}); its base and algorithm "
-            f"rows are reused, so every setting but --algos and the per-algorithm flags must be as {config_path} "
-            "records it: pass its values, or choose another --out for a new run"
+            f"rows are reused, so every setting but --algos, --seeds and the per-algorithm flags must be as "
+            f"{config_path} records it: pass its values, or choose another --out for a new run"
         )
+    for name in present:
+        recorded_config = saved["algorithm_configs"][name]
+        current_config = json.loads(json.dumps(dataclasses.asdict(plan.configs[name])))
+        for key in sorted(recorded_config.keys() | current_config.keys()):
+            if recorded_config.get(key) != current_config.get(key):
+                flag = _algo_flag(plan.args, name, key)
+                raise UsageError(
+                    f"{flag} {current_config.get(key)}: {name} in {out} trained with {key} "
+                    f"{recorded_config.get(key)} ({config_path}), and its new seeds must train as its recorded ones "
+                    f"did; pass {flag} {recorded_config.get(key)}"
+                )
     for name, cfg in plan.configs.items():
         for recorded, recorded_config in saved["algorithm_configs"].items():
             for key in SHARED_SAMPLER_FIELDS:
@@ -619,15 +646,20 @@ def _extended(plan: Plan) -> Plan:
                         f"{flag} {recorded_config[key]}"
                     )
     finished = recorded_rows(out)
-    unfinished = [f"{name} seed {seed}" for seed in plan.seeds for name in [BASE, *recorded_algos]
+    unfinished = [f"{name} seed {seed}" for seed in recorded_seeds for name in [BASE, *recorded_algos]
                   if (name, seed) not in finished]
     if unfinished:
         raise UsageError(
             f"--extend: {out / 'records.jsonl'} has no rows of {', '.join(unfinished)}, so the run is unfinished; "
             "finish it with its own flags and --resume, then extend it"
         )
+    added = [name for name in plan.algos if name not in recorded_algos]
     return dataclasses.replace(
-        plan, algos=[*recorded_algos, *plan.algos], recorded_configs=saved["algorithm_configs"]
+        plan,
+        algos=[*recorded_algos, *added],
+        seeds=[*recorded_seeds, *new_seeds],
+        configs={name: plan.configs[name] for name in [*present, *added]},
+        recorded_configs={name: c for name, c in saved["algorithm_configs"].items() if name not in present},
     )
 
 

@@ -14,7 +14,11 @@ it declares one, scores the configurations). Outputs in `--out`:
 one run folder per configuration, `tuning.md` / `tuning.csv` (every configuration's
 score, the trust-region metrics of its training, the selection) and `selected.json`.
 
-Arguments other than the tuner's own (`--out`, `--resume`, `--overwrite`, `--grid`) are
+`--extend` adds tuning seeds (or algorithms) to the configurations already finished in `--out`
+(`benchmarks.run --extend` for each; their recorded rows are reused) and selects again over
+all of them.
+
+Arguments other than the tuner's own (`--out`, `--resume`, `--overwrite`, `--extend`, `--grid`) are
 passed to every run unchanged (`--preset`, `--algos`, `--reward`, `--seeds`, `--epochs`,
 per-algorithm `--<algo>.<field>`, ...). The tuning seeds default to 100, so that the
 reported tables (`benchmarks.run --seeds 0,1,2`) use seeds that tuning never saw.
@@ -57,7 +61,7 @@ def scoring_reward(reward: str) -> str:
     return GOLD_OF.get(reward, reward)
 
 
-TUNER_OWNS = ("--out", "--eval-split", "--eval-every", "--resume", "--overwrite")
+TUNER_OWNS = ("--out", "--eval-split", "--eval-every", "--resume", "--overwrite", "--extend")
 """Run flags that the tuner sets itself for every configuration."""
 
 TRUST_REGION_METRICS = ("approx_kl", "clipfrac", "kl_to_reference", "ratio_clipfrac")
@@ -101,7 +105,9 @@ def _number(text: str) -> int | float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
-def make_points(run_argv: list[str], grid: dict[str, tuple], out: Path, resume: bool, overwrite: bool) -> list[Point]:
+def make_points(
+    run_argv: list[str], grid: dict[str, tuple], out: Path, resume: bool, overwrite: bool, extend: bool = False
+) -> list[Point]:
     """One validated run plan per grid configuration; nothing is loaded or written."""
     for flag in TUNER_OWNS:
         if _peek(run_argv, flag) is not None or flag in run_argv:
@@ -125,7 +131,9 @@ def make_points(run_argv: list[str], grid: dict[str, tuple], out: Path, resume: 
             for arg in (f"--{algo}.{name.replace('_', '-')}", str(value))
         ]
         point_out = out / point_name(values)
-        flags = ["--resume"] if resume and (point_out / "config.json").exists() else ["--overwrite"] if overwrite else []
+        started = (point_out / "config.json").exists()
+        flags = (["--resume"] if resume and started else ["--extend"] if extend and started
+                 else ["--overwrite"] if overwrite else [])
         plan = make_plan(parse_args(
             argv + overrides + ["--eval-split", "validation", "--eval-every", str(first.epochs), "--out", str(point_out),
                                 *flags]
@@ -261,18 +269,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: results/tune-<preset>-<reward>)")
     parser.add_argument("--resume", action="store_true", help="continue the configurations already started in --out")
     parser.add_argument("--overwrite", action="store_true", help="replace the tuning run in --out")
+    parser.add_argument("--extend", action="store_true",
+                        help="add the seeds (or algorithms) that the finished configurations in --out lack, then "
+                             "select again over all of them")
     parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                         help="tune these values of a config field instead of the preset's tuning_grid (repeatable)")
     own, run_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
-        if own.resume and own.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+        if sum((own.resume, own.overwrite, own.extend)) > 1:
+            raise UsageError("--resume, --overwrite and --extend contradict each other; pass one of them")
         preset_name = _peek(run_argv, "--preset") or "tiny"
         if preset_name not in PRESETS:
             raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward
         out = Path(own.out or Path("results") / f"tune-{preset_name}-{folder_label(reward)}")
-        points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite)
+        points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite, own.extend)
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

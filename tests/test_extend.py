@@ -1,5 +1,5 @@
-"""`--extend`: new algorithms added to a finished run folder, and the portable model path
-that lets a run folder move between checkouts."""
+"""`--extend`: new algorithms or seeds added to a finished run folder, and the portable model
+path that lets a run folder move between checkouts."""
 
 import json
 import shutil
@@ -128,6 +128,57 @@ def test_an_interrupted_extension_keeps_every_recorded_row_and_resumes(ddpo_run,
     assert trained == [("d3po", SEEDS[-1])]
     assert {algo: _lines(out, algo) for algo in recorded} == recorded
     assert {json.loads(line)["seed"] for line in _lines(out, "d3po")} == set(SEEDS)
+
+
+def test_extend_adds_a_seed_to_every_algorithm_and_reuses_the_recorded_seeds(ddpo_run, tiny_pipeline_dir, tmp_path,
+                                                                             monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(ddpo_run, out, ignore=shutil.ignore_patterns("checkpoints"))
+    recorded = {algo: _lines(out, algo) for algo in ("base", "ddpo")}
+    new_seed = SEEDS[-1] + 1
+    evaluated = []
+    real_evaluate_base = benchmarks.train.evaluate_base
+
+    def evaluate_base(settings, seed, *args, **kwargs):
+        evaluated.append(seed)
+        return real_evaluate_base(settings, seed, *args, **kwargs)
+
+    monkeypatch.setattr(benchmarks.train, "evaluate_base", evaluate_base)
+    trained = _watch_training(monkeypatch)
+    seeds = ",".join(map(str, [*SEEDS, new_seed]))
+    assert main([*_with(_run_args(tiny_pipeline_dir, out), "--seeds", seeds), "--algos", "ddpo", "--extend"]) == 0
+
+    assert trained == [("ddpo", new_seed)] and evaluated == [new_seed]
+    seeds_of = {algo: [json.loads(line)["seed"] for line in _lines(out, algo)] for algo in recorded}
+    assert all(set(found) == {*SEEDS, new_seed} for found in seeds_of.values())
+    assert {algo: _lines(out, algo)[: len(lines)] for algo, lines in recorded.items()} == recorded
+    assert json.loads((out / "config.json").read_text())["seeds"] == [*SEEDS, new_seed]
+    assert pd.read_csv(out / "table.csv")["seeds"].tolist() == [len(SEEDS) + 1] * 2
+
+    # The new seed's rows are those of a run of that seed alone.
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    assert main([*_with(_run_args(tiny_pipeline_dir, alone), "--seeds", str(new_seed)), "--algos", "ddpo"]) == 0
+    for algo in recorded:
+        assert _without_time(_lines(out, algo)[len(recorded[algo]):]) == _without_time(_lines(alone, algo))
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        # A seed added to a run must be added to every algorithm it holds.
+        (["--algos", "d3po"], "list ddpo in --algos too"),
+        # ... at the settings its recorded seeds trained with.
+        (["--algos", "ddpo", "--ddpo.learning-rate", "0.5"], "--ddpo.learning-rate 0.5: ddpo in"),
+    ],
+)
+def test_extend_refuses_a_seed_the_recorded_rows_could_not_share(ddpo_run, tiny_pipeline_dir, refused_before_running,
+                                                                 capsys, extra, expected):
+    seeds = ",".join(map(str, [*SEEDS, SEEDS[-1] + 1]))
+    assert main([*_with(_run_args(tiny_pipeline_dir, ddpo_run), "--seeds", seeds), *extra, "--extend"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and len(error.strip().splitlines()) == 1
+    assert expected in error and str(ddpo_run / "config.json") in error
 
 
 @pytest.mark.parametrize(

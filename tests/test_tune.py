@@ -67,6 +67,24 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
     assert (table["selected"].sum()) == 2
     assert "max approx_kl" in table.columns
 
+    # --extend adds a tuning seed to every configuration, trains only that seed, and
+    # selects again on the mean over both seeds.
+    first = {lr: (out / f"learning_rate={lr}" / "records.jsonl").read_text() for lr in ("0.001", "0.1")}
+    new_seed = int(TUNING_SEEDS) + 1
+    assert main([*argv, "--extend", "--seeds", f"{TUNING_SEEDS},{new_seed}"]) == 0
+    for lr, lines in first.items():
+        records = [json.loads(line) for line in (out / f"learning_rate={lr}" / "records.jsonl").read_text().splitlines()]
+        assert (out / f"learning_rate={lr}" / "records.jsonl").read_text().startswith(lines)
+        assert {r["seed"] for r in records} == {int(TUNING_SEEDS), new_seed}
+    extended = pd.read_csv(out / "tuning.csv")
+    for algo, lr in (("ddpo", "0.001"), ("rebel", "0.1")):
+        records = pd.DataFrame(
+            [json.loads(line) for line in (out / f"learning_rate={lr}" / "records.jsonl").read_text().splitlines()])
+        mine = records[(records["algo"] == algo) & (records["reward"] == "jpeg_compressibility")]
+        row = extended[(extended["algo"] == algo) & (extended["learning_rate"] == float(lr))].iloc[0]
+        assert row["score"] == pytest.approx(mine.groupby("eval_steps")["mean"].mean().mean())
+    assert f"seeds {TUNING_SEEDS}, {new_seed}" in (out / "tuning.md").read_text()
+
 
 def _records(folder, values: dict[str, tuple[float, float]]) -> None:
     """records.jsonl of a finished one-algorithm run: reward -> its means at 1 and 4 steps."""
