@@ -39,8 +39,10 @@ import pandas as pd
 from benchmarks.presets import PRESETS
 from benchmarks.run import Plan, UsageError, _peek, execute, folder_label, make_plan, parse_args
 
-TUNING_SEEDS = "100"
-"""Default tuning seeds: never among the seeds the reported tables use (0, 1, 2, ...)."""
+TUNING_SEEDS = "100,101"
+"""Default tuning seeds: never among the seeds the reported tables use (0, 1, 2, ...). Two,
+because one selects on noise: on the tiny aesthetic task seeds 100 and 101 alone chose
+different learning rates for three of four algorithms (results/tune-tiny-tiny-aesthetic)."""
 
 TUNING_RULE = (
     "highest mean validation score over the evaluated step counts after the last epoch, averaged over "

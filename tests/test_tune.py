@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.presets import tiny
-from benchmarks.tune import TUNING_SEEDS, Point, main, score_points, scoring_reward, select
+from benchmarks.tune import TUNING_SEEDS, Point, main, make_points, score_points, scoring_reward, select
 
 from test_benchmark_run import micro_args
 
@@ -43,7 +43,12 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
     run_args = [arg for i, arg in enumerate(micro) if i not in owned and i - 1 not in owned]
     argv = ["--out", str(out), "--grid", "learning_rate=1e-3,1e-1", *run_args, "--algos", "ddpo,rebel",
             "--epochs", "1"]
-    assert main(argv) == 0
+    tuning_seeds = [int(seed) for seed in TUNING_SEEDS.split(",")]
+    assert len(tuning_seeds) >= 2 and not set(tuning_seeds) & {0, 1, 2}
+    planned = make_points(argv[4:], {"learning_rate": (1e-3,)}, out, resume=False, overwrite=False)
+    assert planned[0].plan.seeds == tuning_seeds
+    first_seed, new_seed = tuning_seeds[:2]
+    assert main([*argv, "--seeds", str(first_seed)]) == 0
 
     validation = list(tiny().val_prompts)
     for lr in ("0.001", "0.1"):
@@ -51,7 +56,7 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
         config = json.loads((run / "config.json").read_text())
         assert config["eval_split"] == "validation" and config["eval_prompts"] == validation
         assert not set(validation) & set(tiny().eval_prompts)
-        assert config["seeds"] == [int(TUNING_SEEDS)]
+        assert config["seeds"] == [first_seed]
         assert config["algorithm_configs"]["rebel"]["learning_rate"] == float(lr)
         records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
         assert {r["epoch"] for r in records if r["algo"] != "base"} == {1}
@@ -70,12 +75,11 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
     # --extend adds a tuning seed to every configuration, trains only that seed, and
     # selects again on the mean over both seeds.
     first = {lr: (out / f"learning_rate={lr}" / "records.jsonl").read_text() for lr in ("0.001", "0.1")}
-    new_seed = int(TUNING_SEEDS) + 1
-    assert main([*argv, "--extend", "--seeds", f"{TUNING_SEEDS},{new_seed}"]) == 0
+    assert main([*argv, "--extend", "--seeds", f"{first_seed},{new_seed}"]) == 0
     for lr, lines in first.items():
         records = [json.loads(line) for line in (out / f"learning_rate={lr}" / "records.jsonl").read_text().splitlines()]
         assert (out / f"learning_rate={lr}" / "records.jsonl").read_text().startswith(lines)
-        assert {r["seed"] for r in records} == {int(TUNING_SEEDS), new_seed}
+        assert {r["seed"] for r in records} == {first_seed, new_seed}
     extended = pd.read_csv(out / "tuning.csv")
     for algo, lr in (("ddpo", "0.001"), ("rebel", "0.1")):
         records = pd.DataFrame(
@@ -83,7 +87,7 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
         mine = records[(records["algo"] == algo) & (records["reward"] == "jpeg_compressibility")]
         row = extended[(extended["algo"] == algo) & (extended["learning_rate"] == float(lr))].iloc[0]
         assert row["score"] == pytest.approx(mine.groupby("eval_steps")["mean"].mean().mean())
-    assert f"seeds {TUNING_SEEDS}, {new_seed}" in (out / "tuning.md").read_text()
+    assert f"seeds {first_seed}, {new_seed}" in (out / "tuning.md").read_text()
 
 
 def _records(folder, values: dict[str, tuple[float, float]]) -> None:
