@@ -235,9 +235,10 @@ def sd_turbo() -> Preset:
         # base_sdpo.py:92; advantage clip 5, :90; grad norm 1.0, :79; weight decay 1e-4,
         # :72; λ 0.99, :99; γ 0.99, :57; stat tracker 32/16, config_sdpo.py:27-30), and
         # lr, minibatch and accumulation come per reward from SD_TURBO_REWARD_SETTINGS.
-        # GRPO: those minibatches and accumulations count the paper's 32 pairs; its default 8
-        # trajectories per group would make 8 groups, fewer than one update spans, so it
-        # samples the paper's pairs too (each prompt's baseline is then its 2 trajectories).
+        # GRPO: those minibatches and accumulations count the paper's 32 pairs; GRPO's default
+        # 8 trajectories per group would make 8 groups, fewer than one update spans (16 for
+        # aesthetic), so it samples the paper's pairs too: each prompt's baseline is then its
+        # 2 trajectories, a weak one; a GRPO protocol for this preset is still to be chosen.
         algo_overrides={"grpo": {"group_size": 2}},
     )
 

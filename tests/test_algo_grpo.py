@@ -211,6 +211,21 @@ def test_the_reference_unet_call_is_made_only_when_beta_is_positive(beta, unet_c
     assert ("kl_to_reference" in metrics) == (beta > 0)
 
 
+def test_per_member_kl_equals_the_batched_one(tiny_pipeline_dir):
+    """`Transitions.log_probs_and_kl(per_member=True)` (one call per group member, the way
+    benchmarks.perf times the reference codes) gives the batched log-probs and KL."""
+    policy = policy_with_random_adapter(tiny_pipeline_dir)
+    sampler = TrajectorySampler(policy, SamplerConfig("ddim", 2, 1.0, 2.0))
+    traj = sampler.sample(["a cat", "a dog"], group_size=2, generator=torch.Generator().manual_seed(3))
+    transitions = gather_transitions(traj, torch.tensor([1, 0]), torch.tensor([1, 0]).expand(2, 2, 2))
+    with torch.no_grad():
+        batched, per_member = transitions.log_probs_and_kl(sampler), transitions.log_probs_and_kl(sampler, True)
+    for a, b in zip(batched, per_member):
+        assert a.shape == (2, 2, 2)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+    assert float(batched[1].min()) > 0
+
+
 # ----------------------------------------------------------------------------------------
 # The training window
 
