@@ -113,6 +113,12 @@ def tiny() -> Preset:
         "d3po": {"train_batch_size": 4, "gradient_accumulation_steps": 1},
         "rebel": {"train_batch_size": 4, "gradient_accumulation_steps": 1, "tracker_min_count": 8},
         "sdpo": {"train_batch_size": 4, "gradient_accumulation_steps": 4, "tracker_min_count": 8},
+        # GRPO's baseline is all of a prompt's trajectories in the epoch: G = 2 with the 4
+        # groups per prompt gives every drawn prompt 8 trajectories (8 prompts per epoch),
+        # the pair algorithms' protocol; 4 groups of 2 x 4 steps per update. G = 4 or 8
+        # would leave 4 or 2 prompts per epoch (and could not split an 8-trajectory test
+        # budget into 4 groups per prompt). Learning rate provisional until tuned.
+        "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts from the grid its folder's tuning.md shows, by the proxy's gold
@@ -161,7 +167,9 @@ def tiny() -> Preset:
         eval_batch_size=64,
         mixed_precision="no",
         algo_overrides={
-            algo: {**loop, "learning_rate": learning_rates["tiny-aesthetic"][algo]} for algo, loop in loops.items()
+            algo: {**loop, **({"learning_rate": learning_rates["tiny-aesthetic"][algo]}
+                              if algo in learning_rates["tiny-aesthetic"] else {})}
+            for algo, loop in loops.items()
         },
         reward_overrides={
             reward: {algo: {"learning_rate": lr} for algo, lr in rates.items()}
@@ -229,6 +237,11 @@ def sd_turbo() -> Preset:
         # base_sdpo.py:92; advantage clip 5, :90; grad norm 1.0, :79; weight decay 1e-4,
         # :72; λ 0.99, :99; γ 0.99, :57; stat tracker 32/16, config_sdpo.py:27-30), and
         # lr, minibatch and accumulation come per reward from SD_TURBO_REWARD_SETTINGS.
+        # GRPO: those minibatches and accumulations count the paper's 32 pairs; GRPO's default
+        # 8 trajectories per group would make 8 groups, fewer than one update spans (16 for
+        # aesthetic), so it samples the paper's pairs too: each prompt's baseline is then its
+        # 2 trajectories, a weak one; a GRPO protocol for this preset is still to be chosen.
+        algo_overrides={"grpo": {"group_size": 2}},
     )
 
 
@@ -289,6 +302,9 @@ def lcm() -> Preset:
             # minibatches, accumulation and gradient clipping (1.0).
             "sdpo": dict(shared),
             "d3po": dict(shared),
+            # GRPO: 16 trajectories are 2 groups of its 8; flow_grpo steps the optimizer
+            # twice per epoch (config/grpo.py:236-240 at ac4c86e), so one group per update.
+            "grpo": {**shared, "gradient_accumulation_steps": 1},
         },
     )
 

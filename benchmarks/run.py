@@ -459,7 +459,7 @@ def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
     loop makes them. Assumes `_check_batch_sizes` holds."""
     needs = cfg.build().needs
     minibatches = trajectories // needs.group_size // cfg.train_batch_size * cfg.num_inner_epochs
-    calls = minibatches * (1 if needs.whole_trajectory_loss else cfg.num_steps)
+    calls = minibatches * (1 if needs.whole_trajectory_loss else cfg.trained_steps_per_trajectory)
     return {"loss_calls": calls, "optimizer_updates": calls // cfg.loss_calls_per_update}
 
 

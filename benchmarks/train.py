@@ -12,8 +12,9 @@ pure tensor math (zoo.algorithm). One epoch is:
    `shape_rewards` runs locally, and prompts and returns are gathered so that advantages
    and stat tracking see the global batch;
 3. minibatches of groups are replayed step by step (or whole trajectories for
-   whole-trajectory losses, in chunks of steps with the exact gradient), log-probs
-   recomputed under the current weights, and gradients accumulated over
+   whole-trajectory losses, in chunks of steps with the exact gradient; only the steps
+   `Algorithm.trained_steps` names, all K by default), log-probs recomputed under the
+   current weights (with the KL to the base model when asked), and gradients accumulated over
    `gradient_accumulation_steps` minibatches times the loss calls per minibatch, as the
    DDPO reference multiplies accumulation by K;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
@@ -341,6 +342,21 @@ class Transitions:
         )
         return flat.view(self.steps.shape)
 
+    def log_probs_and_kl(
+        self, sampler: TrajectorySampler, per_member: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, G, S) log-probs under the current weights and (p, G, S) KL of each
+        transition to the frozen base model (`TrajectorySampler.log_prob_and_kl`), for the
+        losses whose `needs.kl_to_reference`; per member as `log_probs` is."""
+        if per_member:
+            parts = [self.select(steps=slice(None), members=slice(g, g + 1)).log_probs_and_kl(sampler)
+                     for g in range(self.steps.shape[1])]
+            return torch.cat([log_probs for log_probs, _ in parts], dim=1), torch.cat([kl for _, kl in parts], dim=1)
+        log_probs, kl = sampler.log_prob_and_kl(
+            self.latents.flatten(0, 2), self.steps.flatten(), self.next_latents.flatten(0, 2), self.embeds.flatten(0, 2)
+        )
+        return log_probs.view(self.steps.shape), kl.view(self.steps.shape)
+
     def select(self, steps: slice | torch.Tensor, members: slice = slice(None)) -> "Transitions":
         """The transitions at positions `steps` of dim 2 (and `members` of dim 1)."""
         return Transitions(*(None if t is None else t[:, members][:, :, steps] for t in (
@@ -367,13 +383,16 @@ def minibatch_losses(
     advantages: (p, G, S), aligned with `transitions`.
     """
 
-    def loss(log_probs: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss(log_probs: torch.Tensor, kl_to_reference: torch.Tensor | None = None):
         return algorithm.loss(LossInputs(
             log_probs=log_probs, old_log_probs=transitions.old_log_probs, advantages=advantages,
-            step_index=transitions.steps, ref_log_probs=transitions.ref_log_probs,
+            step_index=transitions.steps, ref_log_probs=transitions.ref_log_probs, kl_to_reference=kl_to_reference,
         ))
 
     num_steps = transitions.steps.shape[2]
+    if algorithm.needs.kl_to_reference:  # per-step losses only (`SamplingNeeds`)
+        yield *loss(*transitions.log_probs_and_kl(sampler, per_member)), True
+        return
     if not algorithm.needs.whole_trajectory_loss or num_steps <= steps_per_backward:
         yield *loss(transitions.log_probs(sampler, per_member)), True
         return
@@ -429,6 +448,10 @@ def _train_epoch(
     policy = sampler.policy
     needs = algorithm.needs
     num_prompts, group_size, num_steps = traj.log_probs.shape
+    # Drawn once per epoch, so that every inner epoch trains the same steps: the window
+    # whose transitions a Flow-GRPO-Fast sampler would have recorded. None: all K steps.
+    trained = algorithm.trained_steps(num_prompts, group_size, generator)  # (P, G, S)
+    num_steps = num_steps if trained is None else trained.shape[2]  # from here: the steps trained per trajectory
     batch = config.train_batch_size
     chunks = [torch.arange(num_steps)] if needs.whole_trajectory_loss else [torch.tensor([j]) for j in range(num_steps)]
     calls_per_update = config.loss_calls_per_update
@@ -446,6 +469,8 @@ def _train_epoch(
     for _ in range(config.num_inner_epochs):
         order = torch.randperm(num_prompts, generator=generator)
         step_orders = _step_orders(num_prompts, group_size, num_steps, needs.same_step_order_in_group, generator)
+        if trained is not None:  # positions in each trajectory's trained steps -> step indices
+            step_orders = trained.gather(2, step_orders)
         minibatches = order.split(batch)
         # DDPO, REBEL and D3PO replay every step of a minibatch before the next minibatch;
         # SDPO's reference replays step j of every minibatch before step j + 1.

@@ -51,17 +51,19 @@ class CountingAdamW(torch.optim.AdamW):
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
 def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pipeline_dir, name):
-    """8 trajectories at K = 4, batch 2 groups, accumulation 2: the optimizer steps exactly
-    `epoch_budget`'s updates, and the loop reports them with its backward passes (REBEL's
-    4-step losses in chunks of 2 steps: two backward passes per minibatch)."""
+    """8 trajectories (4 groups for GRPO's 8) at K = 4, batch 2 groups, accumulation 2: the
+    optimizer steps exactly `epoch_budget`'s updates, and the loop reports them with its
+    backward passes (REBEL's 4-step losses in chunks of 2 steps: two backward passes per
+    minibatch)."""
     config = replace(ALGORITHMS[name](), sampler="ddim", num_steps=4, guidance_scale=1.0, train_batch_size=2,
                      gradient_accumulation_steps=2)
     algorithm = config.build()
     group_size = algorithm.needs.group_size
+    trajectories = 4 * max(2, group_size)
     policy = policy_with_random_adapter(tiny_pipeline_dir)
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 1.0))
     generator = torch.Generator().manual_seed(0)
-    traj = sampler.sample(["a cat"] * (8 // group_size), group_size=group_size, generator=generator,
+    traj = sampler.sample(["a cat"] * (trajectories // group_size), group_size=group_size, generator=generator,
                           record_pred_x0=algorithm.needs.record_pred_x0,
                           reference_log_probs=algorithm.needs.reference_log_probs)
     advantages = torch.randn(traj.log_probs.shape, generator=generator)
@@ -72,7 +74,7 @@ def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pip
     _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator,
                              TrainLoop(steps_per_backward=2), False)
 
-    budget = epoch_budget(config, 8)
+    budget = epoch_budget(config, trajectories)
     assert budget["optimizer_updates"] >= 1
     assert CountingAdamW.steps == counts["optimizer_updates"] == budget["optimizer_updates"]
     chunks = 2 if algorithm.needs.whole_trajectory_loss else 1

@@ -114,12 +114,18 @@ class CodedSampler:
             "prompt embedding of another group"
         return -code / 1000 + self.policy.theta * torch.cos(code)
 
+    def log_prob_and_kl(self, latents, step_index, next_latents, prompt_embeds) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-prob above and a KL to the base model (θ = 0) of θ² / 2 per transition."""
+        log_prob = self.log_prob(latents, step_index, next_latents, prompt_embeds)
+        return log_prob, 0.5 * self.policy.theta**2 * torch.ones_like(log_prob)
+
 
 class Recorder:
     """The algorithm, recording each `loss` call's inputs and the gradient of its loss."""
 
     def __init__(self, algorithm, params):
         self.algorithm, self.needs, self.params = algorithm, algorithm.needs, params
+        self.trained_steps = algorithm.trained_steps
         self.calls: list[SimpleNamespace] = []
 
     def loss(self, inputs):

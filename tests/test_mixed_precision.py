@@ -38,6 +38,7 @@ class RecordingAlgorithm:
     def __init__(self, inner):
         self.inner = inner
         self.needs = inner.needs
+        self.trained_steps = inner.trained_steps
         self.log_ratios: list[torch.Tensor] = []
 
     def loss(self, inputs: LossInputs):

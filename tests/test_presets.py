@@ -141,7 +141,7 @@ def test_gpu_preset_budgets_fit_every_algorithm(name):
     """`--algos all` passes the batch-size checks at each GPU preset's default budget."""
     preset = PRESETS[name]()
     configs = preset_algo_configs(preset, preset.reward)
-    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+    for algo in ("sdpo", "ddpo", "rebel", "d3po", "grpo"):
         _check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
 
 

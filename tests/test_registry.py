@@ -31,6 +31,7 @@ ZERO_ADVANTAGE_GRADIENT_OFF_POLICY = {
     "d3po": True,  # zero "advantages" are all-tie preferences, masked out.
     "rebel": False,  # regresses Δ/η onto ΔA = 0: pulls the log-ratio difference back to 0.
     "sdpo": False,  # the same regression, per step.
+    "grpo": False,  # -A·ratio is 0, but β·KL pulls the moved log-probs back toward the base.
 }
 """Whether zero advantages give a zero gradient when the log-probs have moved from the
 sampling ones (every algorithm gives zero at the sampling weights; see the tests)."""
@@ -87,12 +88,16 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
     features = torch.randn(*step_index.shape, 8, generator=generator)
     log_probs = model(features)
     nudge = 0.01 * torch.randn(step_index.shape, generator=generator)
+    old_log_probs = log_probs.detach() if on_policy else log_probs.detach() + nudge
     inputs = LossInputs(
         log_probs=log_probs,
-        old_log_probs=log_probs.detach() if on_policy else log_probs.detach() + nudge,
+        old_log_probs=old_log_probs,
         advantages=torch.zeros_like(log_probs) if zero_advantages else torch.gather(advantages, 2, step_index),
         step_index=step_index,
         ref_log_probs=log_probs.detach() - nudge if algo.needs.reference_log_probs else None,
+        # A stand-in KL to the base model, taken to be the sampling policy (the first epoch's,
+        # whose adapter is still zero): 0 with a zero gradient at the sampling weights.
+        kl_to_reference=0.5 * (log_probs - old_log_probs) ** 2 if algo.needs.kl_to_reference else None,
     )
     return algo, inputs, model
 

@@ -130,6 +130,11 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
+UNTUNED = {"grpo"}
+"""Algorithms added after the committed tuning runs: they train at a provisional learning
+rate (benchmarks/presets.py) until a tuning run selects one."""
+
+
 @pytest.mark.parametrize("reward", ["tiny-aesthetic", "tiny-align", "jpeg_compressibility"])
 def test_tiny_preset_carries_the_committed_tuning_selection(reward):
     """For each task, the learning rates the tiny preset trains with are the ones its
@@ -145,7 +150,7 @@ def test_tiny_preset_carries_the_committed_tuning_selection(reward):
     preset = tiny()
     assert selected["preset"] == "tiny" and selected["reward"] == reward
     configs = preset_algo_configs(preset, reward)
-    assert set(selected["selected"]) == set(preset.algo_overrides)
+    assert set(selected["selected"]) == set(preset.algo_overrides) - UNTUNED
     for algo, chosen in selected["selected"].items():
         assert chosen["learning_rate"] in tried
         if reward != "jpeg_compressibility":

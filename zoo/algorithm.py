@@ -9,8 +9,9 @@ The runner (benchmarks/) drives it each epoch:
 3. `shape_rewards` turns those scores into per-trajectory returns, locally;
 4. gathers prompts and returns from every process and calls `advantages` on the global
    batch (identical on every process), then keeps its own slice;
-5. for each minibatch and chunk of steps, recomputes log-probs under the current
-   weights and calls `loss`, which returns (loss, metrics).
+5. for each minibatch and chunk of the steps that `trained_steps` names (all K by
+   default), recomputes log-probs under the current weights (and, if `needs` asks, the
+   KL to the frozen base model) and calls `loss`, which returns (loss, metrics).
 
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
 from every config, and whose `build()` makes the algorithm.
@@ -45,6 +46,17 @@ class SamplingNeeds:
     `benchmarks.train.minibatch_losses`.)"""
     same_step_order_in_group: bool = True
     """Whether the members of a group see their steps in the same shuffled order."""
+    kl_to_reference: bool = False
+    """Whether each `loss` call needs the KL of every trained transition's Gaussian under the
+    current weights to the frozen base model's (adapter disabled): one more UNet call per
+    loss call, without gradients (GRPO's β > 0). Per-step losses only."""
+
+    def __post_init__(self) -> None:
+        if self.kl_to_reference and self.whole_trajectory_loss:
+            raise ValueError(
+                "kl_to_reference is computed per loss call, and a whole-trajectory loss split into chunks of "
+                "steps would see only its chunk's KL: ask for one or the other."
+            )
 
 
 @dataclass
@@ -56,6 +68,9 @@ class LossInputs:
     advantages: torch.Tensor  # (p, G, S)
     step_index: torch.Tensor  # (p, G, S) long, k = 0 for the first (noisiest) step
     ref_log_probs: torch.Tensor | None = None  # (p, G, S) under the frozen base model
+    # (p, G, S) KL(current || base) of each transition's Gaussian, averaged over the latent's
+    # elements, carrying the gradient (`needs.kl_to_reference`; `zoo.sampling.gaussian_kl`)
+    kl_to_reference: torch.Tensor | None = None
 
 
 class Algorithm(abc.ABC):
@@ -75,6 +90,13 @@ class Algorithm(abc.ABC):
         Returns (P, G) terminal or (P, G, K) per-step returns.
         """
         return scores
+
+    def trained_steps(self, num_prompts: int, group_size: int, generator: torch.Generator) -> torch.Tensor | None:
+        """(P, G, S) long: the step indices of each trajectory that the epoch trains (S the
+        config's `trained_steps_per_trajectory`, the same for every trajectory), drawn from
+        the epoch's `generator`; None trains all K steps. The other steps are sampled but
+        never replayed."""
+        return None
 
     @abc.abstractmethod
     def new_tracker(self) -> Any:
@@ -180,11 +202,17 @@ class TrainingConfig(abc.ABC):
             raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
 
     @property
+    def trained_steps_per_trajectory(self) -> int:
+        """Steps of each trajectory that are trained: all K, unless the algorithm trains a
+        window of them (`Algorithm.trained_steps`, which must return this many)."""
+        return self.num_steps
+
+    @property
     def loss_calls_per_update(self) -> int:
         """`loss` calls (backward passes) between optimizer steps: gradient_accumulation_steps
         x K, as ddpo-pytorch's accelerator counts them (every step of every accumulated
-        minibatch)."""
-        return self.gradient_accumulation_steps * self.num_steps
+        minibatch; every trained step, for an algorithm that trains a window)."""
+        return self.gradient_accumulation_steps * self.trained_steps_per_trajectory
 
     @property
     def steps_in_outer_loop(self) -> bool:

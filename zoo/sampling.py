@@ -108,6 +108,16 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return log_density.flatten(1).mean(dim=1)
 
 
+def gaussian_kl(mean: torch.Tensor, ref_mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, std²) || N(ref_mean, std²)) per element, averaged over every dim but the
+    first: (N, ...) -> (N,), in float32. Both Gaussians share their std, as a transition's
+    std here depends on the schedule only, never on the weights; the KL is then
+    (mean - ref_mean)² / (2 std²) per element, averaged like the log-probs."""
+    mean, ref_mean = mean.float(), ref_mean.float()
+    std = _per_sample(std.float(), mean)
+    return ((mean - ref_mean) ** 2 / (2 * std**2)).flatten(1).mean(dim=1)
+
+
 def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape (N,) per-sample scalars to broadcast against (N, C, h, w)."""
     return values.reshape(-1, *([1] * (like.dim() - 1)))
@@ -279,6 +289,21 @@ class TrajectorySampler:
         """(N,) float32 log-density of x_t -> x_t' under the current weights (with grad)."""
         mean, std, _ = self.transition(latents, step_index, prompt_embeds)
         return gaussian_log_prob(next_latents, mean, std)
+
+    def log_prob_and_kl(
+        self,
+        latents: torch.Tensor,
+        step_index: torch.Tensor,
+        next_latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) log-density of x_t -> x_t' under the current weights (with grad) and (N,)
+        KL of the current transition Gaussian to the frozen base model's (`gaussian_kl`;
+        the base's mean without grad, adapter disabled): two UNet calls."""
+        mean, std, _ = self.transition(latents, step_index, prompt_embeds)
+        with torch.no_grad(), self.policy.reference():
+            ref_mean, _, _ = self.transition(latents, step_index, prompt_embeds)
+        return gaussian_log_prob(next_latents, mean, std), gaussian_kl(mean, ref_mean, std)
 
     @torch.no_grad()
     def sample(
