@@ -108,11 +108,18 @@ def tiny() -> Preset:
     # one epoch (DDPO 4, pairs 8), so every advantage is its prompt's own statistics; with
     # the published 16 and one group per prompt, 83% (DDPO) and 75% (pairs) of the first
     # 10 epochs' advantages fell back to batch statistics (tests/test_groups_per_prompt.py).
+    # DRaFT samples as it trains: 8 minibatches of 8 trajectories, each sampled with the
+    # weights the last update left and trained on with one backward pass (through its last
+    # K steps) and one update, so the same 64 trajectories and 8 updates per epoch, each
+    # update from 8 trajectories x 4 steps = 32 sampled transitions (the last K of each
+    # with gradients).
     loops = {
         "ddpo": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "tracker_min_count": 4},
         "d3po": {"train_batch_size": 4, "gradient_accumulation_steps": 1},
         "rebel": {"train_batch_size": 4, "gradient_accumulation_steps": 1, "tracker_min_count": 8},
         "sdpo": {"train_batch_size": 4, "gradient_accumulation_steps": 4, "tracker_min_count": 8},
+        # The learning rate is provisional until tuned (of the order the others were tuned to).
+        "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts (seed 100) from the grid its folder's tuning.md shows, by the
@@ -159,7 +166,8 @@ def tiny() -> Preset:
         eval_batch_size=64,
         mixed_precision="no",
         algo_overrides={
-            algo: {**loop, "learning_rate": learning_rates["tiny-aesthetic"][algo]} for algo, loop in loops.items()
+            algo: {**loop, "learning_rate": learning_rates["tiny-aesthetic"].get(algo, loop.get("learning_rate"))}
+            for algo, loop in loops.items()
         },
         reward_overrides={
             reward: {algo: {"learning_rate": lr} for algo, lr in rates.items()}

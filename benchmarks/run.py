@@ -395,6 +395,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         _check_batch_sizes(name, cfg, trajectories, num_processes)
         _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)
     loop = _check_loop(args.loop, preset, configs)
+    _check_reward_gradients(configs, reward)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
         check_rewards(name, reward_paths)
@@ -441,6 +442,24 @@ def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> Tra
     if loop.steps_per_backward < 1:
         raise UsageError(f"--loop.steps-per-backward must be at least 1, got {loop.steps_per_backward}")
     return dataclasses.replace(loop, sample_batch_size=sample_batch)
+
+
+def _check_reward_gradients(configs: dict[str, Any], reward: str) -> None:
+    """Refuses a training reward without a gradient for the algorithms that back-propagate
+    it (`RewardBackpropAlgorithm`: DRaFT), reading the registry only (nothing loads)."""
+    from rewards.registry import REWARDS, non_differentiable_rewards
+    from zoo.algorithm import RewardBackpropAlgorithm
+
+    backprop = [name for name, cfg in configs.items() if isinstance(cfg.build(), RewardBackpropAlgorithm)]
+    blocked = non_differentiable_rewards(reward) if backprop else []
+    if blocked:
+        names = ", ".join(backprop)
+        usable = ", ".join(name for name, spec in REWARDS.items() if spec.differentiable)
+        raise UsageError(
+            f"--reward {reward}: {', '.join(blocked)} {'is' if len(blocked) == 1 else 'are'} not differentiable, and "
+            f"{names} back-propagates the reward's gradient into the model; train {names} on a differentiable reward "
+            f"({usable}, or a plugin whose class sets differentiable = True), or leave {names} out of --algos"
+        )
 
 
 def _schedule_length(model: str, source: str) -> int:
