@@ -295,6 +295,9 @@ def lcm() -> Preset:
             # minibatches, accumulation and gradient clipping (1.0).
             "sdpo": dict(shared),
             "d3po": dict(shared),
+            # DRaFT: AlignProp's minibatch of 8, accumulated over the round's two (AlignProp's 4
+            # would not fit 16 trajectories): one update per round, as RLCM's REBEL.
+            "draft": {**shared, "gradient_accumulation_steps": 2},
         },
     )
 

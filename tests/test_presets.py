@@ -14,6 +14,7 @@ from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
 from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import JobSettings, training_sampler_config
 from zoo.policy import Policy
+from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.tiny.arch import build_random_pipeline
 
@@ -36,8 +37,9 @@ def leading_pipeline_dir(tmp_path_factory) -> str:
 
 
 def _plan(preset: str, model: str, out):
-    """The plan of `preset` on a local tiny model, with a reward that needs no weights."""
-    args = parse_args(["--preset", preset, "--model", model, "--reward", "jpeg_compressibility",
+    """The plan of `preset` on a local tiny model, with a reward whose weights are in the
+    repository and that has a gradient, so that every algorithm (DRaFT too) trains on it."""
+    args = parse_args(["--preset", preset, "--model", model, "--reward", "tiny-clip",
                        "--eval-steps", "1,2,4,8", "--out", str(out)])
     return make_plan(args)
 
@@ -141,7 +143,7 @@ def test_gpu_preset_budgets_fit_every_algorithm(name):
     """`--algos all` passes the batch-size checks at each GPU preset's default budget."""
     preset = PRESETS[name]()
     configs = preset_algo_configs(preset, preset.reward)
-    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+    for algo in ALGORITHMS:
         _check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
 
 

@@ -13,6 +13,7 @@ import pytest
 
 import benchmarks.run
 from benchmarks.run import main, make_plan, parse_args
+from zoo.algorithm import RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,8 +21,13 @@ QUICK_SECONDS = 5.0
 """Refusals read flags, folders and small JSON files only; model loading takes longer."""
 
 
+JPEG_ALGOS = ",".join(n for n, config in ALGORITHMS.items() if not isinstance(config().build(), RewardBackpropAlgorithm))
+"""Every algorithm that can train on JPEG sizes: reward back-propagation (DRaFT) needs a gradient."""
+
+
 def base_args(model: str, out: Path) -> list[str]:
     return [
+        "--algos", JPEG_ALGOS,
         "--model", model,
         "--reward", "jpeg_compressibility",
         "--eval-rewards", "",
@@ -75,6 +81,8 @@ CASES = [
     ("malformed reward path", ["--reward-path", "pickscore"], ["--reward-path", "NAME=PATH"], None),
     ("reward path for no reward", ["--reward-path", "pickscor=/models/x"], ["--reward-path", "'pickscor'"], None),
     ("eta 0 with log-probs", ["--sdpo.eta", "0"], ["--sdpo.eta", "log-density"], None),
+    ("reward without a gradient for draft", ["--algos", "draft"],
+     ["--reward jpeg_compressibility", "not differentiable", "leave draft out of --algos"], None),
     ("trajectories vs group size", ["--trajectories-per-epoch", "7"], ["--trajectories-per-epoch 7", "group size"],
      None),
     ("train batch vs groups", ["--sdpo.train-batch-size", "3"], ["--sdpo.train-batch-size 3"], None),
