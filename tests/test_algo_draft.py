@@ -369,4 +369,23 @@ def test_a_reward_without_a_gradient_is_refused_before_any_model_loads(reward, b
     assert "\n" not in line
     assert line.startswith(f"error: --reward {reward}: {blocked} not differentiable")
     assert "ddpo" not in line and "leave draft out of --algos" in line and "tiny-aesthetic, tiny-align" in line
-    assert benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"])).algos == ["ddpo", "draft"]
+    plan = benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"]))
+    assert plan.algos == ["ddpo", "draft"]
+
+
+def test_algos_all_leaves_draft_out_of_a_run_on_a_reward_without_a_gradient(tiny_pipeline_dir, tmp_path,
+                                                                             monkeypatch, capsys):
+    """`--algos all` (the default) with JPEG trains every algorithm but DRaFT, and says so
+    when the run starts; with a differentiable reward it trains DRaFT too."""
+    from zoo.registry import ALGORITHMS
+
+    monkeypatch.setattr(benchmarks.run, "execute", lambda plan: "")
+    args = micro_args(tiny_pipeline_dir, tmp_path / "run")
+    plan = benchmarks.run.make_plan(benchmarks.run.parse_args(args))
+    assert plan.algos == [name for name in ALGORITHMS if name != "draft"]
+    assert main(args) == 0
+    assert capsys.readouterr().err.strip() == (
+        "note: --algos all leaves out draft: --reward jpeg_compressibility: jpeg_compressibility is not differentiable"
+    )
+    plan = benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"]))
+    assert plan.algos == list(ALGORITHMS) and plan.notes == []

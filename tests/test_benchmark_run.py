@@ -22,10 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def micro_args(model: str, out: Path) -> list[str]:
     """Two epochs of 8 trajectories at K=2 on the random tiny pipeline, JPEG reward: every
-    code path of the runner in seconds. Batch sizes make one update per epoch each. JPEG
-    has no gradient, so DRaFT is left out (tests/test_algo_draft.py runs it)."""
+    code path of the runner in seconds. Batch sizes make one update per epoch each."""
     return [
-        "--algos", ",".join(ALGOS),
         "--model", model,
         "--reward", "jpeg_compressibility",
         "--eval-rewards", "",

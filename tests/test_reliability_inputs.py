@@ -13,7 +13,6 @@ import pytest
 
 import benchmarks.run
 from benchmarks.run import main, make_plan, parse_args
-from zoo.algorithm import RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent
@@ -21,13 +20,8 @@ QUICK_SECONDS = 5.0
 """Refusals read flags, folders and small JSON files only; model loading takes longer."""
 
 
-JPEG_ALGOS = ",".join(n for n, config in ALGORITHMS.items() if not isinstance(config().build(), RewardBackpropAlgorithm))
-"""Every algorithm that can train on JPEG sizes: reward back-propagation (DRaFT) needs a gradient."""
-
-
 def base_args(model: str, out: Path) -> list[str]:
     return [
-        "--algos", JPEG_ALGOS,
         "--model", model,
         "--reward", "jpeg_compressibility",
         "--eval-rewards", "",

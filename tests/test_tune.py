@@ -108,6 +108,11 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
+UNTUNED = {"draft"}
+"""Algorithms whose tiny-preset learning rate is provisional (benchmarks/presets.py::tiny):
+no committed tuning run has selected one yet."""
+
+
 @pytest.mark.parametrize("reward", ["tiny-aesthetic", "tiny-align", "jpeg_compressibility"])
 def test_tiny_preset_carries_the_committed_tuning_selection(reward):
     """For each task, the learning rates the tiny preset trains with are the ones its
@@ -123,7 +128,7 @@ def test_tiny_preset_carries_the_committed_tuning_selection(reward):
     preset = tiny()
     assert selected["preset"] == "tiny" and selected["reward"] == reward
     configs = preset_algo_configs(preset, reward)
-    assert set(selected["selected"]) == set(preset.algo_overrides)
+    assert set(selected["selected"]) == set(preset.algo_overrides) - UNTUNED
     for algo, chosen in selected["selected"].items():
         assert chosen["learning_rate"] in tried
         if reward != "jpeg_compressibility":
