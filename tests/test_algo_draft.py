@@ -296,6 +296,35 @@ def test_a_failing_reward_costs_the_update_of_its_minibatch_only(tiny_pipeline_d
     assert any(not torch.equal(p, b) for p, b in zip(policy.trainable_parameters(), before))
 
 
+def test_two_processes_step_with_the_mean_of_their_gradients(tiny_pipeline_dir, tmp_path):
+    """Under DDP with gloo, the checkpointed UNet calls run again inside the backward pass
+    through the DDP wrapper; the update must still be the one of the gradient averaged over
+    processes. tests/distributed/draft_sync.py runs one epoch per process (its own
+    prompts and noise, 2 minibatches accumulated, SGD) with the UNet unwrapped and then
+    wrapped: the wrapped update equals the mean of the unwrapped ones (to float32 rounding
+    of ~1e-6 of the update), on both processes, where the two unwrapped ones differ."""
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "updates.pt"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(repo / "tests" / "distributed" / "draft_sync.py"), tiny_pipeline_dir, str(out),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    updates = torch.load(out, weights_only=True)
+    local, synced = updates["local"], updates["synced"]  # (2 processes, LoRA weights)
+    scale = local.abs().max()
+    assert (local[0] - local[1]).abs().max() > 0.1 * scale
+    assert torch.equal(synced[0], synced[1])
+    torch.testing.assert_close(synced[0], local.mean(0), rtol=0, atol=1e-5 * float(scale))
+
+
 # ----------------------------------------------------------------------------------------
 # The runner end to end, and the refusal
 # ----------------------------------------------------------------------------------------
