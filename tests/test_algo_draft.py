@@ -216,6 +216,28 @@ def test_only_the_window_carries_a_graph_and_its_unet_calls_are_recomputed(float
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
 
 
+def test_half_precision_gives_the_float32_gradient_to_its_rounding(tiny_pipeline_dir):
+    """Under bf16 autocast (the GPU presets train in fp16), checkpointing recomputes each
+    UNet call under the autocast it ran in, and the LoRA gradient through the last 2 of 4
+    steps keeps the float32 one's direction (cosine > 0.999; measured 0.9997) and norm (3%;
+    measured 1%)."""
+    generator = torch.Generator().manual_seed(0)
+    x_T = torch.randn(2, 4, 16, 16, generator=generator)
+    step_noise = torch.randn(2, K_TOTAL, 4, 16, 16, generator=generator)
+    target = torch.rand(2, 3, 32, 32, generator=generator)
+
+    def gradient(precision: str) -> torch.Tensor:
+        policy = policy_with_random_adapter(tiny_pipeline_dir, mixed_precision=precision)
+        sampler = TrajectorySampler(policy, SamplerConfig("ddim", K_TOTAL, 0.0, 2.0, "trailing"))
+        latents = sampler.final_latents(x_T, policy.encode_prompts(PROMPTS), step_noise, 2)
+        (-((policy.decode_with_grad(latents) - target) ** 2).mean()).backward()
+        return torch.cat([p.grad.flatten() for p in policy.trainable_parameters()])
+
+    full, half = gradient("no"), gradient("bf16")
+    assert torch.nn.functional.cosine_similarity(full, half, dim=0) > 0.999
+    assert half.norm() / full.norm() == pytest.approx(1.0, abs=0.03)
+
+
 def test_final_latents_continue_the_trajectories_that_sample_draws(tiny_pipeline_dir):
     """With the same x_T and step noise, `final_latents` ends where `sample`'s last
     transition lands, whatever K (eta = 1: the noise of every step enters)."""
@@ -418,3 +440,19 @@ def test_algos_all_leaves_draft_out_of_a_run_on_a_reward_without_a_gradient(tiny
     )
     plan = benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"]))
     assert plan.algos == list(ALGORITHMS) and plan.notes == []
+
+
+@pytest.mark.slow
+def test_training_raises_the_held_out_proxy(tmp_path):
+    """DRaFT-1 on the shipped tiny model with the tiny preset's budget (10 epochs of 64
+    trajectories at K = 4, 8 updates each, its provisional learning rate), seed 0: the
+    held-out tiny-aesthetic at 4 steps beats the base by more than 0.1 (measured on the
+    validation prompts, seed 100: 0.567 -> 0.906, gold 0.647 -> 0.662; at lr 5e-4 0.567 ->
+    0.732, gold 0.647 -> 0.733), far beyond the base's evaluation noise (se 0.02)."""
+    out = tmp_path / "run"
+    args = ["--algos", "draft", "--reward", "tiny-aesthetic", "--epochs", "10", "--eval-every", "10",
+            "--eval-steps", "4", "--eval-samples-per-prompt", "8", "--out", str(out)]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    final = {r["algo"]: r["mean"] for r in records if r["reward"] == "tiny-aesthetic" and r["epoch"] in (0, 10)}
+    assert final["draft"] - final["base"] > 0.1, final
