@@ -33,8 +33,9 @@ Implementation details (the runner's side is `benchmarks.train.reward_backprop_e
    as a constant (reparametrised). K_total = 50 (alignprop_config.py:103), CFG 5 (:109).
 6. Loss = -loss_scale * mean(rewards) over the minibatch, loss_scale 0.01 (AlignProp's
    loss_coeff, alignprop_config.py:106, applied at alignprop_trainer.py:330-331). Its
-   aesthetic loss |r - 10| (:120-130, aesthetic_target 10, alignprop_config.py:107) and
-   HPS loss 1 - r (:102) both have -r's gradient wherever r is below the target.
+   aesthetic loss |r - 10| (alignprop_trainer.py:120-130; aesthetic_target 10,
+   alignprop_config.py:107) and HPS loss 1 - r (alignprop_trainer.py:102) both have -r's
+   gradient wherever r is below the target.
 7. Rewards: the image's gradient needs a differentiable reward
    (`rewards.base.Reward.score_with_grad`): its preprocessing keeps the graph (resize and
    normalise in torch, no 8-bit rounding), as AlignProp's does (alignprop_trainer.py:121-123).
