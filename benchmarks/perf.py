@@ -44,6 +44,7 @@ from benchmarks import archs
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import TrainLoop, Transitions, gather_transitions, minibatch_losses, sample_and_score
 from rewards.registry import load_reward
+from zoo.algorithm import Algorithm
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
@@ -79,7 +80,7 @@ class PerfArgs:
     preset: str = "tiny"
     """Architecture, sampler and precision: tiny, sd-turbo, lcm or sd15."""
     algos: str = "all"
-    """Comma-separated algorithms, or "all"."""
+    """Comma-separated algorithms, or "all" (every one but reward back-propagation, DRaFT, which it does not time)."""
     batch_size: int | None = None
     """Trajectories per sampling call (default 8: the SDPO paper's sampling batch)."""
     steps: int | None = None
@@ -394,10 +395,17 @@ def markdown(record: dict) -> str:
 def main(args: PerfArgs) -> dict:
     if args.preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
-    names = list(ALGORITHMS) if args.algos == "all" else [a.strip() for a in args.algos.split(",")]
+    # The phases below time log-prob training; reward back-propagation (DRaFT) trains as it
+    # samples, through `benchmarks.train.reward_backprop_epoch`, which they do not measure.
+    timed_algos = [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)]
+    names = timed_algos if args.algos == "all" else [a.strip() for a in args.algos.split(",")]
     unknown = [n for n in names if n not in ALGORITHMS]
     if unknown:
         raise SystemExit(f"--algos: unknown {', '.join(unknown)}; known: {', '.join(ALGORITHMS)}")
+    untimed = [n for n in names if n not in timed_algos]
+    if untimed:
+        raise SystemExit(f"--algos: {', '.join(untimed)} back-propagates the reward through sampling, which this "
+                         f"benchmark does not time; choose from {', '.join(timed_algos)}")
     if args.reduced and args.preset == "tiny":
         raise SystemExit("--reduced applies to the real architectures (sd-turbo, lcm, sd15), not tiny")
     device = resolve_device(args.device)

@@ -108,6 +108,11 @@ def tiny() -> Preset:
     # one epoch (DDPO 4, pairs 8), so every advantage is its prompt's own statistics; with
     # the published 16 and one group per prompt, 83% (DDPO) and 75% (pairs) of the first
     # 10 epochs' advantages fell back to batch statistics (tests/test_groups_per_prompt.py).
+    # DRaFT samples as it trains: 8 minibatches of 8 trajectories, each sampled with the
+    # weights the last update left and trained on with one backward pass (through its last
+    # K steps) and one update, so the same 64 trajectories and 8 updates per epoch, each
+    # update from 8 trajectories x 4 steps = 32 sampled transitions (the last K of each
+    # with gradients).
     loops = {
         "ddpo": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "tracker_min_count": 4},
         "d3po": {"train_batch_size": 4, "gradient_accumulation_steps": 1},
@@ -119,6 +124,8 @@ def tiny() -> Preset:
         # would leave 4 or 2 prompts per epoch (and could not split an 8-trajectory test
         # budget into 4 groups per prompt). Learning rate provisional until tuned.
         "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
+        # The learning rate is provisional until tuned (of the order the others were tuned to).
+        "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts from the grid its folder's tuning.md shows, by the proxy's gold
@@ -305,6 +312,9 @@ def lcm() -> Preset:
             # GRPO: 16 trajectories are 2 groups of its 8; flow_grpo steps the optimizer
             # twice per epoch (config/grpo.py:236-240 at ac4c86e), so one group per update.
             "grpo": {**shared, "gradient_accumulation_steps": 1},
+            # DRaFT: AlignProp's minibatch of 8, accumulated over the round's two (AlignProp's 4
+            # would not fit 16 trajectories): one update per round, as RLCM's REBEL.
+            "draft": {**shared, "gradient_accumulation_steps": 2},
         },
     )
 

@@ -265,6 +265,8 @@ class Plan:
     loop: TrainLoop
     recorded_configs: dict[str, dict] = field(default_factory=dict)
     """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
+    notes: list[str] = field(default_factory=list)
+    """What the user should know before the run starts (an algorithm left out), one line each."""
 
     def config_json(self) -> dict:
         return {
@@ -355,6 +357,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         raise UsageError(f"--eval-steps: step counts must be at least 1, got {args.eval_steps!r}")
     reward = args.reward or preset.reward
     parse_reward_spec(reward)
+    algos, notes = _algos_for_reward(args, algos, reward)
     if args.eval_rewards is None:
         eval_rewards = [name for name in preset.eval_rewards if name != reward]
     else:
@@ -416,7 +419,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
     plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model,
-                model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop)
+                model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop,
+                notes=notes)
     _check_out_dir(plan)
     return _extended(plan) if args.extend else plan
 
@@ -442,6 +446,31 @@ def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> Tra
     if loop.steps_per_backward < 1:
         raise UsageError(f"--loop.steps-per-backward must be at least 1, got {loop.steps_per_backward}")
     return dataclasses.replace(loop, sample_batch_size=sample_batch)
+
+
+def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[list[str], list[str]]:
+    """(`algos`, notes) for a training reward without a gradient, which the algorithms that
+    back-propagate it (`RewardBackpropAlgorithm`: DRaFT) cannot train on: named in --algos,
+    they are refused; with --algos all, they are left out, and a note says so. Reads the
+    registry only (nothing loads)."""
+    from rewards.registry import REWARDS, non_differentiable_rewards
+    from zoo.algorithm import RewardBackpropAlgorithm
+
+    backprop = [name for name in algos if isinstance(getattr(args.algo, name).build(), RewardBackpropAlgorithm)]
+    blocked = non_differentiable_rewards(reward) if backprop else []
+    if not blocked:
+        return algos, []
+    names = ", ".join(backprop)
+    why = f"{', '.join(blocked)} {'is' if len(blocked) == 1 else 'are'} not differentiable"
+    if args.algos == "all":
+        kept = [name for name in algos if name not in backprop]
+        return kept, [f"--algos all leaves out {names}: --reward {reward}: {why}"]
+    usable = ", ".join(name for name, spec in REWARDS.items() if spec.differentiable)
+    raise UsageError(
+        f"--reward {reward}: {why}, and {names} back-propagates the reward's gradient into the model; train {names} "
+        f"on a differentiable reward ({usable}, or a plugin whose class sets differentiable = True), or leave "
+        f"{names} out of --algos"
+    )
 
 
 def _schedule_length(model: str, source: str) -> int:
@@ -799,6 +828,8 @@ def main(argv: list[str] | None = None) -> int:
     except DownloadFailed as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     try:
         table = execute(plan)
     except (RunStopped, WriteFailed, CorruptCheckpoint) as error:

@@ -48,7 +48,7 @@ from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_stat
 from benchmarks.evaluate import EvalSettings, evaluate, mixed_seed, save_strip
 from rewards.base import Reward
 from rewards.executor import RewardExecutor
-from zoo.algorithm import Algorithm, LossInputs
+from zoo.algorithm import Algorithm, LossInputs, RewardBackpropAlgorithm
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.trajectory import Trajectory
@@ -517,6 +517,93 @@ def _train_epoch(
     return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}
 
 
+def reward_backprop_epoch(
+    algorithm: RewardBackpropAlgorithm,
+    config: Any,
+    sampler: TrajectorySampler,
+    prompts: list[str],
+    generator: torch.Generator,
+    reward: Reward,
+    optimizer: torch.optim.Optimizer,
+    accelerator: Accelerator,
+    show_progress: bool,
+) -> tuple[dict[str, float], dict[str, int], str | None]:
+    """One epoch of reward back-propagation (zoo/draft.py): one trajectory per prompt, in
+    minibatches of `train_batch_size`. Each minibatch is sampled with the weights the last
+    update left (its K_total - K first steps without gradients, its last K = `grad_steps`
+    with them, each of those UNet calls checkpointed), decoded and scored with the graph
+    kept, and its loss back-propagated into the LoRA: one backward pass per minibatch, an
+    optimizer step every `gradient_accumulation_steps` of them. So sampling is training
+    here, and the trajectory budget is the other algorithms': an epoch of 64 trajectories
+    in minibatches of 8 takes 8 updates, as they do.
+
+    All of the epoch's noise is drawn first, as `sample_and_score` draws it. A reward that
+    raises or returns NaN or inf on a minibatch (on any process) costs that minibatch's
+    update: no backward pass, and its accumulated gradient is dropped.
+
+    Returns (mean metrics per trained minibatch, this process's optimizer updates and
+    backward passes, the first reward failure or None).
+    """
+    policy = sampler.policy
+    num_prompts = len(prompts)
+    initial_noise = sampler.initial_noise(num_prompts, 1, False, generator)[:, 0]  # (P, C, h, w)
+    step_noise = torch.randn((num_prompts, sampler.config.num_steps, *policy.latent_shape), generator=generator)
+    calls_per_update = config.loss_calls_per_update
+    params = policy.trainable_parameters()
+    totals: dict[str, torch.Tensor] = {}
+    scores, grad_steps = [], []
+    failure = None
+    calls = updates = backward_passes = 0
+    update_failed = False
+    minibatches = list(range(0, num_prompts, config.train_batch_size))
+    for start in tqdm(minibatches, desc="train", leave=False, disable=not show_progress):
+        part = slice(start, start + config.train_batch_size)
+        k = algorithm.grad_steps(generator)
+        calls += 1
+        update_now = calls % calls_per_update == 0
+        # DDP all-reduces on every backward unless told not to, and decides so in the forward.
+        with contextlib.nullcontext() if update_now else accelerator.no_sync(policy.denoiser):
+            embeds = policy.encode_prompts(prompts[part])  # (p, L, D)
+            images = policy.decode_with_grad(sampler.final_latents(initial_noise[part], embeds, step_noise[part], k))
+            why = None
+            try:
+                rewards = reward.score_with_grad(images, prompts[part])
+                bad = int((~torch.isfinite(rewards.detach())).sum())
+                if bad:
+                    why = f"returned NaN or inf for {bad} of {rewards.numel()} scores"
+            # Rewards are third-party models: a failure costs an update, not the run
+            # (the caller counts it against --max-bad-reward-batches).
+            except Exception as error:
+                why = f"raised {type(error).__name__}: {' '.join(str(error).split())}"
+            # Every process skips a minibatch that failed anywhere, so that the DDP
+            # all-reduces stay in step.
+            failed = gather_object([why] if why else [])
+            if failed:
+                failure = failure or f"{failed[0]} (minibatch {calls} of {len(minibatches)}, its update skipped)"
+                update_failed = True
+            else:
+                loss, metrics = algorithm.loss(rewards)
+                accelerator.backward(loss / calls_per_update)
+                backward_passes += 1
+                scores.append(rewards.detach())
+                grad_steps.append(k)
+                for name, value in metrics.items():
+                    totals[name] = totals.get(name, 0.0) + value.detach()
+        if update_now:
+            if not update_failed:
+                if config.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                updates += 1
+            optimizer.zero_grad(set_to_none=True)
+            update_failed = False
+    metrics = {name: float(value) / len(scores) for name, value in totals.items()}
+    if scores:
+        metrics["grad_steps"] = sum(grad_steps) / len(grad_steps)
+        metrics["train_reward"] = float(accelerator.gather(torch.cat(scores).float().mean().reshape(1)).mean())
+    return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}, failure
+
+
 def training_sampler_config(config: Any, settings: JobSettings) -> SamplerConfig:
     """The sampler `config` trains with: its kind, K, eta and guidance, with the preset's
     timestep spacing when it samples with the preset's kind (the evaluation's); a config
@@ -585,7 +672,15 @@ def run_algorithm(
         prompt_ids = draw_prompt_ids(len(settings.train_prompts), groups, settings.groups_per_prompt, generator)
         prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
         images_before = train_reward.images_scored
-        traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, train_reward, settings.loop)
+        if isinstance(algorithm, RewardBackpropAlgorithm):
+            kill_point(f"train:{algo}:{done}")
+            metrics, counts, failure = reward_backprop_epoch(
+                algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, show
+            )
+            counters["optimizer_updates"] += counts["optimizer_updates"]
+            counters["backward_passes"] += counts["backward_passes"] * world
+        else:
+            traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, train_reward, settings.loop)
         # Every process skips an epoch that failed anywhere, so that the stat trackers and
         # the DDP all-reduces stay in step; nothing of it reaches the tracker.
         failures = gather_object([failure] if failure else [])
@@ -602,7 +697,7 @@ def run_algorithm(
                 tqdm.write(f"warning: {what}; skipping this epoch's update ({count} of at most {limit})",
                            file=sys.stderr)
             metrics = {"bad_reward_batches": float(count)}
-        else:
+        elif not isinstance(algorithm, RewardBackpropAlgorithm):
             returns = algorithm.shape_rewards(traj, scores)
             advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
             kill_point(f"train:{algo}:{done}")

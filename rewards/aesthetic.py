@@ -41,6 +41,8 @@ class AestheticScore(Reward):
     The prompt is ignored.
     """
 
+    differentiable = True
+
     def __init__(
         self,
         name: str,

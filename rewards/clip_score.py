@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rewards.base import Reward
+from rewards.base import Reward, at_least_float32
 from rewards.preprocess import transform_from_clip_image_processor
 
 
@@ -26,6 +26,8 @@ class CLIPScore(Reward):
     CLIPImageProcessor does. Prompts: the folder's CLIP tokenizer, padded to the batch's
     longest and truncated to the text tower's context length.
     """
+
+    differentiable = True
 
     def __init__(
         self,
@@ -56,10 +58,11 @@ class CLIPScore(Reward):
         pixels = self.transform(images).to(self.dtype)  # (B, 3, crop, crop)
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         text = text.to(self.device)
-        image_embeds = F.normalize(self.model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+        image_embeds = self.model.get_image_features(pixel_values=pixels).pooler_output
+        image_embeds = F.normalize(at_least_float32(image_embeds), dim=-1)
         text_embeds = self.model.get_text_features(input_ids=text.input_ids, attention_mask=text.attention_mask)
-        text_embeds = F.normalize(text_embeds.pooler_output.float(), dim=-1)
+        text_embeds = F.normalize(at_least_float32(text_embeds.pooler_output), dim=-1)
         cosine = (image_embeds * text_embeds).sum(-1)  # (B,)
         if self.logit_scale:
-            return self.model.logit_scale.float().exp() * cosine
+            return at_least_float32(self.model.logit_scale).exp() * cosine
         return cosine

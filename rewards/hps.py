@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rewards.base import Reward
+from rewards.base import Reward, at_least_float32
 from rewards.preprocess import ImageTransform
 
 
@@ -22,6 +22,8 @@ class HPSv2Score(Reward):
     `pretrained=None` and the checkpoint is loaded strictly. Images: 224 px bicubic,
     centre crop, OpenAI mean/std (open_clip's val transform for ViT-H-14), on the device.
     """
+
+    differentiable = True
 
     def __init__(
         self,
@@ -57,4 +59,4 @@ class HPSv2Score(Reward):
         pixels = self.transform(images).to(self.dtype)  # (B, 3, 224, 224)
         text = self.tokenizer(prompts).to(self.device)  # (B, 77)
         out = self.model(pixels, text)
-        return (out["image_features"].float() * out["text_features"].float()).sum(-1)
+        return (at_least_float32(out["image_features"]) * at_least_float32(out["text_features"])).sum(-1)

@@ -110,6 +110,8 @@ class ImageRewardScore(Reward):
     be present in the checkpoint.
     """
 
+    differentiable = True
+
     def __init__(
         self,
         name: str,

@@ -37,10 +37,18 @@ class ImageTransform:
     interpolation: str = "bicubic"
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [0, 1] -> (B, 3, crop, crop) normalised, same device."""
+        """images: (B, 3, H, W) in [0, 1] -> (B, 3, crop, crop) normalised, same device.
+
+        Images that require grad keep their graph: they are not rounded to 8 bits."""
         # The models were trained on 8-bit images; rounding first makes a score equal the
-        # score of the saved PNG.
-        images = (images.clamp(0, 1) * 255).round() / 255
+        # score of the saved PNG. Rounding's gradient is zero almost everywhere, so images
+        # that carry a graph (reward back-propagation, `Reward.score_with_grad`) are scored
+        # unrounded, as AlignProp scores the decoder's output (mihirp1998/AlignProp at
+        # b22918a, alignprop_trainer.py:121-123: clamp, resize, normalise).
+        quantize = not images.requires_grad
+        images = images.clamp(0, 1)
+        if quantize:
+            images = (images * 255).round() / 255
         height, width = images.shape[-2:]
         short, long = min(height, width), max(height, width)
         # Same arithmetic as torchvision's and transformers' shortest-edge resize.
@@ -50,7 +58,9 @@ class ImageTransform:
             # antialias=True selects PIL's kernels (bicubic a=-0.5, support scaled when
             # downsampling); PIL stores the result in 8 bits, so clamp and round too.
             images = F.interpolate(images, size=target, mode=self.interpolation, antialias=True, align_corners=False)
-            images = (images.clamp(0, 1) * 255).round() / 255
+            images = images.clamp(0, 1)
+            if quantize:
+                images = (images * 255).round() / 255
         top = int(round((target[0] - self.crop) / 2.0))
         left = int(round((target[1] - self.crop) / 2.0))
         images = images[..., top : top + self.crop, left : left + self.crop]

@@ -118,6 +118,10 @@ class RewardSpec:
     gold: str | None = None
     """The registry name of this reward's gold, when it is a proxy: the score it
     approximates, evaluated next to it and never trained on (`GOLD_OF`)."""
+    differentiable: bool = False
+    """Whether the reward it builds is differentiable (`rewards.base.Reward.differentiable`,
+    which tests/test_rewards_models.py checks it against), known here before anything
+    loads so that a reward back-propagation algorithm (zoo/draft.py) refuses the others."""
 
 
 def env_var(name: str, role: str = PRIMARY) -> str:
@@ -223,6 +227,7 @@ _HPS_COMMON = dict(
     packages=("open_clip",),
     extra=None,
     build=_build_hps,
+    differentiable=True,
 )
 
 REWARDS: dict[str, RewardSpec] = {
@@ -256,6 +261,7 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_aesthetic,
+        differentiable=True,
     ),
     "imagereward": RewardSpec(
         name="imagereward",
@@ -285,6 +291,7 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_imagereward,
+        differentiable=True,
     ),
     "hpsv2": RewardSpec(
         name="hpsv2",
@@ -325,6 +332,7 @@ REWARDS: dict[str, RewardSpec] = {
             ),
         ),
         build=_build_pickscore,
+        differentiable=True,
     ),
     "jpeg_compressibility": RewardSpec(
         name="jpeg_compressibility",
@@ -357,6 +365,7 @@ REWARDS: dict[str, RewardSpec] = {
             _tiny_clip_artifact(PRIMARY),
         ),
         build=_build_tiny_clip,
+        differentiable=True,
     ),
     "tiny-aesthetic": RewardSpec(
         name="tiny-aesthetic",
@@ -380,6 +389,7 @@ REWARDS: dict[str, RewardSpec] = {
             _tiny_clip_artifact("clip"),
         ),
         build=_build_tiny_aesthetic,
+        differentiable=True,
         gold="tiny-aesthetic-gold",
     ),
     "tiny-aesthetic-gold": RewardSpec(
@@ -405,6 +415,7 @@ REWARDS: dict[str, RewardSpec] = {
             _tiny_clip_artifact(PRIMARY),
         ),
         build=_build_tiny_align,
+        differentiable=True,
         gold="tiny-align-gold",
     ),
     "tiny-align-gold": RewardSpec(
@@ -423,6 +434,25 @@ REWARDS: dict[str, RewardSpec] = {
 GOLD_OF: dict[str, str] = {name: spec.gold for name, spec in REWARDS.items() if spec.gold is not None}
 """Proxy -> gold: the declared pairs. The runner evaluates the gold of the training reward
 and the report marks a proxy's cell as hacking against its gold (benchmarks.report)."""
+
+
+def non_differentiable_rewards(spec: str) -> list[str]:
+    """The rewards of a `--reward` spec (its members, for a weighted sum) that are not
+    differentiable, in the spec's order, without loading any: a registered one by its
+    `RewardSpec.differentiable`, a plugin by its class's `differentiable` (the module is
+    imported), a server never (its images travel as 8-bit, rewards/http.py). Raises
+    UnknownReward."""
+    blocked = []
+    for name, _ in parse_reward_spec(spec):
+        if name in REWARDS:
+            differentiable = REWARDS[name].differentiable
+        elif re.fullmatch(SERVER_NAME, name):
+            differentiable = False
+        else:
+            differentiable = plugin_class(name).differentiable
+        if not differentiable:
+            blocked.append(name)
+    return blocked
 
 
 def gold_rewards(spec: str) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewards.base import Reward
+from rewards.base import Reward, at_least_float32
 from rewards.preprocess import transform_from_clip_image_processor
 
 HEAD_CONFIG = "config.json"
@@ -118,7 +118,7 @@ def judge_image_embeddings(model, transform, images: torch.Tensor, dtype: torch.
     """(B, 3, H, W) in [0, 1] -> (B, D) L2-normalised float32 image embeddings, the way
     `CLIPScore` computes them (what the aesthetic head is trained on and scores)."""
     pixels = transform(images).to(dtype)
-    return F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1)
+    return F.normalize(at_least_float32(model.get_image_features(pixel_values=pixels).pooler_output), dim=-1)
 
 
 def judge_patch_features(model, transform, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -127,7 +127,7 @@ def judge_patch_features(model, transform, images: torch.Tensor, dtype: torch.dt
     out), what the aesthetic head is trained on and scores."""
     pixels = transform(images).to(dtype)
     tokens = model.vision_model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
-    return tokens[:, 1:].mean(dim=1).float()
+    return at_least_float32(tokens[:, 1:].mean(dim=1))
 
 
 class TinyAesthetic(Reward):
@@ -139,6 +139,8 @@ class TinyAesthetic(Reward):
     CLIP embeddings. It sees size, saturation and sharpness, less position, and it can
     be hacked: watch `tiny-aesthetic-gold`. The prompt is ignored.
     """
+
+    differentiable = True
 
     def __init__(self, name: str, head_dir: str | Path, clip_dir: str | Path, *, device="cpu", dtype=torch.float32):
         super().__init__(device, dtype)
@@ -156,7 +158,7 @@ class TinyAesthetic(Reward):
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         features = judge_patch_features(self.clip, self.transform, images, self.dtype)
-        return self.head(features.to(self.dtype)).float()
+        return at_least_float32(self.head(features.to(self.dtype)))
 
 
 class TinyAlign(Reward):
@@ -168,6 +170,8 @@ class TinyAlign(Reward):
     the 48 and itself. Judge fidelity (its top caption is the prompt) is this
     probability's argmax; `tiny-align-gold` checks it on the pixels.
     """
+
+    differentiable = True
 
     def __init__(self, name: str, clip_dir: str | Path, *, device="cpu", dtype=torch.float32):
         from zoo.tiny import data
@@ -186,14 +190,14 @@ class TinyAlign(Reward):
         tokens = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt")
         tokens = tokens.to(self.device)
         features = self.model.get_text_features(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
-        return F.normalize(features.pooler_output.float(), dim=-1)
+        return F.normalize(at_least_float32(features.pooler_output), dim=-1)
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         image_embeds = judge_image_embeddings(self.model, self.transform, images, self.dtype)  # (B, D)
         novel = sorted({p for p in prompts if p not in self.captions})
         texts = self.captions + novel
         text_embeds = self._text_embeddings(texts)  # (48 + N, D)
-        logits = self.model.logit_scale.float().exp() * image_embeds @ text_embeds.T  # (B, 48 + N)
+        logits = at_least_float32(self.model.logit_scale).exp() * image_embeds @ text_embeds.T  # (B, 48 + N)
         index = torch.tensor([texts.index(p) for p in prompts], device=self.device)
         # Each image competes its prompt against the 48 captions only (and the prompt itself).
         allowed = torch.zeros_like(logits, dtype=torch.bool)

@@ -9,11 +9,10 @@ import torch
 from accelerate import Accelerator
 
 from benchmarks.train import global_advantages
-from zoo.registry import ALGORITHMS
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 sys.path.insert(0, str(Path(__file__).parent))
-from advantages import NUM_STEPS, global_batch  # noqa: E402
+from advantages import LOG_PROB_ALGORITHMS, NUM_STEPS, global_batch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +32,7 @@ def test_two_processes_give_the_advantages_of_one(tmp_path):
 
     accelerator = Accelerator(cpu=True)
     assert accelerator.num_processes == 1
-    for algo, config_cls in ALGORITHMS.items():
+    for algo, config_cls in LOG_PROB_ALGORITHMS.items():
         algorithm = config_cls(num_steps=NUM_STEPS).build()
         tracker = algorithm.new_tracker()
         for epoch in range(2):

@@ -18,7 +18,8 @@ REBEL learns at the grid's next-lower rate, 3e-3. Whether a gain carries to othe
 the benchmark measures, not what this test asserts: at the selected rates REBEL ends below
 the base at 1 step on seed 0, and DDPO's mean over step counts dips below the base after 6
 epochs before it recovers (README, results). The preset's watched golds are scored too but not asserted on (every algorithm hacks this
-reward).
+reward). JPEG sizes have no gradient, so reward back-propagation (DRaFT) learns on the
+tiny aesthetic proxy instead (tests/test_algo_draft.py).
 """
 
 import json
@@ -32,6 +33,7 @@ from benchmarks.presets import tiny
 from benchmarks.run import main
 from rewards.registry import load_reward
 from zoo.policy import Policy
+from zoo.algorithm import RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 
 REWARD = "jpeg_compressibility"
@@ -76,7 +78,10 @@ def base_spread() -> tuple[float, float]:
     return means[0], max(means) - min(means)
 
 
-@pytest.mark.parametrize("algo", list(ALGORITHMS))
+JPEG_ALGOS = [n for n, config in ALGORITHMS.items() if not isinstance(config().build(), RewardBackpropAlgorithm)]
+
+
+@pytest.mark.parametrize("algo", JPEG_ALGOS)
 def test_training_raises_held_out_reward(algo, base_spread, tmp_path):
     out = tmp_path / "run"
     args = [

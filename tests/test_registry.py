@@ -3,6 +3,8 @@
 Log-probs come from a small module, logp = f_θ(features), standing in for UNet + scheduler
 step, so the checks see real gradients without a diffusion model. Batches go through the
 same calls the runner makes: `reward_steps` -> `shape_rewards` -> `advantages` -> `loss`.
+Reward back-propagation algorithms (DRaFT) take rewards carrying the graph instead: the
+same module stands in for sampler, decoder and reward.
 """
 
 import ast
@@ -14,7 +16,7 @@ import pytest
 import torch
 import tyro
 
-from zoo.algorithm import Algorithm, LossInputs
+from zoo.algorithm import Algorithm, LossInputs, RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 from zoo.trajectory import Trajectory
 
@@ -25,6 +27,13 @@ SHARED_FIELDS = (
 )
 """Fields the runner reads from every config (with `build`, `loss_calls_per_update` and
 `steps_in_outer_loop`)."""
+
+LOG_PROB_ALGORITHMS = [name for name, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)]
+"""The algorithms whose loss takes log-probs and advantages (`zoo.algorithm.Algorithm`)."""
+REWARD_BACKPROP_ALGORITHMS = [
+    name for name, config in ALGORITHMS.items() if isinstance(config().build(), RewardBackpropAlgorithm)
+]
+"""The algorithms whose loss takes rewards carrying the graph (`RewardBackpropAlgorithm`)."""
 
 ZERO_ADVANTAGE_GRADIENT_OFF_POLICY = {
     "ddpo": True,  # -A·ratio is 0 for A = 0, whatever the ratio.
@@ -110,7 +119,7 @@ def test_registry_names_configs_that_build_algorithms():
     for name, config_class in ALGORITHMS.items():
         assert name == name.lower() and dataclasses.is_dataclass(config_class)
         config = config_class()
-        assert isinstance(config.build(), Algorithm)
+        assert isinstance(config.build(), (Algorithm, RewardBackpropAlgorithm))
         assert isinstance(config.loss_calls_per_update, int) and config.loss_calls_per_update >= 1
         assert isinstance(config.steps_in_outer_loop, bool)
         missing = [f for f in SHARED_FIELDS if f not in {field.name for field in dataclasses.fields(config)}]
@@ -164,13 +173,45 @@ def test_impossible_values_are_refused_naming_the_field(name, field, value):
         ALGORITHMS[name](**{field: value})
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
-def test_ddim_without_noise_is_refused(name):
-    with pytest.raises(ValueError, match="eta"):
-        ALGORITHMS[name](sampler="ddim", eta=0.0)
+def test_every_algorithm_is_of_one_kind():
+    assert sorted(LOG_PROB_ALGORITHMS + REWARD_BACKPROP_ALGORITHMS) == sorted(ALGORITHMS)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
+def test_ddim_without_noise_is_refused_where_the_loss_reads_log_probs(name):
+    """Deterministic DDIM has no log-density: refused by the log-prob algorithms, allowed
+    for reward back-propagation; a negative eta is refused by every algorithm."""
+    config_class = ALGORITHMS[name]
+    assert config_class().trains_on_log_probs == (name in LOG_PROB_ALGORITHMS)
+    if config_class().trains_on_log_probs:
+        with pytest.raises(ValueError, match="eta"):
+            config_class(sampler="ddim", eta=0.0)
+    else:
+        assert config_class(sampler="ddim", eta=0.0).eta == 0.0
+    with pytest.raises(ValueError, match="eta must be non-negative"):
+        config_class(sampler="ddim", eta=-0.1)
+
+
+@pytest.mark.parametrize("name", REWARD_BACKPROP_ALGORITHMS)
+def test_reward_backprop_loss_is_a_finite_scalar_whose_gradient_reaches_the_parameters(name):
+    """Rewards from the stand-in module (for sampler, decoder and reward): a finite scalar
+    loss with detached scalar metrics, a nonzero gradient on every parameter, no tracker
+    state, and a K between 1 and the sampler's steps."""
+    algo = ALGORITHMS[name](num_steps=4).build()
+    model = LogProbModel()
+    rewards = model(torch.randn(6, 8, generator=torch.Generator().manual_seed(0)))
+    loss, metrics = algo.loss(rewards)
+    assert loss.dim() == 0 and torch.isfinite(loss) and loss.requires_grad and "loss" in metrics
+    for key, value in metrics.items():
+        assert value.dim() == 0 and torch.isfinite(value) and not value.requires_grad, key
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert gradient_norm(model) > 1e-6
+    assert algo.new_tracker().state_dict() == {}
+    assert 1 <= algo.grad_steps(torch.Generator().manual_seed(0)) <= 4
+
+
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_loss_is_a_finite_scalar_with_detached_scalar_metrics(name):
     algo, inputs, _ = loss_inputs(name, on_policy=False, zero_advantages=False)
     loss, metrics = algo.loss(inputs)
@@ -180,7 +221,7 @@ def test_loss_is_a_finite_scalar_with_detached_scalar_metrics(name):
         assert value.dim() == 0 and torch.isfinite(value) and not value.requires_grad, key
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_gradients_reach_trainable_parameters(name):
     """At the sampling weights (old = current log-probs, the first minibatch of an epoch)."""
     algo, inputs, model = loss_inputs(name, on_policy=True, zero_advantages=False)
@@ -191,7 +232,7 @@ def test_gradients_reach_trainable_parameters(name):
     assert gradient_norm(model) > 1e-6
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_zero_advantages_give_zero_gradient_at_the_sampling_weights(name):
     """Log-ratios 0 and advantages 0: every loss is flat there (PPO: -0·ratio; the
     regressions: the residual w·0 - 0; D3PO: nothing decided)."""
@@ -202,10 +243,10 @@ def test_zero_advantages_give_zero_gradient_at_the_sampling_weights(name):
 
 
 def test_every_algorithm_states_its_off_policy_zero_advantage_gradient():
-    assert set(ZERO_ADVANTAGE_GRADIENT_OFF_POLICY) == set(ALGORITHMS)
+    assert set(ZERO_ADVANTAGE_GRADIENT_OFF_POLICY) == set(LOG_PROB_ALGORITHMS)
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_zero_advantages_off_policy(name):
     """With log-probs moved from the sampling ones, see ZERO_ADVANTAGE_GRADIENT_OFF_POLICY."""
     algo, inputs, model = loss_inputs(name, on_policy=False, zero_advantages=True)
@@ -214,7 +255,7 @@ def test_zero_advantages_off_policy(name):
     assert (gradient_norm(model) == 0) == ZERO_ADVANTAGE_GRADIENT_OFF_POLICY[name]
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_tracker_state_round_trips_through_json(name):
     """A tracker restored from its JSON state gives the same advantages on the next batch."""
     algo = ALGORITHMS[name]().build()

@@ -75,6 +75,8 @@ CASES = [
     ("malformed reward path", ["--reward-path", "pickscore"], ["--reward-path", "NAME=PATH"], None),
     ("reward path for no reward", ["--reward-path", "pickscor=/models/x"], ["--reward-path", "'pickscor'"], None),
     ("eta 0 with log-probs", ["--sdpo.eta", "0"], ["--sdpo.eta", "log-density"], None),
+    ("reward without a gradient for draft", ["--algos", "draft"],
+     ["--reward jpeg_compressibility", "not differentiable", "leave draft out of --algos"], None),
     ("trajectories vs group size", ["--trajectories-per-epoch", "7"], ["--trajectories-per-epoch 7", "group size"],
      None),
     ("train batch vs groups", ["--sdpo.train-batch-size", "3"], ["--sdpo.train-batch-size 3"], None),

@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from rewards.errors import MissingRewardPackages, UnknownReward
-from rewards.registry import check_reward, check_rewards, gold_rewards, load_reward, parse_reward_spec
+from rewards.base import NotDifferentiable
+from rewards.registry import (
+    check_reward, check_rewards, gold_rewards, load_reward, non_differentiable_rewards, parse_reward_spec,
+)
 
 PLUGIN = '''
 import torch
@@ -196,3 +199,62 @@ def test_result_folder_of_a_plugin_or_server_reward_is_one_folder():
     assert folder_label("http://127.0.0.1:8000/jpeg_compressibility:0.5,my.mod:Cls") == (
         "http-127.0.0.18000-jpeg_compressibility0.5+my.modCls"
     )
+
+
+SMOOTH_PLUGIN = '''
+from my_plugins.scores import Brightness
+
+
+class SmoothBrightness(Brightness):
+    """Brightness, declared differentiable (it is torch from the pixels to the score)."""
+
+    differentiable = True
+
+
+class Dimness(SmoothBrightness):
+    def _score(self, images, prompts):
+        return -super()._score(images, prompts)
+'''
+
+
+@pytest.fixture
+def smooth_plugin(plugin, tmp_path):
+    """The module `my_plugins.smooth` (SMOOTH_PLUGIN): differentiable plugin rewards."""
+    (tmp_path / "my_plugins" / "smooth.py").write_text(textwrap.dedent(SMOOTH_PLUGIN))
+    yield "my_plugins.smooth"
+    sys.modules.pop("my_plugins.smooth", None)
+
+
+def test_differentiability_is_read_from_the_plugin_class_and_the_registry(plugin, smooth_plugin):
+    """A plugin is differentiable when its class says so; a server never is; a weighted
+    sum names each member that is not, and builds nothing to find out."""
+    from my_plugins.scores import Brightness
+
+    built = Brightness.built
+    assert non_differentiable_rewards(f"{smooth_plugin}:SmoothBrightness") == []
+    assert non_differentiable_rewards(f"{plugin}:Brightness") == [f"{plugin}:Brightness"]
+    spec = f"tiny-aesthetic:1,{smooth_plugin}:Dimness:2,jpeg_compressibility:0.1,http://localhost:9/aesthetic"
+    assert non_differentiable_rewards(spec) == ["jpeg_compressibility", "http://localhost:9/aesthetic"]
+    assert Brightness.built == built
+
+
+def test_weighted_sum_of_differentiable_rewards_keeps_the_graph(smooth_plugin):
+    """2 * SmoothBrightness + 0.5 * Dimness = 2 * 2 mean - 0.5 * 2 mean = 3 * mean(images)
+    (gain 2): the gradient of the first image's score is 3 / (3 * 8 * 8) = 0.015625 at every
+    pixel, and none reaches the other images. Counted like `score`: one call per member."""
+    total = load_reward(f"{smooth_plugin}:SmoothBrightness:2,{smooth_plugin}:Dimness:0.5")
+    assert total.differentiable
+    batch = images().requires_grad_(True)
+    scores = total.score_with_grad(batch, ["a", "b", "c"])
+    torch.testing.assert_close(scores, 3 * batch.detach().mean(dim=(1, 2, 3)))
+    scores[0].backward()
+    torch.testing.assert_close(batch.grad[0], torch.full((3, 8, 8), 3 / 192))
+    assert batch.grad[1:].abs().max() == 0
+    assert total.calls == 2 and total.images_scored == 6
+
+
+def test_a_weighted_sum_with_one_non_differentiable_member_refuses_gradients(smooth_plugin):
+    total = load_reward(f"{smooth_plugin}:SmoothBrightness:1,jpeg_compressibility:1")
+    assert not total.differentiable
+    with pytest.raises(NotDifferentiable, match="jpeg_compressibility"):
+        total.score_with_grad(images(), ["a", "b", "c"])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.base import Reward
+from rewards.base import NotDifferentiable, Reward
 from rewards.errors import MissingRewardWeights, RewardUnavailable, UnknownReward
 from rewards.executor import RewardExecutor
 from rewards.registry import REWARDS, check_reward, env_var, load_reward, parse_reward_spec
@@ -216,3 +216,16 @@ def test_score_checks_shapes():
         reward.score(noise_and_flat(), ["only one"])
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         reward.score(torch.rand(3, 8, 8), ["x"])
+
+
+@pytest.mark.parametrize("name", ["jpeg_compressibility", "jpeg_incompressibility", "tiny-aesthetic-gold",
+                                  "tiny-align-gold"])
+def test_rewards_without_a_gradient_refuse_to_score_with_one(name):
+    """JPEG sizes go through PIL's encoder and the golds through thresholded pixel rules:
+    no gradient reaches the image, and asking for one is an error naming the reward,
+    before anything is scored or counted."""
+    reward = load_reward(name)
+    assert not REWARDS[name].differentiable and not reward.differentiable
+    with pytest.raises(NotDifferentiable, match=f"{name} is not differentiable"):
+        reward.score_with_grad(noise_and_flat().requires_grad_(True), ["a red circle", "a blue square"])
+    assert reward.calls == 0 and reward.images_scored == 0

@@ -173,3 +173,43 @@ def test_to_dtype_keeps_float32_scores(tiny_paths):
     half = reward.to(dtype=torch.bfloat16).score(batch, PROMPTS)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("name", MODEL_REWARDS)
+def test_the_registry_declares_each_rewards_differentiability(name, loaded):
+    """`RewardSpec.differentiable` is read before anything loads (to refuse reward
+    back-propagation on the others); it must say what the built reward's class says."""
+    assert REWARDS[name].differentiable == type(loaded(name)).differentiable
+
+
+DIFFERENTIABLE = [name for name in MODEL_REWARDS if REWARDS[name].differentiable]
+
+
+@pytest.mark.parametrize("name", DIFFERENTIABLE)
+def test_gradient_with_respect_to_the_image_equals_finite_differences(name, tiny_paths):
+    """The directional derivative of the summed scores along a random direction v, from
+    `score_with_grad`'s graph, against the central difference (S(x + εv) - S(x - εv)) / 2ε
+    with ε = 1e-5 in float64: their gap is O(ε²) times the third derivative plus rounding
+    of order 1e-16 / ε, far below the tolerance (at ε = 1e-4 the tiny judge's sharp softmax
+    in tiny-align already gives a relative gap of 1e-5). Images lie in [0.1, 0.9], away from the
+    clamps at 0 and 1, and 48x64 goes through the resize to the model's input. A graph
+    broken anywhere (8-bit rounding, a detach, a no-grad block) gives a zero gradient,
+    which the first assertion refuses."""
+    with tiny_architectures():
+        reward = load_reward(name, paths=tiny_paths).to(dtype=torch.float64)
+    x = 0.1 + 0.8 * images(2, 48, 64).double()
+    direction = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def summed(at: torch.Tensor) -> torch.Tensor:
+        return reward.score_with_grad(at, PROMPTS[:2]).sum()
+
+    x.requires_grad_(True)
+    (gradient,) = torch.autograd.grad(summed(x), x)
+    analytic = (gradient * direction).sum()
+    eps = 1e-5
+    # Perturbed inputs require grad too, so preprocessing treats them as it treated x.
+    plus, minus = ((x + sign * eps * direction).detach().requires_grad_(True) for sign in (1, -1))
+    numeric = (summed(plus) - summed(minus)) / (2 * eps)
+    assert gradient.abs().max() > 0
+    torch.testing.assert_close(analytic, numeric.detach(), rtol=1e-6, atol=1e-10)
+    assert all(not p.requires_grad for module in reward._modules() for p in module.parameters())

@@ -130,9 +130,9 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-UNTUNED = {"grpo"}
-"""Algorithms added after the committed tuning runs: they train at a provisional learning
-rate (benchmarks/presets.py) until a tuning run selects one."""
+UNTUNED = {"grpo", "draft"}
+"""Algorithms whose tiny-preset learning rate is provisional (benchmarks/presets.py::tiny):
+no committed tuning run has selected one yet."""
 
 
 @pytest.mark.parametrize("reward", ["tiny-aesthetic", "tiny-align", "jpeg_compressibility"])

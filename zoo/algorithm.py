@@ -13,6 +13,12 @@ The runner (benchmarks/) drives it each epoch:
    default), recomputes log-probs under the current weights (and, if `needs` asks, the
    KL to the frozen base model) and calls `loss`, which returns (loss, metrics).
 
+Reward back-propagation (DRaFT, AlignProp: zoo/draft.py) is the other kind, a
+`RewardBackpropAlgorithm`: no log-probs, advantages or stat tracker. For each minibatch the
+runner (`benchmarks.train.reward_backprop_epoch`) samples with the current weights, the
+steps before the last `grad_steps()` without gradients and those with them, decodes, scores
+with the reward's graph kept, and back-propagates `loss(rewards)`.
+
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
 from every config, and whose `build()` makes the algorithm.
 """
@@ -26,6 +32,7 @@ from typing import Any, Literal
 
 import torch
 
+from zoo.stat_tracking import NoStatTracker
 from zoo.trajectory import Trajectory
 
 
@@ -111,6 +118,29 @@ class Algorithm(abc.ABC):
         """Scalar loss for one minibatch and detached scalar metrics to log."""
 
 
+class RewardBackpropAlgorithm(abc.ABC):
+    """Base class of algorithms that back-propagate a differentiable reward's gradient
+    through the last sampling steps into the LoRA: subclasses set `needs` (the group size
+    and `whole_trajectory_loss`, one loss call per minibatch, are what the runner reads)
+    and implement `grad_steps` and `loss`."""
+
+    needs: SamplingNeeds
+
+    def new_tracker(self) -> NoStatTracker:
+        """No reward statistics: the loss is the reward itself."""
+        return NoStatTracker()
+
+    @abc.abstractmethod
+    def grad_steps(self, generator: torch.Generator) -> int:
+        """How many of the last sampling steps the next minibatch back-propagates through
+        (1 to K); any randomness is drawn from `generator`, the epoch's."""
+
+    @abc.abstractmethod
+    def loss(self, rewards: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """rewards (B,) of one minibatch, carrying the graph back to the LoRA -> scalar loss
+        and detached scalar metrics to log."""
+
+
 FieldRule = tuple[str, str, Callable[[Any], bool]]
 """(field, rule, predicate): a value the predicate rejects is refused with the sentence
 "<field> <rule> (got <value>)."."""
@@ -194,11 +224,13 @@ class TrainingConfig(abc.ABC):
     guidance_scale: float = 5.0
     """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
     eta: float = 1.0
-    """DDIM eta when `sampler` is ddim (must be positive: eta = 0 has no log-density); unused by LCM."""
+    """DDIM eta when `sampler` is ddim (positive for losses on log-probs: eta = 0 has no log-density); unused by LCM."""
 
     def __post_init__(self) -> None:
         check_field_rules(self, _TRAINING_RULES)
-        if self.sampler == "ddim" and self.eta <= 0:
+        if self.sampler == "ddim" and self.eta < 0:
+            raise ValueError(f"eta must be non-negative (got {self.eta}).")
+        if self.sampler == "ddim" and self.eta == 0 and self.trains_on_log_probs:
             raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
 
     @property
@@ -206,6 +238,12 @@ class TrainingConfig(abc.ABC):
         """Steps of each trajectory that are trained: all K, unless the algorithm trains a
         window of them (`Algorithm.trained_steps`, which must return this many)."""
         return self.num_steps
+
+    @property
+    def trains_on_log_probs(self) -> bool:
+        """Whether the loss reads the sampler's log-densities, which deterministic DDIM
+        (eta = 0) does not have; reward back-propagation (zoo/draft.py) does not read them."""
+        return True
 
     @property
     def loss_calls_per_update(self) -> int:

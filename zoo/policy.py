@@ -277,7 +277,7 @@ class Policy:
         guidance_scale: float,
         kind: str,
     ) -> torch.Tensor:
-        """ε̂ (N,C,h,w) in float32, guided.
+        """ε̂ (N,C,h,w) in float32 (float64 for a policy whose weights are), guided.
 
         DDIM: classifier-free guidance with the conditional and unconditional halves in
         one batched UNet call. LCM: when the UNet was distilled with a guidance embedding
@@ -305,7 +305,7 @@ class Policy:
                 timesteps,
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                 timestep_cond=timestep_cond,
-            ).sample.float()
+            ).sample.to(torch.promote_types(self.weight_dtype, torch.float32))
         if use_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
@@ -313,12 +313,19 @@ class Policy:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (N,C,h,w) -> images (N,3,H,W) float32 in [0, 1]."""
+        """Latents (N,C,h,w) -> images (N,3,H,W) float32 in [0, 1] (float64 for a policy whose
+        weights are)."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode`, keeping the autograd graph back to `latents` (reward back-propagation
+        through the VAE decoder; its own weights are frozen)."""
         config = self.vae.config
         latents = latents / config.scaling_factor
         if getattr(config, "shift_factor", None):
             latents = latents + config.shift_factor
-        images = self.vae.decode(latents.to(self.weight_dtype)).sample.float()
+        images = self.vae.decode(latents.to(self.weight_dtype)).sample
+        images = images.to(torch.promote_types(self.weight_dtype, torch.float32))
         return (images / 2 + 0.5).clamp(0, 1)
 
     @contextlib.contextmanager

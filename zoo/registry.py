@@ -10,6 +10,7 @@ from zoo.algorithm import TrainingConfig
 from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
 from zoo.grpo import GRPOConfig
+from zoo.draft import DRaFTConfig
 from zoo.rebel import REBELConfig
 from zoo.sdpo import SDPOConfig
 
@@ -19,4 +20,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "d3po": D3POConfig,
     "sdpo": SDPOConfig,
     "grpo": GRPOConfig,
+    "draft": DRaFTConfig,
 }

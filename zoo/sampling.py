@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
+from torch.utils.checkpoint import checkpoint
 
 from zoo.trajectory import Trajectory
 
@@ -126,12 +127,14 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def ddim_transition(
     eps: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """DDIM step as a Gaussian: returns (mean (N,C,h,w), std (N,), x̂0 (N,C,h,w)), float32.
+    """DDIM step as a Gaussian: returns (mean (N,C,h,w), std (N,), x̂0 (N,C,h,w)), float32
+    (float64 when x_t is: gradient checks run the whole sampler in float64).
 
     alpha_t, alpha_prev are ᾱ_t and ᾱ_t' per sample, (N,).
     """
-    eps, x_t = eps.float(), x_t.float()
-    a_t, a_prev = _per_sample(alpha_t.float(), x_t), _per_sample(alpha_prev.float(), x_t)
+    dtype = torch.promote_types(x_t.dtype, torch.float32)
+    eps, x_t = eps.to(dtype), x_t.to(dtype)
+    a_t, a_prev = _per_sample(alpha_t.to(dtype), x_t), _per_sample(alpha_prev.to(dtype), x_t)
     pred_x0 = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt()
     variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
     std = eta * variance.clamp(min=0).sqrt()
@@ -304,6 +307,31 @@ class TrajectorySampler:
         with torch.no_grad(), self.policy.reference():
             ref_mean, _, _ = self.transition(latents, step_index, prompt_embeds)
         return gaussian_log_prob(next_latents, mean, std), gaussian_kl(mean, ref_mean, std)
+
+    def final_latents(
+        self, x: torch.Tensor, prompt_embeds: torch.Tensor, step_noise: torch.Tensor, grad_steps: int
+    ) -> torch.Tensor:
+        """x_T (N,C,h,w) -> the final latent (N,C,h,w) after the K transitions of `sample`,
+        the first K - grad_steps without gradients and the last `grad_steps` with them
+        (reward back-propagation, zoo/draft.py). Each of those UNet calls is checkpointed
+        (torch.utils.checkpoint, non-reentrant: the LoRA weights get their gradients though
+        no input requires one), so the backward pass recomputes its activations and memory
+        does not grow with grad_steps. prompt_embeds (N,L,D); step_noise (N,K,C,h,w), each
+        transition's z, as `sample` takes it (multiplied by σ = 0 at eta 0)."""
+        num_steps = self.config.num_steps
+        if not 0 <= grad_steps <= num_steps:
+            raise ValueError(f"grad_steps must lie in 0..{num_steps}, the sampler's steps (got {grad_steps})")
+        x = x.to(self.policy.device, torch.promote_types(x.dtype, torch.float32))
+        step_noise = self._to_device(step_noise)
+        for k in range(num_steps):
+            step_index = torch.full((x.shape[0],), k, dtype=torch.long, device=self.policy.device)
+            if k < num_steps - grad_steps:
+                with torch.no_grad():
+                    mean, std, _ = self.transition(x, step_index, prompt_embeds)
+            else:
+                mean, std, _ = checkpoint(self.transition, x, step_index, prompt_embeds, use_reentrant=False)
+            x = mean + std.reshape(-1, 1, 1, 1) * step_noise[:, k]
+        return x
 
     @torch.no_grad()
     def sample(

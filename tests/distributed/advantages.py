@@ -8,9 +8,12 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from benchmarks.train import global_advantages
+from zoo.algorithm import Algorithm
 from zoo.registry import ALGORITHMS
 
 NUM_STEPS = 3
+LOG_PROB_ALGORITHMS = {name: config for name, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)}
+"""The algorithms with advantages (reward back-propagation, DRaFT, has none)."""
 
 
 def global_batch(algo: str, epoch: int) -> tuple[list[str], torch.Tensor]:
@@ -27,7 +30,7 @@ def main(out_path: str) -> None:
     accelerator = Accelerator(cpu=True)
     rank, world = accelerator.process_index, accelerator.num_processes
     results = {}
-    for algo, config_cls in ALGORITHMS.items():
+    for algo, config_cls in LOG_PROB_ALGORITHMS.items():
         algorithm = config_cls(num_steps=NUM_STEPS).build()
         tracker = algorithm.new_tracker()
         for epoch in range(2):
