@@ -1,8 +1,10 @@
 """The test matrix over `zoo.registry.ALGORITHMS`: every registered algorithm, the same checks.
 
 Log-probs come from a small module, logp = f_θ(features), standing in for UNet + scheduler
-step, so the checks see real gradients without a diffusion model. Batches go through the
-same calls the runner makes: `reward_steps` -> `shape_rewards` -> `advantages` -> `loss`.
+step, so the checks see real gradients without a diffusion model; forward-process losses
+(`needs.forward_process_loss`) get their ε-predictions from such a module, ε̂ = f_θ(features).
+Batches go through the same calls the runner makes: `reward_steps` -> `shape_rewards` ->
+`advantages` -> `loss`.
 """
 
 import ast
@@ -14,7 +16,7 @@ import pytest
 import torch
 import tyro
 
-from zoo.algorithm import Algorithm, LossInputs
+from zoo.algorithm import Algorithm, ForwardLossInputs, LossInputs
 from zoo.registry import ALGORITHMS
 from zoo.trajectory import Trajectory
 
@@ -31,6 +33,7 @@ ZERO_ADVANTAGE_GRADIENT_OFF_POLICY = {
     "d3po": True,  # zero "advantages" are all-tie preferences, masked out.
     "rebel": False,  # regresses Δ/η onto ΔA = 0: pulls the log-ratio difference back to 0.
     "sdpo": False,  # the same regression, per step.
+    "nft": False,  # p = 1/2 weighs ε⁺ and ε⁻ alike: pulls ε_θ back to ε_old.
 }
 """Whether zero advantages give a zero gradient when the log-probs have moved from the
 sampling ones (every algorithm gives zero at the sampling weights; see the tests)."""
@@ -48,6 +51,17 @@ class LogProbModel(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return -1.0 + 0.01 * self.linear(features).squeeze(-1)
+
+
+class PredictionModel(torch.nn.Module):
+    """ε̂ = f_θ(features): per-element noise predictions from fixed features."""
+
+    def __init__(self, num_features: int = 8):
+        super().__init__()
+        self.linear = torch.nn.Linear(num_features, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features).squeeze(-1)
 
 
 def sampled_trajectory(algo: Algorithm, generator: torch.Generator) -> Trajectory:
@@ -79,6 +93,8 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
     generator = torch.Generator().manual_seed(seed)
     algo = ALGORITHMS[name]().build()
     _, advantages = global_advantages(algo, algo.new_tracker(), generator)  # (P, G, K)
+    if algo.needs.forward_process_loss:
+        return forward_loss_inputs(algo, advantages, on_policy, zero_advantages, generator)
     num_steps = advantages.shape[2]
     steps_per_call = num_steps if algo.needs.whole_trajectory_loss else STEPS_PER_CALL
     step_index = torch.randperm(num_steps, generator=generator)[:steps_per_call]
@@ -93,6 +109,31 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
         advantages=torch.zeros_like(log_probs) if zero_advantages else torch.gather(advantages, 2, step_index),
         step_index=step_index,
         ref_log_probs=log_probs.detach() - nudge if algo.needs.reference_log_probs else None,
+    )
+    return algo, inputs, model
+
+
+def forward_loss_inputs(algo: Algorithm, advantages: torch.Tensor, on_policy: bool, zero_advantages: bool,
+                        generator: torch.Generator):
+    """A forward-process `loss` call's inputs: one timestep per trajectory, latents of
+    4 x 2 x 2; "zero advantages" are the value `advantages` gives a reward at its prompt's
+    mean (NFT's optimality 1/2). On policy is the first minibatch of a run, where the fresh
+    adapter (lora_B = 0) makes the current, old and base predictions one."""
+    num_prompts, group_size, num_steps = advantages.shape
+    model = PredictionModel()
+    features = torch.randn(num_prompts, group_size, 4, 2, 2, 8, generator=generator)
+    prediction = model(features)
+    nudge = 0.1 * torch.randn(prediction.shape, generator=generator)
+    step = torch.randint(num_steps, (num_prompts, group_size, 1), generator=generator)
+    neutral = algo.advantages(["one prompt"], torch.zeros(1, 1), algo.new_tracker())[0, 0, 0]
+    inputs = ForwardLossInputs(
+        prediction=prediction,
+        old_prediction=prediction.detach() if on_policy else prediction.detach() + nudge,
+        noise=torch.randn(prediction.shape, generator=generator),
+        alpha_cumprod=0.1 + 0.8 * torch.rand(num_prompts, group_size, generator=generator),
+        advantages=neutral.expand(num_prompts, group_size) if zero_advantages else advantages.gather(2, step)[..., 0],
+        ref_prediction=(prediction.detach() if on_policy else prediction.detach() - nudge)
+        if algo.needs.reference_prediction else None,
     )
     return algo, inputs, model
 
@@ -159,10 +200,25 @@ def test_impossible_values_are_refused_naming_the_field(name, field, value):
         ALGORITHMS[name](**{field: value})
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
+LOG_PROB_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().reads_log_probs]
+
+
+@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
 def test_ddim_without_noise_is_refused(name):
     with pytest.raises(ValueError, match="eta"):
         ALGORITHMS[name](sampler="ddim", eta=0.0)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_only_losses_that_read_log_probs_refuse_deterministic_ddim(name):
+    """eta = 0 has no log-density: refused by the configs whose loss reads log-probs, taken
+    by the forward-process ones (which read none); a negative eta by every config."""
+    config = ALGORITHMS[name]()
+    assert config.reads_log_probs == (not config.build().needs.forward_process_loss)
+    if not config.reads_log_probs:
+        assert ALGORITHMS[name](sampler="ddim", eta=0.0).eta == 0.0
+    with pytest.raises(ValueError, match="eta must be non-negative"):
+        ALGORITHMS[name](sampler="ddim", eta=-0.5)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)

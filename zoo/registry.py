@@ -9,6 +9,7 @@ with `build()`), add one line here, add
 from zoo.algorithm import TrainingConfig
 from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
+from zoo.nft import NFTConfig
 from zoo.rebel import REBELConfig
 from zoo.sdpo import SDPOConfig
 
@@ -17,4 +18,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "rebel": REBELConfig,
     "d3po": D3POConfig,
     "sdpo": SDPOConfig,
+    "nft": NFTConfig,
 }
