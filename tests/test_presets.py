@@ -14,6 +14,7 @@ from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
 from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import JobSettings, training_sampler_config
 from zoo.policy import Policy
+from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.tiny.arch import build_random_pipeline
 
@@ -128,7 +129,7 @@ def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
     assert SD_TURBO_REWARD_SETTINGS[reward] == (lr, batch, accumulation, epochs)
     preset = PRESETS["sd-turbo"]()
     configs = preset_algo_configs(preset, reward)
-    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+    for algo in ALGORITHMS:
         config = getattr(configs, algo)
         assert (config.learning_rate, config.train_batch_size, config.gradient_accumulation_steps) == (
             lr, batch, accumulation), algo
@@ -141,7 +142,7 @@ def test_gpu_preset_budgets_fit_every_algorithm(name):
     """`--algos all` passes the batch-size checks at each GPU preset's default budget."""
     preset = PRESETS[name]()
     configs = preset_algo_configs(preset, preset.reward)
-    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+    for algo in ALGORITHMS:
         _check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
 
 
