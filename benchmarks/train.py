@@ -15,7 +15,10 @@ pure tensor math (zoo.algorithm). One epoch is:
    whole-trajectory losses, in chunks of steps with the exact gradient), log-probs
    recomputed under the current weights, and gradients accumulated over
    `gradient_accumulation_steps` minibatches times the loss calls per minibatch, as the
-   DDPO reference multiplies accumulation by K;
+   DDPO reference multiplies accumulation by K; a forward-process algorithm (NFT) instead
+   trains step j's call on each trajectory's final latent noised to step j's timestep
+   (`forward_process_losses`), against the old policy it samples with, which moves after
+   the epoch by the algorithm's rule and is checkpointed;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
    records), so a kill loses at most the epoch in flight.
 
