@@ -82,9 +82,10 @@ Deliberate deviations:
 - The adaptive weight is computed in float32; the reference's float64 weight promotes its
   loss to float64 (:943-947).
 - Only the reference's `adv_mode = "all"` (`config/nft.py:62`) is implemented.
-- The batch arithmetic of `config/nft.py:31-46` (9 samples per GPU, 16 accumulated
-  minibatches, one update per epoch on 8 GPUs) splits groups; here a minibatch holds whole
-  groups, so the defaults are one group per minibatch and 16 minibatches per update.
+- Minibatches hold whole groups (the runner's unit); the reference shuffles single samples
+  (:806-808) into minibatches of 9 per GPU, 16 accumulated into one update per epoch on 8
+  GPUs (`config/nft.py:31-46`). The defaults here are one group per minibatch and 16
+  minibatches per update.
 - With a guided sampler (a preset that samples every algorithm with CFG) the data come from
   the guided policy while ε_old is the unguided one; the reference samples at guidance 1.
 """
