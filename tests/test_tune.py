@@ -123,7 +123,8 @@ def test_tiny_preset_carries_the_committed_tuning_selection(reward):
     preset = tiny()
     assert selected["preset"] == "tiny" and selected["reward"] == reward
     configs = preset_algo_configs(preset, reward)
-    assert set(selected["selected"]) == set(preset.algo_overrides)
+    # An algorithm added after the tuning run (NFT) trains at its loop's provisional rate.
+    assert set(selected["selected"]) <= set(preset.algo_overrides)
     for algo, chosen in selected["selected"].items():
         assert chosen["learning_rate"] in tried
         if reward != "jpeg_compressibility":
