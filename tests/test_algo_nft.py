@@ -14,7 +14,7 @@ from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings
 from benchmarks.train import JobSettings, TrainLoop, _train_epoch, checkpoint_path, run_algorithm
 from zoo.algorithm import ForwardLossInputs
-from zoo.nft import NFTConfig, old_policy_decay
+from zoo.nft import NFTConfig, adaptive_x0_loss, old_policy_decay
 from zoo.sampling import SamplerConfig, TrajectorySampler
 
 from test_policy import policy_with_random_adapter
@@ -173,6 +173,29 @@ def test_epsilon_form_is_the_references_x0_loss_and_any_parametrisation_mixes_al
 
     v_positive = (1 - beta) * v_of(old) + beta * v_of(theta.detach())
     torch.testing.assert_close(a * x_t - s * v_positive, (x_t - s * positive.detach()) / a)
+
+
+def test_at_the_old_weights_the_gradient_weights_the_denoising_loss_by_the_clipped_advantage():
+    """Module docstring, 4: at ε_θ = ε_old, ∂/∂ε_θ (adv_clip_max/β)·(p·ℓ(ε⁺) + (1-p)·ℓ(ε⁻)) =
+    adv_clip_max·(2p - 1)·∂ℓ(ε_θ) for each sample: with p = 1/2 + 1/2·A/adv_clip_max (A
+    inside the clip) the advantage A times the adaptive denoising loss's gradient, whatever β.
+    Here A = 2p·5 - 5 for p = 0.9, 0.5, 0.3 (A = 4, 0, -2), β = 0.3, and the batch mean over
+    the three samples divides both sides alike."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (1, 3, 4, 2, 2)
+    eps, old = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    alpha = torch.tensor([[0.1, 0.5, 0.9]])
+    optimality = torch.tensor([[0.9, 0.5, 0.3]])
+    prediction = old.clone().requires_grad_()
+    algo = NFTConfig(beta=0.3, kl_weight=0.0).build()
+    loss, _ = algo.loss(ForwardLossInputs(prediction=prediction, old_prediction=old, noise=eps,
+                                          alpha_cumprod=alpha, advantages=optimality))
+    loss.backward()
+    denoising = old.clone().requires_grad_()
+    advantage = torch.tensor([[4.0, 0.0, -2.0]])
+    (advantage * adaptive_x0_loss(denoising - eps, ((1 - alpha) / alpha).sqrt())).mean().backward()
+    torch.testing.assert_close(prediction.grad, denoising.grad, rtol=1e-5, atol=1e-7)
+    assert prediction.grad[0, 1].abs().max() < 1e-6 < prediction.grad[0, 0].abs().max()
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,9 +28,15 @@ process x_t = a·x0 + s·ε, a = sqrt(ᾱ_t), s = sqrt(1-ᾱ_t), with x̂0(ε̂)
    only the forward process x_t is drawn from (the model's own) and c (t there, s/a here).
 4. Gradient: ∂ℓ/∂ε̂ = 2c²·e / (n·W) (n = C·h·w, W the detached weight), and ∂ε⁺/∂ε_θ = β,
    ∂ε⁻/∂ε_θ = -β, so with the reference's factor 1/β the step does not scale with β. At
-   p = 1/2 and θ = old the two terms cancel (ε⁺ = ε⁻): a sample at its prompt's mean reward
-   gives no gradient at the sampling weights, and away from them pulls θ back to old.
-   p = 1 moves ε_θ toward old + (ε - old)/β, p = 0 away from it.
+   θ = old (ε⁺ = ε⁻ = ε_old) the gradient is adv_clip_max·(2p - 1)·∂ℓ = clip(A, ±adv_clip_max)·∂ℓ:
+   the clipped advantage weighting the denoising loss, so a sample at its prompt's mean
+   reward (p = 1/2) gives none; away from old the two terms differ and pull θ back to it.
+   p = 1 alone moves ε_θ toward old + (ε - old)/β, p = 0 alone toward old - (ε - old)/β.
+
+Against docs/ALGORITHMS.md: its p (with Z as above), u⁺, u⁻ and u* = ε are the code's; the
+code adds, and this module keeps, the adaptive x0-space weight of each term, the factor
+adv_clip_max/β and the KL to the base model; its old policy is an EMA whose decay grows with
+the optimizer steps taken (detail 8).
 
 Implementation details:
 1. Data: each trajectory's final clean latent x0 (`Trajectory.final_latents`, the latent
