@@ -67,7 +67,7 @@ class SamplerConfig:
     num_steps: int = 50
     """Sampling steps K (1 to 50 for the published models)."""
     eta: float = 1.0
-    """DDIM stochasticity; 0 is deterministic and has no density, so RL refuses it."""
+    """DDIM stochasticity; 0 is deterministic and has no density, so losses that read log-probs refuse it."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale (DDIM), or LCM's guidance w (embedded as w-1)."""
     timestep_spacing: str | None = None
