@@ -299,6 +299,10 @@ def measure_algorithm(
     reward_prompts = [p for p in traj.prompts for _ in range(needs.group_size)]
     row["reward_images_s"] = images.shape[0] / timed(lambda: reward.score(images, reward_prompts), device, args.repeats)
 
+    if needs.forward_process_loss:
+        # Its minibatch is noised final latents, not transitions to re-score: not timed yet.
+        row["error"] = "training not timed for forward-process losses"
+        return
     tb = training_batch(traj, train_groups, needs.whole_trajectory_loss)
     transitions = tb.steps.numel()
     # Re-scored as the trainer's first minibatch is, under the weights that sampled: the

@@ -102,7 +102,8 @@ def tiny() -> Preset:
 
     # Equal updates: every algorithm takes 8 optimizer steps per epoch, each over 32
     # transitions (DDPO: 8 trajectories x 4 steps; D3PO, REBEL: 4 pairs x 4 steps; SDPO,
-    # whose reference steps the optimizer per denoising step: 16 pairs x 1 step).
+    # whose reference steps the optimizer per denoising step: 16 pairs x 1 step; NFT: 32
+    # (x0, t) examples, 4 pairs x 4 timesteps).
     # Per-prompt baselines from the first epoch: 4 groups of each drawn prompt per epoch
     # (`groups_per_prompt`) and each stat tracker's min_count at the rewards a prompt gets in
     # one epoch (DDPO 4, pairs 8), so every advantage is its prompt's own statistics; with
@@ -126,6 +127,12 @@ def tiny() -> Preset:
         "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
         # The learning rate is provisional until tuned (of the order the others were tuned to).
         "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
+        # NFT trains on (x0, t) examples, one backward pass each as a transition is for the
+        # others (each also pays no-gradient passes of the old policy and of the base): 4
+        # pairs x 4 timesteps = 32 per update. Pairs (group_size 2, not the reference's 24)
+        # give 8 prompts per epoch with 8 rewards each for the per-prompt mean, as the pair
+        # methods have. The learning rate is provisional until tuned.
+        "nft": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts from the grid its folder's tuning.md shows, by the proxy's gold
@@ -142,6 +149,8 @@ def tiny() -> Preset:
         # group per prompt, trackers' min_count 16) on the grid 1e-3 to 3e-2.
         "jpeg_compressibility": {"ddpo": 3e-2, "d3po": 3e-3, "rebel": 1e-2, "sdpo": 1e-2},
     }
+    # The tuned learning rate, or the loop's provisional one for an algorithm not tuned yet.
+    tuned = learning_rates["tiny-aesthetic"]
     return Preset(
         name="tiny",
         model=str(TINY_ASSETS / "pipeline"),
@@ -195,6 +204,13 @@ def _tiny_guidance() -> float:
     return DEFAULT_GUIDANCE
 
 
+NFT_GPU_GROUP = {"group_size": 2}
+"""NFT's reference samples 24 images of each of 48 prompts an epoch on 8 GPUs (NVlabs/
+DiffusionNFT 24af555, config/nft.py:28-29, :31-46); a GPU preset's 16 to 64 trajectories per
+process hold no group of 24, so NFT samples pairs there, and its per-prompt mean pools the
+pair with every other group of the prompt drawn in the epoch."""
+
+
 def _published(**settings) -> Preset:
     """What the GPU presets share: the published animal prompts (held-out animals for
     validation and test), the default reward (aesthetic, each paper's headline task), 8
@@ -239,7 +255,7 @@ def sd_turbo() -> Preset:
         trajectories_per_epoch=64,
         eval_every=10,  # stepzoo's (the reference saves a checkpoint every epoch, base_sdpo.py:20)
         mixed_precision="fp16",  # sdpo config/base_sdpo.py:24
-        # No algo_overrides: SDPOConfig's defaults are the reference's (LoRA rank 4 with
+        # No SDPO overrides: SDPOConfig's defaults are the reference's (LoRA rank 4 with
         # diffusers' LoRAAttnProcessor default, scripts/train_sdpo.py:142; clip range 1e-4,
         # base_sdpo.py:92; advantage clip 5, :90; grad norm 1.0, :79; weight decay 1e-4,
         # :72; λ 0.99, :99; γ 0.99, :57; stat tracker 32/16, config_sdpo.py:27-30), and
@@ -248,7 +264,9 @@ def sd_turbo() -> Preset:
         # 8 trajectories per group would make 8 groups, fewer than one update spans (16 for
         # aesthetic), so it samples the paper's pairs too: each prompt's baseline is then its
         # 2 trajectories, a weak one; a GRPO protocol for this preset is still to be chosen.
-        algo_overrides={"grpo": {"group_size": 2}},
+        # NFT in pairs: 32 groups, as SDPO's, which every reward's minibatch and
+        # accumulation divide.
+        algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP)},
     )
 
 
@@ -315,6 +333,9 @@ def lcm() -> Preset:
             # DRaFT: AlignProp's minibatch of 8, accumulated over the round's two (AlignProp's 4
             # would not fit 16 trajectories): one update per round, as RLCM's REBEL.
             "draft": {**shared, "gradient_accumulation_steps": 2},
+            # NFT likewise, in pairs: 8 minibatches of one pair, accumulated into one update per
+            # epoch, as its reference takes one (config/nft.py:39-45).
+            "nft": {**shared, **NFT_GPU_GROUP, "gradient_accumulation_steps": 8},
         },
     )
 
@@ -353,6 +374,9 @@ def sd15() -> Preset:
             # LoRAAttnProcessor default).
             "ddpo": {"train_batch_size": 4, "gradient_accumulation_steps": 4,
                      "tracker_buffer_size": 32, "tracker_min_count": 16},
+            # NFT in pairs: 16 minibatches of one pair, NFTConfig's 16 accumulated, one update
+            # per epoch as in its reference.
+            "nft": dict(NFT_GPU_GROUP),
         },
     )
 

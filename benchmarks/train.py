@@ -16,7 +16,10 @@ pure tensor math (zoo.algorithm). One epoch is:
    `Algorithm.trained_steps` names, all K by default), log-probs recomputed under the
    current weights (with the KL to the base model when asked), and gradients accumulated over
    `gradient_accumulation_steps` minibatches times the loss calls per minibatch, as the
-   DDPO reference multiplies accumulation by K;
+   DDPO reference multiplies accumulation by K; a forward-process algorithm (NFT) instead
+   trains step j's call on each trajectory's final latent noised to step j's timestep
+   (`forward_process_losses`), against the old policy it samples with, which moves after
+   the epoch by the algorithm's rule and is checkpointed;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
    records), so a kill loses at most the epoch in flight.
 
@@ -48,9 +51,9 @@ from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_stat
 from benchmarks.evaluate import EvalSettings, evaluate, mixed_seed, save_strip
 from rewards.base import Reward
 from rewards.executor import RewardExecutor
-from zoo.algorithm import Algorithm, LossInputs, RewardBackpropAlgorithm
+from zoo.algorithm import Algorithm, ForwardLossInputs, LossInputs, RewardBackpropAlgorithm
 from zoo.policy import LoraSettings, Performance, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.sampling import SamplerConfig, TrajectorySampler, forward_noise
 from zoo.trajectory import Trajectory
 
 BASE = "base"
@@ -423,6 +426,51 @@ def gather_transitions(traj: Trajectory, groups: torch.Tensor, steps: torch.Tens
     )
 
 
+def forward_process_losses(
+    algorithm: Algorithm,
+    sampler: TrajectorySampler,
+    traj: Trajectory,
+    groups: torch.Tensor,
+    steps: torch.Tensor,
+    advantages: torch.Tensor,
+    old_policy: dict[str, torch.Tensor],
+    generator: torch.Generator,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], bool]]:
+    """The loss of a forward-process algorithm (`needs.forward_process_loss`) on one
+    minibatch, as one (loss, metrics, last) like `minibatch_losses`: the final clean latent
+    x0 of each trajectory of the groups `groups` (p,) noised to the timestep of its step
+    `steps` (p, G, 1) with fresh noise from `generator`, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε,
+    and the ε-predictions there without guidance (training never uses CFG): under the
+    `old_policy` weights and, when asked, the frozen base model, without gradients; under
+    the current weights with them. advantages: (p, G, 1), aligned with `steps`."""
+    if steps.shape[2] != 1:
+        raise ValueError(f"a forward-process loss call takes one step per trajectory, got {steps.shape[2]}")
+    policy = sampler.policy
+    device = traj.latents.device
+    groups, steps = groups.to(device), steps[:, :, 0].to(device)  # (p,), (p, G)
+    x0 = traj.final_latents[groups]  # (p, G, C, h, w)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    alpha = sampler.schedule.alpha_t[steps].float()  # (p, G)
+    x_t = forward_noise(x0, noise, alpha).flatten(0, 1)
+    timesteps = sampler.schedule.timesteps[steps].flatten()
+    embeds = traj.prompt_embeds[groups].repeat_interleave(traj.group_size, dim=0)  # (p*G, L, D)
+
+    def predict() -> torch.Tensor:
+        return policy.predict_noise(x_t, timesteps, embeds, 1.0, sampler.config.kind).view(x0.shape)
+
+    with torch.no_grad():
+        with policy.trainable_weights(old_policy):
+            old_prediction = predict()
+        ref_prediction = None
+        if algorithm.needs.reference_prediction:
+            with policy.reference():
+                ref_prediction = predict()
+    yield *algorithm.loss(ForwardLossInputs(
+        prediction=predict(), old_prediction=old_prediction, noise=noise, alpha_cumprod=alpha,
+        advantages=advantages[:, :, 0], ref_prediction=ref_prediction,
+    )), True
+
+
 def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
     """(P, G, K) independent permutations of the K steps per trajectory (shared inside a
     group when the algorithm pairs its members step by step)."""
@@ -442,11 +490,15 @@ def _train_epoch(
     generator: torch.Generator,
     loop: TrainLoop,
     show_progress: bool,
+    old_policy: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, float], dict[str, int]]:
     """One epoch of updates on `traj`: (mean metrics per loss call, this process's counts of
-    optimizer updates and backward passes)."""
+    optimizer updates and backward passes). `old_policy`: the adapter weights a
+    forward-process algorithm trains against (default: the weights the epoch starts from)."""
     policy = sampler.policy
     needs = algorithm.needs
+    if needs.forward_process_loss and old_policy is None:
+        old_policy = policy.trainable_state()
     num_prompts, group_size, num_steps = traj.log_probs.shape
     # Drawn once per epoch, so that every inner epoch trains the same steps: the window
     # whose transitions a Flow-GRPO-Fast sampler would have recorded. None: all K steps.
@@ -479,13 +531,20 @@ def _train_epoch(
         else:
             schedule = [(mb, chunk) for mb in minibatches for chunk in chunks]
         for minibatch, chunk in schedule:
-            transitions = gather_transitions(traj, minibatch, step_orders[minibatch][:, :, chunk])
+            steps = step_orders[minibatch][:, :, chunk]
             mb = minibatch.to(device)[:, None, None]
             calls += 1
             update_now = calls % calls_per_update == 0
-            losses = minibatch_losses(
-                algorithm, sampler, transitions, advantages[mb, gi, transitions.steps], loop.steps_per_backward
-            )
+            if needs.forward_process_loss:
+                losses = forward_process_losses(
+                    algorithm, sampler, traj, minibatch, steps, advantages[mb, gi, steps.to(device)], old_policy,
+                    generator,
+                )
+            else:
+                transitions = gather_transitions(traj, minibatch, steps)
+                losses = minibatch_losses(
+                    algorithm, sampler, transitions, advantages[mb, gi, transitions.steps], loop.steps_per_backward
+                )
             for loss, metrics, last in losses:
                 # Recorded on the device and checked once per epoch: a check per call
                 # would make the host wait for the GPU every call.
@@ -655,6 +714,13 @@ def run_algorithm(
         counters.update(state["counters"])
         records = list(state["records"])
         start_epoch = state["epoch"]
+    # A forward-process algorithm's old policy: the adapter weights it samples with and
+    # trains against, the current ones at the start, checkpointed as they are.
+    old_policy = None
+    if needs.forward_process_loss:
+        old_policy = policy.trainable_state() if state is None else {
+            name: weights.to(policy.device) for name, weights in state["old_policy"].items()
+        }
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
 
     group_size = needs.group_size
@@ -680,7 +746,10 @@ def run_algorithm(
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world
         else:
-            traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, train_reward, settings.loop)
+            with policy.trainable_weights(old_policy) if old_policy is not None else contextlib.nullcontext():
+                traj, scores, failure = sample_and_score(
+                    algorithm, sampler, prompts, generator, train_reward, settings.loop
+                )
         # Every process skips an epoch that failed anywhere, so that the stat trackers and
         # the DDP all-reduces stay in step; nothing of it reaches the tracker.
         failures = gather_object([failure] if failure else [])
@@ -703,7 +772,8 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics, counts = _train_epoch(
-                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, settings.loop, show
+                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, settings.loop, show,
+                    old_policy,
                 )
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"{where}: {error}; {last_good}") from None
@@ -711,6 +781,10 @@ def run_algorithm(
             # Every process takes the same updates (DDP); backward passes are counted on all.
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world
+            if old_policy is not None:
+                old_policy = algorithm.next_old_policy(
+                    old_policy, policy.trainable_state(), counters["optimizer_updates"]
+                )
 
         local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)
         counters["reward_calls"] += int(accelerator.gather(local_calls).sum())
@@ -739,6 +813,7 @@ def run_algorithm(
             "tracker": tracker.state_dict(),
             "counters": counters,
             "records": records,
+            **({} if old_policy is None else {"old_policy": {k: v.cpu() for k, v in old_policy.items()}}),
         })
 
     if accelerator.is_main_process:

@@ -90,7 +90,7 @@ def test_deterministic_ddim_is_allowed_and_impossible_values_are_refused():
     """eta = 0 has no log-density, which DRaFT never reads; a negative eta, K beyond the
     sampler's steps and more than one pass over samples drawn from the current weights
     are refused, naming the field."""
-    assert DRaFTConfig(eta=0.0).eta == 0.0 and not DRaFTConfig().trains_on_log_probs
+    assert DRaFTConfig(eta=0.0).eta == 0.0 and not DRaFTConfig().reads_log_probs
     for field, value in [("eta", -0.5), ("grad_steps", 0), ("grad_steps", 51), ("loss_scale", 0.0),
                          ("num_inner_epochs", 2)]:
         with pytest.raises(ValueError, match=field):

@@ -15,7 +15,7 @@ import benchmarks.train
 from benchmarks.presets import tiny
 from benchmarks.run import main
 
-ALGOS = ["ddpo", "rebel", "d3po", "sdpo", "grpo"]
+ALGOS = ["ddpo", "rebel", "d3po", "sdpo", "grpo", "nft"]
 EVAL_STEPS = [1, 2]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,13 +66,13 @@ def test_run_writes_every_output(finished_run):
     test_images = len(tiny().eval_prompts)  # one sample per test prompt
     assert all(r["samples_seen"] == 16 and r["count"] == test_images for r in final)
     # One update per epoch each; a backward pass per loss call: per step (K = 2), or per
-    # whole trajectory (REBEL).
+    # whole trajectory (REBEL), or per timestep of the noised final latents (NFT).
     assert all(r["optimizer_updates"] == 2 for r in final)
     backward = {r["algo"]: r["backward_passes"] for r in final}
-    assert backward == {"ddpo": 4, "rebel": 2, "d3po": 4, "sdpo": 4, "grpo": 4}
+    assert backward == {"ddpo": 4, "rebel": 2, "d3po": 4, "sdpo": 4, "grpo": 4, "nft": 4}
     calls = {r["algo"]: r["reward_calls"] for r in final}
     # SDPO scores first, anchor and last x̂0: three reward calls per trajectory.
-    assert calls == {"ddpo": 16, "rebel": 16, "d3po": 16, "sdpo": 48, "grpo": 16}
+    assert calls == {"ddpo": 16, "rebel": 16, "d3po": 16, "sdpo": 48, "grpo": 16, "nft": 16}
 
     table = pd.read_csv(out / "table.csv")
     assert table.iloc[:, 0].tolist() == ["base", *ALGOS]

@@ -3,7 +3,7 @@
 the optimizer once per `gradient_accumulation_steps` minibatches (rlcm's latest commit),
 and the tiny preset gives every algorithm the same updates per epoch."""
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -52,16 +52,17 @@ class CountingAdamW(torch.optim.AdamW):
 
 @pytest.mark.parametrize("name", [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)])
 def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pipeline_dir, name):
-    """8 trajectories (4 groups for GRPO's 8) at K = 4, batch 2 groups, accumulation 2: the
-    optimizer steps exactly `epoch_budget`'s updates, and the loop reports them with its
-    backward passes (REBEL's 4-step losses in chunks of 2 steps: two backward passes per
-    minibatch). Reward back-propagation's epoch (DRaFT) is checked the same way in
-    tests/test_algo_draft.py."""
+    """8 trajectories at K = 4, batch 2 groups, accumulation 2: the optimizer steps exactly
+    `epoch_budget`'s updates, and the loop reports them with its backward passes (REBEL's
+    4-step losses in chunks of 2 steps: two backward passes per minibatch). A config whose
+    group size is a field (GRPO's 8, NFT's 24 by default) takes groups of 2. Reward
+    back-propagation's epoch (DRaFT) is checked the same way in tests/test_algo_draft.py."""
+    group_field = {"group_size": 2} if "group_size" in {f.name for f in fields(ALGORITHMS[name])} else {}
     config = replace(ALGORITHMS[name](), sampler="ddim", num_steps=4, guidance_scale=1.0, train_batch_size=2,
-                     gradient_accumulation_steps=2)
+                     gradient_accumulation_steps=2, **group_field)
     algorithm = config.build()
     group_size = algorithm.needs.group_size
-    trajectories = 4 * max(2, group_size)
+    trajectories = 8
     policy = policy_with_random_adapter(tiny_pipeline_dir)
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 1.0))
     generator = torch.Generator().manual_seed(0)

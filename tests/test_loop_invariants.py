@@ -176,6 +176,12 @@ def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> Si
 
 
 PAIR_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().build().needs.group_size == 2]
+REPLAYED_ALGORITHMS = [
+    name for name, config in ALGORITHMS.items()
+    if isinstance(algorithm := config().build(), Algorithm) and not algorithm.needs.forward_process_loss
+]
+"""The algorithms whose loss replays stored transitions (forward-process losses train on
+noised final latents: tests/test_algo_nft.py checks their examples)."""
 
 
 @pytest.mark.parametrize("name", ["sdpo", "d3po", "rebel"])
@@ -202,7 +208,7 @@ def test_both_members_of_a_pair_get_the_same_step_in_every_loss_call(name, accel
             torch.testing.assert_close(call.ref, call.old - REF_OFFSET, rtol=0, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)])
+@pytest.mark.parametrize("name", REPLAYED_ALGORITHMS)
 def test_every_transition_is_trained_once_per_inner_epoch_in_a_shuffled_order(name, accelerator):
     """Each inner epoch replays every (group, member, step) exactly once (twice with two
     inner epochs), groups in a shuffled order and each group's steps in its own shuffled

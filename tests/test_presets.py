@@ -129,7 +129,7 @@ def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
     assert SD_TURBO_REWARD_SETTINGS[reward] == (lr, batch, accumulation, epochs)
     preset = PRESETS["sd-turbo"]()
     configs = preset_algo_configs(preset, reward)
-    for algo in ("sdpo", "ddpo", "rebel", "d3po"):
+    for algo in ALGORITHMS:
         config = getattr(configs, algo)
         assert (config.learning_rate, config.train_batch_size, config.gradient_accumulation_steps) == (
             lr, batch, accumulation), algo

@@ -1,10 +1,11 @@
 """The test matrix over `zoo.registry.ALGORITHMS`: every registered algorithm, the same checks.
 
 Log-probs come from a small module, logp = f_θ(features), standing in for UNet + scheduler
-step, so the checks see real gradients without a diffusion model. Batches go through the
-same calls the runner makes: `reward_steps` -> `shape_rewards` -> `advantages` -> `loss`.
-Reward back-propagation algorithms (DRaFT) take rewards carrying the graph instead: the
-same module stands in for sampler, decoder and reward.
+step, so the checks see real gradients without a diffusion model; forward-process losses
+(`needs.forward_process_loss`) get their ε-predictions from such a module, ε̂ = f_θ(features).
+Batches go through the same calls the runner makes: `reward_steps` -> `shape_rewards` ->
+`advantages` -> `loss`. Reward back-propagation algorithms (DRaFT) take rewards carrying the
+graph instead: the same module stands in for sampler, decoder and reward.
 """
 
 import ast
@@ -16,7 +17,7 @@ import pytest
 import torch
 import tyro
 
-from zoo.algorithm import Algorithm, LossInputs, RewardBackpropAlgorithm
+from zoo.algorithm import Algorithm, ForwardLossInputs, LossInputs, RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 from zoo.trajectory import Trajectory
 
@@ -28,8 +29,9 @@ SHARED_FIELDS = (
 """Fields the runner reads from every config (with `build`, `loss_calls_per_update` and
 `steps_in_outer_loop`)."""
 
-LOG_PROB_ALGORITHMS = [name for name, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)]
-"""The algorithms whose loss takes log-probs and advantages (`zoo.algorithm.Algorithm`)."""
+ADVANTAGE_ALGORITHMS = [name for name, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)]
+"""The algorithms whose loss takes advantages with log-probs or, for forward-process losses,
+noise predictions (`zoo.algorithm.Algorithm`)."""
 REWARD_BACKPROP_ALGORITHMS = [
     name for name, config in ALGORITHMS.items() if isinstance(config().build(), RewardBackpropAlgorithm)
 ]
@@ -41,6 +43,7 @@ ZERO_ADVANTAGE_GRADIENT_OFF_POLICY = {
     "rebel": False,  # regresses Δ/η onto ΔA = 0: pulls the log-ratio difference back to 0.
     "sdpo": False,  # the same regression, per step.
     "grpo": False,  # -A·ratio is 0, but β·KL pulls the moved log-probs back toward the base.
+    "nft": False,  # p = 1/2 weighs ε⁺ and ε⁻ alike: pulls ε_θ back to ε_old.
 }
 """Whether zero advantages give a zero gradient when the log-probs have moved from the
 sampling ones (every algorithm gives zero at the sampling weights; see the tests)."""
@@ -58,6 +61,17 @@ class LogProbModel(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return -1.0 + 0.01 * self.linear(features).squeeze(-1)
+
+
+class PredictionModel(torch.nn.Module):
+    """ε̂ = f_θ(features): per-element noise predictions from fixed features."""
+
+    def __init__(self, num_features: int = 8):
+        super().__init__()
+        self.linear = torch.nn.Linear(num_features, 1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features).squeeze(-1)
 
 
 def sampled_trajectory(algo: Algorithm, generator: torch.Generator) -> Trajectory:
@@ -89,6 +103,8 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
     generator = torch.Generator().manual_seed(seed)
     algo = ALGORITHMS[name]().build()
     _, advantages = global_advantages(algo, algo.new_tracker(), generator)  # (P, G, K)
+    if algo.needs.forward_process_loss:
+        return forward_loss_inputs(algo, advantages, on_policy, zero_advantages, generator)
     num_steps = advantages.shape[2]
     steps_per_call = num_steps if algo.needs.whole_trajectory_loss else STEPS_PER_CALL
     step_index = torch.randperm(num_steps, generator=generator)[:steps_per_call]
@@ -107,6 +123,31 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
         # A stand-in KL to the base model, taken to be the sampling policy (the first epoch's,
         # whose adapter is still zero): 0 with a zero gradient at the sampling weights.
         kl_to_reference=0.5 * (log_probs - old_log_probs) ** 2 if algo.needs.kl_to_reference else None,
+    )
+    return algo, inputs, model
+
+
+def forward_loss_inputs(algo: Algorithm, advantages: torch.Tensor, on_policy: bool, zero_advantages: bool,
+                        generator: torch.Generator):
+    """A forward-process `loss` call's inputs: one timestep per trajectory, latents of
+    4 x 2 x 2; "zero advantages" are the value `advantages` gives a reward at its prompt's
+    mean (NFT's optimality 1/2). On policy is the first minibatch of a run, where the fresh
+    adapter (lora_B = 0) makes the current, old and base predictions one."""
+    num_prompts, group_size, num_steps = advantages.shape
+    model = PredictionModel()
+    features = torch.randn(num_prompts, group_size, 4, 2, 2, 8, generator=generator)
+    prediction = model(features)
+    nudge = 0.1 * torch.randn(prediction.shape, generator=generator)
+    step = torch.randint(num_steps, (num_prompts, group_size, 1), generator=generator)
+    neutral = algo.advantages(["one prompt"], torch.zeros(1, 1), algo.new_tracker())[0, 0, 0]
+    inputs = ForwardLossInputs(
+        prediction=prediction,
+        old_prediction=prediction.detach() if on_policy else prediction.detach() + nudge,
+        noise=torch.randn(prediction.shape, generator=generator),
+        alpha_cumprod=0.1 + 0.8 * torch.rand(num_prompts, group_size, generator=generator),
+        advantages=neutral.expand(num_prompts, group_size) if zero_advantages else advantages.gather(2, step)[..., 0],
+        ref_prediction=(prediction.detach() if on_policy else prediction.detach() - nudge)
+        if algo.needs.reference_prediction else None,
     )
     return algo, inputs, model
 
@@ -174,22 +215,25 @@ def test_impossible_values_are_refused_naming_the_field(name, field, value):
 
 
 def test_every_algorithm_is_of_one_kind():
-    assert sorted(LOG_PROB_ALGORITHMS + REWARD_BACKPROP_ALGORITHMS) == sorted(ALGORITHMS)
+    assert sorted(ADVANTAGE_ALGORITHMS + REWARD_BACKPROP_ALGORITHMS) == sorted(ALGORITHMS)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_ddim_without_noise_is_refused_where_the_loss_reads_log_probs(name):
-    """Deterministic DDIM has no log-density: refused by the log-prob algorithms, allowed
-    for reward back-propagation; a negative eta is refused by every algorithm."""
-    config_class = ALGORITHMS[name]
-    assert config_class().trains_on_log_probs == (name in LOG_PROB_ALGORITHMS)
-    if config_class().trains_on_log_probs:
+def test_only_losses_that_read_log_probs_refuse_deterministic_ddim(name):
+    """eta = 0 has no log-density: refused by the configs whose loss reads log-probs, taken
+    by forward-process losses and reward back-propagation (which read none); a negative eta
+    by every config."""
+    config = ALGORITHMS[name]()
+    algo = config.build()
+    reads = isinstance(algo, Algorithm) and not algo.needs.forward_process_loss
+    assert config.reads_log_probs == reads
+    if reads:
         with pytest.raises(ValueError, match="eta"):
-            config_class(sampler="ddim", eta=0.0)
+            ALGORITHMS[name](sampler="ddim", eta=0.0)
     else:
-        assert config_class(sampler="ddim", eta=0.0).eta == 0.0
+        assert ALGORITHMS[name](sampler="ddim", eta=0.0).eta == 0.0
     with pytest.raises(ValueError, match="eta must be non-negative"):
-        config_class(sampler="ddim", eta=-0.1)
+        ALGORITHMS[name](sampler="ddim", eta=-0.5)
 
 
 @pytest.mark.parametrize("name", REWARD_BACKPROP_ALGORITHMS)
@@ -211,7 +255,7 @@ def test_reward_backprop_loss_is_a_finite_scalar_whose_gradient_reaches_the_para
     assert 1 <= algo.grad_steps(torch.Generator().manual_seed(0)) <= 4
 
 
-@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
+@pytest.mark.parametrize("name", ADVANTAGE_ALGORITHMS)
 def test_loss_is_a_finite_scalar_with_detached_scalar_metrics(name):
     algo, inputs, _ = loss_inputs(name, on_policy=False, zero_advantages=False)
     loss, metrics = algo.loss(inputs)
@@ -221,7 +265,7 @@ def test_loss_is_a_finite_scalar_with_detached_scalar_metrics(name):
         assert value.dim() == 0 and torch.isfinite(value) and not value.requires_grad, key
 
 
-@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
+@pytest.mark.parametrize("name", ADVANTAGE_ALGORITHMS)
 def test_gradients_reach_trainable_parameters(name):
     """At the sampling weights (old = current log-probs, the first minibatch of an epoch)."""
     algo, inputs, model = loss_inputs(name, on_policy=True, zero_advantages=False)
@@ -232,7 +276,7 @@ def test_gradients_reach_trainable_parameters(name):
     assert gradient_norm(model) > 1e-6
 
 
-@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
+@pytest.mark.parametrize("name", ADVANTAGE_ALGORITHMS)
 def test_zero_advantages_give_zero_gradient_at_the_sampling_weights(name):
     """Log-ratios 0 and advantages 0: every loss is flat there (PPO: -0·ratio; the
     regressions: the residual w·0 - 0; D3PO: nothing decided)."""
@@ -243,10 +287,10 @@ def test_zero_advantages_give_zero_gradient_at_the_sampling_weights(name):
 
 
 def test_every_algorithm_states_its_off_policy_zero_advantage_gradient():
-    assert set(ZERO_ADVANTAGE_GRADIENT_OFF_POLICY) == set(LOG_PROB_ALGORITHMS)
+    assert set(ZERO_ADVANTAGE_GRADIENT_OFF_POLICY) == set(ADVANTAGE_ALGORITHMS)
 
 
-@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
+@pytest.mark.parametrize("name", ADVANTAGE_ALGORITHMS)
 def test_zero_advantages_off_policy(name):
     """With log-probs moved from the sampling ones, see ZERO_ADVANTAGE_GRADIENT_OFF_POLICY."""
     algo, inputs, model = loss_inputs(name, on_policy=False, zero_advantages=True)
@@ -255,7 +299,7 @@ def test_zero_advantages_off_policy(name):
     assert (gradient_norm(model) == 0) == ZERO_ADVANTAGE_GRADIENT_OFF_POLICY[name]
 
 
-@pytest.mark.parametrize("name", LOG_PROB_ALGORITHMS)
+@pytest.mark.parametrize("name", ADVANTAGE_ALGORITHMS)
 def test_tracker_state_round_trips_through_json(name):
     """A tracker restored from its JSON state gives the same advantages on the next batch."""
     algo = ALGORITHMS[name]().build()

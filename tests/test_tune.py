@@ -130,7 +130,7 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-UNTUNED = {"grpo", "draft"}
+UNTUNED = {"grpo", "draft", "nft"}
 """Algorithms whose tiny-preset learning rate is provisional (benchmarks/presets.py::tiny):
 no committed tuning run has selected one yet."""
 

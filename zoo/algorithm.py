@@ -19,6 +19,20 @@ runner (`benchmarks.train.reward_backprop_epoch`) samples with the current weigh
 steps before the last `grad_steps()` without gradients and those with them, decodes, scores
 with the reward's graph kept, and back-propagates `loss(rewards)`.
 
+Forward-process algorithms (`needs.forward_process_loss`: DiffusionNFT) replace step 5 and
+read no log-probs. The runner keeps an old policy, a copy of the adapter weights, which
+starts as the current weights, samples the epoch with it (step 1), and after the epoch's
+updates is replaced by `next_old_policy(old, current, optimizer_updates)`; it is
+checkpointed with the run. `advantages` turns the rewards into per-trajectory weights as
+usual (NFT: optimality probabilities). Step 5 becomes: for each minibatch and position j of
+every trajectory's shuffled step order, the runner noises each trajectory's final clean
+latent x0 (`Trajectory.final_latents`) to the timestep t of step j with fresh noise ε,
+x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, predicts ε at x_t without classifier-free guidance
+under the old policy's weights (no gradient), under the frozen base model when
+`needs.reference_prediction` asks (no gradient), and under the current weights (with
+gradient), and calls `loss` with `ForwardLossInputs`. One backward pass per call, so
+`loss_calls_per_update` keeps its default (accumulation x K).
+
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
 from every config, and whose `build()` makes the algorithm.
 """
@@ -57,6 +71,14 @@ class SamplingNeeds:
     """Whether each `loss` call needs the KL of every trained transition's Gaussian under the
     current weights to the frozen base model's (adapter disabled): one more UNet call per
     loss call, without gradients (GRPO's β > 0). Per-step losses only."""
+    forward_process_loss: bool = False
+    """Whether the loss trains on the forward process of each trajectory's final clean
+    latent instead of replaying its transitions (DiffusionNFT): `loss` gets
+    `ForwardLossInputs`, the runner keeps an old policy that samples and is moved by
+    `next_old_policy` (see the module docstring), and no log-prob is read."""
+    reference_prediction: bool = False
+    """With `forward_process_loss`: whether `loss` also needs the frozen base model's
+    ε-prediction (adapter disabled) at each x_t."""
 
     def __post_init__(self) -> None:
         if self.kl_to_reference and self.whole_trajectory_loss:
@@ -78,6 +100,21 @@ class LossInputs:
     # (p, G, S) KL(current || base) of each transition's Gaussian, averaged over the latent's
     # elements, carrying the gradient (`needs.kl_to_reference`; `zoo.sampling.gaussian_kl`)
     kl_to_reference: torch.Tensor | None = None
+
+
+@dataclass
+class ForwardLossInputs:
+    """One minibatch of forward-process examples (`needs.forward_process_loss`): p groups of
+    G trajectories, each trajectory's final clean latent x0 noised to one timestep t of the
+    sampler's schedule, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Predictions are the UNet's ε̂ at
+    (x_t, t, the trajectory's prompt) without classifier-free guidance, in float32."""
+
+    prediction: torch.Tensor  # (p, G, C, h, w) under the current weights, carries the gradient
+    old_prediction: torch.Tensor  # (p, G, C, h, w) under the old policy's weights, no gradient
+    noise: torch.Tensor  # (p, G, C, h, w) the ε that made x_t
+    alpha_cumprod: torch.Tensor  # (p, G) ᾱ_t
+    advantages: torch.Tensor  # (p, G) `advantages` of each trajectory at the step that chose t
+    ref_prediction: torch.Tensor | None = None  # (p, G, C, h, w) under the frozen base model, no gradient
 
 
 class Algorithm(abc.ABC):
@@ -114,8 +151,17 @@ class Algorithm(abc.ABC):
         """(P, G, K) advantages for the global batch; updates `tracker`. No gradient."""
 
     @abc.abstractmethod
-    def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss for one minibatch and detached scalar metrics to log."""
+    def loss(self, inputs: LossInputs | ForwardLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss for one minibatch and detached scalar metrics to log: from
+        `LossInputs`, or `ForwardLossInputs` when `needs.forward_process_loss`."""
+
+    def next_old_policy(
+        self, old: dict[str, torch.Tensor], current: dict[str, torch.Tensor], optimizer_updates: int
+    ) -> dict[str, torch.Tensor]:
+        """With `needs.forward_process_loss`: the old policy's adapter weights for the next
+        epoch, from this epoch's old and current weights (name -> tensor) once
+        `optimizer_updates` optimizer steps have been taken in all. No gradient."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no old policy (needs.forward_process_loss is off)")
 
 
 class RewardBackpropAlgorithm(abc.ABC):
@@ -224,13 +270,13 @@ class TrainingConfig(abc.ABC):
     guidance_scale: float = 5.0
     """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
     eta: float = 1.0
-    """DDIM eta when `sampler` is ddim (positive for losses on log-probs: eta = 0 has no log-density); unused by LCM."""
+    """DDIM eta when `sampler` is ddim (positive for losses that read log-probs: eta = 0 has no log-density); unused by LCM."""
 
     def __post_init__(self) -> None:
         check_field_rules(self, _TRAINING_RULES)
         if self.sampler == "ddim" and self.eta < 0:
             raise ValueError(f"eta must be non-negative (got {self.eta}).")
-        if self.sampler == "ddim" and self.eta == 0 and self.trains_on_log_probs:
+        if self.sampler == "ddim" and self.eta == 0 and self.reads_log_probs:
             raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
 
     @property
@@ -240,9 +286,10 @@ class TrainingConfig(abc.ABC):
         return self.num_steps
 
     @property
-    def trains_on_log_probs(self) -> bool:
-        """Whether the loss reads the sampler's log-densities, which deterministic DDIM
-        (eta = 0) does not have; reward back-propagation (zoo/draft.py) does not read them."""
+    def reads_log_probs(self) -> bool:
+        """Whether the loss reads the sampler's transition log-probs, so that deterministic
+        DDIM (eta = 0, no density) cannot train it; forward-process losses (zoo/nft.py) and
+        reward back-propagation (zoo/draft.py) read none."""
         return True
 
     @property

@@ -111,7 +111,7 @@ class DRaFTConfig(TrainingConfig):
             )
 
     @property
-    def trains_on_log_probs(self) -> bool:
+    def reads_log_probs(self) -> bool:
         """The loss is the reward: deterministic DDIM (eta = 0), which has no log-density, is allowed."""
         return False
 

@@ -349,6 +349,31 @@ class Policy:
         """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
 
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable (LoRA) parameters by parameter name, on their device:
+        the weights of an old policy that `trainable_weights` runs."""
+        return {name: p.detach().clone() for name, p in self.unet.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def trainable_weights(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run with the trainable parameters holding `state` (`trainable_state`'s keys),
+        copied in place, and their own values restored after: another adapter's weights in
+        the same modules, so no copy of the UNet is made and the optimizer and DDP keep
+        their parameters."""
+        params = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            raise ValueError("the old policy's weights do not fit this adapter (rank or target modules differ)")
+        own = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(own[name])
+
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
         """Restore weights saved by `adapter_state`; keys must match exactly."""
         own = get_peft_model_state_dict(self.unet)

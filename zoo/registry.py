@@ -9,8 +9,9 @@ with `build()`), add one line here, add
 from zoo.algorithm import TrainingConfig
 from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
-from zoo.grpo import GRPOConfig
 from zoo.draft import DRaFTConfig
+from zoo.grpo import GRPOConfig
+from zoo.nft import NFTConfig
 from zoo.rebel import REBELConfig
 from zoo.sdpo import SDPOConfig
 
@@ -21,4 +22,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "sdpo": SDPOConfig,
     "grpo": GRPOConfig,
     "draft": DRaFTConfig,
+    "nft": NFTConfig,
 }

@@ -8,6 +8,10 @@ Two transition kernels share one trajectory sampler:
 - LCM multistep consistency sampling (RLCM): denoised = c_out·x̂0 + c_skip·x_t;
   x_t' ~ N(sqrt(ᾱ_t')·denoised, 1-ᾱ_t').
 
+DDIM with eta = 0 is deterministic and has no density (its recorded log-probs are NaN); it
+samples data for losses that read no log-probs (NFT trains on `forward_noise` of the final
+latents).
+
 Both need ᾱ_t' < 1 at the last step to have a density. Past the end of the schedule
 ᾱ_t' is ᾱ of timestep 0 (as the DDPO/SDPO reference code clamps it), never 1. That is a
 deliberate deviation from diffusers' LCMScheduler, which returns `denoised` without noise
@@ -64,7 +68,7 @@ class SamplerConfig:
     num_steps: int = 50
     """Sampling steps K (1 to 50 for the published models)."""
     eta: float = 1.0
-    """DDIM stochasticity; 0 is deterministic and has no density, so RL refuses it."""
+    """DDIM stochasticity; 0 is deterministic and has no density, so losses that read log-probs refuse it."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale (DDIM), or LCM's guidance w (embedded as w-1)."""
     timestep_spacing: str | None = None
@@ -162,6 +166,15 @@ def lcm_transition(
     mean = a_prev.sqrt() * denoised
     std = (1 - a_prev).sqrt().flatten()
     return mean, std, pred_x0, denoised
+
+
+def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
+    """The forward process q(x_t | x0): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, float32.
+
+    x0, noise (..., C, h, w); alpha_cumprod ᾱ_t (...), one per latent.
+    """
+    alpha = alpha_cumprod.float()[..., None, None, None]
+    return alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ class Trajectory:
     timesteps: torch.Tensor  # (P, G, K) long, the t of each transition x_t -> x_{t'}
     latents: torch.Tensor  # (P, G, K, C, h, w) x_t, the state each transition starts from
     next_latents: torch.Tensor  # (P, G, K, C, h, w) x_{t'}, the sampled next state
-    log_probs: torch.Tensor  # (P, G, K) float32 log-density of each transition, mean over C*h*w
+    log_probs: torch.Tensor  # (P, G, K) float32 log-density of each transition, mean over C*h*w (NaN at DDIM eta 0)
     images: torch.Tensor  # (P, G, 3, H, W) float32 in [0, 1], decoded from the final latent
     pred_x0: torch.Tensor | None = None  # (P, G, K, C, h, w) x̂0 predicted at each step, if recorded
     ref_log_probs: torch.Tensor | None = None  # (P, G, K) float32 under the frozen base, if asked
@@ -35,6 +35,11 @@ class Trajectory:
     @property
     def num_steps(self) -> int:
         return self.log_probs.shape[2]
+
+    @property
+    def final_latents(self) -> torch.Tensor:
+        """(P, G, C, h, w) the clean sample x_0 each trajectory ends in (what `images` decodes)."""
+        return self.next_latents[:, :, -1]
 
     @classmethod
     def cat(cls, parts: list["Trajectory"]) -> "Trajectory":
