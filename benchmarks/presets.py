@@ -82,6 +82,8 @@ class Preset:
     algo_overrides: dict[str, dict] = field(default_factory=dict)
     """Per-algorithm config fields that this preset's paper set or its tuning run selected
     (name -> {field: value})."""
+    algos: tuple[str, ...] = ()
+    """The algorithms a run trains when --algos is not given; empty: every registered one."""
     reward_overrides: dict[str, dict[str, dict]] = field(default_factory=dict)
     """Training reward -> algorithm -> config fields applied over `algo_overrides` when the
     run trains on that reward: what a tuning run selected for that task (learning rates
@@ -195,6 +197,9 @@ def tiny() -> Preset:
         # algorithm moved beyond noise, at the JPEG task's selections (3e-3 to 3e-2) all four
         # fell on both the proxy and the gold (measured on the validation prompts, seed 0).
         tuning_grid={"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
+        # The SDPO paper's comparison, its main experiment in miniature: `make bench` stays
+        # within 10 minutes on 2 cores; `--algos all` adds GRPO, NFT and DRaFT.
+        algos=("ddpo", "rebel", "d3po", "sdpo"),
     )
 
 

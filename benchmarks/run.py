@@ -65,8 +65,9 @@ SHARED_SAMPLER_FIELDS = ("sampler", "num_steps", "guidance_scale", "eta")
 class RunArgs:
     """stepzoo benchmark: RL fine-tuning algorithms compared at 1, 2, 4, 8 sampling steps."""
 
-    algos: str = "all"
-    """Comma-separated algorithms to train (listed above), or "all" for every registered one."""
+    algos: str | None = None
+    """Comma-separated algorithms to train (listed above), or "all" for every registered one
+    (default: the preset's `algos`, or all)."""
     reward: str | None = None
     """Training reward: a registry name (listed above), a plugin module.path:ClassName, a reward server
     http://HOST:PORT/NAME, or a weighted sum of them like aesthetic:1,pickscore:0.5 (default: the preset's)."""
@@ -339,7 +340,10 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
     preset = PRESETS[args.preset]()
-    algos = list(ALGORITHMS) if args.algos == "all" else _split(args.algos, "--algos")
+    if args.algos is None:
+        algos = list(preset.algos or ALGORITHMS)
+    else:
+        algos = list(ALGORITHMS) if args.algos == "all" else _split(args.algos, "--algos")
     unknown = [a for a in algos if a not in ALGORITHMS]
     if unknown or not algos:
         raise UsageError(f"--algos: unknown algorithm {', '.join(unknown) or '(none)'}; choose from {', '.join(ALGORITHMS)}")
@@ -462,9 +466,9 @@ def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[lis
         return algos, []
     names = ", ".join(backprop)
     why = f"{', '.join(blocked)} {'is' if len(blocked) == 1 else 'are'} not differentiable"
-    if args.algos == "all":
+    if args.algos in (None, "all"):
         kept = [name for name in algos if name not in backprop]
-        return kept, [f"--algos all leaves out {names}: --reward {reward}: {why}"]
+        return kept, [f"--algos {args.algos or 'default'} leaves out {names}: --reward {reward}: {why}"]
     usable = ", ".join(name for name, spec in REWARDS.items() if spec.differentiable)
     raise UsageError(
         f"--reward {reward}: {why}, and {names} back-propagates the reward's gradient into the model; train {names} "

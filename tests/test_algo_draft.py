@@ -426,12 +426,12 @@ def test_a_reward_without_a_gradient_is_refused_before_any_model_loads(reward, b
 
 def test_algos_all_leaves_draft_out_of_a_run_on_a_reward_without_a_gradient(tiny_pipeline_dir, tmp_path,
                                                                              monkeypatch, capsys):
-    """`--algos all` (the default) with JPEG trains every algorithm but DRaFT, and says so
-    when the run starts; with a differentiable reward it trains DRaFT too."""
+    """`--algos all` with JPEG trains every algorithm but DRaFT, and says so when the run
+    starts; with a differentiable reward it trains DRaFT too."""
     from zoo.registry import ALGORITHMS
 
     monkeypatch.setattr(benchmarks.run, "execute", lambda plan: "")
-    args = micro_args(tiny_pipeline_dir, tmp_path / "run")
+    args = [*micro_args(tiny_pipeline_dir, tmp_path / "run"), "--algos", "all"]
     plan = benchmarks.run.make_plan(benchmarks.run.parse_args(args))
     assert plan.algos == [name for name in ALGORITHMS if name != "draft"]
     assert main(args) == 0

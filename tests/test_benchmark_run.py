@@ -16,6 +16,8 @@ from benchmarks.presets import tiny
 from benchmarks.run import main
 
 ALGOS = ["ddpo", "rebel", "d3po", "sdpo", "grpo", "nft"]
+EVERY_ALGO = ["--algos", ",".join(ALGOS)]
+"""Every registered algorithm that trains on JPEG sizes (DRaFT needs a gradient)."""
 EVAL_STEPS = [1, 2]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +52,7 @@ def _records(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def finished_run(tiny_pipeline_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "run"
-    assert main(micro_args(tiny_pipeline_dir, out)) == 0
+    assert main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO) == 0
     return out
 
 
@@ -99,11 +101,11 @@ def test_resume_after_interruption_gives_the_same_records(finished_run, tiny_pip
 
     monkeypatch.setattr(benchmarks.train, "save_state", save_then_stop)
     with pytest.raises(Interrupted):
-        main(micro_args(tiny_pipeline_dir, out))
+        main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO)
     monkeypatch.setattr(benchmarks.train, "save_state", real_save)
 
-    assert main(micro_args(tiny_pipeline_dir, out)) == 2  # refuses to overwrite silently
-    assert main(micro_args(tiny_pipeline_dir, out) + ["--resume"]) == 0
+    assert main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO) == 2  # refuses to overwrite silently
+    assert main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO + ["--resume"]) == 0
     assert _comparable(_records(out)) == _comparable(_records(finished_run))
     for algo in ALGOS:
         name = f"lora/{algo}_seed0/pytorch_lora_weights.safetensors"

@@ -184,3 +184,16 @@ def test_lcm_follows_rlcm_aesthetic_config():
     assert (ddpo.tracker_buffer_size, ddpo.tracker_min_count) == (32, 16)
     # RLCM's PPO: one update per 8 trajectories.
     assert epoch_budget(ddpo, preset.trajectories_per_epoch)["optimizer_updates"] == 2
+
+
+def test_a_preset_names_the_algorithms_a_run_trains_by_default(tmp_path):
+    """Without --algos the tiny preset trains the SDPO paper's four (`make bench`'s budget);
+    --algos all trains every registered algorithm that can learn the reward; a preset that
+    names none trains them all."""
+    def planned(*flags: str) -> list[str]:
+        return make_plan(parse_args(["--out", str(tmp_path / "run"), *flags])).algos
+
+    assert planned() == ["ddpo", "rebel", "d3po", "sdpo"]
+    assert planned("--algos", "all") == list(ALGORITHMS)
+    assert planned("--algos", "grpo,nft") == ["grpo", "nft"]
+    assert not PRESETS["sd-turbo"]().algos
