@@ -145,8 +145,9 @@ def tiny() -> Preset:
         # selected 8e-3 / 4e-3 / 2e-3 / 1e-3 for DDPO / REBEL / D3PO / SDPO and the other
         # 2e-3 / 1e-3 / 2e-3 / 4e-3; only D3PO's choice survived a second seed.
         "tiny-aesthetic": {"ddpo": 2e-3, "d3po": 2e-3, "rebel": 2e-3, "sdpo": 2e-3},
-        # results/tune-tiny-tiny-align (DDPO: 1e-3 and 2e-3 tie, the first in the grid wins)
-        "tiny-align": {"ddpo": 1e-3, "d3po": 1e-3, "rebel": 4e-3, "sdpo": 2e-3},
+        # results/tune-tiny-tiny-align, seeds 100 and 101: seed 100 alone chose SDPO 2e-3,
+        # the two seeds 1e-3 (0.874 against 0.871 on the gold); the others held.
+        "tiny-align": {"ddpo": 1e-3, "d3po": 1e-3, "rebel": 4e-3, "sdpo": 1e-3},
         # results/tune-tiny-jpeg_compressibility: tuned under the previous protocol (one
         # group per prompt, trackers' min_count 16) on the grid 1e-3 to 3e-2.
         "jpeg_compressibility": {"ddpo": 3e-2, "d3po": 3e-3, "rebel": 1e-2, "sdpo": 1e-2},
