@@ -19,6 +19,7 @@ from zoo.grpo import GRPOConfig
 from zoo.policy import LoraSettings, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler, gaussian_kl
 
+from test_algo_ddpo import one_step
 from test_loop_invariants import CodedSampler, Recorder, RecordingSGD, _clipped, coded_trajectory, decode
 from test_policy import policy_with_random_adapter
 from test_train_loop import Brightness
@@ -72,16 +73,6 @@ def test_no_statistics_carry_over_between_epochs():
 
 # ----------------------------------------------------------------------------------------
 # Loss
-
-
-def one_step(log_ratio: float, advantage: float, old: float = -1.0) -> LossInputs:
-    log_probs = torch.tensor([[[old + log_ratio]]], requires_grad=True)
-    return LossInputs(
-        log_probs=log_probs,
-        old_log_probs=torch.tensor([[[old]]]),
-        advantages=torch.tensor([[[advantage]]]),
-        step_index=torch.zeros(1, 1, 1, dtype=torch.long),
-    )
 
 
 @pytest.mark.parametrize(

@@ -200,6 +200,26 @@ def check_field_rules(config: Any, rules: tuple[FieldRule, ...]) -> None:
             raise ValueError(f"{name} {rule} (got {value!r}).")
 
 
+def ppo_clip_loss(
+    inputs: LossInputs, clip_range: float, adv_clip_max: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DDPO's per-step PPO-clip term, which GRPO shares: ratio = exp(logp - old_logp),
+    A_c = clamp(A, ±adv_clip_max), mean(max(-A_c·ratio, -A_c·clamp(ratio, 1 ± clip_range))),
+    with the reference's metrics approx_kl = 0.5·mean((logp - old_logp)²) and clipfrac =
+    mean(|ratio - 1| > clip_range)."""
+    log_ratio = inputs.log_probs - inputs.old_log_probs
+    ratio = torch.exp(log_ratio)
+    advantages = inputs.advantages.clamp(-adv_clip_max, adv_clip_max)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    metrics = {
+        "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
+        "clipfrac": ((ratio.detach() - 1.0).abs() > clip_range).float().mean(),
+    }
+    return loss, metrics
+
+
 def check_tracker_sizes(config: Any, statistics: str) -> None:
     """Refuses a stat tracker whose buffer can never hold `tracker_min_count` values, since
     its `statistics` ("per-prompt", "per-step") would then never replace the batch's."""

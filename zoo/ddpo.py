@@ -37,7 +37,9 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes
+from zoo.algorithm import (
+    Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes, ppo_clip_loss,
+)
 from zoo.stat_tracking import PerPromptStatTracker
 
 _FIELD_RULES = (
@@ -90,16 +92,5 @@ class DDPO(Algorithm):
         return per_trajectory[:, :, None].expand(-1, -1, self.config.num_steps).clone()
 
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        c = self.config
-        log_ratio = inputs.log_probs - inputs.old_log_probs  # (p, 1, S)
-        ratio = torch.exp(log_ratio)
-        advantages = inputs.advantages.clamp(-c.adv_clip_max, c.adv_clip_max)
-        unclipped = -advantages * ratio
-        clipped = -advantages * ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
-        loss = torch.maximum(unclipped, clipped).mean()
-        metrics = {
-            "loss": loss.detach(),
-            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-            "clipfrac": ((ratio.detach() - 1.0).abs() > c.clip_range).float().mean(),
-        }
-        return loss, metrics
+        loss, metrics = ppo_clip_loss(inputs, self.config.clip_range, self.config.adv_clip_max)  # (p, 1, S) steps
+        return loss, {"loss": loss.detach(), **metrics}

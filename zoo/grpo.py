@@ -88,7 +88,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules
+from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, ppo_clip_loss
 from zoo.stat_tracking import NoStatTracker
 
 _FIELD_RULES = (
@@ -202,17 +202,8 @@ class GRPO(Algorithm):
 
     def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.config
-        log_ratio = inputs.log_probs - inputs.old_log_probs  # (p, G, S)
-        ratio = torch.exp(log_ratio)
-        advantages = inputs.advantages.clamp(-c.adv_clip_max, c.adv_clip_max)
-        unclipped = -advantages * ratio
-        clipped = -advantages * ratio.clamp(1.0 - c.clip_range, 1.0 + c.clip_range)
-        policy_loss = torch.maximum(unclipped, clipped).mean()
-        metrics = {
-            "policy_loss": policy_loss.detach(),
-            "approx_kl": 0.5 * (log_ratio.detach() ** 2).mean(),
-            "clipfrac": ((ratio.detach() - 1.0).abs() > c.clip_range).float().mean(),
-        }
+        policy_loss, clip_metrics = ppo_clip_loss(inputs, c.clip_range, c.adv_clip_max)  # over (p, G, S)
+        metrics = {"policy_loss": policy_loss.detach(), **clip_metrics}
         loss = policy_loss
         if c.beta > 0:
             if inputs.kl_to_reference is None:
