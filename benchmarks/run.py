@@ -449,6 +449,11 @@ def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> Tra
             )
     if loop.steps_per_backward < 1:
         raise UsageError(f"--loop.steps-per-backward must be at least 1, got {loop.steps_per_backward}")
+    if loop.micro_batch is not None and loop.micro_batch < 1:
+        raise UsageError(
+            f"--loop.micro-batch must be at least 1 (groups per UNet call), got {loop.micro_batch}; "
+            "leave it out for one UNet call per loss call"
+        )
     return dataclasses.replace(loop, sample_batch_size=sample_batch)
 
 

@@ -33,6 +33,7 @@ checkpoint on disk is the last good epoch's.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -91,6 +92,18 @@ class TrainLoop:
     one extra forward pass without gradients first gives every step's log-prob, and each
     chunk's backward gets the whole loss's exact gradient (the other steps enter as
     constants)."""
+    micro_batch: int | None = None
+    """Groups per UNet call with gradients when training (a group is one prompt's
+    trajectories: one, a pair, G). The algorithm's minibatch (`train_batch_size` groups)
+    and accumulation define what one update averages over; this only decides how that
+    work reaches the UNet. Larger than the minibatch: the loss calls of one optimizer
+    update are joined into calls of up to this many groups (fewer, larger kernels; each
+    loss call's loss is still computed on its own). Smaller: a minibatch's loss call is
+    cut into pieces of this many groups, after one extra forward pass without gradients
+    over the whole call, and each piece's backward gets the whole loss's exact gradient
+    (the other groups enter as constants). None: one UNet call per loss call. Reward
+    back-propagation (DRaFT) samples through the UNet in its minibatch: this cuts it (with
+    the extra pass) but does not join minibatches."""
 
 
 @dataclass
@@ -366,6 +379,207 @@ class Transitions:
             self.latents, self.next_latents, self.steps, self.embeds, self.old_log_probs, self.ref_log_probs)))
 
 
+@dataclass
+class ReplayCall:
+    """One `loss` call that replays stored transitions (p groups, G members, S steps),
+    in the form `micro_batched_losses` cuts and joins: the model inputs of any groups and
+    steps, the UNet call that scores them, and the loss of the whole call."""
+
+    algorithm: Algorithm
+    transitions: Transitions
+    advantages: torch.Tensor  # (p, G, S)
+    per_member: bool = False
+    """One UNet call per group member (the reference codes' way, for benchmarks.perf)."""
+
+    @property
+    def groups(self) -> int:
+        return self.transitions.steps.shape[0]
+
+    @property
+    def steps(self) -> int:
+        return self.transitions.steps.shape[2]
+
+    def model_inputs(self, groups: slice, steps: slice) -> tuple[torch.Tensor, ...]:
+        """Flat (N, ...) latents, step indices, next latents and embeddings of the
+        transitions at `groups` and `steps`; member-major when `per_member`."""
+        parts = [t[groups][:, :, steps] for t in (self.transitions.latents, self.transitions.steps,
+                                                   self.transitions.next_latents, self.transitions.embeds)]
+        if self.per_member:
+            parts = [t.transpose(0, 1) for t in parts]
+        return tuple(t.flatten(0, 2) for t in parts)
+
+    def run(self, sampler: TrajectorySampler, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Flat log-probs under the current weights (and KL to the base, when the loss
+        needs it) of joined `model_inputs`."""
+        score = sampler.log_prob_and_kl if self.algorithm.needs.kl_to_reference else sampler.log_prob
+        if not self.per_member:
+            outputs = score(*inputs)
+            return outputs if isinstance(outputs, tuple) else (outputs,)
+        members = self.transitions.steps.shape[1]
+        parts = [score(*chunks) for chunks in zip(*(t.chunk(members) for t in inputs))]
+        parts = [p if isinstance(p, tuple) else (p,) for p in parts]
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+    def unflatten(self, outputs: tuple[torch.Tensor, ...], groups: int, steps: int) -> tuple[torch.Tensor, ...]:
+        members = self.transitions.steps.shape[1]
+        if self.per_member:
+            return tuple(o.view(members, groups, steps).transpose(0, 1) for o in outputs)
+        return tuple(o.view(groups, members, steps) for o in outputs)
+
+    def zeros(self, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """(p, G, S) zeros for each output of `like`, a part of this call's outputs."""
+        return tuple(like_one.new_zeros(self.transitions.steps.shape) for like_one in like)
+
+    def place(self, whole: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], groups: slice, steps: slice):
+        """`whole` (p, G, S) with `part` at `groups` and `steps`, out of place."""
+        placed = []
+        for w, p in zip(whole, part):
+            w = w.clone()
+            w[groups, :, steps] = p
+            placed.append(w)
+        return tuple(placed)
+
+    def loss(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        t = self.transitions
+        return self.algorithm.loss(LossInputs(
+            log_probs=outputs[0], old_log_probs=t.old_log_probs, advantages=self.advantages, step_index=t.steps,
+            ref_log_probs=t.ref_log_probs, kl_to_reference=outputs[1] if len(outputs) > 1 else None,
+        ))
+
+
+@dataclass
+class ForwardCall:
+    """One `loss` call of a forward-process algorithm (`needs.forward_process_loss`): p
+    groups of G trajectories, each one's final clean latent noised to one timestep, with
+    the predictions that take no gradient already made; cut and joined like `ReplayCall`."""
+
+    algorithm: Algorithm
+    noisy: torch.Tensor  # (p, G, C, h, w) x_t
+    timesteps: torch.Tensor  # (p, G)
+    embeds: torch.Tensor  # (p, G, L, D)
+    inputs: ForwardLossInputs  # everything but `prediction`
+
+    groups = property(lambda self: self.noisy.shape[0])
+    steps = property(lambda self: 1)
+
+    def model_inputs(self, groups: slice, steps: slice) -> tuple[torch.Tensor, ...]:
+        return self.noisy[groups].flatten(0, 1), self.timesteps[groups].flatten(), self.embeds[groups].flatten(0, 1)
+
+    def run(self, sampler: TrajectorySampler, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Flat ε-predictions under the current weights, without guidance (training never uses CFG)."""
+        return (sampler.policy.predict_noise(*inputs, 1.0, sampler.config.kind),)
+
+    def unflatten(self, outputs: tuple[torch.Tensor, ...], groups: int, steps: int) -> tuple[torch.Tensor, ...]:
+        return tuple(o.view(groups, *self.noisy.shape[1:]) for o in outputs)
+
+    def zeros(self, like: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return tuple(like_one.new_zeros(self.noisy.shape) for like_one in like)
+
+    def place(self, whole: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], groups: slice, steps: slice):
+        placed = []
+        for w, p in zip(whole, part):
+            w = w.clone()
+            w[groups] = p
+            placed.append(w)
+        return tuple(placed)
+
+    def loss(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.algorithm.loss(dataclasses.replace(self.inputs, prediction=outputs[0]))
+
+
+LossCall = ReplayCall | ForwardCall
+
+Segment = tuple[int, slice, slice]
+"""(index of a loss call, its groups, its steps) inside one UNet call."""
+
+
+def _parts(count: int, most: int | None) -> list[slice]:
+    """Slices of at most `most` of `count` items; [slice(None)] when they fit in one."""
+    if most is None or count <= most:
+        return [slice(None)]
+    return [slice(a, a + most) for a in range(0, count, most)]
+
+
+def plan_unet_calls(calls: list[LossCall], micro_batch: int | None, steps_per_backward: int | None) -> list[list[Segment]]:
+    """The UNet calls with gradients that train `calls` (one optimizer update's loss calls,
+    in order), each a list of segments. A call whose steps exceed `steps_per_backward` (None:
+    never cut by steps) is cut into chunks of steps; a call of more groups than `micro_batch`
+    into pieces of that many groups; consecutive uncut calls are joined while their groups
+    fit in `micro_batch`. `micro_batch` None: one UNet call per loss call (or chunk)."""
+    plan: list[list[Segment]] = []
+    joined = 0  # groups in the last UNet call of `plan`, while it may take more calls
+    for index, call in enumerate(calls):
+        step_parts = _parts(call.steps, steps_per_backward)
+        group_parts = _parts(call.groups, micro_batch)
+        whole = (index, slice(None), slice(None))
+        if step_parts == group_parts == [slice(None)]:
+            if micro_batch is not None and joined and joined + call.groups <= micro_batch:
+                plan[-1].append(whole)
+                joined += call.groups
+            else:
+                plan.append([whole])
+                joined = call.groups
+            continue
+        plan += [[(index, groups, steps)] for groups in group_parts for steps in step_parts]
+        joined = 0
+    return plan
+
+
+def _outputs(call: LossCall, sampler: TrajectorySampler, groups: slice, steps: slice) -> tuple[torch.Tensor, ...]:
+    inputs = call.model_inputs(groups, steps)
+    count = len(range(call.groups)[groups])
+    return call.unflatten(call.run(sampler, *inputs), count, len(range(call.steps)[steps]))
+
+
+def micro_batched_losses(
+    calls: list[LossCall], sampler: TrajectorySampler, micro_batch: int | None, steps_per_backward: int | None,
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
+    """(loss, metrics, last) for each UNet call of `plan_unet_calls`: the sum of the losses
+    of the loss calls it holds, whose backward passes together give the sum of those loss
+    calls' gradients; `last` marks the final one.
+
+    A loss call cut into several UNet calls first gets all of its outputs without
+    gradients (one extra forward pass); each piece's loss then takes the piece's outputs
+    with gradients and the rest as constants: the whole loss in value, and the sum of the
+    pieces' gradients is its gradient, whatever the loss (REBEL's sequence ratio, a
+    minibatch normalisation). Metrics: the sum of the metrics of the loss calls whose
+    first piece the UNet call holds (each loss call's metrics count once), None if it
+    holds none. Lazily: each UNet call's graph can be freed before the next is built."""
+    plan = plan_unet_calls(calls, micro_batch, steps_per_backward)
+    pieces_of: dict[int, list[Segment]] = {}
+    for segments in plan:
+        for segment in segments:
+            pieces_of.setdefault(segment[0], []).append(segment)
+    constants: dict[int, tuple[torch.Tensor, ...]] = {}
+    with torch.no_grad():
+        for index, segments in pieces_of.items():
+            if len(segments) == 1:
+                continue
+            whole = None
+            for _, groups, steps in segments:
+                part = _outputs(calls[index], sampler, groups, steps)
+                whole = calls[index].place(whole or calls[index].zeros(part), part, groups, steps)
+            constants[index] = whole
+    for position, segments in enumerate(plan):
+        inputs = [calls[index].model_inputs(groups, steps) for index, groups, steps in segments]
+        joined = inputs[0] if len(inputs) == 1 else tuple(torch.cat(parts) for parts in zip(*inputs))
+        flat = calls[segments[0][0]].run(sampler, *joined)
+        sizes = [part[0].shape[0] for part in inputs]
+        total, metrics = None, None
+        for (index, groups, steps), outputs in zip(segments, zip(*(o.split(sizes) for o in flat))):
+            call = calls[index]
+            outputs = call.unflatten(outputs, len(range(call.groups)[groups]), len(range(call.steps)[steps]))
+            if index in constants:
+                outputs = call.place(constants[index], outputs, groups, steps)
+            loss, call_metrics = call.loss(outputs)
+            total = loss if total is None else total + loss
+            if pieces_of[index][0] == (index, groups, steps):
+                metrics = metrics or {}
+                for name, value in call_metrics.items():
+                    metrics[name] = metrics.get(name, 0.0) + value
+        yield total, metrics, position == len(plan) - 1
+
+
 def minibatch_losses(
     algorithm: Algorithm,
     sampler: TrajectorySampler,
@@ -375,37 +589,13 @@ def minibatch_losses(
     per_member: bool = False,
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
     """(loss, metrics, last): the losses whose backward passes together give one
-    minibatch's gradient; `last` marks the final one.
-
-    A per-step loss (or a trajectory of at most `steps_per_backward` steps) is one loss.
-    A whole-trajectory loss over more steps is computed once per chunk of steps: every
-    step's log-prob is first computed without gradients, and each chunk's loss takes the
-    chunk's log-probs with gradients and the rest as constants. Each is the full loss in
-    value, and the sum of their gradients is the full loss's gradient. Metrics come with
-    the first loss only. Lazily: each loss's graph can be freed before the next is built.
-    advantages: (p, G, S), aligned with `transitions`.
-    """
-
-    def loss(log_probs: torch.Tensor, kl_to_reference: torch.Tensor | None = None):
-        return algorithm.loss(LossInputs(
-            log_probs=log_probs, old_log_probs=transitions.old_log_probs, advantages=advantages,
-            step_index=transitions.steps, ref_log_probs=transitions.ref_log_probs, kl_to_reference=kl_to_reference,
-        ))
-
-    num_steps = transitions.steps.shape[2]
-    if algorithm.needs.kl_to_reference:  # per-step losses only (`SamplingNeeds`)
-        yield *loss(*transitions.log_probs_and_kl(sampler, per_member)), True
-        return
-    if not algorithm.needs.whole_trajectory_loss or num_steps <= steps_per_backward:
-        yield *loss(transitions.log_probs(sampler, per_member)), True
-        return
-    chunks = torch.arange(num_steps, device=transitions.steps.device).split(steps_per_backward)
-    with torch.no_grad():
-        constants = torch.cat([transitions.select(chunk).log_probs(sampler, per_member) for chunk in chunks], dim=2)
-    for i, chunk in enumerate(chunks):
-        with_grad = transitions.select(chunk).log_probs(sampler, per_member)
-        value, metrics = loss(constants.index_copy(2, chunk, with_grad))
-        yield value, metrics if i == 0 else None, i == len(chunks) - 1
+    minibatch's gradient (`micro_batched_losses` of its one loss call, one UNet call per
+    chunk of steps); `last` marks the final one. A whole-trajectory loss over more than
+    `steps_per_backward` steps is cut into chunks of steps; per-step losses never are
+    (their calls hold one step). advantages: (p, G, S), aligned with `transitions`."""
+    chunk = steps_per_backward if algorithm.needs.whole_trajectory_loss else None
+    call = ReplayCall(algorithm, transitions, advantages, per_member)
+    return micro_batched_losses([call], sampler, None, chunk)
 
 
 def gather_transitions(traj: Trajectory, groups: torch.Tensor, steps: torch.Tensor) -> Transitions:
@@ -426,6 +616,47 @@ def gather_transitions(traj: Trajectory, groups: torch.Tensor, steps: torch.Tens
     )
 
 
+def forward_process_call(
+    algorithm: Algorithm,
+    sampler: TrajectorySampler,
+    traj: Trajectory,
+    groups: torch.Tensor,
+    steps: torch.Tensor,
+    advantages: torch.Tensor,
+    old_policy: dict[str, torch.Tensor],
+    generator: torch.Generator,
+) -> ForwardCall:
+    """The loss call of a forward-process algorithm (`needs.forward_process_loss`) on one
+    minibatch: the final clean latent x0 of each trajectory of the groups `groups` (p,)
+    noised to the timestep of its step `steps` (p, G, 1) with fresh noise from
+    `generator`, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and the ε-predictions there without
+    guidance (training never uses CFG) under the `old_policy` weights and, when asked, the
+    frozen base model, made now without gradients; the current weights' prediction, with
+    them, is the call's to make. advantages: (p, G, 1), aligned with `steps`."""
+    if steps.shape[2] != 1:
+        raise ValueError(f"a forward-process loss call takes one step per trajectory, got {steps.shape[2]}")
+    policy = sampler.policy
+    device = traj.latents.device
+    groups, steps = groups.to(device), steps[:, :, 0].to(device)  # (p,), (p, G)
+    x0 = traj.final_latents[groups]  # (p, G, C, h, w)
+    noise = torch.randn(x0.shape, generator=generator).to(device)
+    alpha = sampler.schedule.alpha_t[steps].float()  # (p, G)
+    noisy = forward_noise(x0, noise, alpha)
+    timesteps = sampler.schedule.timesteps[steps]
+    embeds = traj.prompt_embeds[groups][:, None].expand(-1, traj.group_size, -1, -1)  # (p, G, L, D)
+    call = ForwardCall(algorithm, noisy, timesteps, embeds, ForwardLossInputs(
+        prediction=None, old_prediction=None, noise=noise, alpha_cumprod=alpha, advantages=advantages[:, :, 0],
+    ))
+    everything = (slice(None), slice(None))
+    with torch.no_grad():
+        with policy.trainable_weights(old_policy):
+            call.inputs.old_prediction = _outputs(call, sampler, *everything)[0]
+        if algorithm.needs.reference_prediction:
+            with policy.reference():
+                call.inputs.ref_prediction = _outputs(call, sampler, *everything)[0]
+    return call
+
+
 def forward_process_losses(
     algorithm: Algorithm,
     sampler: TrajectorySampler,
@@ -435,40 +666,11 @@ def forward_process_losses(
     advantages: torch.Tensor,
     old_policy: dict[str, torch.Tensor],
     generator: torch.Generator,
-) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor], bool]]:
-    """The loss of a forward-process algorithm (`needs.forward_process_loss`) on one
-    minibatch, as one (loss, metrics, last) like `minibatch_losses`: the final clean latent
-    x0 of each trajectory of the groups `groups` (p,) noised to the timestep of its step
-    `steps` (p, G, 1) with fresh noise from `generator`, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε,
-    and the ε-predictions there without guidance (training never uses CFG): under the
-    `old_policy` weights and, when asked, the frozen base model, without gradients; under
-    the current weights with them. advantages: (p, G, 1), aligned with `steps`."""
-    if steps.shape[2] != 1:
-        raise ValueError(f"a forward-process loss call takes one step per trajectory, got {steps.shape[2]}")
-    policy = sampler.policy
-    device = traj.latents.device
-    groups, steps = groups.to(device), steps[:, :, 0].to(device)  # (p,), (p, G)
-    x0 = traj.final_latents[groups]  # (p, G, C, h, w)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    alpha = sampler.schedule.alpha_t[steps].float()  # (p, G)
-    x_t = forward_noise(x0, noise, alpha).flatten(0, 1)
-    timesteps = sampler.schedule.timesteps[steps].flatten()
-    embeds = traj.prompt_embeds[groups].repeat_interleave(traj.group_size, dim=0)  # (p*G, L, D)
-
-    def predict() -> torch.Tensor:
-        return policy.predict_noise(x_t, timesteps, embeds, 1.0, sampler.config.kind).view(x0.shape)
-
-    with torch.no_grad():
-        with policy.trainable_weights(old_policy):
-            old_prediction = predict()
-        ref_prediction = None
-        if algorithm.needs.reference_prediction:
-            with policy.reference():
-                ref_prediction = predict()
-    yield *algorithm.loss(ForwardLossInputs(
-        prediction=predict(), old_prediction=old_prediction, noise=noise, alpha_cumprod=alpha,
-        advantages=advantages[:, :, 0], ref_prediction=ref_prediction,
-    )), True
+) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
+    """The loss of `forward_process_call`'s call as one (loss, metrics, last), like
+    `minibatch_losses`."""
+    call = forward_process_call(algorithm, sampler, traj, groups, steps, advantages, old_policy, generator)
+    return micro_batched_losses([call], sampler, None, None)
 
 
 def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
@@ -518,53 +720,68 @@ def _train_epoch(
         total=config.num_inner_epochs * (num_prompts // batch) * len(chunks),
         desc="train", leave=False, disable=not show_progress,
     )
-    for _ in range(config.num_inner_epochs):
-        order = torch.randperm(num_prompts, generator=generator)
-        step_orders = _step_orders(num_prompts, group_size, num_steps, needs.same_step_order_in_group, generator)
-        if trained is not None:  # positions in each trajectory's trained steps -> step indices
-            step_orders = trained.gather(2, step_orders)
-        minibatches = order.split(batch)
-        # DDPO, REBEL and D3PO replay every step of a minibatch before the next minibatch;
-        # SDPO's reference replays step j of every minibatch before step j + 1.
-        if config.steps_in_outer_loop:
-            schedule = [(mb, chunk) for chunk in chunks for mb in minibatches]
-        else:
-            schedule = [(mb, chunk) for mb in minibatches for chunk in chunks]
-        for minibatch, chunk in schedule:
-            steps = step_orders[minibatch][:, :, chunk]
-            mb = minibatch.to(device)[:, None, None]
-            calls += 1
-            update_now = calls % calls_per_update == 0
-            if needs.forward_process_loss:
-                losses = forward_process_losses(
-                    algorithm, sampler, traj, minibatch, steps, advantages[mb, gi, steps.to(device)], old_policy,
-                    generator,
-                )
+
+    def schedule() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(minibatch groups, chunk of step positions) of every loss call, in order;
+        lazily, so that each inner epoch's shuffles are drawn from `generator` between
+        the previous inner epoch's loss calls and its own, as they are consumed."""
+        for _ in range(config.num_inner_epochs):
+            order = torch.randperm(num_prompts, generator=generator)
+            step_orders = _step_orders(num_prompts, group_size, num_steps, needs.same_step_order_in_group, generator)
+            if trained is not None:  # positions in each trajectory's trained steps -> step indices
+                step_orders = trained.gather(2, step_orders)
+            minibatches = order.split(batch)
+            # DDPO, REBEL and D3PO replay every step of a minibatch before the next minibatch;
+            # SDPO's reference replays step j of every minibatch before step j + 1.
+            if config.steps_in_outer_loop:
+                yield from ((mb, step_orders[mb][:, :, chunk]) for chunk in chunks for mb in minibatches)
             else:
-                transitions = gather_transitions(traj, minibatch, steps)
-                losses = minibatch_losses(
-                    algorithm, sampler, transitions, advantages[mb, gi, transitions.steps], loop.steps_per_backward
-                )
-            for loss, metrics, last in losses:
-                # Recorded on the device and checked once per epoch: a check per call
-                # would make the host wait for the GPU every call.
-                first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
-                # DDP all-reduces on every backward unless told not to: only the last
-                # backward before an optimizer step needs synchronised gradients.
-                sync = update_now and last
-                with contextlib.nullcontext() if sync else accelerator.no_sync(policy.denoiser):
-                    accelerator.backward(loss / calls_per_update)
-                backward_passes += 1
-                # Summed on the device: a float() per call would wait for the GPU every call.
-                for name, value in (metrics or {}).items():
-                    totals[name] = totals.get(name, 0.0) + value.detach()
-            if update_now:
-                if config.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                updates += 1
-            progress.update(1)
+                yield from ((mb, step_orders[mb][:, :, chunk]) for mb in minibatches for chunk in chunks)
+
+    def train(block: list[LossCall], update_now: bool) -> None:
+        """Backward passes of one update's loss calls, then its optimizer step if due."""
+        nonlocal first_bad, backward_passes, updates
+        chunk = loop.steps_per_backward if needs.whole_trajectory_loss else None
+        for loss, metrics, last in micro_batched_losses(block, sampler, loop.micro_batch, chunk):
+            # Recorded on the device and checked once per epoch: a check per call
+            # would make the host wait for the GPU every call.
+            first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
+            # DDP all-reduces on every backward unless told not to: only the last
+            # backward before an optimizer step needs synchronised gradients.
+            sync = update_now and last
+            with contextlib.nullcontext() if sync else accelerator.no_sync(policy.denoiser):
+                accelerator.backward(loss / calls_per_update)
+            backward_passes += 1
+            # Summed on the device: a float() per call would wait for the GPU every call.
+            for name, value in (metrics or {}).items():
+                totals[name] = totals.get(name, 0.0) + value.detach()
+        if update_now:
+            if config.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            updates += 1
+        progress.update(len(block))
+
+    # One update's loss calls see the same weights, so they may share UNet calls
+    # (`TrainLoop.micro_batch`); with it unset, each is trained as soon as it is made.
+    block: list[LossCall] = []
+    for minibatch, steps in schedule():
+        mb = minibatch.to(device)[:, None, None]
+        calls += 1
+        update_now = calls % calls_per_update == 0
+        if needs.forward_process_loss:
+            block.append(forward_process_call(
+                algorithm, sampler, traj, minibatch, steps, advantages[mb, gi, steps.to(device)], old_policy, generator,
+            ))
+        else:
+            transitions = gather_transitions(traj, minibatch, steps)
+            block.append(ReplayCall(algorithm, transitions, advantages[mb, gi, transitions.steps]))
+        if update_now or loop.micro_batch is None:
+            train(block, update_now)
+            block = []
+    if block:  # loss calls after the epoch's last update: their gradients wait for the next one, as before
+        train(block, False)
     progress.close()
     # Every process learns of a non-finite loss on any of them, so that all stop together
     # instead of the others waiting for the diverged one's next collective.
@@ -586,6 +803,7 @@ def reward_backprop_epoch(
     optimizer: torch.optim.Optimizer,
     accelerator: Accelerator,
     show_progress: bool,
+    micro_batch: int | None = None,
 ) -> tuple[dict[str, float], dict[str, int], str | None]:
     """One epoch of reward back-propagation (zoo/draft.py): one trajectory per prompt, in
     minibatches of `train_batch_size`. Each minibatch is sampled with the weights the last
@@ -599,6 +817,10 @@ def reward_backprop_epoch(
     All of the epoch's noise is drawn first, as `sample_and_score` draws it. A reward that
     raises or returns NaN or inf on a minibatch (on any process) costs that minibatch's
     update: no backward pass, and its accumulated gradient is dropped.
+
+    `micro_batch` (`TrainLoop.micro_batch`) below `train_batch_size` cuts each minibatch's
+    sampling with gradients into pieces, after one pass over the whole minibatch without
+    them (one backward pass per piece).
 
     Returns (mean metrics per trained minibatch, this process's optimizer updates and
     backward passes, the first reward failure or None).
@@ -616,17 +838,30 @@ def reward_backprop_epoch(
     update_failed = False
     minibatches = list(range(0, num_prompts, config.train_batch_size))
     for start in tqdm(minibatches, desc="train", leave=False, disable=not show_progress):
-        part = slice(start, start + config.train_batch_size)
+        part = slice(start, min(start + config.train_batch_size, num_prompts))
         k = algorithm.grad_steps(generator)
         calls += 1
         update_now = calls % calls_per_update == 0
+
+        def rewards_of(piece: slice) -> torch.Tensor:
+            """The rewards of the minibatch's trajectories `piece`, with the graph to the
+            LoRA through the last k steps unless gradients are off."""
+            embeds = policy.encode_prompts(prompts[piece])  # (p, L, D)
+            latents = sampler.final_latents(initial_noise[piece], embeds, step_noise[piece], k)
+            return reward.score_with_grad(policy.decode_with_grad(latents), prompts[piece])
+
+        # `TrainLoop.micro_batch` below the minibatch: its rewards first without gradients,
+        # then each piece's with them, the others constants (the exact gradient).
+        pieces = [part] if micro_batch is None or micro_batch >= part.stop - start else [
+            slice(a, min(a + micro_batch, part.stop)) for a in range(start, part.stop, micro_batch)]
         # DDP all-reduces on every backward unless told not to, and decides so in the forward.
-        with contextlib.nullcontext() if update_now else accelerator.no_sync(policy.denoiser):
-            embeds = policy.encode_prompts(prompts[part])  # (p, L, D)
-            images = policy.decode_with_grad(sampler.final_latents(initial_noise[part], embeds, step_noise[part], k))
+        sync = [contextlib.nullcontext() if update_now and last else accelerator.no_sync(policy.denoiser)
+                for last in [False] * (len(pieces) - 1) + [True]]
+        with sync[0] if len(pieces) == 1 else contextlib.nullcontext():
             why = None
             try:
-                rewards = reward.score_with_grad(images, prompts[part])
+                with torch.no_grad() if len(pieces) > 1 else contextlib.nullcontext():
+                    rewards = torch.cat([rewards_of(piece) for piece in pieces])
                 bad = int((~torch.isfinite(rewards.detach())).sum())
                 if bad:
                     why = f"returned NaN or inf for {bad} of {rewards.numel()} scores"
@@ -640,14 +875,24 @@ def reward_backprop_epoch(
             if failed:
                 failure = failure or f"{failed[0]} (minibatch {calls} of {len(minibatches)}, its update skipped)"
                 update_failed = True
-            else:
+            elif len(pieces) == 1:
                 loss, metrics = algorithm.loss(rewards)
                 accelerator.backward(loss / calls_per_update)
                 backward_passes += 1
-                scores.append(rewards.detach())
-                grad_steps.append(k)
-                for name, value in metrics.items():
-                    totals[name] = totals.get(name, 0.0) + value.detach()
+        if not failed and len(pieces) > 1:
+            for i, (piece, context) in enumerate(zip(pieces, sync)):
+                with context:
+                    placed = rewards.clone()
+                    placed[piece.start - start : piece.stop - start] = rewards_of(piece)
+                    loss, piece_metrics = algorithm.loss(placed)
+                    accelerator.backward(loss / calls_per_update)
+                backward_passes += 1
+                metrics = piece_metrics if i == 0 else metrics
+        if not failed:
+            scores.append(rewards.detach())
+            grad_steps.append(k)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value.detach()
         if update_now:
             if not update_failed:
                 if config.max_grad_norm is not None:
@@ -741,7 +986,8 @@ def run_algorithm(
         if isinstance(algorithm, RewardBackpropAlgorithm):
             kill_point(f"train:{algo}:{done}")
             metrics, counts, failure = reward_backprop_epoch(
-                algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, show
+                algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, show,
+                settings.loop.micro_batch,
             )
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world

@@ -100,6 +100,7 @@ CASES = [
      None),
     ("sample batch 0", ["--loop.sample-batch-size", "0"], ["--loop.sample-batch-size", "at least 1"], None),
     ("steps per backward 0", ["--loop.steps-per-backward", "0"], ["--loop.steps-per-backward", "at least 1"], None),
+    ("micro-batch 0", ["--loop.micro-batch", "0"], ["--loop.micro-batch", "at least 1"], None),
     ("negative reward-failure limit", ["--max-bad-reward-batches", "-1"], ["--max-bad-reward-batches"], None),
     ("resume and overwrite", ["--resume", "--overwrite"], ["--resume", "--overwrite"], None),
     ("resume with no run", ["--resume"], ["--resume", "no run"], None),
