@@ -101,7 +101,10 @@ class TrainLoop:
     loss call's loss is still computed on its own). Smaller: a minibatch's loss call is
     cut into pieces of this many groups, after one extra forward pass without gradients
     over the whole call, and each piece's backward gets the whole loss's exact gradient
-    (the other groups enter as constants). None: one UNet call per loss call. Reward
+    (the other groups enter as constants). None: on a CPU, one UNet call per loss call;
+    on CUDA, the largest that fits (`fitting_micro_batch`): the first loss call of the
+    run is trained alone while its memory is measured, and the choice, logged, holds for
+    the rest of the run. Reward
     back-propagation (DRaFT) samples through the UNet in its minibatch: this cuts it (with
     the extra pass) but does not join minibatches."""
 
@@ -742,7 +745,7 @@ def _train_epoch(
         """Backward passes of one update's loss calls, then its optimizer step if due."""
         nonlocal first_bad, backward_passes, updates
         chunk = loop.steps_per_backward if needs.whole_trajectory_loss else None
-        for loss, metrics, last in micro_batched_losses(block, sampler, loop.micro_batch, chunk):
+        for loss, metrics, last in micro_batched_losses(block, sampler, micro_batch, chunk):
             # Recorded on the device and checked once per epoch: a check per call
             # would make the host wait for the GPU every call.
             first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
@@ -764,7 +767,10 @@ def _train_epoch(
         progress.update(len(block))
 
     # One update's loss calls see the same weights, so they may share UNet calls
-    # (`TrainLoop.micro_batch`); with it unset, each is trained as soon as it is made.
+    # (`TrainLoop.micro_batch`); with it unset, each is trained as soon as it is made. On
+    # CUDA, unset means: measure the first loss call's memory and choose (`fitting_micro_batch`).
+    micro_batch = loop.micro_batch
+    sizing = micro_batch is None and device.type == "cuda"
     block: list[LossCall] = []
     for minibatch, steps in schedule():
         mb = minibatch.to(device)[:, None, None]
@@ -777,8 +783,20 @@ def _train_epoch(
         else:
             transitions = gather_transitions(traj, minibatch, steps)
             block.append(ReplayCall(algorithm, transitions, advantages[mb, gi, transitions.steps]))
-        if update_now or loop.micro_batch is None:
+        if update_now or micro_batch is None:
+            if sizing and micro_batch is None:
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             train(block, update_now)
+            if sizing and micro_batch is None:
+                grown = torch.cuda.max_memory_allocated(device) - before
+                free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - before
+                chosen = fitting_micro_batch(grown, block[0].groups, free, calls_per_update * batch)
+                # Every process takes the smallest choice, so that none runs out of memory.
+                micro_batch = int(accelerator.gather(torch.tensor([chosen], device=device)).min())
+                if show_progress:
+                    tqdm.write(f"--loop.micro-batch {micro_batch} (measured: {grown / 2**30:.2f} GiB for a UNet "
+                               f"call of {block[0].groups} groups, {free / 2**30:.1f} GiB free)", file=sys.stderr)
             block = []
     if block:  # loss calls after the epoch's last update: their gradients wait for the next one, as before
         train(block, False)
@@ -790,7 +808,17 @@ def _train_epoch(
     if bad.numel():
         raise TrainingDiverged(f"the loss became {float(bad[0])} (try a lower learning rate)")
     metrics = {name: float(value) / max(calls, 1) for name, value in totals.items()}
-    return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}
+    counts = {"optimizer_updates": updates, "backward_passes": backward_passes}
+    return metrics, counts | ({"micro_batch": micro_batch} if sizing else {})
+
+
+def fitting_micro_batch(grown_bytes: int, groups: int, free_bytes: int, most: int) -> int:
+    """Groups per UNet call (`TrainLoop.micro_batch` unset, on CUDA): the most whose memory
+    fits in 90% of `free_bytes`, from `grown_bytes` of peak growth measured for a call of
+    `groups` (memory taken as linear in groups); at least 1, at most `most` (an update's
+    groups, beyond which nothing is left to join)."""
+    per_group = max(grown_bytes, 1) / groups
+    return max(1, min(most, int(0.9 * free_bytes / per_group)))
 
 
 def reward_backprop_epoch(
@@ -968,6 +996,7 @@ def run_algorithm(
         }
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
 
+    loop = settings.loop
     group_size = needs.group_size
     groups = settings.trajectories_per_epoch // group_size
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -987,14 +1016,14 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             metrics, counts, failure = reward_backprop_epoch(
                 algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, show,
-                settings.loop.micro_batch,
+                loop.micro_batch,
             )
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world
         else:
             with policy.trainable_weights(old_policy) if old_policy is not None else contextlib.nullcontext():
                 traj, scores, failure = sample_and_score(
-                    algorithm, sampler, prompts, generator, train_reward, settings.loop
+                    algorithm, sampler, prompts, generator, train_reward, loop
                 )
         # Every process skips an epoch that failed anywhere, so that the stat trackers and
         # the DDP all-reduces stay in step; nothing of it reaches the tracker.
@@ -1018,9 +1047,11 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics, counts = _train_epoch(
-                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, settings.loop, show,
+                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, show,
                     old_policy,
                 )
+                # Found once per run: later epochs train at the micro-batch the first one chose.
+                loop = dataclasses.replace(loop, micro_batch=counts.get("micro_batch", loop.micro_batch))
             except TrainingDiverged as error:
                 raise TrainingDiverged(f"{where}: {error}; {last_good}") from None
             metrics["train_reward"] = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
