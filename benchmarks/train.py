@@ -382,6 +382,17 @@ class Transitions:
             self.latents, self.next_latents, self.steps, self.embeds, self.old_log_probs, self.ref_log_probs)))
 
 
+def _placed(whole: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], index: tuple) -> tuple[torch.Tensor, ...]:
+    """Copies of the tensors of `whole` with those of `part` written at `index`: a piece's
+    outputs, which carry the gradient, among the constants of the rest of its loss call."""
+    placed = []
+    for whole_one, part_one in zip(whole, part):
+        whole_one = whole_one.clone()
+        whole_one[index] = part_one
+        placed.append(whole_one)
+    return tuple(placed)
+
+
 @dataclass
 class ReplayCall:
     """One `loss` call that replays stored transitions (p groups, G members, S steps),
@@ -392,7 +403,8 @@ class ReplayCall:
     transitions: Transitions
     advantages: torch.Tensor  # (p, G, S)
     per_member: bool = False
-    """One UNet call per group member (the reference codes' way, for benchmarks.perf)."""
+    """One UNet call per group member (the reference codes' way, for benchmarks.perf,
+    which trains one loss call at a time: such calls are never joined)."""
 
     @property
     def groups(self) -> int:
@@ -435,12 +447,7 @@ class ReplayCall:
 
     def place(self, whole: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], groups: slice, steps: slice):
         """`whole` (p, G, S) with `part` at `groups` and `steps`, out of place."""
-        placed = []
-        for w, p in zip(whole, part):
-            w = w.clone()
-            w[groups, :, steps] = p
-            placed.append(w)
-        return tuple(placed)
+        return _placed(whole, part, (groups, slice(None), steps))
 
     def loss(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         t = self.transitions
@@ -479,12 +486,7 @@ class ForwardCall:
         return tuple(like_one.new_zeros(self.noisy.shape) for like_one in like)
 
     def place(self, whole: tuple[torch.Tensor, ...], part: tuple[torch.Tensor, ...], groups: slice, steps: slice):
-        placed = []
-        for w, p in zip(whole, part):
-            w = w.clone()
-            w[groups] = p
-            placed.append(w)
-        return tuple(placed)
+        return _placed(whole, part, (groups,))
 
     def loss(self, outputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.algorithm.loss(dataclasses.replace(self.inputs, prediction=outputs[0]))
