@@ -14,8 +14,10 @@ import zoo.sampling
 from benchmarks.evaluate import EvalSettings, evaluate
 from benchmarks.train import TrainLoop, _reward_inputs, sample_and_score
 from rewards.base import Reward
+from zoo.algorithm import Algorithm
 from zoo.ddpo import DDPOConfig
 from zoo.policy import Policy
+from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.sdpo import SDPOConfig
 from zoo.trajectory import NotSampled
@@ -170,3 +172,14 @@ def test_reading_what_was_not_kept_names_the_argument_that_keeps_it(policy):
         _reward_inputs(DDPOConfig(num_steps=2).build(), traj, policy)
     with pytest.raises(ValueError, match="record_transitions=True"):
         sampler.sample(PROMPTS[:2], reference_log_probs=True, record_transitions=False)
+
+
+@pytest.mark.parametrize("name", [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)])
+def test_every_algorithm_asks_the_sampler_for_the_images_it_scores(name, policy):
+    """The trainer's epoch of every log-prob algorithm scores its rewards: an algorithm that
+    turned `needs.final_images` off while scoring final images would raise `NotSampled`."""
+    algorithm = ALGORITHMS[name](num_steps=2).build()
+    sampler = TrajectorySampler(policy, SamplerConfig("ddim", 2, 1.0, 2.0))
+    _, scores, failure = sample_and_score(algorithm, sampler, ["a cat"], torch.Generator().manual_seed(4), Brightness(),
+                                          TrainLoop(overlap_rewards=False))
+    assert failure is None and torch.isfinite(scores).all()
