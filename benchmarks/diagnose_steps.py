@@ -108,7 +108,8 @@ def score_steps(
     timesteps: list[int] = []
     for start in range(0, len(everything), batch_prompts):
         chunk = everything[start : start + batch_prompts]
-        traj = sampler.sample(chunk, group_size=2, shared_noise=shared_noise, generator=generator, record_pred_x0=True)
+        traj = sampler.sample(chunk, group_size=2, shared_noise=shared_noise, generator=generator, record_pred_x0=True,
+                              record_transitions=False)
         timesteps = [int(t) for t in traj.timesteps[0, 0]]
         anchors.append(anchor_similarities(traj.pred_x0)[0].flatten())
         num_steps = traj.pred_x0.shape[2]

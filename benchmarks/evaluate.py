@@ -87,7 +87,8 @@ def evaluate(
         images_kept: list[torch.Tensor] = []
         for start in range(0, len(mine), settings.batch_size):
             prompts = mine[start : start + settings.batch_size]
-            images = sampler.sample(prompts, generator=generator).images[:, 0]  # (B, 3, H, W)
+            # Only the images are read: no per-step latents or log-probs are kept.
+            images = sampler.sample(prompts, generator=generator, record_transitions=False).images[:, 0]  # (B, 3, H, W)
             for name, reward in rewards.items():
                 scores[name].append(reward.score(images, prompts).float())
             if sum(len(x) for x in images_kept) < STRIP_IMAGES:

@@ -6,7 +6,7 @@ real architecture with random weights (no download).
     python -m benchmarks.perf --preset tiny                               # the tiny world
 
 Per algorithm, with its group size and sampling needs (x̂0 recording, reference
-log-probs), in the preset's precision:
+log-probs, final images decoded or not), in the preset's precision:
 - sampling trajectories/s of one `TrajectorySampler.sample` call of `--batch-size`
   trajectories, and the same trajectories sampled the reference codes' way, one
   sampler call per group member (each pair member its own UNet pass);
@@ -254,10 +254,11 @@ def measure_algorithm(
     sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, num_steps, config.eta, config.guidance_scale))
     generator = torch.Generator().manual_seed(args.seed)
 
-    def sample(group_size: int, shared_noise: bool) -> Trajectory:
+    def sample(group_size: int, shared_noise: bool, final_images: bool = needs.final_images) -> Trajectory:
         return sampler.sample(
             prompts, group_size=group_size, shared_noise=shared_noise, generator=generator,
             record_pred_x0=needs.record_pred_x0, reference_log_probs=needs.reference_log_probs,
+            final_images=final_images,
         )
 
     row.update(group=needs.group_size, batch=batch, train_batch=train_groups, steps=num_steps)
@@ -294,7 +295,9 @@ def measure_algorithm(
     row["overlap_speedup"] = min(times[False]) / overlapped
     row["overlap_score_diff"] = float((epoch_scores[True] - epoch_scores[False]).abs().max())
 
-    traj = sample(needs.group_size, needs.shared_noise)
+    # Final images whether or not the algorithm reads them: the reward's rate on the
+    # preset's images, comparable across algorithms.
+    traj = sample(needs.group_size, needs.shared_noise, final_images=True)
     images = traj.images.flatten(0, 1)
     reward_prompts = [p for p in traj.prompts for _ in range(needs.group_size)]
     row["reward_images_s"] = images.shape[0] / timed(lambda: reward.score(images, reward_prompts), device, args.repeats)

@@ -302,7 +302,7 @@ def sample_and_score(
             part = sampler.sample(
                 prompts[call], group_size=group_size, initial_noise=initial_noise[call],
                 step_noise=step_noise[call], record_pred_x0=needs.record_pred_x0,
-                reference_log_probs=needs.reference_log_probs,
+                reference_log_probs=needs.reference_log_probs, final_images=needs.final_images,
             )
             images, image_prompts, shape = _reward_inputs(algorithm, part, policy)
             pending.append(executor.submit(images, image_prompts) if executor else _run_now(reward.score, images, image_prompts))

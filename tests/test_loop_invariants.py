@@ -431,7 +431,7 @@ def test_each_scored_image_comes_with_its_own_prompt_and_its_score_lands_on_its_
         expected_images = traj.images if steps is None else policy.decode(
             traj.pred_x0[torch.arange(3)[:, None, None], torch.arange(group_size)[None, :, None], steps].flatten(0, 2)
         )
-    expected_images = expected_images.reshape(3, group_size, per_trajectory, *traj.images.shape[2:])
+    expected_images = expected_images.reshape(3, group_size, per_trajectory, *expected_images.shape[-3:])
     for call, (images, call_prompts) in enumerate(reward.seen):
         for i, (image, prompt) in enumerate(zip(images, call_prompts)):
             group = 2 * call + i // (group_size * per_trajectory)

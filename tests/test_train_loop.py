@@ -112,7 +112,7 @@ def test_epoch_does_not_depend_on_call_size_or_overlap(tiny_pipeline_dir, algo):
     assert all(name.startswith("reward-") for name in split_reward.threads)
     assert one_reward.images_scored == split_reward.images_scored
     assert split.prompts == one_call.prompts
-    for name in ("latents", "next_latents", "log_probs", "images"):
+    for name in ("latents", "next_latents", "log_probs") + (("images",) if algorithm.needs.final_images else ()):
         # Batch size changes float rounding, which 3 steps amplify; a noise mix-up is O(1).
         torch.testing.assert_close(getattr(split, name), getattr(one_call, name), rtol=1e-3, atol=1e-4)
     assert split_scores.shape == one_scores.shape

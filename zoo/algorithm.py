@@ -4,8 +4,9 @@ An algorithm is tensor math only: it never sees the model, accelerate, files or 
 The runner (benchmarks/) drives it each epoch:
 
 1. samples `needs.group_size` trajectories per prompt as `needs` asks (shared x_T or
-   not, x̂0 recorded or not, reference log-probs or not);
-2. decodes and scores the images that `reward_steps` names (terminal images by default);
+   not, x̂0 recorded or not, reference log-probs or not, final images decoded or not);
+2. decodes and scores the images that `reward_steps` names (terminal images by default,
+   which `needs.final_images` must then ask for);
 3. `shape_rewards` turns those scores into per-trajectory returns, locally;
 4. gathers prompts and returns from every process and calls `advantages` on the global
    batch (identical on every process), then keeps its own slice;
@@ -60,6 +61,11 @@ class SamplingNeeds:
     """Whether the sampler keeps x̂0 at every step (SDPO's dense rewards need it)."""
     reference_log_probs: bool = False
     """Whether the loss needs log-probs under the frozen base model (adapter disabled)."""
+    final_images: bool = True
+    """Whether the sampler decodes each trajectory's final latent into `Trajectory.images`:
+    the images scored when `reward_steps` returns None. An algorithm whose `reward_steps`
+    always names steps (SDPO scores decoded x̂0) turns it off, which saves the VAE decode of
+    every final image."""
     whole_trajectory_loss: bool = False
     """Whether one loss term spans all K steps of a trajectory (REBEL's sequence ratio),
     so the runner must pass every step of a minibatch to one `loss` call. (Its backward
@@ -124,7 +130,7 @@ class Algorithm(abc.ABC):
 
     def reward_steps(self, traj: Trajectory) -> torch.Tensor | None:
         """(P, G, M) step indices whose decoded x̂0 is scored, or None to score the final
-        images only (one reward call per trajectory)."""
+        images only (one reward call per trajectory; `needs.final_images` must be on)."""
         return None
 
     def shape_rewards(self, traj: Trajectory, scores: torch.Tensor) -> torch.Tensor:

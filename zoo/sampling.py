@@ -356,6 +356,8 @@ class TrajectorySampler:
         generator: torch.Generator | None = None,
         record_pred_x0: bool = False,
         reference_log_probs: bool = False,
+        record_transitions: bool = True,
+        final_images: bool = True,
         initial_noise: torch.Tensor | None = None,
         step_noise: torch.Tensor | None = None,
     ) -> Trajectory:
@@ -367,7 +369,16 @@ class TrajectorySampler:
         (P, G, K, C, h, w) overrides the noise of every transition (the trainer draws an
         epoch's noise up front, so that its trajectories do not depend on how the epoch
         is split into sampling calls).
+
+        Only what is asked for is computed and kept; the rest of the `Trajectory` is None
+        (reading it raises `NotSampled`). `record_transitions` keeps every step's x_t, x_t'
+        and log-prob (off: no log-prob is computed and nothing per step is stacked, for
+        callers that read only images); `final_images` decodes the final latents (off for
+        algorithms that score decoded x̂0 instead, SDPO). Neither changes the noise drawn,
+        so the trajectories are the same either way.
         """
+        if reference_log_probs and not record_transitions:
+            raise ValueError("reference_log_probs are per-step transition log-probs: they need record_transitions=True")
         policy = self.policy
         num_prompts, num_steps = len(prompts), self.config.num_steps
         n = num_prompts * group_size
@@ -387,9 +398,10 @@ class TrajectorySampler:
             mean, std, pred_x0 = self.transition(x, step_index, flat_embeds)
             z = self._noise(x.shape, generator) if step_noise is None else step_noise[:, k]
             x_next = mean + std.reshape(-1, 1, 1, 1) * z
-            latents.append(x)
-            next_latents.append(x_next)
-            log_probs.append(gaussian_log_prob(x_next, mean, std))
+            if record_transitions:
+                latents.append(x)
+                next_latents.append(x_next)
+                log_probs.append(gaussian_log_prob(x_next, mean, std))
             if record_pred_x0:
                 pred_x0s.append(pred_x0)
             if reference_log_probs:
@@ -397,12 +409,17 @@ class TrajectorySampler:
                     ref_log_probs.append(self.log_prob(x, step_index, x_next, flat_embeds))
             x = x_next
 
-        def stack(steps: list[torch.Tensor]) -> torch.Tensor:
-            """K tensors (N, ...) -> (P, G, K, ...)."""
+        def stack(steps: list[torch.Tensor]) -> torch.Tensor | None:
+            """K tensors (N, ...) -> (P, G, K, ...); None when nothing was recorded."""
+            if not steps:
+                return None
             stacked = torch.stack(steps, dim=1)
             return stacked.reshape(num_prompts, group_size, num_steps, *stacked.shape[2:])
 
-        images = policy.decode(x)
+        images = None
+        if final_images:
+            decoded = policy.decode(x)
+            images = decoded.reshape(num_prompts, group_size, *decoded.shape[1:])
         timesteps = self.schedule.timesteps.expand(num_prompts, group_size, num_steps)
         return Trajectory(
             prompts=list(prompts),
@@ -411,7 +428,7 @@ class TrajectorySampler:
             latents=stack(latents),
             next_latents=stack(next_latents),
             log_probs=stack(log_probs),
-            images=images.reshape(num_prompts, group_size, *images.shape[1:]),
-            pred_x0=stack(pred_x0s) if record_pred_x0 else None,
-            ref_log_probs=stack(ref_log_probs) if reference_log_probs else None,
+            images=images,
+            pred_x0=stack(pred_x0s),
+            ref_log_probs=stack(ref_log_probs),
         )

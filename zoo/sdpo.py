@@ -14,7 +14,8 @@ Implementation details:
    sim_last_t = cos(x̂0_t, x̂0_{K-1}), anchor = argmin_t (sim_first_t + sim_last_t) over all
    K steps (first index on ties), sim_anchor_t = cos(x̂0_t, x̂0_anchor).
 3. Three images per trajectory are decoded and scored (`reward_steps`): x̂0 of the first
-   step, of the anchor, of the last step (the final image).
+   step, of the anchor, of the last step (the reference's "final image"). The sampled final
+   latent x_0 itself is never decoded (`needs.final_images` is off).
 4. Dense rewards: r_t = (R_first·sim_first_t + R_anchor·sim_anchor_t + R_last·sim_last_t)
    / (sim_first_t + sim_anchor_t + sim_last_t); then the exact scores overwrite r_0 and
    r_{K-1}, and after them R_anchor overwrites r_anchor (the reference's order).
@@ -165,7 +166,7 @@ def discounted_returns(rewards: torch.Tensor, discount: float) -> torch.Tensor:
 class SDPO(Algorithm):
     def __init__(self, config: SDPOConfig):
         self.config = config
-        self.needs = SamplingNeeds(group_size=2, shared_noise=True, record_pred_x0=True)
+        self.needs = SamplingNeeds(group_size=2, shared_noise=True, record_pred_x0=True, final_images=False)
 
     def reward_steps(self, traj: Trajectory) -> torch.Tensor:
         """(P, G, 3): the first step, the anchor and the last step of every trajectory."""

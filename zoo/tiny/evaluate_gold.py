@@ -139,7 +139,8 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
         for shared in (True, False):
             generator = torch.Generator().manual_seed(cfg.seed + 300 + 2 * steps + shared)
             images = torch.cat([
-                sampler.sample(prompts[i : i + 64], group_size=2, shared_noise=shared, generator=generator).images
+                sampler.sample(prompts[i : i + 64], group_size=2, shared_noise=shared, generator=generator,
+                               record_transitions=False).images
                 for i in range(0, len(prompts), 64)
             ])  # (P, 2, 3, H, W)
             paired = [p for p in prompts for _ in range(2)]
