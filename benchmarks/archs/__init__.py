@@ -83,3 +83,40 @@ def clip_tokenizer() -> CLIPTokenizer:
     from zoo.tiny import PIPELINE
 
     return CLIPTokenizer.from_pretrained(PIPELINE / "tokenizer", model_max_length=TOKENIZER_LENGTH)
+
+
+def save_random_pipeline(
+    folder: Path, preset: str, resolution: int, reduced: bool = False, device: torch.device | str = "cpu", seed: int = 0
+) -> Path:
+    """A `StableDiffusionPipeline` folder of `preset`'s architecture with random weights
+    (float32, no safety checker, the preset's scheduler config), readable by the diffusers
+    and transformers of 2023 that the papers' reference codes pin as well as by today's:
+    the tokenizer folder also holds `vocab.json` and `merges.txt` (transformers 5 writes
+    only `tokenizer.json`, which transformers 4's CLIPTokenizer does not read), and the
+    text encoder's weights carry the `text_model.` prefix of transformers 4's CLIPTextModel
+    (transformers 5 saves them without it; transformers 4 would then silently leave every
+    weight at its fresh initialisation)."""
+    import shutil
+
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
+
+    from zoo.tiny import PIPELINE
+
+    configs = load_configs(preset, reduced=reduced)
+    torch.manual_seed(seed)
+    unet, vae, text_encoder, tokenizer = build_components(configs, resolution, device)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDIMScheduler.from_config(configs["scheduler"]),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    folder = Path(folder)
+    pipeline.save_pretrained(str(folder))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(PIPELINE / "tokenizer" / name, folder / "tokenizer" / name)
+    weights = folder / "text_encoder" / "model.safetensors"
+    state = load_file(str(weights))
+    save_file({key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()},
+              str(weights), metadata={"format": "pt"})
+    return folder
