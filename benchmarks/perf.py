@@ -26,14 +26,16 @@ Prints a Markdown table and writes it with a JSON record under `--out`.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import resource
 import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import tyro
@@ -41,10 +43,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
+from rewards.base import Reward
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
-from benchmarks.train import TrainLoop, Transitions, gather_transitions, minibatch_losses, sample_and_score
+from benchmarks.train import (
+    TrainLoop,
+    Transitions,
+    _train_epoch,
+    forward_process_losses,
+    gather_transitions,
+    global_advantages,
+    minibatch_losses,
+    sample_and_score,
+)
 from rewards.registry import load_reward
-from zoo.algorithm import Algorithm
+from zoo.algorithm import Algorithm, SamplingNeeds
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
@@ -69,6 +81,11 @@ COLUMNS = (
     ("train_peak_gb", "train peak GB"),
     ("train_tflops", "train TFLOP/s"),
     ("mfu", "MFU"),
+    ("epoch_loss_calls", "loss calls/epoch"),
+    ("epoch_s", "epoch s (projected)"),
+    ("run_h", "run h (projected)"),
+    ("flop_limit_s", "epoch s at FLOP limit"),
+    ("measured_epoch_s", "epoch s (measured)"),
 )
 """(JSON key, Markdown header) of each table column."""
 
@@ -94,12 +111,30 @@ class PerfArgs:
     mixed_precision: str | None = None
     """"no", "fp16" or "bf16" (default: the preset's on CUDA, "no" on a CPU)."""
     reward: str = "jpeg_compressibility"
-    """Reward timed on the sampled images (one that needs no download)."""
+    """Reward timed on the sampled images and the epochs' (one that needs no download, or
+    aesthetic or pickscore with `--random-reward-weights`)."""
+    random_reward_weights: bool = False
+    """Build `--reward` (aesthetic or pickscore) with random weights in its published format:
+    at its published architecture (CLIP ViT-L/14, ViT-H/14), or at the tiny checkpoints' on
+    the tiny preset and with `--reduced`. A model reward's cost with no download, e.g. for
+    × overlap."""
     train_batch_size: int | None = None
     """Groups per training minibatch (default: the preset's paper setting for each algorithm)."""
     sample_calls: int = 2
     """Sampling calls of `--batch-size` whose rewards are scored serially, or overlapped
     with the next call's sampling, as the trainer samples an epoch (best of two each)."""
+    epoch_trajectories: int | None = None
+    """Trajectories of the projected epoch (default: the preset's trajectories per epoch; 64
+    for sd-turbo, the SDPO paper's 32 pairs per GPU, sdpo config/config_sdpo.py:20-21)."""
+    epochs: int | None = None
+    """Epochs of the projected run (default: the preset's; 100 for sd-turbo, sdpo config/config_sdpo.py:15)."""
+    measure_epoch: str = ""
+    """Comma-separated algorithms (or "all") whose epoch is also run for real through the
+    trainer's own `sample_and_score` and `_train_epoch`, on `--measured-trajectories`
+    trajectories, and reported scaled to `--epoch-trajectories`."""
+    measured_trajectories: int | None = None
+    """Trajectories of the measured epoch (default: `--epoch-trajectories`); fewer time a
+    fraction of the epoch in the same calls."""
     steps_per_backward: int = TrainLoop.steps_per_backward
     """Steps per backward pass of whole-trajectory losses (REBEL), as the trainer's flag."""
     gradient_checkpointing: bool = False
@@ -118,6 +153,18 @@ class PerfArgs:
     """Suffix of the output files' names, to keep several settings apart."""
     out: str = "results/perf"
     """Folder for <preset>[-reduced]-<device>[-<tag>].md and .json."""
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """The epoch and run the figures project to, and the algorithms whose epoch is also measured."""
+
+    trajectories: int
+    epochs: int
+    measured_algos: tuple[str, ...]
+    measured_trajectories: int
+    accelerator: Any
+    """The `accelerate.Accelerator` the measured epochs train with (None when none is measured)."""
 
 
 # --- setup ------------------------------------------------------------------------------
@@ -157,11 +204,13 @@ def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision
 
 
 def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
-    """The algorithm's config as the runner would build it for this preset."""
+    """The algorithm's config as the runner builds it for this preset trained on the
+    preset's own reward (`benchmarks.run.preset_algo_configs`): on sd-turbo every
+    algorithm takes the SDPO paper's minibatch and accumulation for that reward."""
     config = ALGORITHMS[name]()
-    overrides = dict(preset.algo_overrides.get(name, {}))
-    if preset.name == "sd-turbo" and name == "sdpo":
-        lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS["aesthetic"]
+    overrides = {**preset.algo_overrides.get(name, {}), **preset.reward_overrides.get(preset.reward, {}).get(name, {})}
+    if preset.name == "sd-turbo" and preset.reward in SD_TURBO_REWARD_SETTINGS:
+        lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[preset.reward]
         overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
     if args.train_batch_size is not None:
         overrides["train_batch_size"] = args.train_batch_size
@@ -235,8 +284,67 @@ def train_call(sampler, algorithm, optimizer, batch: Transitions, per_member: bo
     optimizer.zero_grad(set_to_none=True)
 
 
+def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: int, old_policy, generator) -> None:
+    """A forward-process algorithm's minibatch (NFT): the first `groups` groups' final
+    latents noised to their middle step's timestep, predictions under the old policy
+    (and the base) without gradients and under the current weights with them, loss,
+    backward, AdamW step."""
+    steps = torch.full((groups, traj.group_size, 1), traj.num_steps // 2)
+    advantages = torch.linspace(-1, 1, steps.numel(), device=traj.latents.device).view(steps.shape)
+    for loss, _, _ in forward_process_losses(
+        algorithm, sampler, traj, torch.arange(groups), steps, advantages, old_policy, generator
+    ):
+        loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def epoch_loss_calls(config, needs: SamplingNeeds, groups: int, train_groups: int) -> int:
+    """Loss calls of `benchmarks.train._train_epoch` on an epoch of `groups` groups in
+    minibatches of `train_groups` (the last one smaller): each minibatch once per inner
+    epoch and trained step, or once for all its steps with a whole-trajectory loss (whose
+    chunks of steps are backward passes inside that one call)."""
+    steps = 1 if needs.whole_trajectory_loss else config.trained_steps_per_trajectory
+    return config.num_inner_epochs * math.ceil(groups / train_groups) * steps
+
+
+def project_epoch(
+    sample_calls: int, sample_call_s: float, sample_call_flops: float,
+    loss_calls: int, train_call_s: float, train_call_flops: float, peak_tflops: float,
+) -> tuple[float, float]:
+    """(seconds, seconds at the FLOP limit) of an epoch of `sample_calls` sampling calls,
+    each scored as the trainer scores it, and `loss_calls` training calls: the measured
+    seconds per call times the calls, and the counted FLOPs over the matmul peak."""
+    seconds = sample_calls * sample_call_s + loss_calls * train_call_s
+    flops = sample_calls * sample_call_flops + loss_calls * train_call_flops
+    return seconds, flops / (peak_tflops * 1e12)
+
+
+def measured_epoch_seconds(
+    algorithm: Algorithm, config, sampler: TrajectorySampler, prompts: list[str], reward: Reward, loop: TrainLoop,
+    accelerator, seed: int,
+) -> float:
+    """Seconds of one real epoch through the trainer's own code on one process: the
+    groups of `prompts` sampled and scored (`sample_and_score`), their advantages, and
+    `_train_epoch`, at learning rate 0 so that the weights stay those that sampled."""
+    device = sampler.policy.device
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(sampler.policy.trainable_parameters(), lr=0.0)
+    _sync(device)
+    started = time.perf_counter()
+    traj, scores, failure = sample_and_score(algorithm, sampler, prompts, generator, reward, loop)
+    if failure:
+        raise RuntimeError(f"the reward {failure}")
+    returns = algorithm.shape_rewards(traj, scores)
+    advantages = global_advantages(algorithm, prompts, returns, algorithm.new_tracker(), accelerator)
+    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, False)
+    _sync(device)
+    return time.perf_counter() - started
+
+
 def measure_algorithm(
-    row: dict, name: str, args: PerfArgs, preset: Preset, policy: Policy, reward, num_steps: int, matmul_peak: float
+    row: dict, name: str, args: PerfArgs, preset: Preset, policy: Policy, reward: Reward, num_steps: int,
+    matmul_peak: float, epoch: "EpochPlan",
 ) -> None:
     """Fills `row` phase by phase, so that a phase that runs out of memory keeps the
     figures of the phases before it."""
@@ -245,8 +353,6 @@ def measure_algorithm(
     algorithm = config.build()
     needs = algorithm.needs
     batch = args.batch_size or 8
-    if batch % needs.group_size:
-        raise SystemExit(f"--batch-size {batch} is not a multiple of {name}'s group size {needs.group_size}")
     groups = batch // needs.group_size
     # A minibatch can hold no more groups than one sampling call made.
     train_groups = min(config.train_batch_size, groups)
@@ -261,39 +367,49 @@ def measure_algorithm(
             final_images=final_images,
         )
 
+    def scored_calls(prompts: list[str], overlap: bool) -> torch.Tensor:
+        """Scores of the groups of `prompts` sampled and scored as the trainer does."""
+        loop = TrainLoop(sample_batch_size=batch, overlap_rewards=overlap)
+        noise = torch.Generator().manual_seed(args.seed)
+        _, scores, failure = sample_and_score(algorithm, sampler, prompts, noise, reward, loop)
+        if failure:
+            raise RuntimeError(f"--reward {args.reward} {failure}")
+        return scores
+
     row.update(group=needs.group_size, batch=batch, train_batch=train_groups, steps=num_steps)
     # With one member per group the per-member way is the batched way itself.
     baseline = args.baseline and needs.group_size > 1
     reset_peak(device)
-    seconds = timed(lambda: sample(needs.group_size, needs.shared_noise), device, args.repeats)
+    # The warm-up call: one sampling call scored as the trainer scores it (decoding the
+    # images its reward reads), its FLOPs counted.
+    counter = FlopCounterMode(display=False)
+    with counter:
+        scored_calls(prompts, overlap=False)
+    row["sample_call_tflop"] = counter.get_total_flops() / 1e12
+    seconds = timed(lambda: sample(needs.group_size, needs.shared_noise), device, args.repeats, warm_up=False)
     row["sample_peak_gb"] = peak_gb(device)
     row["sample_traj_s"] = batch / seconds
     if baseline:
         per_member = timed(lambda: [sample(1, False) for _ in range(needs.group_size)], device, args.repeats)
         row["sample_speedup"] = per_member / seconds
 
-    epoch_prompts = prompts * args.sample_calls
-
-    epoch_scores = {}
-
-    def epoch(overlap: bool) -> None:
-        loop = TrainLoop(sample_batch_size=batch, overlap_rewards=overlap)
-        noise = torch.Generator().manual_seed(args.seed)
-        _, scores, failure = sample_and_score(algorithm, sampler, epoch_prompts, noise, reward, loop)
-        if failure:
-            raise RuntimeError(f"--reward {args.reward} {failure}")
-        epoch_scores[overlap] = scores
-
     # Sampling is warm by now; the two ways alternate, best of two each, so that neither
     # gets the first run's allocations. Their trajectories are the same, and so must
     # their scores be wherever (which thread, which CUDA stream) they were computed.
-    times = {True: [], False: []}
+    epoch_prompts = prompts * args.sample_calls
+    times, epoch_scores = {True: [], False: []}, {}
+
+    def scored_epoch(overlap: bool) -> None:
+        epoch_scores[overlap] = scored_calls(epoch_prompts, overlap)
+
     for overlap in (True, False, True, False):
-        times[overlap].append(timed(lambda: epoch(overlap), device, 1, warm_up=False))
+        times[overlap].append(timed(partial(scored_epoch, overlap), device, 1, warm_up=False))
     overlapped = min(times[True])
     row["epoch_traj_s"] = batch * args.sample_calls / overlapped
     row["overlap_speedup"] = min(times[False]) / overlapped
     row["overlap_score_diff"] = float((epoch_scores[True] - epoch_scores[False]).abs().max())
+    # The trainer overlaps on CUDA only (`TrainLoop.overlap_rewards`).
+    row["sample_call_s"] = min(times[device.type == "cuda"]) / args.sample_calls
 
     # Final images whether or not the algorithm reads them: the reward's rate on the
     # preset's images, comparable across algorithms.
@@ -302,28 +418,49 @@ def measure_algorithm(
     reward_prompts = [p for p in traj.prompts for _ in range(needs.group_size)]
     row["reward_images_s"] = images.shape[0] / timed(lambda: reward.score(images, reward_prompts), device, args.repeats)
 
-    if needs.forward_process_loss:
-        # Its minibatch is noised final latents, not transitions to re-score: not timed yet.
-        row["error"] = "training not timed for forward-process losses"
-        return
-    tb = training_batch(traj, train_groups, needs.whole_trajectory_loss)
-    transitions = tb.steps.numel()
-    # Re-scored as the trainer's first minibatch is, under the weights that sampled: the
-    # ratio must be 1 up to rounding in any precision.
-    rescored = tb.log_probs(sampler).detach()
-    row["ratio_drift"] = float((rescored - tb.old_log_probs).exp().sub(1).abs().max())
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     step = args.steps_per_backward
+    if needs.forward_process_loss:
+        # Noised final latents of the first groups, one (x0, t) example per trajectory.
+        transitions = train_groups * needs.group_size
+        train = partial(forward_train_call, sampler, algorithm, optimizer, traj, train_groups,
+                        policy.trainable_state(), generator)
+        train_per_member = None
+    else:
+        tb = training_batch(traj, train_groups, needs.whole_trajectory_loss)
+        transitions = tb.steps.numel()
+        # Re-scored as the trainer's first minibatch is, under the weights that sampled: the
+        # ratio must be 1 up to rounding in any precision.
+        rescored = tb.log_probs(sampler).detach()
+        row["ratio_drift"] = float((rescored - tb.old_log_probs).exp().sub(1).abs().max())
+        train = partial(train_call, sampler, algorithm, optimizer, tb, False, step)
+        train_per_member = partial(train_call, sampler, algorithm, optimizer, tb, True, step)
     reset_peak(device)
-    seconds = timed(lambda: train_call(sampler, algorithm, optimizer, tb, False, step), device, args.repeats)
+    seconds = row["train_call_s"] = timed(train, device, args.repeats)
     row["train_peak_gb"] = peak_gb(device)
     row["train_transitions_s"] = transitions / seconds
-    if baseline:
-        row["train_speedup"] = timed(lambda: train_call(sampler, algorithm, optimizer, tb, True, step), device,
-                                     args.repeats) / seconds
-    flops = training_flops(policy, lambda: train_call(sampler, algorithm, optimizer, tb, False, step))
-    row["train_tflops"] = flops / seconds / 1e12
+    if baseline and train_per_member is not None:
+        row["train_speedup"] = timed(train_per_member, device, args.repeats) / seconds
+    row["train_call_tflop"] = training_flops(policy, train) / 1e12
+    row["train_tflops"] = row["train_call_tflop"] / seconds
     row["mfu"] = row["train_tflops"] / matmul_peak
+
+    epoch_groups = epoch.trajectories // needs.group_size
+    row["epoch_sample_calls"] = math.ceil(epoch_groups / groups)
+    row["epoch_loss_calls"] = epoch_loss_calls(config, needs, epoch_groups, train_groups)
+    row["epoch_s"], row["flop_limit_s"] = project_epoch(
+        row["epoch_sample_calls"], row["sample_call_s"], row["sample_call_tflop"] * 1e12,
+        row["epoch_loss_calls"], seconds, row["train_call_tflop"] * 1e12, matmul_peak,
+    )
+    row["run_h"] = row["epoch_s"] * epoch.epochs / 3600
+    if name in epoch.measured_algos:
+        measured_prompts = [preset.train_prompts[i % len(preset.train_prompts)]
+                            for i in range(epoch.measured_trajectories // needs.group_size)]
+        loop = TrainLoop(sample_batch_size=batch, steps_per_backward=step)
+        measured = measured_epoch_seconds(algorithm, replace(config, train_batch_size=train_groups), sampler,
+                                          measured_prompts, reward, loop, epoch.accelerator, args.seed)
+        row["measured_s"] = measured
+        row["measured_epoch_s"] = measured * epoch.trajectories / epoch.measured_trajectories
 
 
 def training_flops(policy: Policy, step: Callable[[], None]) -> int:
@@ -387,6 +524,15 @@ def markdown(record: dict) -> str:
         "overlap Δscore: max |difference| of the two ways' scores of the same trajectories",
         "- train TFLOP/s counts the FLOPs executed; a whole-trajectory loss over more than "
         f"{record['args']['steps_per_backward']} steps includes its extra forward pass without gradients",
+        f"- epoch s (projected): an epoch of {record['epoch_trajectories']} trajectories, sampled in calls of traj/call "
+        "(each scored as the trainer scores it, rewards overlapped on CUDA only) and trained in loss calls/epoch "
+        "minibatches of train groups, at the seconds per call measured above; run h: "
+        f"{record['epochs']} such epochs; epoch s at FLOP limit: the epoch's counted FLOPs (sampling with its "
+        "decoding and reward, training) over the matmul peak",
+        "- epoch s (measured): "
+        + (f"one real epoch of {record['measured_trajectories']} trajectories through the trainer's "
+           f"sample_and_score and _train_epoch, scaled to {record['epoch_trajectories']}"
+           if record["measured_trajectories"] else "not asked (--measure-epoch)"),
         "",
         "| " + " | ".join(header for _, header in COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
@@ -397,6 +543,19 @@ def markdown(record: dict) -> str:
             cells[0] += f" ({row['error']})"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def check_sizes(names: list[str], preset: Preset, args: PerfArgs, num_steps: int, trajectories: int) -> None:
+    """Every sampling call, projected epoch and measured epoch holds whole groups of every
+    algorithm, or a SystemExit naming the flag, before any model is built."""
+    sizes = {"--batch-size": args.batch_size or 8, "--epoch-trajectories": trajectories}
+    if args.measured_trajectories is not None:
+        sizes["--measured-trajectories"] = args.measured_trajectories
+    for name in names:
+        group_size = algorithm_config(name, preset, args, num_steps).build().needs.group_size
+        for flag, size in sizes.items():
+            if size < group_size or size % group_size:
+                raise SystemExit(f"{flag} {size} is not a multiple of {name}'s group size {group_size}")
 
 
 def main(args: PerfArgs) -> dict:
@@ -415,17 +574,37 @@ def main(args: PerfArgs) -> dict:
                          f"benchmark does not time; choose from {', '.join(timed_algos)}")
     if args.reduced and args.preset == "tiny":
         raise SystemExit("--reduced applies to the real architectures (sd-turbo, lcm, sd15), not tiny")
+    if args.random_reward_weights and args.reward not in archs.REWARD_ARCHS:
+        raise SystemExit(f"--random-reward-weights builds {' or '.join(archs.REWARD_ARCHS)}, not --reward {args.reward}")
+    measured = tuple(names if args.measure_epoch == "all" else [a.strip() for a in args.measure_epoch.split(",") if a.strip()])
+    if set(measured) - set(names):
+        raise SystemExit(f"--measure-epoch: {', '.join(sorted(set(measured) - set(names)))} not among --algos {args.algos}")
     device = resolve_device(args.device)
     preset = PRESETS[args.preset]()
     precision = args.mixed_precision or (preset.mixed_precision if device.type == "cuda" else "no")
     num_steps = args.steps or preset.num_steps
+    trajectories = args.epoch_trajectories or preset.trajectories_per_epoch
+    check_sizes(names, preset, args, num_steps, trajectories)
 
     # One LoRA shape for every algorithm of the run, so that rows compare algorithms and
     # not adapters: the rank of the first algorithm's config for this preset.
     first = algorithm_config(names[0], preset, args, num_steps)
     policy = build_policy(args, preset, device, precision, LoraSettings(first.lora_rank, first.lora_alpha,
                                                                          tuple(first.lora_target_modules)))
-    reward = load_reward(args.reward, device=device)
+    with tempfile.TemporaryDirectory() as folder:
+        paths = None
+        if args.random_reward_weights:
+            tiny = args.reduced or args.preset == "tiny"
+            paths = archs.save_random_reward(args.reward, Path(folder), reduced=tiny, device=device)
+        reward = load_reward(args.reward, device=device, paths=paths)
+    accelerator = None
+    if measured:
+        from accelerate import Accelerator
+
+        # One process, nothing prepared: the policy casts and autocasts by itself.
+        accelerator = Accelerator(cpu=device.type == "cpu")
+    epoch = EpochPlan(trajectories, args.epochs or preset.epochs, measured,
+                      args.measured_trajectories or trajectories, accelerator)
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak_tflops(device, matmul_dtype)
 
@@ -437,7 +616,10 @@ def main(args: PerfArgs) -> dict:
         "precision": precision,
         "resolution": 2 * policy.latent_shape[1] if args.preset == "tiny" else policy.vae.config.sample_size,
         "performance": asdict(policy.performance),
-        "reward": args.reward,
+        "reward": args.reward + (" (random weights)" if args.random_reward_weights else ""),
+        "epoch_trajectories": epoch.trajectories,
+        "epochs": epoch.epochs,
+        "measured_trajectories": epoch.measured_trajectories if measured else None,
         "matmul_peak_tflops": peak,
         "matmul_dtype": str(matmul_dtype).removeprefix("torch."),
         "environment": {
@@ -453,7 +635,7 @@ def main(args: PerfArgs) -> dict:
     for name in names:
         row = {"algo": name}
         try:
-            measure_algorithm(row, name, args, preset, policy, reward, num_steps, peak)
+            measure_algorithm(row, name, args, preset, policy, reward, num_steps, peak, epoch)
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()

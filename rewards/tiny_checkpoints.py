@@ -77,19 +77,25 @@ def _write_clip_tokenizer(folder: Path, model_max_length: int) -> None:
     tokenizer.save_pretrained(str(folder))
 
 
-def build_clip_folder(folder: Path, *, projection_dim: int = 32, seed: int = 0) -> Path:
-    """A random CLIPModel (224 px, patch 32, 1 layer per tower) with its CLIPProcessor."""
+def build_clip_folder(
+    folder: Path, *, projection_dim: int = 32, seed: int = 0, config: dict | None = None,
+    device: torch.device | str = "cpu",
+) -> Path:
+    """A random CLIPModel (224 px, patch 32, 1 layer per tower; or the architecture of
+    `config`, CLIPConfig's arguments, initialised on `device`) with its CLIPProcessor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(seed)
-    config = CLIPConfig(
+    config = CLIPConfig(**config) if config is not None else CLIPConfig(
         text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=2, max_position_embeddings=77),
         vision_config=dict(image_size=224, patch_size=32, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=1, num_attention_heads=2),
         projection_dim=projection_dim,
     )
-    CLIPModel(config).eval().save_pretrained(str(folder))
+    with torch.device(device):
+        model = CLIPModel(config).eval()
+    model.save_pretrained(str(folder))
     _write_clip_tokenizer(folder, model_max_length=77)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(str(folder))).save_pretrained(

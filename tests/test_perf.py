@@ -1,18 +1,30 @@
 """`python -m benchmarks.perf` runs on the tiny world and on a reduced real architecture and
-writes its table. Speeds are measured by the command, never asserted here."""
+writes its table; its epoch projection is checked on worked numbers and against the
+trainer's own epoch. Speeds are measured by the command, never asserted here."""
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
+from accelerate import Accelerator
 
 from benchmarks import archs
-from benchmarks.perf import COLUMNS, PerfArgs, main
+from benchmarks.perf import COLUMNS, PerfArgs, algorithm_config, epoch_loss_calls, main, project_epoch
+from benchmarks.presets import PRESETS
+from benchmarks.run import preset_algo_configs
+from benchmarks.train import TrainLoop, _train_epoch
+from zoo.policy import LoraSettings, Policy
+from zoo.registry import ALGORITHMS
+from zoo.sampling import SamplerConfig, TrajectorySampler
 
 FIGURES = ("sample_traj_s", "sample_speedup", "epoch_traj_s", "overlap_speedup", "train_transitions_s",
-           "train_speedup", "reward_images_s", "sample_peak_gb", "train_peak_gb", "train_tflops", "mfu", "ratio_drift")
+           "train_speedup", "reward_images_s", "sample_peak_gb", "train_peak_gb", "train_tflops", "mfu", "ratio_drift",
+           "epoch_s", "run_h", "flop_limit_s")
 PAIR_BASELINES = ("sample_speedup", "train_speedup")
 """Timed only for groups of two: with one member the per-member way is the batched way."""
+LOG_PROB_FIGURES = ("ratio_drift", "train_speedup")
+"""Not measured for a forward-process loss (NFT), which re-scores no transition."""
 
 
 def _check_outputs(record: dict, out, setting: str, algos: list[str], figures=FIGURES) -> None:
@@ -24,20 +36,120 @@ def _check_outputs(record: dict, out, setting: str, algos: list[str], figures=FI
     assert [row["algo"] for row in record["rows"]] == algos
     for row in record["rows"]:
         assert "error" not in row
-        expected = [key for key in figures if row["group"] > 1 or key not in PAIR_BASELINES]
+        expected = [key for key in figures if (row["group"] > 1 or key not in PAIR_BASELINES)
+                    and (row["algo"] != "nft" or key not in LOG_PROB_FIGURES)]
         assert all(row[key] >= 0 for key in expected), row
         assert row["overlap_score_diff"] == 0
-        assert row["ratio_drift"] <= 1e-3  # float32 on the CPU: re-scoring is exact
+        assert row.get("ratio_drift", 0) <= 1e-3  # float32 on the CPU: re-scoring is exact
+        # The projection is the figures it is made of (a CPU's rewards are not overlapped).
+        assert row["epoch_s"] == pytest.approx(row["epoch_sample_calls"] * row["sample_call_s"]
+                                               + row["epoch_loss_calls"] * row["train_call_s"])
+        assert row["run_h"] == pytest.approx(row["epoch_s"] * record["epochs"] / 3600)
 
 
 def test_tiny_world_table(tmp_path):
-    args = PerfArgs(preset="tiny", algos="sdpo,ddpo", batch_size=2, steps=1, repeats=1, device="cpu", out=str(tmp_path))
+    args = PerfArgs(preset="tiny", algos="sdpo,ddpo,nft", batch_size=2, steps=1, repeats=1, device="cpu",
+                    measure_epoch="sdpo", measured_trajectories=4, out=str(tmp_path))
     record = main(args)
-    _check_outputs(record, tmp_path, "tiny-cpu", ["sdpo", "ddpo"])
-    sdpo, ddpo = record["rows"]
+    _check_outputs(record, tmp_path, "tiny-cpu", ["sdpo", "ddpo", "nft"])
+    sdpo, ddpo, nft = record["rows"]
     assert (sdpo["group"], sdpo["batch"], sdpo["train_batch"], sdpo["steps"]) == (2, 2, 1, 1)
-    assert (ddpo["group"], ddpo["train_batch"]) == (1, 2)  # the preset's 4 is clamped to the groups sampled
+    assert (ddpo["group"], ddpo["train_batch"]) == (1, 2)  # the preset's 8 is clamped to the groups sampled
     assert "sample_speedup" in sdpo and "sample_speedup" not in ddpo
+    assert "ratio_drift" not in nft and nft["train_transitions_s"] > 0
+    # The tiny preset's epoch: 64 trajectories; SDPO's 32 pairs in 32 calls of one pair,
+    # trained in 32 minibatches of one pair x 1 step; DDPO's 64 in 32 calls of two.
+    assert (record["epoch_trajectories"], record["epochs"]) == (64, 10)
+    assert (sdpo["epoch_sample_calls"], sdpo["epoch_loss_calls"]) == (32, 32)
+    assert (ddpo["epoch_sample_calls"], ddpo["epoch_loss_calls"]) == (32, 32)
+    # Measured for SDPO only: 4 trajectories (2 pairs) scaled to the epoch's 64.
+    assert sdpo["measured_epoch_s"] == pytest.approx(sdpo["measured_s"] * 64 / 4)
+    assert "measured_epoch_s" not in ddpo
+    assert "epoch s (measured)" in (tmp_path / "tiny-cpu.md").read_text()
+
+
+def test_projection_on_worked_numbers():
+    """The SDPO paper's epoch at the H100 rates of results/perf/README.md: 64 trajectories
+    in 8 calls of 8 (3.24 s each: 2.47 traj/s), 32 pairs in minibatches of 2 trained at
+    each of K = 50 steps: 16 x 50 = 800 calls of 0.14 s (4 transitions at 28.6/s). So
+    8 x 3.24 + 800 x 0.14 = 25.92 + 112 = 137.92 s, 3.83 h for 100 epochs. FLOP limit at
+    750 TFLOP/s with 1.5 PFLOP per sampling call and 12 TFLOP per training call:
+    (8 x 1.5e15 + 800 x 1.2e13) / 7.5e14 = 2.16e16 / 7.5e14 = 28.8 s."""
+    sdpo = algorithm_config("sdpo", PRESETS["sd-turbo"](), PerfArgs(), 50)
+    calls = epoch_loss_calls(sdpo, sdpo.build().needs, groups=32, train_groups=2)
+    assert calls == 800
+    seconds, limit = project_epoch(8, 3.24, 1.5e15, calls, 0.14, 1.2e13, 750.0)
+    assert seconds == pytest.approx(137.92)
+    assert seconds * 100 / 3600 == pytest.approx(3.831, abs=1e-3)
+    assert limit == pytest.approx(28.8)
+    # REBEL's loss spans the whole trajectory: one call per minibatch (its chunks of steps
+    # are backward passes inside it), and a last minibatch of one pair still counts.
+    rebel = algorithm_config("rebel", PRESETS["sd-turbo"](), PerfArgs(), 50)
+    assert epoch_loss_calls(rebel, rebel.build().needs, groups=33, train_groups=2) == 17
+
+
+@pytest.mark.parametrize("algo", ["sdpo", "ddpo", "rebel", "d3po", "grpo", "nft"])
+def test_projected_loss_calls_are_the_trainers(tiny_pipeline_dir, algo):
+    """`epoch_loss_calls` counts what `_train_epoch` does: 6 groups in minibatches of 4
+    (a last one of 2), every trained step (GRPO's window), whole trajectories, inner epochs."""
+    preset = PRESETS["tiny"]()
+    config = algorithm_config(algo, preset, PerfArgs(train_batch_size=4), preset.num_steps)
+    algorithm = config.build()
+    needs = algorithm.needs
+    torch.manual_seed(0)
+    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings())
+    sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, config.num_steps, config.eta))
+    generator = torch.Generator().manual_seed(0)
+    traj = sampler.sample(
+        [f"prompt {i}" for i in range(6)], group_size=needs.group_size, shared_noise=needs.shared_noise,
+        generator=generator, record_pred_x0=needs.record_pred_x0, reference_log_probs=needs.reference_log_probs,
+    )
+    advantages = torch.randn(traj.log_probs.shape, generator=generator)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
+    loop = TrainLoop(steps_per_backward=config.num_steps)  # one backward pass per loss call
+    _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
+                             generator, loop, False)
+    assert counts["backward_passes"] == epoch_loss_calls(config, needs, groups=6, train_groups=4)
+    assert counts["backward_passes"] > 0
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sd-turbo", "sd15", "lcm"])
+def test_configs_are_the_runners(preset):
+    """Each algorithm's config is the runner's for the preset's own reward (on sd-turbo
+    the SDPO paper's minibatch and accumulation for every algorithm)."""
+    chosen = PRESETS[preset]()
+    runner = preset_algo_configs(chosen, chosen.reward)
+    for name in ALGORITHMS:
+        config = algorithm_config(name, chosen, PerfArgs(), chosen.num_steps)
+        expected = getattr(runner, name)
+        assert {f.name: getattr(config, f.name) for f in fields(config) if f.init} == {
+            f.name: getattr(expected, f.name) for f in fields(expected) if f.init
+        }, name
+    if preset == "sd-turbo":
+        ddpo = algorithm_config("ddpo", chosen, PerfArgs(), 50)
+        assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2, 8)  # sdpo config/config_sdpo.py:23-24
+
+
+def test_overlap_with_a_random_weight_model_reward(tmp_path):
+    """× overlap with a model reward (the aesthetic predictor's format, random weights at
+    the tiny checkpoints' size on the tiny preset), scored the same both ways."""
+    args = PerfArgs(preset="tiny", algos="sdpo", reward="aesthetic", random_reward_weights=True, batch_size=2,
+                    steps=1, repeats=1, sample_calls=2, baseline=False, device="cpu", out=str(tmp_path))
+    record = main(args)
+    row = record["rows"][0]
+    assert record["reward"] == "aesthetic (random weights)"
+    assert row["overlap_score_diff"] == 0 and row["overlap_speedup"] > 0 and row["reward_images_s"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(random_reward_weights=True), "--random-reward-weights"),
+    (dict(epoch_trajectories=7), "--epoch-trajectories 7"),
+    (dict(measured_trajectories=3), "--measured-trajectories 3"),
+    (dict(measure_epoch="ddpo"), "--measure-epoch"),
+])
+def test_bad_epoch_and_reward_flags_are_refused_first(tmp_path, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        main(PerfArgs(preset="tiny", algos="sdpo", device="cpu", out=str(tmp_path), **flags))
 
 
 def test_reduced_sd_turbo_table(tmp_path):

@@ -12,6 +12,10 @@ weights, with no download:
   same VAE, its PNDM scheduler config (the samplers rebuild DDIM from it).
 - lcm/: SimianLuo/LCM_Dreamshaper_v7: the SD 1.5 UNet plus a 256-wide guidance embedding
   (`time_cond_proj_dim`), with its LCMScheduler config.
+- rewards/: the CLIP towers of the model rewards, as CLIPConfig arguments: OpenAI's
+  ViT-L/14 (openai/clip-vit-large-patch14, 428M; the aesthetic predictor's) and
+  OpenCLIP's ViT-H/14 (986M; PickScore's, yuvalkirstain/PickScore_v1), the widths and
+  depths of open_clip's `ViT-L-14.json` and `ViT-H-14.json` (`save_random_reward`).
 
 `reduced=True` keeps every block type, the block layout and the head counts but divides
 the widths by 8 and keeps one layer per block (two text layers): the same code paths at a
@@ -31,6 +35,8 @@ ARCHS = Path(__file__).resolve().parent
 PRESET_ARCHS = {"sd-turbo": "sd-turbo", "sd15": "sd15", "lcm": "lcm"}
 TOKENIZER_LENGTH = 77
 """Stable Diffusion's text context: 77 CLIP tokens."""
+REWARD_ARCHS = {"aesthetic": "clip-vit-large-patch14", "pickscore": "clip-vit-h-14"}
+"""The model rewards `save_random_reward` builds, and the CLIP config of each in rewards/."""
 WIDTH_DIVISOR = 8
 REDUCED_GROUPS = 8
 """Group-norm groups of the reduced models (the real 32 do not divide 320 / 8)."""
@@ -120,3 +126,22 @@ def save_random_pipeline(
     save_file({key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state.items()},
               str(weights), metadata={"format": "pt"})
     return folder
+
+
+def save_random_reward(name: str, folder: Path, reduced: bool = False, device: torch.device | str = "cpu") -> dict[str, str]:
+    """Reward `name`'s files in their published formats with random weights, at its
+    published architecture (`REWARD_ARCHS`), or with `reduced` at the 1-layer, 32-wide one
+    of `rewards.tiny_checkpoints`: the `paths` that `rewards.registry.load_reward` takes,
+    so that the reward runs through its own code at its real cost with no download."""
+    from rewards.tiny_checkpoints import build_aesthetic_head, build_clip_folder
+
+    if name not in REWARD_ARCHS:
+        raise ValueError(f"no random-weight architecture of the reward {name!r}; these have one: {', '.join(REWARD_ARCHS)}")
+    config = None if reduced else json.loads((ARCHS / "rewards" / f"{REWARD_ARCHS[name]}.json").read_text())
+    folder = Path(folder)
+    clip = str(build_clip_folder(folder / "clip", config=config, device=device))
+    if name == "aesthetic":
+        embed_dim = 32 if config is None else config["projection_dim"]
+        head = build_aesthetic_head(folder / "sac+logos+ava1-l14-linearMSE.pth", embed_dim=embed_dim)
+        return {"aesthetic": str(head), "aesthetic:clip": clip}
+    return {name: clip, f"{name}:processor": clip}
