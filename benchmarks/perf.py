@@ -122,7 +122,7 @@ class PerfArgs:
     """Groups per training minibatch (default: the preset's paper setting for each algorithm)."""
     sample_calls: int = 2
     """Sampling calls of `--batch-size` whose rewards are scored serially, or overlapped
-    with the next call's sampling, as the trainer samples an epoch (best of two each)."""
+    with the next call's sampling, as the trainer samples an epoch (best of `--repeats` each)."""
     epoch_trajectories: int | None = None
     """Trajectories of the projected epoch (default: the preset's trajectories per epoch; 64
     for sd-turbo, the SDPO paper's 32 pairs per GPU, sdpo config/config_sdpo.py:20-21)."""
@@ -393,7 +393,7 @@ def measure_algorithm(
         per_member = timed(lambda: [sample(1, False) for _ in range(needs.group_size)], device, args.repeats)
         row["sample_speedup"] = per_member / seconds
 
-    # Sampling is warm by now; the two ways alternate, best of two each, so that neither
+    # Sampling is warm by now; the two ways alternate, best of `repeats` each, so that neither
     # gets the first run's allocations. Their trajectories are the same, and so must
     # their scores be wherever (which thread, which CUDA stream) they were computed.
     epoch_prompts = prompts * args.sample_calls
@@ -402,7 +402,7 @@ def measure_algorithm(
     def scored_epoch(overlap: bool) -> None:
         epoch_scores[overlap] = scored_calls(epoch_prompts, overlap)
 
-    for overlap in (True, False, True, False):
+    for overlap in (True, False) * args.repeats:
         times[overlap].append(timed(partial(scored_epoch, overlap), device, 1, warm_up=False))
     overlapped = min(times[True])
     row["epoch_traj_s"] = batch * args.sample_calls / overlapped
@@ -519,7 +519,7 @@ def markdown(record: dict) -> str:
         "under the weights that sampled",
         "- × per-member: time of the reference codes' way (one sampler / log-prob call per group member) "
         "over stepzoo's one batched call",
-        f"- sample+reward: {record['args']['sample_calls']} sampling calls scored as the trainer scores an epoch (best of two); "
+        f"- sample+reward: {record['args']['sample_calls']} sampling calls scored as the trainer scores an epoch (best of {record['args']['repeats']}); "
         "× overlap: time with rewards scored after each call over time with them scored while the next call samples; "
         "overlap Δscore: max |difference| of the two ways' scores of the same trajectories",
         "- train TFLOP/s counts the FLOPs executed; a whole-trajectory loss over more than "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -59,19 +60,26 @@ def tiny_architectures():
         blip_pretrain.create_vit = original_create_vit
 
 
-def _write_clip_tokenizer(folder: Path, model_max_length: int) -> None:
+def _write_clip_tokenizer(folder: Path, model_max_length: int, source: Path | None = None) -> None:
     """A transformers CLIPTokenizer folder with ids equal to open_clip's BPE tokenizer:
-    256 byte symbols, the same with `</w>`, the merges, then the two special tokens."""
-    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    256 byte symbols, the same with `</w>`, the merges, then the two special tokens; built
+    from open_clip's BPE file, or copied from the `vocab.json` and `merges.txt` of the
+    tokenizer folder `source` (for machines without open_clip)."""
     from transformers import CLIPTokenizer
 
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
-    symbols = list(bytes_to_unicode().values())
-    vocab = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge.split()) for merge in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    if source is not None:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(source / name, folder / name)
+    else:
+        from open_clip.tokenizer import bytes_to_unicode, default_bpe
+
+        merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+        symbols = list(bytes_to_unicode().values())
+        vocab = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge.split()) for merge in merges]
+        vocab += ["<|startoftext|>", "<|endoftext|>"]
+        (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+        (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5 ignores vocab/merges passed to the constructor; load from the folder.
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
     tokenizer.save_pretrained(str(folder))
@@ -79,10 +87,11 @@ def _write_clip_tokenizer(folder: Path, model_max_length: int) -> None:
 
 def build_clip_folder(
     folder: Path, *, projection_dim: int = 32, seed: int = 0, config: dict | None = None,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", tokenizer_source: Path | None = None,
 ) -> Path:
     """A random CLIPModel (224 px, patch 32, 1 layer per tower; or the architecture of
-    `config`, CLIPConfig's arguments, initialised on `device`) with its CLIPProcessor."""
+    `config`, CLIPConfig's arguments, initialised on `device`) with its CLIPProcessor
+    (its tokenizer files from `tokenizer_source` when given: `_write_clip_tokenizer`)."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -96,7 +105,7 @@ def build_clip_folder(
     with torch.device(device):
         model = CLIPModel(config).eval()
     model.save_pretrained(str(folder))
-    _write_clip_tokenizer(folder, model_max_length=77)
+    _write_clip_tokenizer(folder, model_max_length=77, source=tokenizer_source)
     image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
     CLIPProcessor(image_processor=image_processor, tokenizer=CLIPTokenizer.from_pretrained(str(folder))).save_pretrained(
         str(folder)

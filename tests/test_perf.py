@@ -3,6 +3,7 @@ writes its table; its epoch projection is checked on worked numbers and against 
 trainer's own epoch. Speeds are measured by the command, never asserted here."""
 
 import json
+import sys
 from dataclasses import fields
 
 import pytest
@@ -130,9 +131,11 @@ def test_configs_are_the_runners(preset):
         assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2, 8)  # sdpo config/config_sdpo.py:23-24
 
 
-def test_overlap_with_a_random_weight_model_reward(tmp_path):
+def test_overlap_with_a_random_weight_model_reward(tmp_path, monkeypatch):
     """× overlap with a model reward (the aesthetic predictor's format, random weights at
-    the tiny checkpoints' size on the tiny preset), scored the same both ways."""
+    the tiny checkpoints' size on the tiny preset), scored the same both ways; built
+    without open_clip, which the GPU machine lacks."""
+    monkeypatch.setitem(sys.modules, "open_clip", None)
     args = PerfArgs(preset="tiny", algos="sdpo", reward="aesthetic", random_reward_weights=True, batch_size=2,
                     steps=1, repeats=1, sample_calls=2, baseline=False, device="cpu", out=str(tmp_path))
     record = main(args)

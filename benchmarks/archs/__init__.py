@@ -134,12 +134,15 @@ def save_random_reward(name: str, folder: Path, reduced: bool = False, device: t
     of `rewards.tiny_checkpoints`: the `paths` that `rewards.registry.load_reward` takes,
     so that the reward runs through its own code at its real cost with no download."""
     from rewards.tiny_checkpoints import build_aesthetic_head, build_clip_folder
+    from zoo.tiny import CLIP
 
     if name not in REWARD_ARCHS:
         raise ValueError(f"no random-weight architecture of the reward {name!r}; these have one: {', '.join(REWARD_ARCHS)}")
     config = None if reduced else json.loads((ARCHS / "rewards" / f"{REWARD_ARCHS[name]}.json").read_text())
     folder = Path(folder)
-    clip = str(build_clip_folder(folder / "clip", config=config, device=device))
+    # The tiny world's CLIP tokenizer files are OpenAI CLIP's BPE: no open_clip needed (the
+    # GPU machine has none).
+    clip = str(build_clip_folder(folder / "clip", config=config, device=device, tokenizer_source=CLIP))
     if name == "aesthetic":
         embed_dim = 32 if config is None else config["projection_dim"]
         head = build_aesthetic_head(folder / "sac+logos+ava1-l14-linearMSE.pth", embed_dim=embed_dim)
