@@ -1,30 +1,45 @@
 #!/usr/bin/env bash
-# Issue 7's GPU figures in one call of about 6.5 minutes on one H100/H200: the sd-turbo
-# architecture (random weights) at 512px, K = 50, the SDPO paper's batches (8 trajectories
-# per sampling call, 2 pairs per training minibatch), per algorithm: trajectories/s,
-# training transitions/s, peak memory (target <= 12 GB), training MFU against a bf16
-# matmul timed in the same run, and the re-scored ratio drift in fp16 and bf16.
+# Issue 17's GPU figures in one call of about 8 minutes on one H100/H200 (9.5 at most: each
+# part has its own time limit, so one slow part cannot eat the others'), at the SDPO
+# paper's configuration: the sd-turbo architecture (random weights) at 512px, K = 50,
+# fp16, 8 trajectories per sampling call, minibatches of 2 groups, 64 trajectories and
+# 100 epochs (results/perf/README.md says what each column means):
+#   1. paper: every algorithm that `benchmarks.perf` times (sdpo, ddpo, rebel, d3po, grpo,
+#      nft; DRaFT back-propagates the reward, which JPEG has none of): sample traj/s, train
+#      transitions/s, MFU, peak GB, seconds per epoch and hours for 100 epochs projected
+#      from the measured calls, the epoch at the FLOP limit; SDPO's epoch also measured
+#      through the trainer's own code on 16 trajectories (scaled to 64);
+#   2. reference: the SDPO reference's own script (benchmarks/reference_sdpo.py) at the same
+#      configuration, JPEG reward, 2 epochs of one sampling batch (scaled to its 4);
+#   3. overlap: SDPO's sampling with rewards overlapped or not, with a model reward (the
+#      aesthetic predictor on CLIP ViT-L/14, random weights) instead of JPEG.
+# tables.md opens with the side-by-side of stepzoo's and the reference's SDPO epoch.
 #
 # The GPU machine has torch, transformers, peft and accelerate but neither diffusers nor
-# tyro, and no package index: carry them as wheels (about 7 MB; the CLIP tokenizer comes
-# from the repository's tiny-world folder, so open_clip is not needed). Once, on the CPU
-# machine, in the repo root (.whl/ is git-ignored):
+# tyro, and no package index or internet: carry three git-ignored folders (about 27 MB).
+# Once, on the CPU machine, in the repo root:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform any -d .whl \
 #     diffusers==0.42.1 tyro==1.0.17 docstring-parser typeguard importlib_metadata
-# Then through the device tool: run(command="bash benchmarks/gpu_check.sh",
-# carry=[".whl"], timeout_s=450). Everything lands in $OUT (tables.md, records.json,
-# log.txt, env.txt); without $OUT (a plain shell) it goes to results/perf/gpu/latest.
-# A dry run of the same sequence on a CPU, reduced (about 5 minutes on 2 cores):
+# and .ref/sdpo (the reference's files) and .refwhl (its packages) as the docstring of
+# benchmarks/reference_sdpo.py says. Then through the device tool:
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".refwhl", ".ref"], timeout_s=600)
+# Everything lands in $OUT (tables.md, records.json, log.txt, env.txt, reference-log.txt);
+# without $OUT (a plain shell) it goes to results/perf/gpu/latest.
+# A dry run of the same sequence on a CPU, reduced (113 s on 2 shared cores, 2026-11-30):
 #   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/gpu-check \
-#   PERF_EXTRA="--reduced --resolution 64 --steps 10 --batch-size 4" bash benchmarks/gpu_check.sh
+#   PERF_EXTRA="--reduced --resolution 64 --steps 4 --mixed-precision no" \
+#   REF_EXTRA="--reduced --resolution 64 --steps 4 --mixed-precision no" bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-results/perf/gpu/latest}
 mkdir -p "$OUT/runs"
 LOG="$OUT/log.txt"
 
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
+# stepzoo's packages (a dry run in a venv that holds them carries none).
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 
 {
@@ -34,34 +49,49 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# perf TAG SECONDS FLAGS...: one setting, bounded so one slow setting cannot eat the rest.
-perf() {
+# part TAG SECONDS COMMAND...: one part, bounded so one slow part cannot eat the rest.
+part() {
   local tag=$1 limit=$2
   shift 2
-  echo "=== $tag (at ${SECONDS}s)" | tee -a "$LOG"
-  # shellcheck disable=SC2086
-  timeout "$limit" python3 -m benchmarks.perf --preset sd-turbo --tag "$tag" --out "$OUT/runs" \
-    "$@" ${PERF_EXTRA:-} 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
+  echo "=== $tag (at ${SECONDS}s, limit ${limit}s)" | tee -a "$LOG"
+  timeout "$limit" "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
 }
 
-# Sized from the 2026-11-26 H100 run (results/perf/gpu/2026-11-26-h100): one algorithm
-# with its per-member baselines takes ~45 s at --repeats 2 --sample-calls 1 (a sampling
-# call of 8 trajectories at K = 50 ~3 s), a setting's start (random 866M UNet, matmul
-# peak) ~20 s. torch.compile is left out: compiling SDPO's shapes took over 195 s.
-QUICK="--repeats 2 --sample-calls 1"
-# 1. The paper's precision and batches, every algorithm, against the per-member way.
-perf fp16 200 --mixed-precision fp16 --algos sdpo,rebel,d3po,ddpo $QUICK
-# 2. The memory target with gradient checkpointing (REBEL: K = 50 in chunks of 8 steps).
-perf fp16-ckpt 100 --mixed-precision fp16 --gradient-checkpointing --algos sdpo,rebel --no-baseline $QUICK
-# 3. MFU where launches no longer dominate: 8 pairs per training call (bf16).
-perf bf16-tb8 90 --mixed-precision bf16 --algos sdpo --batch-size 16 --train-batch-size 8 --no-baseline $QUICK
+# Sized from the 2026-11-26 H100 run (results/perf/gpu/2026-11-26-h100): a sampling call
+# of 8 trajectories at K = 50 ~3.3 s (D3PO's, with the base model's log-probs, twice that),
+# an SDPO training call of 2 pairs 0.14 s, a setting's start (random 866M UNet, matmul
+# peak) ~20 s. With --repeats 1 --sample-calls 1 an algorithm makes ~6 sampling calls
+# (~20 s; D3PO ~40 s); SDPO's measured 16 trajectories add 2 calls and 200 training calls
+# (~35 s): part 1 ~190 s. Part 2: the model folder (2.6 GB) and the reference's start
+# ~60 s, then per epoch 2 pipeline calls of 8 and 200 training calls of 2 UNet calls each
+# (~70 s). Part 3: ~70 s.
+# shellcheck disable=SC2086
+part paper 240 python3 -m benchmarks.perf --preset sd-turbo --tag paper --out "$OUT/runs" \
+  --mixed-precision fp16 --algos sdpo,ddpo,rebel,d3po,grpo,nft --no-baseline --repeats 1 --sample-calls 1 \
+  --measure-epoch sdpo --measured-trajectories 16 ${PERF_EXTRA:-}
+# shellcheck disable=SC2086
+part reference 240 python3 -m benchmarks.reference_sdpo --epochs 2 --batches-per-epoch 1 --out "$OUT/runs" \
+  ${REF_EXTRA:-}
+# shellcheck disable=SC2086
+part overlap 90 python3 -m benchmarks.perf --preset sd-turbo --tag overlap-aesthetic --out "$OUT/runs" \
+  --mixed-precision fp16 --algos sdpo --reward aesthetic --random-reward-weights --no-baseline --repeats 2 \
+  --sample-calls 2 ${PERF_EXTRA:-}
 
-cat "$OUT"/runs/*.md > "$OUT/tables.md"
+cp /tmp/stepzoo-reference-sdpo/reference.log "$OUT/reference-log.txt" 2>/dev/null
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
+from benchmarks.reference_sdpo import side_by_side
 out = pathlib.Path(sys.argv[1])
-records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))]
-(out / "records.json").write_text(json.dumps(records, indent=2) + "\n")
+records = {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+(out / "records.json").write_text(json.dumps(list(records.values()), indent=2) + "\n")
+paper = next((r for name, r in records.items() if name.endswith("-paper")), None)
+reference = next((r for name, r in records.items() if name.startswith("reference-sdpo")), None)
+tables = [side_by_side(paper, reference)] if paper and reference and any(
+    row["algo"] == "sdpo" and "epoch_s" in row for row in paper["rows"]) else []
+# The paper table, the reference, then the overlap.
+order = lambda p: (not p.stem.endswith("-paper"), not p.stem.startswith("reference"), p.stem)
+tables += [p.read_text() for p in sorted((out / "runs").glob("*.md"), key=order)]
+(out / "tables.md").write_text("\n".join(tables))
 EOF
 rm -r "$OUT/runs"
 echo "done in ${SECONDS}s"

@@ -19,8 +19,19 @@ log-probs, final images decoded or not), in the preset's precision:
 - peak memory: CUDA's max allocated per phase, or the process's peak RSS on a CPU;
 - the training step's FLOPs (torch's FLOP counter, checkpointing off so recomputation
   does not count) per second, and on a GPU its model FLOP utilisation against a dense
-  matmul timed in the same run (bf16 8192³; float32 2048³ on a CPU).
+  matmul timed in the same run (bf16 8192³; float32 1024³ on a CPU);
+- the end-to-end figure: seconds per epoch of the preset's configuration (64 trajectories
+  on sd-turbo, the SDPO paper's) and hours for its run (100 epochs on sd-turbo), projected
+  from the seconds per sampling call and per training call measured above and the calls
+  the trainer makes per epoch; beside them the epoch at the FLOP limit (its counted
+  sampling and training FLOPs over the matmul peak); with `--measure-epoch`, one real
+  epoch through the trainer's own `sample_and_score` and `_train_epoch` as a check.
+Rewards: any that needs no download, or aesthetic / pickscore built with random weights
+at their published architectures (`--random-reward-weights`).
 Prints a Markdown table and writes it with a JSON record under `--out`.
+
+    python -m benchmarks.perf --preset sd-turbo --mixed-precision fp16 --measure-epoch sdpo \
+        --measured-trajectories 16                                  # issue 17's table (a GPU)
 """
 
 from __future__ import annotations

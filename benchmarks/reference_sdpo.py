@@ -19,7 +19,8 @@ the reference can be fetched (the repository root; `.ref/` and `.refwhl/` are ig
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux2014_x86_64 --platform any -d .refwhl \\
         diffusers==0.17.1 huggingface_hub==0.25.2 transformers==4.34.1 tokenizers==0.14.1 \\
-        accelerate==0.20.3 ml_collections==1.1.0 absl-py==2.5.1 inflect==6.0.4 pydantic==1.10.9
+        accelerate==0.20.3 ml_collections==1.1.0 absl-py==2.5.1 inflect==6.0.4 pydantic==1.10.27 \\
+        setuptools==69.5.1
 
 (`--python-version` that of the machine that runs it; the CPU machine here has 3.11.)
 
@@ -78,8 +79,9 @@ PACKAGES = (
     "accelerate==0.20.3",  # the pin is 0.17; transformers 4.34 refuses accelerate < 0.20.3 at import
     "ml_collections==1.1.0",
     "absl-py==2.5.1",
-    "inflect==6.0.4",  # the reference's pin
-    "pydantic==1.10.9",  # the reference's pin, which inflect 6 needs
+    "inflect==6.0.4",  # the reference's pin (its prompt functions import it)
+    "pydantic==1.10.27",  # the pin is 1.10.9, which Python 3.12.4's typing breaks; inflect 6 needs pydantic 1
+    "setuptools==69.5.1",  # gives accelerate 0.20 `distutils` on Python 3.12 (`import setuptools` installs it)
 )
 """What the reference runs on, installed into `--work` ahead of the machine's packages;
 torch, numpy, Pillow and the rest are the machine's (here torch 2.14, on the H100/H200
@@ -87,7 +89,7 @@ torch 2.11; the reference pins torch 2.0.1, which has no wheel for Python 3.12).
 
 PATCHES = (
     "imp.load_source (config/config_sdpo.py:1; removed in Python 3.12) is provided where missing, and "
-    "distutils (accelerate 0.20) comes from setuptools",
+    "distutils (accelerate 0.20; removed in Python 3.12) comes from setuptools where missing",
     "wandb is a stub (wandb.Image builds nothing) and the Accelerator gets no log_with: no tracker, no network; "
     "the per-epoch JPEG thumbnails are still written",
     "the reward is stepzoo's JPEG compressibility (rewards/jpeg.py, DDPO's) added to sdpo_pytorch.rewards as "
@@ -296,6 +298,41 @@ def markdown(record: dict) -> str:
         )
     if record.get("error"):
         lines += ["", f"Stopped: {record['error']}"]
+    return "\n".join(lines) + "\n"
+
+
+def side_by_side(perf_record: dict, reference_record: dict) -> str:
+    """Markdown: seconds per paper epoch of stepzoo's SDPO (a `benchmarks.perf` record's
+    sdpo row: projected, and measured when it was) beside the reference's last finished
+    epoch, scaled alike to the paper's 64 trajectories, with their hours for the paper's
+    100 epochs and the reference's time over stepzoo's (measured against measured where
+    both were)."""
+    row = next(r for r in perf_record["rows"] if r["algo"] == "sdpo")
+    epochs = PAPER["epochs"]
+    lines = [
+        f"## SDPO's paper epoch ({PAPER['batches_per_epoch'] * PAPER['sample_batch_size'] * 2} trajectories, "
+        f"K = {reference_record['args']['steps']}): stepzoo beside the reference",
+        "",
+        "| code | seconds per epoch | hours for 100 epochs | how |",
+        "|---|---|---|---|",
+        f"| stepzoo (projected) | {row['epoch_s']:.3g} | {row['epoch_s'] * epochs / 3600:.3g} | "
+        f"{row['epoch_sample_calls']} sampling calls + {row['epoch_loss_calls']} loss calls at the measured rates |",
+    ]
+    ours = row["epoch_s"]
+    if "measured_epoch_s" in row:
+        ours = row["measured_epoch_s"]
+        lines.append(f"| stepzoo (measured) | {ours:.3g} | {ours * epochs / 3600:.3g} | one epoch of "
+                     f"{perf_record['measured_trajectories']} trajectories through the trainer, scaled |")
+    if not reference_record["epochs"]:
+        return "\n".join(lines + ["| reference | – | – | no epoch finished |"]) + "\n"
+    last = reference_record["epochs"][-1]
+    theirs = last["paper_epoch_s"]
+    lines += [
+        f"| reference (measured) | {theirs:.3g} | {theirs * epochs / 3600:.3g} | its epoch {last['epoch']} of "
+        f"{reference_record['args']['batches_per_epoch']} sampling batch(es), scaled |",
+        "",
+        f"The reference takes {theirs / ours:.2f}x stepzoo's time per epoch.",
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -12,7 +12,14 @@ import torch
 
 from benchmarks import reference_sdpo, reference_sdpo_launch
 from benchmarks.portable import REPO_ROOT
-from benchmarks.reference_sdpo import PACKAGES, ReferenceArgs, check_inputs, epoch_figures, git_blob_id
+from benchmarks.reference_sdpo import (
+    PACKAGES,
+    ReferenceArgs,
+    check_inputs,
+    epoch_figures,
+    git_blob_id,
+    side_by_side,
+)
 from rewards.jpeg import JpegSize
 
 
@@ -45,6 +52,24 @@ def test_epoch_figures_on_worked_timings():
     # Stopped by a time limit while epoch 1 trained: only epoch 0 finished.
     stopped = [e for e in events if not (e["phase"] in ("Epoch 1.0: training", "main") and e["event"] == "end")]
     assert [e["epoch"] for e in epoch_figures(stopped, batches_per_epoch=1)["epochs"]] == [0]
+
+
+def test_side_by_side_on_worked_numbers():
+    """stepzoo's SDPO: projected 138 s, measured 150 s (16 trajectories scaled to 64);
+    the reference's epochs: 300 s then 276 s per paper epoch: the last one counts,
+    276 / 150 = 1.84x; 100 epochs: 138 s -> 3.83 h, 150 s -> 4.17 h, 276 s -> 7.67 h."""
+    perf = {"measured_trajectories": 16, "rows": [
+        {"algo": "ddpo", "epoch_s": 500.0},
+        {"algo": "sdpo", "epoch_s": 138.0, "epoch_sample_calls": 8, "epoch_loss_calls": 800, "measured_epoch_s": 150.0},
+    ]}
+    reference = {"args": {"steps": 50, "batches_per_epoch": 1},
+                 "epochs": [{"epoch": 0, "paper_epoch_s": 300.0}, {"epoch": 1, "paper_epoch_s": 276.0}]}
+    table = side_by_side(perf, reference)
+    assert "| stepzoo (projected) | 138 | 3.83 |" in table
+    assert "| stepzoo (measured) | 150 | 4.17 |" in table
+    assert "| reference (measured) | 276 | 7.67 | its epoch 1 of 1 sampling batch(es), scaled |" in table
+    assert "The reference takes 1.84x stepzoo's time per epoch." in table
+    assert "no epoch finished" in side_by_side(perf, {**reference, "epochs": []})
 
 
 def test_git_blob_ids_are_gits(tmp_path):
