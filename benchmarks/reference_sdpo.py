@@ -14,15 +14,19 @@ files that define the run are those of `REFERENCE_COMMIT`, installs `PACKAGES` t
 `benchmarks.reference_sdpo_launch`, which applies `PATCHES` in memory. Once, where pip and
 the reference can be fetched (the repository root; `.ref/` and `.refwhl/` are ignored):
 
-    mkdir -p .ref/sdpo && git --git-dir=<a clone of github.com/ZiyiZhang27/sdpo>/.git \\
-        archive fcee34d | tar -x -C .ref/sdpo
+    mkdir -p .ref/sdpo && git --git-dir=<a clone of github.com/ZiyiZhang27/sdpo>/.git archive \\
+        fcee34d scripts config sdpo_pytorch ':!sdpo_pytorch/assets/*.pth' | tar -x -C .ref/sdpo
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \\
         --implementation cp --platform manylinux2014_x86_64 --platform any -d .refwhl \\
         diffusers==0.17.1 huggingface_hub==0.25.2 transformers==4.34.1 tokenizers==0.14.1 \\
         accelerate==0.20.3 ml_collections==1.1.0 absl-py==2.5.1 inflect==6.0.4 pydantic==1.10.27 \\
         setuptools==69.5.1
 
-(`--python-version` that of the machine that runs it; the CPU machine here has 3.11.)
+(130 kB of the reference, without its reward weights and images, and 14 MB of wheels;
+`--python-version` that of the machine that runs it: the GPU machine's 3.12, this CPU
+machine's 3.11, whose tokenizers wheel can sit beside the other.) The `fetch` tool brings
+a clone as /work/.mirror/ZiyiZhang27+sdpo/repo. The model folder is saved in float16 (2.6 GB
+for sd-turbo, half the bytes to write and read) and loads as float32, as from the hub.
 
 The configuration is the paper's (`PAPER`: 8 prompts per sampling batch, each sampled
 twice, 4 batches = 32 pairs = 64 trajectories per GPU per epoch, K = 50, minibatches of 2
@@ -155,8 +159,8 @@ def git_blob_id(path: Path) -> str:
 def check_inputs(args: ReferenceArgs) -> tuple[Path, Path, Path]:
     """(reference, wheels, work) resolved, or a SystemExit naming the flag and the fix."""
     reference, wheels, work = (Path(p).expanduser().resolve() for p in (args.reference, args.wheels, args.work))
-    fetch = (f"fetch it (module docstring: mkdir -p .ref/sdpo && git --git-dir=<clone of {REFERENCE}>/.git "
-             f"archive {REFERENCE_COMMIT[:7]} | tar -x -C .ref/sdpo)")
+    fetch = (f"extract {REFERENCE} at {REFERENCE_COMMIT[:7]} there (the git archive command of the "
+             "module docstring)")
     if not (reference / "scripts" / "train_sdpo.py").is_file():
         raise SystemExit(f"--reference {args.reference}: no scripts/train_sdpo.py there; {fetch}")
     changed = [name for name, blob in REFERENCE_FILES.items()
