@@ -7,8 +7,9 @@
 #   1. paper: every algorithm that `benchmarks.perf` times (sdpo, ddpo, rebel, d3po, grpo,
 #      nft; DRaFT back-propagates the reward, which JPEG has none of): sample traj/s, train
 #      transitions/s, MFU, peak GB, seconds per epoch and hours for 100 epochs projected
-#      from the measured calls, the epoch at the FLOP limit; SDPO's epoch also measured
-#      through the trainer's own code on 16 trajectories (scaled to 64);
+#      from the measured calls (one UNet call per loss call), the epoch at the FLOP limit;
+#      SDPO's epoch also measured through the trainer's own code on 16 trajectories (scaled
+#      to 64) with its default micro-batch, which joins the loss calls of an update;
 #   2. reference: the SDPO reference's own script (benchmarks/reference_sdpo.py) at the same
 #      configuration, JPEG reward, 2 epochs of one sampling batch (scaled to its 4);
 #   3. overlap: SDPO's sampling with rewards overlapped or not, with a model reward (the

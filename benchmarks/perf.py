@@ -146,6 +146,11 @@ class PerfArgs:
     measured_trajectories: int | None = None
     """Trajectories of the measured epoch (default: `--epoch-trajectories`); fewer time a
     fraction of the epoch in the same calls."""
+    micro_batch: int | None = None
+    """Groups per UNet call with gradients in the measured epoch, as the trainer's
+    `--loop.micro-batch` (default the trainer's: on CUDA the largest that fits, joining the
+    loss calls of an update; on a CPU one UNet call per loss call). The projection times
+    one UNet call per loss call."""
     steps_per_backward: int = TrainLoop.steps_per_backward
     """Steps per backward pass of whole-trajectory losses (REBEL), as the trainer's flag."""
     gradient_checkpointing: bool = False
@@ -467,7 +472,7 @@ def measure_algorithm(
     if name in epoch.measured_algos:
         measured_prompts = [preset.train_prompts[i % len(preset.train_prompts)]
                             for i in range(epoch.measured_trajectories // needs.group_size)]
-        loop = TrainLoop(sample_batch_size=batch, steps_per_backward=step)
+        loop = TrainLoop(sample_batch_size=batch, steps_per_backward=step, micro_batch=args.micro_batch)
         measured = measured_epoch_seconds(algorithm, replace(config, train_batch_size=train_groups), sampler,
                                           measured_prompts, reward, loop, epoch.accelerator, args.seed)
         row["measured_s"] = measured
@@ -537,12 +542,13 @@ def markdown(record: dict) -> str:
         f"{record['args']['steps_per_backward']} steps includes its extra forward pass without gradients",
         f"- epoch s (projected): an epoch of {record['epoch_trajectories']} trajectories, sampled in calls of traj/call "
         "(each scored as the trainer scores it, rewards overlapped on CUDA only) and trained in loss calls/epoch "
-        "minibatches of train groups, at the seconds per call measured above; run h: "
+        "minibatches of train groups, one UNet call each, at the seconds per call measured above; run h: "
         f"{record['epochs']} such epochs; epoch s at FLOP limit: the epoch's counted FLOPs (sampling with its "
         "decoding and reward, training) over the matmul peak",
         "- epoch s (measured): "
         + (f"one real epoch of {record['measured_trajectories']} trajectories through the trainer's "
-           f"sample_and_score and _train_epoch, scaled to {record['epoch_trajectories']}"
+           f"sample_and_score and _train_epoch (micro-batch {record['args']['micro_batch'] or 'the trainer default'}), "
+           f"scaled to {record['epoch_trajectories']}"
            if record["measured_trajectories"] else "not asked (--measure-epoch)"),
         "",
         "| " + " | ".join(header for _, header in COLUMNS) + " |",

@@ -320,13 +320,15 @@ def side_by_side(perf_record: dict, reference_record: dict) -> str:
         "| code | seconds per epoch | hours for 100 epochs | how |",
         "|---|---|---|---|",
         f"| stepzoo (projected) | {row['epoch_s']:.3g} | {row['epoch_s'] * epochs / 3600:.3g} | "
-        f"{row['epoch_sample_calls']} sampling calls + {row['epoch_loss_calls']} loss calls at the measured rates |",
+        f"{row['epoch_sample_calls']} sampling calls + {row['epoch_loss_calls']} loss calls (one UNet call each) at "
+        "the measured rates |",
     ]
     ours = row["epoch_s"]
     if "measured_epoch_s" in row:
         ours = row["measured_epoch_s"]
         lines.append(f"| stepzoo (measured) | {ours:.3g} | {ours * epochs / 3600:.3g} | one epoch of "
-                     f"{perf_record['measured_trajectories']} trajectories through the trainer, scaled |")
+                     f"{perf_record['measured_trajectories']} trajectories through the trainer (its micro-batch), "
+                     "scaled |")
     if not reference_record["epochs"]:
         return "\n".join(lines + ["| reference | – | – | no epoch finished |"]) + "\n"
     last = reference_record["epochs"][-1]

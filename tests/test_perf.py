@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks import archs
+from benchmarks import archs, perf
 from benchmarks.perf import COLUMNS, PerfArgs, algorithm_config, epoch_loss_calls, main, project_epoch
 from benchmarks.presets import PRESETS
 from benchmarks.run import preset_algo_configs
@@ -48,10 +48,18 @@ def _check_outputs(record: dict, out, setting: str, algos: list[str], figures=FI
         assert row["run_h"] == pytest.approx(row["epoch_s"] * record["epochs"] / 3600)
 
 
-def test_tiny_world_table(tmp_path):
+def test_tiny_world_table(tmp_path, monkeypatch):
+    loops = []
+
+    def trainers_epoch(*args):  # the real one, recording the loop switches it was given
+        loops.append(args[8])
+        return _train_epoch(*args)
+
+    monkeypatch.setattr(perf, "_train_epoch", trainers_epoch)
     args = PerfArgs(preset="tiny", algos="sdpo,ddpo,nft", batch_size=2, steps=1, repeats=1, device="cpu",
-                    measure_epoch="sdpo", measured_trajectories=4, out=str(tmp_path))
+                    measure_epoch="sdpo", measured_trajectories=4, micro_batch=2, out=str(tmp_path))
     record = main(args)
+    assert [(loop.micro_batch, loop.sample_batch_size) for loop in loops] == [(2, 2)]
     _check_outputs(record, tmp_path, "tiny-cpu", ["sdpo", "ddpo", "nft"])
     sdpo, ddpo, nft = record["rows"]
     assert (sdpo["group"], sdpo["batch"], sdpo["train_batch"], sdpo["steps"]) == (2, 2, 1, 1)
