@@ -28,7 +28,7 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".refwhl", ".ref"], timeout_s=600)
 # Everything lands in $OUT (tables.md, records.json, log.txt, env.txt, reference-log.txt);
 # without $OUT (a plain shell) it goes to results/perf/gpu/latest.
-# A dry run of the same sequence on a CPU, reduced (113 s on 2 shared cores, 2026-11-30):
+# A dry run of the same sequence on a CPU, reduced (75-113 s on 2 shared cores, 2026-11-30):
 #   PATH=$PWD/.venv/bin:$PATH OUT=/tmp/gpu-check \
 #   PERF_EXTRA="--reduced --resolution 64 --steps 4 --mixed-precision no" \
 #   REF_EXTRA="--reduced --resolution 64 --steps 4 --mixed-precision no" bash benchmarks/gpu_check.sh
