@@ -54,7 +54,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
-from rewards.base import Reward
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import (
     TrainLoop,
@@ -66,6 +65,7 @@ from benchmarks.train import (
     minibatch_losses,
     sample_and_score,
 )
+from rewards.base import Reward
 from rewards.registry import load_reward
 from zoo.algorithm import Algorithm, SamplingNeeds
 from zoo.policy import LoraSettings, Performance, Policy
@@ -360,7 +360,7 @@ def measured_epoch_seconds(
 
 def measure_algorithm(
     row: dict, name: str, args: PerfArgs, preset: Preset, policy: Policy, reward: Reward, num_steps: int,
-    matmul_peak: float, epoch: "EpochPlan",
+    matmul_peak: float, epoch: EpochPlan,
 ) -> None:
     """Fills `row` phase by phase, so that a phase that runs out of memory keeps the
     figures of the phases before it."""
@@ -508,14 +508,15 @@ def _cell(key: str, value) -> str:
     return f"{value:.3g}"
 
 
-def command_line(args: PerfArgs) -> str:
-    """The command that reproduces `args` (flags that differ from the defaults)."""
+def command_line(args, module: str = "benchmarks.perf") -> str:
+    """The command that reproduces `args`, a tyro dataclass of `module`'s (the flags whose
+    values differ from the dataclass's defaults)."""
     flags = []
     for key, value in asdict(args).items():
-        if value != getattr(PerfArgs, key):
+        if value != getattr(type(args), key):
             flag = "--" + key.replace("_", "-")
             flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
-    return " ".join(["python -m benchmarks.perf", *flags])
+    return " ".join([f"python -m {module}", *flags])
 
 
 def markdown(record: dict) -> str:

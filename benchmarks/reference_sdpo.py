@@ -47,6 +47,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -342,20 +343,11 @@ def side_by_side(perf_record: dict, reference_record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def command_line(args: ReferenceArgs) -> str:
-    flags = []
-    for key, value in asdict(args).items():
-        if value != getattr(ReferenceArgs, key):
-            flag = "--" + key.replace("_", "-")
-            flags.append(flag if value is True else f"--no-{flag[2:]}" if value is False else f"{flag} {value}")
-    return " ".join(["python -m benchmarks.reference_sdpo", *flags])
-
-
 def main(args: ReferenceArgs) -> dict:
     reference, wheels, work = check_inputs(args)
-    import platform
-
     import torch
+
+    from benchmarks.perf import command_line
 
     work.mkdir(parents=True, exist_ok=True)
     copy, site, logs = work / "sdpo", work / "site", work / "logs"
@@ -367,7 +359,7 @@ def main(args: ReferenceArgs) -> dict:
     flags = reference_flags(args, model, logs)
     on_gpu = torch.cuda.is_available()
     record = {
-        "command": command_line(args),
+        "command": command_line(args, "benchmarks.reference_sdpo"),
         "args": asdict(args),
         "reference": REFERENCE,
         "reference_commit": REFERENCE_COMMIT,

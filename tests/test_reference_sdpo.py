@@ -168,5 +168,6 @@ def test_reference_trains_end_to_end_on_a_reduced_model(tmp_path):
         mixed_precision="no", device="cpu", out=str(tmp_path / "out"),
     ))
     assert [e["epoch"] for e in record["epochs"]] == [0, 1]
+    assert record["command"].startswith("python -m benchmarks.reference_sdpo --work ")
     assert all(e["paper_epoch_s"] == pytest.approx(4 * e["epoch_s"]) for e in record["epochs"])
     assert (tmp_path / "out" / "reference-sdpo-reduced-cpu.md").is_file()
