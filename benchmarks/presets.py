@@ -125,16 +125,15 @@ def tiny() -> Preset:
         # groups per prompt gives every drawn prompt 8 trajectories (8 prompts per epoch),
         # the pair algorithms' protocol; 4 groups of 2 x 4 steps per update. G = 4 or 8
         # would leave 4 or 2 prompts per epoch (and could not split an 8-trajectory test
-        # budget into 4 groups per prompt). Learning rate provisional until tuned.
-        "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
-        # The learning rate is provisional until tuned (of the order the others were tuned to).
-        "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
+        # budget into 4 groups per prompt).
+        "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+        "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1},
         # NFT trains on (x0, t) examples, one backward pass each as a transition is for the
         # others (each also pays no-gradient passes of the old policy and of the base): 4
         # pairs x 4 timesteps = 32 per update. Pairs (group_size 2, not the reference's 24)
         # give 8 prompts per epoch with 8 rewards each for the per-prompt mean, as the pair
-        # methods have. The learning rate is provisional until tuned.
-        "nft": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 2e-3},
+        # methods have.
+        "nft": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts from the grid its folder's tuning.md shows, by the proxy's gold
@@ -143,17 +142,20 @@ def tiny() -> Preset:
     learning_rates = {
         # results/tune-tiny-tiny-aesthetic (the default task), seeds 100 and 101: one seed
         # selected 8e-3 / 4e-3 / 2e-3 / 1e-3 for DDPO / REBEL / D3PO / SDPO and the other
-        # 2e-3 / 1e-3 / 2e-3 / 4e-3; only D3PO's choice survived a second seed.
-        "tiny-aesthetic": {"ddpo": 2e-3, "d3po": 2e-3, "rebel": 2e-3, "sdpo": 2e-3},
+        # 2e-3 / 1e-3 / 2e-3 / 4e-3; only D3PO's choice survived a second seed. GRPO, NFT
+        # and DRaFT (added later on the same grid and seeds) chose its lowest value.
+        "tiny-aesthetic": {"ddpo": 2e-3, "d3po": 2e-3, "rebel": 2e-3, "sdpo": 2e-3,
+                           "grpo": 1e-3, "nft": 1e-3, "draft": 1e-3},
         # results/tune-tiny-tiny-align, seeds 100 and 101: seed 100 alone chose SDPO 2e-3,
         # the two seeds 1e-3 (0.874 against 0.871 on the gold); the others held.
-        "tiny-align": {"ddpo": 1e-3, "d3po": 1e-3, "rebel": 4e-3, "sdpo": 1e-3},
+        "tiny-align": {"ddpo": 1e-3, "d3po": 1e-3, "rebel": 4e-3, "sdpo": 1e-3,
+                       "grpo": 1e-3, "nft": 2e-3, "draft": 1e-3},
         # results/tune-tiny-jpeg_compressibility: tuned under the previous protocol (one
-        # group per prompt, trackers' min_count 16) on the grid 1e-3 to 3e-2.
+        # group per prompt, trackers' min_count 16) on the grid 1e-3 to 3e-2. GRPO and NFT
+        # are not tuned on it (they train at the default task's rate); DRaFT cannot train
+        # on JPEG, which has no gradient.
         "jpeg_compressibility": {"ddpo": 3e-2, "d3po": 3e-3, "rebel": 1e-2, "sdpo": 1e-2},
     }
-    # The tuned learning rate, or the loop's provisional one for an algorithm not tuned yet.
-    tuned = learning_rates["tiny-aesthetic"]
     return Preset(
         name="tiny",
         model=str(TINY_ASSETS / "pipeline"),
