@@ -80,8 +80,14 @@ class Performance:
     """Compile the UNet's forward with torch.compile (inductor). Pays a compilation of a
     minute or more per new input shape and adapter mode, so it helps long GPU runs only."""
     compile_mode: str | None = None
-    """torch.compile mode ("max-autotune-no-cudagraphs", ...); None is torch's default.
-    CUDA graphs ("reduce-overhead") are unsafe here: the sampler keeps returned tensors."""
+    """torch.compile mode; None is torch's default. "reduce-overhead" and "max-autotune"
+    replay CUDA graphs, whose outputs are static buffers that the next call overwrites:
+    every prediction is then copied out of them (`Policy.static_outputs`), since the
+    sampler and the losses keep predictions across UNet calls."""
+
+
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+"""torch.compile modes that replay CUDA graphs."""
 
 
 def enable_tf32() -> None:
@@ -200,6 +206,9 @@ class Policy:
             # In place: the module, its parameter names and peft's adapter switches stay
             # as they are; only the call goes through the compiled graph.
             unet.compile(mode=performance.compile_mode)
+        self.static_outputs = performance.compile_unet and performance.compile_mode in CUDA_GRAPH_MODES
+        """Whether the denoiser's outputs are static buffers (CUDA graphs) that its next
+        call overwrites, so that `predict_noise` copies each one out."""
         self._uncond_embeds: torch.Tensor | None = None
         # What runs the forward pass: the UNet itself, or the DDP wrapper around it that
         # the trainer installs so that gradients are averaged across processes.
@@ -300,12 +309,18 @@ class Policy:
             timesteps = torch.cat([timesteps, timesteps])
             prompt_embeds = torch.cat([uncond, prompt_embeds])
         with self._autocast():
-            eps = self.denoiser(
+            output = self.denoiser(
                 latents.to(self.weight_dtype),
                 timesteps,
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                 timestep_cond=timestep_cond,
-            ).sample.to(torch.promote_types(self.weight_dtype, torch.float32))
+            ).sample
+        eps = output.to(torch.promote_types(self.weight_dtype, torch.float32))
+        if eps is output and self.static_outputs and not use_cfg:
+            # A half-precision output was copied by the cast already, and guidance makes
+            # a new tensor; otherwise this is the graph's buffer, which the callers'
+            # predictions outlive (NFT's old-policy prediction, for one).
+            eps = output.clone()
         if use_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
