@@ -43,6 +43,9 @@ def main(out_path: str) -> None:
         saved = {f"{a}/{e}": v for (a, e), v in results.items()}
         torch.save({**saved, "world_size": torch.tensor(world)}, out_path)
     accelerator.wait_for_everyone()
+    # Gloo's threads are joined here, not torn down at interpreter exit, where under load
+    # they aborted a process ("terminate called without an active exception").
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

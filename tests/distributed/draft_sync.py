@@ -56,6 +56,9 @@ def main(model: str, out_path: str) -> None:
     if accelerator.is_main_process:
         torch.save({"local": torch.stack(updates[False]), "synced": torch.stack(updates[True])}, out_path)
     accelerator.wait_for_everyone()
+    # Gloo's threads are joined here, not torn down at interpreter exit, where under load
+    # they aborted a process ("terminate called without an active exception").
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
