@@ -59,9 +59,10 @@ from benchmarks.train import (
     TrainLoop,
     Transitions,
     _train_epoch,
-    forward_process_losses,
+    forward_process_call,
     gather_transitions,
     global_advantages,
+    micro_batched_losses,
     minibatch_losses,
     sample_and_score,
 )
@@ -307,9 +308,8 @@ def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: 
     backward, AdamW step."""
     steps = torch.full((groups, traj.group_size, 1), traj.num_steps // 2)
     advantages = torch.linspace(-1, 1, steps.numel(), device=traj.latents.device).view(steps.shape)
-    for loss, _, _ in forward_process_losses(
-        algorithm, sampler, traj, torch.arange(groups), steps, advantages, old_policy, generator
-    ):
+    call = forward_process_call(algorithm, sampler, traj, torch.arange(groups), steps, advantages, old_policy, generator)
+    for loss, _, _ in micro_batched_losses([call], sampler, None, None):
         loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ pure tensor math (zoo.algorithm). One epoch is:
    `gradient_accumulation_steps` minibatches times the loss calls per minibatch, as the
    DDPO reference multiplies accumulation by K; a forward-process algorithm (NFT) instead
    trains step j's call on each trajectory's final latent noised to step j's timestep
-   (`forward_process_losses`), against the old policy it samples with, which moves after
+   (`forward_process_call`), against the old policy it samples with, which moves after
    the epoch by the algorithm's rule and is checkpointed;
 4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
    records), so a kill loses at most the epoch in flight.
@@ -662,22 +662,6 @@ def forward_process_call(
     return call
 
 
-def forward_process_losses(
-    algorithm: Algorithm,
-    sampler: TrajectorySampler,
-    traj: Trajectory,
-    groups: torch.Tensor,
-    steps: torch.Tensor,
-    advantages: torch.Tensor,
-    old_policy: dict[str, torch.Tensor],
-    generator: torch.Generator,
-) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
-    """The loss of `forward_process_call`'s call as one (loss, metrics, last), like
-    `minibatch_losses`."""
-    call = forward_process_call(algorithm, sampler, traj, groups, steps, advantages, old_policy, generator)
-    return micro_batched_losses([call], sampler, None, None)
-
-
 def _step_orders(num_prompts: int, group_size: int, num_steps: int, same_in_group: bool, generator) -> torch.Tensor:
     """(P, G, K) independent permutations of the K steps per trajectory (shared inside a
     group when the algorithm pairs its members step by step)."""
@@ -873,21 +857,24 @@ def reward_backprop_epoch(
         calls += 1
         update_now = calls % calls_per_update == 0
 
+        mb_prompts, mb_initial, mb_steps = prompts[part], initial_noise[part], step_noise[part]
+
         def rewards_of(piece: slice) -> torch.Tensor:
             """The rewards of the minibatch's trajectories `piece`, with the graph to the
             LoRA through the last k steps unless gradients are off."""
-            embeds = policy.encode_prompts(prompts[piece])  # (p, L, D)
-            latents = sampler.final_latents(initial_noise[piece], embeds, step_noise[piece], k)
-            return reward.score_with_grad(policy.decode_with_grad(latents), prompts[piece])
+            embeds = policy.encode_prompts(mb_prompts[piece])  # (p, L, D)
+            latents = sampler.final_latents(mb_initial[piece], embeds, mb_steps[piece], k)
+            return reward.score_with_grad(policy.decode_with_grad(latents), mb_prompts[piece])
+
+        def backward_context(last: bool):
+            """DDP all-reduces on every backward unless told not to, and decides so in the
+            forward: only the update's last backward pass synchronises."""
+            return contextlib.nullcontext() if update_now and last else accelerator.no_sync(policy.denoiser)
 
         # `TrainLoop.micro_batch` below the minibatch: its rewards first without gradients,
         # then each piece's with them, the others constants (the exact gradient).
-        pieces = [part] if micro_batch is None or micro_batch >= part.stop - start else [
-            slice(a, min(a + micro_batch, part.stop)) for a in range(start, part.stop, micro_batch)]
-        # DDP all-reduces on every backward unless told not to, and decides so in the forward.
-        sync = [contextlib.nullcontext() if update_now and last else accelerator.no_sync(policy.denoiser)
-                for last in [False] * (len(pieces) - 1) + [True]]
-        with sync[0] if len(pieces) == 1 else contextlib.nullcontext():
+        pieces = _parts(len(mb_prompts), micro_batch)
+        with backward_context(True) if len(pieces) == 1 else contextlib.nullcontext():
             why = None
             try:
                 with torch.no_grad() if len(pieces) > 1 else contextlib.nullcontext():
@@ -910,10 +897,10 @@ def reward_backprop_epoch(
                 accelerator.backward(loss / calls_per_update)
                 backward_passes += 1
         if not failed and len(pieces) > 1:
-            for i, (piece, context) in enumerate(zip(pieces, sync)):
-                with context:
+            for i, piece in enumerate(pieces):
+                with backward_context(i == len(pieces) - 1):
                     placed = rewards.clone()
-                    placed[piece.start - start : piece.stop - start] = rewards_of(piece)
+                    placed[piece] = rewards_of(piece)
                     loss, piece_metrics = algorithm.loss(placed)
                     accelerator.backward(loss / calls_per_update)
                 backward_passes += 1
