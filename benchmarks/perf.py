@@ -69,7 +69,7 @@ from benchmarks.train import (
 from rewards.base import Reward
 from rewards.registry import load_reward
 from zoo.algorithm import Algorithm, SamplingNeeds
-from zoo.policy import LoraSettings, Performance, Policy
+from zoo.policy import LoraSettings, Performance, Policy, UNetPolicy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.trajectory import Trajectory
@@ -214,7 +214,7 @@ def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision
         resolution = args.resolution or (128 if args.reduced else 512)
         unet, vae, text_encoder, tokenizer = archs.build_components(configs, resolution, device)
         scheduler = configs["scheduler"]
-    return Policy(
+    return UNetPolicy(
         unet, vae, text_encoder, tokenizer, scheduler,
         device=device, mixed_precision=precision, lora=lora, performance=performance,
     )
@@ -482,14 +482,14 @@ def measure_algorithm(
 def training_flops(policy: Policy, step: Callable[[], None]) -> int:
     """FLOPs of one training call as the model defines them: activation recomputation
     by gradient checkpointing is switched off while counting."""
-    checkpointing = policy.unet.is_gradient_checkpointing
+    checkpointing = policy.model.is_gradient_checkpointing
     if checkpointing:
-        policy.unet.disable_gradient_checkpointing()
+        policy.model.disable_gradient_checkpointing()
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     if checkpointing:
-        policy.unet.enable_gradient_checkpointing()
+        policy.model.enable_gradient_checkpointing()
     return counter.get_total_flops()
 
 

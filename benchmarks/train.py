@@ -983,7 +983,7 @@ def run_algorithm(
         old_policy = policy.trainable_state() if state is None else {
             name: weights.to(policy.device) for name, weights in state["old_policy"].items()
         }
-    policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
+    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     loop = settings.loop
     group_size = needs.group_size

@@ -70,7 +70,7 @@ def test_missing_model_names_the_flag_and_the_fix(tmp_path):
     with pytest.raises(ModelUnavailable, match="--model stabilityai/sd-turbo: .*HF_HUB_OFFLINE.*fix: `hf download"):
         resolve_model("stabilityai/sd-turbo")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelUnavailable, match="no unet/ subfolder"):
+    with pytest.raises(ModelUnavailable, match="no unet/ or transformer/ subfolder"):
         resolve_model(str(tmp_path / "empty"))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from zoo.policy import Policy
+from zoo.policy import Policy, UNetPolicy
 from zoo.sampling import SamplerConfig, SamplerConfigError, TrajectorySampler
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -92,8 +92,8 @@ def test_trailing_spacing_starts_at_the_top(ddim_policy):
 def test_ddim_spacing_overrides_the_model_config(ddim_policy):
     """A "leading" config (Stable Diffusion 1.5's) starts 1 and 2 steps at t = 1 and
     501, 1; `timestep_spacing="trailing"` starts them at the top whatever the config says."""
-    leading = Policy(ddim_policy.unet, ddim_policy.vae, ddim_policy.text_encoder, ddim_policy.tokenizer,
-                     {**ddim_policy.scheduler_config, "timestep_spacing": "leading", "steps_offset": 1})
+    leading = UNetPolicy(ddim_policy.unet, ddim_policy.vae, ddim_policy.text_encoder, ddim_policy.tokenizer,
+                         {**ddim_policy.scheduler_config, "timestep_spacing": "leading", "steps_offset": 1})
     for k, own, trailing in [(1, [1], [999]), (2, [501, 1], [999, 499])]:
         assert TrajectorySampler(leading, SamplerConfig("ddim", k)).schedule.timesteps.tolist() == own
         config = SamplerConfig("ddim", k, timestep_spacing="trailing")

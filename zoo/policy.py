@@ -1,11 +1,12 @@
-"""The trainable policy: a Stable-Diffusion-shaped diffusers model with a LoRA adapter.
+"""The trainable policy: a diffusers denoiser (a Stable-Diffusion-shaped UNet here, an SD3-
+or FLUX-shaped transformer in zoo/flow_policy.py) with a LoRA adapter.
 
 Components load one by one from a hub id or a local folder (the layout that
 `save_pretrained` writes), so any SD-shaped checkpoint works whatever pipeline class it
 was saved with, and no safety checker or feature extractor is ever loaded. Only the LoRA
-weights train; the frozen UNet, VAE and text encoder sit in the chosen precision while
+weights train; the frozen denoiser, VAE and text encoders sit in the chosen precision while
 LoRA parameters stay float32 and every log-prob is computed in float32 (zoo.sampling).
-The reference model is the same UNet with its adapter disabled: no copy is made.
+The reference model is the same denoiser with its adapter disabled: no copy is made.
 
 Speed and memory switches live in `Performance`; the optimizer only ever sees
 `trainable_parameters()` (the LoRA weights), so its state is LoRA-sized whatever the model.
@@ -13,6 +14,7 @@ Speed and memory switches live in `Performance`; the optimizer only ever sees
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 from dataclasses import dataclass
@@ -112,19 +114,36 @@ float32 safetensors of each component (loaded in the run's precision), not the f
 .bin variants, single-file checkpoints, safety checker or feature extractor."""
 
 
-def resolve_model(model: str, revision: str = UNPINNED) -> str:
+FLOW_PIPELINE_FILES = (
+    "model_index.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model*.safetensors*",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder*/config.json",
+    "text_encoder*/model*.safetensors*",
+    "tokenizer*/*",
+    "scheduler/scheduler_config.json",
+)
+"""`PIPELINE_FILES` of a flow-matching pipeline (SD3, FLUX): the transformer and the text
+encoders in safetensors, one file or shards with their index."""
+
+PIPELINE_FILE_SETS = {"epsilon": PIPELINE_FILES, "flow": FLOW_PIPELINE_FILES}
+
+
+def resolve_model(model: str, revision: str = UNPINNED, family: str = "epsilon") -> str:
     """Return a loadable folder for `model`, or raise ModelUnavailable (or DownloadFailed).
 
     Looks at, in order: `model` as a local folder, the folder in $STEPZOO_MODEL_PATH
     when `model` is a hub id, then the Hugging Face cache at `revision`; a hub id that
-    is not cached is downloaded (PIPELINE_FILES only) unless offline.
+    is not cached is downloaded (the `family`'s PIPELINE_FILES only) unless offline.
     """
     if Path(model).is_dir():
-        if not (Path(model) / "unet").is_dir():
+        if not any((Path(model) / denoiser).is_dir() for denoiser in ("unet", "transformer")):
             raise ModelUnavailable(
-                f"--model {model}: the folder has no unet/ subfolder; point it at a diffusers "
-                "pipeline folder (the layout `save_pretrained` writes: unet/, vae/, text_encoder/, "
-                "tokenizer/, scheduler/)"
+                f"--model {model}: the folder has no unet/ or transformer/ subfolder; point it at a "
+                "diffusers pipeline folder (the layout `save_pretrained` writes: unet/ or transformer/, "
+                "vae/, text_encoder/, tokenizer/, scheduler/)"
             )
         return model
     if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
@@ -132,9 +151,10 @@ def resolve_model(model: str, revision: str = UNPINNED) -> str:
     override = os.environ.get(MODEL_PATH_ENV)
     if override and Path(override).is_dir():
         return override
-    files = HubFiles(model, revision, PIPELINE_FILES)
+    patterns = PIPELINE_FILE_SETS[family]
+    files = HubFiles(model, revision, patterns)
     try:
-        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder))
+        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder, patterns))
     except hub.HubUnreachable as reason:
         raise ModelUnavailable(
             f"--model {model}: not in the Hugging Face cache and {reason}; fix: `{files.command()}`\n"
@@ -142,7 +162,7 @@ def resolve_model(model: str, revision: str = UNPINNED) -> str:
             f"and copy the cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at "
             "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
         ) from None
-    missing = _missing_pipeline_files(folder)
+    missing = _missing_pipeline_files(folder, patterns)
     if missing:
         raise ModelUnavailable(
             f"--model {model}: the hub repo at revision {revision} has no {', '.join(missing)}; "
@@ -151,19 +171,25 @@ def resolve_model(model: str, revision: str = UNPINNED) -> str:
     return str(folder)
 
 
-def _missing_pipeline_files(folder: Path) -> list[str]:
-    return [pattern for pattern in PIPELINE_FILES if not any(folder.glob(pattern))]
+def _missing_pipeline_files(folder: Path, patterns: tuple[str, ...]) -> list[str]:
+    return [pattern for pattern in patterns if not any(folder.glob(pattern))]
 
 
-class Policy:
-    """UNet + VAE + text encoder + tokenizer + schedulers, with an optional LoRA adapter."""
+class Policy(abc.ABC):
+    """A denoiser (`model`: UNet or transformer) with an optional LoRA adapter, its VAE and
+    frozen text encoders. `Policy.from_pretrained` loads whichever family a folder holds:
+    `UNetPolicy` (ε-prediction, Stable Diffusion shaped) or `zoo.flow_policy.FlowPolicy`
+    (flow matching, SD3 and FLUX shaped). Subclasses load, encode prompts, predict and
+    export the adapter; the adapter, reference, precision and decoding are shared here."""
+
+    family: str
+    """"epsilon" or "flow": which samplers the model takes (`zoo.sampling`)."""
 
     def __init__(
         self,
-        unet: UNet2DConditionModel,
+        model: torch.nn.Module,
         vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
+        text_encoders: tuple[torch.nn.Module, ...],
         scheduler_config: dict,
         *,
         device: torch.device | str = "cpu",
@@ -175,9 +201,9 @@ class Policy:
         self.performance = performance
         self.mixed_precision = mixed_precision
         self.weight_dtype = PRECISION_DTYPES[mixed_precision]
-        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.model, self.vae = model, vae
         self.scheduler_config = dict(scheduler_config)
-        for module in (unet, vae, text_encoder):
+        for module in (model, vae, *text_encoders):
             module.requires_grad_(False)
             module.to(self.device)
             # Cast only when needed: diffusers warns on every `to(dtype)` call.
@@ -186,14 +212,14 @@ class Policy:
             module.eval()
         self.lora = lora
         if lora is not None:
-            unet.add_adapter(lora.peft_config())
+            model.add_adapter(lora.peft_config())
             # Adapter weights train in float32 whatever the frozen weights' precision.
-            cast_training_params(unet, dtype=torch.float32)
+            cast_training_params(model, dtype=torch.float32)
             if mixed_precision != "no":
                 # peft casts each adapter's input to float32 (its weights' dtype), which
                 # autocast casts straight back: two activation-sized copies per adapted
                 # layer, forward and backward, for bit-identical results.
-                for module in unet.modules():
+                for module in model.modules():
                     if isinstance(module, BaseTunerLayer):
                         module.cast_input_dtype_enabled = False
         if performance.tf32 and self.device.type == "cuda":
@@ -201,18 +227,18 @@ class Policy:
         if performance.gradient_checkpointing:
             # diffusers checkpoints non-reentrantly, so gradients reach the LoRA weights
             # even though the checkpointed blocks' inputs need no gradient themselves.
-            unet.enable_gradient_checkpointing()
+            model.enable_gradient_checkpointing()
         if performance.compile_unet:
             # In place: the module, its parameter names and peft's adapter switches stay
             # as they are; only the call goes through the compiled graph.
-            unet.compile(mode=performance.compile_mode)
+            model.compile(mode=performance.compile_mode)
         self.static_outputs = performance.compile_unet and performance.compile_mode in CUDA_GRAPH_MODES
         """Whether the denoiser's outputs are static buffers (CUDA graphs) that its next
-        call overwrites, so that `predict_noise` copies each one out."""
+        call overwrites, so that each prediction is copied out (`_float_output`)."""
         self._uncond_embeds: torch.Tensor | None = None
-        # What runs the forward pass: the UNet itself, or the DDP wrapper around it that
+        # What runs the forward pass: the model itself, or the DDP wrapper around it that
         # the trainer installs so that gradients are averaged across processes.
-        self.denoiser: torch.nn.Module = unet
+        self.denoiser: torch.nn.Module = model
 
     @classmethod
     def from_pretrained(
@@ -223,9 +249,159 @@ class Policy:
         mixed_precision: MixedPrecision = "no",
         lora: LoraSettings | None = None,
         performance: Performance = Performance(),
+        resolution: int | None = None,
     ) -> "Policy":
+        """Load `model` (hub id or diffusers pipeline folder) as the family its folder holds:
+        a transformer/ folder is a flow-matching model, a unet/ one an ε-prediction UNet.
+        `resolution` (pixels, flow models only) replaces the pipeline's default image size."""
         source = resolve_model(model)
-        # resolve_model answers with a local folder: nothing more is fetched.
+        options = dict(device=device, mixed_precision=mixed_precision, lora=lora, performance=performance)
+        if model_family(source) == "flow":
+            from zoo.flow_policy import FlowPolicy
+
+            return FlowPolicy.load(source, resolution=resolution, **options)
+        if resolution is not None:
+            raise ValueError(f"resolution {resolution}: a UNet model samples at its own sample_size; pass None")
+        return UNetPolicy.load(source, **options)
+
+    @property
+    @abc.abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, h, w) of one latent."""
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(P, L, D) prompt embeddings, what the denoiser is conditioned on."""
+
+    @abc.abstractmethod
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+
+    @abc.abstractmethod
+    def load_lora(self, folder: str | Path) -> None:
+        """Load adapter weights written by `save_lora` into this policy's adapter."""
+
+    def uncond_embeds(self) -> torch.Tensor:
+        """(1, L, D) embedding of the empty caption, computed once."""
+        if self._uncond_embeds is None:
+            self._uncond_embeds = self.encode_prompts([""])
+        return self._uncond_embeds
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.mixed_precision == "no":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.weight_dtype)
+
+    def _float_output(self, output: torch.Tensor, guided: bool) -> torch.Tensor:
+        """The denoiser's output in float32 (float64 for a policy whose weights are), copied
+        out of a CUDA graph's static buffer when it would otherwise be that buffer: a
+        half-precision output was copied by the cast already, and guidance makes a new
+        tensor; the callers' predictions outlive the next call (NFT's old-policy one)."""
+        prediction = output.to(torch.promote_types(self.weight_dtype, torch.float32))
+        if prediction is output and self.static_outputs and not guided:
+            prediction = output.clone()
+        return prediction
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N,C,h,w) -> images (N,3,H,W) float32 in [0, 1] (float64 for a policy whose
+        weights are)."""
+        return self.decode_with_grad(latents)
+
+    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
+        """`decode`, keeping the autograd graph back to `latents` (reward back-propagation
+        through the VAE decoder; its own weights are frozen)."""
+        config = self.vae.config
+        latents = latents / config.scaling_factor
+        if getattr(config, "shift_factor", None):
+            latents = latents + config.shift_factor
+        images = self.vae.decode(latents.to(self.weight_dtype)).sample
+        images = images.to(torch.promote_types(self.weight_dtype, torch.float32))
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Run the frozen base model: the LoRA adapter is disabled inside the block."""
+        if self.lora is None:
+            yield
+            return
+        self.model.disable_adapters()
+        try:
+            yield
+        finally:
+            self.model.enable_adapters()
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the trainable (LoRA) parameters by parameter name, on their device:
+        the weights of an old policy that `trainable_weights` runs."""
+        return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+
+    @contextlib.contextmanager
+    def trainable_weights(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run with the trainable parameters holding `state` (`trainable_state`'s keys),
+        copied in place, and their own values restored after: another adapter's weights in
+        the same modules, so no copy of the UNet is made and the optimizer and DDP keep
+        their parameters."""
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        if params.keys() != state.keys():
+            raise ValueError("the old policy's weights do not fit this adapter (rank or target modules differ)")
+        own = {name: p.detach().clone() for name, p in params.items()}
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, param in params.items():
+                    param.copy_(own[name])
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore weights saved by `adapter_state`; keys must match exactly."""
+        own = get_peft_model_state_dict(self.model)
+        if set(own) != set(state):
+            raise ValueError("the checkpoint's LoRA does not fit this model (rank or target modules differ)")
+        set_peft_model_state_dict(self.model, state)
+        cast_training_params(self.model, dtype=torch.float32)
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter in diffusers' LoRA key format (what `load_lora_weights` reads)."""
+        peft_state = get_peft_model_state_dict(self.model)
+        return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
+
+
+def model_family(folder: str | Path) -> str:
+    """"flow" for a diffusers pipeline folder with a transformer/ (SD3, FLUX), else "epsilon"."""
+    return "flow" if (Path(folder) / "transformer").is_dir() else "epsilon"
+
+
+class UNetPolicy(Policy):
+    """UNet + VAE + CLIP text encoder + tokenizer: ε-prediction, Stable Diffusion shaped."""
+
+    family = "epsilon"
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler_config: dict,
+        **options,
+    ):
+        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
+        super().__init__(unet, vae, (text_encoder,), scheduler_config, **options)
+
+    @classmethod
+    def load(cls, source: str, *, mixed_precision: MixedPrecision = "no", **options) -> "UNetPolicy":
+        """From a local pipeline folder (`resolve_model`'s answer)."""
         kwargs = {"local_files_only": True}
         dtype = PRECISION_DTYPES[mixed_precision]
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
@@ -233,12 +409,7 @@ class Policy:
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
-        return cls(
-            unet, vae, text_encoder, tokenizer, scheduler_config,
-            device=device, mixed_precision=mixed_precision, lora=lora, performance=performance,
-        )
-
-    # --- sampling support -------------------------------------------------------------
+        return cls(unet, vae, text_encoder, tokenizer, scheduler_config, mixed_precision=mixed_precision, **options)
 
     def scheduler_for(self, kind: str, timestep_spacing: str | None = None) -> DDIMScheduler | LCMScheduler:
         """A fresh scheduler of the sampler's kind built from the model's own config, so
@@ -266,17 +437,6 @@ class Policy:
             return_tensors="pt",
         )
         return self.text_encoder(tokens.input_ids.to(self.device))[0]
-
-    def uncond_embeds(self) -> torch.Tensor:
-        """(1, L, D) embedding of the empty caption, computed once."""
-        if self._uncond_embeds is None:
-            self._uncond_embeds = self.encode_prompts([""])
-        return self._uncond_embeds
-
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.mixed_precision == "no":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.weight_dtype)
 
     def predict_noise(
         self,
@@ -315,92 +475,11 @@ class Policy:
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                 timestep_cond=timestep_cond,
             ).sample
-        eps = output.to(torch.promote_types(self.weight_dtype, torch.float32))
-        if eps is output and self.static_outputs and not use_cfg:
-            # A half-precision output was copied by the cast already, and guidance makes
-            # a new tensor; otherwise this is the graph's buffer, which the callers'
-            # predictions outlive (NFT's old-policy prediction, for one).
-            eps = output.clone()
+        eps = self._float_output(output, guided=use_cfg)
         if use_cfg:
             eps_uncond, eps_cond = eps.chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         return eps
-
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (N,C,h,w) -> images (N,3,H,W) float32 in [0, 1] (float64 for a policy whose
-        weights are)."""
-        return self.decode_with_grad(latents)
-
-    def decode_with_grad(self, latents: torch.Tensor) -> torch.Tensor:
-        """`decode`, keeping the autograd graph back to `latents` (reward back-propagation
-        through the VAE decoder; its own weights are frozen)."""
-        config = self.vae.config
-        latents = latents / config.scaling_factor
-        if getattr(config, "shift_factor", None):
-            latents = latents + config.shift_factor
-        images = self.vae.decode(latents.to(self.weight_dtype)).sample
-        images = images.to(torch.promote_types(self.weight_dtype, torch.float32))
-        return (images / 2 + 0.5).clamp(0, 1)
-
-    @contextlib.contextmanager
-    def reference(self) -> Iterator[None]:
-        """Run the frozen base model: the LoRA adapter is disabled inside the block."""
-        if self.lora is None:
-            yield
-            return
-        self.unet.disable_adapters()
-        try:
-            yield
-        finally:
-            self.unet.enable_adapters()
-
-    # --- training support -------------------------------------------------------------
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.unet.parameters() if p.requires_grad]
-
-    def adapter_state(self) -> dict[str, torch.Tensor]:
-        """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
-        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.unet).items()}
-
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable (LoRA) parameters by parameter name, on their device:
-        the weights of an old policy that `trainable_weights` runs."""
-        return {name: p.detach().clone() for name, p in self.unet.named_parameters() if p.requires_grad}
-
-    @contextlib.contextmanager
-    def trainable_weights(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Run with the trainable parameters holding `state` (`trainable_state`'s keys),
-        copied in place, and their own values restored after: another adapter's weights in
-        the same modules, so no copy of the UNet is made and the optimizer and DDP keep
-        their parameters."""
-        params = {name: p for name, p in self.unet.named_parameters() if p.requires_grad}
-        if params.keys() != state.keys():
-            raise ValueError("the old policy's weights do not fit this adapter (rank or target modules differ)")
-        own = {name: p.detach().clone() for name, p in params.items()}
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(state[name])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, param in params.items():
-                    param.copy_(own[name])
-
-    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore weights saved by `adapter_state`; keys must match exactly."""
-        own = get_peft_model_state_dict(self.unet)
-        if set(own) != set(state):
-            raise ValueError("the checkpoint's LoRA does not fit this model (rank or target modules differ)")
-        set_peft_model_state_dict(self.unet, state)
-        cast_training_params(self.unet, dtype=torch.float32)
-
-    def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter in diffusers' LoRA key format (what `load_lora_weights` reads)."""
-        peft_state = get_peft_model_state_dict(self.unet)
-        return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
 
     def save_lora(self, folder: str | Path) -> Path:
         """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""

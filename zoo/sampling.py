@@ -1,12 +1,17 @@
 """Samplers whose every transition is a Gaussian with a known log-density.
 
-Two transition kernels share one trajectory sampler:
+Three transition kernels share one trajectory sampler:
 
 - DDIM with eta > 0 (DDPO, D3PO, SDPO):
   x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t);  σ = eta·sqrt((1-ᾱ_t')/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_t');
   x_t' ~ N(sqrt(ᾱ_t')·x̂0 + sqrt(1-ᾱ_t'-σ²)·ε̂, σ²).
 - LCM multistep consistency sampling (RLCM): denoised = c_out·x̂0 + c_skip·x_t;
   x_t' ~ N(sqrt(ᾱ_t')·denoised, 1-ᾱ_t').
+- Flow matching (SD3, FLUX; Flow-GRPO's SDE): the model predicts the velocity v = ε - x0
+  of x_σ = (1-σ)·x0 + σ·ε; with noise level a (`eta`) and dt = σ' - σ < 0,
+  std_σ = a·sqrt(σ/(1-σ)) (σ = 1 replaced by the schedule's second σ), x_σ' ~
+  N(x·(1 + std_σ²·dt/(2σ)) + v·(1 + std_σ²·(1-σ)/(2σ))·dt, std_σ²·(-dt)); x̂0 = x - σ·v.
+  a = 0 is the Euler step of diffusers' FlowMatchEulerDiscreteScheduler (the ODE).
 
 DDIM with eta = 0 is deterministic and has no density (its recorded log-probs are NaN); it
 samples data for losses that read no log-probs (NFT trains on `forward_noise` of the final
@@ -24,6 +29,10 @@ Log-probs are averaged over the C·h·w latent elements, not summed: summed log-
 of 16k-element latents make importance ratios overflow, and the published clip ranges
 are tuned to the mean.
 
+Flow sigmas are the model's own FlowMatchEulerDiscreteScheduler's at K steps (its time
+shift, and its dynamic shift from the latent size when the config asks for one); the
+model's timestep input is σ·1000, as the diffusers pipelines pass it.
+
 Timesteps: `SamplerConfig.timestep_spacing` places them, or None keeps the model's
 scheduler config. For DDIM, "trailing" starts every step count at the top of the schedule
 (t = 999, and 999, 499 at 2 steps), where Stable Diffusion 1.5's own "leading" config
@@ -40,7 +49,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from diffusers import DDIMScheduler, LCMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
 from torch.utils.checkpoint import checkpoint
 
 from zoo.trajectory import Trajectory
@@ -48,9 +57,11 @@ from zoo.trajectory import Trajectory
 if TYPE_CHECKING:
     from zoo.policy import Policy
 
-SamplerKind = Literal["ddim", "lcm"]
+SamplerKind = Literal["ddim", "lcm", "flow"]
 
-TIMESTEP_SPACINGS: dict[str, tuple[str, ...]] = {"ddim": ("leading", "trailing", "linspace"), "lcm": ("skipping",)}
+TIMESTEP_SPACINGS: dict[str, tuple[str, ...]] = {
+    "ddim": ("leading", "trailing", "linspace"), "lcm": ("skipping",), "flow": (),
+}
 """The timestep spacings each sampler kind accepts besides None (the scheduler config's own).
 DDIM's are diffusers' (`Policy.scheduler_for` writes them into the scheduler's config);
 LCM's "skipping" is computed here, since diffusers' LCMScheduler ignores `timestep_spacing`."""
@@ -63,12 +74,15 @@ class SamplerConfigError(ValueError):
 @dataclass(frozen=True)
 class SamplerConfig:
     kind: SamplerKind = "ddim"
-    """Transition kernel: "ddim" (eta > 0, classifier-free guidance) or "lcm" (consistency
-    sampling, guidance as an embedding when the UNet has one)."""
+    """Transition kernel: "ddim" (eta > 0, classifier-free guidance), "lcm" (consistency
+    sampling, guidance as an embedding when the UNet has one) or "flow" (flow-matching
+    models: the SDE with noise level `eta`, classifier-free guidance)."""
     num_steps: int = 50
     """Sampling steps K (1 to 50 for the published models)."""
     eta: float = 1.0
-    """DDIM stochasticity; 0 is deterministic and has no density, so losses that read log-probs refuse it."""
+    """DDIM's eta, or the flow SDE's noise level a (Flow-GRPO's noise_level); 0 is
+    deterministic (DDIM, the flow ODE) and has no density, so losses that read log-probs
+    refuse it. Unused by LCM."""
     guidance_scale: float = 1.0
     """Classifier-free guidance scale (DDIM), or LCM's guidance w (embedded as w-1)."""
     timestep_spacing: str | None = None
@@ -80,8 +94,8 @@ class SamplerConfig:
     for n = 50)."""
 
     def validate(self, *, for_training: bool) -> None:
-        if self.kind not in ("ddim", "lcm"):
-            raise SamplerConfigError(f"--sampler must be 'ddim' or 'lcm', got {self.kind!r}")
+        if self.kind not in TIMESTEP_SPACINGS:
+            raise SamplerConfigError(f"--sampler must be one of {', '.join(TIMESTEP_SPACINGS)}, got {self.kind!r}")
         allowed = TIMESTEP_SPACINGS[self.kind]
         if self.timestep_spacing is not None and self.timestep_spacing not in allowed:
             raise SamplerConfigError(
@@ -92,13 +106,14 @@ class SamplerConfig:
             raise SamplerConfigError(f"--steps must be at least 1, got {self.num_steps}")
         if self.guidance_scale < 1.0:
             raise SamplerConfigError(f"--guidance must be >= 1 (1 disables guidance), got {self.guidance_scale}")
-        if self.kind == "ddim":
+        if self.kind in ("ddim", "flow"):
             if self.eta < 0:
                 raise SamplerConfigError(f"--eta must be >= 0, got {self.eta}")
             if for_training and self.eta == 0:
+                published = "--eta 1 (the published setting)" if self.kind == "ddim" else "--eta 0.7 (Flow-GRPO's noise level)"
                 raise SamplerConfigError(
-                    "--eta 0 makes DDIM deterministic: its transitions have no log-probability, "
-                    "so policy-gradient training cannot use them; pass --eta 1 (the published setting)"
+                    f"--eta 0 makes the {self.kind} sampler deterministic: its transitions have no "
+                    f"log-probability, so policy-gradient training cannot use them; pass {published}"
                 )
 
 
@@ -168,6 +183,25 @@ def lcm_transition(
     return mean, std, pred_x0, denoised
 
 
+def flow_transition(
+    velocity: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, sigma_max: torch.Tensor,
+    noise_level: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flow-GRPO's SDE step as a Gaussian: returns (mean, std (N,), x̂0), float32 (float64
+    when x is). sigma, sigma_next (N,) are σ and σ' of the step; sigma_max (N,) the σ that
+    replaces σ = 1 in the std's denominator, the schedule's second σ
+    (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:42-46 at ac4c86e)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    velocity, x = velocity.to(dtype), x.to(dtype)
+    s, s_next = _per_sample(sigma.to(dtype), x), _per_sample(sigma_next.to(dtype), x)
+    dt = s_next - s
+    denominator = 1 - torch.where(s == 1, _per_sample(sigma_max.to(dtype), x), s)
+    std_t = noise_level * (s / denominator).sqrt()
+    mean = x * (1 + std_t**2 / (2 * s) * dt) + velocity * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
+    std = (std_t * (-dt).sqrt()).flatten()
+    return mean, std, x - s * velocity
+
+
 def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Tensor) -> torch.Tensor:
     """The forward process q(x_t | x0): x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, float32.
 
@@ -177,15 +211,27 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_cumprod: torch.Te
     return alpha.sqrt() * x0.float() + (1 - alpha).sqrt() * noise.float()
 
 
+def forward_flow(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The flow-matching forward process: x_σ = (1-σ)·x0 + σ·ε, float32.
+
+    x0, noise (..., C, h, w); sigma σ (...), one per latent.
+    """
+    sigma = sigma.float()[..., None, None, None]
+    return (1 - sigma) * x0.float() + sigma * noise.float()
+
+
 @dataclass(frozen=True)
 class StepSchedule:
-    """Per-step constants of one sampler at one step count K, all shaped (K,)."""
+    """Per-step constants of one sampler at one step count K, all shaped (K,). The fields
+    another kind's kernel reads are NaN (the ᾱ and LCM fields for flow, σ for the others)."""
 
-    timesteps: torch.Tensor  # long, t of step k
+    timesteps: torch.Tensor  # t of step k: long (DDIM, LCM), or float32 σ·1000 (flow)
     alpha_t: torch.Tensor  # float64, ᾱ_t
     alpha_prev: torch.Tensor  # float64, ᾱ_t' (ᾱ of timestep 0 past the end)
     c_skip: torch.Tensor  # float64, LCM boundary scalings (unused by DDIM)
     c_out: torch.Tensor
+    sigma: torch.Tensor  # float64, flow σ of step k
+    sigma_next: torch.Tensor  # float64, flow σ' (0 after the last step)
 
 
 def lcm_skipping_timesteps(num_train_timesteps: int, original_steps: int, num_steps: int) -> torch.Tensor:
@@ -236,7 +282,21 @@ def make_schedule(
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timesteps.to(torch.float64))
     else:
         c_skip, c_out = torch.zeros(num_steps, dtype=torch.float64), torch.ones(num_steps, dtype=torch.float64)
-    return StepSchedule(timesteps, alphas_cumprod[timesteps], alpha_prev, c_skip, c_out)
+    unused = torch.full((num_steps,), math.nan, dtype=torch.float64)
+    return StepSchedule(timesteps, alphas_cumprod[timesteps], alpha_prev, c_skip, c_out, unused, unused)
+
+
+def flow_schedule(scheduler: FlowMatchEulerDiscreteScheduler, num_steps: int) -> StepSchedule:
+    """The constants of a FlowMatchEulerDiscreteScheduler whose `set_timesteps` has been
+    called for `num_steps` (as its pipeline calls it: `FlowPolicy.flow_scheduler`)."""
+    if len(scheduler.timesteps) != num_steps:
+        raise SamplerConfigError(
+            f"the {type(scheduler).__name__} gave {len(scheduler.timesteps)} timesteps for --steps {num_steps}"
+        )
+    sigmas = scheduler.sigmas.to(torch.float64)  # (K + 1,), the last the terminal σ
+    unused = torch.full((num_steps,), math.nan, dtype=torch.float64)
+    timesteps = scheduler.timesteps.to(torch.float32).clone()
+    return StepSchedule(timesteps, unused, unused, unused, unused, sigmas[:-1].clone(), sigmas[1:].clone())
 
 
 class TrajectorySampler:
@@ -250,8 +310,17 @@ class TrajectorySampler:
         config.validate(for_training=False)
         self.policy = policy
         self.config = config
-        scheduler = policy.scheduler_for(config.kind, config.timestep_spacing)
-        schedule = make_schedule(scheduler, config.kind, config.num_steps, config.timestep_spacing)
+        if (config.kind == "flow") != (policy.family == "flow"):
+            wanted = "a flow-matching model (SD3, FLUX)" if config.kind == "flow" else "an ε-prediction UNet model"
+            raise SamplerConfigError(
+                f"--sampler {config.kind} needs {wanted}, and the model is a {policy.family} one: pass "
+                f"--sampler {'flow' if policy.family == 'flow' else 'ddim'} (or a preset of that family)"
+            )
+        if config.kind == "flow":
+            schedule = flow_schedule(policy.flow_scheduler(config.num_steps), config.num_steps)
+        else:
+            scheduler = policy.scheduler_for(config.kind, config.timestep_spacing)
+            schedule = make_schedule(scheduler, config.kind, config.num_steps, config.timestep_spacing)
         # On the policy's device once: a host-to-device copy per step would make the host
         # wait for the GPU to drain, so it could not queue the next UNet call meanwhile.
         self.schedule = StepSchedule(*(getattr(schedule, f.name).to(policy.device) for f in fields(StepSchedule)))
@@ -259,7 +328,29 @@ class TrajectorySampler:
     def _step_constants(self, step_index: torch.Tensor) -> tuple[torch.Tensor, ...]:
         idx = step_index.to(self.policy.device)
         s = self.schedule
-        return tuple(v[idx] for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out))
+        return tuple(v[idx] for v in (s.timesteps, s.alpha_t, s.alpha_prev, s.c_skip, s.c_out, s.sigma, s.sigma_next))
+
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float
+    ) -> torch.Tensor:
+        """The model's prediction at (x_t, t): ε̂ (DDIM, LCM) or the velocity v̂ (flow), guided."""
+        if self.config.kind == "flow":
+            return self.policy.predict_velocity(latents, timesteps, prompt_embeds, guidance_scale)
+        return self.policy.predict_noise(latents, timesteps, prompt_embeds, guidance_scale, self.config.kind)
+
+    def forward_process(
+        self, x0: torch.Tensor, noise: torch.Tensor, step_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Noise clean latents x0 (..., C, h, w) with ε to the noise level of step k (...):
+        returns (x_t, timesteps (...), the prediction's target (ε; ε - x0 for flow), and
+        the x̂0 error per unit of prediction error (...): sqrt((1-ᾱ_t)/ᾱ_t), or σ), float32."""
+        s = self.schedule
+        timesteps = s.timesteps[step_index]
+        if self.config.kind == "flow":
+            sigma = s.sigma[step_index].float()
+            return forward_flow(x0, noise, sigma), timesteps, noise.float() - x0.float(), sigma
+        alpha = s.alpha_t[step_index].float()
+        return forward_noise(x0, noise, alpha), timesteps, noise.float(), ((1 - alpha) / alpha).sqrt()
 
     def _noise(self, shape: torch.Size, generator: torch.Generator | None) -> torch.Tensor:
         """Standard normal noise drawn on the CPU (a seed gives the same trajectories on any
@@ -284,11 +375,16 @@ class TrajectorySampler:
         self, latents: torch.Tensor, step_index: torch.Tensor, prompt_embeds: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The policy at (x_t, k): (mean (N,C,h,w), std (N,), x̂0 (N,C,h,w)), float32.
+        The flow SDE's σ = 1 replacement is the schedule's second σ, σ' of step 0.
 
         latents (N,C,h,w), step_index (N,) long, prompt_embeds (N,L,D). Gradients flow
         through the UNet when enabled by the caller.
         """
-        t, alpha_t, alpha_prev, c_skip, c_out = self._step_constants(step_index)
+        t, alpha_t, alpha_prev, c_skip, c_out, sigma, sigma_next = self._step_constants(step_index)
+        if self.config.kind == "flow":
+            velocity = self.policy.predict_velocity(latents, t, prompt_embeds, self.config.guidance_scale)
+            sigma_max = self.schedule.sigma_next[0].expand_as(sigma)
+            return flow_transition(velocity, latents, sigma, sigma_next, sigma_max, self.config.eta)
         eps = self.policy.predict_noise(latents, t, prompt_embeds, self.config.guidance_scale, self.config.kind)
         if self.config.kind == "ddim":
             return ddim_transition(eps, latents, alpha_t, alpha_prev, self.config.eta)

@@ -10,11 +10,17 @@ Stages, each deterministic given the seed (one torch generator per stage, derive
 4. an LCM-style consistency distillation of that UNet (guidance-embedding input,
    LCMScheduler) -> <out>/pipeline-lcm, sharing the VAE, text encoder and tokenizer with
    <out>/pipeline through relative symlinks;
-5. the `tiny-aesthetic` proxy: an MLP head on the judge's mean patch token, trained on
+5. the flow-matching model: an SD3-shaped transformer trained by rectified flow on the
+   frozen VAE latents and text encoder of <out>/pipeline -> <out>/pipeline-flow
+   (StableDiffusion3Pipeline folder, FlowMatchEulerDiscreteScheduler; zoo/tiny/flow.py),
+   storing only the transformer and configs (the rest links to <out>/pipeline);
+6. the `tiny-aesthetic` proxy: an MLP head on the judge's mean patch token, trained on
    renders and base-model samples labelled with the `tiny-aesthetic-gold` rule
    (zoo/tiny/gold.py) plus Gaussian noise -> <out>/aesthetic (config.json +
-   model.safetensors). `--only aesthetic` runs this stage alone on the judge and base
-   pipeline already in <out>, keeping everything else there.
+   model.safetensors).
+
+`--only flow` and `--only aesthetic` run that stage alone on the base pipeline (and judge)
+already in <out>, keeping everything else there.
 
 `--smoke` runs a few steps of every stage at tiny batch sizes (seconds), for the tests.
 """
@@ -37,7 +43,7 @@ import tyro
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
-from zoo.tiny import DEFAULT_GUIDANCE, data, gold
+from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold
 from zoo.tiny.arch import (
     TEST_ARCH,
     TOKENIZER_MAX_LENGTH,
@@ -66,9 +72,10 @@ class BuildConfig:
     out: Path = Path("zoo/tiny/assets")
     """Folder that receives clip/, pipeline/, pipeline-lcm/ and aesthetic/ (replaced if
     present; with --only, only that stage's folder is replaced)."""
-    only: Literal["aesthetic"] | None = None
+    only: Literal["aesthetic", "flow"] | None = None
     """Run this one stage on the assets already in --out instead of the whole build:
-    `aesthetic` trains the tiny-aesthetic head from <out>/clip and <out>/pipeline."""
+    `aesthetic` trains the tiny-aesthetic head from <out>/clip and <out>/pipeline, `flow`
+    the flow-matching model from <out>/pipeline."""
     seed: int = 0
     """Seeds every stage; the same seed rebuilds the same weights on the same torch build."""
     smoke: bool = False
@@ -114,6 +121,12 @@ class BuildConfig:
     """Guidance scales (pipeline convention, 1 = none) the student learns to imitate."""
     lcm_target_decay: float = 0.95
 
+    flow_steps: int = 3000
+    flow_batch: int = 64
+    flow_lr: float = 5e-4
+    """Rectified-flow training of the tiny transformer (zoo/tiny/flow.py), captions dropped
+    at `empty_caption_rate`, EMA at `ema_decay`."""
+
     aesthetic_renders: int = 384
     """Renders of the train captions (random size, position, shades) in the head's data."""
     aesthetic_large_renders: int = 256
@@ -140,12 +153,17 @@ class BuildConfig:
     def arch(self) -> TinyArch:
         return TEST_ARCH if self.smoke else TRAINED_ARCH
 
+    @property
+    def flow_arch(self) -> flow.FlowArch:
+        return flow.TEST_FLOW_ARCH if self.smoke else flow.TRAINED_FLOW_ARCH
+
 
 SMOKE_OVERRIDES = dict(
     clip_steps=3, clip_batch=16, clip_width=32, clip_layers=2,
     vae_steps=3, vae_batch=8,
     unet_steps=3, unet_batch=8,
     lcm_steps=2, lcm_batch=4,
+    flow_steps=2, flow_batch=4,
     aesthetic_renders=8, aesthetic_large_renders=4, aesthetic_samples_per_step=2, aesthetic_steps=(1, 2), aesthetic_train_steps=3,
     aesthetic_batch=8,
 )
@@ -535,6 +553,26 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
 # ---------------------------------------------------------------- assembly
 
 
+# ---------------------------------------------------------------- 5. flow-matching model
+
+
+def train_flow(cfg: BuildConfig, out: Path) -> None:
+    """<out>/pipeline-flow from <out>/pipeline's frozen VAE and text encoder."""
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 6)
+    base = out / "pipeline"
+    pipe = flow.tiny_flow_pipeline(base)
+    pipe.register_modules(transformer=flow.make_transformer(
+        cfg.flow_arch, pipe.text_encoder.config.hidden_size, data.IMAGE_SIZE // 2, pipe.vae.config.latent_channels
+    ))
+    trained = flow.train_flow_transformer(
+        pipe, steps=cfg.flow_steps, batch=cfg.flow_batch, lr=cfg.flow_lr, empty_caption_rate=cfg.empty_caption_rate,
+        ema_decay=cfg.ema_decay, generator=generator, log=_log,
+    )
+    pipe.register_modules(transformer=trained)
+    flow.save_flow_pipeline(pipe, out / "pipeline-flow", base)
+
+
 def _link_shared(lcm_folder: Path, base_folder: Path) -> None:
     """Point the LCM pipeline's VAE, text encoder and tokenizer at the base pipeline's
     (relative symlinks): they are the same weights, and a second copy of the 49,408-row
@@ -577,12 +615,27 @@ def build_aesthetic_only(cfg: BuildConfig) -> None:
     train_aesthetic_head(cfg, _load_base(cfg.out), cfg.out / "clip", cfg.out / "aesthetic")
     seconds = round(time.time() - started, 1)
     _stamp_aesthetic(cfg, seconds)
+    _record_stage(cfg, "aesthetic", seconds)
+
+
+def build_flow_only(cfg: BuildConfig) -> None:
+    """Stage 5 alone: <out>/pipeline-flow from <out>/pipeline; its time and command are
+    recorded in <out>/build_info.json."""
+    if not (cfg.out / "pipeline").is_dir():
+        raise SystemExit(f"--only flow needs pipeline/ in {cfg.out}: run the whole build first")
+    torch.set_num_threads(cfg.threads)
+    started = time.time()
+    train_flow(cfg, cfg.out)
+    _record_stage(cfg, "flow", round(time.time() - started, 1))
+
+
+def _record_stage(cfg: BuildConfig, stage: str, seconds: float) -> None:
     info_path = cfg.out / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    info.setdefault("stage_seconds", {})["aesthetic"] = seconds
-    info.setdefault("stage_commands", {})["aesthetic"] = _command(cfg)
+    info.setdefault("stage_seconds", {})[stage] = seconds
+    info.setdefault("stage_commands", {})[stage] = _command(cfg)
     info_path.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"aesthetic stage done in {seconds}s", flush=True)
+    print(f"{stage} stage done in {seconds}s", flush=True)
 
 
 def build(cfg: BuildConfig) -> None:
@@ -597,6 +650,9 @@ def build(cfg: BuildConfig) -> None:
     out = cfg.out
     if cfg.only == "aesthetic":
         build_aesthetic_only(cfg)
+        return
+    if cfg.only == "flow":
+        build_flow_only(cfg)
         return
     if out.exists():
         shutil.rmtree(out)
@@ -616,6 +672,8 @@ def build(cfg: BuildConfig) -> None:
     save_pipeline(assemble_pipeline(student, vae, text_encoder, tokenizer, lcm=True), out / "pipeline-lcm", half=True)
     _link_shared(out / "pipeline-lcm", out / "pipeline")
     finished("lcm")
+    train_flow(cfg, out)
+    finished("flow")
     # From the saved (float16-stored) pipeline, exactly as `--only aesthetic` loads it.
     train_aesthetic_head(cfg, _load_base(out), out / "clip", out / "aesthetic")
     finished("aesthetic")
