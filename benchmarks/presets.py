@@ -59,7 +59,8 @@ class Preset:
     eval_prompts: tuple[str, ...]
     """Test prompts: the held-out prompts of the reported tables."""
     sampler: str
-    """Training and evaluation sampler: "ddim" or "lcm"."""
+    """Training and evaluation sampler: "ddim" or "lcm" (ε-prediction UNets), "flow"
+    (flow-matching transformers: `eta` is the SDE's noise level)."""
     num_steps: int
     """Sampling steps K during training."""
     guidance_scale: float
@@ -92,6 +93,9 @@ class Preset:
     """Groups sampled from each prompt drawn per epoch, side by side (`--groups-per-prompt`,
     `benchmarks.train.draw_prompt_ids`); 1 draws each group's prompt on its own, as the
     papers' loops do."""
+    resolution: int | None = None
+    """Image side in pixels for a flow-matching model (`FlowPolicy`); None keeps the
+    pipeline's default. UNet models sample at their own sample_size."""
     tuning_grid: dict[str, tuple] = field(default_factory=dict)
     """Config field -> candidate values: `benchmarks.tune` trains every algorithm at every
     combination (the same number of configurations for each) and keeps the best by

@@ -407,7 +407,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     for name in eval_rewards:
         check_rewards(name, reward_paths)
     model = args.model or preset.model
-    model_source = resolve_model(model, preset.model_revision if model == preset.model else UNPINNED)
+    family = "flow" if preset.sampler == "flow" else "epsilon"
+    model_source = resolve_model(model, preset.model_revision if model == preset.model else UNPINNED, family)
     schedule = _schedule_length(model, model_source)
     too_many = [k for k in eval_steps if k > schedule]
     if too_many:
@@ -745,6 +746,7 @@ def execute(plan: Plan) -> str:
             epochs=plan.epochs,
             trajectories_per_epoch=plan.trajectories_per_epoch,
             groups_per_prompt=plan.groups_per_prompt,
+            resolution=plan.preset.resolution,
             train_prompts=plan.preset.train_prompts,
             eval_every=plan.eval_every,
             eval=plan.eval_settings(seed),

@@ -131,6 +131,8 @@ class JobSettings:
     loop: TrainLoop = field(default_factory=TrainLoop)
     groups_per_prompt: int = 1
     """Groups sampled from each prompt drawn per epoch (`draw_prompt_ids`)."""
+    resolution: int | None = None
+    """Image side of a flow-matching model (`Preset.resolution`)."""
 
 
 def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, generator: torch.Generator) -> torch.Tensor:
@@ -230,7 +232,7 @@ def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], 
         return state["records"]
     policy = Policy.from_pretrained(
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision,
-        performance=settings.performance,
+        performance=settings.performance, resolution=settings.resolution,
     )
     counters = _fresh_counters()
     records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
@@ -955,7 +957,7 @@ def run_algorithm(
     lora = LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules))
     policy = Policy.from_pretrained(
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora,
-        performance=settings.performance,
+        performance=settings.performance, resolution=settings.resolution,
     )
     sampler = TrajectorySampler(policy, training_sampler_config(config, settings))
     optimizer = torch.optim.AdamW(

@@ -289,21 +289,23 @@ class TrainingConfig(abc.ABC):
     """LoRA alpha (the adapter's scale is alpha / rank)."""
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     """UNet modules that receive a LoRA adapter."""
-    sampler: Literal["ddim", "lcm"] = "ddim"
+    sampler: Literal["ddim", "lcm", "flow"] = "ddim"
     """Sampler whose transitions are trained on."""
     num_steps: int = 50
     """Sampling steps K during training."""
     guidance_scale: float = 5.0
     """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
     eta: float = 1.0
-    """DDIM eta when `sampler` is ddim (positive for losses that read log-probs: eta = 0 has no log-density); unused by LCM."""
+    """DDIM eta when `sampler` is ddim, the SDE's noise level when it is flow (positive for losses that read log-probs: eta = 0 has no log-density); unused by LCM."""
 
     def __post_init__(self) -> None:
         check_field_rules(self, _TRAINING_RULES)
-        if self.sampler == "ddim" and self.eta < 0:
+        if self.sampler in ("ddim", "flow") and self.eta < 0:
             raise ValueError(f"eta must be non-negative (got {self.eta}).")
-        if self.sampler == "ddim" and self.eta == 0 and self.reads_log_probs:
-            raise ValueError(f"eta must be positive for training: DDIM with eta = {self.eta} has no log-density.")
+        if self.sampler in ("ddim", "flow") and self.eta == 0 and self.reads_log_probs:
+            raise ValueError(
+                f"eta must be positive for training: the {self.sampler} sampler with eta = {self.eta} has no log-density."
+            )
 
     @property
     def trained_steps_per_trajectory(self) -> int:
