@@ -12,9 +12,12 @@ them: the sequence embeddings (L, D) with the pooled projection (D_pooled <= D, 
 to D) appended as one more row; `predict_velocity` splits them again.
 
 The T5 sequence length is the pipeline's default (`max_sequence_length`: SD3 256, FLUX 512),
-or none at all for a pipeline without a T5 encoder: diffusers' SD3 pipeline pads 256 zero
-tokens for a missing one, which carry nothing and cost attention. To reproduce such a
-model's samples in plain diffusers, call its pipeline with max_sequence_length=0.
+except FLUX without a guidance embedding (FLUX.1-schnell): 256, the length its reference
+encodes with (black-forest-labs/flux 802fb47, src/flux/cli.py:183) and diffusers' FLUX docs
+cap it at ("max_sequence_length cannot be more than 256"); or none at all for a pipeline
+without a T5 encoder: diffusers' SD3 pipeline pads 256 zero tokens for a missing one, which
+carry nothing and cost attention. To reproduce such a model's samples in plain diffusers,
+call its pipeline with max_sequence_length=0.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class FlowPolicy(Policy):
         self.resolution = resolution
         has_t5 = getattr(pipeline, "text_encoder_3" if not self.flux else "text_encoder_2", None) is not None
         if max_sequence_length is None:
-            max_sequence_length = (512 if self.flux else 256) if has_t5 else 0
+            long_t5 = self.flux and self.transformer.config.guidance_embeds
+            max_sequence_length = (512 if long_t5 else 256) if has_t5 else 0
         self.max_sequence_length = max_sequence_length
         super().__init__(pipeline.transformer, pipeline.vae, text_encoders, dict(pipeline.scheduler.config), **options)
 
