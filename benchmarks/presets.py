@@ -10,7 +10,7 @@ selected them (`algo_overrides`). Presets are plain functions, listed in PRESETS
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -213,6 +213,32 @@ def tiny() -> Preset:
     )
 
 
+def tiny_flow() -> Preset:
+    """The tiny world's flow-matching model (zoo/tiny/flow.py: an SD3-shaped transformer on
+    the UNet world's VAE and text encoder, trained by rectified flow): the same prompts,
+    tasks, budget, loops and tuning grid as `tiny`, sampled by Flow-GRPO's SDE."""
+    from zoo.flow_policy import FLOW_LORA_TARGETS
+    from zoo.tiny import FLOW_GUIDANCE
+
+    base = tiny()
+    # LoRA on the joint attention's image and text projections (Flow-GRPO's SD3 targets) for
+    # every algorithm, at each algorithm's own rank.
+    flow_lora = {"lora_target_modules": FLOW_LORA_TARGETS}
+    return replace(
+        base,
+        name="tiny-flow",
+        model=str(TINY_ASSETS / "pipeline-flow"),
+        sampler="flow",
+        # Flow-GRPO's noise level (yifan123/flow_grpo ac4c86e, config/base.py:54); evaluation
+        # samples the ODE (`benchmarks.run`, as flow_grpo's train_sd3.py:258 does).
+        eta=0.7,
+        guidance_scale=FLOW_GUIDANCE,
+        # The model's FlowMatchEulerDiscreteScheduler places the sigmas (shift 3, SD3.5's).
+        timestep_spacing=None,
+        algo_overrides={algo: {**overrides, **flow_lora} for algo, overrides in base.algo_overrides.items()},
+    )
+
+
 def _tiny_guidance() -> float:
     from zoo.tiny import DEFAULT_GUIDANCE
 
@@ -396,4 +422,6 @@ def sd15() -> Preset:
     )
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"tiny": tiny, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15}
+PRESETS: dict[str, Callable[[], Preset]] = {
+    "tiny": tiny, "tiny-flow": tiny_flow, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15,
+}

@@ -30,7 +30,7 @@ from benchmarks.evaluate import EvalSettings
 from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import BASE, TrainLoop
-from zoo.policy import Performance
+from zoo.policy import Performance, model_family
 from rewards.registry import REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
 
@@ -296,7 +296,9 @@ class Plan:
 
     def eval_settings(self, seed: int) -> EvalSettings:
         """The evaluation of every checkpoint of `seed`: the preset's sampler, guidance, eta
-        and timestep spacing at each of `eval_steps`."""
+        and timestep spacing at each of `eval_steps`; a flow preset evaluates on the ODE
+        (noise level 0), as Flow-GRPO does (yifan123/flow_grpo ac4c86e,
+        scripts/train_sd3.py:258), while it trains on the SDE."""
         return EvalSettings(
             prompts=self.eval_prompts,
             step_counts=tuple(self.eval_steps),
@@ -304,7 +306,7 @@ class Plan:
             batch_size=self.preset.eval_batch_size,
             sampler=self.preset.sampler,
             guidance_scale=self.preset.guidance_scale,
-            eta=self.preset.eta,
+            eta=0.0 if self.preset.sampler == "flow" else self.preset.eta,
             seed=seed,
             timestep_spacing=self.preset.timestep_spacing,
         )
@@ -409,6 +411,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     model = args.model or preset.model
     family = "flow" if preset.sampler == "flow" else "epsilon"
     model_source = resolve_model(model, preset.model_revision if model == preset.model else UNPINNED, family)
+    _check_family(args, preset, configs, model, model_source)
     schedule = _schedule_length(model, model_source)
     too_many = [k for k in eval_steps if k > schedule]
     if too_many:
@@ -481,6 +484,22 @@ def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[lis
         f"on a differentiable reward ({usable}, or a plugin whose class sets differentiable = True), or leave "
         f"{names} out of --algos"
     )
+
+
+def _check_family(args, preset: Preset, configs: dict[str, Any], model: str, source: str) -> None:
+    """A flow-matching model takes the flow sampler and an ε-prediction UNet the others:
+    a mismatch is refused here, before any model loads."""
+    flow_model = model_family(source) == "flow"
+    kind = "a flow-matching model (transformer/)" if flow_model else "an ε-prediction UNet model (unet/)"
+    fix = "--preset tiny-flow or another flow preset" if flow_model else "a UNet preset such as --preset tiny"
+    if (preset.sampler == "flow") != flow_model:
+        raise UsageError(f"--model {model}: {kind}, which the {preset.name} preset's {preset.sampler} sampler cannot sample; pass {fix}")
+    for name, cfg in configs.items():
+        if (cfg.sampler == "flow") != flow_model:
+            raise UsageError(
+                f"{_algo_flag(args, name, 'sampler')} {cfg.sampler}: --model {model} is {kind}; pass "
+                f"{_algo_flag(args, name, 'sampler')} {'flow' if flow_model else 'ddim'}"
+            )
 
 
 def _schedule_length(model: str, source: str) -> int:

@@ -54,7 +54,7 @@ from rewards.base import Reward
 from rewards.executor import RewardExecutor
 from zoo.algorithm import Algorithm, ForwardLossInputs, LossInputs, RewardBackpropAlgorithm
 from zoo.policy import LoraSettings, Performance, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler, forward_noise
+from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.trajectory import Trajectory
 
 BASE = "base"
@@ -478,8 +478,9 @@ class ForwardCall:
         return self.noisy[groups].flatten(0, 1), self.timesteps[groups].flatten(), self.embeds[groups].flatten(0, 1)
 
     def run(self, sampler: TrajectorySampler, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Flat ε-predictions under the current weights, without guidance (training never uses CFG)."""
-        return (sampler.policy.predict_noise(*inputs, 1.0, sampler.config.kind),)
+        """Flat predictions (ε̂, or v̂ for flow) under the current weights, without guidance
+        (training never uses CFG)."""
+        return (sampler.predict(*inputs, 1.0),)
 
     def unflatten(self, outputs: tuple[torch.Tensor, ...], groups: int, steps: int) -> tuple[torch.Tensor, ...]:
         return tuple(o.view(groups, *self.noisy.shape[1:]) for o in outputs)
@@ -636,7 +637,7 @@ def forward_process_call(
     """The loss call of a forward-process algorithm (`needs.forward_process_loss`) on one
     minibatch: the final clean latent x0 of each trajectory of the groups `groups` (p,)
     noised to the timestep of its step `steps` (p, G, 1) with fresh noise from
-    `generator`, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, and the ε-predictions there without
+    `generator` (`TrajectorySampler.forward_process`), and the predictions there without
     guidance (training never uses CFG) under the `old_policy` weights and, when asked, the
     frozen base model, made now without gradients; the current weights' prediction, with
     them, is the call's to make. advantages: (p, G, 1), aligned with `steps`."""
@@ -647,12 +648,10 @@ def forward_process_call(
     groups, steps = groups.to(device), steps[:, :, 0].to(device)  # (p,), (p, G)
     x0 = traj.final_latents[groups]  # (p, G, C, h, w)
     noise = torch.randn(x0.shape, generator=generator).to(device)
-    alpha = sampler.schedule.alpha_t[steps].float()  # (p, G)
-    noisy = forward_noise(x0, noise, alpha)
-    timesteps = sampler.schedule.timesteps[steps]
+    noisy, timesteps, target, x0_scale = sampler.forward_process(x0, noise, steps)
     embeds = traj.prompt_embeds[groups][:, None].expand(-1, traj.group_size, -1, -1)  # (p, G, L, D)
     call = ForwardCall(algorithm, noisy, timesteps, embeds, ForwardLossInputs(
-        prediction=None, old_prediction=None, noise=noise, alpha_cumprod=alpha, advantages=advantages[:, :, 0],
+        prediction=None, old_prediction=None, target=target, x0_scale=x0_scale, advantages=advantages[:, :, 0],
     ))
     everything = (slice(None), slice(None))
     with torch.no_grad():

@@ -29,8 +29,8 @@ def one_sample(eps, old, theta, alpha, optimality, ref=None) -> ForwardLossInput
     return ForwardLossInputs(
         prediction=prediction,
         old_prediction=torch.tensor(old).view(shape),
-        noise=torch.tensor(eps).view(shape),
-        alpha_cumprod=torch.tensor([alpha]),
+        target=torch.tensor(eps).view(shape),
+        x0_scale=((1 - torch.tensor([alpha])) / torch.tensor([alpha])).sqrt(),
         advantages=torch.tensor([optimality]),
         ref_prediction=None if ref is None else torch.tensor(ref).view(shape),
     )
@@ -162,8 +162,8 @@ def test_epsilon_form_is_the_references_x0_loss_and_any_parametrisation_mixes_al
 
     algo = NFTConfig(beta=beta, adv_clip_max=clip, kl_weight=0.0).build()
     prediction = theta.detach().float().requires_grad_()
-    loss, _ = algo.loss(ForwardLossInputs(prediction=prediction, old_prediction=old.float(), noise=eps.float(),
-                                          alpha_cumprod=alpha.float(), advantages=optimality.float()))
+    loss, _ = algo.loss(ForwardLossInputs(prediction=prediction, old_prediction=old.float(), target=eps.float(),
+                                          x0_scale=((1 - alpha) / alpha).sqrt().float(), advantages=optimality.float()))
     loss.backward()
     torch.testing.assert_close(loss.double(), reference, rtol=1e-5, atol=0)
     torch.testing.assert_close(prediction.grad.double(), reference_grad, rtol=1e-4, atol=1e-7)
@@ -188,8 +188,8 @@ def test_at_the_old_weights_the_gradient_weights_the_denoising_loss_by_the_clipp
     optimality = torch.tensor([[0.9, 0.5, 0.3]])
     prediction = old.clone().requires_grad_()
     algo = NFTConfig(beta=0.3, kl_weight=0.0).build()
-    loss, _ = algo.loss(ForwardLossInputs(prediction=prediction, old_prediction=old, noise=eps,
-                                          alpha_cumprod=alpha, advantages=optimality))
+    loss, _ = algo.loss(ForwardLossInputs(prediction=prediction, old_prediction=old, target=eps,
+                                          x0_scale=((1 - alpha) / alpha).sqrt(), advantages=optimality))
     loss.backward()
     denoising = old.clone().requires_grad_()
     advantage = torch.tensor([[4.0, 0.0, -2.0]])
@@ -339,8 +339,8 @@ def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_w
         for i, (x_t, t, embed) in enumerate(zip(current_call.latents, current_call.timesteps, current_call.embeds)):
             group = next(p for p in range(2) if torch.equal(embed, traj.prompt_embeds[p]))
             member, step = i % 2, int((schedule.timesteps == t).nonzero())
-            alpha, noise = inputs.alpha_cumprod.flatten()[i], inputs.noise.flatten(0, 1)[i]
-            assert float(alpha) == pytest.approx(float(schedule.alpha_t[step]), rel=1e-6)
+            alpha, noise = schedule.alpha_t[step].float(), inputs.target.flatten(0, 1)[i]
+            assert float(inputs.x0_scale.flatten()[i]) == pytest.approx(float(((1 - alpha) / alpha).sqrt()), rel=1e-6)
             x0 = traj.final_latents[group, member]
             torch.testing.assert_close(x_t, alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise, rtol=0, atol=1e-6)
             assert float(inputs.advantages.flatten()[i]) == float(advantages[group, member, step])

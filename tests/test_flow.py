@@ -154,3 +154,46 @@ def test_lora_round_trip_through_diffusers(flow_folder, tmp_path):
     fresh.load_lora(tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(fresh.predict_velocity(latents, t, embeds, 1.0), ours, rtol=0, atol=0)
+
+
+def test_forward_process_is_the_rectified_flow_path(flow_policy):
+    """x_σ = (1-σ)·x0 + σ·ε at step k's σ, target v = ε - x0, x0_scale σ: x_σ - σ·v = x0."""
+    sampler = TrajectorySampler(flow_policy, SamplerConfig("flow", 4, eta=0.7))
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, *flow_policy.latent_shape, generator=generator), torch.randn(2, 3, *flow_policy.latent_shape, generator=generator)
+    steps = torch.tensor([[0, 1, 2], [3, 2, 1]])
+    x_t, timesteps, target, scale = sampler.forward_process(x0, noise, steps)
+    sigma = sampler.schedule.sigma[steps].float()
+    torch.testing.assert_close(scale, sigma)
+    torch.testing.assert_close(timesteps, sampler.schedule.timesteps[steps])
+    torch.testing.assert_close(x_t, (1 - sigma)[..., None, None, None] * x0 + sigma[..., None, None, None] * noise)
+    torch.testing.assert_close(x_t - sigma[..., None, None, None] * target, x0, rtol=0, atol=1e-6)
+
+
+def test_nft_loss_on_flow_inputs_is_the_x0_loss_of_the_velocity():
+    """NFT's loss from flow inputs equals the reference written in x̂0 = x_σ - σ·v̂ directly:
+    (clip/β)·mean(p·ℓ(v⁺) + (1-p)·ℓ(v⁻)), ℓ(v) = mean((x̂0(v) - x0)²) / sg(mean|x̂0(v) - x0|)."""
+    from zoo.algorithm import ForwardLossInputs
+    from zoo.nft import NFTConfig
+
+    generator = torch.Generator().manual_seed(2)
+    shape = (1, 3, 4, 2, 2)
+    x0, eps = torch.randn(shape, generator=generator, dtype=torch.float64), torch.randn(shape, generator=generator, dtype=torch.float64)
+    old, theta = torch.randn(shape, generator=generator, dtype=torch.float64), torch.randn(shape, generator=generator, dtype=torch.float64)
+    sigma = torch.tensor([[0.2, 0.6, 0.9]], dtype=torch.float64)
+    optimality = torch.tensor([[0.8, 0.5, 0.1]], dtype=torch.float64)
+    s = sigma[..., None, None, None]
+    x_t = (1 - s) * x0 + s * eps
+    theta = theta.requires_grad_()
+
+    def x0_loss(v):
+        error = x_t - s * v - x0
+        return (error**2).mean(dim=(2, 3, 4)) / error.abs().mean(dim=(2, 3, 4)).clamp(min=1e-5).detach()
+
+    beta, clip = 0.5, 5.0
+    positive, negative = (1 - beta) * old + beta * theta, (1 + beta) * old - beta * theta
+    reference = clip / beta * (optimality * x0_loss(positive) + (1 - optimality) * x0_loss(negative)).mean()
+    algo = NFTConfig(beta=beta, adv_clip_max=clip, kl_weight=0.0).build()
+    loss, _ = algo.loss(ForwardLossInputs(prediction=theta, old_prediction=old, target=eps - x0, x0_scale=sigma,
+                                          advantages=optimality))
+    torch.testing.assert_close(loss, reference, rtol=1e-10, atol=0)

@@ -19,7 +19,7 @@ from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.tiny.arch import build_random_pipeline
 
 DDIM_PRESETS = [name for name, preset in PRESETS.items() if preset().sampler == "ddim"]
-GPU_PRESETS = [name for name in PRESETS if name != "tiny"]
+GPU_PRESETS = [name for name in PRESETS if not name.startswith("tiny")]
 RLCM_EIGHT_STEPS = [999, 879, 759, 639, 519, 399, 279, 159]
 """RLCM's 8 timesteps: rlcm lcm_rl_pytorch/diffusers_patch/lcm_scheduler.py:377-382 with
 original_inference_steps 50 (:205); diffusers 0.42.1 gives 999, 879, 759, 639, 499, 379, 259, 139."""
@@ -83,8 +83,9 @@ def test_lcm_preset_runs_rlcm_timesteps(tiny_lcm_pipeline_dir, tmp_path):
 
 
 def test_every_preset_names_its_timestep_spacing():
+    """DDIM trailing, LCM skipping; a flow model's sigmas are its own scheduler's (None)."""
     for name, preset in PRESETS.items():
-        expected = "trailing" if preset().sampler == "ddim" else "skipping"
+        expected = {"ddim": "trailing", "lcm": "skipping", "flow": None}[preset().sampler]
         assert preset().timestep_spacing == expected, name
 
 

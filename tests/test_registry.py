@@ -143,8 +143,8 @@ def forward_loss_inputs(algo: Algorithm, advantages: torch.Tensor, on_policy: bo
     inputs = ForwardLossInputs(
         prediction=prediction,
         old_prediction=prediction.detach() if on_policy else prediction.detach() + nudge,
-        noise=torch.randn(prediction.shape, generator=generator),
-        alpha_cumprod=0.1 + 0.8 * torch.rand(num_prompts, group_size, generator=generator),
+        target=torch.randn(prediction.shape, generator=generator),
+        x0_scale=0.3 + 2 * torch.rand(num_prompts, group_size, generator=generator),
         advantages=neutral.expand(num_prompts, group_size) if zero_advantages else advantages.gather(2, step)[..., 0],
         ref_prediction=(prediction.detach() if on_policy else prediction.detach() - nudge)
         if algo.needs.reference_prediction else None,

@@ -31,7 +31,8 @@ latent x0 (`Trajectory.final_latents`) to the timestep t of step j with fresh no
 x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, predicts ε at x_t without classifier-free guidance
 under the old policy's weights (no gradient), under the frozen base model when
 `needs.reference_prediction` asks (no gradient), and under the current weights (with
-gradient), and calls `loss` with `ForwardLossInputs`. One backward pass per call, so
+gradient), and calls `loss` with `ForwardLossInputs`. Flow models are noised on their own path, x_σ = (1-σ)·x0 + σ·ε, and
+predict the velocity ε - x0 (`ForwardLossInputs` is written for both). One backward pass per call, so
 `loss_calls_per_update` keeps its default (accumulation x K).
 
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
@@ -112,13 +113,16 @@ class LossInputs:
 class ForwardLossInputs:
     """One minibatch of forward-process examples (`needs.forward_process_loss`): p groups of
     G trajectories, each trajectory's final clean latent x0 noised to one timestep t of the
-    sampler's schedule, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε. Predictions are the UNet's ε̂ at
-    (x_t, t, the trajectory's prompt) without classifier-free guidance, in float32."""
+    sampler's schedule (`TrajectorySampler.forward_process`): x_t = sqrt(ᾱ_t)·x0 +
+    sqrt(1-ᾱ_t)·ε for ε-prediction models, x_σ = (1-σ)·x0 + σ·ε for flow models.
+    Predictions are the model's (ε̂, or the velocity v̂) at (x_t, t, the trajectory's
+    prompt) without classifier-free guidance, in float32. Both parametrisations are linear
+    in the prediction: x̂0 - x0 = -x0_scale·(prediction - target)."""
 
     prediction: torch.Tensor  # (p, G, C, h, w) under the current weights, carries the gradient
     old_prediction: torch.Tensor  # (p, G, C, h, w) under the old policy's weights, no gradient
-    noise: torch.Tensor  # (p, G, C, h, w) the ε that made x_t
-    alpha_cumprod: torch.Tensor  # (p, G) ᾱ_t
+    target: torch.Tensor  # (p, G, C, h, w) the exact prediction at x_t: ε, or ε - x0 (flow)
+    x0_scale: torch.Tensor  # (p, G) x̂0's error per unit of prediction error: sqrt((1-ᾱ_t)/ᾱ_t), or σ
     advantages: torch.Tensor  # (p, G) `advantages` of each trajectory at the step that chose t
     ref_prediction: torch.Tensor | None = None  # (p, G, C, h, w) under the frozen base model, no gradient
 

@@ -221,11 +221,10 @@ class NFT(Algorithm):
         old = inputs.old_prediction.detach()
         positive = (1 - c.beta) * old + c.beta * inputs.prediction  # (p, G, C, h, w) ε⁺
         negative = (1 + c.beta) * old - c.beta * inputs.prediction  # ε⁻
-        alpha = inputs.alpha_cumprod
-        scale = ((1 - alpha) / alpha).sqrt()  # (p, G) s/a: x̂0 error per unit of ε error
+        scale = inputs.x0_scale  # (p, G): x̂0 error per unit of prediction error
         optimality = inputs.advantages  # (p, G)
-        per_sample = optimality * adaptive_x0_loss(positive - inputs.noise, scale) + (1 - optimality) * adaptive_x0_loss(
-            negative - inputs.noise, scale
+        per_sample = optimality * adaptive_x0_loss(positive - inputs.target, scale) + (1 - optimality) * adaptive_x0_loss(
+            negative - inputs.target, scale
         )
         policy_loss = c.adv_clip_max / c.beta * per_sample.mean()
         loss = policy_loss

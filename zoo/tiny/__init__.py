@@ -10,9 +10,15 @@ PIPELINE = ASSETS / "pipeline"
 """The base model: StableDiffusionPipeline folder, DDIMScheduler with trailing spacing."""
 PIPELINE_LCM = ASSETS / "pipeline-lcm"
 """The LCM-distilled model: same VAE/text encoder/tokenizer, LCMScheduler."""
+PIPELINE_FLOW = ASSETS / "pipeline-flow"
+"""The flow-matching model: StableDiffusion3Pipeline folder (zoo/tiny/flow.py), sharing the
+base pipeline's VAE, text encoder and tokenizer."""
 CLIP = ASSETS / "clip"
 """The judge behind the `tiny-clip` reward: CLIPModel + CLIPProcessor folder."""
 
 DEFAULT_GUIDANCE = 4.0
 """Classifier-free guidance scale to sample the tiny model with (DDIM and LCM): the prompt
 fidelity at 8 steps is measured at this scale in results/tiny-world/README.md."""
+
+FLOW_GUIDANCE = 4.0
+"""Classifier-free guidance scale of the flow model (results/tiny-world/README.md)."""
