@@ -425,3 +425,115 @@ def sd15() -> Preset:
 PRESETS: dict[str, Callable[[], Preset]] = {
     "tiny": tiny, "tiny-flow": tiny_flow, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15,
 }
+
+
+FLOW_GROUP = 16
+"""GRPO's and NFT's group on the flow presets: flow_grpo's num_image_per_prompt in its
+4-GPU PickScore configuration (yifan123/flow_grpo ac4c86e, config/grpo.py:197), 4 groups
+in an epoch of 64 trajectories per process."""
+
+
+def _flow_loops(window: int) -> dict[str, dict]:
+    """Every algorithm's minibatch and accumulation on a flow preset: Flow-GRPO's update of
+    32 trajectories (config/grpo.py:pickscore_sd3_4gpu: a minibatch of 8 trajectories, :202,
+    accumulated 4 times, :203), two updates per epoch of 64. SDPO, which steps the optimizer
+    per denoising step (its reference's loop), makes an update of 4 minibatches at each of
+    the K steps instead. GRPO trains each trajectory's first `window` steps (flow_grpo's
+    timestep_fraction 0.99, :205, which train_sd3.py:345 turns into int(0.99 K) steps: the
+    last step, whose SDE std vanishes there, left out)."""
+    update = {"gradient_accumulation_steps": 4}
+    return {
+        "ddpo": {"train_batch_size": 8, **update},
+        # Pair methods: 4 pairs = 8 trajectories a minibatch.
+        "rebel": {"train_batch_size": 4, **update},
+        "d3po": {"train_batch_size": 4, **update},
+        "sdpo": {"train_batch_size": 4, **update},
+        "draft": {"train_batch_size": 8, **update},
+        # GRPO as flow_grpo runs it: a group of 16 a minibatch, 2 accumulated (32
+        # trajectories), β 0.01 (:206), the batch's std (:207; GRPOConfig's deviations note
+        # that its KL is the exact Gaussian one, about K times flow_grpo's at the same β).
+        "grpo": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 2,
+                 "beta": 0.01, "global_std": True, "window_size": window, "window_range": (0, window)},
+        # NFT on the same groups, the epoch's 4 accumulated into one update, as DiffusionNFT's
+        # SD3.5 configuration takes one per epoch (NFTConfig's docstring: NVlabs/DiffusionNFT
+        # config/nft.py:39-45).
+        "nft": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 4},
+    }
+
+
+def _flow_shared() -> dict:
+    """What every algorithm of a flow preset shares, Flow-GRPO's: LoRA rank 32, alpha 64 on
+    the joint attention's projections (scripts/train_sd3.py:419-431 at ac4c86e), AdamW at
+    lr 3e-4 (config/base.py:63), weight decay 1e-4 (:69), so that every adapter and optimizer
+    is the same (as the lcm preset shares RLCM's)."""
+    from zoo.flow_policy import FLOW_LORA_TARGETS
+
+    return {"lora_rank": 32, "lora_alpha": 64.0, "lora_target_modules": FLOW_LORA_TARGETS,
+            "learning_rate": 3e-4, "weight_decay": 1e-4}
+
+
+def sd35_medium() -> Preset:
+    """Flow-GRPO's PickScore setting (yifan123/flow_grpo at ac4c86e, `config/grpo.py:
+    pickscore_sd3_4gpu` on `config/base.py`, `scripts/train_sd3.py`): SD3.5 Medium at 512px,
+    the SDE at noise level 0.7, K = 10, CFG 4.5, LoRA r32/alpha 64, groups of 16, two updates
+    of 32 trajectories per epoch of 64 per process (`_flow_loops`). The 4-GPU configuration: its groups of
+    16 live on one process, as stepzoo's do (the 32-GPU one's groups of 24 span GPUs,
+    :106-141). Deviations: the published animal prompts, not flow_grpo's PickScore prompt set
+    (every GPU preset trains on them); the T5 prompt length is FlowPolicy's 256, flow_grpo
+    encodes 128 (train_sd3.py:625); evaluation at `--eval-steps`, flow_grpo's at 40
+    (grpo.py:192); no EMA of the adapter (grpo.py:208; see zoo/grpo.py)."""
+    shared = _flow_shared()
+    return _published(
+        name="sd3.5-medium",
+        model="stabilityai/stable-diffusion-3.5-medium",  # flow_grpo config/grpo.py:190
+        model_revision=UNPINNED,  # to be pinned to a commit hash (zoo.hub.UNPINNED)
+        reward="pickscore",  # flow_grpo config/grpo.py:212-214
+        sampler="flow",  # flow_grpo diffusers_patch/sd3_sde_with_logprob.py (zoo.sampling's flow kind)
+        timestep_spacing=None,  # the model's FlowMatchEulerDiscreteScheduler (shift 3) places the sigmas
+        resolution=512,  # flow_grpo config/grpo.py:195
+        num_steps=10,  # flow_grpo config/grpo.py:191
+        guidance_scale=4.5,  # flow_grpo config/grpo.py:193
+        eta=0.7,  # flow_grpo config/base.py:54 (noise_level)
+        # flow_grpo sets no epoch count (it trains until stopped, grpo.py:56); stepzoo's.
+        epochs=100,
+        # 8 trajectories per sampling call (grpo.py:196) x 8 calls (:198): 64 per process.
+        trajectories_per_epoch=64,
+        # stepzoo's: a sampling call holds whole groups, one of 16 (flow_grpo's sampler spreads
+        # a group over its calls of 8, train_sd3.py:78-120).
+        sample_batch_size=FLOW_GROUP,
+        eval_every=10,  # stepzoo's (flow_grpo evaluates every 60 epochs, grpo.py:210)
+        mixed_precision="fp16",  # flow_grpo config/base.py:21
+        algo_overrides={algo: {**shared, **loop} for algo, loop in _flow_loops(9).items()},
+    )
+
+
+def flux_schnell() -> Preset:
+    """FLUX.1-schnell (black-forest-labs, Apache-2.0, which allows fine-tuning), few-step
+    flow matching: 4 sampling steps (its reference's default, black-forest-labs/flux
+    802fb47 src/flux/cli.py:165), no classifier-free guidance (timestep-distilled and
+    without a guidance input, src/flux/util.py:378). No published RL recipe trains it, so the
+    rest is stepzoo's: Flow-GRPO's SDE, noise level and loops (`sd35_medium`'s) at 512px."""
+    shared = _flow_shared()
+    return _published(
+        name="flux-schnell",
+        model="black-forest-labs/FLUX.1-schnell",  # flux src/flux/util.py:362
+        model_revision=UNPINNED,  # to be pinned to a commit hash (zoo.hub.UNPINNED)
+        sampler="flow",
+        timestep_spacing=None,  # the model's scheduler: unshifted sigmas (flux cli.py:255)
+        # stepzoo's: Flow-GRPO's resolution (config/grpo.py:195), where FLUX's default is 1024.
+        resolution=512,
+        num_steps=4,  # flux src/flux/cli.py:165
+        guidance_scale=1.0,  # no CFG: diffusers' FLUX docs, "guidance_scale needs to be 0" for schnell
+        eta=0.7,  # Flow-GRPO's noise level (flow_grpo config/base.py:54)
+        epochs=100,  # stepzoo's, as sd3.5-medium
+        trajectories_per_epoch=64,  # stepzoo's: Flow-GRPO's 64 per process
+        sample_batch_size=FLOW_GROUP,  # stepzoo's, as sd3.5-medium
+        eval_every=10,  # stepzoo's
+        mixed_precision="bf16",  # flux src/flux/util.py:691, :695 (its encoders and model run in bfloat16)
+        # Flow-GRPO's loops; GRPO trains int(0.99 x 4) = 3 of the 4 steps, flow_grpo's rule.
+        algo_overrides={algo: {**shared, **loop} for algo, loop in _flow_loops(3).items()},
+    )
+
+
+PRESETS["sd3.5-medium"] = sd35_medium
+PRESETS["flux-schnell"] = flux_schnell

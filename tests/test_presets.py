@@ -9,6 +9,7 @@ References at their latest commits: ZiyiZhang27/sdpo fcee34d, kvablack/ddpo-pyto
 import json
 
 import pytest
+import torch
 
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
 from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
@@ -198,3 +199,89 @@ def test_a_preset_names_the_algorithms_a_run_trains_by_default(tmp_path):
     assert planned("--algos", "all") == list(ALGORITHMS)
     assert planned("--algos", "grpo,nft") == ["grpo", "nft"]
     assert not PRESETS["sd-turbo"]().algos
+
+
+FLOW_PRESETS = [name for name in GPU_PRESETS if PRESETS[name]().sampler == "flow"]
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny random pipelines of each flow preset's shape: SD3 (scheduler shift 3, SD3.5's)
+    and FLUX.1-schnell (unshifted)."""
+    from zoo.tiny.flow import build_random_flow_pipeline
+    from zoo.tiny.flux import build_random_flux_pipeline
+
+    root = tmp_path_factory.mktemp("flow-presets")
+    return {"sd3.5-medium": str(build_random_flow_pipeline(root / "sd3", seed=0)),
+            "flux-schnell": str(build_random_flux_pipeline(root / "flux", seed=0))}
+
+
+def test_flow_presets_are_flow_gpu_presets():
+    assert FLOW_PRESETS == ["sd3.5-medium", "flux-schnell"]
+
+
+SD3_MIN_SIGMA = 3 * 0.001 / (1 + 2 * 0.001)
+"""Shift 3's σ at t = 1: diffusers' FlowMatchEulerDiscreteScheduler spaces K values of s from
+1 down to its (already shifted) smallest σ, then shifts them: σ = 3s / (1 + 2s)."""
+
+
+@pytest.mark.parametrize("name, sigmas", [
+    # SD3.5's shift 3 on K = 10.
+    ("sd3.5-medium", [3 * s / (1 + 2 * s) for s in torch.linspace(1, SD3_MIN_SIGMA, 10, dtype=torch.float64).tolist()]),
+    # FLUX.1-schnell unshifted on K = 4 (FluxPipeline's linspace(1, 1/K, K)).
+    ("flux-schnell", [1.0, 0.75, 0.5, 0.25]),
+])
+def test_flow_presets_train_on_the_sde_and_evaluate_on_the_ode(name, sigmas, tiny_flow_folders, tmp_path):
+    """Every algorithm trains on the preset's SDE (noise level 0.7, K, guidance) at the
+    model's own sigmas, with Flow-GRPO's LoRA on the joint attention; evaluation samples
+    the ODE (noise level 0) at every step count."""
+    from zoo.flow_policy import FLOW_LORA_TARGETS
+
+    folder = tiny_flow_folders[name]
+    plan = _plan(name, folder, tmp_path / "run")
+    policy = Policy.from_pretrained(folder, resolution=32)
+    job = _job(plan, tmp_path / "run")
+    for algo, config in plan.configs.items():
+        sampler_config = training_sampler_config(config, job)
+        assert (sampler_config.kind, sampler_config.eta, sampler_config.num_steps) == ("flow", 0.7, len(sigmas)), algo
+        assert (config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules)) == (32, 64.0, FLOW_LORA_TARGETS)
+        schedule = TrajectorySampler(policy, sampler_config).schedule
+        assert schedule.sigma.tolist() == pytest.approx(sigmas, abs=1e-6), algo
+    evaluation = plan.eval_settings(seed=0)
+    assert evaluation.eta == 0.0 and evaluation.sampler_config(1).kind == "flow"
+    assert plan.config_json()["timestep_spacing"] is None
+
+
+def test_sd35_medium_follows_flow_grpo_pickscore_config():
+    """flow_grpo config/grpo.py:pickscore_sd3_4gpu (ac4c86e) on config/base.py: SD3.5 Medium,
+    PickScore, 512px, K = 10, CFG 4.5, noise level 0.7, fp16; 8 trajectories a sampling call
+    x 8 calls per process, groups of 16; minibatch 8 x accumulation 4 = 32 trajectories, two
+    updates an epoch; GRPO with β 0.01, the batch's std and int(0.99 x 10) = 9 trained steps;
+    LoRA r32/alpha 64, lr 3e-4, weight decay 1e-4."""
+    preset = PRESETS["sd3.5-medium"]()
+    assert (preset.model, preset.reward, preset.resolution) == ("stabilityai/stable-diffusion-3.5-medium", "pickscore", 512)
+    assert (preset.sampler, preset.num_steps, preset.guidance_scale, preset.eta) == ("flow", 10, 4.5, 0.7)
+    assert (preset.trajectories_per_epoch, preset.sample_batch_size, preset.mixed_precision) == (64, 16, "fp16")
+    configs = preset_algo_configs(preset, preset.reward)
+    grpo = configs.grpo
+    assert (grpo.group_size, grpo.train_batch_size, grpo.gradient_accumulation_steps) == (16, 1, 2)
+    assert (grpo.beta, grpo.global_std, grpo.window_size, grpo.window_range) == (0.01, True, 9, (0, 9))
+    assert (grpo.clip_range, grpo.adv_clip_max, grpo.max_grad_norm) == (1e-4, 5.0, 1.0)
+    for algo in ALGORITHMS:
+        config = getattr(configs, algo)
+        assert (config.learning_rate, config.weight_decay, config.lora_rank, config.lora_alpha) == (3e-4, 1e-4, 32, 64.0)
+        if algo != "sdpo":  # SDPO updates at every denoising step (its reference's loop)
+            assert epoch_budget(config, preset.trajectories_per_epoch)["optimizer_updates"] == (
+                1 if algo == "nft" else 2), algo
+
+
+def test_flux_schnell_is_few_step_flow_without_guidance():
+    """4 steps (black-forest-labs/flux cli.py:165), no CFG (guidance-distilled, no guidance
+    input), bf16 (its reference's precision), Flow-GRPO's noise level and loops: GRPO
+    trains int(0.99 x 4) = 3 steps."""
+    preset = PRESETS["flux-schnell"]()
+    assert (preset.model, preset.resolution, preset.mixed_precision) == ("black-forest-labs/FLUX.1-schnell", 512, "bf16")
+    assert (preset.sampler, preset.num_steps, preset.guidance_scale, preset.eta) == ("flow", 4, 1.0, 0.7)
+    grpo = preset_algo_configs(preset, preset.reward).grpo
+    assert (grpo.group_size, grpo.window_size, grpo.window_range) == (16, 3, (0, 3))
+    assert epoch_budget(grpo, preset.trajectories_per_epoch)["optimizer_updates"] == 2

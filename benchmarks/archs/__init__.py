@@ -12,6 +12,16 @@ weights, with no download:
   same VAE, its PNDM scheduler config (the samplers rebuild DDIM from it).
 - lcm/: SimianLuo/LCM_Dreamshaper_v7: the SD 1.5 UNet plus a 256-wide guidance embedding
   (`time_cond_proj_dim`), with its LCMScheduler config.
+- sd3.5-medium/: stabilityai/stable-diffusion-3.5-medium, flow matching: the MMDiT-X
+  transformer (SD3Transformer2DModel, 24 blocks of 24 heads x 64, dual attention in the
+  first 13, QK norm; 2.2B parameters and a 0.23B positional table: the model card's 2.5B),
+  CLIP-L and OpenCLIP bigG text towers with projections (124M, 695M), T5 v1.1 XXL's
+  encoder (4.8B), the SD3 VAE with 16 latent channels (84M), FlowMatchEulerDiscreteScheduler
+  with shift 3.
+- flux-schnell/: black-forest-labs/FLUX.1-schnell: FluxTransformer2DModel (19 double- and
+  38 single-stream blocks of 24 heads x 128, no guidance embedding; 11.9B), CLIP-L (123M)
+  whose pooled output conditions it, T5 v1.1 XXL, the FLUX VAE, the scheduler unshifted.
+  Each flow folder's README.md cites the source of every value.
 - rewards/: the CLIP towers of the model rewards, as CLIPConfig arguments: OpenAI's
   ViT-L/14 (openai/clip-vit-large-patch14, 428M; the aesthetic predictor's) and
   OpenCLIP's ViT-H/14 (986M; PickScore's, yuvalkirstain/PickScore_v1), the widths and
@@ -19,7 +29,12 @@ weights, with no download:
 
 `reduced=True` keeps every block type, the block layout and the head counts but divides
 the widths by 8 and keeps one layer per block (two text layers): the same code paths at a
-size two CPU cores can run in seconds.
+size two CPU cores can run in seconds. A reduced flow transformer keeps both of its block
+kinds: SD3 two blocks (the first with dual attention, the last with the context stream's
+final, pre-only block), FLUX one double-stream and two single-stream blocks; T5 keeps its
+64 heads at a width of 512 and two layers; FLUX's RoPE axes are re-split over the head's
+16 channels as (4, 6, 6), keeping the image axes equal (its (16, 56, 56) / 8 would give odd
+rotary widths).
 """
 
 from __future__ import annotations
@@ -28,11 +43,30 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    UNet2DConditionModel,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 ARCHS = Path(__file__).resolve().parent
-PRESET_ARCHS = {"sd-turbo": "sd-turbo", "sd15": "sd15", "lcm": "lcm"}
+PRESET_ARCHS = {
+    "sd-turbo": "sd-turbo", "sd15": "sd15", "lcm": "lcm", "sd3.5-medium": "sd3.5-medium", "flux-schnell": "flux-schnell",
+}
+FLOW_ARCHS = ("sd3.5-medium", "flux-schnell")
+"""The presets whose folders hold a flow-matching pipeline (transformer.json, not unet.json)."""
 TOKENIZER_LENGTH = 77
 """Stable Diffusion's text context: 77 CLIP tokens."""
 REWARD_ARCHS = {"aesthetic": "clip-vit-large-patch14", "pickscore": "clip-vit-h-14"}
@@ -40,27 +74,71 @@ REWARD_ARCHS = {"aesthetic": "clip-vit-large-patch14", "pickscore": "clip-vit-h-
 WIDTH_DIVISOR = 8
 REDUCED_GROUPS = 8
 """Group-norm groups of the reduced models (the real 32 do not divide 320 / 8)."""
+REDUCED_FLUX_ROPE = [4, 6, 6]
+"""A reduced FLUX head's rotary widths (text, row, column), summing to 128 / 8 = 16."""
+TEXT_ENCODERS = {
+    "CLIPTextModel": (CLIPTextConfig, CLIPTextModel),
+    "CLIPTextModelWithProjection": (CLIPTextConfig, CLIPTextModelWithProjection),
+    "T5EncoderModel": (T5Config, T5EncoderModel),
+}
+"""A text encoder config's `architectures` entry -> its (config, model) classes."""
 
 
 def load_configs(preset: str, reduced: bool = False) -> dict[str, dict]:
-    """The unet, vae, text_encoder and scheduler configs of a preset, optionally reduced."""
+    """Every component config of a preset (file name -> config: unet or transformer, vae,
+    text_encoder[_2, _3], scheduler), optionally reduced."""
     folder = ARCHS / PRESET_ARCHS[preset]
-    configs = {name: json.loads((folder / f"{name}.json").read_text()) for name in ("unet", "vae", "text_encoder", "scheduler")}
+    configs = {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
     if reduced:
-        _reduce(configs)
+        (_reduce_flow if "transformer" in configs else _reduce_unet)(configs)
     return configs
 
 
-def _reduce(configs: dict[str, dict]) -> None:
-    unet, vae, text = configs["unet"], configs["vae"], configs["text_encoder"]
-    text["hidden_size"] //= WIDTH_DIVISOR
-    text["intermediate_size"] //= WIDTH_DIVISOR
-    text["num_attention_heads"] = 4
-    text["num_hidden_layers"] = 2
+def _reduce_unet(configs: dict[str, dict]) -> None:
+    unet, text = configs["unet"], configs["text_encoder"]
+    _reduce_text(text)
     unet["block_out_channels"] = [c // WIDTH_DIVISOR for c in unet["block_out_channels"]]
     unet["layers_per_block"] = 1
     unet["norm_num_groups"] = REDUCED_GROUPS
     unet["cross_attention_dim"] = text["hidden_size"]
+    _reduce_vae(configs["vae"])
+
+
+def _reduce_flow(configs: dict[str, dict]) -> None:
+    encoders = [config for name, config in configs.items() if name.startswith("text_encoder")]
+    for config in encoders:
+        _reduce_text(config)
+    clips = [config for config in encoders if config["model_type"] == "clip_text_model"]
+    t5 = next(config for config in encoders if config["model_type"] == "t5")
+    transformer = configs["transformer"]
+    transformer["attention_head_dim"] //= WIDTH_DIVISOR
+    transformer["joint_attention_dim"] = t5["d_model"]
+    if transformer["_class_name"] == "FluxTransformer2DModel":
+        transformer.update(num_layers=1, num_single_layers=2, axes_dims_rope=REDUCED_FLUX_ROPE)
+        # FLUX is conditioned on CLIP's pooled output, the width of its hidden states.
+        transformer["pooled_projection_dim"] = clips[0]["hidden_size"]
+    else:
+        transformer.update(num_layers=2, dual_attention_layers=[0])
+        transformer["caption_projection_dim"] = transformer["num_attention_heads"] * transformer["attention_head_dim"]
+        # SD3 is conditioned on the CLIP towers' projections, concatenated.
+        transformer["pooled_projection_dim"] = sum(config["projection_dim"] for config in clips)
+    _reduce_vae(configs["vae"])
+
+
+def _reduce_text(config: dict) -> None:
+    """CLIP: widths / 8, 4 heads, 2 layers. T5: widths / 8 at its own head count, 2 layers."""
+    if config["model_type"] == "t5":
+        config.update(d_model=config["d_model"] // WIDTH_DIVISOR, d_ff=config["d_ff"] // WIDTH_DIVISOR,
+                      d_kv=config["d_kv"] // WIDTH_DIVISOR, num_layers=2)
+        return
+    config["hidden_size"] //= WIDTH_DIVISOR
+    config["intermediate_size"] //= WIDTH_DIVISOR
+    config["projection_dim"] //= WIDTH_DIVISOR
+    config["num_attention_heads"] = 4
+    config["num_hidden_layers"] = 2
+
+
+def _reduce_vae(vae: dict) -> None:
     vae["block_out_channels"] = [c // WIDTH_DIVISOR for c in vae["block_out_channels"]]
     vae["layers_per_block"] = 1
     vae["norm_num_groups"] = REDUCED_GROUPS
@@ -81,6 +159,42 @@ def build_components(
         vae = AutoencoderKL.from_config(vae_config)
         text_encoder = CLIPTextModel(text_config)
     return unet, vae, text_encoder, clip_tokenizer()
+
+
+def build_flow_pipeline(
+    configs: dict[str, dict], resolution: int, device: torch.device | str = "cpu"
+) -> StableDiffusion3Pipeline | FluxPipeline:
+    """The preset's flow-matching pipeline (SD3 or FLUX, as its transformer config names)
+    with random float32 weights for `resolution`-pixel images, initialised on `device`
+    (T5-XXL alone is 4.8B parameters: 19 GB in float32), with the tokenizers: OpenAI
+    CLIP's BPE at 77 tokens for each CLIP tower, and a small word-level T5 tokenizer
+    (`zoo.tiny.flux`; T5's SentencePiece model is a download), as the encoders' cost is
+    that of the padded sequence whatever its ids."""
+    from zoo.tiny.flux import t5_tokenizer
+
+    flux = configs["transformer"]["_class_name"] == "FluxTransformer2DModel"
+    downsampling = 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
+    transformer_config = dict(configs["transformer"])
+    if not flux:
+        # SD3's patch embedding is sized for its sample_size; FLUX's RoPE takes any size.
+        transformer_config["sample_size"] = resolution // downsampling
+    with torch.device(device):
+        transformer = (FluxTransformer2DModel if flux else SD3Transformer2DModel).from_config(transformer_config)
+        vae = AutoencoderKL.from_config(dict(configs["vae"], sample_size=resolution))
+        encoders = {name: _text_encoder(config) for name, config in configs.items() if name.startswith("text_encoder")}
+    tokenizers = {
+        name.replace("text_encoder", "tokenizer"): t5_tokenizer() if isinstance(encoder, T5EncoderModel) else clip_tokenizer()
+        for name, encoder in encoders.items()
+    }
+    return (FluxPipeline if flux else StableDiffusion3Pipeline)(
+        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler.from_config(configs["scheduler"]),
+        **encoders, **tokenizers,
+    )
+
+
+def _text_encoder(config: dict) -> torch.nn.Module:
+    config_cls, model_cls = TEXT_ENCODERS[config["architectures"][0]]
+    return model_cls(config_cls(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")}))
 
 
 def clip_tokenizer() -> CLIPTokenizer:

@@ -81,10 +81,14 @@ def t5_vocabulary() -> list[tuple[str, float]]:
     return pieces
 
 
+def t5_tokenizer() -> T5TokenizerFast:
+    """The word-level T5 tokenizer, in memory."""
+    return T5TokenizerFast(vocab=t5_vocabulary(), extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
 def build_t5_tokenizer(folder: str | Path) -> T5TokenizerFast:
     """The word-level T5 tokenizer saved in `folder` (tokenizer.json) and loaded back."""
-    tokenizer = T5TokenizerFast(vocab=t5_vocabulary(), extra_ids=0, model_max_length=T5_MAX_LENGTH)
-    tokenizer.save_pretrained(folder)
+    t5_tokenizer().save_pretrained(folder)
     return T5TokenizerFast.from_pretrained(folder)
 
 
