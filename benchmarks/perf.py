@@ -3,6 +3,7 @@ real architecture with random weights (no download).
 
     python -m benchmarks.perf --preset sd-turbo --algos sdpo,ddpo        # a GPU, 512px
     python -m benchmarks.perf --preset sd-turbo --reduced --resolution 128 --steps 4
+    python -m benchmarks.perf --preset sd3.5-medium --reduced           # flow matching, on a CPU
     python -m benchmarks.perf --preset tiny                               # the tiny world
 
 Per algorithm, with its group size and sampling needs (x̂0 recording, reference
@@ -69,6 +70,7 @@ from benchmarks.train import (
 from rewards.base import Reward
 from rewards.registry import load_reward
 from zoo.algorithm import Algorithm, SamplingNeeds
+from zoo.flow_policy import FlowPolicy
 from zoo.policy import LoraSettings, Performance, Policy, UNetPolicy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
@@ -107,11 +109,13 @@ class PerfArgs:
     """stepzoo throughput and memory on a preset's architecture with random weights."""
 
     preset: str = "tiny"
-    """Architecture, sampler and precision: tiny, sd-turbo, lcm or sd15."""
+    """Architecture, sampler and precision: tiny, tiny-flow, sd-turbo, lcm, sd15, sd3.5-medium or flux-schnell
+    (the last two at full size on a GPU only: T5-XXL alone is 19 GB in float32)."""
     algos: str = "all"
     """Comma-separated algorithms, or "all" (every one but reward back-propagation, DRaFT, which it does not time)."""
     batch_size: int | None = None
-    """Trajectories per sampling call (default 8: the SDPO paper's sampling batch)."""
+    """Trajectories per sampling call (default 8, the SDPO paper's sampling batch, or the
+    smallest multiple of 8 that holds a whole group: 16 for GRPO and NFT on the flow presets)."""
     steps: int | None = None
     """Sampling steps K (default: the preset's; 50 for sd-turbo)."""
     resolution: int | None = None
@@ -198,6 +202,9 @@ def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision
         tf32=args.tf32, gradient_checkpointing=args.gradient_checkpointing, compile_unet=args.compile_unet
     )
     torch.manual_seed(args.seed)
+    options = dict(device=device, mixed_precision=precision, lora=lora, performance=performance)
+    if preset.sampler == "flow":
+        return build_flow_policy(args, preset, options)
     if preset.name == "tiny":
         from zoo.tiny import arch
 
@@ -214,10 +221,26 @@ def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision
         resolution = args.resolution or (128 if args.reduced else 512)
         unet, vae, text_encoder, tokenizer = archs.build_components(configs, resolution, device)
         scheduler = configs["scheduler"]
-    return UNetPolicy(
-        unet, vae, text_encoder, tokenizer, scheduler,
-        device=device, mixed_precision=precision, lora=lora, performance=performance,
-    )
+    return UNetPolicy(unet, vae, text_encoder, tokenizer, scheduler, **options)
+
+
+def build_flow_policy(args: PerfArgs, preset: Preset, options: dict) -> FlowPolicy:
+    """A flow preset's pipeline with random weights: the tiny flow world's transformer at
+    its shipped size (zoo/tiny/flow.py), or the real architecture of benchmarks/archs/,
+    reduced or not (the whole pipeline built on the device, T5-XXL included)."""
+    if preset.name == "tiny-flow":
+        from zoo.tiny.arch import TRAINED_ARCH
+        from zoo.tiny.flow import TRAINED_FLOW_ARCH, build_random_flow_pipeline
+
+        resolution = args.resolution or 32
+        with tempfile.TemporaryDirectory() as folder:
+            source = build_random_flow_pipeline(Path(folder) / "pipeline", seed=args.seed, sample_size=resolution // 2,
+                                                arch=TRAINED_FLOW_ARCH, text=TRAINED_ARCH)
+            return FlowPolicy.load(str(source), resolution=resolution, **options)
+    resolution = args.resolution or (128 if args.reduced else 512)
+    pipeline = archs.build_flow_pipeline(archs.load_configs(preset.name, reduced=args.reduced), resolution,
+                                         options["device"])
+    return FlowPolicy(pipeline, resolution=resolution, **options)
 
 
 def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
@@ -368,7 +391,7 @@ def measure_algorithm(
     config = algorithm_config(name, preset, args, num_steps)
     algorithm = config.build()
     needs = algorithm.needs
-    batch = args.batch_size or 8
+    batch = sampling_batch(args, needs.group_size)
     groups = batch // needs.group_size
     # A minibatch can hold no more groups than one sampling call made.
     train_groups = min(config.train_batch_size, groups)
@@ -563,14 +586,27 @@ def markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def image_side(policy: Policy, preset: str) -> int:
+    """Pixels: a flow policy's resolution, the tiny UNet's (its VAE downsamples once) or the
+    real VAE's sample size (`archs.build_components` sets it to the resolution)."""
+    if policy.family == "flow":
+        return policy.resolution
+    return 2 * policy.latent_shape[1] if preset == "tiny" else policy.vae.config.sample_size
+
+
+def sampling_batch(args: PerfArgs, group_size: int) -> int:
+    """Trajectories per sampling call: `--batch-size`, or 8 raised to hold whole groups."""
+    return args.batch_size or math.lcm(8, group_size)
+
+
 def check_sizes(names: list[str], preset: Preset, args: PerfArgs, num_steps: int, trajectories: int) -> None:
     """Every sampling call, projected epoch and measured epoch holds whole groups of every
     algorithm, or a SystemExit naming the flag, before any model is built."""
-    sizes = {"--batch-size": args.batch_size or 8, "--epoch-trajectories": trajectories}
-    if args.measured_trajectories is not None:
-        sizes["--measured-trajectories"] = args.measured_trajectories
     for name in names:
         group_size = algorithm_config(name, preset, args, num_steps).build().needs.group_size
+        sizes = {"--batch-size": sampling_batch(args, group_size), "--epoch-trajectories": trajectories}
+        if args.measured_trajectories is not None:
+            sizes["--measured-trajectories"] = args.measured_trajectories
         for flag, size in sizes.items():
             if size < group_size or size % group_size:
                 raise SystemExit(f"{flag} {size} is not a multiple of {name}'s group size {group_size}")
@@ -590,14 +626,18 @@ def main(args: PerfArgs) -> dict:
     if untimed:
         raise SystemExit(f"--algos: {', '.join(untimed)} back-propagates the reward through sampling, which this "
                          f"benchmark does not time; choose from {', '.join(timed_algos)}")
-    if args.reduced and args.preset == "tiny":
-        raise SystemExit("--reduced applies to the real architectures (sd-turbo, lcm, sd15), not tiny")
+    if args.reduced and args.preset not in archs.PRESET_ARCHS:
+        raise SystemExit(f"--reduced applies to the real architectures ({', '.join(archs.PRESET_ARCHS)}), "
+                         f"not {args.preset}")
     if args.random_reward_weights and args.reward not in archs.REWARD_ARCHS:
         raise SystemExit(f"--random-reward-weights builds {' or '.join(archs.REWARD_ARCHS)}, not --reward {args.reward}")
     measured = tuple(names if args.measure_epoch == "all" else [a.strip() for a in args.measure_epoch.split(",") if a.strip()])
     if set(measured) - set(names):
         raise SystemExit(f"--measure-epoch: {', '.join(sorted(set(measured) - set(names)))} not among --algos {args.algos}")
     device = resolve_device(args.device)
+    if args.preset in archs.FLOW_ARCHS and not args.reduced and device.type != "cuda":
+        raise SystemExit(f"--preset {args.preset} at full size builds T5-XXL's encoder (4.8B parameters, 19 GB in "
+                         "float32) beside its transformer: run it on a GPU, or pass --reduced")
     preset = PRESETS[args.preset]()
     precision = args.mixed_precision or (preset.mixed_precision if device.type == "cuda" else "no")
     num_steps = args.steps or preset.num_steps
@@ -632,7 +672,7 @@ def main(args: PerfArgs) -> dict:
         "command": command_line(args),
         "args": asdict(args),
         "precision": precision,
-        "resolution": 2 * policy.latent_shape[1] if args.preset == "tiny" else policy.vae.config.sample_size,
+        "resolution": image_side(policy, args.preset),
         "performance": asdict(policy.performance),
         "reward": args.reward + (" (random weights)" if args.random_reward_weights else ""),
         "epoch_trajectories": epoch.trajectories,

@@ -23,10 +23,11 @@ import torch
 
 from rewards.registry import REWARDS, check_reward, load_reward
 from zoo import hub
-from zoo.policy import PIPELINE_FILES, ModelUnavailable, Policy, resolve_model
+from zoo.policy import FLOW_PIPELINE_FILES, PIPELINE_FILES, ModelUnavailable, Policy, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL = "acme/tiny-turbo"
+FLOW_MODEL = "acme/tiny-flux"
 PICKSCORE = [artifact.hub_repo for artifact in REWARDS["pickscore"].artifacts]
 
 
@@ -221,3 +222,55 @@ def test_a_download_cut_midway_fails_clearly_and_a_rerun_completes(local_hub, hu
         healthy.stop()
     assert (folder / weights).read_bytes() == (hub_root / MODEL / weights).read_bytes()
     Policy.from_pretrained(MODEL)
+
+
+@pytest.fixture(scope="module")
+def flow_repo(hub_root, tmp_path_factory) -> tuple[Path, set[str]]:
+    """A tiny FLUX.1-schnell-shaped pipeline as FLOW_MODEL, its transformer in shards with
+    their index (as the real repo's), beside what a FLUX or SD3.5 repo also holds and
+    stepzoo never loads: the single-file checkpoints at its root, SD3.5's text_encoders/
+    folder of single files, a .bin copy. Returns the repo folder and the files that load."""
+    from diffusers import FluxTransformer2DModel
+
+    from zoo.tiny.flux import build_random_flux_pipeline
+
+    source = build_random_flux_pipeline(tmp_path_factory.mktemp("flux") / "pipeline", seed=0)
+    transformer = FluxTransformer2DModel.from_pretrained(source / "transformer")
+    shutil.rmtree(source / "transformer")
+    transformer.save_pretrained(source / "transformer", max_shard_size="200KB")
+    loads = {str(path.relative_to(source)) for path in source.rglob("*") if path.is_file()}
+    repo = hub_root / FLOW_MODEL
+    shutil.copytree(source, repo)
+    for decoy in ("flux1-schnell.safetensors", "ae.safetensors", "text_encoders/t5xxl_fp16.safetensors",
+                  "transformer/diffusion_pytorch_model.bin"):
+        (repo / decoy).parent.mkdir(exist_ok=True)
+        (repo / decoy).write_bytes(b"decoy")
+    return repo, loads
+
+
+def test_a_flow_model_downloads_exactly_the_flow_pipeline_files_and_loads(local_hub, flow_repo):
+    repo, loads = flow_repo
+    assert any("-of-" in name for name in loads) and "transformer/diffusion_pytorch_model.safetensors.index.json" in loads
+    folder = resolve_model(FLOW_MODEL, family="flow")
+    assert local_hub.downloaded(FLOW_MODEL) == loads == _cached_files(FLOW_MODEL)
+    requests = len(local_hub.requests)
+    assert resolve_model(FLOW_MODEL, family="flow") == folder and len(local_hub.requests) == requests  # cached
+    # The runner loads the folder resolve_model answers (`benchmarks.run`: model_source).
+    policy = Policy.from_pretrained(folder, resolution=32)
+    assert policy.flux
+    reference = Policy.from_pretrained(str(repo), resolution=32)
+    assert all(torch.equal(a, b) for a, b in zip(policy.transformer.parameters(), reference.transformer.parameters()))
+
+
+@pytest.mark.xfail(strict=True, reason="FLOW_PIPELINE_FILES' globs (model*.safetensors*, diffusion_pytorch_model"
+                   "*.safetensors*) also match a repo's fp16 variants, which are then downloaded beside the float32 "
+                   "weights; the UNet set names its files exactly")
+def test_a_flow_models_fp16_variant_is_not_downloaded(local_hub, flow_repo):
+    repo, _ = flow_repo
+    variant = "text_encoder_2/model.fp16.safetensors"
+    (repo / variant).write_bytes(b"half-precision weights")  # bytes of its own: a blob of its own
+    try:
+        resolve_model(FLOW_MODEL, family="flow")
+    finally:
+        (repo / variant).unlink()
+    assert variant not in local_hub.downloaded(FLOW_MODEL)

@@ -122,7 +122,7 @@ def test_projected_loss_calls_are_the_trainers(tiny_pipeline_dir, algo):
     assert counts["backward_passes"] > 0
 
 
-@pytest.mark.parametrize("preset", ["tiny", "sd-turbo", "sd15", "lcm"])
+@pytest.mark.parametrize("preset", ["tiny", "sd-turbo", "sd15", "lcm", "sd3.5-medium", "flux-schnell"])
 def test_configs_are_the_runners(preset):
     """Each algorithm's config is the runner's for the preset's own reward (on sd-turbo
     the SDPO paper's minibatch and accumulation for every algorithm)."""
@@ -188,3 +188,74 @@ def test_reduced_architectures_keep_the_real_layout():
         with torch.no_grad():
             out = unet(torch.randn(1, 4, 8, 8), torch.tensor([999]), encoder_hidden_states=context).sample
         assert out.shape == (1, 4, 8, 8)
+
+
+def test_reduced_flux_schnell_table(tmp_path):
+    """The flow branch end to end on FLUX-shaped random weights (a pair algorithm at K = 1;
+    results/perf/flux-schnell-reduced-cpu.md has every algorithm at the preset's K)."""
+    args = PerfArgs(preset="flux-schnell", reduced=True, resolution=32, algos="sdpo", batch_size=2, steps=1,
+                    repeats=1, sample_calls=1, device="cpu", baseline=False, out=str(tmp_path))
+    record = main(args)
+    without_baseline = tuple(key for key in FIGURES if key not in PAIR_BASELINES)
+    _check_outputs(record, tmp_path, "flux-schnell-reduced-cpu", ["sdpo"], without_baseline)
+    assert record["resolution"] == 32 and record["precision"] == "no"
+
+
+def test_a_default_sampling_call_holds_whole_groups():
+    """8 trajectories a call (the SDPO paper's), raised to a whole group: 16 for GRPO and NFT
+    on the flow presets, whose groups --batch-size 8 would split."""
+    assert [perf.sampling_batch(PerfArgs(), g) for g in (1, 2, 16, 24)] == [8, 8, 16, 24]
+    assert perf.sampling_batch(PerfArgs(batch_size=4), 2) == 4
+    preset = PRESETS["flux-schnell"]()
+    perf.check_sizes(["ddpo", "sdpo", "grpo", "nft"], preset, PerfArgs(), 4, 64)
+    with pytest.raises(SystemExit, match="--batch-size 8 is not a multiple of grpo's group size 16"):
+        perf.check_sizes(["sdpo", "grpo"], preset, PerfArgs(batch_size=8), 4, 64)
+
+
+def test_full_size_flow_architectures_need_a_gpu(tmp_path):
+    with pytest.raises(SystemExit, match="--preset sd3.5-medium at full size.*T5-XXL.*--reduced"):
+        main(PerfArgs(preset="sd3.5-medium", algos="sdpo", device="cpu", out=str(tmp_path)))
+
+
+@pytest.mark.parametrize("preset, transformer, positions", [("sd3.5-medium", 2.243e9, 0.226e9), ("flux-schnell", 11.89e9, 0)])
+def test_flow_architectures_have_their_published_sizes(preset, transformer, positions):
+    """Counted on the meta device (no memory): SD3.5 Medium's MMDiT-X 2.24B parameters and
+    its 384² x 1536 positional table (0.23B; the model card's 2.5B holds both), FLUX.1's
+    11.9B (its "12B"), and T5 v1.1 XXL's encoder, 4.76B, in both."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    configs = archs.load_configs(preset)
+    flux = configs["transformer"]["_class_name"] == "FluxTransformer2DModel"
+    with torch.device("meta"):
+        model = (FluxTransformer2DModel if flux else SD3Transformer2DModel).from_config(configs["transformer"])
+        t5 = archs._text_encoder(configs["text_encoder_2" if flux else "text_encoder_3"])
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(transformer, rel=1e-3)
+    assert sum(b.numel() for b in model.buffers()) == pytest.approx(positions, rel=1e-2)
+    assert sum(p.numel() for p in t5.parameters()) == pytest.approx(4.762e9, rel=1e-3)
+
+
+@pytest.mark.parametrize("preset", archs.FLOW_ARCHS)
+def test_reduced_flow_architectures_keep_the_real_layout(preset):
+    """Same classes, patching, heads, latent interface, scheduler and both block kinds; the
+    conditioning widths follow the reduced encoders; a prediction goes through."""
+    from zoo.flow_policy import FlowPolicy
+
+    real, reduced = archs.load_configs(preset), archs.load_configs(preset, reduced=True)
+    for key in ("_class_name", "patch_size", "in_channels", "num_attention_heads", "qk_norm", "guidance_embeds"):
+        assert real["transformer"].get(key) == reduced["transformer"].get(key), key
+    for key in ("latent_channels", "scaling_factor", "shift_factor", "down_block_types"):
+        assert real["vae"][key] == reduced["vae"][key], key
+    assert real["scheduler"] == reduced["scheduler"]
+    transformer = reduced["transformer"]
+    if preset == "flux-schnell":
+        assert transformer["num_layers"] >= 1 and transformer["num_single_layers"] >= 1
+        assert sum(transformer["axes_dims_rope"]) == transformer["attention_head_dim"] == 128 // 8
+    else:
+        # A dual-attention block, then a plain one (the last, whose context stream is pre-only).
+        assert transformer["dual_attention_layers"] == [0] and transformer["num_layers"] == 2
+    policy = FlowPolicy(archs.build_flow_pipeline(reduced, resolution=64), resolution=64)
+    embeds = policy.encode_prompts(["a cat"])
+    assert embeds.shape[-1] == transformer["joint_attention_dim"] == 4096 // 8
+    latents = torch.randn(1, *policy.latent_shape)
+    with torch.no_grad():
+        assert policy.predict_velocity(latents, torch.tensor([500.0]), embeds, 1.0).shape == (1, 16, 8, 8)
