@@ -190,14 +190,18 @@ def test_reduced_architectures_keep_the_real_layout():
         assert out.shape == (1, 4, 8, 8)
 
 
-def test_reduced_flux_schnell_table(tmp_path):
-    """The flow branch end to end on FLUX-shaped random weights (a pair algorithm at K = 1;
-    results/perf/flux-schnell-reduced-cpu.md has every algorithm at the preset's K)."""
-    args = PerfArgs(preset="flux-schnell", reduced=True, resolution=32, algos="sdpo", batch_size=2, steps=1,
+@pytest.mark.parametrize("preset, reduced, setting", [
+    ("flux-schnell", True, "flux-schnell-reduced-cpu"), ("tiny-flow", False, "tiny-flow-cpu"),
+])
+def test_flow_tables(preset, reduced, setting, tmp_path):
+    """The flow branch end to end on FLUX-shaped random weights and on the tiny flow
+    world's transformer (a pair algorithm at K = 1; results/perf/flux-schnell-reduced-cpu.md
+    has every algorithm at the preset's K)."""
+    args = PerfArgs(preset=preset, reduced=reduced, resolution=32, algos="sdpo", batch_size=2, steps=1,
                     repeats=1, sample_calls=1, device="cpu", baseline=False, out=str(tmp_path))
     record = main(args)
     without_baseline = tuple(key for key in FIGURES if key not in PAIR_BASELINES)
-    _check_outputs(record, tmp_path, "flux-schnell-reduced-cpu", ["sdpo"], without_baseline)
+    _check_outputs(record, tmp_path, setting, ["sdpo"], without_baseline)
     assert record["resolution"] == 32 and record["precision"] == "no"
 
 
