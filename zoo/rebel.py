@@ -72,7 +72,7 @@ class REBELConfig(TrainingConfig):
     """LoRA rank of the UNet adapter (RLCM's)."""
     lora_alpha: float = 8.0
     """LoRA alpha (RLCM's; the adapter's scale is alpha / rank)."""
-    sampler: Literal["ddim", "lcm"] = "lcm"
+    sampler: Literal["ddim", "lcm", "flow"] = "lcm"
     """Sampler whose transitions are trained on (RLCM's LCM multistep sampling)."""
     num_steps: int = 8
     """Sampling steps K during training (RLCM's)."""
