@@ -108,8 +108,7 @@ def test_shipped_flow_pipeline_samples_finite_images_that_score(judge):
     assert isinstance(pipe.scheduler, FlowMatchEulerDiscreteScheduler)
     assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(pipe.text_encoder.config.hidden_size))
     base = StableDiffusionPipeline.from_pretrained(PIPELINE)
-    assert torch.equal(pipe.text_encoder.text_model.embeddings.token_embedding.weight,
-                       base.text_encoder.text_model.embeddings.token_embedding.weight)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight, base.text_encoder.get_input_embeddings().weight)
     prompts = data.heldout_captions()[:4]
     images = pipe(prompts, num_inference_steps=2, guidance_scale=FLOW_GUIDANCE, generator=torch.Generator().manual_seed(0),
                   output_type="pt", max_sequence_length=T5_TOKENS, height=data.IMAGE_SIZE, width=data.IMAGE_SIZE).images

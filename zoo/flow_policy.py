@@ -41,7 +41,7 @@ FLOW_LORA_TARGETS = (
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 )
 """The joint attention's image and text projections: Flow-GRPO's SD3 LoRA targets
-(yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:339-348)."""
+(yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:419-428)."""
 
 
 def pipeline_class(folder: str | Path) -> type:
