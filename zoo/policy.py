@@ -273,13 +273,43 @@ class Policy(abc.ABC):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(P, L, D) prompt embeddings, what the denoiser is conditioned on."""
 
+    lora_prefix: str
+    """The denoiser's key prefix in a diffusers LoRA file ("unet", "transformer")."""
+
+    @property
     @abc.abstractmethod
-    def save_lora(self, folder: str | Path) -> Path:
-        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+    def lora_pipeline(self) -> type:
+        """The diffusers pipeline class whose `save_lora_weights` writes this model's adapter."""
 
     @abc.abstractmethod
+    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's denoiser weights (prefix removed) in peft's key format."""
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to save")
+        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
+        self.lora_pipeline.save_lora_weights(
+            folder,
+            **{f"{self.lora_prefix}_lora_layers": self.lora_state_dict(),
+               f"{self.lora_prefix}_lora_adapter_metadata": metadata},
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        return Path(folder) / LORA_WEIGHT_NAME
+
     def load_lora(self, folder: str | Path) -> None:
         """Load adapter weights written by `save_lora` into this policy's adapter."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to load into")
+        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
+        prefix = self.lora_prefix + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.model, self.peft_keys(own))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
+        cast_training_params(self.model, dtype=torch.float32)
 
     def uncond_embeds(self) -> torch.Tensor:
         """(1, L, D) embedding of the empty caption, computed once."""
@@ -481,29 +511,15 @@ class UNetPolicy(Policy):
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         return eps
 
-    def save_lora(self, folder: str | Path) -> Path:
-        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+    # --- LoRA export ------------------------------------------------------------------
+
+    lora_prefix = "unet"
+
+    @property
+    def lora_pipeline(self) -> type:
         from diffusers import StableDiffusionPipeline
 
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to save")
-        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=self.lora_state_dict(),
-            unet_lora_adapter_metadata=metadata,
-            weight_name=LORA_WEIGHT_NAME,
-        )
-        return Path(folder) / LORA_WEIGHT_NAME
+        return StableDiffusionPipeline
 
-    def load_lora(self, folder: str | Path) -> None:
-        """Load adapter weights written by `save_lora` into this policy's adapter."""
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to load into")
-        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(unet_state))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
-        cast_training_params(self.unet, dtype=torch.float32)
+    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_unet_state_dict_to_peft(state)
