@@ -174,11 +174,7 @@ class FlowPolicy(Policy):
                 output = self.denoiser(
                     hidden_states=hidden, timestep=timesteps, encoder_hidden_states=embeds, pooled_projections=pooled
                 ).sample
-        velocity = self._float_output(output, guided=use_cfg)
-        if use_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + guidance_scale * (cond - uncond)
-        return velocity
+        return self._prediction(output, guidance_scale if use_cfg else None)
 
     def _flux_forward(
         self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,

@@ -234,7 +234,7 @@ class Policy(abc.ABC):
             model.compile(mode=performance.compile_mode)
         self.static_outputs = performance.compile_unet and performance.compile_mode in CUDA_GRAPH_MODES
         """Whether the denoiser's outputs are static buffers (CUDA graphs) that its next
-        call overwrites, so that each prediction is copied out (`_float_output`)."""
+        call overwrites, so that each prediction is copied out (`_prediction`)."""
         self._uncond_embeds: torch.Tensor | None = None
         # What runs the forward pass: the model itself, or the DDP wrapper around it that
         # the trainer installs so that gradients are averaged across processes.
@@ -322,13 +322,17 @@ class Policy(abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
 
-    def _float_output(self, output: torch.Tensor, guided: bool) -> torch.Tensor:
-        """The denoiser's output in float32 (float64 for a policy whose weights are), copied
-        out of a CUDA graph's static buffer when it would otherwise be that buffer: a
-        half-precision output was copied by the cast already, and guidance makes a new
-        tensor; the callers' predictions outlive the next call (NFT's old-policy one)."""
+    def _prediction(self, output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+        """The denoiser's output in float32 (float64 for a policy whose weights are); with a
+        `guidance_scale`, its unconditional and conditional halves combined by classifier-free
+        guidance. Copied out of a CUDA graph's static buffer when it would otherwise be that
+        buffer: a half-precision output was copied by the cast already, and guidance makes a
+        new tensor; the callers' predictions outlive the next call (NFT's old-policy one)."""
         prediction = output.to(torch.promote_types(self.weight_dtype, torch.float32))
-        if prediction is output and self.static_outputs and not guided:
+        if guidance_scale is not None:
+            uncond, cond = prediction.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        if prediction is output and self.static_outputs:
             prediction = output.clone()
         return prediction
 
@@ -505,11 +509,7 @@ class UNetPolicy(Policy):
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                 timestep_cond=timestep_cond,
             ).sample
-        eps = self._float_output(output, guided=use_cfg)
-        if use_cfg:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        return eps
+        return self._prediction(output, guidance_scale if use_cfg else None)
 
     # --- LoRA export ------------------------------------------------------------------
 
