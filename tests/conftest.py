@@ -26,3 +26,11 @@ def tiny_pipeline_dir(tmp_path_factory) -> str:
 def tiny_lcm_pipeline_dir(tmp_path_factory) -> str:
     """The same with an LCM guidance-embedding UNet and an LCMScheduler."""
     return str(build_random_pipeline(tmp_path_factory.mktemp("tiny-lcm") / "pipe", seed=1, lcm=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_pipeline_dir(tmp_path_factory) -> str:
+    """A random-weight SD3-shaped flow-matching pipeline (zoo/tiny/flow.py)."""
+    from zoo.tiny.flow import build_random_flow_pipeline
+
+    return str(build_random_flow_pipeline(tmp_path_factory.mktemp("tiny-flow") / "pipe", seed=0))

@@ -197,3 +197,16 @@ def test_nft_loss_on_flow_inputs_is_the_x0_loss_of_the_velocity():
     loss, _ = algo.loss(ForwardLossInputs(prediction=theta, old_prediction=old, target=eps - x0, x0_scale=sigma,
                                           advantages=optimality))
     torch.testing.assert_close(loss, reference, rtol=1e-10, atol=0)
+
+
+def test_rescoring_is_exact_in_bf16_too(flow_folder):
+    """Under the mixed precision used for training (bf16 weights and autocast, float32
+    log-prob arithmetic), re-scoring a stored transition still gives ratio 1."""
+    policy = Policy.from_pretrained(flow_folder, mixed_precision="bf16", lora=LoraSettings(target_modules=FLOW_LORA_TARGETS))
+    assert policy.transformer.dtype == torch.bfloat16
+    sampler = TrajectorySampler(policy, SamplerConfig("flow", 2, eta=0.7, guidance_scale=4.5))
+    traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
+    assert traj.log_probs.dtype == torch.float32
+    for k in range(2):
+        logp = sampler.log_prob(traj.latents[:, 0, k], torch.full((2,), k), traj.next_latents[:, 0, k], traj.prompt_embeds)
+        assert (torch.exp(logp - traj.log_probs[:, 0, k]) - 1).abs().max().item() <= 1e-6

@@ -29,12 +29,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
-from diffusers.training_utils import cast_training_params
-from peft import set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
-from zoo.policy import LORA_WEIGHT_NAME, PRECISION_DTYPES, MixedPrecision, Policy
+from zoo.policy import PRECISION_DTYPES, MixedPrecision, Policy
 
 PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
 """The flow-matching pipeline classes stepzoo loads, by model_index.json's `_class_name`."""
@@ -44,7 +41,7 @@ FLOW_LORA_TARGETS = (
     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v",
 )
 """The joint attention's image and text projections: Flow-GRPO's SD3 LoRA targets
-(yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:339-348)."""
+(yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:419-428)."""
 
 
 def pipeline_class(folder: str | Path) -> type:
@@ -181,11 +178,7 @@ class FlowPolicy(Policy):
                 output = self.denoiser(
                     hidden_states=hidden, timestep=timesteps, encoder_hidden_states=embeds, pooled_projections=pooled
                 ).sample
-        velocity = self._float_output(output, guided=use_cfg)
-        if use_cfg:
-            uncond, cond = velocity.chunk(2)
-            velocity = uncond + guidance_scale * (cond - uncond)
-        return velocity
+        return self._prediction(output, guidance_scale if use_cfg else None)
 
     def _flux_forward(
         self, latents: torch.Tensor, timesteps: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
@@ -211,27 +204,12 @@ class FlowPolicy(Policy):
         (its SD3 and FLUX training scripts save it so)."""
         return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.transformer).items()}
 
-    def save_lora(self, folder: str | Path) -> Path:
-        """Write the adapter so that the plain diffusers pipeline `load_lora_weights` it."""
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to save")
-        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
-        type(self.pipeline).save_lora_weights(
-            folder,
-            transformer_lora_layers=self.lora_state_dict(),
-            transformer_lora_adapter_metadata=metadata,
-            weight_name=LORA_WEIGHT_NAME,
-        )
-        return Path(folder) / LORA_WEIGHT_NAME
+    lora_prefix = "transformer"
 
-    def load_lora(self, folder: str | Path) -> None:
-        """Load adapter weights written by `save_lora` into this policy's adapter."""
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to load into")
-        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
-        own = {k.removeprefix("transformer."): v for k, v in state.items() if k.startswith("transformer.")}
-        result = set_peft_model_state_dict(self.transformer, own)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
-        cast_training_params(self.transformer, dtype=torch.float32)
+    @property
+    def lora_pipeline(self) -> type:
+        return type(self.pipeline)
+
+    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """diffusers writes a transformer's adapter in peft's keys already."""
+        return state

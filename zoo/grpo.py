@@ -14,7 +14,8 @@ Implementation details:
 1. Sampling: G trajectories per prompt (`num_image_per_prompt`: 8 in the single-GPU config,
    config/grpo.py:234; 24 on 32 GPUs, :42), each from its own x_T: the sampling pipeline is
    called without a generator (train_sd3.py:639-651; `same_latent = False`, base.py at
-   54809b5). The sampler is the preset's (DDIM eta > 0 or LCM, `zoo.sampling`).
+   54809b5). The sampler is the preset's (`zoo.sampling`): on flow models (tiny-flow,
+   sd3.5-medium) Flow-GRPO's own SDE, noise level 0.7 (base.py:54); on UNets DDIM eta > 0 or LCM.
 2. Rewards: one score of each final image.
 3. Advantages (stat_tracking.py:16-31), per prompt over the batch gathered from every
    process: A = (r - mean) / (std + 1e-4), mean over the prompt's rewards, population std

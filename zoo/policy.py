@@ -234,7 +234,7 @@ class Policy(abc.ABC):
             model.compile(mode=performance.compile_mode)
         self.static_outputs = performance.compile_unet and performance.compile_mode in CUDA_GRAPH_MODES
         """Whether the denoiser's outputs are static buffers (CUDA graphs) that its next
-        call overwrites, so that each prediction is copied out (`_float_output`)."""
+        call overwrites, so that each prediction is copied out (`_prediction`)."""
         self._uncond_embeds: torch.Tensor | None = None
         # What runs the forward pass: the model itself, or the DDP wrapper around it that
         # the trainer installs so that gradients are averaged across processes.
@@ -273,13 +273,43 @@ class Policy(abc.ABC):
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(P, L, D) prompt embeddings, what the denoiser is conditioned on."""
 
+    lora_prefix: str
+    """The denoiser's key prefix in a diffusers LoRA file ("unet", "transformer")."""
+
+    @property
     @abc.abstractmethod
-    def save_lora(self, folder: str | Path) -> Path:
-        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+    def lora_pipeline(self) -> type:
+        """The diffusers pipeline class whose `save_lora_weights` writes this model's adapter."""
 
     @abc.abstractmethod
+    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A LoRA file's denoiser weights (prefix removed) in peft's key format."""
+
+    def save_lora(self, folder: str | Path) -> Path:
+        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to save")
+        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
+        self.lora_pipeline.save_lora_weights(
+            folder,
+            **{f"{self.lora_prefix}_lora_layers": self.lora_state_dict(),
+               f"{self.lora_prefix}_lora_adapter_metadata": metadata},
+            weight_name=LORA_WEIGHT_NAME,
+        )
+        return Path(folder) / LORA_WEIGHT_NAME
+
     def load_lora(self, folder: str | Path) -> None:
         """Load adapter weights written by `save_lora` into this policy's adapter."""
+        if self.lora is None:
+            raise ValueError("this policy has no LoRA adapter to load into")
+        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
+        prefix = self.lora_prefix + "."
+        own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(self.model, self.peft_keys(own))
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
+        cast_training_params(self.model, dtype=torch.float32)
 
     def uncond_embeds(self) -> torch.Tensor:
         """(1, L, D) embedding of the empty caption, computed once."""
@@ -292,13 +322,17 @@ class Policy(abc.ABC):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.weight_dtype)
 
-    def _float_output(self, output: torch.Tensor, guided: bool) -> torch.Tensor:
-        """The denoiser's output in float32 (float64 for a policy whose weights are), copied
-        out of a CUDA graph's static buffer when it would otherwise be that buffer: a
-        half-precision output was copied by the cast already, and guidance makes a new
-        tensor; the callers' predictions outlive the next call (NFT's old-policy one)."""
+    def _prediction(self, output: torch.Tensor, guidance_scale: float | None) -> torch.Tensor:
+        """The denoiser's output in float32 (float64 for a policy whose weights are); with a
+        `guidance_scale`, its unconditional and conditional halves combined by classifier-free
+        guidance. Copied out of a CUDA graph's static buffer when it would otherwise be that
+        buffer: a half-precision output was copied by the cast already, and guidance makes a
+        new tensor; the callers' predictions outlive the next call (NFT's old-policy one)."""
         prediction = output.to(torch.promote_types(self.weight_dtype, torch.float32))
-        if prediction is output and self.static_outputs and not guided:
+        if guidance_scale is not None:
+            uncond, cond = prediction.chunk(2)
+            return uncond + guidance_scale * (cond - uncond)
+        if prediction is output and self.static_outputs:
             prediction = output.clone()
         return prediction
 
@@ -475,35 +509,17 @@ class UNetPolicy(Policy):
                 encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
                 timestep_cond=timestep_cond,
             ).sample
-        eps = self._float_output(output, guided=use_cfg)
-        if use_cfg:
-            eps_uncond, eps_cond = eps.chunk(2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        return eps
+        return self._prediction(output, guidance_scale if use_cfg else None)
 
-    def save_lora(self, folder: str | Path) -> Path:
-        """Write the adapter so that a plain diffusers pipeline can `load_lora_weights` it."""
+    # --- LoRA export ------------------------------------------------------------------
+
+    lora_prefix = "unet"
+
+    @property
+    def lora_pipeline(self) -> type:
         from diffusers import StableDiffusionPipeline
 
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to save")
-        metadata = {"r": self.lora.rank, "lora_alpha": self.lora.alpha, "target_modules": list(self.lora.target_modules)}
-        StableDiffusionPipeline.save_lora_weights(
-            folder,
-            unet_lora_layers=self.lora_state_dict(),
-            unet_lora_adapter_metadata=metadata,
-            weight_name=LORA_WEIGHT_NAME,
-        )
-        return Path(folder) / LORA_WEIGHT_NAME
+        return StableDiffusionPipeline
 
-    def load_lora(self, folder: str | Path) -> None:
-        """Load adapter weights written by `save_lora` into this policy's adapter."""
-        if self.lora is None:
-            raise ValueError("this policy has no LoRA adapter to load into")
-        state = load_file(str(Path(folder) / LORA_WEIGHT_NAME))
-        unet_state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(self.unet, convert_unet_state_dict_to_peft(unet_state))
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise ValueError(f"{folder}: LoRA weights do not fit this model: unexpected keys {unexpected[:3]}")
-        cast_training_params(self.unet, dtype=torch.float32)
+    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return convert_unet_state_dict_to_peft(state)

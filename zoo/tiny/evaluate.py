@@ -2,11 +2,14 @@
 
 Writes results/tiny-world/{metrics.json, README.md, samples.png, samples-lcm.png}:
 - the judge's zero-shot accuracy on fresh renders (its top caption among all captions);
-- for the base (DDIM, eta 1, trailing) and LCM pipelines, on the held-out prompts, at each
-  step count: the tiny-clip reward (image-caption cosine similarity) and the fidelity
-  ("correct colour and shape": the judge's top caption is the prompt);
+- for the base (DDIM, eta 1, trailing), LCM and flow-matching (SD3-shaped, Euler ODE)
+  pipelines, on the held-out prompts, at each step count: the tiny-clip reward
+  (image-caption cosine similarity) and the fidelity ("correct colour and shape": the
+  judge's top caption is the prompt);
 - loading time and sampling throughput on this machine.
-Sampling goes through the stock diffusers StableDiffusionPipeline, not the project's sampler.
+Sampling goes through the stock diffusers pipelines (StableDiffusionPipeline,
+StableDiffusion3Pipeline), not the project's sampler. `--only-flow` measures the flow model
+alone and adds it to the metrics.json and README.md already there.
 """
 
 from __future__ import annotations
@@ -23,11 +26,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import tyro
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from torchvision.utils import make_grid, save_image
 from transformers import CLIPModel, CLIPProcessor
 
-from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, data
+from zoo.policy import model_family
+from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, data
+from zoo.tiny.flow import T5_TOKENS
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,10 @@ class EvalConfig:
     """Seeds the evaluation noise and renders; the build used other streams."""
     threads: int = 1
     """torch threads; 1 is robust to a shared CPU (see BuildConfig.threads)."""
+    flow_guidance: float = FLOW_GUIDANCE
+    only_flow: bool = False
+    """Measure the flow model (<assets>/pipeline-flow) only, keeping the rest of <out>'s
+    metrics.json."""
 
 
 class Judge:
@@ -82,9 +91,12 @@ def judge_accuracy(judge: Judge, captions: list[str], per_caption: int, seed: in
     return correct.float().mean().item()
 
 
-def load_pipeline(folder: Path) -> tuple[StableDiffusionPipeline, float]:
+def load_pipeline(folder: Path) -> tuple[StableDiffusionPipeline | StableDiffusion3Pipeline, float]:
     started = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    if model_family(folder) == "flow":
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
     seconds = time.perf_counter() - started
     pipe.set_progress_bar_config(disable=True)
     return pipe, seconds
@@ -92,13 +104,19 @@ def load_pipeline(folder: Path) -> tuple[StableDiffusionPipeline, float]:
 
 @torch.no_grad()
 def sample(pipe, prompts: list[str], steps: int, guidance: float, seed: int) -> torch.Tensor:
+    """DDIM with eta 1 for the UNet pipelines; the flow pipeline's Euler ODE, with no T5
+    tokens (`zoo.tiny.flow.T5_TOKENS`), at the data's image size."""
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        options = dict(max_sequence_length=T5_TOKENS, height=data.IMAGE_SIZE, width=data.IMAGE_SIZE)
+    else:
+        options = dict(eta=1.0)
     return pipe(
         prompts,
         num_inference_steps=steps,
         guidance_scale=guidance,
-        eta=1.0,
         generator=torch.Generator().manual_seed(seed),
         output_type="pt",
+        **options,
     ).images  # (B, 3, 32, 32) in [0, 1]
 
 
@@ -126,7 +144,7 @@ def step_sweep(
     return rows, images_by_steps
 
 
-def throughput(pipe, cfg: EvalConfig, batch: int = 64, repeats: int = 3) -> dict[str, float]:
+def throughput(pipe, cfg: EvalConfig, guidance: float, batch: int = 64, repeats: int = 3) -> dict[str, float]:
     """Images per second at `batch` prompts per call, median of `repeats` calls."""
     prompts = [data.heldout_captions()[0]] * batch
     rates = {}
@@ -134,7 +152,7 @@ def throughput(pipe, cfg: EvalConfig, batch: int = 64, repeats: int = 3) -> dict
         seconds = []
         for _ in range(repeats):
             started = time.perf_counter()
-            sample(pipe, prompts, steps, cfg.guidance, cfg.seed)
+            sample(pipe, prompts, steps, guidance, cfg.seed)
             seconds.append(time.perf_counter() - started)
         rates[f"{steps}_steps"] = batch / statistics.median(seconds)
     return rates
@@ -161,6 +179,57 @@ def _table(rows: list[dict], with_guidance: bool = False) -> str:
         cell = f"| {r['guidance']} " if with_guidance else ""
         lines.append(cell + f"| {r['steps']} | {r['reward_mean']:.3f} ± {r['reward_std']:.3f} | {r['fidelity']:.3f} | {r['count']} |")
     return "\n".join(lines)
+
+
+def _flow_section(metrics: dict) -> str:
+    if "flow" not in metrics:
+        return ""
+    flow = metrics["flow"]
+    build = metrics.get("build", {})
+    return f"""
+## Flow-matching model, held-out prompts
+StableDiffusion3Pipeline (SD3-shaped transformer, {flow['parameters'] / 1e6:.2f}M parameters, on the base
+model's frozen VAE and text encoder; zoo/tiny/flow.py), the Euler ODE of its
+FlowMatchEulerDiscreteScheduler (shift {flow['shift']}), guidance {flow['guidance']} (`zoo.tiny.FLOW_GUIDANCE`),
+{metrics['samples_per_step']} samples per step count; built by
+`{build.get('stage_commands', {}).get('flow', 'python -m zoo.tiny.build --only flow')}` in
+{build.get('stage_seconds', {}).get('flow', 'n/a')} s.
+
+{_table(flow['steps'])}
+
+At other guidance scales:
+
+{_table(flow['guidance_sweep'], with_guidance=True)}
+
+Sample grid: `samples-flow.png` (rows and columns as the others).
+"""
+
+
+def _flow_cost(metrics: dict) -> str:
+    if "flow" not in metrics:
+        return ""
+    flow = metrics["flow"]
+    rates = ", ".join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in flow["throughput"].items())
+    return f"""- flow (two transformer passes per step with CFG), loading {flow['load_seconds']:.2f} s:
+  {rates}
+"""
+
+
+def measure_flow(judge: Judge, cfg: EvalConfig) -> dict:
+    pipe, seconds = load_pipeline(cfg.assets / "pipeline-flow")
+    print("flow:", flush=True)
+    rows, images = step_sweep(pipe, judge, cfg, cfg.steps, cfg.flow_guidance)
+    save_grid(images, cfg.out / "samples-flow.png")
+    sweep = [row for g in cfg.guidance_sweep for row in step_sweep(pipe, judge, cfg, (1, 8), g)[0]]
+    return dict(
+        guidance=cfg.flow_guidance,
+        shift=pipe.scheduler.config.shift,
+        parameters=sum(p.numel() for p in pipe.transformer.parameters()),
+        steps=rows,
+        guidance_sweep=sweep,
+        load_seconds=seconds,
+        throughput=throughput(pipe, cfg, cfg.flow_guidance),
+    )
 
 
 def write_readme(metrics: dict, path: Path) -> None:
@@ -200,7 +269,7 @@ LCMScheduler, guidance {metrics['guidance']} through the guidance embedding (no 
 Base model at other guidance scales (same prompts and seeds):
 
 {_table(metrics['guidance_sweep'], with_guidance=True)}
-
+{_flow_section(metrics)}
 Sample grids (rows: held-out prompts in the order above; column groups: {', '.join(map(str, metrics['config']['steps']))} steps,
 the first samples of each prompt): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
 What they look like, and how the build was run: `notes.md` (written by hand).
@@ -212,7 +281,7 @@ What they look like, and how the build was run: `notes.md` (written by hand).
   {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['base'].items())}
 - LCM (one UNet pass per step):
   {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['lcm'].items())}
-"""
+{_flow_cost(metrics)}"""
     # The gold and proxy rewards' section, written by `python -m zoo.tiny.evaluate_gold`,
     # stays at the end.
     from zoo.tiny.evaluate_gold import SECTION
@@ -238,6 +307,15 @@ def main() -> None:
     )
     print(f"judge: {judge_metrics}", flush=True)
 
+    build_info = cfg.assets / "build_info.json"
+    if cfg.only_flow:
+        metrics = json.loads((cfg.out / "metrics.json").read_text())
+        metrics["flow"] = measure_flow(judge, cfg)
+        metrics["build"] = json.loads(build_info.read_text())
+        (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_readme(metrics, cfg.out / "README.md")
+        return
+
     base, base_seconds = load_pipeline(cfg.assets / "pipeline")
     print("base:", flush=True)
     base_rows, base_images = step_sweep(base, judge, cfg, cfg.steps, cfg.guidance)
@@ -249,7 +327,6 @@ def main() -> None:
     lcm_rows, lcm_images = step_sweep(lcm, judge, cfg, cfg.steps, cfg.guidance)
     save_grid(lcm_images, cfg.out / "samples-lcm.png")
 
-    build_info = cfg.assets / "build_info.json"
     metrics = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         machine=f"{platform.machine()}, {os.cpu_count()} cores",
@@ -262,8 +339,9 @@ def main() -> None:
         lcm=lcm_rows,
         guidance_sweep=guidance_rows,
         load_seconds=dict(base=base_seconds, lcm=lcm_seconds, judge=judge_seconds),
-        throughput=dict(base=throughput(base, cfg), lcm=throughput(lcm, cfg)),
+        throughput=dict(base=throughput(base, cfg, cfg.guidance), lcm=throughput(lcm, cfg, cfg.guidance)),
         build=json.loads(build_info.read_text()) if build_info.exists() else {},
+        flow=measure_flow(judge, cfg),
     )
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_readme(metrics, cfg.out / "README.md")
