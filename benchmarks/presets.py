@@ -476,9 +476,9 @@ def sd35_medium() -> Preset:
     """Flow-GRPO's PickScore setting (yifan123/flow_grpo at ac4c86e, `config/grpo.py:
     pickscore_sd3_4gpu` on `config/base.py`, `scripts/train_sd3.py`): SD3.5 Medium at 512px,
     the SDE at noise level 0.7, K = 10, CFG 4.5, LoRA r32/alpha 64, groups of 16, two updates
-    of 32 trajectories per epoch of 64 per process (`_flow_loops`). The 4-GPU configuration: its groups of
-    16 live on one process, as stepzoo's do (the 32-GPU one's groups of 24 span GPUs,
-    :106-141). Deviations: the published animal prompts, not flow_grpo's PickScore prompt set
+    of 32 trajectories per epoch of 64 per process (`_flow_loops`). The 4-GPU configuration:
+    its groups of 16 live on one process, as stepzoo's do (the 32-GPU one's groups of 24
+    span GPUs, :106-141). Deviations: the published animal prompts, not flow_grpo's PickScore prompt set
     (every GPU preset trains on them); the T5 prompt length is FlowPolicy's 256, flow_grpo
     encodes 128 (train_sd3.py:625); evaluation at `--eval-steps`, flow_grpo's at 40
     (grpo.py:192); no EMA of the adapter (grpo.py:208; see zoo/grpo.py)."""
@@ -529,7 +529,9 @@ def flux_schnell() -> Preset:
         trajectories_per_epoch=64,  # stepzoo's: Flow-GRPO's 64 per process
         sample_batch_size=FLOW_GROUP,  # stepzoo's, as sd3.5-medium
         eval_every=10,  # stepzoo's
-        mixed_precision="bf16",  # flux src/flux/util.py:691, :695 (its encoders and model run in bfloat16)
+        # flux src/flux/util.py:691, :695 load its text encoders in bfloat16 (and diffusers' FLUX
+        # docs the whole pipeline).
+        mixed_precision="bf16",
         # Flow-GRPO's loops; GRPO trains int(0.99 x 4) = 3 of the 4 steps, flow_grpo's rule.
         algo_overrides={algo: {**shared, **loop} for algo, loop in _flow_loops(3).items()},
     )

@@ -62,7 +62,7 @@ CASES = [
     ("unknown algorithm", ["--algos", "sdpo,ppo"], ["--algos", "ppo", ", ".join(ALGORITHMS)], None),
     ("algorithm listed twice", ["--algos", "sdpo,ddpo,sdpo"], ["--algos", "sdpo listed more than once"], None),
     ("unknown eval split", ["--eval-split", "train"], ["--eval-split", "'train'"], None),
-    ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, sd-turbo"], None),
+    ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, tiny-flow, sd-turbo"], None),
     ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
     ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),
     ("hub model not cached", ["--model", "stabilityai/sd-turbo"], ["--model stabilityai/sd-turbo", "cache"], None),

@@ -13,8 +13,8 @@ back by `FluxPipeline.from_pretrained`:
 - CLIPTextModel and the CLIP tokenizer of the tiny world (`zoo.tiny.arch`).
 - T5EncoderModel with a word-level Unigram vocabulary of the tiny captions' words plus
   single letters (so any lowercase prompt tokenizes), wrapped as transformers' T5 tokenizer
-  (`T5TokenizerFast`, what FLUX.1's model_index.json names); no SentencePiece file, no
-  download.
+  (`T5TokenizerFast`, the class FLUX.1's model_index.json names, is transformers 5's
+  tokenizers-backed T5Tokenizer); no SentencePiece file, no download.
 - FlowMatchEulerDiscreteScheduler as FLUX.1-schnell's (shift 1, no dynamic shifting) or,
   with `guidance_embeds=True`, as FLUX.1-dev's (shift 3, dynamic shifting).
 """
