@@ -254,10 +254,13 @@ def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
         overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
     if args.train_batch_size is not None:
         overrides["train_batch_size"] = args.train_batch_size
-    return replace(
-        config, **overrides, sampler=preset.sampler, num_steps=num_steps,
-        guidance_scale=preset.guidance_scale, eta=preset.eta,
-    )
+    try:
+        return replace(
+            config, **overrides, sampler=preset.sampler, num_steps=num_steps,
+            guidance_scale=preset.guidance_scale, eta=preset.eta,
+        )
+    except ValueError as error:  # e.g. a training window longer than --steps (GRPO on the flow presets)
+        raise SystemExit(f"--steps {num_steps}: {name}'s config on --preset {preset.name} refuses it: {error}") from None
 
 
 # --- timing -----------------------------------------------------------------------------

@@ -216,6 +216,12 @@ def test_a_default_sampling_call_holds_whole_groups():
         perf.check_sizes(["sdpo", "grpo"], preset, PerfArgs(batch_size=8), 4, 64)
 
 
+def test_steps_shorter_than_a_presets_training_window_are_refused_by_flag(tmp_path):
+    """sd3.5-medium's GRPO trains 9 of its 10 steps: --steps 4 cannot hold that window."""
+    with pytest.raises(SystemExit, match=r"--steps 4: grpo's config on --preset sd3.5-medium refuses it: window_size"):
+        main(PerfArgs(preset="sd3.5-medium", reduced=True, algos="grpo", steps=4, device="cpu", out=str(tmp_path)))
+
+
 def test_full_size_flow_architectures_need_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="--preset sd3.5-medium at full size.*T5-XXL.*--reduced"):
         main(PerfArgs(preset="sd3.5-medium", algos="sdpo", device="cpu", out=str(tmp_path)))
