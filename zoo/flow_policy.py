@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 
-from zoo.policy import PRECISION_DTYPES, MixedPrecision, Policy
+from zoo.policy import FLOW_PIPELINE_CLASSES, PRECISION_DTYPES, MixedPrecision, Policy
 
-PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
+PIPELINES = dict(zip(FLOW_PIPELINE_CLASSES, (StableDiffusion3Pipeline, FluxPipeline)))
 """The flow-matching pipeline classes stepzoo loads, by model_index.json's `_class_name`."""
 
 FLOW_LORA_TARGETS = (

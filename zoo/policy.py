@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,26 +118,52 @@ float32 safetensors of each component (loaded in the run's precision), not the f
 FLOW_PIPELINE_FILES = (
     "model_index.json",
     "transformer/config.json",
-    "transformer/diffusion_pytorch_model*.safetensors*",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "transformer/diffusion_pytorch_model-*-of-*.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
     "vae/config.json",
     "vae/diffusion_pytorch_model.safetensors",
     "text_encoder*/config.json",
-    "text_encoder*/model*.safetensors*",
+    "text_encoder*/model.safetensors",
+    "text_encoder*/model-*-of-*.safetensors",
+    "text_encoder*/model.safetensors.index.json",
     "tokenizer*/*",
     "scheduler/scheduler_config.json",
 )
 """`PIPELINE_FILES` of a flow-matching pipeline (SD3, FLUX): the transformer and the text
-encoders in safetensors, one file or shards with their index."""
+encoders in float32 safetensors, one file or shards with their index; never a repo's fp16
+variants (`model.fp16*.safetensors`), single-file checkpoints or .bin copies."""
+
+FLOW_REQUIRED = (
+    ("model_index.json",),
+    ("transformer/config.json",),
+    ("transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors.index.json"),
+    ("vae/config.json",),
+    ("vae/diffusion_pytorch_model.safetensors",),
+    ("text_encoder/config.json",),
+    ("text_encoder/model.safetensors", "text_encoder/model.safetensors.index.json"),
+    ("tokenizer/*",),
+    ("scheduler/scheduler_config.json",),
+)
+"""What a flow pipeline's download must hold, each entry one of its alternatives (a single
+weights file or a shard index)."""
 
 PIPELINE_FILE_SETS = {"epsilon": PIPELINE_FILES, "flow": FLOW_PIPELINE_FILES}
+REQUIRED_FILES = {"epsilon": tuple((pattern,) for pattern in PIPELINE_FILES), "flow": FLOW_REQUIRED}
 
 
-def resolve_model(model: str, revision: str = UNPINNED, family: str = "epsilon") -> str:
+FLOW_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
+"""model_index.json `_class_name`s of the flow-matching pipelines (`zoo.flow_policy`)."""
+
+
+def resolve_model(model: str, revision: str = UNPINNED, family: str | None = None) -> str:
     """Return a loadable folder for `model`, or raise ModelUnavailable (or DownloadFailed).
 
     Looks at, in order: `model` as a local folder, the folder in $STEPZOO_MODEL_PATH
     when `model` is a hub id, then the Hugging Face cache at `revision`; a hub id that
     is not cached is downloaded (the `family`'s PIPELINE_FILES only) unless offline.
+    `family` None reads it from the repo's model_index.json, fetched alone first (where
+    that cannot be fetched, the error names the ε-prediction file set).
     """
     if Path(model).is_dir():
         if not any((Path(model) / denoiser).is_dir() for denoiser in ("unet", "transformer")):
@@ -151,10 +178,13 @@ def resolve_model(model: str, revision: str = UNPINNED, family: str = "epsilon")
     override = os.environ.get(MODEL_PATH_ENV)
     if override and Path(override).is_dir():
         return override
-    patterns = PIPELINE_FILE_SETS[family]
-    files = HubFiles(model, revision, patterns)
+    files = HubFiles(model, revision, PIPELINE_FILE_SETS[family or "epsilon"])
     try:
-        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder, patterns))
+        if family is None:
+            family = _hub_family(model, revision)
+            files = HubFiles(model, revision, PIPELINE_FILE_SETS[family])
+        required = REQUIRED_FILES[family]
+        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder, required))
     except hub.HubUnreachable as reason:
         raise ModelUnavailable(
             f"--model {model}: not in the Hugging Face cache and {reason}; fix: `{files.command()}`\n"
@@ -162,7 +192,7 @@ def resolve_model(model: str, revision: str = UNPINNED, family: str = "epsilon")
             f"and copy the cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at "
             "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
         ) from None
-    missing = _missing_pipeline_files(folder, patterns)
+    missing = _missing_pipeline_files(folder, required)
     if missing:
         raise ModelUnavailable(
             f"--model {model}: the hub repo at revision {revision} has no {', '.join(missing)}; "
@@ -171,8 +201,15 @@ def resolve_model(model: str, revision: str = UNPINNED, family: str = "epsilon")
     return str(folder)
 
 
-def _missing_pipeline_files(folder: Path, patterns: tuple[str, ...]) -> list[str]:
-    return [pattern for pattern in patterns if not any(folder.glob(pattern))]
+def _hub_family(model: str, revision: str) -> str:
+    """"flow" or "epsilon", from the hub pipeline's model_index.json (cached like the rest)."""
+    folder = hub.snapshot(HubFiles(model, revision, ("model_index.json",)), lambda f: (f / "model_index.json").is_file())
+    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    return "flow" if name in FLOW_PIPELINE_CLASSES else "epsilon"
+
+
+def _missing_pipeline_files(folder: Path, required: tuple[tuple[str, ...], ...]) -> list[str]:
+    return [" or ".join(choices) for choices in required if not any(any(folder.glob(c)) for c in choices)]
 
 
 class Policy(abc.ABC):
