@@ -400,7 +400,10 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     if args.train_steps is not None:
         if args.train_steps < 1:
             raise UsageError(f"--train-steps must be at least 1, got {args.train_steps}")
-        configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
+        try:
+            configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
+        except ValueError as refused:
+            raise UsageError(f"--train-steps {args.train_steps}: {refused} Pass more steps, or the field it names.") from None
     for name, cfg in configs.items():
         _check_batch_sizes(name, cfg, trajectories, num_processes)
         _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)

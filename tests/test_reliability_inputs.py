@@ -62,6 +62,8 @@ CASES = [
     ("unknown algorithm", ["--algos", "sdpo,ppo"], ["--algos", "ppo", ", ".join(ALGORITHMS)], None),
     ("algorithm listed twice", ["--algos", "sdpo,ddpo,sdpo"], ["--algos", "sdpo listed more than once"], None),
     ("unknown eval split", ["--eval-split", "train"], ["--eval-split", "'train'"], None),
+    ("train steps below a trained window", ["--preset", "sd3.5-medium", "--algos", "grpo", "--train-steps", "4"],
+     ["--train-steps 4", "window_size"], None),
     ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, tiny-flow, sd-turbo"], None),
     ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
     ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),
