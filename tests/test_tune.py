@@ -130,28 +130,32 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-UNTUNED = {"jpeg_compressibility": {"grpo", "draft", "nft"}}
-"""Per task, the algorithms no committed tuning run has selected a learning rate for
-(benchmarks/presets.py::tiny: they train at the default task's rate; DRaFT cannot train on
-JPEG at all)."""
+UNTUNED = {("tiny", "jpeg_compressibility"): {"grpo", "draft", "nft"}}
+"""Per (preset, task), the algorithms no committed tuning run has selected a learning rate
+for (benchmarks/presets.py::tiny: they train at the default task's rate; DRaFT cannot train
+on JPEG at all)."""
 
 
-@pytest.mark.parametrize("reward", ["tiny-aesthetic", "tiny-align", "jpeg_compressibility"])
-def test_tiny_preset_carries_the_committed_tuning_selection(reward):
-    """For each task, the learning rates the tiny preset trains with are the ones its
-    committed tuning run (results/tune-tiny-<reward>/selected.json) selected, from the grid
-    that run tried; the current tasks were tuned on the preset's own grid."""
+@pytest.mark.parametrize("preset_name, reward", [
+    ("tiny", "tiny-aesthetic"), ("tiny", "tiny-align"), ("tiny", "jpeg_compressibility"),
+    ("tiny-flow", "tiny-aesthetic"),
+])
+def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
+    """For each tuned (preset, task), the learning rates the preset trains with are the ones
+    its committed tuning run (results/tune-<preset>-<reward>/selected.json) selected, from
+    the grid that run tried; the current tasks were tuned on the preset's own grid."""
     from pathlib import Path
 
+    from benchmarks.presets import PRESETS
     from benchmarks.run import preset_algo_configs
 
-    run = Path(__file__).resolve().parents[1] / "results" / f"tune-tiny-{reward}"
+    run = Path(__file__).resolve().parents[1] / "results" / f"tune-{preset_name}-{reward}"
     selected = json.loads((run / "selected.json").read_text())
     tried = set(pd.read_csv(run / "tuning.csv")["learning_rate"])
-    preset = tiny()
-    assert selected["preset"] == "tiny" and selected["reward"] == reward
+    preset = PRESETS[preset_name]()
+    assert selected["preset"] == preset_name and selected["reward"] == reward
     configs = preset_algo_configs(preset, reward)
-    assert set(selected["selected"]) == set(preset.algo_overrides) - UNTUNED.get(reward, set())
+    assert set(selected["selected"]) == set(preset.algo_overrides) - UNTUNED.get((preset_name, reward), set())
     for algo, chosen in selected["selected"].items():
         assert chosen["learning_rate"] in tried
         if reward != "jpeg_compressibility":
