@@ -29,7 +29,15 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from zoo.tiny import data
-from zoo.tiny.arch import TEST_ARCH, TinyArch, build_tokenizer, make_vae, mark_float32_compute, text_encoder_config
+from zoo.tiny.arch import (
+    TEST_ARCH,
+    TinyArch,
+    build_tokenizer,
+    make_vae,
+    mark_float32_compute,
+    slim_tokenizer_folder,
+    text_encoder_config,
+)
 
 FLOW_SHIFT = 3.0
 """The scheduler's time shift: SD3.5's own (its scheduler_config.json), so the tiny model's
@@ -100,19 +108,10 @@ def build_random_flow_pipeline(
         tokenizer_3=None,
     )
     pipe.save_pretrained(folder)
-    _drop_tokenizer_json(folder)
-    return folder
-
-
-def _drop_tokenizer_json(folder: Path) -> None:
-    """transformers 5 writes tokenizer.json (3.6 MB) beside vocab.json and merges.txt,
-    from which the same tokenizer loads; `build_tokenizer` wrote those."""
-    from zoo.tiny.arch import _write_bpe_files
-
+    # transformers 5 writes tokenizer.json (3.6 MB) beside vocab.json and merges.txt.
     for name in ("tokenizer", "tokenizer_2"):
-        if (folder / name / "tokenizer.json").exists():
-            _write_bpe_files(folder / name)
-            (folder / name / "tokenizer.json").unlink()
+        slim_tokenizer_folder(folder / name)
+    return folder
 
 
 def prompt_features(pipe: StableDiffusion3Pipeline, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
