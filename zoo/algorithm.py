@@ -31,8 +31,9 @@ latent x0 (`Trajectory.final_latents`) to the timestep t of step j with fresh no
 x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, predicts ε at x_t without classifier-free guidance
 under the old policy's weights (no gradient), under the frozen base model when
 `needs.reference_prediction` asks (no gradient), and under the current weights (with
-gradient), and calls `loss` with `ForwardLossInputs`. Flow models are noised on their own path, x_σ = (1-σ)·x0 + σ·ε, and
-predict the velocity ε - x0 (`ForwardLossInputs` is written for both). One backward pass per call, so
+gradient), and calls `loss` with `ForwardLossInputs`. Flow models are noised on their own
+path, x_σ = (1-σ)·x0 + σ·ε, and predict the velocity ε - x0 (`ForwardLossInputs` is
+written for both). One backward pass per call, so
 `loss_calls_per_update` keeps its default (accumulation x K).
 
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads

@@ -44,8 +44,9 @@ FLOW_LORA_TARGETS = (
 (yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:419-428)."""
 
 
-def pipeline_class(folder: str | Path) -> type:
-    name = json.loads((Path(folder) / "model_index.json").read_text())["_class_name"]
+def pipeline_class(folder: str | Path, index: dict) -> type:
+    """The pipeline class that `folder`'s model_index.json (`index`) names."""
+    name = index["_class_name"]
     if name not in PIPELINES:
         raise ValueError(
             f"{folder}: a {name} is not a flow-matching pipeline stepzoo loads; "
@@ -102,8 +103,8 @@ class FlowPolicy(Policy):
     @classmethod
     def load(cls, source: str, *, mixed_precision: MixedPrecision = "no", **options) -> "FlowPolicy":
         """From a local pipeline folder (`zoo.policy.resolve_model`'s answer)."""
-        pipeline_type = pipeline_class(source)
         index = json.loads((Path(source) / "model_index.json").read_text())
+        pipeline_type = pipeline_class(source, index)
         absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
         pipeline = pipeline_type.from_pretrained(
             source, dtype=PRECISION_DTYPES[mixed_precision], local_files_only=True, **absent

@@ -14,8 +14,8 @@ Three transition kernels share one trajectory sampler:
   a = 0 is the Euler step of diffusers' FlowMatchEulerDiscreteScheduler (the ODE).
 
 DDIM with eta = 0 is deterministic and has no density (its recorded log-probs are NaN); it
-samples data for losses that read no log-probs (NFT trains on `forward_noise` of the final
-latents).
+samples data for losses that read no log-probs (NFT trains on the final latents, noised
+again by `TrajectorySampler.forward_process`); so does the flow ODE.
 
 Both need ᾱ_t' < 1 at the last step to have a density. Past the end of the schedule
 ᾱ_t' is ᾱ of timestep 0 (as the DDPO/SDPO reference code clamps it), never 1. That is a
@@ -381,14 +381,13 @@ class TrajectorySampler:
         through the UNet when enabled by the caller.
         """
         t, alpha_t, alpha_prev, c_skip, c_out, sigma, sigma_next = self._step_constants(step_index)
+        prediction = self.predict(latents, t, prompt_embeds, self.config.guidance_scale)
         if self.config.kind == "flow":
-            velocity = self.policy.predict_velocity(latents, t, prompt_embeds, self.config.guidance_scale)
             sigma_max = self.schedule.sigma_next[0].expand_as(sigma)
-            return flow_transition(velocity, latents, sigma, sigma_next, sigma_max, self.config.eta)
-        eps = self.policy.predict_noise(latents, t, prompt_embeds, self.config.guidance_scale, self.config.kind)
+            return flow_transition(prediction, latents, sigma, sigma_next, sigma_max, self.config.eta)
         if self.config.kind == "ddim":
-            return ddim_transition(eps, latents, alpha_t, alpha_prev, self.config.eta)
-        mean, std, pred_x0, _ = lcm_transition(eps, latents, alpha_t, alpha_prev, c_skip, c_out)
+            return ddim_transition(prediction, latents, alpha_t, alpha_prev, self.config.eta)
+        mean, std, pred_x0, _ = lcm_transition(prediction, latents, alpha_t, alpha_prev, c_skip, c_out)
         return mean, std, pred_x0
 
     def log_prob(
