@@ -1,6 +1,6 @@
 """Samplers whose every transition is a Gaussian with a known log-density.
 
-Three transition kernels share one trajectory sampler:
+Four transition kernels share one trajectory sampler:
 
 - DDIM with eta > 0 (DDPO, D3PO, SDPO):
   x̂0 = (x_t - sqrt(1-ᾱ_t)·ε̂) / sqrt(ᾱ_t);  σ = eta·sqrt((1-ᾱ_t')/(1-ᾱ_t))·sqrt(1-ᾱ_t/ᾱ_t');
@@ -12,6 +12,8 @@ Three transition kernels share one trajectory sampler:
   std_σ = a·sqrt(σ/(1-σ)) (σ = 1 replaced by the schedule's second σ), x_σ' ~
   N(x·(1 + std_σ²·dt/(2σ)) + v·(1 + std_σ²·(1-σ)/(2σ))·dt, std_σ²·(-dt)); x̂0 = x - σ·v.
   a = 0 is the Euler step of diffusers' FlowMatchEulerDiscreteScheduler (the ODE).
+- Flow matching, DanceGRPO's SDE (`SamplerConfig.flow_sde` "dance-grpo"): constant noise
+  eta, x_σ' ~ N(x + (v + eta²·(x + (1-σ)·v)/(2σ))·dt, eta²·(-dt)); eta = 0 is the same ODE.
 
 DDIM with eta = 0 is deterministic and has no density (its recorded log-probs are NaN); it
 samples data for losses that read no log-probs (NFT trains on the final latents, noised
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, LCMScheduler
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
     from zoo.policy import Policy
 
 SamplerKind = Literal["ddim", "lcm", "flow"]
+FlowSDE = Literal["flow-grpo", "dance-grpo"]
+FLOW_SDES: tuple[str, ...] = get_args(FlowSDE)
 
 TIMESTEP_SPACINGS: dict[str, tuple[str, ...]] = {
     "ddim": ("leading", "trailing", "linspace"), "lcm": ("skipping",), "flow": (),
@@ -92,6 +96,13 @@ class SamplerConfig:
     timesteps counted down from the top (RLCM's rule; None is diffusers' LCMScheduler,
     whose indices floor(linspace(0, n, K)) differ from it at K = 3, 4, 6, 8, 9 and 11 on
     for n = 50)."""
+    flow_sde: FlowSDE = "flow-grpo"
+    """The flow sampler's SDE: "flow-grpo" (`flow_transition`: std a·sqrt(σ/(1-σ))·sqrt(-dt),
+    `eta` = Flow-GRPO's noise level, 0.7 published) or "dance-grpo" (`dance_flow_transition`:
+    std eta·sqrt(-dt), DanceGRPO's eta, 0.3 published for FLUX). Both share the model's
+    sigmas, x̂0 and the element-mean log-density, and both are the Euler ODE at eta 0 (the
+    evaluation's sampler, so it does not depend on this). Other kinds take only "flow-grpo",
+    the default."""
 
     def validate(self, *, for_training: bool) -> None:
         if self.kind not in TIMESTEP_SPACINGS:
@@ -102,6 +113,13 @@ class SamplerConfig:
                 f"timestep spacing {self.timestep_spacing!r} does not apply to the {self.kind} sampler; "
                 f"choose from {', '.join(allowed)} or None (the scheduler config's own)"
             )
+        if self.flow_sde not in FLOW_SDES:
+            raise SamplerConfigError(f"--flow-sde must be one of {', '.join(FLOW_SDES)}, got {self.flow_sde!r}")
+        if self.flow_sde != "flow-grpo" and self.kind != "flow":
+            raise SamplerConfigError(
+                f"--flow-sde {self.flow_sde} is an SDE of the flow sampler, and the sampler is {self.kind}: "
+                "pass --sampler flow, or leave --flow-sde at flow-grpo"
+            )
         if self.num_steps < 1:
             raise SamplerConfigError(f"--steps must be at least 1, got {self.num_steps}")
         if self.guidance_scale < 1.0:
@@ -110,7 +128,11 @@ class SamplerConfig:
             if self.eta < 0:
                 raise SamplerConfigError(f"--eta must be >= 0, got {self.eta}")
             if for_training and self.eta == 0:
-                published = "--eta 1 (the published setting)" if self.kind == "ddim" else "--eta 0.7 (Flow-GRPO's noise level)"
+                published = {
+                    "ddim": "--eta 1 (the published setting)",
+                    "flow-grpo": "--eta 0.7 (Flow-GRPO's noise level)",
+                    "dance-grpo": "--eta 0.3 (DanceGRPO's for FLUX)",
+                }["ddim" if self.kind == "ddim" else self.flow_sde]
                 raise SamplerConfigError(
                     f"--eta 0 makes the {self.kind} sampler deterministic: its transitions have no "
                     f"log-probability, so policy-gradient training cannot use them; pass {published}"
@@ -199,6 +221,41 @@ def flow_transition(
     std_t = noise_level * (s / denominator).sqrt()
     mean = x * (1 + std_t**2 / (2 * s) * dt) + velocity * (1 + std_t**2 * (1 - s) / (2 * s)) * dt
     std = (std_t * (-dt).sqrt()).flatten()
+    return mean, std, x - s * velocity
+
+
+def dance_flow_transition(
+    velocity: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DanceGRPO's SDE step as a Gaussian: returns (mean, std (N,), x̂0), float32 (float64
+    when x is). sigma, sigma_next (N,) are σ and σ' of the step, dt = σ' - σ < 0.
+
+    XueZeyue/DanceGRPO at 15cc71d53cc2e6e18a68ee607d5fb6ba9a99e344, fastvideo/
+    train_grpo_flux.py:131-170 (`flux_step` with sde_solver=True, the only way its trainers
+    call it, :250, :291): the Euler mean x + dt·v (:142-143) plus the reverse-SDE drift
+    -½·eta²·score·dt with the score of x_σ estimated from x̂0 = x - σ·v as
+    -(x - (1-σ)·x̂0)/σ² (:145, :151-153), and a constant diffusion eta, std =
+    eta·sqrt(σ - σ') (:147-148). Its scripts pass eta 0.3 (FLUX, scripts/finetune/
+    finetune_flux_grpo.sh:46; also Qwen-Image, Wan 2.1, SkyReels) and 0.25 (HunyuanVideo,
+    finetune_hunyuan_grpo.sh:49); the argument's own default is None (train_grpo_flux.py:
+    1103-1106).
+
+    Deliberate deviations:
+    - the score is written -(x + (1-σ)·v)/σ, the same number once x̂0 is substituted, so that
+      small σ does not subtract nearly equal terms (the tiny flow model's 2-step schedule
+      ends at σ = 0.0089);
+    - the σ are the model's FlowMatchEulerDiscreteScheduler's and its timestep input σ·1000,
+      as for Flow-GRPO's SDE, where DanceGRPO shifts linspace(1, 0, K + 1) itself (:311-313)
+      and passes int(σ·1000) (:231), so the two SDEs differ only in this kernel.
+    The log-prob (`gaussian_log_prob`) is DanceGRPO's: the Gaussian log-density of each
+    element, constants included, averaged over every dim but the batch (:161-167)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    velocity, x = velocity.to(dtype), x.to(dtype)
+    s, s_next = _per_sample(sigma.to(dtype), x), _per_sample(sigma_next.to(dtype), x)
+    dt = s_next - s
+    score = -(x + (1 - s) * velocity) / s
+    mean = x + (velocity - 0.5 * eta**2 * score) * dt
+    std = (eta * (-dt).sqrt()).flatten()
     return mean, std, x - s * velocity
 
 
@@ -382,6 +439,8 @@ class TrajectorySampler:
         """
         t, alpha_t, alpha_prev, c_skip, c_out, sigma, sigma_next = self._step_constants(step_index)
         prediction = self.predict(latents, t, prompt_embeds, self.config.guidance_scale)
+        if self.config.kind == "flow" and self.config.flow_sde == "dance-grpo":
+            return dance_flow_transition(prediction, latents, sigma, sigma_next, self.config.eta)
         if self.config.kind == "flow":
             sigma_max = self.schedule.sigma_next[0].expand_as(sigma)
             return flow_transition(prediction, latents, sigma, sigma_next, sigma_max, self.config.eta)
