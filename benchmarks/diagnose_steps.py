@@ -31,6 +31,7 @@ import torch
 from benchmarks.evaluate import evaluation_seed
 from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
+from benchmarks.run import ALGORITHM_CONFIG_DEFAULTS
 from rewards.registry import gold_rewards, load_reward
 from rewards.tiny_gold import pair_sign_agreement, pair_ties
 from zoo.policy import LoraSettings, Policy
@@ -145,8 +146,9 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
     # Every algorithm of a run samples with the preset's shared sampler fields.
     first = next(iter(algo_configs.values()))
     num_steps = steps or first["num_steps"]
+    flow_sde = first.get("flow_sde", ALGORITHM_CONFIG_DEFAULTS["flow_sde"])
     sampler_config = SamplerConfig(first["sampler"], num_steps, first["eta"], first["guidance_scale"],
-                                   config.get("timestep_spacing"))
+                                   config.get("timestep_spacing"), flow_sde)
     model = recorded_model(config["model"])
     results: dict = {"run": str(run), "seed": seed, "split": split, "num_steps": num_steps,
                      "pairs_per_prompt": pairs_per_prompt, "shared_noise": shared_noise, "prompts": prompts,

@@ -399,7 +399,8 @@ def measure_algorithm(
     # A minibatch can hold no more groups than one sampling call made.
     train_groups = min(config.train_batch_size, groups)
     prompts = [preset.train_prompts[i % len(preset.train_prompts)] for i in range(groups)]
-    sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, num_steps, config.eta, config.guidance_scale))
+    sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, num_steps, config.eta, config.guidance_scale,
+                                                     flow_sde=config.flow_sde))
     generator = torch.Generator().manual_seed(args.seed)
 
     def sample(group_size: int, shared_noise: bool, final_images: bool = needs.final_images) -> Trajectory:

@@ -100,6 +100,9 @@ class Preset:
     """Config field -> candidate values: `benchmarks.tune` trains every algorithm at every
     combination (the same number of configurations for each) and keeps the best by
     `TUNING_RULE`."""
+    flow_sde: str = "flow-grpo"
+    """The flow sampler's SDE, "flow-grpo" or "dance-grpo" (`zoo.sampling.SamplerConfig.flow_sde`),
+    set for every algorithm like `eta`, which it reinterprets; unused by the other samplers."""
 
 
 def tiny() -> Preset:

@@ -58,7 +58,7 @@ AlgoConfigs.__doc__ = "Per-algorithm hyperparameters (defaults: the published on
 
 # The sampler fields that a preset sets for every algorithm alike, so that all of them
 # train on the same trajectories distribution and budget.
-SHARED_SAMPLER_FIELDS = ("sampler", "num_steps", "guidance_scale", "eta")
+SHARED_SAMPLER_FIELDS = ("sampler", "num_steps", "guidance_scale", "eta", "flow_sde")
 
 
 @dataclass
@@ -174,6 +174,7 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
             "num_steps": preset.num_steps,
             "guidance_scale": preset.guidance_scale,
             "eta": preset.eta,
+            "flow_sde": preset.flow_sde,
             **preset.algo_overrides.get(name, {}),
             **preset.reward_overrides.get(reward, {}).get(name, {}),
         }
@@ -563,6 +564,8 @@ RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
 RESUME_DEFAULTS = {"groups_per_prompt": 1}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
+ALGORITHM_CONFIG_DEFAULTS = {"flow_sde": "flow-grpo"}
+"""The same for the fields of each recorded algorithm config (config.json "algorithm_configs")."""
 
 
 EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
@@ -578,8 +581,11 @@ def _read_config(path: Path, flag: str) -> dict:
 
 def _recorded_setting(config: dict, key: str) -> Any:
     """A setting of a config.json as this checkout reads it: the model as the folder or hub
-    id it names here (a relative folder is the same in every clone)."""
+    id it names here (a relative folder is the same in every clone), each algorithm config
+    with the fields it was recorded without."""
     value = config.get(key, RESUME_DEFAULTS.get(key))
+    if key == "algorithm_configs":
+        return {name: {**ALGORITHM_CONFIG_DEFAULTS, **fields} for name, fields in value.items()}
     return recorded_model(value) if key == "model" and isinstance(value, str) else value
 
 
@@ -653,6 +659,7 @@ def _extended(plan: Plan) -> Plan:
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
     saved = _read_config(config_path, "--extend")
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
+    algorithm_configs = _recorded_setting(saved, "algorithm_configs")
     present = [name for name in plan.algos if name in recorded_algos]
     new_seeds = [seed for seed in plan.seeds if seed not in recorded_seeds]
     dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
@@ -686,7 +693,7 @@ def _extended(plan: Plan) -> Plan:
             f"{config_path} records it: pass its values, or choose another --out for a new run"
         )
     for name in present:
-        recorded_config = saved["algorithm_configs"][name]
+        recorded_config = algorithm_configs[name]
         current_config = json.loads(json.dumps(dataclasses.asdict(plan.configs[name])))
         for key in sorted(recorded_config.keys() | current_config.keys()):
             if recorded_config.get(key) != current_config.get(key):
@@ -697,7 +704,7 @@ def _extended(plan: Plan) -> Plan:
                     f"did; pass {flag} {recorded_config.get(key)}"
                 )
     for name, cfg in plan.configs.items():
-        for recorded, recorded_config in saved["algorithm_configs"].items():
+        for recorded, recorded_config in algorithm_configs.items():
             for key in SHARED_SAMPLER_FIELDS:
                 if key in recorded_config and getattr(cfg, key) != recorded_config[key]:
                     flag = _algo_flag(plan.args, name, key)
@@ -720,7 +727,7 @@ def _extended(plan: Plan) -> Plan:
         algos=[*recorded_algos, *added],
         seeds=[*recorded_seeds, *new_seeds],
         configs={name: plan.configs[name] for name in [*present, *added]},
-        recorded_configs={name: c for name, c in saved["algorithm_configs"].items() if name not in present},
+        recorded_configs={name: c for name, c in algorithm_configs.items() if name not in present},
     )
 
 

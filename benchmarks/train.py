@@ -927,11 +927,11 @@ def reward_backprop_epoch(
 
 
 def training_sampler_config(config: Any, settings: JobSettings) -> SamplerConfig:
-    """The sampler `config` trains with: its kind, K, eta and guidance, with the preset's
+    """The sampler `config` trains with: its kind, K, eta, guidance and flow SDE, with the preset's
     timestep spacing when it samples with the preset's kind (the evaluation's); a config
     that samples with another kind keeps the scheduler config's own spacing."""
     spacing = settings.eval.timestep_spacing if config.sampler == settings.eval.sampler else None
-    return SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale, spacing)
+    return SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale, spacing, config.flow_sde)
 
 
 def run_algorithm(

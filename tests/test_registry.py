@@ -24,7 +24,7 @@ from zoo.trajectory import Trajectory
 SHARED_FIELDS = (
     "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "max_grad_norm",
     "train_batch_size", "gradient_accumulation_steps", "num_inner_epochs",
-    "lora_rank", "lora_alpha", "lora_target_modules", "sampler", "num_steps", "guidance_scale", "eta",
+    "lora_rank", "lora_alpha", "lora_target_modules", "sampler", "num_steps", "guidance_scale", "eta", "flow_sde",
 )
 """Fields the runner reads from every config (with `build`, `loss_calls_per_update` and
 `steps_in_outer_loop`)."""

@@ -49,6 +49,7 @@ from typing import Any, Literal
 
 import torch
 
+from zoo.sampling import FLOW_SDES, FlowSDE
 from zoo.stat_tracking import NoStatTracker
 from zoo.trajectory import Trajectory
 
@@ -255,6 +256,7 @@ _TRAINING_RULES: tuple[FieldRule, ...] = (
     ("lora_alpha", "must be positive", lambda v: v > 0),
     ("num_steps", "must be at least 1", lambda v: v >= 1),
     ("guidance_scale", "must be at least 1 (1 means no guidance)", lambda v: v >= 1),
+    ("flow_sde", f"must be one of {', '.join(FLOW_SDES)}", lambda v: v in FLOW_SDES),
 )
 """The values of the shared fields that every `TrainingConfig` refuses."""
 
@@ -302,9 +304,13 @@ class TrainingConfig(abc.ABC):
     """Classifier-free guidance scale, at sampling and when recomputing log-probs (1 = no guidance)."""
     eta: float = 1.0
     """DDIM eta when `sampler` is ddim, the SDE's noise level when it is flow (positive for losses that read log-probs: eta = 0 has no log-density); unused by LCM."""
+    flow_sde: FlowSDE = "flow-grpo"
+    """The flow sampler's SDE, Flow-GRPO's or DanceGRPO's (`zoo.sampling.SamplerConfig.flow_sde`; their published eta: 0.7, 0.3); other samplers take only flow-grpo."""
 
     def __post_init__(self) -> None:
         check_field_rules(self, _TRAINING_RULES)
+        if self.flow_sde != "flow-grpo" and self.sampler != "flow":
+            raise ValueError(f"flow_sde {self.flow_sde} is an SDE of the flow sampler, not of {self.sampler}.")
         if self.sampler in ("ddim", "flow") and self.eta < 0:
             raise ValueError(f"eta must be non-negative (got {self.eta}).")
         if self.sampler in ("ddim", "flow") and self.eta == 0 and self.reads_log_probs:
