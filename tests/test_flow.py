@@ -78,20 +78,26 @@ def test_ode_sample_is_the_diffusers_pipelines(flow_policy, guidance):
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
+def assert_rescoring_gives_ratio_one(policy: Policy, config: SamplerConfig) -> None:
+    """Samples two trajectories of each of PROMPTS with `config` and re-scores every stored
+    transition: |exp(logp - stored) - 1| <= 1e-6 (float32 log-probs)."""
+    sampler = TrajectorySampler(policy, config)
+    traj = sampler.sample(PROMPTS, group_size=2, generator=torch.Generator().manual_seed(config.num_steps))
+    n = 4
+    embeds = traj.prompt_embeds.repeat_interleave(2, dim=0)
+    for k in range(config.num_steps):
+        step = torch.full((n,), k, dtype=torch.long)
+        logp = sampler.log_prob(traj.latents[:, :, k].flatten(0, 1), step, traj.next_latents[:, :, k].flatten(0, 1),
+                                embeds)
+        ratio = torch.exp(logp - traj.log_probs[:, :, k].flatten())
+        assert (ratio - 1).abs().max().item() <= 1e-6
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
 def test_rescoring_a_stored_transition_gives_ratio_one(flow_policy, guidance):
     """|exp(logp - stored) - 1| <= 1e-6 at K = 1, 2, 4, 8, in float32."""
     for steps in (1, 2, 4, 8):
-        sampler = TrajectorySampler(flow_policy, SamplerConfig("flow", steps, eta=0.7, guidance_scale=guidance))
-        traj = sampler.sample(PROMPTS, group_size=2, generator=torch.Generator().manual_seed(steps))
-        n = 4
-        embeds = traj.prompt_embeds.repeat_interleave(2, dim=0)
-        for k in range(steps):
-            step = torch.full((n,), k, dtype=torch.long)
-            logp = sampler.log_prob(traj.latents[:, :, k].flatten(0, 1), step, traj.next_latents[:, :, k].flatten(0, 1),
-                                    embeds)
-            ratio = torch.exp(logp - traj.log_probs[:, :, k].flatten())
-            assert (ratio - 1).abs().max().item() <= 1e-6
+        assert_rescoring_gives_ratio_one(flow_policy, SamplerConfig("flow", steps, eta=0.7, guidance_scale=guidance))
 
 
 def test_stored_log_prob_is_the_gaussian_density(flow_policy):
