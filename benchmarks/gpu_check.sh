@@ -26,6 +26,10 @@
 # and .ref/sdpo (the reference's files) and .refwhl (its packages) as the docstring of
 # benchmarks/reference_sdpo.py says. Then through the device tool:
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl", ".refwhl", ".ref"], timeout_s=600)
+# PARTS picks the parts (default "paper reference overlap", issue 17's); issue 16's full-size
+# flow-matching rows are two more, "sd3.5" and "flux" (benchmarks.perf --preset sd3.5-medium /
+# flux-schnell at their presets' bf16, 512px and K; random weights, T5-XXL included), run as
+#   run(command="PARTS='sd3.5 flux' bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # Everything lands in $OUT (tables.md, records.json, log.txt, env.txt, reference-log.txt);
 # without $OUT (a plain shell) it goes to results/perf/gpu/latest.
 # A dry run of the same sequence on a CPU, reduced (75-113 s on 2 shared cores, 2026-11-30):
@@ -55,6 +59,7 @@ cat "$OUT/env.txt"
 part() {
   local tag=$1 limit=$2
   shift 2
+  [[ " ${PARTS:-paper reference overlap} " == *" $tag "* ]] || return 0
   echo "=== $tag (at ${SECONDS}s, limit ${limit}s)" | tee -a "$LOG"
   timeout "$limit" "$@" 2>&1 | grep -v "should be kept in float32" | tee -a "$LOG"
 }
@@ -78,6 +83,15 @@ part reference 240 python3 -m benchmarks.reference_sdpo --epochs 2 --batches-per
 part overlap 90 python3 -m benchmarks.perf --preset sd-turbo --tag overlap-aesthetic --out "$OUT/runs" \
   --mixed-precision fp16 --algos sdpo --reward aesthetic --random-reward-weights --no-baseline --repeats 2 \
   --sample-calls 2 ${PERF_EXTRA:-}
+# The flow presets' pipelines are built in full on the device (a 2.5B transformer and the
+# 4.8B T5-XXL encoder for SD3.5-medium, 12B and T5-XXL for FLUX.1-schnell): each part's
+# limit leaves the build a minute or two.
+# shellcheck disable=SC2086
+part sd3.5 240 python3 -m benchmarks.perf --preset sd3.5-medium --tag full --out "$OUT/runs" \
+  --no-baseline --repeats 1 --sample-calls 1 ${PERF_EXTRA:-}
+# shellcheck disable=SC2086
+part flux 240 python3 -m benchmarks.perf --preset flux-schnell --tag full --out "$OUT/runs" \
+  --no-baseline --repeats 1 --sample-calls 1 ${PERF_EXTRA:-}
 
 cp /tmp/stepzoo-reference-sdpo/reference.log "$OUT/reference-log.txt" 2>/dev/null
 python3 - "$OUT" <<'EOF'
