@@ -227,10 +227,11 @@ def tiny_flow() -> Preset:
     # LoRA on the joint attention's image and text projections (Flow-GRPO's SD3 targets) for
     # every algorithm, at each algorithm's own rank.
     flow_lora = {"lora_target_modules": FLOW_LORA_TARGETS}
-    # results/tune-tiny-flow-tiny-aesthetic (the default task): the tiny grid, seeds 100 and
-    # 101, selected by the validation gold. The other tasks are not tuned on this model yet:
-    # they keep the UNet world's selections (`tiny`'s reward_overrides).
+    # results/tune-tiny-flow-tiny-aesthetic and results/tune-tiny-flow-tiny-align: the tiny
+    # grid, seeds 100 and 101, selected by the validation gold. JPEG is not tuned on this
+    # model: it keeps the UNet world's selections (`tiny`'s reward_overrides).
     aesthetic_rates = {"ddpo": 2e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 1e-3, "grpo": 2e-3, "draft": 1e-3, "nft": 4e-3}
+    align_rates = {"ddpo": 1e-3, "rebel": 1e-3, "d3po": 1e-3, "sdpo": 2e-3, "grpo": 2e-3, "draft": 2e-3, "nft": 1e-3}
     return replace(
         base,
         name="tiny-flow",
@@ -245,6 +246,10 @@ def tiny_flow() -> Preset:
         algo_overrides={
             algo: {**overrides, **flow_lora, "learning_rate": aesthetic_rates[algo]}
             for algo, overrides in base.algo_overrides.items()
+        },
+        reward_overrides={
+            **base.reward_overrides,
+            "tiny-align": {algo: {"learning_rate": rate} for algo, rate in align_rates.items()},
         },
     )
 

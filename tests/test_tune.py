@@ -138,7 +138,7 @@ on JPEG at all)."""
 
 @pytest.mark.parametrize("preset_name, reward", [
     ("tiny", "tiny-aesthetic"), ("tiny", "tiny-align"), ("tiny", "jpeg_compressibility"),
-    ("tiny-flow", "tiny-aesthetic"),
+    ("tiny-flow", "tiny-aesthetic"), ("tiny-flow", "tiny-align"),
 ])
 def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
     """For each tuned (preset, task), the learning rates the preset trains with are the ones
