@@ -12,7 +12,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from zoo.flow_policy import FLOW_LORA_TARGETS, FlowPolicy
 from zoo.policy import LoraSettings, Policy
-from zoo.sampling import SamplerConfig, SamplerConfigError, TrajectorySampler, flow_transition, gaussian_log_prob
+from zoo.sampling import (
+    FLOW_SDES, SamplerConfig, SamplerConfigError, TrajectorySampler, dance_flow_transition, flow_transition,
+    gaussian_log_prob,
+)
 from zoo.tiny.flow import T5_TOKENS, build_random_flow_pipeline
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -48,16 +51,20 @@ def test_sde_step_replaces_sigma_one_by_the_second_sigma():
     assert std.item() == pytest.approx(0.5, abs=1e-6)
 
 
-def test_noise_level_zero_is_the_schedulers_euler_step():
+@pytest.mark.parametrize("sde", FLOW_SDES)
+def test_noise_level_zero_is_the_schedulers_euler_step(sde):
+    """Flow-GRPO's and DanceGRPO's SDEs at noise level 0 are both diffusers' Euler step."""
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(4)
     generator = torch.Generator().manual_seed(0)
     x, v = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
     for k in range(4):
-        t = scheduler.timesteps[k]
-        expected = scheduler.step(v, t, x).prev_sample
-        sigma = scheduler.sigmas[k].expand(2)
-        mean, std, _ = flow_transition(v, x, sigma, scheduler.sigmas[k + 1].expand(2), scheduler.sigmas[1].expand(2), 0.0)
+        expected = scheduler.step(v, scheduler.timesteps[k], x).prev_sample
+        sigma, sigma_next = scheduler.sigmas[k].expand(2), scheduler.sigmas[k + 1].expand(2)
+        if sde == "flow-grpo":
+            mean, std, _ = flow_transition(v, x, sigma, sigma_next, scheduler.sigmas[1].expand(2), 0.0)
+        else:
+            mean, std, _ = dance_flow_transition(v, x, sigma, sigma_next, 0.0)
         assert torch.equal(std, torch.zeros(2))
         torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
 

@@ -1,6 +1,6 @@
 """DanceGRPO's SDE as the flow sampler's alternative (`SamplerConfig.flow_sde` "dance-grpo"):
-worked numbers of its step, the Euler ODE at eta 0, exact re-scoring of stored
-transitions, the sampler's dispatch to it, the refusals naming the flag, and the way the
+worked numbers of its step, exact re-scoring of stored transitions (its Euler ODE at
+eta 0 is checked beside Flow-GRPO's in tests/test_flow.py), the sampler's dispatch to it, the refusals naming the flag, and the way the
 setting travels from a preset or a per-algorithm flag to training and config.json."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 import zoo.sampling
 from benchmarks.presets import tiny_flow
@@ -49,18 +48,6 @@ def test_dance_step_worked_numbers():
     mean64, _, _ = dance_flow_transition(2 * one.view(1, 1, 1, 1).double(), one.view(1, 1, 1, 1).double(), 0.75 * one,
                                          0.5 * one, 0.3)
     assert mean64.dtype == torch.float64
-
-
-def test_eta_zero_is_the_schedulers_euler_step():
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    scheduler.set_timesteps(4)
-    generator = torch.Generator().manual_seed(0)
-    x, v = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 4, 8, 8, generator=generator)
-    for k in range(4):
-        expected = scheduler.step(v, scheduler.timesteps[k], x).prev_sample
-        mean, std, _ = dance_flow_transition(v, x, scheduler.sigmas[k].expand(2), scheduler.sigmas[k + 1].expand(2), 0.0)
-        assert torch.equal(std, torch.zeros(2))
-        torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
