@@ -257,7 +257,7 @@ def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
     try:
         return replace(
             config, **overrides, sampler=preset.sampler, num_steps=num_steps,
-            guidance_scale=preset.guidance_scale, eta=preset.eta,
+            guidance_scale=preset.guidance_scale, eta=preset.eta, flow_sde=preset.flow_sde,
         )
     except ValueError as error:  # e.g. a training window longer than --steps (GRPO on the flow presets)
         raise SystemExit(f"--steps {num_steps}: {name}'s config on --preset {preset.name} refuses it: {error}") from None

@@ -170,11 +170,7 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
     configs = {}
     for name, config_cls in ALGORITHMS.items():
         overrides = {
-            "sampler": preset.sampler,
-            "num_steps": preset.num_steps,
-            "guidance_scale": preset.guidance_scale,
-            "eta": preset.eta,
-            "flow_sde": preset.flow_sde,
+            **{field: getattr(preset, field) for field in SHARED_SAMPLER_FIELDS},
             **preset.algo_overrides.get(name, {}),
             **preset.reward_overrides.get(reward, {}).get(name, {}),
         }
