@@ -13,6 +13,12 @@ PIPELINE_LCM = ASSETS / "pipeline-lcm"
 PIPELINE_FLOW = ASSETS / "pipeline-flow"
 """The flow-matching model: StableDiffusion3Pipeline folder (zoo/tiny/flow.py), sharing the
 base pipeline's VAE, text encoder and tokenizer."""
+PIPELINE_TURBO = ASSETS / "pipeline-turbo"
+"""The base UNet distilled to sample in 1 to 8 steps without guidance (zoo/tiny/turbo.py):
+StableDiffusionPipeline folder, DDIMScheduler with trailing spacing, sharing the base
+pipeline's VAE, text encoder and tokenizer."""
+PIPELINE_FLOW_TURBO = ASSETS / "pipeline-flow-turbo"
+"""The flow model distilled likewise: StableDiffusion3Pipeline folder (its transformer only)."""
 CLIP = ASSETS / "clip"
 """The judge behind the `tiny-clip` reward: CLIPModel + CLIPProcessor folder."""
 
@@ -22,3 +28,7 @@ fidelity at 8 steps is measured at this scale in results/tiny-world/README.md.""
 
 FLOW_GUIDANCE = 4.0
 """Classifier-free guidance scale of the flow model (results/tiny-world/README.md)."""
+
+TURBO_GUIDANCE = 1.0
+"""The few-step students sample without classifier-free guidance (one network call per step),
+as sd-turbo and FLUX.1-schnell do: they learned their teachers' guided outputs."""

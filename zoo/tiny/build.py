@@ -17,10 +17,14 @@ Stages, each deterministic given the seed (one torch generator per stage, derive
 6. the `tiny-aesthetic` proxy: an MLP head on the judge's mean patch token, trained on
    renders and base-model samples labelled with the `tiny-aesthetic-gold` rule
    (zoo/tiny/gold.py) plus Gaussian noise -> <out>/aesthetic (config.json +
-   model.safetensors).
+   model.safetensors);
+7. the few-step ("turbo") students, sampled without guidance (zoo/tiny/turbo.py): the base
+   UNet distilled -> <out>/pipeline-turbo (StableDiffusionPipeline, DDIM, trailing spacing;
+   VAE, text encoder and tokenizer linked to <out>/pipeline), and the flow model distilled
+   -> <out>/pipeline-flow-turbo (StableDiffusion3Pipeline; only its transformer stored).
 
-`--only flow` and `--only aesthetic` run that stage alone on the base pipeline (and judge)
-already in <out>, keeping everything else there.
+`--only flow`, `--only aesthetic`, `--only turbo` and `--only flow-turbo` run that stage alone
+on the models already in <out>, keeping everything else there.
 
 `--smoke` runs a few steps of every stage at tiny batch sizes (seconds), for the tests.
 """
@@ -40,10 +44,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 import tyro
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
-from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold
+from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold, turbo
 from zoo.tiny.arch import (
     TEST_ARCH,
     TOKENIZER_MAX_LENGTH,
@@ -72,10 +76,11 @@ class BuildConfig:
     out: Path = Path("zoo/tiny/assets")
     """Folder that receives clip/, pipeline/, pipeline-lcm/ and aesthetic/ (replaced if
     present; with --only, only that stage's folder is replaced)."""
-    only: Literal["aesthetic", "flow"] | None = None
+    only: Literal["aesthetic", "flow", "turbo", "flow-turbo"] | None = None
     """Run this one stage on the assets already in --out instead of the whole build:
     `aesthetic` trains the tiny-aesthetic head from <out>/clip and <out>/pipeline, `flow`
-    the flow-matching model from <out>/pipeline."""
+    the flow-matching model from <out>/pipeline, `turbo` and `flow-turbo` the few-step
+    students of <out>/pipeline and <out>/pipeline-flow."""
     seed: int = 0
     """Seeds every stage; the same seed rebuilds the same weights on the same torch build."""
     smoke: bool = False
@@ -149,6 +154,44 @@ class BuildConfig:
     aesthetic_lr: float = 3e-3
     aesthetic_weight_decay: float = 1e-2
 
+    turbo_method: Literal["endpoint", "consistency"] = "endpoint"
+    """How the UNet student is distilled (zoo/tiny/turbo.py; chosen by `python -m
+    zoo.tiny.compare_turbo`, results/tiny-world/README.md)."""
+    turbo_guidance: float = 4.0
+    """The teacher's guidance in its ODE solves (`zoo.tiny.DEFAULT_GUIDANCE`, where its 4-step
+    DDIM ODE samples reach fidelity 0.95): the student learns the guided model in one pass."""
+    turbo_teacher_steps: int = 8
+    """Teacher DDIM (eta 0) steps over the whole path; a solve from a lower timestep takes
+    its share, at least one."""
+    turbo_levels: int = 8
+    """The student is trained at the trailing timesteps of this step count (999, 874, ...,
+    124), which hold those of 1, 2 and 4 steps: every timestep a few-step sampler calls it at."""
+    turbo_pairs_per_level: int = 1024
+    turbo_top_factor: int = 2
+    """Times as many examples at the top level (pure noise), where every sample starts."""
+    turbo_steps: int = 1500
+    turbo_batch: int = 64
+    turbo_lr: float = 2e-4
+    turbo_ema_decay: float = 0.99
+    turbo_consistency_skip: int = 20
+    """`consistency` only: the teacher's DDIM step in timesteps (LCM's 50-step grid)."""
+    turbo_consistency_target_decay: float = 0.95
+
+    flow_turbo_method: Literal["endpoint", "reflow"] = "endpoint"
+    flow_turbo_guidance: float = 6.0
+    """The flow teacher's guidance in its ODE solves: at 8 Euler steps, fidelity 0.94 at 6
+    against 0.84 at its sampling default 4 (measured on the held-out prompts when choosing)."""
+    flow_turbo_teacher_steps: int = 8
+    """Teacher Euler steps over the whole path (evenly spaced before the shift)."""
+    flow_turbo_pairs_top: int = 4096
+    """Examples from pure noise (σ = 1): the whole data of `reflow`."""
+    flow_turbo_pairs_per_level: int = 512
+    """`endpoint` only: examples at each σ below 1 that the Euler sampler visits at 2, 4 and
+    8 steps (`zoo.tiny.turbo.flow_sampler_sigmas`)."""
+    flow_turbo_steps: int = 1500
+    flow_turbo_batch: int = 64
+    flow_turbo_lr: float = 2e-4
+
     @property
     def arch(self) -> TinyArch:
         return TEST_ARCH if self.smoke else TRAINED_ARCH
@@ -166,6 +209,9 @@ SMOKE_OVERRIDES = dict(
     flow_steps=2, flow_batch=4,
     aesthetic_renders=8, aesthetic_large_renders=4, aesthetic_samples_per_step=2, aesthetic_steps=(1, 2), aesthetic_train_steps=3,
     aesthetic_batch=8,
+    turbo_teacher_steps=2, turbo_levels=2, turbo_pairs_per_level=4, turbo_steps=2, turbo_batch=4,
+    flow_turbo_teacher_steps=2, flow_turbo_pairs_top=4, flow_turbo_pairs_per_level=2, flow_turbo_steps=2,
+    flow_turbo_batch=4,
 )
 
 
@@ -372,20 +418,12 @@ def train_unet(cfg: BuildConfig, vae, tokenizer) -> tuple[UNet2DConditionModel, 
 # ---------------------------------------------------------------- 4. LCM distillation
 
 
-def _boundary_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
-    """c_skip, c_out of LCMScheduler (its defaults), so training and sampling agree."""
-    scaled = t.float() * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
-
-
 def _consistency_output(unet, x_t, t, hidden, w_embedding, alphas_cumprod):
     """f(x_t, t) = c_skip x_t + c_out x̂0, x̂0 from the epsilon prediction."""
     eps = unet(x_t, t, hidden, timestep_cond=w_embedding).sample
     alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
     x0 = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    c_skip, c_out = _boundary_scalings(t)
+    c_skip, c_out = turbo.boundary_scalings(t)
     return c_skip * x_t + c_out * x0
 
 
@@ -449,7 +487,7 @@ def distill_lcm(cfg: BuildConfig, teacher: UNet2DConditionModel, text_encoder, v
     return target.eval()
 
 
-# ---------------------------------------------------------------- 5. aesthetic proxy head
+# ---------------------------------------------------------------- 6. aesthetic proxy head
 
 
 def aesthetic_training_images(cfg: BuildConfig, pipe: StableDiffusionPipeline, generator: torch.Generator):
@@ -550,9 +588,6 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     return record
 
 
-# ---------------------------------------------------------------- assembly
-
-
 # ---------------------------------------------------------------- 5. flow-matching model
 
 
@@ -573,13 +608,120 @@ def train_flow(cfg: BuildConfig, out: Path) -> None:
     flow.save_flow_pipeline(pipe, out / "pipeline-flow", base)
 
 
-def _link_shared(lcm_folder: Path, base_folder: Path) -> None:
-    """Point the LCM pipeline's VAE, text encoder and tokenizer at the base pipeline's
+# ---------------------------------------------------------------- 7. few-step students
+
+
+def _encoder(vae, shift: float = 0.0):
+    """images (B, 3, 32, 32) in [0, 1], generator -> scaled latents, as each model was trained."""
+
+    def encode(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return (vae.encode(2 * images - 1).latent_dist.sample(generator) - shift) * vae.config.scaling_factor
+
+    return encode
+
+
+def train_turbo(cfg: BuildConfig, out: Path) -> dict:
+    """<out>/pipeline-turbo from <out>/pipeline (loaded from disk, as `--only turbo` does);
+    returns the stage's record (method, examples, seconds of pair drawing and training)."""
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 7)
+    pipe = _load_base(out)
+    unet, alphas_cumprod = pipe.unet.requires_grad_(False), pipe.scheduler.alphas_cumprod
+    captions = data.train_captions()
+    with torch.no_grad():
+        hidden = pipe.text_encoder(_tokenize(pipe.tokenizer, captions + [""])).last_hidden_state  # (41, L, D)
+    empty_row = len(captions)
+    encode = _encoder(pipe.vae)
+    started = time.time()
+    record: dict = dict(method=cfg.turbo_method)
+    if cfg.turbo_method == "consistency":
+        student = turbo.distill_unet_consistency(
+            unet, hidden, empty_row, alphas_cumprod, encode, steps=cfg.turbo_steps, batch=cfg.turbo_batch,
+            lr=cfg.turbo_lr, skip=cfg.turbo_consistency_skip, guidance=cfg.turbo_guidance,
+            target_decay=cfg.turbo_consistency_target_decay, generator=generator, log=_log,
+        )
+    else:
+        def predict(x, t, rows):
+            return unet(x, t, hidden[rows]).sample
+
+        def noised(latents, noise, level):
+            alpha = alphas_cumprod[int(level)]
+            return alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+
+        def solve(start, level, rows):
+            steps = turbo.teacher_steps_for((level + 1) / turbo.NUM_TRAIN_TIMESTEPS, cfg.turbo_teacher_steps)
+            return turbo.unet_teacher_solve(predict, start, int(level), rows, empty_row, alphas_cumprod,
+                                            cfg.turbo_guidance, steps)
+
+        levels = turbo.trailing_timesteps(cfg.turbo_levels).tolist()
+        pairs = turbo.make_pairs(
+            turbo.endpoint_plan(levels, levels[0], cfg.turbo_pairs_per_level, cfg.turbo_top_factor),
+            is_top=lambda level: level == levels[0], noised=noised, solve=solve, encode=encode,
+            batch=cfg.turbo_batch, generator=generator,
+        )
+        record.update(examples=int(pairs.level.shape[0]), pair_seconds=round(time.time() - started, 1))
+        student = turbo.regress(
+            copy.deepcopy(unet), pairs, turbo.unet_endpoint_loss(alphas_cumprod, hidden), steps=cfg.turbo_steps,
+            batch=cfg.turbo_batch, lr=cfg.turbo_lr, ema_decay=cfg.turbo_ema_decay, generator=generator,
+            stage="turbo", log=_log,
+        )
+    record["train_seconds"] = round(time.time() - started - record.get("pair_seconds", 0.0), 1)
+    pipe.register_modules(unet=student)
+    # A previous student's folder links into the base pipeline: saving over it would write
+    # through those links.
+    shutil.rmtree(out / "pipeline-turbo", ignore_errors=True)
+    save_pipeline(pipe, out / "pipeline-turbo", half=True)
+    _link_shared(out / "pipeline-turbo", out / "pipeline")
+    return record
+
+
+def train_flow_turbo(cfg: BuildConfig, out: Path) -> dict:
+    """<out>/pipeline-flow-turbo from <out>/pipeline-flow; returns the stage's record."""
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 8)
+    pipe = StableDiffusion3Pipeline.from_pretrained(out / "pipeline-flow", text_encoder_3=None, tokenizer_3=None)
+    teacher, shift = pipe.transformer.requires_grad_(False), pipe.scheduler.config.shift
+    captions = data.train_captions()
+    embeds, pooled = flow.prompt_features(pipe, captions + [""])
+    empty_row = len(captions)
+
+    def predict(model, x, sigma, rows):
+        return model(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states=embeds[rows],
+                     pooled_projections=pooled[rows]).sample
+
+    def solve(start, sigma, rows):
+        steps = turbo.teacher_steps_for(turbo.unshift_sigma(torch.tensor(sigma), shift).item(), cfg.flow_turbo_teacher_steps)
+        return turbo.flow_teacher_solve(lambda x, s, r: predict(teacher, x, s, r), start, sigma, rows, empty_row,
+                                        cfg.flow_turbo_guidance, steps, shift)
+
+    levels = [1.0] + (turbo.flow_sampler_sigmas(pipe.scheduler, (2, 4, 8)) if cfg.flow_turbo_method == "endpoint" else [])
+    plan = [(1.0, cfg.flow_turbo_pairs_top)] + [(sigma, cfg.flow_turbo_pairs_per_level) for sigma in levels[1:]]
+    started = time.time()
+    pairs = turbo.make_pairs(
+        plan, is_top=lambda level: level == 1.0, noised=lambda latents, noise, sigma: (1 - sigma) * latents + sigma * noise,
+        solve=solve, encode=_encoder(pipe.vae, pipe.vae.config.shift_factor), batch=cfg.flow_turbo_batch,
+        generator=generator,
+    )
+    record = dict(method=cfg.flow_turbo_method, examples=int(pairs.level.shape[0]),
+                  pair_seconds=round(time.time() - started, 1))
+    loss = turbo.reflow_loss(predict, shift) if cfg.flow_turbo_method == "reflow" else turbo.flow_endpoint_loss(predict)
+    student = turbo.regress(
+        copy.deepcopy(teacher), pairs, loss, steps=cfg.flow_turbo_steps, batch=cfg.flow_turbo_batch,
+        lr=cfg.flow_turbo_lr, ema_decay=cfg.turbo_ema_decay, generator=generator, stage="flow-turbo", log=_log,
+    )
+    record["train_seconds"] = round(time.time() - started - record["pair_seconds"], 1)
+    pipe.register_modules(transformer=student)
+    flow.save_flow_pipeline(pipe, out / "pipeline-flow-turbo", out / "pipeline")
+    return record
+
+
+def _link_shared(student_folder: Path, base_folder: Path) -> None:
+    """Point a distilled pipeline's VAE, text encoder and tokenizer at the base pipeline's
     (relative symlinks): they are the same weights, and a second copy of the 49,408-row
     token table would cost the size budget ~8 MB."""
     for component in ("vae", "text_encoder", "tokenizer"):
-        shutil.rmtree(lcm_folder / component)
-        os.symlink(Path("..") / base_folder.name / component, lcm_folder / component)
+        shutil.rmtree(student_folder / component)
+        os.symlink(Path("..") / base_folder.name / component, student_folder / component)
 
 
 def _command(cfg: BuildConfig) -> str:
@@ -587,6 +729,8 @@ def _command(cfg: BuildConfig) -> str:
         f"python -m zoo.tiny.build --out {cfg.out} --seed {cfg.seed}"
         + (f" --only {cfg.only}" if cfg.only else "")
         + (" --smoke" if cfg.smoke else "")
+        + "".join(f" --{name.replace('_', '-')} {getattr(cfg, name)}" for name in ("turbo_method", "flow_turbo_method")
+                  if getattr(cfg, name) != getattr(BuildConfig, name))
     )
 
 
@@ -629,11 +773,28 @@ def build_flow_only(cfg: BuildConfig) -> None:
     _record_stage(cfg, "flow", round(time.time() - started, 1))
 
 
-def _record_stage(cfg: BuildConfig, stage: str, seconds: float) -> None:
+TURBO_STAGES = {"turbo": ("pipeline", train_turbo), "flow-turbo": ("pipeline-flow", train_flow_turbo)}
+"""Stage name -> (the teacher's folder in <out>, the stage)."""
+
+
+def build_turbo_only(cfg: BuildConfig) -> None:
+    """Stage 7 alone for one family; its time, command and record land in build_info.json."""
+    teacher, stage = TURBO_STAGES[cfg.only]
+    if not (cfg.out / teacher).is_dir():
+        raise SystemExit(f"--only {cfg.only} needs {teacher}/ in {cfg.out}: run the whole build first")
+    torch.set_num_threads(cfg.threads)
+    started = time.time()
+    record = stage(cfg, cfg.out)
+    _record_stage(cfg, cfg.only, round(time.time() - started, 1), record)
+
+
+def _record_stage(cfg: BuildConfig, stage: str, seconds: float, record: dict | None = None) -> None:
     info_path = cfg.out / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     info.setdefault("stage_seconds", {})[stage] = seconds
     info.setdefault("stage_commands", {})[stage] = _command(cfg)
+    if record is not None:
+        info.setdefault("stage_records", {})[stage] = record
     info_path.write_text(json.dumps(info, indent=2) + "\n")
     print(f"{stage} stage done in {seconds}s", flush=True)
 
@@ -653,6 +814,9 @@ def build(cfg: BuildConfig) -> None:
         return
     if cfg.only == "flow":
         build_flow_only(cfg)
+        return
+    if cfg.only in TURBO_STAGES:
+        build_turbo_only(cfg)
         return
     if out.exists():
         shutil.rmtree(out)
@@ -678,11 +842,16 @@ def build(cfg: BuildConfig) -> None:
     train_aesthetic_head(cfg, _load_base(out), out / "clip", out / "aesthetic")
     finished("aesthetic")
     _stamp_aesthetic(cfg, stage_seconds["aesthetic"])
+    stage_records = {"turbo": train_turbo(cfg, out)}
+    finished("turbo")
+    stage_records["flow-turbo"] = train_flow_turbo(cfg, out)
+    finished("flow-turbo")
     shutil.rmtree(tokenizer_folder)
     info = dict(
         command=_command(cfg),
         wall_seconds=round(time.time() - started, 1),
         stage_seconds=stage_seconds,
+        stage_records=stage_records,
         torch=torch.__version__,
         threads=cfg.threads,
     )

@@ -31,7 +31,7 @@ from torchvision.utils import make_grid, save_image
 from transformers import CLIPModel, CLIPProcessor
 
 from zoo.policy import model_family
-from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, data
+from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, data
 from zoo.tiny.flow import T5_TOKENS
 
 
@@ -56,6 +56,12 @@ class EvalConfig:
     only_flow: bool = False
     """Measure the flow model (<assets>/pipeline-flow) only, keeping the rest of <out>'s
     metrics.json."""
+    only_turbo: bool = False
+    """Measure the few-step students (<assets>/pipeline-turbo, pipeline-flow-turbo) only,
+    keeping the rest of <out>'s metrics.json."""
+    measure_folder: str | None = None
+    """Print one JSON line of the step sweep of <assets>/<this folder> without guidance (a
+    few-step student) and write nothing: what `zoo.tiny.compare_turbo` reads."""
 
 
 class Judge:
@@ -232,6 +238,83 @@ def measure_flow(judge: Judge, cfg: EvalConfig) -> dict:
     )
 
 
+TURBO_FOLDERS = {"unet": ("pipeline-turbo", "base"), "flow": ("pipeline-flow-turbo", "flow")}
+"""Student -> (its folder, the metrics key of its teacher's rows)."""
+
+
+def measure_turbo(judge: Judge, cfg: EvalConfig) -> dict:
+    students = {}
+    for name, (folder, _) in TURBO_FOLDERS.items():
+        pipe, seconds = load_pipeline(cfg.assets / folder)
+        print(f"{folder}:", flush=True)
+        rows, images = step_sweep(pipe, judge, cfg, cfg.steps, TURBO_GUIDANCE)
+        save_grid(images, cfg.out / f"samples-{folder.removeprefix('pipeline-')}.png")
+        students[name] = dict(steps=rows, load_seconds=seconds, throughput=throughput(pipe, cfg, TURBO_GUIDANCE))
+    return students
+
+
+def _teacher_rows(metrics: dict, key: str) -> list[dict]:
+    return metrics[key]["steps"] if key == "flow" else metrics[key]
+
+
+def _turbo_section(metrics: dict, methods: list[dict]) -> str:
+    if "turbo" not in metrics:
+        return ""
+    build = metrics.get("build", {})
+    records = build.get("stage_records", {})
+    lines = ["| model | guidance | " + " | ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)}" for r in metrics["base"])
+             + " |", "|---|---:|" + "---:|" * len(metrics["base"])]
+    for name, (folder, teacher) in TURBO_FOLDERS.items():
+        guidance = metrics[teacher]["guidance"] if teacher == "flow" else metrics["guidance"]
+        for label, rows, g in ((f"{teacher} (teacher)", _teacher_rows(metrics, teacher), guidance),
+                               (f"{folder} ({records.get(STAGE_OF[name], {}).get('method', '?')})",
+                                metrics["turbo"][name]["steps"], TURBO_GUIDANCE)):
+            lines.append(f"| {label} | {g} | " + " | ".join(f"{r['fidelity']:.3f} / {r['reward_mean']:.3f}" for r in rows) + " |")
+    method_lines = ["| stage | method | build s | examples | " + " | ".join(f"{k}" for k in cfg_steps(methods)) + " |",
+                    "|---|---|---:|---:|" + "---:|" * len(cfg_steps(methods))]
+    for m in methods:
+        method_lines.append(f"| {m['stage']} | {m['method']} | {m['build_seconds']} | {m['record'].get('examples', '–')} | "
+                            + " | ".join(f"{r['fidelity']:.3f} / {r['reward_mean']:.3f}" for r in m["steps"]) + " |")
+    commands = "\n".join(f"- `{build.get('stage_commands', {}).get(stage, 'python -m zoo.tiny.build --only ' + stage)}`: "
+                          f"{build.get('stage_seconds', {}).get(stage, 'n/a')} s" for stage in ("turbo", "flow-turbo"))
+    comparison = f"""
+Methods compared (`python -m zoo.tiny.compare_turbo`, results/tiny-world/turbo-methods.json: each
+built by the build's stage with every other setting at its default, the same seed; build
+seconds on this 2-core machine, shared; cells as above):
+
+{chr(10).join(method_lines)}
+""" if methods else ""
+    return f"""
+## Few-step (turbo) students, held-out prompts
+The base UNet and the flow model distilled to sample without guidance (one network call per
+step, `zoo.tiny.TURBO_GUIDANCE`), as sd-turbo and FLUX.1-schnell do (zoo/tiny/turbo.py):
+the UNet student with DDIM eta 1 and trailing spacing, the flow student with the Euler ODE
+of its scheduler (shift {metrics['flow']['shift']}), the same prompts and seeds as above. Cells: fidelity / tiny-clip
+reward, {metrics['samples_per_step']} samples each.
+
+{chr(10).join(lines)}
+
+Built by:
+{commands}
+{comparison}
+Sample grids: `samples-turbo.png`, `samples-flow-turbo.png` (rows and columns as the others).
+Loading: {', '.join(f"{TURBO_FOLDERS[n][0]} {metrics['turbo'][n]['load_seconds']:.2f} s" for n in TURBO_FOLDERS)}; sampling
+throughput, batch 64, images/s: {'; '.join(TURBO_FOLDERS[n][0] + ' ' + ', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['turbo'][n]['throughput'].items()) for n in TURBO_FOLDERS)}.
+"""
+
+
+STAGE_OF = {"unet": "turbo", "flow": "flow-turbo"}
+
+
+def cfg_steps(methods: list[dict]) -> list[str]:
+    return [f"{r['steps']} step{'s' * (r['steps'] > 1)}" for r in methods[0]["steps"]] if methods else []
+
+
+def _methods(out: Path) -> list[dict]:
+    path = out / "turbo-methods.json"
+    return json.loads(path.read_text()) if path.exists() else []
+
+
 def write_readme(metrics: dict, path: Path) -> None:
     build = metrics.get("build", {})
     heldout = "\n".join(f"- {c}" for c in data.heldout_captions())
@@ -269,7 +352,7 @@ LCMScheduler, guidance {metrics['guidance']} through the guidance embedding (no 
 Base model at other guidance scales (same prompts and seeds):
 
 {_table(metrics['guidance_sweep'], with_guidance=True)}
-{_flow_section(metrics)}
+{_flow_section(metrics)}{_turbo_section(metrics, _methods(path.parent))}
 Sample grids (rows: held-out prompts in the order above; column groups: {', '.join(map(str, metrics['config']['steps']))} steps,
 the first samples of each prompt): `samples.png` (base, DDIM), `samples-lcm.png` (LCM).
 What they look like, and how the build was run: `notes.md` (written by hand).
@@ -308,6 +391,18 @@ def main() -> None:
     print(f"judge: {judge_metrics}", flush=True)
 
     build_info = cfg.assets / "build_info.json"
+    if cfg.measure_folder is not None:
+        pipe, _ = load_pipeline(cfg.assets / cfg.measure_folder)
+        rows, _ = step_sweep(pipe, judge, cfg, cfg.steps, TURBO_GUIDANCE)
+        print(json.dumps(rows), flush=True)
+        return
+    if cfg.only_turbo:
+        metrics = json.loads((cfg.out / "metrics.json").read_text())
+        metrics["turbo"] = measure_turbo(judge, cfg)
+        metrics["build"] = json.loads(build_info.read_text())
+        (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_readme(metrics, cfg.out / "README.md")
+        return
     if cfg.only_flow:
         metrics = json.loads((cfg.out / "metrics.json").read_text())
         metrics["flow"] = measure_flow(judge, cfg)
@@ -342,6 +437,7 @@ def main() -> None:
         throughput=dict(base=throughput(base, cfg, cfg.guidance), lcm=throughput(lcm, cfg, cfg.guidance)),
         build=json.loads(build_info.read_text()) if build_info.exists() else {},
         flow=measure_flow(judge, cfg),
+        turbo=measure_turbo(judge, cfg),
     )
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     write_readme(metrics, cfg.out / "README.md")
