@@ -33,6 +33,7 @@ from benchmarks.train import BASE, TrainLoop
 from zoo.policy import Performance, model_family
 from rewards.registry import REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
+from zoo import strict_json
 
 
 def _unchecked(config_cls: type) -> type:
@@ -587,7 +588,7 @@ def _recorded_setting(config: dict, key: str) -> Any:
 
 def _changed_settings(saved: dict, plan: Plan, may_change: tuple[str, ...]) -> list[str]:
     """The keys of config.json whose recorded value differs from `plan`'s."""
-    current = json.loads(json.dumps(plan.config_json()))
+    current = json.loads(strict_json.dumps(plan.config_json()))
     return sorted(k for k in saved.keys() | current.keys()
                   if k not in may_change and _recorded_setting(saved, k) != _recorded_setting(current, k))
 
@@ -690,7 +691,7 @@ def _extended(plan: Plan) -> Plan:
         )
     for name in present:
         recorded_config = algorithm_configs[name]
-        current_config = json.loads(json.dumps(dataclasses.asdict(plan.configs[name])))
+        current_config = json.loads(strict_json.dumps(dataclasses.asdict(plan.configs[name])))
         for key in sorted(recorded_config.keys() | current_config.keys()):
             if recorded_config.get(key) != current_config.get(key):
                 flag = _algo_flag(plan.args, name, key)
@@ -747,7 +748,7 @@ def execute(plan: Plan) -> str:
         if plan.args.overwrite and (out / "config.json").exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(plan.config_json(), indent=2) + "\n")
+        write_text(out / "config.json", strict_json.dumps(plan.config_json(), indent=2) + "\n")
     accelerator.wait_for_everyone()
 
     train_reward = load_reward(plan.reward, device=accelerator.device, paths=plan.reward_paths)

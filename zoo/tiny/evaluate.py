@@ -33,6 +33,7 @@ from transformers import CLIPModel, CLIPProcessor
 from zoo.policy import model_family
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, data
 from zoo.tiny.flow import T5_TOKENS
+from zoo import strict_json
 
 
 @dataclass(frozen=True)
@@ -312,7 +313,7 @@ def main() -> None:
         metrics = json.loads((cfg.out / "metrics.json").read_text())
         metrics["flow"] = measure_flow(judge, cfg)
         metrics["build"] = json.loads(build_info.read_text())
-        (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
         write_readme(metrics, cfg.out / "README.md")
         return
 
@@ -343,9 +344,9 @@ def main() -> None:
         build=json.loads(build_info.read_text()) if build_info.exists() else {},
         flow=measure_flow(judge, cfg),
     )
-    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
     write_readme(metrics, cfg.out / "README.md")
-    print(json.dumps(metrics["throughput"]), flush=True)
+    print(strict_json.dumps(metrics["throughput"]), flush=True)
 
 
 if __name__ == "__main__":
