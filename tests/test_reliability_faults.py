@@ -469,3 +469,25 @@ def test_evaluation_faults_leave_the_rest_of_the_run_as_it_would_be_and_a_stop_r
     resumed = strict_records(out)
     assert without_time(resumed) == without_time(strict_records(uninterrupted))
     assert [(r["algo"], r["epoch"], r["count"]) for r in resumed] == [("base", 0, 0), ("ddpo", 1, 4), ("ddpo", 2, 4)]
+
+
+def test_strict_json_writes_non_finite_numbers_as_null_and_refuses_nothing_else():
+    from zoo import strict_json
+
+    value = {"mean": math.nan, "high": math.inf, "rows": [1.5, -math.inf, (2, math.nan)], "name": "NaN", "n": None}
+    assert strict_json.dumps(value, sort_keys=True) == (
+        '{"high": null, "mean": null, "n": null, "name": "NaN", "rows": [1.5, null, [2, null]]}')
+
+
+def test_every_json_the_project_writes_goes_through_strict_json():
+    """json.dumps writes a bare NaN that strict parsers reject; the package sources call
+    zoo.strict_json.dumps instead (the reference SDPO launcher, which runs inside the
+    reference's own environment and writes only names and clock readings, aside)."""
+    repo = Path(__file__).resolve().parent.parent
+    sources = [path for package in ("benchmarks", "rewards", "zoo") for path in (repo / package).rglob("*.py")]
+    offenders = [
+        str(path.relative_to(repo)) for path in sources
+        if re.search(r"(?<![\w.])json\.dump", path.read_text())
+        and path.relative_to(repo).as_posix() not in {"zoo/strict_json.py", "benchmarks/reference_sdpo_launch.py"}
+    ]
+    assert not offenders
