@@ -411,7 +411,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.max_bad_reward_batches < 0:
         raise UsageError(f"--max-bad-reward-batches must be at least 0, got {args.max_bad_reward_batches}")
-    notes += _untrained_algo_flags(args, preset, reward, algos)
+    untrained = _untrained_algo_fields(args, preset, reward, algos)
     configs = {name: getattr(args.algo, name) for name in algos}
     if args.train_steps is not None:
         if args.train_steps < 1:
@@ -449,7 +449,13 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop,
                 notes=notes)
     _check_out_dir(plan)
-    return _extended(plan) if args.extend else plan
+    if args.extend:
+        plan = _extended(plan, untrained)
+        # The extended run's recorded algorithms were checked against config.json there.
+        untrained = {name: keys for name, keys in untrained.items() if name not in plan.algos}
+    if untrained:
+        plan.notes.append(_untrained_note(untrained, algos))
+    return plan
 
 
 def _reward_notes(reward: str, terms: list[tuple[str, float]]) -> list[str]:
@@ -469,29 +475,25 @@ def _reward_notes(reward: str, terms: list[tuple[str, float]]) -> list[str]:
     return notes
 
 
-def _untrained_algo_flags(args: RunArgs, preset: Preset, reward: str, algos: list[str]) -> list[str]:
-    """(a refusal or) notes for the per-algorithm flags (`--ddpo.learning-rate`) of
-    algorithms this invocation does not train, which would otherwise be ignored without a
-    word. An extension refuses them: its recorded algorithms keep the settings config.json
-    records, whatever a flag says. A new run notes them, since a script may pass one set
-    of flags to runs of different --algos. A flag is found by its value differing from the
-    preset's (one that repeats the preset's value changes nothing)."""
+def _untrained_algo_fields(args: RunArgs, preset: Preset, reward: str, algos: list[str]) -> dict[str, list[str]]:
+    """The config fields set by per-algorithm flags (`--ddpo.learning-rate`) of algorithms
+    not in `algos`, by algorithm. A flag is found by its value differing from the preset's
+    (one that repeats the preset's value changes nothing)."""
     defaults = preset_algo_configs(preset, reward)
-    flags = []
+    fields = {}
     for name in ALGORITHMS:
-        if name in algos:
-            continue
-        given, default = _init_values(getattr(args.algo, name)), _init_values(getattr(defaults, name))
-        flags += [f"--{name}.{key.replace('_', '-')}" for key in given if given[key] != default[key]]
-    if not flags:
-        return []
-    if args.extend:
-        name = flags[0][2:].partition(".")[0]
-        raise UsageError(
-            f"{flags[0]}: --extend trains {', '.join(algos)}, not {name}, whose recorded rows keep the settings of "
-            f"{Path(args.out or '.') / 'config.json'}; leave the flag out (or add {name} to --algos with new --seeds)"
-        )
-    return [f"{', '.join(flags)}: for algorithms that --algos {','.join(algos)} leaves out; ignored"]
+        if name not in algos:
+            given, default = _init_values(getattr(args.algo, name)), _init_values(getattr(defaults, name))
+            fields[name] = [key for key in given if given[key] != default[key]]
+    return {name: keys for name, keys in fields.items() if keys}
+
+
+def _untrained_note(untrained: dict[str, list[str]], algos: list[str]) -> str:
+    """The note on flags of algorithms a run does not train: they are ignored, said in a
+    line rather than refused, since a script may pass one set of flags to runs of
+    different --algos."""
+    flags = [f"--{name}.{key.replace('_', '-')}" for name, keys in untrained.items() for key in keys]
+    return f"{', '.join(flags)}: for algorithms that --algos {','.join(algos)} leaves out; ignored"
 
 
 def _algo_flag(args: RunArgs, name: str, key: str) -> str:
@@ -727,10 +729,12 @@ def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
     return rows
 
 
-def _extended(plan: Plan) -> Plan:
+def _extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
     new algorithms train on every seed, every algorithm trains on the new seeds; refuses
-    what would make the new rows incomparable with the recorded ones."""
+    what would make the new rows incomparable with the recorded ones, and a flag of a
+    recorded algorithm it does not train (`untrained`: algorithm -> fields its flags set)
+    that differs from the recorded value, which could only be ignored."""
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
     saved = _read_config(config_path, "--extend")
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
@@ -756,6 +760,16 @@ def _extended(plan: Plan) -> Plan:
             f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
             f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
         )
+    for name in recorded_algos:
+        for key in untrained.get(name, []):
+            value = json.loads(strict_json.dumps(getattr(getattr(plan.args.algo, name), key)))
+            if value != algorithm_configs[name].get(key):
+                flag = f"--{name}.{key.replace('_', '-')}"
+                raise UsageError(
+                    f"{flag} {value}: --extend trains {', '.join(plan.algos)}, not {name}, whose rows in {out} are "
+                    f"reused as recorded, with {key} {algorithm_configs[name].get(key)} ({config_path}); leave the "
+                    f"flag out (or add {name} to --algos with new --seeds)"
+                )
     changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
     if changed:
         current = plan.config_json()

@@ -149,8 +149,9 @@ CASES = [
     ("learning rate inf", ["--ddpo.learning-rate", "inf"], ["--ddpo.learning-rate", "finite", "inf"], None),
     ("learning rate nan", ["--ddpo.learning-rate", "nan"], ["--ddpo.learning-rate", "finite", "nan"], None),
     ("clip range inf", ["--ddpo.clip-range", "inf"], ["--ddpo.clip-range", "finite"], None),
-    ("extend with a flag for an algorithm it does not train", ["--extend", "--algos", "rebel", "--ddpo.clip-range",
-     "1e-3"], ["--ddpo.clip-range", "--extend trains rebel, not ddpo"], _existing_run),
+    ("extend with a flag for a recorded algorithm it does not train",
+     ["--extend", "--algos", "nft", "--ddpo.clip-range", "1e-3"],
+     ["--ddpo.clip-range 0.001", "--extend trains nft, not ddpo", "reused as recorded"], _existing_run),
 ]
 
 
