@@ -522,9 +522,9 @@ def parse_reward_spec(spec: str, flag: str = "--reward") -> list[tuple[str, floa
         # A weight of 0 trains on a constant and NaN or inf scores nothing: refused, not run.
         if weight == 0 or not math.isfinite(weight):
             raise UnknownReward(
-                f"{flag}: weight {weight_text} of {name!r} in {spec!r} would make every score "
-                f"{'0' if weight == 0 else 'NaN or inf'}; give a finite non-zero weight (negative to minimise "
-                f"{name}), or leave the term out"
+                f"{flag}: weight {weight_text} of {name!r} in {spec!r} "
+                f"{'leaves it out of every score' if weight == 0 else 'makes every score NaN or inf'}; give a finite "
+                f"non-zero weight (negative to minimise {name}), or leave the term out"
             )
         if name in dict(terms):
             raise UnknownReward(f"{flag}: {name!r} appears twice in {spec!r}")
@@ -635,8 +635,9 @@ def check_reward(
 
     `path` is the reward's `--reward-path` (primary artifact); `paths` may hold the same
     and the `NAME:ROLE` keys of the other artifacts. Returns role -> local path. Raises
-    MissingRewardPackages (one paragraph) or MissingRewardWeights (a line naming the fix,
-    then details), both RewardUnavailable, or zoo.hub.DownloadFailed when a download
+    MissingRewardPackages (one paragraph), MissingRewardWeights (a line naming the fix,
+    then details) or DamagedRewardWeights (one line), all RewardUnavailable, or
+    zoo.hub.DownloadFailed when a download
     breaks off; imports no torch and loads nothing. A plugin is checked by `plugin_class`
     and a server by its health endpoint (RewardServerError); both return {}. `flag` is
     the option that named the reward, for the messages.
