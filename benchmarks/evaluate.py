@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
+from tqdm.auto import tqdm
 
 from rewards.base import Reward
 from zoo.policy import Policy
@@ -127,12 +128,13 @@ def evaluate(
             missing = sum(count for count, _ in failures)
             if accelerator.is_main_process:
                 cell = f"warning: {where} at {step_count} steps: the reward {name}"
+                # tqdm.write: on a line of its own, not after the training loop's progress bar.
                 if missing:
-                    print(f"{cell} {failures[0][1]} ({missing} of {len(gathered)} images); they are scored as missing "
-                          "and left out of the mean", file=sys.stderr)
+                    tqdm.write(f"{cell} {failures[0][1]} ({missing} of {len(gathered)} images); they are scored as "
+                               "missing and left out of the mean", file=sys.stderr)
                 if nonfinite > missing:
-                    print(f"{cell} returned NaN or inf for {nonfinite - missing} of {len(gathered)} images; they are "
-                          "left out of the mean", file=sys.stderr)
+                    tqdm.write(f"{cell} returned NaN or inf for {nonfinite - missing} of {len(gathered)} images; they "
+                               "are left out of the mean", file=sys.stderr)
             stats[(step_count, name)] = {
                 "mean": float(finite.mean()) if len(finite) else math.nan,
                 "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0,
