@@ -14,13 +14,14 @@ Checkpoints hold only tensors and plain Python values, so they load with
 from __future__ import annotations
 
 import io
-import json
 import os
 import signal
 import tempfile
 from pathlib import Path
 
 import torch
+
+from zoo import strict_json
 
 KILL_AT_ENV = "STEPZOO_KILL_AT"
 """Crash-test hook: the process SIGKILLs itself at the kill point of this name (see
@@ -108,4 +109,4 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    write_text(path, "".join(strict_json.dumps(row, sort_keys=True) + "\n" for row in rows))

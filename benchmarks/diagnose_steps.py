@@ -37,6 +37,7 @@ from rewards.tiny_gold import pair_sign_agreement, pair_ties
 from zoo.policy import LoraSettings, Policy
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.sdpo import anchor_similarities
+from zoo import strict_json
 
 DIAGNOSIS_SEED_OFFSET = 7_919
 """Added to the run seed so that the diagnosis draws noise that no evaluation cell drew."""
@@ -236,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.run
     out.mkdir(parents=True, exist_ok=True)
     stem = "steps-independent" if args.independent_noise else "steps"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=1))
+    (out / f"{stem}.json").write_text(strict_json.dumps(results, indent=1))
     table = render(results)
     (out / f"{stem}.md").write_text(table)
     print(table)

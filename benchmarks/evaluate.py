@@ -4,6 +4,12 @@ Every algorithm and checkpoint is evaluated on the same held-out prompts with th
 noise: the generator of each step count is seeded by (evaluation seed, step count,
 process), so differences between rows are differences between policies, not noise.
 (The noise does depend on the number of processes, which splits the prompts.)
+
+A reward that fails at evaluation (raises, or a server that still fails after its
+retries, `rewards.http`) costs the cells of that batch, not the run: its images are
+scored as missing, like NaN scores, left out of the mean, counted in `nonfinite` and
+reported. Training goes on, since the next evaluation may find the reward back; a
+training reward that keeps failing stops the run at training (`benchmarks.train`).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
+from tqdm.auto import tqdm
 
 from rewards.base import Reward
 from zoo.policy import Policy
@@ -65,15 +72,27 @@ def _generator(seed: int, step_count: int, process: int) -> torch.Generator:
     return torch.Generator().manual_seed(evaluation_seed(seed, step_count, process))
 
 
+def _scores_or_missing(reward: Reward, images: torch.Tensor, prompts: list[str]) -> tuple[list[float], str | None]:
+    """The batch's scores, or NaN for each image and what went wrong when the reward
+    raised (a plugin's error, a wrong number of scores, a server past its retries)."""
+    try:
+        return reward.score(images, prompts).float().tolist(), None
+    # Rewards are third-party models and servers: a failure costs this batch's scores.
+    except Exception as error:
+        return [math.nan] * len(prompts), f"raised {type(error).__name__}: {' '.join(str(error).split())}"
+
+
 @torch.no_grad()
 def evaluate(
-    policy: Policy, rewards: dict[str, Reward], settings: EvalSettings, accelerator: Accelerator
+    policy: Policy, rewards: dict[str, Reward], settings: EvalSettings, accelerator: Accelerator,
+    where: str = "evaluation",
 ) -> tuple[dict[tuple[int, str], dict], dict[int, torch.Tensor]]:
     """Score the policy at each step count with each reward.
 
     Returns ({(step_count, reward): {"mean", "std", "count", "nonfinite"}}, {step_count:
     strip images (n, 3, H, W)}) where strips are filled on the main process only; mean,
-    std and count are over the finite scores, nonfinite counts the others.
+    std and count are over the finite scores, nonfinite counts the others: NaN or inf
+    scores, and the images of batches the reward failed on. `where` opens the warnings.
     """
     everything = [p for p in settings.prompts for _ in range(settings.samples_per_prompt)]
     per_process = math.ceil(len(everything) / accelerator.num_processes)
@@ -83,27 +102,39 @@ def evaluate(
     for step_count in settings.step_counts:
         sampler = TrajectorySampler(policy, settings.sampler_config(step_count))
         generator = _generator(settings.seed, step_count, accelerator.process_index)
-        scores: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
+        scores: dict[str, list[float]] = {name: [] for name in rewards}
+        failed: dict[str, list[tuple[int, str]]] = {name: [] for name in rewards}
         images_kept: list[torch.Tensor] = []
         for start in range(0, len(mine), settings.batch_size):
             prompts = mine[start : start + settings.batch_size]
             # Only the images are read: no per-step latents or log-probs are kept.
             images = sampler.sample(prompts, generator=generator, record_transitions=False).images[:, 0]  # (B, 3, H, W)
             for name, reward in rewards.items():
-                scores[name].append(reward.score(images, prompts).float())
+                batch_scores, why = _scores_or_missing(reward, images, prompts)
+                scores[name] += batch_scores
+                if why:
+                    failed[name].append((len(prompts), why))
             if sum(len(x) for x in images_kept) < STRIP_IMAGES:
                 images_kept.append(images.cpu())
         for name in rewards:
-            local = torch.cat(scores[name]).tolist() if scores[name] else []
             # Processes may hold unequal shares, which tensor gathers do not allow.
-            gathered = torch.tensor(gather_object(local), dtype=torch.float64)
-            # A reward model's NaN or inf on some images must not wipe out the cell: they
-            # are left out of the mean, counted in the record and reported.
+            gathered = torch.tensor(gather_object(scores[name]), dtype=torch.float64)
+            failures = gather_object(failed[name])
+            # A reward model's NaN or inf on some images, or its failure on a batch, must
+            # not wipe out the cell: those images are left out of the mean, counted in
+            # the record and reported.
             finite = gathered[torch.isfinite(gathered)]
             nonfinite = len(gathered) - len(finite)
-            if nonfinite and accelerator.is_main_process:
-                print(f"warning: evaluation at {step_count} steps: the reward {name} returned NaN or inf for "
-                      f"{nonfinite} of {len(gathered)} images; they are left out of the mean", file=sys.stderr)
+            missing = sum(count for count, _ in failures)
+            if accelerator.is_main_process:
+                cell = f"warning: {where} at {step_count} steps: the reward {name}"
+                # tqdm.write: on a line of its own, not after the training loop's progress bar.
+                if missing:
+                    tqdm.write(f"{cell} {failures[0][1]} ({missing} of {len(gathered)} images); they are scored as "
+                               "missing and left out of the mean", file=sys.stderr)
+                if nonfinite > missing:
+                    tqdm.write(f"{cell} returned NaN or inf for {nonfinite - missing} of {len(gathered)} images; they "
+                               "are left out of the mean", file=sys.stderr)
             stats[(step_count, name)] = {
                 "mean": float(finite.mean()) if len(finite) else math.nan,
                 "std": float(finite.std(unbiased=False)) if len(finite) > 1 else 0.0,

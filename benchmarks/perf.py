@@ -75,6 +75,7 @@ from zoo.policy import LoraSettings, Performance, Policy, UNetPolicy
 from zoo.registry import ALGORITHMS
 from zoo.sampling import SamplerConfig, TrajectorySampler
 from zoo.trajectory import Trajectory
+from zoo import strict_json
 
 COLUMNS = (
     ("algo", "algo"),
@@ -705,7 +706,7 @@ def main(args: PerfArgs) -> dict:
         print(" ".join(f"{k}={_cell(k, v)}" for k, v in row.items()), flush=True)
         # Written after every algorithm, so a run stopped by a time limit keeps its rows.
         (out / f"{setting}.md").write_text(markdown(record))
-        (out / f"{setting}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{setting}.json").write_text(strict_json.dumps(record, indent=2) + "\n")
     print(markdown(record))
     return record
 

@@ -59,6 +59,7 @@ from pathlib import Path
 import tyro
 
 from benchmarks.portable import REPO_ROOT
+from zoo import strict_json
 
 REFERENCE = "ZiyiZhang27/sdpo"
 REFERENCE_COMMIT = "fcee34db05c0beead0d76b58b09f843af821c68e"
@@ -387,7 +388,7 @@ def main(args: ReferenceArgs) -> dict:
             events = [json.loads(line) for line in timings.read_text().splitlines() if line.strip()]
             record.update(epoch_figures(events, args.batches_per_epoch))
         (out / f"{setting}.md").write_text(markdown(record))
-        (out / f"{setting}.json").write_text(json.dumps(record, indent=2) + "\n")
+        (out / f"{setting}.json").write_text(strict_json.dumps(record, indent=2) + "\n")
 
     # The reference's copy, then its packages, then this repository (the JPEG reward); the
     # machine's site-packages (torch) come after these, and stepzoo's own PYTHONPATH (a

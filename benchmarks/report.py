@@ -6,7 +6,8 @@ re-reported without training: `python -m benchmarks.report RUN_DIR --reward tiny
 Inputs, as the runner writes them:
 - `records.jsonl`: one evaluation per line (algo, seed, epoch, samples_seen, eval_steps,
   reward, mean, std, count, reward_calls, reward_images, wall_time, and in newer runs
-  optimizer_updates and backward_passes). The untrained model is algo "base" at epoch 0;
+  optimizer_updates and backward_passes); a non-finite number is null (`zoo.strict_json`;
+  runs before it wrote a bare NaN, read as well). The untrained model is algo "base" at epoch 0;
   every algorithm's curve starts from the base of the same seed.
 - `samples/{algo}_seed{seed}_steps{k}.png`: one strip of the evaluation prompts per
   algorithm, seed and step count, at the final checkpoint.
@@ -125,7 +126,8 @@ def load_records(run_dir: str | Path) -> pd.DataFrame:
     records = []
     for number, line in enumerate(lines, start=1):
         try:
-            records.append(json.loads(line))
+            # Every value of a record that can be null is a number (a cell with no finite score).
+            records.append({key: math.nan if value is None else value for key, value in json.loads(line).items()})
         except json.JSONDecodeError:
             # A run killed while appending leaves at most its last line cut short.
             if number < len(lines):

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
@@ -31,8 +32,9 @@ from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import BASE, TrainLoop
 from zoo.policy import Performance, model_family
-from rewards.registry import REWARD_FORMS, REWARDS
+from rewards.registry import GOLD_OF, REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
+from zoo import strict_json
 
 
 def _unchecked(config_cls: type) -> type:
@@ -343,6 +345,11 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         algos = list(preset.algos or ALGORITHMS)
     else:
         algos = list(ALGORITHMS) if args.algos == "all" else _split(args.algos, "--algos")
+    if "all" in algos:
+        raise UsageError(
+            f"--algos {args.algos}: all stands alone (every algorithm); pass --algos all, or list the algorithms "
+            f"to train from {', '.join(ALGORITHMS)}"
+        )
     unknown = [a for a in algos if a not in ALGORITHMS]
     if unknown or not algos:
         raise UsageError(f"--algos: unknown algorithm {', '.join(unknown) or '(none)'}; choose from {', '.join(ALGORITHMS)}")
@@ -358,15 +365,23 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     eval_steps = _split(args.eval_steps, "--eval-steps", int)
     if not eval_steps or any(k < 1 for k in eval_steps):
         raise UsageError(f"--eval-steps: step counts must be at least 1, got {args.eval_steps!r}")
+    for flag, values, why in [("--seeds", seeds, "a seed run twice gives the same row twice"),
+                              ("--eval-steps", eval_steps, "a step count is one column of the table")]:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise UsageError(
+                f"{flag}: {', '.join(map(str, repeated))} listed more than once ({why}); list each once"
+            )
     reward = args.reward or preset.reward
-    parse_reward_spec(reward)
+    terms = parse_reward_spec(reward)
     algos, notes = _algos_for_reward(args, algos, reward)
+    notes += _reward_notes(reward, terms)
     if args.eval_rewards is None:
         eval_rewards = [name for name in preset.eval_rewards if name != reward]
     else:
         eval_rewards = _split(args.eval_rewards, "--eval-rewards")
     for name in eval_rewards:
-        parse_reward_spec(name)
+        parse_reward_spec(name, "--eval-rewards")
     # A proxy's gold is what tells a real gain from hacking the proxy, so it is scored
     # whatever --eval-rewards says, ahead of the others.
     golds = [g for g in gold_rewards(reward) if g != reward]
@@ -376,7 +391,9 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:
         epochs = SD_TURBO_REWARD_SETTINGS[reward][3]
     eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
-    trajectories = args.trajectories_per_epoch or preset.trajectories_per_epoch
+    # `is not None`, not `or`: a 0 is refused below, never read as "the preset's".
+    trajectories = (args.trajectories_per_epoch if args.trajectories_per_epoch is not None
+                    else preset.trajectories_per_epoch)
     groups_per_prompt = args.groups_per_prompt if args.groups_per_prompt is not None else preset.groups_per_prompt
     saved_config = Path(args.out) / "config.json" if args.out else None
     if (args.resume or args.extend) and args.groups_per_prompt is None and saved_config and saved_config.is_file():
@@ -386,13 +403,15 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             groups_per_prompt = saved.get("groups_per_prompt", RESUME_DEFAULTS["groups_per_prompt"])
         except ValueError:
             pass  # _check_out_dir reports the broken file
-    eval_samples = args.eval_samples_per_prompt or preset.eval_samples_per_prompt
+    eval_samples = (args.eval_samples_per_prompt if args.eval_samples_per_prompt is not None
+                    else preset.eval_samples_per_prompt)
     for flag, value in [("--epochs", epochs), ("--eval-every", eval_every), ("--trajectories-per-epoch", trajectories),
                         ("--groups-per-prompt", groups_per_prompt), ("--eval-samples-per-prompt", eval_samples)]:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.max_bad_reward_batches < 0:
         raise UsageError(f"--max-bad-reward-batches must be at least 0, got {args.max_bad_reward_batches}")
+    untrained = _untrained_algo_fields(args, preset, reward, algos)
     configs = {name: getattr(args.algo, name) for name in algos}
     if args.train_steps is not None:
         if args.train_steps < 1:
@@ -407,7 +426,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     loop = _check_loop(args.loop, preset, configs)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
-        check_rewards(name, reward_paths)
+        check_rewards(name, reward_paths, "--eval-rewards")
     model = args.model or preset.model
     family = "flow" if preset.sampler == "flow" else "epsilon"
     model_source = resolve_model(model, preset.model_revision if model == preset.model else UNPINNED, family)
@@ -430,7 +449,51 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop,
                 notes=notes)
     _check_out_dir(plan)
-    return _extended(plan) if args.extend else plan
+    if args.extend:
+        plan = _extended(plan, untrained)
+        # The extended run's recorded algorithms were checked against config.json there.
+        untrained = {name: keys for name, keys in untrained.items() if name not in plan.algos}
+    if untrained:
+        plan.notes.append(_untrained_note(untrained, algos))
+    return plan
+
+
+def _reward_notes(reward: str, terms: list[tuple[str, float]]) -> list[str]:
+    """What a training reward does that the user may not expect, one line each: a negative
+    weight minimises its reward, and a gold is what the other rewards are judged by."""
+    notes = [
+        f"--reward {reward}: the weight {weight:g} of {name} is negative, so training minimises {name}; the tables "
+        "report the weighted sum (higher is better)"
+        for name, weight in terms if weight < 0
+    ]
+    proxies = {gold: proxy for proxy, gold in GOLD_OF.items()}
+    notes += [
+        f"--reward {reward}: {name} is the evaluation-only gold of {proxies[name]}; training on it gives an upper "
+        "bound, with no held-out judge left to catch reward hacking"
+        for name, _ in terms if name in proxies
+    ]
+    return notes
+
+
+def _untrained_algo_fields(args: RunArgs, preset: Preset, reward: str, algos: list[str]) -> dict[str, list[str]]:
+    """The config fields set by per-algorithm flags (`--ddpo.learning-rate`) of algorithms
+    not in `algos`, by algorithm. A flag is found by its value differing from the preset's
+    (one that repeats the preset's value changes nothing)."""
+    defaults = preset_algo_configs(preset, reward)
+    fields = {}
+    for name in ALGORITHMS:
+        if name not in algos:
+            given, default = _init_values(getattr(args.algo, name)), _init_values(getattr(defaults, name))
+            fields[name] = [key for key in given if given[key] != default[key]]
+    return {name: keys for name, keys in fields.items() if keys}
+
+
+def _untrained_note(untrained: dict[str, list[str]], algos: list[str]) -> str:
+    """The note on flags of algorithms a run does not train: they are ignored, said in a
+    line rather than refused, since a script may pass one set of flags to runs of
+    different --algos."""
+    flags = [f"--{name}.{key.replace('_', '-')}" for name, keys in untrained.items() for key in keys]
+    return f"{', '.join(flags)}: for algorithms that --algos {','.join(algos)} leaves out; ignored"
 
 
 def _algo_flag(args: RunArgs, name: str, key: str) -> str:
@@ -587,9 +650,26 @@ def _recorded_setting(config: dict, key: str) -> Any:
 
 def _changed_settings(saved: dict, plan: Plan, may_change: tuple[str, ...]) -> list[str]:
     """The keys of config.json whose recorded value differs from `plan`'s."""
-    current = json.loads(json.dumps(plan.config_json()))
+    current = json.loads(strict_json.dumps(plan.config_json()))
     return sorted(k for k in saved.keys() | current.keys()
                   if k not in may_change and _recorded_setting(saved, k) != _recorded_setting(current, k))
+
+
+def _check_writable(out: Path) -> None:
+    """Refuses an --out that cannot be made or written (a read-only file system, /proc, a
+    path under a file), probed by making and removing a folder in its nearest existing
+    ancestor, so that a run never trains only to fail at its first write."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, so no folder can be made under it; choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".stepzoo-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(
+            f"--out {out}: no folder can be made in {existing} ({error.strerror or error}); choose a writable --out"
+        ) from None
 
 
 def _check_out_dir(plan: Plan) -> None:
@@ -597,6 +677,7 @@ def _check_out_dir(plan: Plan) -> None:
     config_path = out / "config.json"
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a folder")
+    _check_writable(out)
     if not config_path.exists():
         if plan.args.resume:
             raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
@@ -648,10 +729,12 @@ def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
     return rows
 
 
-def _extended(plan: Plan) -> Plan:
+def _extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
     new algorithms train on every seed, every algorithm trains on the new seeds; refuses
-    what would make the new rows incomparable with the recorded ones."""
+    what would make the new rows incomparable with the recorded ones, and a flag of a
+    recorded algorithm it does not train (`untrained`: algorithm -> fields its flags set)
+    that differs from the recorded value, which could only be ignored."""
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
     saved = _read_config(config_path, "--extend")
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
@@ -677,6 +760,16 @@ def _extended(plan: Plan) -> Plan:
             f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
             f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
         )
+    for name in recorded_algos:
+        for key in untrained.get(name, []):
+            value = json.loads(strict_json.dumps(getattr(getattr(plan.args.algo, name), key)))
+            if value != algorithm_configs[name].get(key):
+                flag = f"--{name}.{key.replace('_', '-')}"
+                raise UsageError(
+                    f"{flag} {value}: --extend trains {', '.join(plan.algos)}, not {name}, whose rows in {out} are "
+                    f"reused as recorded, with {key} {algorithm_configs[name].get(key)} ({config_path}); leave the "
+                    f"flag out (or add {name} to --algos with new --seeds)"
+                )
     changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
     if changed:
         current = plan.config_json()
@@ -690,7 +783,7 @@ def _extended(plan: Plan) -> Plan:
         )
     for name in present:
         recorded_config = algorithm_configs[name]
-        current_config = json.loads(json.dumps(dataclasses.asdict(plan.configs[name])))
+        current_config = json.loads(strict_json.dumps(dataclasses.asdict(plan.configs[name])))
         for key in sorted(recorded_config.keys() | current_config.keys()):
             if recorded_config.get(key) != current_config.get(key):
                 flag = _algo_flag(plan.args, name, key)
@@ -741,19 +834,21 @@ def execute(plan: Plan) -> str:
 
     on_gpu = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not on_gpu, mixed_precision=plan.preset.mixed_precision if on_gpu else "no")
+    # The rewards first: one that cannot be built (RewardUnavailable) stops the run before
+    # anything is written or any diffusion model loads.
+    train_reward = load_reward(plan.reward, device=accelerator.device, paths=plan.reward_paths)
+    eval_rewards = {plan.reward: train_reward}
+    for name in plan.eval_rewards:
+        eval_rewards[name] = load_reward(name, device=accelerator.device, paths=plan.reward_paths,
+                                         flag="--eval-rewards")
     out = plan.out_dir
     if accelerator.is_main_process:
         # Only a folder that holds a run is ever deleted (`_check_out_dir` refused others).
         if plan.args.overwrite and (out / "config.json").exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", json.dumps(plan.config_json(), indent=2) + "\n")
+        write_text(out / "config.json", strict_json.dumps(plan.config_json(), indent=2) + "\n")
     accelerator.wait_for_everyone()
-
-    train_reward = load_reward(plan.reward, device=accelerator.device, paths=plan.reward_paths)
-    eval_rewards = {plan.reward: train_reward}
-    for name in plan.eval_rewards:
-        eval_rewards[name] = load_reward(name, device=accelerator.device, paths=plan.reward_paths)
 
     tracker = None
     if plan.args.wandb and accelerator.is_main_process:
@@ -868,6 +963,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", file=sys.stderr)
     try:
         table = execute(plan)
+    except RewardUnavailable as error:  # a reward that cannot be built: a bad input, found as it loads
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except (RunStopped, WriteFailed, CorruptCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -27,7 +27,8 @@ Faults: a reward that raises or returns NaN/inf skips that epoch's update (nothi
 the stat tracker) with a counted warning, and stops the run at the first such epoch
 beyond `max_bad_reward_batches`; a non-finite loss or adapter weight stops the run
 before anything is checkpointed. Either way the run ends with `RunStopped`, and the
-checkpoint on disk is the last good epoch's.
+checkpoint on disk is the last good epoch's. A reward that fails at an evaluation costs
+that evaluation's cells (scored as missing, `benchmarks.evaluate`), not the run.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict) -> l
 def _evaluate_and_record(
     policy, rewards, settings: JobSettings, accelerator, algo, seed, epoch, counters, save_strips: bool
 ) -> list[dict]:
-    stats, strips = evaluate(policy, rewards, settings.eval, accelerator)
+    stats, strips = evaluate(policy, rewards, settings.eval, accelerator, where=f"{algo} seed {seed}, epoch {epoch}")
     if save_strips and accelerator.is_main_process:
         (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
         for step_count, images in strips.items():

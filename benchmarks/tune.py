@@ -38,6 +38,7 @@ import pandas as pd
 
 from benchmarks.presets import PRESETS
 from benchmarks.run import Plan, UsageError, _peek, execute, folder_label, make_plan, parse_args
+from zoo import strict_json
 
 TUNING_SEEDS = "100,101"
 """Default tuning seeds: never among the seeds the reported tables use (0, 1, 2, ...). Two,
@@ -238,7 +239,7 @@ def write_tuning(out: Path, points: list[Point], scores: pd.DataFrame, chosen: d
         "run": str(out),
         "selected": chosen,
     }
-    write_text(out / "selected.json", json.dumps(selected, indent=2) + "\n")
+    write_text(out / "selected.json", strict_json.dumps(selected, indent=2) + "\n")
     return markdown
 
 
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = score_points(points)
     chosen = select(scores, list(points[0].values))
     print(write_tuning(out, points, scores, chosen))
-    print(f"selected: {json.dumps(chosen)}\nresults in {out}")
+    print(f"selected: {strict_json.dumps(chosen)}\nresults in {out}")
     return 0
 
 

@@ -15,6 +15,10 @@ class MissingRewardWeights(RewardUnavailable):
     """The weights of a reward were found neither at the flag, the env var, nor the HF cache."""
 
 
+class DamagedRewardWeights(RewardUnavailable):
+    """A reward's weights folder was found, but a file in it does not parse."""
+
+
 class MissingRewardPackages(RewardUnavailable):
     """A Python package a reward needs is not importable."""
 

@@ -38,6 +38,7 @@ import torch
 
 from rewards.base import Reward
 from rewards.errors import RewardServerError
+from zoo import strict_json
 
 TIMEOUT_ENV = "STEPZOO_REWARD_HTTP_TIMEOUT"
 RETRIES_ENV = "STEPZOO_REWARD_HTTP_RETRIES"
@@ -132,7 +133,7 @@ class HttpReward(Reward):
         return answer["name"]
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        body = json.dumps({"prompts": prompts, **encode_images(images)}).encode()
+        body = strict_json.dumps({"prompts": prompts, **encode_images(images)}).encode()
         request = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         scores = self._json(self._request(request)).get("scores")
         if not isinstance(scores, list) or len(scores) != len(prompts):

@@ -5,11 +5,14 @@ imports no torch and loads no model, so the benchmark can call it for every rewa
 before it builds a pipeline, and fail in a second with one readable paragraph.
 
 Besides the registered names, a `--reward` term may be
-- a plugin, `module.path:ClassName`: any importable subclass of `rewards.base.Reward`,
-  built as `ClassName(name=<the term>, device=..., dtype=...)`. Its constructor sets
-  `self.name = name`, calls `super().__init__(device, dtype)`, and finds its own
-  weights; it implements `_score` (and `_modules` if it holds networks). The check
-  imports the module (and torch with it) and inspects the class; it builds nothing.
+- a plugin, `module.path:ClassName`: any importable subclass of `rewards.base.Reward`
+  that implements `_score` (and `_modules` if it holds networks). A class that keeps
+  `Reward`'s constructor (the smallest plugin: `name` and `_score`) is built as
+  `ClassName(device=..., dtype=...)` and its `name` set to the term; one with its own
+  constructor is built as `ClassName(name=<the term>, device=..., dtype=...)`, sets
+  `self.name = name`, calls `super().__init__(device, dtype)` and finds its own
+  weights. The check imports the module (and torch with it) and inspects the class; it
+  builds nothing.
 - a reward server, `http://HOST:PORT/NAME` (or https), as `python -m rewards.serve NAME`
   prints it: scored by `rewards.http.HttpReward`; the check asks the server's health
   endpoint, so a dead server is reported before training starts.
@@ -33,13 +36,21 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from rewards.errors import MissingRewardPackages, MissingRewardWeights, UnknownReward
+from rewards.errors import (
+    DamagedRewardWeights,
+    MissingRewardPackages,
+    MissingRewardWeights,
+    RewardUnavailable,
+    UnknownReward,
+)
 from zoo import hub
 from zoo.hub import UNPINNED, HubFiles
 
@@ -485,11 +496,13 @@ def _name_and_weight(term: str) -> tuple[str, str] | None:
     return (match["name"], match["weight"] or "") if match else None
 
 
-def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
+def parse_reward_spec(spec: str, flag: str = "--reward") -> list[tuple[str, float]]:
     """'aesthetic:1,pickscore:0.5' -> [('aesthetic', 1.0), ('pickscore', 0.5)]; a missing
     weight is 1. A term may also be a plugin or a server (module docstring), weighted the
-    same way: 'tiny-align:1,mypkg.rewards:Sharpness:0.5'. Imports nothing. Raises
-    UnknownReward (a ValueError) naming --reward and the choices."""
+    same way: 'tiny-align:1,mypkg.rewards:Sharpness:0.5'. A weight must be a finite number
+    other than 0 (a negative one minimises its reward). Imports nothing. Raises
+    UnknownReward (a ValueError) naming `flag` (the option the spec came from) and the
+    choices."""
     choices = ", ".join(REWARDS)
     terms = []
     for term in spec.split(","):
@@ -498,16 +511,23 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         if parsed is None:
             unknown = term if "://" in term else term.partition(":")[0]
             raise UnknownReward(
-                f"--reward: unknown reward {unknown!r} in {spec!r}; choose from {choices}, "
+                f"{flag}: unknown reward {unknown!r} in {spec!r}; choose from {choices}, "
                 f"{REWARD_FORMS} (a weighted sum is written aesthetic:1,pickscore:0.5)"
             )
         name, weight_text = parsed
         try:
             weight = float(weight_text) if weight_text else 1.0
         except ValueError:
-            raise UnknownReward(f"--reward: weight {weight_text!r} of {name!r} in {spec!r} is not a number") from None
+            raise UnknownReward(f"{flag}: weight {weight_text!r} of {name!r} in {spec!r} is not a number") from None
+        # A weight of 0 trains on a constant and NaN or inf scores nothing: refused, not run.
+        if weight == 0 or not math.isfinite(weight):
+            raise UnknownReward(
+                f"{flag}: weight {weight_text} of {name!r} in {spec!r} "
+                f"{'leaves it out of every score' if weight == 0 else 'makes every score NaN or inf'}; give a finite "
+                f"non-zero weight (negative to minimise {name}), or leave the term out"
+            )
         if name in dict(terms):
-            raise UnknownReward(f"--reward: {name!r} appears twice in {spec!r}")
+            raise UnknownReward(f"{flag}: {name!r} appears twice in {spec!r}")
         terms.append((name, weight))
     return terms
 
@@ -595,16 +615,32 @@ def _missing_paragraph(spec: RewardSpec, problems: list[tuple[Artifact, str]], u
     return first + "\n" + " ".join(parts)
 
 
-def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str | Path] | None = None) -> dict[str, Path]:
+def _damaged_json(folder: Path) -> str | None:
+    """What is wrong with the first JSON file of a weights folder that does not parse (a
+    model's config, its processor's or tokenizer's), or None when all of them do."""
+    for file in sorted(folder.glob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (ValueError, OSError) as error:
+            return f"{file.name} is not valid JSON ({' '.join(str(error).split())})"
+    return None
+
+
+def check_reward(
+    name: str, path: str | Path | None = None, paths: dict[str, str | Path] | None = None, flag: str = "--reward"
+) -> dict[str, Path]:
     """Preflight for one reward: packages importable and every weight file found, weights
-    published on the hub downloaded into its cache first if they are not there.
+    published on the hub downloaded into its cache first if they are not there, and the
+    JSON files of a weights folder readable (a damaged copy fails here, not at loading).
 
     `path` is the reward's `--reward-path` (primary artifact); `paths` may hold the same
     and the `NAME:ROLE` keys of the other artifacts. Returns role -> local path. Raises
-    MissingRewardPackages (one paragraph) or MissingRewardWeights (a line naming the fix,
-    then details), both RewardUnavailable, or zoo.hub.DownloadFailed when a download
+    MissingRewardPackages (one paragraph), MissingRewardWeights (a line naming the fix,
+    then details) or DamagedRewardWeights (one line), all RewardUnavailable, or
+    zoo.hub.DownloadFailed when a download
     breaks off; imports no torch and loads nothing. A plugin is checked by `plugin_class`
-    and a server by its health endpoint (RewardServerError); both return {}.
+    and a server by its health endpoint (RewardServerError); both return {}. `flag` is
+    the option that named the reward, for the messages.
     """
     if name not in REWARDS:
         if re.fullmatch(SERVER_NAME, name):
@@ -613,9 +649,9 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
             HttpReward.from_env(name).health()
             return {}
         if re.fullmatch(PLUGIN_NAME, name):
-            plugin_class(name)
+            plugin_class(name, flag)
             return {}
-        parse_reward_spec(name)
+        parse_reward_spec(name, flag)
     spec = REWARDS[name]
     given = dict(paths or {})
     if path is not None:
@@ -647,6 +683,12 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
                 problems.append((artifact, f"{source} points at {location}, {_missing_files(location, artifact)}"))
             else:
                 found[artifact.role] = hit
+                damaged = _damaged_json(hit) if artifact.folder else None
+                if damaged:
+                    raise DamagedRewardWeights(
+                        f"{source} points at {location}, whose {damaged}; the folder is damaged: replace it with "
+                        f"an intact copy of {artifact.what} ({artifact.published})"
+                    )
             continue
         hit = _complete(artifact.default_path.expanduser(), artifact) if artifact.default_path is not None else None
         looked = f"neither --reward-path {key} nor {variable} is set and no default location has it"
@@ -661,15 +703,22 @@ def check_reward(name: str, path: str | Path | None = None, paths: dict[str, str
             problems.append((artifact, looked))
         else:
             found[artifact.role] = hit
+            damaged = _damaged_json(hit) if artifact.folder else None
+            if damaged:
+                raise DamagedRewardWeights(
+                    f"Reward '{spec.name}': {hit}, where {artifact.what} was found, is damaged: its {damaged}; "
+                    f"delete it to fetch it again, or pass --reward-path {key}=PATH to an intact copy"
+                )
     if problems:
         raise MissingRewardWeights(_missing_paragraph(spec, problems, unreachable))
     return found
 
 
-def plugin_class(name: str) -> type["Reward"]:
+def plugin_class(name: str, flag: str = "--reward") -> type["Reward"]:
     """The class of a plugin reward `module.path:ClassName`, checked against the contract
     (module docstring) without building it. Raises MissingRewardPackages when the module
-    does not import, UnknownReward when the class is missing or breaks the contract."""
+    does not import, UnknownReward when the class is missing or breaks the contract; both
+    name `flag`, the option that named the plugin."""
     from rewards.base import Reward
 
     module_name, _, class_name = name.partition(":")
@@ -677,7 +726,7 @@ def plugin_class(name: str) -> type["Reward"]:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise MissingRewardPackages(
-            f"--reward {name}: the plugin module {module_name!r} cannot be imported ({type(error).__name__}: "
+            f"{flag} {name}: the plugin module {module_name!r} cannot be imported ({type(error).__name__}: "
             f"{error}); install the package that provides it (pip install ...) or add the folder that holds "
             f"it to PYTHONPATH."
         ) from None
@@ -689,32 +738,45 @@ def plugin_class(name: str) -> type["Reward"]:
             if isinstance(value, type) and issubclass(value, Reward) and not inspect.isabstract(value)
         ]
         raise UnknownReward(
-            f"--reward {name}: {where} has no attribute {class_name!r}; its Reward subclasses are "
+            f"{flag} {name}: {where} has no attribute {class_name!r}; its Reward subclasses are "
             f"{', '.join(defined) or 'none'}."
         )
     if not (isinstance(found, type) and issubclass(found, Reward)):
         raise UnknownReward(
-            f"--reward {name}: {class_name!r} in {where} is {found!r}, not a subclass of rewards.base.Reward; "
+            f"{flag} {name}: {class_name!r} in {where} is {found!r}, not a subclass of rewards.base.Reward; "
             "a plugin reward subclasses it and implements _score."
         )
     if inspect.isabstract(found):
         raise UnknownReward(
-            f"--reward {name}: {class_name} in {where} leaves {', '.join(sorted(found.__abstractmethods__))} "
+            f"{flag} {name}: {class_name} in {where} leaves {', '.join(sorted(found.__abstractmethods__))} "
             "unimplemented."
         )
+    if uses_base_constructor(found):
+        return found
     try:
         inspect.signature(found).bind(name=name, device="cpu", dtype=None)
     except TypeError as error:
         raise UnknownReward(
-            f"--reward {name}: {class_name} in {where} cannot be built as {class_name}(name=..., device=..., "
+            f"{flag} {name}: {class_name} in {where} cannot be built as {class_name}(name=..., device=..., "
             f"dtype=...) ({error}); give its constructor those keyword arguments."
         ) from None
     return found
 
 
-def check_rewards(spec: str, paths: dict[str, str | Path] | None = None) -> dict[str, dict[str, Path]]:
-    """Preflight of every reward of a `--reward` spec: name -> (role -> path)."""
-    return {name: check_reward(name, paths=paths) for name, _ in parse_reward_spec(spec)}
+def uses_base_constructor(reward_class: type["Reward"]) -> bool:
+    """Whether a plugin class keeps `Reward.__init__`, as the smallest plugin does (it sets
+    `name` and defines `_score`, like the built-in rewards): it is built with that
+    constructor and then named by its term (`_build`)."""
+    from rewards.base import Reward
+
+    return reward_class.__init__ is Reward.__init__
+
+
+def check_rewards(
+    spec: str, paths: dict[str, str | Path] | None = None, flag: str = "--reward"
+) -> dict[str, dict[str, Path]]:
+    """Preflight of every reward of a `--reward` spec (given as `flag`): name -> (role -> path)."""
+    return {name: check_reward(name, paths=paths, flag=flag) for name, _ in parse_reward_spec(spec, flag)}
 
 
 def load_reward(
@@ -722,30 +784,55 @@ def load_reward(
     device: "torch.device | str" = "cpu",
     dtype: "torch.dtype | None" = None,
     paths: dict[str, str | Path] | None = None,
+    flag: str = "--reward",
 ) -> "Reward":
-    """Builds the reward of a `--reward` spec, after `check_rewards` found everything.
+    """Builds the reward of a `--reward` spec (given as `flag`), after `check_rewards`
+    found everything.
 
     One name with weight 1 gives that reward; otherwise a WeightedSum of the members.
+    Raises RewardUnavailable naming `flag` when a reward cannot be built (weights that
+    do not load, a plugin's constructor that raises).
     """
     import torch
 
     from rewards.base import WeightedSum
 
     dtype = torch.float32 if dtype is None else dtype
-    found = check_rewards(spec, paths)
-    terms = parse_reward_spec(spec)
-    members = [(_build(name, found[name], device, dtype), weight) for name, weight in terms]
+    found = check_rewards(spec, paths, flag)
+    terms = parse_reward_spec(spec, flag)
+    members = [(_build(name, found[name], device, dtype, flag), weight) for name, weight in terms]
     if len(members) == 1 and members[0][1] == 1.0:
         return members[0][0]
     return WeightedSum(members)
 
 
-def _build(name: str, found: dict[str, Path], device: "torch.device | str", dtype: "torch.dtype") -> "Reward":
+def _build(
+    name: str, found: dict[str, Path], device: "torch.device | str", dtype: "torch.dtype", flag: str
+) -> "Reward":
     """One checked reward: a registered one from its weights, a server's client, or a plugin."""
-    if name in REWARDS:
-        return REWARDS[name].build(REWARDS[name], found, device, dtype)
     if re.fullmatch(SERVER_NAME, name):
         from rewards.http import HttpReward
 
         return HttpReward.from_env(name, device=device, dtype=dtype)
-    return plugin_class(name)(name=name, device=device, dtype=dtype)
+    # Loading runs third-party code on files the preflight only looked at: its failure is
+    # reported as one line naming the reward, not as a traceback from inside a library.
+    reward_class = None if name in REWARDS else plugin_class(name, flag)
+    try:
+        if reward_class is None:
+            return REWARDS[name].build(REWARDS[name], found, device, dtype)
+        if not uses_base_constructor(reward_class):
+            return reward_class(name=name, device=device, dtype=dtype)
+        reward = reward_class(device=device, dtype=dtype)
+        reward.name = name
+        return reward
+    except RewardUnavailable:
+        raise
+    except Exception as error:
+        why = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        if reward_class is None:
+            where = ", ".join(str(path) for path in found.values()) or "no files"
+            raise RewardUnavailable(
+                f"{flag} {name}: its weights ({where}) do not load ({why}); replace them with an intact copy "
+                "(`python -m rewards check NAME` shows where each is looked for)"
+            ) from None
+        raise RewardUnavailable(f"{flag} {name}: the plugin's constructor raised {why}; fix the plugin") from None

@@ -30,6 +30,7 @@ from rewards.base import Reward
 from rewards.errors import RewardUnavailable
 from rewards.http import decode_images
 from rewards.registry import load_reward, parse_reward_paths
+from zoo import strict_json
 
 
 def route(reward: Reward) -> str:
@@ -85,7 +86,7 @@ def make_server(reward: Reward, host: str = "127.0.0.1", port: int = 0) -> Threa
             self._answer(404, {"error": f"nothing at {self.path}; this server serves {path} (health: {path}/health)"})
 
         def _answer(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
+            data = strict_json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import json
 import shutil
 from pathlib import Path
 
 import torch
+
+from zoo import strict_json
 
 TINY_OPEN_CLIP = {
     "embed_dim": 32,
@@ -78,7 +79,7 @@ def _write_clip_tokenizer(folder: Path, model_max_length: int, source: Path | No
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [symbol + "</w>" for symbol in symbols] + ["".join(merge.split()) for merge in merges]
         vocab += ["<|startoftext|>", "<|endoftext|>"]
-        (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+        (folder / "vocab.json").write_text(strict_json.dumps({token: index for index, token in enumerate(vocab)}))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     # transformers 5 ignores vocab/merges passed to the constructor; load from the folder.
     tokenizer = CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
@@ -141,7 +142,7 @@ def build_bert_tokenizer_folder(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     (folder / "vocab.txt").write_text("\n".join(special + BERT_WORDS) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
+    (folder / "tokenizer_config.json").write_text(strict_json.dumps({"do_lower_case": True, "model_max_length": 512}))
     return folder
 
 
@@ -162,7 +163,7 @@ def build_imagereward_folder(folder: Path, tokenizer_dir: Path, *, seed: int = 0
         "initializer_range": 0.02, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1,
         "encoder_width": BLIP_TINY_VISION_WIDTH, "add_cross_attention": True,
     }
-    (folder / "med_config.json").write_text(json.dumps(med_config, indent=2))
+    (folder / "med_config.json").write_text(strict_json.dumps(med_config, indent=2))
     torch.manual_seed(seed)
     with _local_bert_tokenizer(tokenizer_dir):
         model = model_class(med_config=str(folder / "med_config.json"), device="cpu")

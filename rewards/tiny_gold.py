@@ -25,6 +25,7 @@ from torch import nn
 
 from rewards.base import Reward, at_least_float32
 from rewards.preprocess import transform_from_clip_image_processor
+from zoo import strict_json
 
 HEAD_CONFIG = "config.json"
 HEAD_WEIGHTS = "model.safetensors"
@@ -83,7 +84,7 @@ class TinyAestheticHead(nn.Module):
         config = dict(architecture="TinyAestheticHead", feature_dim=self.feature_dim, hidden=self.hidden,
                       activation="gelu", features=PATCH_FEATURES)
         config.update(extra or {})
-        (folder / HEAD_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (folder / HEAD_CONFIG).write_text(strict_json.dumps(config, indent=2) + "\n")
         state = {key: value.detach().float().contiguous() for key, value in self.state_dict().items()}
         save_file(state, folder / HEAD_WEIGHTS, metadata={"format": "pt"})
         return folder

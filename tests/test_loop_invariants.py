@@ -657,6 +657,39 @@ def test_every_row_is_evaluated_on_the_same_noise(tiny_pipeline_dir, accelerator
     assert stats[(1, "brightness")]["mean"] != stats[(2, "brightness")]["mean"]
 
 
+def test_the_runner_evaluates_every_row_of_a_seed_with_the_same_settings_and_rewards(
+    tiny_pipeline_dir, tmp_path, monkeypatch
+):
+    """Invariant (d) from the runner's side: `benchmarks.run` gives the base and every
+    algorithm of a seed the same evaluation (the prompts, step counts, samples, sampler,
+    guidance, eta, spacing and the seed that decides the noise: one `EvalSettings`) and the
+    same reward objects, at every evaluation, so that the test above makes their cells
+    comparable. An evaluation seed or prompt that depended on the algorithm fails here."""
+    from benchmarks.run import main
+
+    real_evaluate = benchmarks.train.evaluate
+    calls = []
+
+    def recording_evaluate(policy, rewards, settings, accelerator, where="evaluation"):
+        calls.append((where, settings, list(rewards.items())))
+        return real_evaluate(policy, rewards, settings, accelerator, where=where)
+
+    monkeypatch.setattr(benchmarks.train, "evaluate", recording_evaluate)
+    assert main(["--model", tiny_pipeline_dir, "--algos", "ddpo,rebel", "--reward", "jpeg_compressibility",
+                 "--eval-rewards", "tiny-align-gold", "--epochs", "2", "--eval-every", "1",
+                 "--trajectories-per-epoch", "8", "--eval-samples-per-prompt", "1", "--eval-steps", "1,2",
+                 "--train-steps", "2", "--out", str(tmp_path / "run")]) == 0
+    assert [where for where, _, _ in calls] == [
+        "base seed 0, epoch 0", "ddpo seed 0, epoch 1", "ddpo seed 0, epoch 2", "rebel seed 0, epoch 1",
+        "rebel seed 0, epoch 2"]
+    _, settings, rewards = calls[0]
+    assert settings.seed == 0 and settings.step_counts == (1, 2) and settings.samples_per_prompt == 1
+    assert [name for name, _ in rewards] == ["jpeg_compressibility", "tiny-align-gold"]
+    for where, other_settings, other_rewards in calls[1:]:
+        assert other_settings == settings, where
+        assert [(name, id(reward)) for name, reward in other_rewards] == [(n, id(r)) for n, r in rewards], where
+
+
 # ----------------------------------------------------------------------------------------
 # Stat tracker eviction, and the DDIM density at 0 < eta < 1
 

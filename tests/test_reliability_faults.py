@@ -285,3 +285,209 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     assert (faulty["count"], faulty["nonfinite"]) == (3, 1) and (clean["count"], clean["nonfinite"]) == (4, 0)
     assert math.isfinite(faulty["mean"]) and faulty["mean"] != clean["mean"]
     assert "the reward nan-first returned NaN or inf for 1 of 4 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", ["raise", "wrong shape", "list"])
+def test_a_reward_that_fails_at_evaluation_costs_its_batch_not_the_run(fault, tiny_pipeline_dir, capsys):
+    """A plugin that raises, returns the wrong number of scores or a list on one batch of
+    an evaluation: that batch's images are scored as missing (left out of the mean,
+    counted in `nonfinite`, one warning naming the reward and the error); its other
+    batches and the other rewards are scored as if nothing had happened."""
+    from accelerate import Accelerator
+    from test_train_loop import Brightness
+
+    from benchmarks.evaluate import EvalSettings, evaluate
+    from zoo.policy import Policy
+
+    class FailsOnSecondBatch(Brightness):
+        name = "flaky"
+        batches = 0
+
+        def _score(self, images, prompts):
+            self.batches += 1
+            scores = super()._score(images, prompts)
+            if self.batches != 2:
+                return scores
+            if fault == "raise":
+                raise RuntimeError("the scorer's GPU fell off the bus")
+            return scores[:1] if fault == "wrong shape" else scores.tolist()
+
+    settings = EvalSettings(prompts=("a cat", "a dog"), step_counts=(1,), samples_per_prompt=3, batch_size=2,
+                            sampler="ddim", guidance_scale=2.0, eta=1.0, seed=0)
+    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    stats, _ = evaluate(policy, {"flaky": FailsOnSecondBatch(), "clean": Brightness()}, settings,
+                        Accelerator(cpu=True), where="ddpo seed 0, epoch 3")
+    flaky, clean = stats[(1, "flaky")], stats[(1, "clean")]
+    assert (flaky["count"], flaky["nonfinite"]) == (4, 2) and (clean["count"], clean["nonfinite"]) == (6, 0)
+    assert math.isfinite(flaky["mean"])
+    warnings = re.findall(r"warning: [^\n\r]*", capsys.readouterr().err)
+    assert len(warnings) == 1
+    assert warnings[0].startswith("warning: ddpo seed 0, epoch 3 at 1 steps: the reward flaky raised ")
+    assert "(2 of 6 images); they are scored as missing" in warnings[0]
+
+
+class ScoringServer:
+    """A reward server on 127.0.0.1 (the wire format of rewards/http.py) scoring the mean
+    pixel, that answers HTTP 500 where the test says: `fail(kind, n)` gets "evaluation"
+    (the request's prompts are all held-out ones) or "training", and how many requests of
+    that kind it answered before. `posts` counts every scoring request it received."""
+
+    def __init__(self, eval_prompts: tuple[str, ...]):
+        self.eval_prompts = set(eval_prompts)
+        self.fail = lambda kind, answered: False
+        self.answered = {"evaluation": 0, "training": 0}
+        self.posts = 0
+
+    def handler(self):
+        import json as json_module
+        from http.server import BaseHTTPRequestHandler
+
+        from rewards.http import decode_images
+
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _send(self, status: int, body: dict) -> None:
+                data = json_module.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                self._send(200, {"name": "mean-pixel"})
+
+            def do_POST(self):
+                request = json_module.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.posts += 1
+                kind = "evaluation" if set(request["prompts"]) <= server.eval_prompts else "training"
+                if server.fail(kind, server.answered[kind]):
+                    self._send(500, {"error": "the scorer ran out of memory"})
+                    return
+                server.answered[kind] += 1
+                self._send(200, {"scores": decode_images(request).mean(dim=(1, 2, 3)).tolist()})
+
+            def log_message(self, *args):
+                pass
+
+        return Handler
+
+
+@pytest.fixture
+def scoring_server():
+    from http.server import ThreadingHTTPServer
+
+    from test_reward_http import serving
+
+    from benchmarks.presets import PRESETS
+
+    server = ScoringServer(PRESETS["tiny"]().eval_prompts)
+    with serving(ThreadingHTTPServer(("127.0.0.1", 0), server.handler())) as base:
+        server.url = base + "/x"
+        yield server
+
+
+def server_args(model: str, url: str, out: Path, epochs: int) -> list[str]:
+    """The issue's reproduction on the random tiny pipeline: DDPO on a reward server, one
+    evaluation sample for each of the 4 held-out prompts (one request per evaluation)."""
+    return ["--model", model, "--algos", "ddpo", "--reward", url, "--eval-rewards", "", "--epochs", str(epochs),
+            "--eval-every", "1", "--trajectories-per-epoch", "8", "--eval-samples-per-prompt", "1",
+            "--eval-steps", "1", "--train-steps", "2", "--out", str(out)]
+
+
+def strict_records(out: Path) -> list[dict]:
+    """records.jsonl, read by a strict JSON parser (one that refuses NaN and Infinity)."""
+    import json as json_module
+
+    def refuse(token):
+        raise ValueError(f"{token} is not JSON")
+
+    return [json_module.loads(line, parse_constant=refuse) for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+def test_the_issues_http_500_from_the_second_request_completes_with_the_cells_missing(
+    tiny_pipeline_dir, tmp_path, scoring_server, capsys, monkeypatch
+):
+    """Issue 29's reproduction: a server that answers its health check, then 500 to every
+    scoring request, retried once. Training skips the epoch's update (as before); both
+    evaluations score their images as missing instead of ending the run with a
+    traceback: the run completes, its records (strict JSON) count every image as
+    missing, and the table shows the cells empty."""
+    scoring_server.fail = lambda kind, answered: True
+    monkeypatch.setenv("STEPZOO_REWARD_HTTP_RETRIES", "1")
+    out = tmp_path / "run"
+    assert main(server_args(tiny_pipeline_dir, scoring_server.url, out, epochs=1)) == 0
+
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and not _errors(captured.err)
+    warnings = re.findall(r"warning: [^\n\r]*", captured.err)
+    assert [w for w in warnings if "epoch 1: the reward" in w and "skipping this epoch's update" in w]
+    missing = [w for w in warnings if "scored as missing" in w]
+    assert len(missing) == 2 and "base seed 0, epoch 0 at 1 steps" in missing[0]
+    assert "answered HTTP 500" in missing[0] and "after 2 attempts" in missing[0]
+    assert scoring_server.posts == 3 * 2  # base evaluation, epoch 1, final evaluation; each retried once
+    records = strict_records(out)
+    assert [(r["algo"], r["mean"], r["count"], r["nonfinite"]) for r in records] == [
+        ("base", None, 0, 4), ("ddpo", None, 0, 4)]
+    assert load_state(out / "checkpoints" / "ddpo_seed0.pt")["done"]
+    assert "–" in captured.out
+
+
+def test_evaluation_faults_leave_the_rest_of_the_run_as_it_would_be_and_a_stop_resumes_to_the_same_records(
+    tiny_pipeline_dir, tmp_path, scoring_server, capsys, monkeypatch
+):
+    """The base evaluation fails on the server (its cell missing), then the training
+    reward fails at epoch 2 past --max-bad-reward-batches 0: the run stops with one line,
+    exit code 1 and epoch 1's checkpoint and records. `--resume` with the server back
+    gives the records of an uninterrupted run with the same base-evaluation fault."""
+    monkeypatch.setenv("STEPZOO_REWARD_HTTP_RETRIES", "0")
+    base_down = lambda kind, answered: kind == "evaluation" and scoring_server.answered["training"] == 0
+    scoring_server.fail = lambda kind, answered: base_down(kind, answered) or (kind == "training" and answered >= 1)
+    out = tmp_path / "run"
+    args = server_args(tiny_pipeline_dir, scoring_server.url, out, epochs=2) + ["--max-bad-reward-batches", "0"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    [error] = _errors(err)
+    assert "ddpo seed 0, epoch 2" in error and "HTTP 500" in error and "holds epoch 1" in error
+    assert "Traceback" not in err
+    stopped = load_state(out / "checkpoints" / "ddpo_seed0.pt")
+    assert stopped["epoch"] == 1 and [r["epoch"] for r in stopped["records"]] == [1]
+    assert load_state(out / "checkpoints" / "base_seed0.pt")["records"][0]["nonfinite"] == 4
+
+    scoring_server.fail = lambda kind, answered: False
+    assert main(args + ["--resume"]) == 0
+
+    scoring_server.answered = {"evaluation": 0, "training": 0}
+    scoring_server.fail = base_down
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(server_args(tiny_pipeline_dir, scoring_server.url, uninterrupted, epochs=2)
+                + ["--max-bad-reward-batches", "0"]) == 0
+
+    def without_time(records):
+        return [{k: v for k, v in r.items() if k != "wall_time"} for r in records]
+
+    resumed = strict_records(out)
+    assert without_time(resumed) == without_time(strict_records(uninterrupted))
+    assert [(r["algo"], r["epoch"], r["count"]) for r in resumed] == [("base", 0, 0), ("ddpo", 1, 4), ("ddpo", 2, 4)]
+
+
+def test_strict_json_writes_non_finite_numbers_as_null_and_refuses_nothing_else():
+    from zoo import strict_json
+
+    value = {"mean": math.nan, "high": math.inf, "rows": [1.5, -math.inf, (2, math.nan)], "name": "NaN", "n": None}
+    assert strict_json.dumps(value, sort_keys=True) == (
+        '{"high": null, "mean": null, "n": null, "name": "NaN", "rows": [1.5, null, [2, null]]}')
+
+
+def test_every_json_the_project_writes_goes_through_strict_json():
+    """json.dumps writes a bare NaN that strict parsers reject; the package sources call
+    zoo.strict_json.dumps instead (the reference SDPO launcher, which runs inside the
+    reference's own environment and writes only names and clock readings, aside)."""
+    repo = Path(__file__).resolve().parent.parent
+    sources = [path for package in ("benchmarks", "rewards", "zoo") for path in (repo / package).rglob("*.py")]
+    offenders = [
+        str(path.relative_to(repo)) for path in sources
+        if re.search(r"(?<![\w.])json\.dump", path.read_text())
+        and path.relative_to(repo).as_posix() not in {"zoo/strict_json.py", "benchmarks/reference_sdpo_launch.py"}
+    ]
+    assert not offenders

@@ -52,6 +52,20 @@ def _file_at_out(model: str, out: Path, monkeypatch) -> None:
     out.write_text("not a folder")
 
 
+def _file_above_out(model: str, out: Path, monkeypatch) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    (out.parent / "notes.txt").write_text("a file where --out wants a folder")
+
+
+def _corrupt_clip_folder(model: str, out: Path, monkeypatch) -> None:
+    """A tiny-clip folder with every file it needs, its config.json cut short."""
+    folder = out.parent / "clip"
+    folder.mkdir(parents=True)
+    for name in ("model.safetensors", "preprocessor_config.json", "vocab.json"):
+        (folder / name).write_text("{}")
+    (folder / "config.json").write_text('{"architectures": ["CLIPMod')
+
+
 def _no_imagereward_package(model: str, out: Path, monkeypatch) -> None:
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ImageReward" else real(name, *a))
@@ -110,6 +124,34 @@ CASES = [
     ("resume with changed settings", ["--resume", "--epochs", "3"], ["--resume", "epochs"], _existing_run),
     ("out holds other files", ["--overwrite"], ["--out", "no stepzoo run"], _foreign_folder),
     ("out is a file", [], ["--out", "is a file"], _file_at_out),
+    # Issue 29: inputs that meant nothing or something else, and messages that misled.
+    ("reward weight 0", ["--reward", "jpeg_compressibility:0"], ["error: --reward:", "weight 0", "non-zero"], None),
+    ("reward weight nan", ["--reward", "jpeg_compressibility:nan"], ["error: --reward:", "weight nan", "finite"],
+     None),
+    ("reward weight inf", ["--reward", "jpeg_compressibility:1,tiny-align-gold:inf"], ["--reward", "weight inf"],
+     None),
+    ("eval reward weight 0", ["--eval-rewards", "tiny-align-gold:0"], ["error: --eval-rewards:", "weight 0"], None),
+    ("trajectories 0", ["--trajectories-per-epoch", "0"], ["--trajectories-per-epoch", "at least 1, got 0"], None),
+    ("eval samples 0", ["--eval-samples-per-prompt", "0"], ["--eval-samples-per-prompt", "at least 1, got 0"],
+     None),
+    ("out in /proc", ["--out", "/proc/stepzoo-run"], ["--out /proc/stepzoo-run", "no folder can be made in /proc"],
+     None),
+    ("out under a file", ["--out", "{tmp}/notes.txt/run"], ["--out", "notes.txt is a file", "choose another --out"],
+     _file_above_out),
+    ("corrupt reward path folder", ["--reward", "tiny-clip", "--reward-path", "tiny-clip={tmp}/clip"],
+     ["--reward-path tiny-clip", "config.json is not valid JSON", "intact copy"], _corrupt_clip_folder),
+    ("seed listed twice", ["--seeds", "0,1,0"], ["--seeds", "0 listed more than once"], None),
+    ("eval steps listed twice", ["--eval-steps", "1,1"], ["--eval-steps", "1 listed more than once"], None),
+    ("unknown eval reward", ["--eval-rewards", "nosuch"], ["error: --eval-rewards:", "'nosuch'"], None),
+    ("eval plugin module missing", ["--eval-rewards", "no_such_module:Thing"],
+     ["error: --eval-rewards no_such_module:Thing", "cannot be imported"], None),
+    ("all among others", ["--algos", "all,ddpo"], ["--algos all,ddpo", "all stands alone", "--algos all"], None),
+    ("learning rate inf", ["--ddpo.learning-rate", "inf"], ["--ddpo.learning-rate", "finite", "inf"], None),
+    ("learning rate nan", ["--ddpo.learning-rate", "nan"], ["--ddpo.learning-rate", "finite", "nan"], None),
+    ("clip range inf", ["--ddpo.clip-range", "inf"], ["--ddpo.clip-range", "finite"], None),
+    ("extend with a flag for a recorded algorithm it does not train",
+     ["--extend", "--algos", "nft", "--ddpo.clip-range", "1e-3"],
+     ["--ddpo.clip-range 0.001", "--extend trains nft, not ddpo", "reused as recorded"], _existing_run),
 ]
 
 
@@ -135,6 +177,7 @@ def test_bad_input_is_refused_in_one_line_before_loading(extra, expected, setup,
     if setup is not None:
         setup(tiny_pipeline_dir, out, monkeypatch)
     existed = out.exists()
+    extra = [arg.format(tmp=tmp_path) for arg in extra]
     capsys.readouterr()
 
     started = time.perf_counter()
@@ -171,3 +214,21 @@ def test_a_refused_config_value_is_one_line_from_the_command_line(tiny_pipeline_
     assert result.returncode == 2
     assert result.stderr.strip() == "error: --ddpo.learning-rate: learning_rate must be positive (got -1.0)."
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--reward", "jpeg_compressibility:-1"],
+     "--reward jpeg_compressibility:-1: the weight -1 of jpeg_compressibility is negative, so training minimises "
+     "jpeg_compressibility"),
+    (["--reward", "tiny-aesthetic-gold"],
+     "--reward tiny-aesthetic-gold: tiny-aesthetic-gold is the evaluation-only gold of tiny-aesthetic"),
+    (["--algos", "ddpo,rebel"],
+     "--sdpo.gradient-accumulation-steps: for algorithms that --algos ddpo,rebel leaves out; ignored"),
+])
+def test_inputs_that_may_be_meant_run_with_a_one_line_note(extra, expected, tiny_pipeline_dir, tmp_path):
+    """A negative reward weight (minimising may be wanted), a gold as the training reward
+    (an upper bound) and per-algorithm flags for algorithms a run leaves out (one set of
+    flags passed to runs of different --algos; base_args sets sdpo's) are accepted, each
+    with a note (`main` prints them as `note: ...` lines) that says what they do."""
+    notes = make_plan(parse_args(base_args(tiny_pipeline_dir, tmp_path / "run") + extra)).notes
+    assert [note for note in notes if expected in note and "\n" not in note], notes

@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import stats
 
 from benchmarks.report import curve_points, load_records, main, write_report
+from zoo import strict_json
 
 TRAINING, EXTRA = "tiny-clip", "aesthetic"
 ALGOS = ("sdpo", "ddpo")
@@ -84,13 +85,14 @@ def strip_color(algo: str, seed: int, steps: int) -> tuple[int, int, int]:
 
 def make_run(
     tmp_path, seeds=(0, 1), steps=(1, 2, 4), epochs=(2, 4, 5), rewards=(TRAINING, EXTRA), drop=None,
-    mean_of=default_mean, legacy=lambda r: False,
+    mean_of=default_mean, legacy=lambda r: False, dumps=json.dumps,
 ):
     """Write records.jsonl and the strips of every (algo, seed, steps) into a run folder.
 
     `drop(record) -> bool` leaves records out (to interrupt a run); `mean_of` gives the
     training reward's means; `legacy(record) -> bool` writes a record without the budget
-    counters that older runs did not record.
+    counters that older runs did not record; `dumps` writes each record (json.dumps writes
+    a NaN as older runs did, bare).
     """
     rows = [
         record(algo, seed, epoch, k, reward, mean_of, legacy({"algo": algo, "seed": seed}))
@@ -101,7 +103,7 @@ def make_run(
         for reward in rewards
     ]
     rows = [r for r in rows if not (drop and drop(r))]
-    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "records.jsonl").write_text("".join(dumps(r) + "\n" for r in rows))
     (tmp_path / "samples").mkdir()
     for algo in ["base", *ALGOS]:
         for seed in seeds:
@@ -381,8 +383,10 @@ def test_budget_columns_show_a_dash_where_records_lack_them(tmp_path):
     assert rows["ddpo"][3:] == ["160", "10", "10", "160", "50.5", "5"]
 
 
-def test_nan_evaluations_leave_their_seed_out_of_the_cell(tmp_path):
-    """An evaluation whose every score was NaN has mean NaN. sdpo's seed 1 at 4 steps is
+@pytest.mark.parametrize("dumps", [json.dumps, strict_json.dumps], ids=["bare NaN, as older runs wrote", "null"])
+def test_nan_evaluations_leave_their_seed_out_of_the_cell(tmp_path, dumps):
+    """An evaluation whose every score was NaN has mean NaN, written as null (strict JSON)
+    or, by runs before that, as a bare NaN: both read the same. sdpo's seed 1 at 4 steps is
     one: the cell is its seed 0 alone, 0.550 ± 0.006 (0.05 / √64, shown at the table's 3
     decimals), compared by interval (0.55 ± 0.01225 against base's [0.30, 0.34]): ↑, and
     the legend names sdpo as a one-seed row. ddpo at 4 steps, NaN on both seeds: "–", no
@@ -393,7 +397,8 @@ def test_nan_evaluations_leave_their_seed_out_of_the_cell(tmp_path):
             return math.nan
         return default_mean(algo, seed, epoch, k)
 
-    run = make_run(tmp_path, rewards=(TRAINING,), mean_of=mean_of)
+    run = make_run(tmp_path, rewards=(TRAINING,), mean_of=mean_of, dumps=dumps)
+    assert ("NaN" in (run / "records.jsonl").read_text()) == (dumps is json.dumps)
     text = write_report(run, TRAINING)
     rows = markdown_rows(text)
     table = table_csv(run)

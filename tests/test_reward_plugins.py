@@ -171,7 +171,94 @@ def test_benchmark_refuses_a_broken_plugin_before_loading_anything(plugin, capsy
     assert not (tmp_path / "run").exists()
     first, second = capsys.readouterr().err.splitlines()
     assert first.startswith("error: --reward no_such_pkg.rewards:Sharp: the plugin module 'no_such_pkg.rewards'")
-    assert second.startswith(f"error: --reward {plugin}:helper: 'helper'") and "not a subclass" in second
+    assert second.startswith(f"error: --eval-rewards {plugin}:helper: 'helper'") and "not a subclass" in second
+
+
+SMALL_PLUGINS = '''
+import torch
+
+from rewards.base import Reward
+
+
+class Smallest(Reward):
+    """What a user writes first, as the built-in rewards look: a name and `_score`."""
+
+    name = "smallest"
+
+    def _score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+
+class Explodes(Reward):
+    def __init__(self, name, device="cpu", dtype=torch.float32):
+        raise RuntimeError("no GPU with 80 GB here")
+
+    def _score(self, images, prompts):
+        return images.mean(dim=(1, 2, 3))
+'''
+
+
+@pytest.fixture
+def small_plugins(plugin, tmp_path):
+    """The module `my_plugins.small` (SMALL_PLUGINS) next to `my_plugins.scores`."""
+    (tmp_path / "my_plugins" / "small.py").write_text(textwrap.dedent(SMALL_PLUGINS))
+    yield "my_plugins.small"
+    sys.modules.pop("my_plugins.small", None)
+
+
+def test_the_smallest_plugin_is_built_with_the_base_constructor_and_named_by_its_term(small_plugins):
+    """A subclass that only sets `name` and defines `_score` passes the check and is built
+    as Smallest(device=..., dtype=...), then named by its term (issue 29, case 9)."""
+    spec = f"{small_plugins}:Smallest"
+    assert check_reward(spec) == {}
+    reward = load_reward(spec, device="meta", dtype=torch.float16)
+    assert type(reward).__name__ == "Smallest" and reward.name == spec
+    assert reward.device == torch.device("meta") and reward.dtype == torch.float16
+    summed = load_reward(f"jpeg_compressibility,{spec}:0.5")
+    assert [member.name for member, _ in summed.members] == ["jpeg_compressibility", spec]
+    batch = images()
+    torch.testing.assert_close(load_reward(spec).score(batch, ["a", "b", "c"]), batch.mean(dim=(1, 2, 3)))
+
+
+def test_a_plugin_whose_constructor_raises_stops_the_run_in_one_line_before_the_model_loads(
+    small_plugins, capsys, tmp_path, tiny_pipeline_dir, monkeypatch
+):
+    """The constructor runs only when the run loads its rewards: it raises, and the run
+    ends with exit code 2 and one line naming the flag and the error, before the diffusion
+    model loads and before the output folder is made (issue 29, case 4)."""
+    import zoo.policy
+    from benchmarks.run import main
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the diffusion model was loaded")
+
+    monkeypatch.setattr(zoo.policy.Policy, "from_pretrained", no_model)
+    out = tmp_path / "run"
+    args = ["--model", tiny_pipeline_dir, "--reward", "jpeg_compressibility", "--algos", "ddpo", "--out", str(out)]
+    assert main(args + ["--eval-rewards", f"{small_plugins}:Explodes"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == (f"error: --eval-rewards {small_plugins}:Explodes: the plugin's constructor raised "
+                                    "RuntimeError: no GPU with 80 GB here; fix the plugin")
+    assert not out.exists()
+
+
+def test_reward_weights_that_do_not_load_stop_the_run_in_one_line(capsys, tmp_path, tiny_pipeline_dir, monkeypatch):
+    """A weights folder whose JSON files parse but whose weights do not load: one line
+    naming the flag and the folder, exit code 2, nothing written (issue 29, case 4)."""
+    import shutil
+
+    from benchmarks.run import main
+    from rewards.registry import REWARDS
+
+    clip = tmp_path / "clip"
+    shutil.copytree(REWARDS["tiny-clip"].artifacts[0].default_path, clip)
+    (clip / "model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "run"
+    assert main(["--model", tiny_pipeline_dir, "--reward", "tiny-clip", "--reward-path", f"tiny-clip={clip}",
+                 "--algos", "ddpo", "--eval-rewards", "", "--out", str(out)]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: --reward tiny-clip: its weights ({clip}) do not load (")
+    assert not out.exists()
 
 
 def test_help_lists_algorithms_rewards_and_the_other_forms(capsys):

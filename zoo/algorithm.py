@@ -43,6 +43,8 @@ from every config, and whose `build()` makes the algorithm.
 from __future__ import annotations
 
 import abc
+import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -308,6 +310,12 @@ class TrainingConfig(abc.ABC):
     """The flow sampler's SDE, Flow-GRPO's or DanceGRPO's (`zoo.sampling.SamplerConfig.flow_sde`; their published eta: 0.7, 0.3); other samplers take only flow-grpo."""
 
     def __post_init__(self) -> None:
+        # inf passes every "must be positive" rule and NaN reads as a value: refused for
+        # every float field, the subclasses' own included, before any rule reads them.
+        for config_field in dataclasses.fields(self):
+            value = getattr(self, config_field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{config_field.name} must be a finite number (got {value!r}).")
         check_field_rules(self, _TRAINING_RULES)
         if self.flow_sde != "flow-grpo" and self.sampler != "flow":
             raise ValueError(f"flow_sde {self.flow_sde} is an SDE of the flow sampler, not of {self.sampler}.")

@@ -24,6 +24,8 @@ from diffusers import (
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from zoo import strict_json
+
 # The tokenizer is the same BPE as OpenAI CLIP / open_clip, so its vocabulary is fixed.
 CLIP_VOCAB_SIZE = 49408
 BOS_TOKEN = "<|startoftext|>"
@@ -114,7 +116,7 @@ def _write_bpe_files(folder: Path) -> None:
     vocab = symbols + [s + "</w>" for s in symbols] + [m.replace(" ", "") for m in merges]
     vocab += [BOS_TOKEN, EOS_TOKEN]
     assert len(vocab) == CLIP_VOCAB_SIZE, len(vocab)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    (folder / "vocab.json").write_text(strict_json.dumps({tok: i for i, tok in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
 
@@ -135,7 +137,7 @@ def mark_float32_compute(folder: Path) -> None:
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["dtype"] = "float32"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    config_path.write_text(strict_json.dumps(config, indent=2) + "\n")
 
 
 def save_pipeline(pipe: StableDiffusionPipeline, folder: str | Path, half: bool) -> Path:

@@ -63,6 +63,7 @@ from zoo.tiny.arch import (
     slim_tokenizer_folder,
     text_encoder_config,
 )
+from zoo import strict_json
 
 # OpenAI CLIP's pixel statistics, so the judge's processor is configured like a real CLIP.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -745,7 +746,7 @@ def _stamp_aesthetic(cfg: BuildConfig, seconds: float) -> None:
     config_path = cfg.out / "aesthetic" / "config.json"
     config = json.loads(config_path.read_text())
     config["training"].update(command=_command(cfg), seconds=seconds, torch=torch.__version__, threads=cfg.threads)
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    config_path.write_text(strict_json.dumps(config, indent=2) + "\n")
 
 
 def build_aesthetic_only(cfg: BuildConfig) -> None:
@@ -795,7 +796,7 @@ def _record_stage(cfg: BuildConfig, stage: str, seconds: float, record: dict | N
     info.setdefault("stage_commands", {})[stage] = _command(cfg)
     if record is not None:
         info.setdefault("stage_records", {})[stage] = record
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
+    info_path.write_text(strict_json.dumps(info, indent=2) + "\n")
     print(f"{stage} stage done in {seconds}s", flush=True)
 
 
@@ -855,7 +856,7 @@ def build(cfg: BuildConfig) -> None:
         torch=torch.__version__,
         threads=cfg.threads,
     )
-    (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / "build_info.json").write_text(strict_json.dumps(info, indent=2) + "\n")
     print(f"build done in {info['wall_seconds']}s", flush=True)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import tyro
 
+from zoo import strict_json
 from zoo.tiny import ASSETS
 
 METHODS = {"turbo": ("endpoint", "consistency"), "flow-turbo": ("endpoint", "reflow")}
@@ -87,7 +88,7 @@ def main() -> None:
     path = cfg.out / "turbo-methods.json"
     old = json.loads(path.read_text()) if path.exists() else []
     kept = [r for r in old if (r["stage"], r["method"]) not in set(jobs)]
-    path.write_text(json.dumps(kept + results, indent=2) + "\n")
+    path.write_text(strict_json.dumps(kept + results, indent=2) + "\n")
     print(f"wrote {path}")
 
 

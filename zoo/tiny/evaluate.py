@@ -33,6 +33,7 @@ from transformers import CLIPModel, CLIPProcessor
 from zoo.policy import model_family
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, data
 from zoo.tiny.flow import T5_TOKENS
+from zoo import strict_json
 
 
 @dataclass(frozen=True)
@@ -394,20 +395,20 @@ def main() -> None:
     if cfg.measure_folder is not None:
         pipe, _ = load_pipeline(cfg.assets / cfg.measure_folder)
         rows, _ = step_sweep(pipe, judge, cfg, cfg.steps, TURBO_GUIDANCE)
-        print(json.dumps(rows), flush=True)
+        print(strict_json.dumps(rows), flush=True)
         return
     if cfg.only_turbo:
         metrics = json.loads((cfg.out / "metrics.json").read_text())
         metrics["turbo"] = measure_turbo(judge, cfg)
         metrics["build"] = json.loads(build_info.read_text())
-        (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
         write_readme(metrics, cfg.out / "README.md")
         return
     if cfg.only_flow:
         metrics = json.loads((cfg.out / "metrics.json").read_text())
         metrics["flow"] = measure_flow(judge, cfg)
         metrics["build"] = json.loads(build_info.read_text())
-        (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
         write_readme(metrics, cfg.out / "README.md")
         return
 
@@ -439,9 +440,9 @@ def main() -> None:
         flow=measure_flow(judge, cfg),
         turbo=measure_turbo(judge, cfg),
     )
-    (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
     write_readme(metrics, cfg.out / "README.md")
-    print(json.dumps(metrics["throughput"]), flush=True)
+    print(strict_json.dumps(metrics["throughput"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from scipy.stats import mannwhitneyu, pearsonr, spearmanr
 
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, data, gold
 from zoo.tiny.evaluate import load_pipeline, sample
+from zoo import strict_json
 
 SECTION = "## Gold and proxy rewards"
 REWARD_NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")
@@ -229,7 +230,7 @@ def main() -> None:
         ),
         scoring_images_per_second={name: count / max(s, 1e-9) for name, s in seconds.items()},
     )
-    (cfg.out / "gold.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (cfg.out / "gold.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
     write_section(metrics, cfg.out / "README.md")
 
 

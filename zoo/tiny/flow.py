@@ -16,7 +16,6 @@ projection (both encoders' `text_embeds`, concatenated) for the adaptive norms.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import shutil
 import time
@@ -38,6 +37,7 @@ from zoo.tiny.arch import (
     slim_tokenizer_folder,
     text_encoder_config,
 )
+from zoo import strict_json
 
 FLOW_SHIFT = 3.0
 """The scheduler's time shift: SD3.5's own (its scheduler_config.json), so the tiny model's
@@ -226,7 +226,7 @@ def save_flow_pipeline(pipe: StableDiffusion3Pipeline, folder: Path, base: Path)
     save_file({"text_projection.weight": projection}, encoder / projection_shard, metadata={"format": "pt"})
     base_keys = load_file(base / "text_encoder" / "model.safetensors").keys()
     weight_map = {key: base_shard for key in base_keys} | {"text_projection.weight": projection_shard}
-    (encoder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    (encoder / "model.safetensors.index.json").write_text(strict_json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     mark_float32_compute(encoder)
     for name, target in (("text_encoder_2", Path("text_encoder")), ("tokenizer", relative_base.relative_to("..") / "tokenizer"),
                          ("tokenizer_2", relative_base.relative_to("..") / "tokenizer")):
