@@ -170,7 +170,7 @@ class BuildConfig:
     turbo_pairs_per_level: int = 1024
     turbo_top_factor: int = 2
     """Times as many examples at the top level (pure noise), where every sample starts."""
-    turbo_steps: int = 1500
+    turbo_steps: int = 1000
     turbo_batch: int = 64
     turbo_lr: float = 2e-4
     turbo_ema_decay: float = 0.99
