@@ -18,6 +18,11 @@ of results/tiny-world/README.md (replacing it if present):
   member the gold prefers;
 - scoring cost.
 Every reward is loaded through `rewards.registry.load_reward`, as the benchmark does.
+
+`--model pipeline-turbo` (or any model folder of `MODEL_SAMPLING`) re-checks the tasks on
+that model's samples instead, drawn as its preset draws them (its guidance and training
+sampler), and writes gold-<model>.json and gold-<model>.md beside the README (headroom and
+the proxies inside RL's comparisons), leaving the README's section, which is the base's.
 """
 
 from __future__ import annotations
@@ -34,12 +39,23 @@ import torch
 import tyro
 from scipy.stats import mannwhitneyu, pearsonr, spearmanr
 
-from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, data, gold
+from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, data, gold
 from zoo.tiny.evaluate import load_pipeline, sample
 from zoo import strict_json
 
 SECTION = "## Gold and proxy rewards"
 REWARD_NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")
+BASE_MODEL = "pipeline"
+
+MODEL_SAMPLING = {
+    "pipeline": ("ddim", 1.0, DEFAULT_GUIDANCE),
+    "pipeline-turbo": ("ddim", 1.0, TURBO_GUIDANCE),
+    "pipeline-flow": ("flow", 0.7, FLOW_GUIDANCE),
+    "pipeline-flow-turbo": ("flow", 0.7, TURBO_GUIDANCE),
+}
+"""Model folder -> (training sampler kind, its eta, guidance): as the tiny, tiny-turbo,
+tiny-flow and tiny-flow-turbo presets train them (benchmarks/presets.py). Images for the
+headroom come from the model's own pipeline (DDIM eta 1, or the flow model's Euler ODE)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,12 @@ class GoldEvalConfig:
     pairs_per_step: int = 256
     """Same-prompt pairs of base samples (train captions) per step count and noise kind."""
     threads: int = 1
+    model: str = BASE_MODEL
+    """The model folder under --assets whose samples are scored (a key of MODEL_SAMPLING)."""
+
+    @property
+    def guidance(self) -> float:
+        return MODEL_SAMPLING[self.model][2]
 
 
 def _stats(values: torch.Tensor) -> dict:
@@ -108,13 +130,13 @@ def image_sets(cfg: GoldEvalConfig) -> dict[str, tuple[torch.Tensor, list[str]]]
         "renders": (data.render(train_prompts, torch.Generator().manual_seed(cfg.seed + 1)), train_prompts),
         "best renders": (gold.best_renders(train_prompts, torch.Generator().manual_seed(cfg.seed + 2)), train_prompts),
     }
-    pipe, _ = load_pipeline(cfg.assets / "pipeline")
+    pipe, _ = load_pipeline(cfg.assets / cfg.model)
     for steps in cfg.steps:
-        sets[f"base {steps} steps, train"] = (sample(pipe, train_prompts, steps, DEFAULT_GUIDANCE, cfg.seed + 100 + steps), train_prompts)
+        sets[f"base {steps} steps, train"] = (sample(pipe, train_prompts, steps, cfg.guidance, cfg.seed + 100 + steps), train_prompts)
         print(f"  sampled {steps} steps (train)", flush=True)
     for steps in cfg.steps:
         sets[f"base {steps} steps, held-out"] = (
-            sample(pipe, heldout_prompts, steps, DEFAULT_GUIDANCE, cfg.seed + 200 + steps),
+            sample(pipe, heldout_prompts, steps, cfg.guidance, cfg.seed + 200 + steps),
             heldout_prompts,
         )
     return sets
@@ -124,19 +146,20 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
     """{"<k> steps, shared x_T" | "<k> steps, independent": {"<proxy>": fraction of pairs,
     among those neither the proxy nor its gold ties, in which the proxy's difference has the
     gold's sign (`pair_sign_agreement`), "<proxy> gold ties": the gold's tied fraction, "n": pairs}}: pairs of base
-    samples of one train caption, drawn by the training sampler (`zoo.sampling`, DDIM eta 1,
-    trailing spacing) as the algorithms draw them."""
+    samples of one train caption, drawn by the model's training sampler (`zoo.sampling`;
+    `MODEL_SAMPLING`) as the algorithms draw them."""
     from rewards.registry import GOLD_OF
     from rewards.tiny_gold import pair_sign_agreement, pair_ties
     from zoo.policy import Policy
     from zoo.sampling import SamplerConfig, TrajectorySampler
 
-    policy = Policy.from_pretrained(str(cfg.assets / "pipeline"))
+    policy = Policy.from_pretrained(str(cfg.assets / cfg.model))
+    kind, eta, guidance = MODEL_SAMPLING[cfg.model]
     train = data.train_captions()
     prompts = [train[i % len(train)] for i in range(cfg.pairs_per_step)]
     result = {}
     for steps in cfg.steps:
-        sampler = TrajectorySampler(policy, SamplerConfig("ddim", steps, 1.0, DEFAULT_GUIDANCE, "trailing"))
+        sampler = TrajectorySampler(policy, SamplerConfig(kind, steps, eta, guidance, "trailing" if kind == "ddim" else None))
         for shared in (True, False):
             generator = torch.Generator().manual_seed(cfg.seed + 300 + 2 * steps + shared)
             images = torch.cat([
@@ -160,6 +183,8 @@ def main() -> None:
     from rewards.registry import load_reward
 
     cfg = tyro.cli(GoldEvalConfig)
+    if cfg.model not in MODEL_SAMPLING:
+        raise SystemExit(f"--model {cfg.model}: not one of {', '.join(MODEL_SAMPLING)}")
     torch.set_num_threads(cfg.threads)
     cfg.out.mkdir(parents=True, exist_ok=True)
     paths = {"tiny-aesthetic": cfg.assets / "aesthetic", "tiny-aesthetic:clip": cfg.assets / "clip", "tiny-align": cfg.assets / "clip"}
@@ -214,7 +239,7 @@ def main() -> None:
     head_config = json.loads((cfg.assets / "aesthetic" / "config.json").read_text())
     metrics = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        command="python -m zoo.tiny.evaluate_gold",
+        command="python -m zoo.tiny.evaluate_gold" + (f" --model {cfg.model}" if cfg.model != BASE_MODEL else ""),
         machine=f"{platform.machine()}, {os.cpu_count()} cores",
         torch=torch.__version__,
         threads=cfg.threads,
@@ -230,18 +255,21 @@ def main() -> None:
         ),
         scoring_images_per_second={name: count / max(s, 1e-9) for name, s in seconds.items()},
     )
-    (cfg.out / "gold.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
-    write_section(metrics, cfg.out / "README.md")
+    if cfg.model == BASE_MODEL:
+        (cfg.out / "gold.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
+        write_section(metrics, cfg.out / "README.md")
+    else:
+        (cfg.out / f"gold-{cfg.model}.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
+        (cfg.out / f"gold-{cfg.model}.md").write_text(model_report(metrics, cfg.model))
 
 
 def _cell(stat: dict) -> str:
     return f"{stat['mean']:.3f} ± {stat['sem']:.3f}"
 
 
-def write_section(metrics: dict, path: Path) -> None:
-    """Replaces (or appends) the gold section at the end of the tiny world's README."""
-    accuracy = metrics["alignment_gold_on_renders"]
-    training = metrics["aesthetic_head"]["training"]
+def _headroom_tables(metrics: dict) -> tuple[list[str], list[str], list[str]]:
+    """Markdown lines: the rewards of every image set, the headroom per step count, and the
+    proxies' agreement with their golds inside pairs."""
     rows = metrics["headroom"]
     columns = ["tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold", "gold all three right"]
     table = [
@@ -250,6 +278,57 @@ def write_section(metrics: dict, path: Path) -> None:
     ]
     for name, row in rows.items():
         table.append(f"| {name} | {row['tiny-aesthetic']['n']} | " + " | ".join(_cell(row[c]) for c in columns) + " |")
+    pair_table = ["| pairs | n | tiny-aesthetic | tiny-align | tiny-align gold ties |", "|---|---:|---:|---:|---:|"]
+    for name, a in metrics["pair_agreement"].items():
+        pair_table.append(f"| {name} | {a['n']} | {a['tiny-aesthetic']:.3f} | {a['tiny-align']:.3f} "
+                          f"| {a['tiny-align gold ties']:.2f} |")
+    gaps = ["| steps | aesthetic gold | aesthetic proxy | alignment gold | alignment proxy |", "|---:|---:|---:|---:|---:|"]
+    for k in metrics["config"]["steps"]:
+        base = rows[f"base {k} steps, train"]
+        gaps.append(
+            f"| {k} | {rows['best renders']['tiny-aesthetic-gold']['mean'] - base['tiny-aesthetic-gold']['mean']:+.3f} "
+            f"| {rows['best renders']['tiny-aesthetic']['mean'] - base['tiny-aesthetic']['mean']:+.3f} "
+            f"| {rows['renders']['tiny-align-gold']['mean'] - base['tiny-align-gold']['mean']:+.3f} "
+            f"| {rows['renders']['tiny-align']['mean'] - base['tiny-align']['mean']:+.3f} |"
+        )
+    return table, gaps, pair_table
+
+
+def model_report(metrics: dict, model: str) -> str:
+    """gold-<model>.md: the tasks re-checked on another model than the base."""
+    kind, eta, guidance = MODEL_SAMPLING[model]
+    table, gaps, pair_table = _headroom_tables(metrics)
+    return f"""# The tiny tasks on `{model}`
+
+Produced by `{metrics['command']}` (gold-{model}.json and this file) on {metrics['machine']}
+(shared), torch {metrics['torch']}, {metrics['threads']} thread(s). The base model's report, with the
+tasks' definitions and the proxies' accuracy, is the "Gold and proxy rewards" section of
+README.md; the image sets, seeds and cells here are the same, with `{model}`'s samples as
+"base": its own pipeline at guidance {guidance} for the headroom, its training sampler
+({kind}, eta {eta}, guidance {guidance}) for the pairs.
+
+## Headroom
+
+{chr(10).join(table)}
+
+Best renders minus the model (aesthetic), renders minus the model (alignment), train captions:
+
+{chr(10).join(gaps)}
+
+## Both proxies inside the comparisons RL makes
+Cell: the fraction of same-prompt pairs in which the proxy prefers the member its gold
+prefers (0.5 = chance), gold ties left out; last column: the alignment gold's tied fraction.
+
+{chr(10).join(pair_table)}
+"""
+
+
+def write_section(metrics: dict, path: Path) -> None:
+    """Replaces (or appends) the gold section at the end of the tiny world's README."""
+    accuracy = metrics["alignment_gold_on_renders"]
+    training = metrics["aesthetic_head"]["training"]
+    rows = metrics["headroom"]
+    table, gaps, pair_table = _headroom_tables(metrics)
     agreement = metrics["aesthetic_proxy_vs_gold"]
     proxy_table = ["| images | n | Pearson | Spearman | RMSE |", "|---|---:|---:|---:|---:|"]
     for name, a in agreement.items():
@@ -259,20 +338,7 @@ def write_section(metrics: dict, path: Path) -> None:
         align_table.append(
             f"| {name} | {a['n']} | {a['pearson']:.3f} | {a['spearman']:.3f} | {a['auroc_all_three']:.3f} |"
         )
-    pair_table = ["| pairs | n | tiny-aesthetic | tiny-align | tiny-align gold ties |", "|---|---:|---:|---:|---:|"]
-    for name, a in metrics["pair_agreement"].items():
-        pair_table.append(f"| {name} | {a['n']} | {a['tiny-aesthetic']:.3f} | {a['tiny-align']:.3f} "
-                          f"| {a['tiny-align gold ties']:.2f} |")
     steps = metrics["config"]["steps"]
-    gaps = ["| steps | aesthetic gold | aesthetic proxy | alignment gold | alignment proxy |", "|---:|---:|---:|---:|---:|"]
-    for k in steps:
-        base = rows[f"base {k} steps, train"]
-        gaps.append(
-            f"| {k} | {rows['best renders']['tiny-aesthetic-gold']['mean'] - base['tiny-aesthetic-gold']['mean']:+.3f} "
-            f"| {rows['best renders']['tiny-aesthetic']['mean'] - base['tiny-aesthetic']['mean']:+.3f} "
-            f"| {rows['renders']['tiny-align-gold']['mean'] - base['tiny-align-gold']['mean']:+.3f} "
-            f"| {rows['renders']['tiny-align']['mean'] - base['tiny-align']['mean']:+.3f} |"
-        )
     one = rows[f"base {steps[0]} steps, train"]
     sources = ", ".join(f"{count} {source}" for source, count in training.get("sources", {}).items())
     speed = ", ".join(f"{name} {rate:.0f}" for name, rate in metrics["scoring_images_per_second"].items())
