@@ -239,13 +239,13 @@ def measure_flow(judge: Judge, cfg: EvalConfig) -> dict:
     )
 
 
-TURBO_FOLDERS = {"unet": ("pipeline-turbo", "base"), "flow": ("pipeline-flow-turbo", "flow")}
-"""Student -> (its folder, the metrics key of its teacher's rows)."""
+TURBO_FOLDERS = {"unet": ("pipeline-turbo", "base", "turbo"), "flow": ("pipeline-flow-turbo", "flow", "flow-turbo")}
+"""Student -> (its folder, the metrics key of its teacher's rows, its build stage)."""
 
 
 def measure_turbo(judge: Judge, cfg: EvalConfig) -> dict:
     students = {}
-    for name, (folder, _) in TURBO_FOLDERS.items():
+    for name, (folder, _, _) in TURBO_FOLDERS.items():
         pipe, seconds = load_pipeline(cfg.assets / folder)
         print(f"{folder}:", flush=True)
         rows, images = step_sweep(pipe, judge, cfg, cfg.steps, TURBO_GUIDANCE)
@@ -254,8 +254,12 @@ def measure_turbo(judge: Judge, cfg: EvalConfig) -> dict:
     return students
 
 
-def _teacher_rows(metrics: dict, key: str) -> list[dict]:
-    return metrics[key]["steps"] if key == "flow" else metrics[key]
+def _step_columns(rows: list[dict]) -> list[str]:
+    return [f"{r['steps']} step{'s' * (r['steps'] > 1)}" for r in rows]
+
+
+def _cells(rows: list[dict]) -> str:
+    return " | ".join(f"{r['fidelity']:.3f} / {r['reward_mean']:.3f}" for r in rows)
 
 
 def _turbo_section(metrics: dict, methods: list[dict]) -> str:
@@ -263,19 +267,19 @@ def _turbo_section(metrics: dict, methods: list[dict]) -> str:
         return ""
     build = metrics.get("build", {})
     records = build.get("stage_records", {})
-    lines = ["| model | guidance | " + " | ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)}" for r in metrics["base"])
-             + " |", "|---|---:|" + "---:|" * len(metrics["base"])]
-    for name, (folder, teacher) in TURBO_FOLDERS.items():
+    columns = _step_columns(metrics["base"])
+    lines = ["| model | guidance | " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * len(columns)]
+    for name, (folder, teacher, stage) in TURBO_FOLDERS.items():
         guidance = metrics[teacher]["guidance"] if teacher == "flow" else metrics["guidance"]
-        for label, rows, g in ((f"{teacher} (teacher)", _teacher_rows(metrics, teacher), guidance),
-                               (f"{folder} ({records.get(STAGE_OF[name], {}).get('method', '?')})",
-                                metrics["turbo"][name]["steps"], TURBO_GUIDANCE)):
-            lines.append(f"| {label} | {g} | " + " | ".join(f"{r['fidelity']:.3f} / {r['reward_mean']:.3f}" for r in rows) + " |")
-    method_lines = ["| stage | method | build s | examples | " + " | ".join(f"{k}" for k in cfg_steps(methods)) + " |",
-                    "|---|---|---:|---:|" + "---:|" * len(cfg_steps(methods))]
+        teacher_rows = metrics[teacher]["steps"] if teacher == "flow" else metrics[teacher]
+        lines.append(f"| {teacher} (teacher) | {guidance} | {_cells(teacher_rows)} |")
+        method = records.get(stage, {}).get("method", "?")
+        lines.append(f"| {folder} ({method}) | {TURBO_GUIDANCE} | {_cells(metrics['turbo'][name]['steps'])} |")
+    method_lines = ["| stage | method | build s | examples | " + " | ".join(columns) + " |",
+                    "|---|---|---:|---:|" + "---:|" * len(columns)]
     for m in methods:
         method_lines.append(f"| {m['stage']} | {m['method']} | {m['build_seconds']} | {m['record'].get('examples', '–')} | "
-                            + " | ".join(f"{r['fidelity']:.3f} / {r['reward_mean']:.3f}" for r in m["steps"]) + " |")
+                            f"{_cells(m['steps'])} |")
     commands = "\n".join(f"- `{build.get('stage_commands', {}).get(stage, 'python -m zoo.tiny.build --only ' + stage)}`: "
                           f"{build.get('stage_seconds', {}).get(stage, 'n/a')} s" for stage in ("turbo", "flow-turbo"))
     comparison = f"""
@@ -302,13 +306,6 @@ Sample grids: `samples-turbo.png`, `samples-flow-turbo.png` (rows and columns as
 Loading: {', '.join(f"{TURBO_FOLDERS[n][0]} {metrics['turbo'][n]['load_seconds']:.2f} s" for n in TURBO_FOLDERS)}; sampling
 throughput, batch 64, images/s: {'; '.join(TURBO_FOLDERS[n][0] + ' ' + ', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['turbo'][n]['throughput'].items()) for n in TURBO_FOLDERS)}.
 """
-
-
-STAGE_OF = {"unet": "turbo", "flow": "flow-turbo"}
-
-
-def cfg_steps(methods: list[dict]) -> list[str]:
-    return [f"{r['steps']} step{'s' * (r['steps'] > 1)}" for r in methods[0]["steps"]] if methods else []
 
 
 def _methods(out: Path) -> list[dict]:
