@@ -190,6 +190,7 @@ def test_turbo_stage_runs_alone_and_is_deterministic(only, method, tmp_path):
     assert (out / folder / weights / "diffusion_pytorch_model.safetensors").read_bytes() == first
     info = json.loads((out / "build_info.json").read_text())
     assert info["stage_records"][only]["method"] == method and info["stage_seconds"][only] > 0
+    assert 0 < info["stage_records"][only]["cpu_seconds"]
     assert f"--only {only}" in info["stage_commands"][only]
     assert (f"--{field.replace('_', '-')} {method}" in info["stage_commands"][only]) == (method != getattr(BuildConfig, field))
     assert (out / folder / "vae").is_symlink() or (out / folder / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()
