@@ -185,6 +185,9 @@ class ProcessExecutor:
                     process.terminate()
             for process in processes:
                 process.join()
+            for channel in (tasks, messages):
+                channel.close()
+                channel.join_thread()
 
 
 def visible_gpus() -> list[str]:
@@ -212,10 +215,16 @@ def _work(index: int, gpu: str | None, threads: int, tasks, messages) -> None:
     if gpu is not None:
         # Before CUDA starts in this process: the worker sees its one GPU as cuda:0.
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+    import diffusers
     import torch
+    import transformers
     from accelerate import Accelerator
 
     torch.set_num_threads(threads)
+    # Each job loads models: N workers' weight-loading bars would interleave with the
+    # driver's one line per job.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     loaded: dict[tuple, dict[str, Any]] = {}
     while (task := tasks.get()) is not None:
         number, job = task

@@ -14,6 +14,9 @@ it declares one, scores the configurations). Outputs in `--out`:
 one run folder per configuration, `tuning.md` / `tuning.csv` (every configuration's
 score, the trust-region metrics of its training, the selection) and `selected.json`.
 
+`--jobs N` trains every configuration's runs in one pool of N worker processes
+(`benchmarks.jobs`) instead of one configuration after another; the records are the same.
+
 `--extend` adds tuning seeds (or algorithms) to the configurations already finished in `--out`
 (`benchmarks.run --extend` for each; their recorded rows are reused) and selects again over
 all of them.
