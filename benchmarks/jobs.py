@@ -129,7 +129,7 @@ class ProcessExecutor:
     threads_per_worker: int = 1
     """Torch threads per worker: one, since two threads make one tiny run only ~1.1x faster
     than one while a second process doubles the throughput."""
-    gpus: list[str] | None = field(default=None)
+    gpus: list[str] | None = None
     """The GPUs the workers take in turn (CUDA_VISIBLE_DEVICES entries); None: `visible_gpus()`."""
 
     def run(self, jobs: list[Job], events: JobEvents) -> Iterator[tuple[Job, list[dict]]]:
