@@ -153,17 +153,14 @@ class ProcessExecutor:
             for process in processes:
                 process.start()
             while finished < len(jobs):
+                exitcodes = [process.exitcode for process in processes]
                 try:
                     kind, worker, number, payload = messages.get(timeout=1.0)
                 except queue.Empty:
-                    # Only after every message is read: a worker that ended with a job
-                    # unreported died (a kill, the out-of-memory killer).
-                    for worker, process in enumerate(processes):
-                        if process.exitcode not in (None, 0) and worker in running:
-                            raise WorkerDied(
-                                f"{jobs[running[worker]].name}: its worker process died ({_exit_reason(process.exitcode)}); "
-                                "the other jobs were stopped; --resume continues each from its last checkpoint"
-                            ) from None
+                    # Exit codes read before the wait: what a worker sent before it ended has
+                    # arrived, so one that ended with its jobs unreported died (a kill, the
+                    # out-of-memory killer, a failed start).
+                    _check_alive(exitcodes, running, jobs)
                     continue
                 job = jobs[number]
                 if kind == "started":
@@ -188,6 +185,21 @@ class ProcessExecutor:
             for channel in (tasks, messages):
                 channel.close()
                 channel.join_thread()
+
+
+def _check_alive(exitcodes: list[int | None], running: dict[int, int], jobs: list[Job]) -> None:
+    """Raise WorkerDied when a worker ended other than by emptying the queue, or when every
+    worker has ended with jobs unreported. `exitcodes`: the workers', None while running."""
+    for worker, exitcode in enumerate(exitcodes):
+        if exitcode not in (None, 0):
+            what = jobs[running[worker]].name if worker in running else "a job"
+            raise WorkerDied(
+                f"{what}: its worker process died ({_exit_reason(exitcode)}); the other jobs were stopped; "
+                "--resume continues each from its last checkpoint"
+            )
+    if all(exitcode is not None for exitcode in exitcodes):
+        raise WorkerDied("every worker process ended with jobs unreported; --resume continues each from its last "
+                         "checkpoint")
 
 
 def visible_gpus() -> list[str]:
