@@ -127,6 +127,12 @@ class RunArgs:
     """The Weights & Biases project of --wandb."""
     reward_path: tuple[str, ...] = ()
     """Weights locations as NAME=PATH (e.g. pickscore=/models/PickScore_v1); see each reward's error for keys."""
+    jobs: int = 1
+    """Worker processes that run this invocation's independent jobs side by side (each seed's
+    base evaluation, each (algorithm, seed) training run), one torch thread each, and one GPU
+    each where there are GPUs (round-robin over the visible ones: use it where the preset fits
+    on one GPU). The records equal a serial run's; one line per job started and finished
+    replaces the progress bars. 1: every job in this process, one after another."""
     performance: Performance = field(default_factory=Performance)
     """Speed and memory switches (TF32, gradient checkpointing, torch.compile); not part of
     the run's identity, so a resumed run may change them."""
@@ -326,6 +332,13 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     from zoo.hub import UNPINNED
     from zoo.policy import resolve_model
 
+    if args.jobs < 1:
+        raise UsageError(f"--jobs must be at least 1 (worker processes), got {args.jobs}")
+    if args.jobs > 1 and num_processes > 1:
+        raise UsageError(
+            f"--jobs {args.jobs}: under accelerate launch ({num_processes} processes) every run is spread over "
+            "the processes already; leave --jobs out, or run without accelerate launch to train the runs side by side"
+        )
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
     if args.extend and (args.resume or args.overwrite):
@@ -821,15 +834,16 @@ def _extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
 
 
 def execute(plan: Plan) -> str:
-    """Run the plan: base evaluation and training per seed and algorithm, then the report."""
-    import shutil
-
+    """Run the plan: base evaluation and training per seed and algorithm (in --jobs worker
+    processes when it says more than 1), then the report."""
+    if plan.args.jobs > 1:
+        return execute_in_workers([plan])[0]
     import torch
     from accelerate import Accelerator
 
-    from benchmarks.checkpoint import write_jsonl, write_text
+    from benchmarks.checkpoint import write_jsonl
+    from benchmarks.jobs import JobEvents, SerialExecutor
     from benchmarks.report import write_report
-    from benchmarks.train import JobSettings, evaluate_base, run_algorithm
     from rewards.registry import load_reward
 
     on_gpu = torch.cuda.is_available()
@@ -841,25 +855,115 @@ def execute(plan: Plan) -> str:
     for name in plan.eval_rewards:
         eval_rewards[name] = load_reward(name, device=accelerator.device, paths=plan.reward_paths,
                                          flag="--eval-rewards")
-    out = plan.out_dir
     if accelerator.is_main_process:
-        # Only a folder that holds a run is ever deleted (`_check_out_dir` refused others).
-        if plan.args.overwrite and (out / "config.json").exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_text(out / "config.json", strict_json.dumps(plan.config_json(), indent=2) + "\n")
+        _start_folder(plan)
     accelerator.wait_for_everyone()
 
     tracker = None
     if plan.args.wandb and accelerator.is_main_process:
         from benchmarks.tracking import Tracker
 
-        tracker = Tracker(out, plan.args.wandb_project)
-    logger = _make_logger(plan, accelerator, tracker)
+        tracker = Tracker(plan.out_dir, plan.args.wandb_project)
+    logger = _make_logger(plan, accelerator.is_main_process, tracker)
     # Rows already finished are reused as recorded: an extension's base and algorithm
     # rows, and a resumed run's whose checkpoints were not kept (committed results).
-    rows = recorded_rows(out)
-    mixed_precision = plan.preset.mixed_precision if on_gpu else "no"
+    rows = recorded_rows(plan.out_dir)
+    events = JobEvents(metrics=lambda job, row: logger(row),
+                       evaluations=lambda job, records: tracker.log_evaluations(records) if tracker else None)
+    jobs = plan_jobs(plan, rows, plan.preset.mixed_precision if on_gpu else "no")
+    for job, job_rows in SerialExecutor(accelerator, eval_rewards).run(jobs, events):
+        rows[job.algo, job.seed] = job_rows
+        if job.algo != BASE and accelerator.is_main_process:
+            write_jsonl(plan.out_dir / "records.jsonl", _in_plan_order(plan, rows))
+    table = ""
+    if accelerator.is_main_process:
+        write_jsonl(plan.out_dir / "records.jsonl", _in_plan_order(plan, rows))
+        table = write_report(plan.out_dir, reward=plan.reward, algos=plan.algos)
+        if tracker:
+            tracker.finish()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return table
+
+
+def execute_in_workers(plans: list[Plan]) -> list[str]:
+    """Run the plans' jobs together in `--jobs` worker processes (`benchmarks.jobs.ProcessExecutor`),
+    this process the only writer of each run folder's shared files; returns each plan's table.
+    Every plan's records equal a serial run's, since each job computes what it would there."""
+    import torch
+
+    from benchmarks.checkpoint import write_jsonl
+    from benchmarks.jobs import JobEvents, JobProgress, ProcessExecutor, load_rewards
+    from benchmarks.report import write_report
+
+    mixed_precision = plans[0].preset.mixed_precision if torch.cuda.is_available() else "no"
+    folders = {plan.out_dir: plan for plan in plans}
+    rows = {plan.out_dir: recorded_rows(plan.out_dir) for plan in plans}
+    jobs = [job for plan in plans for job in plan_jobs(plan, rows[plan.out_dir], mixed_precision)]
+    # The rewards are built here once, only to refuse one that cannot be (RewardUnavailable)
+    # before anything is written; the workers build their own.
+    checked = set()
+    for job in jobs:
+        if job.rewards not in checked:
+            load_rewards(job, "cpu")
+            checked.add(job.rewards)
+    trackers, loggers = {}, {}
+    for plan in plans:
+        _start_folder(plan)
+        if plan.args.wandb:
+            from benchmarks.tracking import Tracker
+
+            trackers[plan.out_dir] = Tracker(plan.out_dir, plan.args.wandb_project)
+        loggers[plan.out_dir] = _make_logger(plan, True, trackers.get(plan.out_dir), in_plan_order=True)
+
+    several = len(plans) > 1
+    progress = JobProgress(len(jobs), lambda job: f"{job.settings.out_dir.name}: {job.name}" if several else job.name)
+
+    def evaluations(job, records) -> None:
+        if job.settings.out_dir in trackers:
+            trackers[job.settings.out_dir].log_evaluations(records)
+
+    events = JobEvents(started=progress.started, metrics=lambda job, row: loggers[job.settings.out_dir](row),
+                       evaluations=evaluations)
+    executor = ProcessExecutor(plans[0].args.jobs)
+    if jobs:
+        print(f"{len(jobs)} jobs in {min(executor.workers, len(jobs))} worker processes, "
+              f"{executor.threads_per_worker} torch thread each", file=sys.stderr, flush=True)
+    for job, job_rows in executor.run(jobs, events):
+        progress.finished(job)
+        out = job.settings.out_dir
+        rows[out][job.algo, job.seed] = job_rows
+        write_jsonl(out / "records.jsonl", _in_plan_order(folders[out], rows[out]))
+    tables = []
+    for plan in plans:
+        write_jsonl(plan.out_dir / "records.jsonl", _in_plan_order(plan, rows[plan.out_dir]))
+        tables.append(write_report(plan.out_dir, reward=plan.reward, algos=plan.algos))
+        if plan.out_dir in trackers:
+            trackers[plan.out_dir].finish()
+    return tables
+
+
+def _start_folder(plan: Plan) -> None:
+    """The run folder with the plan's config.json (main process only)."""
+    import shutil
+
+    from benchmarks.checkpoint import write_text
+
+    out = plan.out_dir
+    # Only a folder that holds a run is ever deleted (`_check_out_dir` refused others).
+    if plan.args.overwrite and (out / "config.json").exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "config.json", strict_json.dumps(plan.config_json(), indent=2) + "\n")
+
+
+def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precision: str) -> list:
+    """The plan's jobs whose rows `rows` lacks, in the order a serial run takes them: per
+    seed, the base evaluation, then each algorithm."""
+    from benchmarks.jobs import Job
+    from benchmarks.train import JobSettings
+
+    jobs = []
     for seed in plan.seeds:
         settings = JobSettings(
             model=plan.model_source,
@@ -872,31 +976,16 @@ def execute(plan: Plan) -> str:
             eval=plan.eval_settings(seed),
             mixed_precision=mixed_precision,
             train_reward=plan.reward,
-            out_dir=out,
-            log=logger,
-            log_evaluations=tracker.log_evaluations if tracker else lambda records: None,
+            out_dir=plan.out_dir,
             max_bad_reward_batches=plan.args.max_bad_reward_batches,
             performance=plan.args.performance,
             loop=plan.loop,
         )
-        if (BASE, seed) not in rows:
-            rows[BASE, seed] = evaluate_base(settings, seed, eval_rewards, accelerator)
-        for algo in plan.algos:
-            if (algo, seed) not in rows:
-                rows[algo, seed] = run_algorithm(
-                    algo, plan.configs[algo], seed, settings, train_reward, eval_rewards, accelerator
-                )
-                if accelerator.is_main_process:
-                    write_jsonl(out / "records.jsonl", _in_plan_order(plan, rows))
-    table = ""
-    if accelerator.is_main_process:
-        write_jsonl(out / "records.jsonl", _in_plan_order(plan, rows))
-        table = write_report(out, reward=plan.reward, algos=plan.algos)
-        if tracker:
-            tracker.finish()
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return table
+        for name in [BASE, *plan.algos]:
+            if (name, seed) not in rows:
+                jobs.append(Job(name, seed, settings, None if name == BASE else plan.configs[name],
+                                tuple(plan.eval_rewards), tuple(sorted(plan.reward_paths.items()))))
+    return jobs
 
 
 def _in_plan_order(plan: Plan, rows: dict[tuple[str, int], list[dict]]) -> list[dict]:
@@ -904,9 +993,11 @@ def _in_plan_order(plan: Plan, rows: dict[tuple[str, int], list[dict]]) -> list[
     return [row for seed in plan.seeds for name in [BASE, *plan.algos] for row in rows.get((name, seed), [])]
 
 
-def _make_logger(plan: Plan, accelerator, tracker):
-    """Per-epoch training metrics to metrics.jsonl (and wandb when asked), main process only."""
-    if not accelerator.is_main_process:
+def _make_logger(plan: Plan, main_process: bool, tracker, in_plan_order: bool = False):
+    """Per-epoch training metrics to metrics.jsonl (and wandb when asked), main process only.
+    `in_plan_order`: the rows sorted as a serial run logs them (per seed, base then the
+    algorithms, epochs in order), for jobs that log side by side."""
+    if not main_process:
         return lambda row: None
     from benchmarks.checkpoint import write_jsonl
 
@@ -919,9 +1010,12 @@ def _make_logger(plan: Plan, accelerator, tracker):
             row = json.loads(line)
             rows[row["algo"], row["seed"], row["epoch"]] = row
 
+    order = {(name, seed): i for i, (seed, name) in enumerate((s, n) for s in plan.seeds for n in [BASE, *plan.algos])}
+
     def log(row: dict) -> None:
         rows[row["algo"], row["seed"], row["epoch"]] = row
-        write_jsonl(path, list(rows.values()))
+        kept = sorted(rows, key=lambda key: (order.get(key[:2], len(order)), key[2])) if in_plan_order else rows
+        write_jsonl(path, [rows[key] for key in kept])
         if tracker:
             tracker.log_metrics(row)
 

@@ -110,6 +110,11 @@ class TrainLoop:
     the extra pass) but does not join minibatches."""
 
 
+def ignore(_: Any) -> None:
+    """The default of `JobSettings`' hooks: a module-level function, not a lambda, so that
+    settings pickle into a worker process (`benchmarks.jobs`)."""
+
+
 @dataclass
 class JobSettings:
     """Everything one (algorithm, seed) run needs besides the algorithm's own config."""
@@ -123,9 +128,13 @@ class JobSettings:
     mixed_precision: str
     train_reward: str
     out_dir: Path
-    log: Callable[[dict], None] = field(default=lambda row: None)
-    log_evaluations: Callable[[list[dict]], None] = field(default=lambda records: None)
+    log: Callable[[dict], None] = ignore
+    """Called on the main process with each epoch's training metrics."""
+    log_evaluations: Callable[[list[dict]], None] = ignore
     """Called on the main process with each evaluation's records as it is made."""
+    progress_bars: bool = True
+    """Progress bars of the epochs and training passes on the main process; off in the
+    worker processes of `--jobs`, whose driver reports each job in one line instead."""
     max_bad_reward_batches: int = 3
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
     performance: Performance = field(default_factory=Performance)
@@ -992,7 +1001,8 @@ def run_algorithm(
     groups = settings.trajectories_per_epoch // group_size
     rank, world = accelerator.process_index, accelerator.num_processes
     show = accelerator.is_main_process
-    epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not show,
+    bars = show and settings.progress_bars
+    epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not bars,
                   initial=start_epoch, total=settings.epochs)
     for epoch in epochs:
         done = epoch + 1
@@ -1006,7 +1016,7 @@ def run_algorithm(
         if isinstance(algorithm, RewardBackpropAlgorithm):
             kill_point(f"train:{algo}:{done}")
             metrics, counts, failure = reward_backprop_epoch(
-                algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, show,
+                algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, bars,
                 loop.micro_batch,
             )
             counters["optimizer_updates"] += counts["optimizer_updates"]
@@ -1038,7 +1048,7 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics, counts = _train_epoch(
-                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, show,
+                    algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, bars,
                     old_policy,
                 )
                 # Found once per run: later epochs train at the micro-batch the first one chose.
@@ -1069,9 +1079,10 @@ def run_algorithm(
                 policy, eval_rewards, settings, accelerator, algo, seed, done, counters,
                 save_strips=done == settings.epochs,
             )
-        if show:
+        if bars:
             epochs.set_postfix(reward=f"{metrics.get('train_reward', math.nan):.4f}",
                                loss=f"{metrics.get('loss', math.nan):.2e}")
+        if show:
             settings.log({"algo": algo, "seed": seed, "epoch": done, **metrics})
         _save_on_main(accelerator, path, {
             "epoch": done,

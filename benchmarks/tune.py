@@ -14,6 +14,9 @@ it declares one, scores the configurations). Outputs in `--out`:
 one run folder per configuration, `tuning.md` / `tuning.csv` (every configuration's
 score, the trust-region metrics of its training, the selection) and `selected.json`.
 
+`--jobs N` trains every configuration's runs in one pool of N worker processes
+(`benchmarks.jobs`) instead of one configuration after another; the records are the same.
+
 `--extend` adds tuning seeds (or algorithms) to the configurations already finished in `--out`
 (`benchmarks.run --extend` for each; their recorded rows are reused) and selects again over
 all of them.
@@ -37,7 +40,9 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.presets import PRESETS
-from benchmarks.run import Plan, UsageError, _peek, execute, folder_label, make_plan, parse_args
+from benchmarks.run import (
+    Plan, UsageError, _peek, execute, execute_in_workers, folder_label, make_plan, parse_args,
+)
 from zoo import strict_json
 
 TUNING_SEEDS = "100,101"
@@ -287,6 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward
         out = Path(own.out or Path("results") / f"tune-{preset_name}-{folder_label(reward)}")
         points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite, own.extend)
+        jobs, wandb = points[0].plan.args.jobs, points[0].plan.args.wandb
+        if jobs > 1 and wandb and len(points) > 1:
+            raise UsageError(
+                f"--jobs {jobs} --wandb: the configurations would train side by side, and a process keeps one wandb "
+                "run open at a time (one per configuration folder); leave out --jobs or --wandb"
+            )
     except (UsageError, RewardUnavailable, ModelUnavailable, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -294,9 +305,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        for point in points:
-            print(f"tuning configuration {point.name}", file=sys.stderr)
-            execute(point.plan)
+        if points[0].plan.args.jobs > 1:
+            # Every configuration's jobs in one pool of workers, not one configuration at a time.
+            execute_in_workers([point.plan for point in points])
+        else:
+            for point in points:
+                print(f"tuning configuration {point.name}", file=sys.stderr)
+                execute(point.plan)
     except (RunStopped, WriteFailed, CorruptCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
