@@ -254,6 +254,30 @@ def tiny_flow() -> Preset:
     )
 
 
+def tiny_turbo() -> Preset:
+    """The tiny world's few-step UNet (`zoo.tiny.PIPELINE_TURBO`: `tiny`'s base model distilled
+    to sample in 1 to 8 steps without guidance, zoo/tiny/turbo.py), trained with the sampler
+    the SDPO paper trains sd-turbo with: DDIM, eta 1, trailing spacing, no classifier-free
+    guidance (sdpo config/base_sdpo.py:48, :50; the `sd-turbo` preset). Everything else is
+    `tiny`'s: prompts, tasks, K = 4, budget, loops, grid and learning rates (tuned on the base
+    model, not yet on this one)."""
+    from zoo.tiny import TURBO_GUIDANCE
+
+    return replace(tiny(), name="tiny-turbo", model=str(TINY_ASSETS / "pipeline-turbo"), guidance_scale=TURBO_GUIDANCE)
+
+
+def tiny_flow_turbo() -> Preset:
+    """The tiny world's few-step flow model (`zoo.tiny.PIPELINE_FLOW_TURBO`, distilled from
+    `tiny-flow`'s), trained as `flux-schnell` is: Flow-GRPO's SDE at noise level 0.7, K = 4,
+    no classifier-free guidance (FLUX.1-schnell has none); evaluated on the Euler ODE, as
+    every flow preset. Everything else is `tiny-flow`'s (learning rates tuned on the base
+    flow model, not yet on this one)."""
+    from zoo.tiny import TURBO_GUIDANCE
+
+    return replace(tiny_flow(), name="tiny-flow-turbo", model=str(TINY_ASSETS / "pipeline-flow-turbo"),
+                   guidance_scale=TURBO_GUIDANCE)
+
+
 def _tiny_guidance() -> float:
     from zoo.tiny import DEFAULT_GUIDANCE
 
@@ -438,7 +462,8 @@ def sd15() -> Preset:
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {
-    "tiny": tiny, "tiny-flow": tiny_flow, "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15,
+    "tiny": tiny, "tiny-flow": tiny_flow, "tiny-turbo": tiny_turbo, "tiny-flow-turbo": tiny_flow_turbo,
+    "sd-turbo": sd_turbo, "lcm": lcm, "sd15": sd15,
 }
 
 

@@ -74,7 +74,8 @@ class RunArgs:
     """Training reward: a registry name (listed above), a plugin module.path:ClassName, a reward server
     http://HOST:PORT/NAME, or a weighted sum of them like aesthetic:1,pickscore:0.5 (default: the preset's)."""
     preset: str = "tiny"
-    """Model, prompts, sampler and budget: tiny (embedded, CPU), sd-turbo (SDPO), lcm (RLCM), sd15 (DDPO)."""
+    """Model, prompts, sampler and budget: tiny, tiny-turbo, tiny-flow, tiny-flow-turbo (embedded,
+    CPU), sd-turbo (SDPO), lcm (RLCM), sd15 (DDPO), sd3.5-medium (Flow-GRPO), flux-schnell."""
     model: str | None = None
     """Base model: a hub id (downloaded on first use into the Hugging Face cache) or a local
     diffusers folder (default: the preset's)."""

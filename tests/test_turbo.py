@@ -7,12 +7,15 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline, StableDiffusionPipeline
 
-from zoo.tiny import CLIP, PIPELINE, PIPELINE_FLOW, data, turbo
+from benchmarks.presets import PRESETS
+from benchmarks.run import main
+from test_benchmark_run import ALGOS, micro_args
+from zoo.tiny import CLIP, PIPELINE, PIPELINE_FLOW, PIPELINE_FLOW_TURBO, PIPELINE_TURBO, TURBO_GUIDANCE, data, turbo
 from zoo.tiny.arch import make_ddim_scheduler
 from zoo.tiny.build import SMOKE_OVERRIDES, BuildConfig, build
-from zoo.tiny.flow import FLOW_SHIFT
+from zoo.tiny.flow import FLOW_SHIFT, T5_TOKENS
 
 ALPHAS = make_ddim_scheduler().alphas_cumprod
 
@@ -199,3 +202,40 @@ def test_turbo_stage_runs_alone_and_is_deterministic(only, method, tmp_path):
 def test_turbo_stage_needs_its_teacher(tmp_path):
     with pytest.raises(SystemExit, match="--only flow-turbo needs pipeline-flow/"):
         build(BuildConfig(out=tmp_path, only="flow-turbo"))
+
+
+# ---------------------------------------------------------------- shipped students
+
+
+def test_shipped_students_load_and_sample_in_plain_diffusers():
+    """What a user types: the UNet student through StableDiffusionPipeline, the flow student
+    through StableDiffusion3Pipeline with no T5 (the documented way to drop it), one step,
+    no guidance."""
+    unet = StableDiffusionPipeline.from_pretrained(PIPELINE_TURBO)
+    images = unet(["a red circle on a white background"], num_inference_steps=1, guidance_scale=TURBO_GUIDANCE,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and torch.isfinite(images).all()
+    flow = StableDiffusion3Pipeline.from_pretrained(PIPELINE_FLOW_TURBO, text_encoder_3=None, tokenizer_3=None)
+    images = flow(["a red circle on a white background"], num_inference_steps=1, guidance_scale=TURBO_GUIDANCE,
+                  output_type="pt", max_sequence_length=T5_TOKENS, height=data.IMAGE_SIZE, width=data.IMAGE_SIZE,
+                  generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE) and torch.isfinite(images).all()
+    assert unet.scheduler.config.timestep_spacing == "trailing"
+    # The students store their own network only; the rest is the teacher's, linked.
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (PIPELINE_TURBO / "vae" / weights).resolve() == (PIPELINE / "vae" / weights).resolve()
+    assert (PIPELINE_FLOW_TURBO / "vae" / weights).resolve() == (PIPELINE / "vae" / weights).resolve()
+
+
+@pytest.mark.parametrize("preset", ["tiny-turbo", "tiny-flow-turbo"])
+def test_turbo_presets_run_every_algorithm_end_to_end(preset, tmp_path):
+    """Each preset's own shipped model, every algorithm, the micro budget; sampled without
+    guidance in training (recorded) and evaluation."""
+    out = tmp_path / "run"
+    args = micro_args(PRESETS[preset]().model, out) + ["--preset", preset, "--algos", ",".join([*ALGOS, "draft"]),
+                                                       "--reward", "tiny-aesthetic"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert {row["algo"] for row in rows} == {"base", *ALGOS, "draft"}
+    config = json.loads((out / "config.json").read_text())
+    assert all(c["guidance_scale"] == TURBO_GUIDANCE for c in config["algorithm_configs"].values())

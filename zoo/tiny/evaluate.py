@@ -275,17 +275,20 @@ def _turbo_section(metrics: dict, methods: list[dict]) -> str:
         lines.append(f"| {teacher} (teacher) | {guidance} | {_cells(teacher_rows)} |")
         method = records.get(stage, {}).get("method", "?")
         lines.append(f"| {folder} ({method}) | {TURBO_GUIDANCE} | {_cells(metrics['turbo'][name]['steps'])} |")
-    method_lines = ["| stage | method | build s | examples | " + " | ".join(columns) + " |",
-                    "|---|---|---:|---:|" + "---:|" * len(columns)]
+    method_lines = ["| stage | method | wall s | CPU s | examples | " + " | ".join(columns) + " |",
+                    "|---|---|---:|---:|---:|" + "---:|" * len(columns)]
     for m in methods:
-        method_lines.append(f"| {m['stage']} | {m['method']} | {m['build_seconds']} | {m['record'].get('examples', '–')} | "
+        method_lines.append(f"| {m['stage']} | {m['method']} | {m['build_seconds']} | {m['record'].get('cpu_seconds', '–')} "
+                            f"| {m['record'].get('examples', '–')} | "
                             f"{_cells(m['steps'])} |")
     commands = "\n".join(f"- `{build.get('stage_commands', {}).get(stage, 'python -m zoo.tiny.build --only ' + stage)}`: "
-                          f"{build.get('stage_seconds', {}).get(stage, 'n/a')} s" for stage in ("turbo", "flow-turbo"))
+                          f"{build.get('stage_seconds', {}).get(stage, 'n/a')} s wall, "
+                          f"{records.get(stage, {}).get('cpu_seconds', 'n/a')} CPU s" for stage in ("turbo", "flow-turbo"))
     comparison = f"""
 Methods compared (`python -m zoo.tiny.compare_turbo`, results/tiny-world/turbo-methods.json: each
-built by the build's stage with every other setting at its default, the same seed; build
-seconds on this 2-core machine, shared; cells as above):
+built by the build's stage with every other setting at its default, the same seed, two at a
+time beside other jobs on this 2-core machine: wall seconds are inflated by the sharing, CPU
+seconds (one thread) are what each stage costs; cells as above):
 
 {chr(10).join(method_lines)}
 """ if methods else ""
@@ -394,16 +397,10 @@ def main() -> None:
         rows, _ = step_sweep(pipe, judge, cfg, cfg.steps, TURBO_GUIDANCE)
         print(strict_json.dumps(rows), flush=True)
         return
-    if cfg.only_turbo:
+    if cfg.only_flow or cfg.only_turbo:
         metrics = json.loads((cfg.out / "metrics.json").read_text())
-        metrics["turbo"] = measure_turbo(judge, cfg)
-        metrics["build"] = json.loads(build_info.read_text())
-        (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
-        write_readme(metrics, cfg.out / "README.md")
-        return
-    if cfg.only_flow:
-        metrics = json.loads((cfg.out / "metrics.json").read_text())
-        metrics["flow"] = measure_flow(judge, cfg)
+        key, measure = ("flow", measure_flow) if cfg.only_flow else ("turbo", measure_turbo)
+        metrics[key] = measure(judge, cfg)
         metrics["build"] = json.loads(build_info.read_text())
         (cfg.out / "metrics.json").write_text(strict_json.dumps(metrics, indent=2) + "\n")
         write_readme(metrics, cfg.out / "README.md")
