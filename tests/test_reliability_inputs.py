@@ -78,7 +78,7 @@ CASES = [
     ("unknown eval split", ["--eval-split", "train"], ["--eval-split", "'train'"], None),
     ("train steps below a trained window", ["--preset", "sd3.5-medium", "--algos", "grpo", "--train-steps", "4"],
      ["--train-steps 4", "window_size"], None),
-    ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, tiny-flow, sd-turbo"], None),
+    ("unknown preset", ["--preset", "sdxl"], ["--preset", "sdxl", "tiny, tiny-flow, tiny-turbo, tiny-flow-turbo, sd-turbo"], None),
     ("unknown reward", ["--reward", "aesthetics"], ["--reward", "aesthetics", "pickscore"], None),
     ("missing model folder", ["--model", "/nonexistent/folder"], ["--model", "/nonexistent/folder"], None),
     ("hub model not cached", ["--model", "stabilityai/sd-turbo"], ["--model stabilityai/sd-turbo", "cache"], None),

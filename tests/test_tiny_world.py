@@ -12,7 +12,7 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from zoo.tiny import CLIP, DEFAULT_GUIDANCE, FLOW_GUIDANCE, PIPELINE, PIPELINE_FLOW, PIPELINE_LCM, data
+from zoo.tiny import CLIP, DEFAULT_GUIDANCE, FLOW_GUIDANCE, PIPELINE, PIPELINE_FLOW, data
 from zoo.tiny.build import BuildConfig, SMOKE_OVERRIDES, build
 from zoo.tiny.evaluate import Judge
 from zoo.tiny.flow import T5_TOKENS
@@ -79,12 +79,9 @@ def test_judge_loads_and_recognises_renders(judge):
     assert correct.float().mean() >= 0.9
 
 
-@pytest.mark.parametrize(
-    ("folder", "scheduler"), [(PIPELINE, DDIMScheduler), (PIPELINE_LCM, LCMScheduler)], ids=["ddim", "lcm"]
-)
-def test_shipped_pipeline_samples_finite_images_that_score(folder, scheduler, judge):
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    assert isinstance(pipe.scheduler, scheduler)
+def test_shipped_pipeline_samples_finite_images_that_score(judge):
+    pipe = StableDiffusionPipeline.from_pretrained(PIPELINE)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
     assert all(m.dtype == torch.float32 for m in (pipe.unet, pipe.vae, pipe.text_encoder))
     prompts = data.heldout_captions()[:4]
     images = pipe(
@@ -131,8 +128,10 @@ def test_smoke_build_from_another_seed_reloads(tmp_path):
     out = tmp_path / "assets"
     build(BuildConfig(out=out, seed=7, smoke=True, **SMOKE_OVERRIDES))
     assert json.loads((out / "build_info.json").read_text())["command"].endswith("--seed 7 --smoke")
-    for folder in (out / "pipeline", out / "pipeline-lcm"):
+    assert (out / "clip" / "vocab.json").is_symlink()
+    for folder, scheduler in ((out / "pipeline", DDIMScheduler), (out / "pipeline-lcm", LCMScheduler)):
         pipe = StableDiffusionPipeline.from_pretrained(folder)
+        assert isinstance(pipe.scheduler, scheduler)
         images = pipe(["a red circle on a white background"], num_inference_steps=1, output_type="pt").images
         assert torch.isfinite(images).all()
     flow = StableDiffusion3Pipeline.from_pretrained(out / "pipeline-flow", text_encoder_3=None, tokenizer_3=None)
@@ -142,3 +141,15 @@ def test_smoke_build_from_another_seed_reloads(tmp_path):
     model, processor = CLIPModel.from_pretrained(out / "clip"), CLIPProcessor.from_pretrained(out / "clip")
     text = processor(text=data.all_captions(), padding="max_length", return_tensors="pt")
     assert torch.isfinite(model.get_text_features(**text).pooler_output).all()
+
+
+def test_the_judge_shares_the_pipelines_vocabulary():
+    """One CLIP BPE for the judge and the pipeline, stored once: the judge's files link to the
+    tokenizer's, and both tokenize a caption alike."""
+    from transformers import CLIPProcessor
+
+    for name in ("vocab.json", "merges.txt"):
+        assert (CLIP / name).is_symlink() and (CLIP / name).resolve() == (PIPELINE / "tokenizer" / name).resolve()
+    caption = data.heldout_captions()[0]
+    judge_ids = CLIPProcessor.from_pretrained(CLIP).tokenizer(caption).input_ids
+    assert judge_ids == StableDiffusionPipeline.from_pretrained(PIPELINE).tokenizer(caption).input_ids

@@ -9,7 +9,8 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 PIPELINE = ASSETS / "pipeline"
 """The base model: StableDiffusionPipeline folder, DDIMScheduler with trailing spacing."""
 PIPELINE_LCM = ASSETS / "pipeline-lcm"
-"""The LCM-distilled model: same VAE/text encoder/tokenizer, LCMScheduler."""
+"""The LCM-distilled model: same VAE/text encoder/tokenizer, LCMScheduler. Built by
+`python -m zoo.tiny.build`, not shipped (the few-step students are)."""
 PIPELINE_FLOW = ASSETS / "pipeline-flow"
 """The flow-matching model: StableDiffusion3Pipeline folder (zoo/tiny/flow.py), sharing the
 base pipeline's VAE, text encoder and tokenizer."""

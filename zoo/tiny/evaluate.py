@@ -412,6 +412,9 @@ def main() -> None:
     save_grid(base_images, cfg.out / "samples.png")
     print("base, guidance sweep:", flush=True)
     guidance_rows = [row for g in cfg.guidance_sweep for row in step_sweep(base, judge, cfg, (1, 8), g)[0]]
+    if not (cfg.assets / "pipeline-lcm").is_dir():
+        raise SystemExit(f"{cfg.assets}/pipeline-lcm is built by `python -m zoo.tiny.build`, not shipped: build it, "
+                         "or measure the shipped students alone with --only-turbo (or the flow model with --only-flow)")
     lcm, lcm_seconds = load_pipeline(cfg.assets / "pipeline-lcm")
     print("lcm:", flush=True)
     lcm_rows, lcm_images = step_sweep(lcm, judge, cfg, cfg.steps, cfg.guidance)
