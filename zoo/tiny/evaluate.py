@@ -305,6 +305,11 @@ reward, {metrics['samples_per_step']} samples each.
 Built by:
 {commands}
 {comparison}
+The tasks re-checked on the students (headroom and the proxies inside RL's pairs at every
+step count, as the "Gold and proxy rewards" section below does for the base):
+`gold-pipeline-turbo.md`, `gold-pipeline-flow-turbo.md` (`python -m zoo.tiny.evaluate_gold
+--model pipeline-turbo`, `--model pipeline-flow-turbo`).
+
 Sample grids: `samples-turbo.png`, `samples-flow-turbo.png` (rows and columns as the others).
 Loading: {', '.join(f"{TURBO_FOLDERS[n][0]} {metrics['turbo'][n]['load_seconds']:.2f} s" for n in TURBO_FOLDERS)}; sampling
 throughput, batch 64, images/s: {'; '.join(TURBO_FOLDERS[n][0] + ' ' + ', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['turbo'][n]['throughput'].items()) for n in TURBO_FOLDERS)}.
