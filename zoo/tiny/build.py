@@ -168,9 +168,9 @@ class BuildConfig:
     """The student is trained at the trailing timesteps of this step count (999, 874, ...,
     124), which hold those of 1, 2 and 4 steps: every timestep a few-step sampler calls it at."""
     turbo_pairs_per_level: int = 1024
-    turbo_top_factor: int = 2
+    turbo_top_factor: int = 3
     """Times as many examples at the top level (pure noise), where every sample starts."""
-    turbo_steps: int = 1000
+    turbo_steps: int = 1500
     turbo_batch: int = 64
     turbo_lr: float = 2e-4
     turbo_ema_decay: float = 0.99
