@@ -48,6 +48,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DC
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold, turbo
+from zoo.tiny.optim import ema_update, warmup_lr
 from zoo.tiny.arch import (
     TEST_ARCH,
     TOKENIZER_MAX_LENGTH,
@@ -220,11 +221,6 @@ def _generator(seed: int, stage: int) -> torch.Generator:
     return torch.Generator().manual_seed(1000 * seed + stage)
 
 
-def _warmup_lr(optimizer: torch.optim.Optimizer, step: int, base_lr: float, warmup: int = 100) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * min(1.0, (step + 1) / warmup)
-
-
 def _log(stage: str, step: int, total: int, loss: float, started: float) -> None:
     if step % max(1, total // 10) == 0 or step == total - 1:
         print(f"[{stage}] step {step + 1}/{total} loss {loss:.4f} {time.time() - started:.0f}s", flush=True)
@@ -311,7 +307,7 @@ def train_judge(cfg: BuildConfig, tokenizer, out: Path) -> CLIPModel:
     captions = data.all_captions()
     started = time.time()
     for step in range(cfg.clip_steps):
-        _warmup_lr(optimizer, step, cfg.clip_lr)
+        warmup_lr(optimizer, step, cfg.clip_lr)
         images, batch_captions = data.sample_batch(cfg.clip_batch, captions, generator)
         loss = contrastive_loss(model, _augment(images, generator), batch_captions, tokenizer)
         optimizer.zero_grad(set_to_none=True)
@@ -340,7 +336,7 @@ def train_vae(cfg: BuildConfig):
     captions = data.train_captions()
     started = time.time()
     for step in range(cfg.vae_steps):
-        _warmup_lr(optimizer, step, cfg.vae_lr)
+        warmup_lr(optimizer, step, cfg.vae_lr)
         images, _ = data.sample_batch(cfg.vae_batch, captions, generator)
         pixels = 2 * images - 1
         posterior = vae.encode(pixels).latent_dist
@@ -365,12 +361,6 @@ def train_vae(cfg: BuildConfig):
 # ---------------------------------------------------------------- 3. UNet + text encoder
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-
-
 def _encode_latents(vae, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     with torch.no_grad():
         return vae.encode(2 * images - 1).latent_dist.sample(generator) * vae.config.scaling_factor
@@ -391,7 +381,7 @@ def train_unet(cfg: BuildConfig, vae, tokenizer) -> tuple[UNet2DConditionModel, 
     captions = data.train_captions()
     started = time.time()
     for step in range(cfg.unet_steps):
-        _warmup_lr(optimizer, step, cfg.unet_lr)
+        warmup_lr(optimizer, step, cfg.unet_lr)
         images, batch_captions = data.sample_batch(cfg.unet_batch, captions, generator)
         drop = torch.rand(len(batch_captions), generator=generator) < cfg.empty_caption_rate
         batch_captions = ["" if d else c for c, d in zip(batch_captions, drop.tolist())]
@@ -410,8 +400,8 @@ def train_unet(cfg: BuildConfig, vae, tokenizer) -> tuple[UNet2DConditionModel, 
         # Warm-up of the EMA decay (as in diffusers' EMAModel) so the random init does not
         # linger in the shipped weights of a short run.
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        _ema_update(ema_unet, unet, decay)
-        _ema_update(ema_text, text_encoder, decay)
+        ema_update(ema_unet, unet, decay)
+        ema_update(ema_text, text_encoder, decay)
         _log("unet", step, cfg.unet_steps, loss.item(), started)
     return ema_unet.eval(), ema_text.eval()
 
@@ -422,8 +412,7 @@ def train_unet(cfg: BuildConfig, vae, tokenizer) -> tuple[UNet2DConditionModel, 
 def _consistency_output(unet, x_t, t, hidden, w_embedding, alphas_cumprod):
     """f(x_t, t) = c_skip x_t + c_out x̂0, x̂0 from the epsilon prediction."""
     eps = unet(x_t, t, hidden, timestep_cond=w_embedding).sample
-    alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
-    x0 = (x_t - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+    x0 = turbo.x0_from_eps(x_t, eps, alphas_cumprod[t].view(-1, 1, 1, 1))
     c_skip, c_out = turbo.boundary_scalings(t)
     return c_skip * x_t + c_out * x0
 
@@ -453,7 +442,7 @@ def distill_lcm(cfg: BuildConfig, teacher: UNet2DConditionModel, text_encoder, v
     low, high = cfg.lcm_guidance_range
     started = time.time()
     for step in range(cfg.lcm_steps):
-        _warmup_lr(optimizer, step, cfg.lcm_lr)
+        warmup_lr(optimizer, step, cfg.lcm_lr)
         images, batch_captions = data.sample_batch(cfg.lcm_batch, captions, generator)
         n = len(batch_captions)
         latents = _encode_latents(vae, images, generator)
@@ -483,7 +472,7 @@ def distill_lcm(cfg: BuildConfig, teacher: UNet2DConditionModel, text_encoder, v
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        _ema_update(target, student, cfg.lcm_target_decay)
+        ema_update(target, student, cfg.lcm_target_decay)
         _log("lcm", step, cfg.lcm_steps, loss.item(), started)
     return target.eval()
 

@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 
 from zoo.tiny import data
+from zoo.tiny.optim import ema_update, warmup_lr
 from zoo.tiny.arch import (
     TEST_ARCH,
     TinyArch,
@@ -146,8 +147,7 @@ def train_flow_transformer(
     index = {c: i for i, c in enumerate(captions + [""])}
     started = time.time()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100)
+        warmup_lr(optimizer, step, lr)
         images, batch_captions = data.sample_batch(batch, captions, generator)
         drop = (torch.rand(batch, generator=generator) < empty_caption_rate).tolist()
         rows = torch.tensor([index["" if d else c] for c, d in zip(batch_captions, drop)])
@@ -166,10 +166,7 @@ def train_flow_transformer(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(transformer.parameters(), 1.0)
         optimizer.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), transformer.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, transformer, min(ema_decay, (1 + step) / (10 + step)))
         log("flow", step, steps, loss.item(), started)
     return ema.eval()
 

@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 
 from zoo.tiny import data
+from zoo.tiny.optim import ema_update, warmup_lr
 
 NUM_TRAIN_TIMESTEPS = 1000
 
@@ -177,8 +178,7 @@ def regress(
     count = pairs.level.shape[0]
     started = time.time()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100)
+        warmup_lr(optimizer, step, lr)
         chosen = torch.randint(count, (batch,), generator=generator)
         minibatch = Pairs(pairs.start[chosen], pairs.level[chosen], pairs.caption[chosen], pairs.target[chosen])
         loss = loss_of(student, minibatch, generator)
@@ -186,10 +186,7 @@ def regress(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), student.parameters()):
-                e.lerp_(p, 1 - decay)
+        ema_update(ema, student, min(ema_decay, (1 + step) / (10 + step)))
         log(stage, step, steps, loss.item(), started)
     return ema.eval()
 
@@ -265,8 +262,7 @@ def distill_unet_consistency(
 
     started = time.time()
     for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 100)
+        warmup_lr(optimizer, step, lr)
         images, batch_captions = data.sample_batch(batch, captions, generator)
         rows = torch.tensor([index[c] for c in batch_captions])
         latents = encode(images, generator)
@@ -284,9 +280,7 @@ def distill_unet_consistency(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(target.parameters(), student.parameters()):
-                e.lerp_(p, 1 - target_decay)
+        ema_update(target, student, target_decay)
         log("turbo", step, steps, loss.item(), started)
     return target.eval()
 
