@@ -45,6 +45,9 @@ class EvalSettings:
     timestep_spacing: str | None = None
     """The preset's timestep spacing (`SamplerConfig.timestep_spacing`); None keeps the
     model's scheduler config."""
+    split: str = "test"
+    """Which of the preset's prompt sets `prompts` is ("test" or "validation"), written
+    into every record so that a run evaluated on both keeps them apart."""
 
     def sampler_config(self, step_count: int) -> SamplerConfig:
         """The sampler that evaluates at `step_count` steps."""

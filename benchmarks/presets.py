@@ -100,6 +100,12 @@ class Preset:
     """Config field -> candidate values: `benchmarks.tune` trains every algorithm at every
     combination (the same number of configurations for each) and keeps the best by
     `TUNING_RULE`."""
+    eval_split: str = "test"
+    """`benchmarks.run --eval-split`'s default: "test", or "both" (validation prompts beside
+    the test prompts at every evaluation, to choose the reported epoch on)."""
+    curve_samples_per_prompt: int | None = None
+    """`benchmarks.run --curve-samples-per-prompt`'s default: samples per prompt of the
+    evaluations before the last epoch; None: `eval_samples_per_prompt`."""
     flow_sde: str = "flow-grpo"
     """The flow sampler's SDE, "flow-grpo" or "dance-grpo" (`zoo.sampling.SamplerConfig.flow_sde`),
     set for every algorithm like `eta`, which it reinterprets; unused by the other samplers."""

@@ -119,8 +119,14 @@ def file_suffix(reward: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", reward)
 
 
-def load_records(run_dir: str | Path) -> pd.DataFrame:
-    """The run's evaluation records, one row per (algo, seed, epoch, eval_steps, reward)."""
+def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
+    """The run's evaluation records of one prompt set, one row per (algo, seed, epoch,
+    eval_steps, reward).
+
+    `split`: "test" or "validation"; None: the reported one, the test prompts when the run
+    evaluated them (`--eval-split test` or `both`), else the validation prompts (a tuning
+    run). Records written before runs named their split are of the run's `--eval-split`.
+    """
     path = Path(run_dir) / "records.jsonl"
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     records = []
@@ -136,8 +142,20 @@ def load_records(run_dir: str | Path) -> pd.DataFrame:
     if not records:
         raise ValueError(f"{path} holds no records")
     frame = pd.DataFrame(records)
+    if "split" not in frame:
+        frame["split"] = _recorded_split(Path(run_dir))
+    recorded = set(frame["split"])
+    wanted = split or ("test" if "test" in recorded else "validation")
+    frame = frame[frame["split"] == wanted]
+    if frame.empty:
+        raise ValueError(f"{path} holds no records of the {wanted} prompts (it holds {', '.join(sorted(recorded))})")
     # A resumed run can evaluate an epoch again; its latest evaluation is the one that counts.
     return frame.drop_duplicates(RECORD_KEY, keep="last").reset_index(drop=True)
+
+
+def _recorded_split(run_dir: Path) -> str:
+    config = run_dir / "config.json"
+    return json.loads(config.read_text()).get("eval_split", "test") if config.is_file() else "test"
 
 
 def row_order(records: pd.DataFrame, algos: Sequence[str] | None = None) -> list[str]:
@@ -584,6 +602,9 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     text = "\n\n".join(sections) + "\n"
     (run_dir / "table.md").write_text(text)
     compose_samples(run_dir, rows, run_dir / "samples.png")
+    from benchmarks.peak import write_peak  # it reads records through this module
+
+    write_peak(run_dir, reward, rows)
     return text
 
 

@@ -86,9 +86,11 @@ class RunArgs:
     """Training epochs per algorithm and seed (default: the preset's)."""
     train_steps: int | None = None
     """Sampling steps K during training, for every algorithm (default: the preset's)."""
-    eval_split: Literal["test", "validation"] = "test"
-    """Held-out prompts to evaluate on: the preset's test prompts (the reported tables) or
-    its validation prompts (what `benchmarks.tune` selects hyperparameters on)."""
+    eval_split: Literal["test", "validation", "both"] | None = None
+    """Held-out prompts to evaluate on: the preset's test prompts (the reported tables), its
+    validation prompts (what `benchmarks.tune` selects hyperparameters on), or both at every
+    evaluation, the tables reporting the test prompts at epochs chosen on the validation
+    prompts (the curve's peak; default: the preset's)."""
     eval_steps: str = "1,2,4,8"
     """Comma-separated sampling step counts at which held-out reward is measured."""
     eval_every: int | None = None
@@ -108,6 +110,10 @@ class RunArgs:
     (default: the preset's; 1 draws each group's prompt on its own)."""
     eval_samples_per_prompt: int | None = None
     """Evaluation samples per held-out prompt and step count (default: the preset's)."""
+    curve_samples_per_prompt: int | None = None
+    """Samples per held-out prompt and step count of the evaluations before the last epoch,
+    the curve's intermediate points (default: the preset's; the last epoch and the base
+    model always get --eval-samples-per-prompt)."""
     out: str | None = None
     """Output folder (default: results/<preset>-<reward>-<time>)."""
     resume: bool = False
@@ -266,6 +272,8 @@ class Plan:
     trajectories_per_epoch: int
     groups_per_prompt: int
     eval_samples_per_prompt: int
+    curve_samples_per_prompt: int
+    eval_split: str
     out_dir: Path
     configs: dict[str, Any]
     """The configs of the algorithms this invocation trains."""
@@ -289,9 +297,11 @@ class Plan:
             "trajectories_per_epoch": self.trajectories_per_epoch,
             "groups_per_prompt": self.groups_per_prompt,
             "eval_samples_per_prompt": self.eval_samples_per_prompt,
+            "curve_samples_per_prompt": self.curve_samples_per_prompt,
             "train_prompts": list(self.preset.train_prompts),
-            "eval_split": self.args.eval_split,
+            "eval_split": self.eval_split,
             "eval_prompts": list(self.eval_prompts),
+            **({"val_prompts": list(self.preset.val_prompts)} if self.eval_split == "both" else {}),
             "mixed_precision": self.preset.mixed_precision,
             "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
@@ -300,13 +310,16 @@ class Plan:
             },
         }
 
-    def eval_settings(self, seed: int) -> EvalSettings:
-        """The evaluation of every checkpoint of `seed`: the preset's sampler, guidance, eta
+    def eval_settings(self, seed: int, split: str | None = None) -> EvalSettings:
+        """The evaluation of every checkpoint of `seed` (on `split`'s prompts; default: the
+        reported ones): the preset's sampler, guidance, eta
         and timestep spacing at each of `eval_steps`; a flow preset evaluates on the ODE
         (noise level 0), as Flow-GRPO does (yifan123/flow_grpo ac4c86e,
         scripts/train_sd3.py:258), while it trains on the SDE."""
+        split = split or ("validation" if self.eval_split == "validation" else "test")
         return EvalSettings(
-            prompts=self.eval_prompts,
+            prompts=self.preset.val_prompts if split == "validation" else self.preset.eval_prompts,
+            split=split,
             step_counts=tuple(self.eval_steps),
             samples_per_prompt=self.eval_samples_per_prompt,
             batch_size=self.preset.eval_batch_size,
@@ -419,8 +432,12 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             pass  # _check_out_dir reports the broken file
     eval_samples = (args.eval_samples_per_prompt if args.eval_samples_per_prompt is not None
                     else preset.eval_samples_per_prompt)
+    curve_samples = (args.curve_samples_per_prompt if args.curve_samples_per_prompt is not None
+                     else preset.curve_samples_per_prompt or eval_samples)
+    eval_split = args.eval_split or preset.eval_split
     for flag, value in [("--epochs", epochs), ("--eval-every", eval_every), ("--trajectories-per-epoch", trajectories),
-                        ("--groups-per-prompt", groups_per_prompt), ("--eval-samples-per-prompt", eval_samples)]:
+                        ("--groups-per-prompt", groups_per_prompt), ("--eval-samples-per-prompt", eval_samples),
+                        ("--curve-samples-per-prompt", curve_samples)]:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.max_bad_reward_batches < 0:
@@ -458,10 +475,10 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                 f"{model}'s training schedule"
             )
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    eval_prompts = preset.eval_prompts if args.eval_split == "test" else preset.val_prompts
+    eval_prompts = preset.val_prompts if eval_split == "validation" else preset.eval_prompts
     plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model,
-                model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, out_dir, configs, loop,
-                notes=notes)
+                model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, curve_samples,
+                eval_split, out_dir, configs, loop, notes=notes)
     _check_out_dir(plan)
     if args.extend:
         plan = _extended(plan, untrained)
@@ -637,6 +654,9 @@ RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
 RESUME_DEFAULTS = {"groups_per_prompt": 1}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
+RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}
+"""The same for settings whose earlier value was another setting's: before the curve's points
+could use fewer samples, every evaluation used the final one's."""
 ALGORITHM_CONFIG_DEFAULTS = {"flow_sde": "flow-grpo"}
 """The same for the fields of each recorded algorithm config (config.json "algorithm_configs")."""
 
@@ -656,7 +676,7 @@ def _recorded_setting(config: dict, key: str) -> Any:
     """A setting of a config.json as this checkout reads it: the model as the folder or hub
     id it names here (a relative folder is the same in every clone), each algorithm config
     with the fields it was recorded without."""
-    value = config.get(key, RESUME_DEFAULTS.get(key))
+    value = config.get(key, config.get(RESUME_DEFAULTS_FROM.get(key), RESUME_DEFAULTS.get(key)))
     if key == "algorithm_configs":
         return {name: {**ALGORITHM_CONFIG_DEFAULTS, **fields} for name, fields in value.items()}
     return recorded_model(value) if key == "model" and isinstance(value, str) else value
@@ -975,6 +995,8 @@ def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precisi
             train_prompts=plan.preset.train_prompts,
             eval_every=plan.eval_every,
             eval=plan.eval_settings(seed),
+            selection_eval=plan.eval_settings(seed, "validation") if plan.eval_split == "both" else None,
+            curve_samples_per_prompt=plan.curve_samples_per_prompt,
             mixed_precision=mixed_precision,
             train_reward=plan.reward,
             out_dir=plan.out_dir,

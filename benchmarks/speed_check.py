@@ -3,13 +3,16 @@ commit, on this machine, in one sitting; and the records of each, compared.
 
     python -m benchmarks.speed_check                                  # tiny: 4 algorithms x 2 seeds, vs e821817
     python -m benchmarks.speed_check --against e821817 --jobs 2 -- --epochs 2 --eval-every 2
+    python -m benchmarks.speed_check --also-preset tiny-turbo   # and the few-step model, --jobs 2
 
 The other commit is checked out into a temporary git worktree and runs the same
 `python -m benchmarks.run` command there (flags after `--` are passed to every run, so they
 must exist at that commit); this
 checkout runs it serially and with `--jobs N`. Each is one process from start to finish,
 its start-up (imports, model and reward loading), base evaluations and report included, as
-a user would wait for it. Runs per hour: (algorithms x seeds) / wall hours. Measure on an
+a user would wait for it. `--also-preset` adds a last run of this checkout with --jobs N on
+another preset (the distilled few-step model, which samples without classifier-free
+guidance): a different model, so its records are not compared, only its time. Runs per hour: (algorithms x seeds) / wall hours. Measure on an
 otherwise idle machine: on shared cores the ratios mean little.
 
 The records are compared too (every field but wall time, on the fields both commits
@@ -51,6 +54,9 @@ class SpeedCheck:
     """Comma-separated seeds of every run: runs = algorithms x seeds."""
     jobs: int = 2
     """Worker processes of this checkout's parallel run; 0 leaves that run out."""
+    also_preset: str | None = None
+    """A preset that this checkout also runs with --jobs N, after the others (same algorithms,
+    seeds and flags)."""
     keep: str | None = None
     """Keep the run folders under this folder (default: deleted at the end)."""
 
@@ -119,6 +125,10 @@ def main(check: SpeedCheck, run_flags: list[str]) -> int:
     plan = [(f"{other_commit} serial", other, argv), (f"{this} serial", REPO, argv)]
     if check.jobs:
         plan.append((f"{this} --jobs {check.jobs}", REPO, [*argv, "--jobs", str(check.jobs)]))
+    if check.also_preset:
+        other_preset = ["--preset", check.also_preset, *argv[2:]]
+        plan.append((f"{this} --jobs {max(check.jobs, 1)} --preset {check.also_preset}", REPO,
+                     [*other_preset, "--jobs", str(max(check.jobs, 1))]))
     print(f"{runs} (algorithm, seed) runs per command: python -m benchmarks.run {shlex.join(argv)}", flush=True)
     measured = []
     try:
@@ -136,6 +146,9 @@ def main(check: SpeedCheck, run_flags: list[str]) -> int:
         print(f"| {m.label} | {m.seconds:.0f} | {runs * 3600 / m.seconds:.1f} | {baseline.seconds / m.seconds:.2f} |")
     print()
     for m in measured[1:]:
+        if check.also_preset and m is measured[-1]:
+            print(f"records of {m.label}: another model, not compared")
+            continue
         reference = measured[1] if m is not measured[1] else baseline
         print(f"records of {m.label} against {reference.label}: "
               f"{compare_records(_records(m.out), _records(reference.out))}")

@@ -125,6 +125,7 @@ class JobSettings:
     train_prompts: tuple[str, ...]
     eval_every: int
     eval: EvalSettings
+    """The reported evaluation, made after the last epoch and at every `eval_every`."""
     mixed_precision: str
     train_reward: str
     out_dir: Path
@@ -143,6 +144,20 @@ class JobSettings:
     """Groups sampled from each prompt drawn per epoch (`draw_prompt_ids`)."""
     resolution: int | None = None
     """Image side of a flow-matching model (`Preset.resolution`)."""
+    selection_eval: EvalSettings | None = None
+    """A second evaluation made beside `eval` at every point (the validation prompts), on
+    which a report chooses the epoch it reports `eval` at (the peak of the curve), so that
+    the choice never sees the reported prompts."""
+    curve_samples_per_prompt: int | None = None
+    """Samples per prompt of the evaluations before the last epoch (the curve's intermediate
+    points; both evaluations'); None: as many as the final one."""
+
+    def evaluations(self, epoch: int) -> list[EvalSettings]:
+        """The evaluations made after `epoch` (0: the base model's, the full ones)."""
+        chosen = [self.eval] if self.selection_eval is None else [self.eval, self.selection_eval]
+        if epoch in (0, self.epochs) or self.curve_samples_per_prompt is None:
+            return chosen
+        return [dataclasses.replace(e, samples_per_prompt=self.curve_samples_per_prompt) for e in chosen]
 
 
 def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, generator: torch.Generator) -> torch.Tensor:
@@ -183,12 +198,13 @@ def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
     return out_dir / "checkpoints" / f"{algo}_seed{seed}.pt"
 
 
-def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict) -> list[dict]:
+def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict, split: str) -> list[dict]:
     return [
         {
             "algo": algo,
             "seed": seed,
             "epoch": epoch,
+            "split": split,
             "eval_steps": step_count,
             "reward": reward_name,
             **values,
@@ -206,12 +222,18 @@ def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict) -> l
 def _evaluate_and_record(
     policy, rewards, settings: JobSettings, accelerator, algo, seed, epoch, counters, save_strips: bool
 ) -> list[dict]:
-    stats, strips = evaluate(policy, rewards, settings.eval, accelerator, where=f"{algo} seed {seed}, epoch {epoch}")
-    if save_strips and accelerator.is_main_process:
-        (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
-        for step_count, images in strips.items():
-            save_strip(images, settings.out_dir / "samples" / f"{algo}_seed{seed}_steps{step_count}.png")
-    records = _records(algo, seed, epoch, counters, stats)
+    records = []
+    for evaluation in settings.evaluations(epoch):
+        where = f"{algo} seed {seed}, epoch {epoch}"
+        if settings.selection_eval is not None:
+            where += f", {evaluation.split} prompts"
+        stats, strips = evaluate(policy, rewards, evaluation, accelerator, where=where)
+        # The strips show the reported evaluation's prompts.
+        if save_strips and accelerator.is_main_process and evaluation is settings.eval:
+            (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
+            for step_count, images in strips.items():
+                save_strip(images, settings.out_dir / "samples" / f"{algo}_seed{seed}_steps{step_count}.png")
+        records += _records(algo, seed, epoch, counters, stats, evaluation.split)
     if accelerator.is_main_process:
         settings.log_evaluations(records)
     return records

@@ -1,0 +1,126 @@
+"""Curves to the peak: the epoch chosen on the validation prompts, reported on the test
+prompts, and the trajectories to 90% of the peak, on worked numbers; and a run evaluated on
+both prompt sets end to end."""
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from benchmarks.peak import chosen_epochs, peak_table, write_peak
+from benchmarks.report import load_records
+from benchmarks.run import main
+from tests.test_benchmark_run import micro_args
+
+PROXY, GOLD = "tiny-aesthetic", "tiny-aesthetic-gold"
+SAMPLES_PER_EPOCH = 16
+# (split, reward, algo, epoch) -> score at 1 and 2 steps, as the mean over the two seeds;
+# seed 0 scores 0.01 less and seed 1 0.01 more, so that a mean over seeds gives these.
+CURVES = {
+    ("validation", GOLD, "base", 0): (0.50, 0.50),
+    ("validation", GOLD, "ddpo", 2): (0.50, 0.50),
+    # Best on validation, averaged over step counts: the chosen epoch (test peaks later).
+    ("validation", GOLD, "ddpo", 4): (0.80, 0.60),
+    ("validation", GOLD, "ddpo", 6): (0.60, 0.60),
+    ("test", GOLD, "base", 0): (0.50, 0.50),
+    # Best on the test prompts, averaged over step counts: choosing on them would pick it.
+    ("test", GOLD, "ddpo", 2): (0.52, 0.75),
+    ("test", GOLD, "ddpo", 4): (0.60, 0.60),
+    ("test", GOLD, "ddpo", 6): (0.62, 0.40),
+    ("test", PROXY, "base", 0): (0.40, 0.40),
+    ("test", PROXY, "ddpo", 2): (0.45, 0.45),
+    ("test", PROXY, "ddpo", 4): (0.50, 0.50),
+    ("test", PROXY, "ddpo", 6): (0.70, 0.70),
+    ("validation", PROXY, "base", 0): (0.40, 0.40),
+    # The proxy's own validation best is epoch 6: the choice must follow the gold.
+    ("validation", PROXY, "ddpo", 2): (0.45, 0.45),
+    ("validation", PROXY, "ddpo", 4): (0.50, 0.50),
+    ("validation", PROXY, "ddpo", 6): (0.90, 0.90),
+}
+
+
+def _write(run: Path, curves: dict, skip: set = frozenset()) -> Path:
+    run.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for (split, reward, algo, epoch), values in curves.items():
+        for seed, offset in [(0, -0.01), (1, 0.01)]:
+            if (split, algo, epoch, seed) in skip:
+                continue
+            for steps, value in zip([1, 2], values):
+                lines.append(json.dumps({
+                    "algo": algo, "seed": seed, "epoch": epoch, "split": split, "eval_steps": steps,
+                    "reward": reward, "mean": value + offset, "std": 0.1, "count": 64,
+                    "samples_seen": epoch * SAMPLES_PER_EPOCH,
+                }))
+    (run / "records.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+def test_the_epoch_is_chosen_on_the_validation_gold_and_reported_on_the_test_prompts(tmp_path):
+    run = _write(tmp_path / "run", CURVES)
+    validation, test = load_records(run, "validation"), load_records(run, "test")
+    assert chosen_epochs(validation, PROXY) == {"ddpo": 4}
+    table = peak_table(test, GOLD, {"ddpo": 4}, ["base", "ddpo"])
+    row = table.loc["ddpo"]
+    assert row["epoch"] == 4
+    assert row["1 final"] == pytest.approx(0.62) and row["1 peak"] == pytest.approx(0.60)
+    assert row["2 final"] == pytest.approx(0.40) and row["2 peak"] == pytest.approx(0.60)
+    # 1 step: peak gain 0.10, 90% of it first reached at epoch 4 (epoch 2 gains 0.02).
+    # 2 steps: epoch 2 gains 0.25 >= 0.09, so 2 epochs x 16 trajectories.
+    assert row["1 to 90%"] == 4 * SAMPLES_PER_EPOCH
+    assert row["2 to 90%"] == 2 * SAMPLES_PER_EPOCH
+
+
+def test_no_gain_has_no_trajectories_to_ninety_percent(tmp_path):
+    flat = {key: ((0.4, 0.4) if key[2] == "ddpo" else value) for key, value in CURVES.items()}
+    run = _write(tmp_path / "run", flat)
+    table = peak_table(load_records(run, "test"), GOLD, {"ddpo": 2}, ["base", "ddpo"])
+    assert math.isnan(table.loc["ddpo", "1 to 90%"]) and math.isnan(table.loc["ddpo", "2 to 90%"])
+
+
+def test_an_epoch_that_a_seed_did_not_evaluate_is_not_chosen(tmp_path):
+    # Seed 1 was stopped before epoch 4: only epochs 2 and 6 are complete, and 6 wins.
+    run = _write(tmp_path / "run", CURVES, skip={("validation", "ddpo", 4, 1)})
+    assert chosen_epochs(load_records(run, "validation"), PROXY) == {"ddpo": 6}
+
+
+def test_write_peak_writes_the_tables_and_the_proxy_gold_figure(tmp_path):
+    run = _write(tmp_path / "run", CURVES)
+    text = write_peak(run, PROXY, ["base", "ddpo"])
+    assert "| ddpo | 4 | 0.620 / 0.600 / 64 | 0.400 / 0.600 / 32 |" in text
+    assert (run / "proxy_gold.png").is_file()
+    saved = pd.read_csv(run / "peak.csv")
+    assert set(saved["reward"]) == {GOLD, PROXY}
+
+
+def test_a_run_with_one_prompt_set_has_no_peak_report(tmp_path):
+    test_only = {key: value for key, value in CURVES.items() if key[0] == "test"}
+    run = _write(tmp_path / "run", test_only)
+    assert write_peak(run, PROXY, ["base", "ddpo"]) is None
+    with pytest.raises(ValueError, match="no records of the validation prompts"):
+        load_records(run, "validation")
+    # A tuning run's: validation prompts only.
+    validation_only = {key: value for key, value in CURVES.items() if key[0] == "validation"}
+    assert write_peak(_write(tmp_path / "tuning", validation_only), PROXY, ["base", "ddpo"]) is None
+
+
+def test_both_splits_are_evaluated_and_the_curve_points_use_fewer_images(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "run"
+    args = micro_args(tiny_pipeline_dir, out) + ["--algos", "ddpo", "--eval-split", "both",
+                                                 "--eval-samples-per-prompt", "2", "--curve-samples-per-prompt", "1"]
+    assert main(args) == 0
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    counts = {(r["algo"], r["epoch"], r["split"]) for r in records}
+    assert counts == {("base", 0, "test"), ("base", 0, "validation"), ("ddpo", 1, "test"), ("ddpo", 1, "validation"),
+                      ("ddpo", 2, "test"), ("ddpo", 2, "validation")}
+    images = {(r["algo"], r["epoch"]): r["count"] for r in records}
+    # 4 prompts per set: 2 samples each at the base and the last epoch, 1 at the curve's point.
+    assert images == {("base", 0): 8, ("ddpo", 1): 4, ("ddpo", 2): 8}
+    config = json.loads((out / "config.json").read_text())
+    assert config["eval_split"] == "both" and config["curve_samples_per_prompt"] == 1
+    assert len(config["val_prompts"]) == 4
+    assert (out / "peak.md").is_file()
+    # The reported table reads the test prompts only.
+    assert set(load_records(out)["split"]) == {"test"}
