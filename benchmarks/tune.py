@@ -17,6 +17,11 @@ score, the trust-region metrics of its training, the selection) and `selected.js
 `--jobs N` trains every configuration's runs in one pool of N worker processes
 (`benchmarks.jobs`) instead of one configuration after another; the records are the same.
 
+`--curve-points N` evaluates every configuration N times along training (every epochs / N
+epochs) and selects by `PEAK_RULE` instead: the epoch is chosen with the configuration, as
+early stopping is, so that a learning rate that reaches the best gold early and then
+overoptimizes its proxy is judged at its best epoch, as `benchmarks.peak` reports it.
+
 `--extend` adds tuning seeds (or algorithms) to the configurations already finished in `--out`
 (`benchmarks.run --extend` for each; their recorded rows are reused) and selects again over
 all of them.
@@ -60,6 +65,15 @@ gold on validation prompts is the tiny world's human evaluation, and selecting b
 picks the learning rate that hacks it fastest (measured: results/tune-tiny-tiny-aesthetic,
 where 8e-3 has the best validation proxy for all four algorithms and collapses the gold of
 three). The test prompts' gold, which the reported tables show, is never looked at."""
+
+
+PEAK_RULE = (
+    "highest mean validation score over the evaluated step counts at any evaluated epoch (the epoch is selected "
+    "with the configuration), averaged over tuning seeds, of the training reward's gold when it declares one, else "
+    "of the training reward; ties go to the earlier epoch, then to the configuration listed first in the grid"
+)
+"""The selection rule of `--curve-points`: `TUNING_RULE` over every evaluated epoch, the
+epochs that every tuning seed evaluated at every step count (`benchmarks.peak.chosen_epochs`)."""
 
 
 def scoring_reward(reward: str) -> str:
@@ -114,9 +128,11 @@ def _number(text: str) -> int | float:
 
 
 def make_points(
-    run_argv: list[str], grid: dict[str, tuple], out: Path, resume: bool, overwrite: bool, extend: bool = False
+    run_argv: list[str], grid: dict[str, tuple], out: Path, resume: bool, overwrite: bool, extend: bool = False,
+    curve_points: int = 0,
 ) -> list[Point]:
-    """One validated run plan per grid configuration; nothing is loaded or written."""
+    """One validated run plan per grid configuration; nothing is loaded or written.
+    `curve_points` > 0: evaluated every epochs // curve_points epochs (and after the last)."""
     for flag in TUNER_OWNS:
         if _peek(run_argv, flag) is not None or flag in run_argv:
             raise UsageError(f"{flag}: set by benchmarks.tune for every configuration; leave it out")
@@ -124,6 +140,9 @@ def make_points(
     if _peek(argv, "--seeds") is None:
         argv += ["--seeds", TUNING_SEEDS]
     first = make_plan(parse_args(argv + ["--out", str(out / "probe")]))
+    if curve_points < 0 or curve_points > first.epochs:
+        raise UsageError(f"--curve-points {curve_points}: must be between 0 and the {first.epochs} epochs")
+    eval_every = first.epochs // curve_points if curve_points else first.epochs
     grid = grid or first.preset.tuning_grid
     if not grid:
         raise UsageError(f"--grid: preset {first.preset.name} declares no tuning grid; pass --grid FIELD=V1,V2")
@@ -143,7 +162,7 @@ def make_points(
         flags = (["--resume"] if resume and started else ["--extend"] if extend and started
                  else ["--overwrite"] if overwrite else [])
         plan = make_plan(parse_args(
-            argv + overrides + ["--eval-split", "validation", "--eval-every", str(first.epochs), "--out", str(point_out),
+            argv + overrides + ["--eval-split", "validation", "--eval-every", str(eval_every), "--out", str(point_out),
                                 *flags]
         ))
         points.append(Point(values, plan))
@@ -160,22 +179,31 @@ def _training_metrics(run_dir: Path) -> pd.DataFrame:
     return rows.groupby("algo")[present].max().rename(columns=lambda m: f"max {m}")
 
 
-def score_points(points: list[Point]) -> pd.DataFrame:
+def score_points(points: list[Point], peak: bool = False) -> pd.DataFrame:
     """One row per (algorithm, configuration): the training reward's validation mean at each
     step count (mean over seeds), `score` (what `TUNING_RULE` ranks: the mean over step
     counts of `scoring_reward`), the extra held-out rewards' means, and the trust-region
-    metrics of training."""
+    metrics of training. `peak`: all of it at the epoch `PEAK_RULE` chooses (column `epoch`)
+    instead of the last."""
+    from benchmarks.peak import chosen_epochs
     from benchmarks.report import final_records, load_records, steps_label
 
     rows = []
     for order, point in enumerate(points):
-        records = final_records(load_records(point.plan.out_dir))
+        records = load_records(point.plan.out_dir)
+        if peak:
+            epochs = chosen_epochs(records, point.plan.reward)
+            records = records[[epochs.get(a) == e for a, e in zip(records["algo"], records["epoch"])]]
+        else:
+            records = final_records(records)
         metrics = _training_metrics(point.plan.out_dir)
         for algo in point.plan.algos:
             mine = records[records["algo"] == algo]
             if mine.empty:
                 continue
             row = {"algo": algo, **point.values, "order": order}
+            if peak:
+                row["epoch"] = int(mine["epoch"].iloc[0])
             trained = mine[mine["reward"] == point.plan.reward].groupby("eval_steps")["mean"].mean()
             for steps, value in trained.items():
                 row[steps_label(int(steps))] = value
@@ -190,7 +218,8 @@ def score_points(points: list[Point]) -> pd.DataFrame:
 
 
 def select(scores: pd.DataFrame, grid_fields: list[str]) -> dict[str, dict]:
-    """`TUNING_RULE`: per algorithm, the configuration with the highest score; among equal
+    """`TUNING_RULE` (or `PEAK_RULE`, whose scores are at their chosen epochs, kept in the
+    selection): per algorithm, the configuration with the highest score; among equal
     scores, the one first in the grid."""
     chosen = {}
     for algo, rows in scores.groupby("algo", sort=False):
@@ -199,16 +228,19 @@ def select(scores: pd.DataFrame, grid_fields: list[str]) -> dict[str, dict]:
             continue
         best = finite.sort_values(["score", "order"], ascending=[False, True]).iloc[0]
         chosen[algo] = {**{name: best[name].item() if hasattr(best[name], "item") else best[name]
-                           for name in grid_fields}, "score": float(best["score"])}
+                           for name in grid_fields}, "score": float(best["score"]),
+                        **({"epoch": int(best["epoch"])} if "epoch" in best else {})}
     return chosen
 
 
 def write_tuning(out: Path, points: list[Point], scores: pd.DataFrame, chosen: dict[str, dict]) -> str:
-    """tuning.csv, tuning.md and selected.json in `out`; returns the Markdown."""
+    """tuning.csv, tuning.md and selected.json in `out`; returns the Markdown (the rule is
+    `PEAK_RULE` when the scores carry their epochs)."""
     from benchmarks.checkpoint import write_text
 
     plan = points[0].plan
     fields = list(points[0].values)
+    rule = PEAK_RULE if "epoch" in scores else TUNING_RULE
     scores = scores.copy()
     scores["selected"] = [
         all(chosen.get(row["algo"], {}).get(name) == row[name] for name in fields) for _, row in scores.iterrows()
@@ -222,8 +254,9 @@ def write_tuning(out: Path, points: list[Point], scores: pd.DataFrame, chosen: d
         "",
         f"Grid: {grid} for every algorithm ({len(points)} configurations each); {plan.epochs} epochs of "
         f"{plan.trajectories_per_epoch} trajectories; validation prompts ({len(plan.eval_prompts)}, disjoint from "
-        f"the test prompts), {plan.eval_samples_per_prompt} samples each; seeds {', '.join(map(str, plan.seeds))}.",
-        f"Rule: {TUNING_RULE}. Score: mean of {scoring_reward(plan.reward)} over the step counts. "
+        f"the test prompts), {plan.eval_samples_per_prompt} samples each; seeds {', '.join(map(str, plan.seeds))}"
+        + (f"; evaluated every {plan.eval_every} epochs." if plan.eval_every < plan.epochs else "."),
+        f"Rule: {rule}. Score: mean of {scoring_reward(plan.reward)} over the step counts. "
         "Selected rows in bold.",
         "",
         "| " + " | ".join(columns) + " |",
@@ -239,7 +272,7 @@ def write_tuning(out: Path, points: list[Point], scores: pd.DataFrame, chosen: d
     selected = {
         "preset": plan.preset.name,
         "reward": plan.reward,
-        "rule": TUNING_RULE,
+        "rule": rule,
         "seeds": plan.seeds,
         "run": str(out),
         "selected": chosen,
@@ -280,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extend", action="store_true",
                         help="add the seeds (or algorithms) that the finished configurations in --out lack, then "
                              "select again over all of them")
+    parser.add_argument("--curve-points", type=int, default=0, metavar="N",
+                        help="evaluate each configuration N times along training and select the configuration and "
+                             "its epoch by PEAK_RULE (default 0: after the last epoch only, by TUNING_RULE)")
     parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
                         help="tune these values of a config field instead of the preset's tuning_grid (repeatable)")
     own, run_argv = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
@@ -291,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward
         out = Path(own.out or Path("results") / f"tune-{preset_name}-{folder_label(reward)}")
-        points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite, own.extend)
+        points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite, own.extend,
+                             own.curve_points)
         jobs, wandb = points[0].plan.args.jobs, points[0].plan.args.wandb
         if jobs > 1 and wandb and len(points) > 1:
             raise UsageError(
@@ -315,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RunStopped, WriteFailed, CorruptCheckpoint) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    scores = score_points(points)
+    scores = score_points(points, peak=own.curve_points > 0)
     chosen = select(scores, list(points[0].values))
     print(write_tuning(out, points, scores, chosen))
     print(f"selected: {strict_json.dumps(chosen)}\nresults in {out}")

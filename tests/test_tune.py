@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.presets import tiny
+from benchmarks.run import UsageError
 from benchmarks.tune import TUNING_SEEDS, Point, main, make_points, score_points, scoring_reward, select
 
 from test_benchmark_run import micro_args
@@ -120,6 +121,45 @@ def test_a_proxy_is_tuned_by_its_gold_and_a_plain_reward_by_itself(tmp_path):
     assert list(scores["score"]) == pytest.approx([0.15, 0.7])
     assert list(scores["4 steps"]) == pytest.approx([0.9, 0.7])  # the table still shows the proxy
     assert select(scores, ["learning_rate"])["ddpo"]["learning_rate"] == 1e-3
+
+
+def test_the_peak_rule_scores_each_configuration_at_its_best_validation_epoch(tmp_path):
+    """lr 8e-3 peaks on the gold at epoch 4 (0.75 over 1 and 4 steps) and then hacks it down
+    to 0.15 at epoch 10; lr 1e-3 rises to 0.7 at epoch 10. The last-epoch rule picks 1e-3,
+    the peak rule 8e-3 at epoch 4 (its proxy, not the rule's score, peaks at epoch 10)."""
+    from types import SimpleNamespace
+
+    fast, slow = tmp_path / "fast", tmp_path / "slow"
+    for folder, curve in ((fast, {4: ((0.5, 0.5), (0.7, 0.8)), 10: ((0.9, 0.9), (0.1, 0.2))}),
+                          (slow, {4: ((0.5, 0.5), (0.5, 0.6)), 10: ((0.6, 0.7), (0.6, 0.8))})):
+        folder.mkdir()
+        lines = [
+            {"algo": "ddpo", "seed": 100, "epoch": epoch, "eval_steps": steps, "reward": reward, "mean": mean}
+            for epoch, (proxy, gold) in curve.items()
+            for reward, means in (("tiny-aesthetic", proxy), ("tiny-aesthetic-gold", gold))
+            for steps, mean in zip((1, 4), means)
+        ]
+        (folder / "records.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    points = [
+        Point({"learning_rate": lr}, SimpleNamespace(out_dir=folder, algos=["ddpo"], reward="tiny-aesthetic",
+                                                     eval_rewards=["tiny-aesthetic-gold"]))
+        for lr, folder in ((8e-3, fast), (1e-3, slow))
+    ]
+    assert select(score_points(points), ["learning_rate"])["ddpo"]["learning_rate"] == 1e-3
+    peak = score_points(points, peak=True)
+    assert list(peak["epoch"]) == [4, 10]
+    assert list(peak["score"]) == pytest.approx([0.75, 0.7])
+    assert select(peak, ["learning_rate"])["ddpo"] == {"learning_rate": 8e-3, "score": pytest.approx(0.75), "epoch": 4}
+
+
+def test_curve_points_evaluate_every_epochs_over_n(tiny_pipeline_dir, tmp_path):
+    micro = micro_args(tiny_pipeline_dir, tmp_path / "unused")
+    owned = {micro.index(flag) for flag in ("--out", "--eval-every")}
+    run_args = [arg for i, arg in enumerate(micro) if i not in owned and i - 1 not in owned] + ["--epochs", "10"]
+    points = make_points(run_args, {"learning_rate": (1e-3,)}, tmp_path / "t", False, False, curve_points=5)
+    assert points[0].plan.eval_every == 2
+    with pytest.raises(UsageError, match="--curve-points 11"):
+        make_points(run_args, {"learning_rate": (1e-3,)}, tmp_path / "t", False, False, curve_points=11)
 
 
 def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
