@@ -570,12 +570,13 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
             "these cells."
         )
     gain_table = [f"## {run.name}: {gold} ({role})", "", *gains, ""]
+    fewer = " (fewer where n= says)" if any(0 < c.n < seeds for c in cells) else ""
     if seeds < 2:
         return "\n".join([*gain_table, "Gold gain over the base of the same seed, one seed: no interval, test or MDE."])
     return "\n".join(
         [
             *gain_table,
-            f"Gold gain over the base of the same seed, mean over {seeds} seeds (fewer where n= says) ± the "
+            f"Gold gain over the base of the same seed, mean over {seeds} seeds{fewer} ± the "
             f"half-width of its Student t {1 - ALPHA:.0%} interval (n - 1 degrees of freedom). ↑ / ↓: the paired "
             f"t-test of no gain is significant after Holm over the {m} cells of this table (family-wise error ≤ "
             f"{ALPHA}); no mark: not separable from the base. " + " ".join(marks),
@@ -784,11 +785,12 @@ def plot_step_generalization(result: Verdict, path: Path) -> None:
 
 
 def plot_poi_matrix(result: Verdict, path: Path) -> None:
-    """P(row > column) per gold, annotated; bold where the interval excludes 1/2."""
-    side = 0.8 * (len(result.algos) + 1)  # inches per matrix: 0.8 per algorithm and the base
+    """P(row > column) per gold, annotated; framed where the interval excludes 1/2."""
+    cell = 0.75  # inches per matrix cell
     figure, axes = plt.subplots(
-        1, len(result.aggregates), figsize=(side * len(result.aggregates) + 2.0, side + 1.2), squeeze=False,
-        layout="constrained",
+        1, len(result.aggregates),
+        figsize=(cell * (len(result.algos) + 1) * len(result.aggregates) + 2.5, cell * len(result.algos) + 1.4),
+        squeeze=False, layout="constrained",
     )
     for ax, agg in zip(axes[0], result.aggregates):
         rows = [a for a in result.algos if a in agg.poi]
@@ -801,10 +803,9 @@ def plot_poi_matrix(result: Verdict, path: Path) -> None:
                     continue
                 estimate = agg.poi[x][y]
                 dark = abs(estimate.value - CHANCE) > 0.3
-                ax.text(
-                    j, i, f"{estimate.value:.2f}", ha="center", va="center", fontsize=9,
-                    color="white" if dark else "black", fontweight="bold" if estimate.separable(CHANCE) else "normal",
-                )
+                ax.text(j, i, f"{estimate.value:.2f}", ha="center", va="center", color="white" if dark else "black")
+                if estimate.separable(CHANCE):
+                    ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=2))
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("column (Y)")
@@ -812,8 +813,8 @@ def plot_poi_matrix(result: Verdict, path: Path) -> None:
         ax.set_title(f"{agg.gold}: P(X > Y)", fontsize=10)
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="probability of improvement")
     figure.suptitle(
-        f"Probability of improvement of the row over the column (gains over the base; bold: {1 - ALPHA:.0%} "
-        f"stratified bootstrap interval excludes {CHANCE})",
+        f"Probability that a run of the row beats a run of the column (gain over the base, same stratum)\n"
+        f"framed: separable, the {1 - ALPHA:.0%} stratified bootstrap interval excludes {CHANCE}",
         fontsize=10,
     )
     figure.savefig(path, dpi=110)
