@@ -40,7 +40,10 @@ with strata (run folder, step count):
 - each with the 95% percentile interval of a stratified bootstrap: seeds are resampled
   with replacement within each stratum (and independently for X and Y), `RESAMPLES`
   times from a fixed seed, so the numbers are reproducible.
-One gold's scores share one scale, so the gains pool across run folders unnormalised.
+One gold's scores share one scale, so the gains pool across run folders unnormalised. When
+the run folders train rewards with different golds (the aesthetic and the alignment task),
+one more aggregate comes first: each folder's own gold (`OWN_GOLD`), the tasks pooled; the
+tiny world's golds both score in 0..1, which is what lets their gains pool unnormalised.
 
 Outputs in the output folder: `verdict.md` (the tables and what they allow one to say),
 `verdict.json` (every number), `step_generalization.png`, `poi_matrix.png` and
@@ -88,6 +91,8 @@ the same value can record means 1e-9 apart (tiny-tiny-aesthetic-3seeds, nft and 
 1 step on tiny-align-gold, seed 2: 4.7e-10). Unrounded, that would be a gain, not a tie;
 real gains are a few thousandths or more (an image of 64 moving a third of a point)."""
 CHANCE = 0.5
+OWN_GOLD = "own gold of each run"
+"""The aggregate over every run folder's own gold (its training reward's)."""
 """P(X > Y) of two algorithms that do not differ."""
 
 EpochChoice = Mapping[tuple[str, int], int]
@@ -479,6 +484,9 @@ def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None]
             cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
     golds = list(dict.fromkeys(g for run in runs for g in run.golds))
     aggregates = [aggregate(g, [c for c in cells if c.gold == g], algos) for g in golds]
+    own = {run.name: run.golds[0] for run in runs if run.golds[0] in own_golds(run.reward)}
+    if len(set(own.values())) > 1:
+        aggregates.insert(0, aggregate(OWN_GOLD, [c for c in cells if own.get(c.run) == c.gold], algos))
     how = "the epochs chosen per (algorithm, seed)" if any(chosen) else "each (algorithm, seed)'s last evaluated epoch"
     return Verdict(runs, algos, cells, aggregates, how)
 
@@ -837,7 +845,7 @@ def plot_performance_profiles(result: Verdict, path: Path) -> None:
         ax.axvline(0, color="0.3", linewidth=1, linestyle="--")
         # Linear within a typical gain of 0, logarithmic beyond: the few large losses
         # (a diverging algorithm) would otherwise squeeze every other curve against 0.
-        typical = float(np.median([abs(g) for c in result.cells if c.gold == agg.gold for g in c.gains.values()]))
+        typical = float(np.median(np.abs(agg.taus)))  # the observed gains (and 0)
         ax.set_xscale("symlog", linthresh=max(typical, 1e-3), linscale=2)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
         ax.set_xlabel(f"τ ({agg.gold} gain over base; symmetric log beyond ±{max(typical, 1e-3):.3f})")

@@ -247,17 +247,19 @@ def record(algo, seed, epoch, steps, reward, mean) -> dict:
     }
 
 
-def rows(base_seeds=(0, 1, 2)) -> list[dict]:
+def rows(base_seeds=(0, 1, 2), align_scale=1.0) -> list[dict]:
     """Records of GAINS: the base at epoch 0 (BASE_BY_SEED + 0.1 × steps), each algorithm at
-    epochs 5 and 10 with gain × epoch / 10 over it; and the training proxy, 8.5 over its base
-    everywhere, which is no gold and must not be read."""
+    epochs 5 and 10 with gain × epoch / 10 over it (tiny-align-gold's gains times
+    `align_scale`); and the training proxy, 8.5 over its base everywhere, which is no gold and
+    must not be read."""
     out = [
         record("base", seed, 0, k, gold, BASE_BY_SEED[seed] + 0.1 * k)
         for gold in (AESTHETIC, ALIGN) for k in (1, 2) for seed in base_seeds
     ]
     out += [
-        record(algo, seed, epoch, k, gold, BASE_BY_SEED[seed] + 0.1 * k + gains[seed] * epoch / 10)
+        record(algo, seed, epoch, k, gold, BASE_BY_SEED[seed] + 0.1 * k + gains[seed] * epoch / 10 * scale)
         for (algo, gold, k), gains in GAINS.items() for seed in (0, 1, 2) for epoch in (5, 10)
+        for scale in [align_scale if gold == ALIGN else 1.0]
     ]
     out += [record("base", seed, 0, k, PROXY, 0.5) for seed in base_seeds for k in (1, 2)]
     out += [
@@ -410,3 +412,20 @@ def test_cli_writes_into_the_run_folder_or_out(tmp_path, capsys):
     assert len(pooled["strata"]) == 4  # (run folder, step count): 2 × 2
     # The 6 runs twice: drop 3 of 12 at each end, mean(0.02, 0.02, 0.02, 0.03, 0.03, 0.04).
     assert pooled["iqm"]["sdpo"]["value"] == pytest.approx(0.16 / 6)
+
+
+def test_tasks_with_different_golds_pool_each_runs_own_gold_first(tmp_path):
+    """Run a trains tiny-aesthetic, run c tiny-align: sdpo's own-gold runs are a's
+    tiny-aesthetic-gold gains 0.01, 0.02, 0.06, 0.02, 0.03, 0.04 and c's tiny-align-gold gains,
+    -2 times those. IQM: the middle six of twelve, -0.04, -0.04, -0.02, 0.01, 0.02, 0.02:
+    -0.05 / 6 (with each run's other gold, 0); P(sdpo > base): 1 in a's two strata, 0 in c's:
+    1/2."""
+    a = write_run(tmp_path / "a", rows())
+    c = write_run(tmp_path / "c", rows(align_scale=2.0), reward="tiny-align")
+    v.write_verdict([a, c], tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    own = result["aggregates"][0]
+    assert own["gold"] == v.OWN_GOLD and [g["gold"] for g in result["aggregates"][1:]] == [AESTHETIC, ALIGN]
+    assert own["strata"] == [{"run": run, "steps": k} for run in "ac" for k in (1, 2)]
+    assert own["iqm"]["sdpo"]["value"] == pytest.approx(-0.05 / 6)
+    assert own["poi"]["sdpo"]["base"]["value"] == pytest.approx(0.5)
