@@ -412,6 +412,7 @@ class Aggregate:
     """One gold's aggregates over every run folder that recorded it."""
 
     gold: str
+    """The gold, or OWN_GOLD: each run folder's own."""
     runs: list[str]
     strata: list[tuple[str, int]]
     iqm: dict[str, Estimate]
@@ -457,6 +458,8 @@ def aggregate(gold: str, cells: Sequence[CellVerdict], algos: Sequence[str]) -> 
 
 @dataclass(frozen=True)
 class Verdict:
+    """Every cell (run folder, gold, algorithm, step count) and every gold's aggregate."""
+
     runs: list[Run]
     algos: list[str]
     cells: list[CellVerdict]
@@ -482,11 +485,14 @@ def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None]
         for gold in run.golds:
             pairs = paired_gains(selected, gold)
             cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
-    golds = list(dict.fromkeys(g for run in runs for g in run.golds))
-    aggregates = [aggregate(g, [c for c in cells if c.gold == g], algos) for g in golds]
+    if not any(c.gains for c in cells):
+        raise ValueError(f"no trained algorithm has a gold evaluation paired with a base in {', '.join(names)}")
+    pooled = {g: [c for c in cells if c.gold == g] for g in dict.fromkeys(g for run in runs for g in run.golds)}
     own = {run.name: run.golds[0] for run in runs if run.golds[0] in own_golds(run.reward)}
     if len(set(own.values())) > 1:
-        aggregates.insert(0, aggregate(OWN_GOLD, [c for c in cells if own.get(c.run) == c.gold], algos))
+        pooled = {OWN_GOLD: [c for c in cells if own.get(c.run) == c.gold], **pooled}
+    # A gold with no trained algorithm's gain (a run of the base alone) has nothing to aggregate.
+    aggregates = [aggregate(g, of_gold, algos) for g, of_gold in pooled.items() if any(c.gains for c in of_gold)]
     how = "the epochs chosen per (algorithm, seed)" if any(chosen) else "each (algorithm, seed)'s last evaluated epoch"
     return Verdict(runs, algos, cells, aggregates, how)
 
@@ -813,7 +819,8 @@ def plot_poi_matrix(result: Verdict, path: Path) -> None:
                 dark = abs(estimate.value - CHANCE) > 0.3
                 ax.text(j, i, f"{estimate.value:.2f}", ha="center", va="center", color="white" if dark else "black")
                 if estimate.separable(CHANCE):
-                    ax.add_patch(plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=2))
+                    frame = plt.Rectangle((j - 0.45, i - 0.45), 0.9, 0.9, fill=False, edgecolor="black", linewidth=2)
+                    ax.add_patch(frame)
         ax.set_xticks(range(len(columns)), columns, rotation=45, ha="right")
         ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("column (Y)")

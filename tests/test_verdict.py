@@ -400,6 +400,12 @@ def test_committed_run_verdict(tmp_path):
     assert result["aggregates"][0]["poi"]["nft"]["ddpo"]["value"] == pytest.approx(0.8888888888888888)
 
 
+def test_a_run_of_the_base_alone_has_no_verdict(tmp_path):
+    run = write_run(tmp_path / "base-only", [r for r in rows() if r["algo"] == "base"])
+    with pytest.raises(ValueError, match="no trained algorithm"):
+        v.write_verdict([run], tmp_path / "out")
+
+
 def test_cli_writes_into_the_run_folder_or_out(tmp_path, capsys):
     run = write_run(tmp_path / "a", rows())
     v.main([str(run)])
