@@ -199,13 +199,10 @@ def t_interval(values: Sequence[float]) -> tuple[float, float]:
 
 
 def paired_t_p(gains: Sequence[float]) -> float:
-    """Two-sided p of the t-test that the mean gain is 0 (two or more gains). Gains all
-    equal: 0 when they are not 0 (t is infinite), 1 when they are (nothing moved)."""
+    """Two-sided p of the t-test that the mean gain is 0 (two or more gains, not all equal)."""
     gains = np.asarray(gains, dtype=float)
-    n, mean, sd = len(gains), float(gains.mean()), float(gains.std(ddof=1))
-    if sd == 0:
-        return 0.0 if mean != 0 else 1.0
-    t = mean / (sd / math.sqrt(n))
+    n = len(gains)
+    t = gains.mean() / (gains.std(ddof=1) / math.sqrt(n))
     return float(2 * stats.t.sf(abs(t), n - 1))
 
 
@@ -292,13 +289,19 @@ class CellVerdict:
 
 
 def cell_verdict(run: str, gold: str, algo: str, steps: int, pairs: pd.DataFrame) -> CellVerdict:
-    """A cell's statistics from its rows of `paired_gains`."""
+    """A cell's statistics from its rows of `paired_gains`. Gains equal on every seed leave
+    nothing to test (no p, MDE or seed count): the t-test's zero variance would make any
+    such gain infinitely significant, where it only says that a discrete gold (tiny-align-gold
+    scores thirds of a prompt's attributes) moved by the same step on every seed."""
     gains = {int(s): float(g) for s, g in zip(pairs["seed"], pairs["gain"])}
     epochs = {int(s): int(e) for s, e in zip(pairs["seed"], pairs["epoch"])}
     values = list(gains.values())
     mean = float(np.mean(values)) if values else math.nan
     if len(values) < 2:
         return CellVerdict(run, gold, algo, steps, gains, epochs, mean, *[math.nan] * 5, None)
+    if len(set(values)) == 1:
+        only = values[0]
+        return CellVerdict(run, gold, algo, steps, gains, epochs, only, 0.0, only, only, math.nan, math.nan, None)
     sd = float(np.std(values, ddof=1))
     return CellVerdict(
         run, gold, algo, steps, gains, epochs, mean, sd, *t_interval(values), paired_t_p(values),
@@ -542,7 +545,7 @@ def _gain_text(cell: CellVerdict, seeds: int) -> str:
     if cell.n < 2:
         return f"{_signed(cell.mean)} (1 seed)"
     text = f"{_signed(cell.mean)} ± {(cell.high - cell.low) / 2:.3f}{' (n=%d)' % cell.n if cell.n != seeds else ''}"
-    return text + {1: " ↑", -1: " ↓"}.get(cell.mark, "")
+    return text + (" =" if cell.sd == 0 else {1: " ↑", -1: " ↓"}.get(cell.mark, ""))
 
 
 def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Sequence[str]) -> str:
@@ -563,7 +566,9 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
     mdes = [header, rule] + [
         f"| {a} | "
         + " | ".join(
-            f"{at[a, k].mde:.3f} · {_seeds_text(at[a, k].seeds_needed)}" if (a, k) in at and at[a, k].n >= 2 else "–"
+            f"{at[a, k].mde:.3f} · {_seeds_text(at[a, k].seeds_needed)}"
+            if (a, k) in at and not math.isnan(at[a, k].mde)
+            else "–"
             for k in steps
         )
         + " |"
@@ -593,7 +598,8 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
             f"Gold gain over the base of the same seed, mean over {seeds} seeds{fewer} ± the "
             f"half-width of its Student t {1 - ALPHA:.0%} interval (n - 1 degrees of freedom). ↑ / ↓: the paired "
             f"t-test of no gain is significant after Holm over the {m} cells of this table (family-wise error ≤ "
-            f"{ALPHA}); no mark: not separable from the base. " + " ".join(marks),
+            f"{ALPHA}); no mark: not separable from the base; =: every seed gained exactly the same, no variance "
+            "to test against (a discrete gold), not tested. " + " ".join(marks),
             "",
             *mdes,
             "",

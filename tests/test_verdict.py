@@ -22,6 +22,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats
 
@@ -62,10 +63,21 @@ def test_t_interval_and_paired_p_of_three_gains():
     assert v.paired_t_p([0.100, 0.101, 0.102]) == pytest.approx(t2_p(math.sqrt(30603)), rel=1e-6)
 
 
-def test_paired_p_of_equal_gains():
-    """Every seed moved by the same nonzero amount: t is infinite, p 0; nothing moved: p 1."""
-    assert v.paired_t_p([0.02, 0.02, 0.02]) == 0.0
-    assert v.paired_t_p([0.0, 0.0, 0.0]) == 1.0
+def test_equal_gains_are_not_tested():
+    """tiny-tiny-align-3seeds, grpo at 2 steps on tiny-align-gold: every seed lost 0.010417
+    (2 of 192 attribute thirds). No p, MDE or mark; Holm's m counts the other cell only, so
+    sdpo's p = 1 - √(27 / 29) = 0.0351 (gains 0.02, 0.03, 0.04) stays below 0.05: ↑."""
+    pairs = pd.DataFrame(
+        {
+            "algo": ["grpo"] * 3 + ["sdpo"] * 3, "eval_steps": [2] * 6, "seed": [0, 1, 2] * 2, "epoch": [10] * 6,
+            "gain": [-0.010417] * 3 + [0.02, 0.03, 0.04],
+        }
+    )
+    equal, tested = v.table_verdicts("run", ALIGN, pairs, ["grpo", "sdpo"])
+    assert (equal.mean, equal.sd, equal.low, equal.high) == (-0.010417, 0.0, -0.010417, -0.010417)
+    assert math.isnan(equal.p) and math.isnan(equal.mde) and equal.seeds_needed is None and equal.mark == 0
+    assert tested.p_holm == pytest.approx(t2_p(math.sqrt(27)), rel=1e-9) and tested.mark == 1
+    assert v.count_marks([equal, tested]) == v.TableCount(tested=1, uncorrected=1, holm=1)
 
 
 def test_power_counts_both_tails():
@@ -395,7 +407,8 @@ def test_committed_run_verdict(tmp_path):
     result = json.loads((tmp_path / "verdict.json").read_text())
     cell = next(c for c in result["cells"] if (c["gold"], c["algo"], c["steps"]) == (AESTHETIC, "nft", 4))
     assert [cell["gains"][s] for s in "012"] == pytest.approx(expected, abs=1e-6)
-    assert [t["tested"] for t in result["tables"]] == [28, 28]
+    # 7 algorithms × 4 step counts; on tiny-align-gold nft at 1 step gained 0 on every seed: not tested.
+    assert [t["tested"] for t in result["tables"]] == [28, 27]
     assert result["aggregates"][0]["iqm"]["nft"]["value"] == pytest.approx(0.03944066666666667)
     assert result["aggregates"][0]["poi"]["nft"]["ddpo"]["value"] == pytest.approx(0.8888888888888888)
 
