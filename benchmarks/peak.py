@@ -155,9 +155,9 @@ def plot_proxy_gold(test: pd.DataFrame, proxy: str, gold: str, rows: Sequence[st
     plt.close(figure)
 
 
-def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> str | None:
+def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[str, int] | None:
     """Write `peak.md`, `peak.csv` and, for a proxy with its gold, `proxy_gold.png`; return
-    `peak.md`'s text, or None unless the run evaluated both prompt sets."""
+    the chosen epoch of every algorithm, or None unless the run evaluated both prompt sets."""
     run_dir = Path(run_dir)
     try:
         test, validation = load_records(run_dir, "test"), load_records(run_dir, "validation")
@@ -172,9 +172,8 @@ def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> str | N
         sections.append(markdown(table, name, base))
         frames.append(table.assign(reward=name))
     pd.concat(frames).to_csv(run_dir / "peak.csv")
-    text = "\n\n".join(sections) + "\n"
-    (run_dir / "peak.md").write_text(text)
+    (run_dir / "peak.md").write_text("\n\n".join(sections) + "\n")
     gold = GOLD_OF.get(reward)
     if gold in set(test["reward"]):
         plot_proxy_gold(test, reward, gold, rows, run_dir / "proxy_gold.png")
-    return text
+    return epochs

@@ -13,6 +13,10 @@ Inputs, as the runner writes them:
   algorithm, seed and step count, at the final checkpoint.
 
 Outputs, next to them: `table.md`, `table.csv` and `curves.png` for the training reward;
+with two or more seeds and a gold, the verdict (`benchmarks.verdict`: gold gains with t
+intervals, Holm marks, rliable aggregates, the step-generalization figure), and for a run
+evaluated on both prompt sets the peak report (`benchmarks.peak`) and, in `peak/`, the
+verdict at the epochs chosen on the validation prompts;
 `table_<reward>.csv` and `curves_<reward>.png` for every extra held-out reward (their
 tables are appended to `table.md`, so reward hacking is visible next to the gains; a
 proxy's gold, `rewards.registry.GOLD_OF`, right after the proxy's table); and
@@ -602,9 +606,16 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     text = "\n\n".join(sections) + "\n"
     (run_dir / "table.md").write_text(text)
     compose_samples(run_dir, rows, run_dir / "samples.png")
-    from benchmarks.peak import write_peak  # it reads records through this module
+    from benchmarks.peak import write_peak  # both read records through this module
+    from benchmarks.verdict import write_verdict
 
-    write_peak(run_dir, reward, rows)
+    peak_epochs = write_peak(run_dir, reward, rows)
+    seeds = sorted(set(records["seed"]))
+    if len(seeds) >= 2 and set(recorded) & set(GOLD_OF.values()):
+        write_verdict([run_dir], run_dir)
+        if peak_epochs:
+            write_verdict([run_dir], run_dir / "peak",
+                          epochs=[{(algo, seed): epoch for algo, epoch in peak_epochs.items() for seed in seeds}])
     return text
 
 

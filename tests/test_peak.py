@@ -88,8 +88,8 @@ def test_an_epoch_that_a_seed_did_not_evaluate_is_not_chosen(tmp_path):
 
 def test_write_peak_writes_the_tables_and_the_proxy_gold_figure(tmp_path):
     run = _write(tmp_path / "run", CURVES)
-    text = write_peak(run, PROXY, ["base", "ddpo"])
-    assert "| ddpo | 4 | 0.620 / 0.600 / 64 | 0.400 / 0.600 / 32 |" in text
+    assert write_peak(run, PROXY, ["base", "ddpo"]) == {"ddpo": 4}
+    assert "| ddpo | 4 | 0.620 / 0.600 / 64 | 0.400 / 0.600 / 32 |" in (run / "peak.md").read_text()
     assert (run / "proxy_gold.png").is_file()
     saved = pd.read_csv(run / "peak.csv")
     assert set(saved["reward"]) == {GOLD, PROXY}
@@ -124,3 +124,16 @@ def test_both_splits_are_evaluated_and_the_curve_points_use_fewer_images(tiny_pi
     assert (out / "peak.md").is_file()
     # The reported table reads the test prompts only.
     assert set(load_records(out)["split"]) == {"test"}
+
+
+def test_the_report_writes_the_verdict_at_the_final_and_at_the_chosen_epochs(tmp_path):
+    from benchmarks.report import write_report
+
+    run = _write(tmp_path / "run", CURVES)
+    write_report(run, PROXY)
+    final = json.loads((run / "verdict.json").read_text())["cells"]
+    peak = json.loads((run / "peak" / "verdict.json").read_text())["cells"]
+    # Gold gains over the base (0.50) of the same seed: epoch 6 (0.62, 0.40), epoch 4 (0.60, 0.60).
+    assert [cell["mean"] for cell in final] == pytest.approx([0.12, -0.10])
+    assert [cell["mean"] for cell in peak] == pytest.approx([0.10, 0.10])
+    assert all(set(cell["epochs"].values()) == {4} for cell in peak)
