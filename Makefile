@@ -15,8 +15,11 @@ $(STAMP): pyproject.toml Makefile
 	$(VPY) -m pip install -q --no-deps image-reward==1.5 hpsv2x==1.2.0
 	touch $(STAMP)
 
+# The default preset's runs side by side, one per core (`--jobs`; records equal a serial run's).
+JOBS ?= 2
+
 bench: $(STAMP)
-	$(VPY) -m benchmarks.run
+	$(VPY) -m benchmarks.run --jobs $(JOBS)
 
 # The default suite (under 10 minutes on 2 CPU cores); the slow end-to-end learning
 # runs are separate, and CI runs both.

@@ -29,7 +29,7 @@ import tyro
 
 from benchmarks.evaluate import EvalSettings
 from benchmarks.portable import portable_model, recorded_model
-from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.presets import DEFAULT_PRESET, PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import BASE, TrainLoop
 from zoo.policy import Performance, model_family
 from rewards.registry import GOLD_OF, REWARD_FORMS, REWARDS
@@ -73,9 +73,10 @@ class RunArgs:
     reward: str | None = None
     """Training reward: a registry name (listed above), a plugin module.path:ClassName, a reward server
     http://HOST:PORT/NAME, or a weighted sum of them like aesthetic:1,pickscore:0.5 (default: the preset's)."""
-    preset: str = "tiny"
-    """Model, prompts, sampler and budget: tiny, tiny-turbo, tiny-flow, tiny-flow-turbo (embedded,
-    CPU), sd-turbo (SDPO), lcm (RLCM), sd15 (DDPO), sd3.5-medium (Flow-GRPO), flux-schnell."""
+    preset: str = DEFAULT_PRESET
+    """Model, prompts, sampler and budget: tiny-turbo (the default: the tiny world's few-step
+    UNet), tiny-flow-turbo, tiny, tiny-flow (embedded, CPU), sd-turbo (SDPO), lcm (RLCM), sd15
+    (DDPO), sd3.5-medium (Flow-GRPO), flux-schnell."""
     model: str | None = None
     """Base model: a hub id (downloaded on first use into the Hugging Face cache) or a local
     diffusers folder (default: the preset's)."""
@@ -229,7 +230,7 @@ def _one_line(tyro_error: str) -> str:
 
 
 def parse_args(argv: list[str]) -> RunArgs:
-    preset_name = _peek(argv, "--preset") or "tiny"
+    preset_name = _peek(argv, "--preset") or DEFAULT_PRESET
     if preset_name not in PRESETS:
         raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
     preset = PRESETS[preset_name]()

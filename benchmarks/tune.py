@@ -44,7 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmarks.presets import PRESETS
+from benchmarks.presets import DEFAULT_PRESET, PRESETS
 from benchmarks.run import (
     Plan, UsageError, _peek, execute, execute_in_workers, folder_label, make_plan, parse_args,
 )
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sum((own.resume, own.overwrite, own.extend)) > 1:
             raise UsageError("--resume, --overwrite and --extend contradict each other; pass one of them")
-        preset_name = _peek(run_argv, "--preset") or "tiny"
+        preset_name = _peek(run_argv, "--preset") or DEFAULT_PRESET
         if preset_name not in PRESETS:
             raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
         reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward

@@ -794,12 +794,17 @@ def plot_step_generalization(result: Verdict, path: Path) -> None:
             ax.set_ylabel(f"{gold} gain over base")
             ax.set_title(f"{run.name}: {gold}", fontsize=10)
             ax.grid(alpha=0.3)
+    _finish(figure, axes, path,
+            f"Step generalization: gold gain over the base of the same seed, mean and {1 - ALPHA:.0%} t interval "
+            "over seeds\n(filled marker: significant after Holm over its panel; intervals beyond the panel are cut "
+            "at its edge)")
+
+
+def _finish(figure, axes, path: Path, title: str, **title_style) -> None:
+    """One legend for every panel, the title, the file."""
     handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(handles.values(), handles.keys(), loc="outside right center")
-    figure.suptitle(
-        f"Step generalization: gold gain over the base of the same seed, mean and {1 - ALPHA:.0%} t interval over "
-        "seeds\n(filled marker: significant after Holm over its panel; intervals beyond the panel are cut at its edge)"
-    )
+    figure.suptitle(title, **title_style)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
@@ -866,15 +871,9 @@ def plot_performance_profiles(result: Verdict, path: Path) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{agg.gold}", fontsize=10)
         ax.grid(alpha=0.3)
-    handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
-    figure.legend(handles.values(), handles.keys(), loc="outside right center")
-    figure.suptitle(
-        f"Performance profiles over runs (seed × step count × run folder), band: {1 - ALPHA:.0%} stratified "
-        "bootstrap",
-        fontsize=10,
-    )
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _finish(figure, axes, path,
+            f"Performance profiles over runs (seed × step count × run folder), band: {1 - ALPHA:.0%} stratified "
+            "bootstrap", fontsize=10)
 
 
 # --- Writing it all -----------------------------------------------------------------------

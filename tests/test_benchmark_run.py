@@ -22,10 +22,13 @@ EVAL_STEPS = [1, 2]
 REPO = Path(__file__).resolve().parent.parent
 
 
-def micro_args(model: str, out: Path) -> list[str]:
+def micro_args(model: str, out: Path, preset: str = "tiny") -> list[str]:
     """Two epochs of 8 trajectories at K=2 on the random tiny pipeline, JPEG reward: every
     code path of the runner in seconds. Batch sizes make one update per epoch each."""
     return [
+        # By default the base model's preset (CFG at guidance 4, test prompts only), whose
+        # settings these micro runs were written for, not the default preset.
+        "--preset", preset,
         "--model", model,
         "--reward", "jpeg_compressibility",
         "--eval-rewards", "",

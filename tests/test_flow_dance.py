@@ -131,7 +131,7 @@ def test_grpo_trains_with_dancegrpos_sde_from_its_flag(tiny_flow_pipeline_dir, t
 
     monkeypatch.setattr(zoo.sampling, "dance_flow_transition", spy)
     out = tmp_path / "run"
-    args = micro_args(tiny_flow_pipeline_dir, out) + ["--preset", "tiny-flow", "--algos", "grpo",
+    args = micro_args(tiny_flow_pipeline_dir, out, "tiny-flow") + ["--algos", "grpo",
                                                        "--grpo.flow-sde", "dance-grpo", "--grpo.eta", "0.3"]
     assert main(args) == 0
     assert etas and set(etas) == {0.3}

@@ -16,7 +16,7 @@ def _rows(out) -> list[dict]:
 
 def test_every_algorithm_trains_and_evaluates_on_a_flow_model(tiny_flow_pipeline_dir, tmp_path):
     out = tmp_path / "run"
-    args = micro_args(tiny_flow_pipeline_dir, out) + ["--preset", "tiny-flow", "--algos", ",".join(ALGOS)]
+    args = micro_args(tiny_flow_pipeline_dir, out, "tiny-flow") + ["--algos", ",".join(ALGOS)]
     assert main(args) == 0
     rows = _rows(out)
     for algo in ["base", *ALGOS]:
@@ -29,7 +29,7 @@ def test_every_algorithm_trains_and_evaluates_on_a_flow_model(tiny_flow_pipeline
 
 def test_draft_backpropagates_through_the_flow_sampler(tiny_flow_pipeline_dir, tmp_path):
     out = tmp_path / "draft"
-    args = micro_args(tiny_flow_pipeline_dir, out) + ["--preset", "tiny-flow", "--algos", "draft", "--reward", "tiny-aesthetic"]
+    args = micro_args(tiny_flow_pipeline_dir, out, "tiny-flow") + ["--algos", "draft", "--reward", "tiny-aesthetic"]
     assert main(args) == 0
     assert any(row["algo"] == "draft" and row["epoch"] == 2 for row in _rows(out))
 
@@ -40,7 +40,7 @@ def test_draft_backpropagates_through_the_flow_sampler(tiny_flow_pipeline_dir, t
 ])
 def test_a_model_of_the_other_family_is_refused_before_loading(preset, model_fixture, expected, request, tmp_path, capsys):
     model = request.getfixturevalue(model_fixture)
-    assert main(micro_args(model, tmp_path / "run") + ["--preset", preset]) == 2
+    assert main(micro_args(model, tmp_path / "run", preset)) == 2
     error = capsys.readouterr().err
     assert expected in error and "pass" in error
     assert not (tmp_path / "run").exists()

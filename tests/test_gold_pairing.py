@@ -22,7 +22,7 @@ def shipped_weights_only(monkeypatch):
 
 def _plan(tmp_path, *flags: str):
     """The tiny preset's plan with `flags`; nothing is loaded."""
-    return make_plan(parse_args([*flags, "--out", str(tmp_path / "run")]))
+    return make_plan(parse_args(["--preset", "tiny", *flags, "--out", str(tmp_path / "run")]))
 
 
 def test_declared_pairs():

@@ -143,7 +143,8 @@ def test_stat_tracker_uses_per_prompt_statistics_after_one_epoch(algo, groups_pe
 
 
 def _plan(tmp_path, *extra: str):
-    return make_plan(parse_args(["--reward", "jpeg_compressibility", "--out", str(tmp_path / "run"), *extra]))
+    return make_plan(parse_args(["--preset", "tiny", "--reward", "jpeg_compressibility", "--out", str(tmp_path / "run"),
+                                 *extra]))
 
 
 def test_runner_records_groups_per_prompt_and_resumes_runs_recorded_before_it(tmp_path):
@@ -172,7 +173,7 @@ def test_tiny_preset_baselines_are_per_prompt_from_the_first_epoch(algo):
     (the previous protocol) 83% of DDPO's advantages over 10 epochs and 75% of the pair
     algorithms' were batch-normalised (measured with this draw)."""
     preset = tiny()
-    config = getattr(parse_args(["--reward", preset.reward]).algo, algo)
+    config = getattr(parse_args(["--preset", "tiny", "--reward", preset.reward]).algo, algo)
     algorithm = config.build()
     tracker = algorithm.new_tracker()
     group_size = algorithm.needs.group_size

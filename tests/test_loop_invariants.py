@@ -675,7 +675,7 @@ def test_the_runner_evaluates_every_row_of_a_seed_with_the_same_settings_and_rew
         return real_evaluate(policy, rewards, settings, accelerator, where=where)
 
     monkeypatch.setattr(benchmarks.train, "evaluate", recording_evaluate)
-    assert main(["--model", tiny_pipeline_dir, "--algos", "ddpo,rebel", "--reward", "jpeg_compressibility",
+    assert main(["--preset", "tiny", "--model", tiny_pipeline_dir, "--algos", "ddpo,rebel", "--reward", "jpeg_compressibility",
                  "--eval-rewards", "tiny-align-gold", "--epochs", "2", "--eval-every", "1",
                  "--trajectories-per-epoch", "8", "--eval-samples-per-prompt", "1", "--eval-steps", "1,2",
                  "--train-steps", "2", "--out", str(tmp_path / "run")]) == 0

@@ -232,8 +232,8 @@ def test_turbo_presets_run_every_algorithm_end_to_end(preset, tmp_path):
     """Each preset's own shipped model, every algorithm, the micro budget; sampled without
     guidance in training (recorded) and evaluation."""
     out = tmp_path / "run"
-    args = micro_args(PRESETS[preset]().model, out) + ["--preset", preset, "--algos", ",".join([*ALGOS, "draft"]),
-                                                       "--reward", "tiny-aesthetic"]
+    args = micro_args(PRESETS[preset]().model, out, preset) + ["--algos", ",".join([*ALGOS, "draft"]),
+                                                               "--reward", "tiny-aesthetic"]
     assert main(args) == 0
     rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert {row["algo"] for row in rows} == {"base", *ALGOS, "draft"}
