@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 
 import tyro
 
+from benchmarks.ema import Ema
 from benchmarks.evaluate import EvalSettings
 from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import DEFAULT_PRESET, PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
@@ -147,6 +148,10 @@ class RunArgs:
     loop: TrainLoop = field(default_factory=TrainLoop)
     """Sampling-call size, rewards overlapped with sampling, steps per backward pass of
     whole-trajectory losses; not part of the run's identity either."""
+    ema: Ema = field(default_factory=Ema)
+    """An exponential moving average of the trained LoRA weights, as Flow-GRPO keeps one
+    (off unless --ema.decay is given), evaluated and saved in place of the trained weights
+    unless --ema.no-evaluate; part of the run's identity (config.json), unlike the two above."""
     algo: Annotated[AlgoConfigs, tyro.conf.arg(name="")] = field(default_factory=AlgoConfigs)
 
 
@@ -306,6 +311,7 @@ class Plan:
             "mixed_precision": self.preset.mixed_precision,
             "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
+            "ema": dataclasses.asdict(self.args.ema) if self.args.ema.on else None,
             "algorithm_configs": {
                 **self.recorded_configs, **{name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()}
             },
@@ -456,6 +462,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         _check_batch_sizes(name, cfg, trajectories, num_processes)
         _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)
     loop = _check_loop(args.loop, preset, configs)
+    _check_ema(args.ema)
     check_rewards(reward, reward_paths)
     for name in eval_rewards:
         check_rewards(name, reward_paths, "--eval-rewards")
@@ -556,6 +563,23 @@ def _check_loop(loop: TrainLoop, preset: Preset, configs: dict[str, Any]) -> Tra
     return dataclasses.replace(loop, sample_batch_size=sample_batch)
 
 
+def _check_ema(ema: Ema) -> None:
+    """Refuses a decay outside [0, 1], an update interval below 1, and EMA flags without
+    --ema.decay (which would be ignored)."""
+    if not ema.on:
+        given = [f"--ema.{f.name.replace('_', '-')}" for f in dataclasses.fields(Ema)
+                 if getattr(ema, f.name) != f.default]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)}: no EMA is kept without --ema.decay; pass --ema.decay (Flow-GRPO's: 0.9)"
+            )
+        return
+    if not 0 <= ema.decay <= 1:
+        raise UsageError(f"--ema.decay must be between 0 and 1, got {ema.decay}")
+    if ema.update_interval < 1:
+        raise UsageError(f"--ema.update-interval must be at least 1 (optimizer updates), got {ema.update_interval}")
+
+
 def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[list[str], list[str]]:
     """(`algos`, notes) for a training reward without a gradient, which the algorithms that
     back-propagate it (`RewardBackpropAlgorithm`: DRaFT) cannot train on: named in --algos,
@@ -652,7 +676,7 @@ def _check_groups_per_prompt(name: str, cfg: Any, trajectories: int, groups_per_
 
 RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
 """Settings that a resumed run may change: they decide when a run stops, not what it computes."""
-RESUME_DEFAULTS = {"groups_per_prompt": 1}
+RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
 RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}
@@ -1004,6 +1028,7 @@ def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precisi
             max_bad_reward_batches=plan.args.max_bad_reward_batches,
             performance=plan.args.performance,
             loop=plan.loop,
+            ema=plan.args.ema,
         )
         for name in [BASE, *plan.algos]:
             if (name, seed) not in rows:

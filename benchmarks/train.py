@@ -20,8 +20,9 @@ pure tensor math (zoo.algorithm). One epoch is:
    trains step j's call on each trajectory's final latent noised to step j's timestep
    (`forward_process_call`), against the old policy it samples with, which moves after
    the epoch by the algorithm's rule and is checkpointed;
-4. evaluation when due, then one atomic checkpoint (LoRA, optimizer, tracker, counters,
-   records), so a kill loses at most the epoch in flight.
+4. evaluation when due (on the EMA of the weights with `--ema.decay`, `benchmarks.ema`,
+   moved after every optimizer update), then one atomic checkpoint (LoRA, optimizer,
+   tracker, counters, records, the EMA), so a kill loses at most the epoch in flight.
 
 Faults: a reward that raises or returns NaN/inf skips that epoch's update (nothing reaches
 the stat tracker) with a counted warning, and stops the run at the first such epoch
@@ -50,6 +51,7 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_state
+from benchmarks.ema import Ema, WeightsEma
 from benchmarks.evaluate import EvalSettings, evaluate, mixed_seed, save_strip
 from rewards.base import Reward
 from rewards.executor import RewardExecutor
@@ -140,6 +142,7 @@ class JobSettings:
     """Epochs whose reward failed that are skipped (no update) before the run stops."""
     performance: Performance = field(default_factory=Performance)
     loop: TrainLoop = field(default_factory=TrainLoop)
+    ema: Ema = field(default_factory=Ema)
     groups_per_prompt: int = 1
     """Groups sampled from each prompt drawn per epoch (`draw_prompt_ids`)."""
     resolution: int | None = None
@@ -715,10 +718,12 @@ def _train_epoch(
     loop: TrainLoop,
     show_progress: bool,
     old_policy: dict[str, torch.Tensor] | None = None,
+    ema: WeightsEma | None = None,
 ) -> tuple[dict[str, float], dict[str, int]]:
     """One epoch of updates on `traj`: (mean metrics per loss call, this process's counts of
     optimizer updates and backward passes). `old_policy`: the adapter weights a
-    forward-process algorithm trains against (default: the weights the epoch starts from)."""
+    forward-process algorithm trains against (default: the weights the epoch starts from);
+    `ema`: moved after every optimizer update."""
     policy = sampler.policy
     needs = algorithm.needs
     if needs.forward_process_loss and old_policy is None:
@@ -783,6 +788,8 @@ def _train_epoch(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             updates += 1
+            if ema is not None:
+                ema.update()
         progress.update(len(block))
 
     # One update's loss calls see the same weights, so they may share UNet calls
@@ -851,6 +858,7 @@ def reward_backprop_epoch(
     accelerator: Accelerator,
     show_progress: bool,
     micro_batch: int | None = None,
+    ema: WeightsEma | None = None,
 ) -> tuple[dict[str, float], dict[str, int], str | None]:
     """One epoch of reward back-propagation (zoo/draft.py): one trajectory per prompt, in
     minibatches of `train_batch_size`. Each minibatch is sampled with the weights the last
@@ -867,7 +875,7 @@ def reward_backprop_epoch(
 
     `micro_batch` (`TrainLoop.micro_batch`) below `train_batch_size` cuts each minibatch's
     sampling with gradients into pieces, after one pass over the whole minibatch without
-    them (one backward pass per piece).
+    them (one backward pass per piece). `ema`: moved after every optimizer update.
 
     Returns (mean metrics per trained minibatch, this process's optimizer updates and
     backward passes, the first reward failure or None).
@@ -949,6 +957,8 @@ def reward_backprop_epoch(
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)
                 optimizer.step()
                 updates += 1
+                if ema is not None:
+                    ema.update()
             optimizer.zero_grad(set_to_none=True)
             update_failed = False
     metrics = {name: float(value) / len(scores) for name, value in totals.items()}
@@ -966,6 +976,15 @@ def training_sampler_config(config: Any, settings: JobSettings) -> SamplerConfig
     return SamplerConfig(config.sampler, config.num_steps, config.eta, config.guidance_scale, spacing, config.flow_sde)
 
 
+def _evaluated_weights(policy: Policy, ema: WeightsEma | None) -> contextlib.AbstractContextManager:
+    """Run with the weights that evaluations see and lora/ holds: the EMA, swapped in and
+    the trained weights put back after, when `--ema.evaluate` (so training goes on from the
+    trained weights); else the trained weights as they are."""
+    if ema is not None and ema.settings.evaluate:
+        return policy.trainable_weights(ema.weights)
+    return contextlib.nullcontext()
+
+
 def run_algorithm(
     algo: str,
     config: Any,
@@ -976,7 +995,9 @@ def run_algorithm(
     accelerator: Accelerator,
 ) -> list[dict]:
     """Train `algo` from the base for `settings.epochs` epochs (resuming from its
-    checkpoint if one exists) and return its evaluation records."""
+    checkpoint if one exists) and return its evaluation records. The evaluations and the
+    final lora/<algo>_seed<seed>/ are of the trained weights, or of their EMA under
+    `settings.ema` with `evaluate` (`benchmarks.ema`)."""
     path = checkpoint_path(settings.out_dir, algo, seed)
     state = load_state(path)
     if state is not None and state.get("done"):
@@ -1016,6 +1037,7 @@ def run_algorithm(
         old_policy = policy.trainable_state() if state is None else {
             name: weights.to(policy.device) for name, weights in state["old_policy"].items()
         }
+    ema = None if not settings.ema.on else WeightsEma(settings.ema, policy, None if state is None else state["ema"])
     policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     loop = settings.loop
@@ -1039,7 +1061,7 @@ def run_algorithm(
             kill_point(f"train:{algo}:{done}")
             metrics, counts, failure = reward_backprop_epoch(
                 algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, bars,
-                loop.micro_batch,
+                loop.micro_batch, ema,
             )
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world
@@ -1071,7 +1093,7 @@ def run_algorithm(
             try:
                 metrics, counts = _train_epoch(
                     algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, bars,
-                    old_policy,
+                    old_policy, ema,
                 )
                 # Found once per run: later epochs train at the micro-batch the first one chose.
                 loop = dataclasses.replace(loop, micro_batch=counts.get("micro_batch", loop.micro_batch))
@@ -1097,10 +1119,11 @@ def run_algorithm(
             )
         if done % settings.eval_every == 0 or done == settings.epochs:
             kill_point(f"evaluate:{algo}:{done}")
-            records += _evaluate_and_record(
-                policy, eval_rewards, settings, accelerator, algo, seed, done, counters,
-                save_strips=done == settings.epochs,
-            )
+            with _evaluated_weights(policy, ema):
+                records += _evaluate_and_record(
+                    policy, eval_rewards, settings, accelerator, algo, seed, done, counters,
+                    save_strips=done == settings.epochs,
+                )
         if bars:
             epochs.set_postfix(reward=f"{metrics.get('train_reward', math.nan):.4f}",
                                loss=f"{metrics.get('loss', math.nan):.2e}")
@@ -1115,8 +1138,10 @@ def run_algorithm(
             "counters": counters,
             "records": records,
             **({} if old_policy is None else {"old_policy": {k: v.cpu() for k, v in old_policy.items()}}),
+            **({} if ema is None else {"ema": ema.state_dict()}),
         })
 
     if accelerator.is_main_process:
-        policy.save_lora(settings.out_dir / "lora" / f"{algo}_seed{seed}")
+        with _evaluated_weights(policy, ema):
+            policy.save_lora(settings.out_dir / "lora" / f"{algo}_seed{seed}")
     return records
