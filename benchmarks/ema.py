@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.policy import Policy
 from zoo.tiny.optim import ema_update_tensors
 
 
@@ -69,19 +68,20 @@ class Ema:
 
 
 class WeightsEma:
-    """The EMA of a policy's trainable (LoRA) parameters, by parameter name (the keys of
-    `Policy.trainable_state`), on the policy's device, and the optimizer updates it has seen."""
+    """The EMA of trainable parameters (a policy's LoRA: `Policy.named_trainable_parameters`),
+    by parameter name and on their devices, and the optimizer updates it has seen."""
 
-    def __init__(self, settings: Ema, policy: Policy, state: dict | None = None):
-        """Starts from the policy's current trainable weights, or from `state_dict()`'s `state`."""
+    def __init__(self, settings: Ema, params: dict[str, torch.nn.Parameter], state: dict | None = None):
+        """Starts from the parameters' current values, or from `state_dict()`'s `state`."""
         self.settings = settings
-        self.params = {name: p for name, p in policy.model.named_parameters() if p.requires_grad}
+        self.params = params
         if state is None:
-            self.weights, self.updates = policy.trainable_state(), 0
+            self.weights = {name: p.detach().clone() for name, p in params.items()}
+            self.updates = 0
         else:
-            if state["weights"].keys() != self.params.keys():
+            if state["weights"].keys() != params.keys():
                 raise ValueError("the checkpoint's EMA does not fit this adapter (rank or target modules differ)")
-            self.weights = {name: w.to(policy.device) for name, w in state["weights"].items()}
+            self.weights = {name: state["weights"][name].to(p.device) for name, p in params.items()}
             self.updates = state["updates"]
 
     def update(self) -> None:
@@ -94,5 +94,6 @@ class WeightsEma:
             )
 
     def state_dict(self) -> dict:
-        """The EMA on the CPU and its update count, for a checkpoint."""
-        return {"weights": {name: w.cpu() for name, w in self.weights.items()}, "updates": self.updates}
+        """A copy of the EMA on the CPU and its update count, for a checkpoint."""
+        weights = {name: w.detach().cpu().clone() for name, w in self.weights.items()}
+        return {"weights": weights, "updates": self.updates}

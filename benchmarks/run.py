@@ -567,8 +567,8 @@ def _check_ema(ema: Ema) -> None:
     """Refuses a decay outside [0, 1], an update interval below 1, and EMA flags without
     --ema.decay (which would be ignored)."""
     if not ema.on:
-        given = [f"--ema.{f.name.replace('_', '-')}" for f in dataclasses.fields(Ema)
-                 if getattr(ema, f.name) != f.default]
+        given = [f"--ema.{'no-' if getattr(ema, f.name) is False else ''}{f.name.replace('_', '-')}"
+                 for f in dataclasses.fields(Ema) if getattr(ema, f.name) != f.default]
         if given:
             raise UsageError(
                 f"{', '.join(given)}: no EMA is kept without --ema.decay; pass --ema.decay (Flow-GRPO's: 0.9)"

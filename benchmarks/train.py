@@ -1037,7 +1037,9 @@ def run_algorithm(
         old_policy = policy.trainable_state() if state is None else {
             name: weights.to(policy.device) for name, weights in state["old_policy"].items()
         }
-    ema = None if not settings.ema.on else WeightsEma(settings.ema, policy, None if state is None else state["ema"])
+    ema = None
+    if settings.ema.on:
+        ema = WeightsEma(settings.ema, policy.named_trainable_parameters(), None if state is None else state["ema"])
     policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     loop = settings.loop

@@ -409,10 +409,14 @@ class Policy(abc.ABC):
         """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
+    def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The trainable (LoRA) parameters by parameter name."""
+        return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Copies of the trainable (LoRA) parameters by parameter name, on their device:
         the weights of an old policy that `trainable_weights` runs."""
-        return {name: p.detach().clone() for name, p in self.model.named_parameters() if p.requires_grad}
+        return {name: p.detach().clone() for name, p in self.named_trainable_parameters().items()}
 
     @contextlib.contextmanager
     def trainable_weights(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
@@ -420,7 +424,7 @@ class Policy(abc.ABC):
         copied in place, and their own values restored after: another adapter's weights in
         the same modules, so no copy of the UNet is made and the optimizer and DDP keep
         their parameters."""
-        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        params = self.named_trainable_parameters()
         if params.keys() != state.keys():
             raise ValueError("the old policy's weights do not fit this adapter (rank or target modules differ)")
         own = {name: p.detach().clone() for name, p in params.items()}
