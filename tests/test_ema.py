@@ -20,7 +20,6 @@ from benchmarks.ema import Ema, WeightsEma
 from benchmarks.run import main
 from test_benchmark_run import micro_args
 
-ALGO = ["--algos", "ddpo"]
 EMA_ON = ["--ema.decay", "0.9", "--ema.update-interval", "1"]
 """Flow-GRPO's decay, moved after every update: the micro run's two updates both move it."""
 WHERE = "ddpo seed 0, epoch {}"
@@ -98,8 +97,8 @@ class Run:
     """What a micro run showed: the trainable weights each evaluation saw (by `where`), every
     checkpoint written (by epoch), the weights written to lora/, the records."""
 
-    def __init__(self, out: Path):
-        self.out = out
+    def __init__(self, out: Path, algo: str = "ddpo"):
+        self.out, self.algo = out, algo
         self.evaluated: dict[str, dict[str, torch.Tensor]] = {}
         self.checkpoints: dict[int, dict] = {}
         self.saved_lora: dict[str, torch.Tensor] | None = None
@@ -110,17 +109,18 @@ class Run:
         return [{k: v for k, v in row.items() if k != "wall_time"} for row in rows]
 
     def lora_file(self) -> dict[str, torch.Tensor]:
-        return load_file(self.out / "lora" / "ddpo_seed0" / "pytorch_lora_weights.safetensors")
+        return load_file(self.out / "lora" / f"{self.algo}_seed0" / "pytorch_lora_weights.safetensors")
 
 
 class Interrupted(Exception):
     """Stands in for the SIGKILL of `kill_point` (tests/test_reliability_kill.py kills for real)."""
 
 
-def _micro_run(model: str, out: Path, extra: list[str], kill_at: str | None = None, run: Run | None = None) -> Run:
-    """Run the micro command with `extra`, watching evaluations, checkpoints and lora/; with
-    `kill_at`, the run stops at that kill point as a killed process would."""
-    run = run or Run(out)
+def _micro_run(model: str, out: Path, extra: list[str], kill_at: str | None = None, run: Run | None = None,
+               algo: str = "ddpo") -> Run:
+    """Run the micro command with `extra` for `algo`, watching evaluations, checkpoints and
+    lora/; with `kill_at`, the run stops at that kill point as a killed process would."""
+    run = run or Run(out, algo)
     real_evaluate, real_save = benchmarks.train.evaluate, benchmarks.train.save_state
     real_kill = benchmarks.train.kill_point
     real_save_lora = zoo.policy.Policy.save_lora
@@ -130,7 +130,7 @@ def _micro_run(model: str, out: Path, extra: list[str], kill_at: str | None = No
         return real_evaluate(policy, rewards, evaluation, accelerator, where=where)
 
     def save_state(path, state):
-        if Path(path).name == "ddpo_seed0.pt":
+        if Path(path).name == f"{run.algo}_seed0.pt":
             run.checkpoints[state["epoch"]] = copy.deepcopy(state)  # as written: later epochs move the EMA in place
         real_save(path, state)
 
@@ -148,7 +148,7 @@ def _micro_run(model: str, out: Path, extra: list[str], kill_at: str | None = No
         patch.setattr(benchmarks.train, "save_state", save_state)
         patch.setattr(benchmarks.train, "kill_point", kill_point)
         patch.setattr(zoo.policy.Policy, "save_lora", save_lora)
-        assert main(micro_args(model, out) + ALGO + extra) == 0
+        assert main(micro_args(model, out) + ["--algos", run.algo] + extra) == 0
     return run
 
 
@@ -249,17 +249,27 @@ def test_resume_keeps_the_recorded_ema(runs, tiny_pipeline_dir, tmp_path, capsys
     evaluated = tmp_path / "evaluated"
     shutil.copytree(runs["evaluated"].out, evaluated)
     for other in (["--ema.decay", "0.8", "--ema.update-interval", "1"], ["--ema.decay", "0.9"], []):
-        assert main(micro_args(tiny_pipeline_dir, evaluated) + ALGO + other + ["--resume"]) == 2
+        assert main(micro_args(tiny_pipeline_dir, evaluated) + ["--algos", "ddpo"] + other + ["--resume"]) == 2
         assert "other settings (ema)" in capsys.readouterr().err
     older = tmp_path / "older"
     shutil.copytree(runs["off"].out, older)
     config = json.loads((older / "config.json").read_text())
     del config["ema"]
     (older / "config.json").write_text(json.dumps(config))
-    assert main(micro_args(tiny_pipeline_dir, older) + ALGO + ["--resume"]) == 0
+    assert main(micro_args(tiny_pipeline_dir, older) + ["--algos", "ddpo"] + ["--resume"]) == 0
     for flags, said in [(["--ema.no-evaluate"], "--ema.no-evaluate: no EMA is kept without --ema.decay"),
                         (["--ema.decay", "1.5"], "--ema.decay must be between 0 and 1"),
                         (["--ema.decay", "0.9", "--ema.update-interval", "0"],
                          "--ema.update-interval must be at least 1")]:
-        assert main(micro_args(tiny_pipeline_dir, tmp_path / "new") + ALGO + flags) == 2
+        assert main(micro_args(tiny_pipeline_dir, tmp_path / "new") + ["--algos", "ddpo"] + flags) == 2
         assert said in capsys.readouterr().err
+
+
+def test_reward_backpropagation_moves_the_ema_after_each_of_its_updates(tiny_pipeline_dir, tmp_path):
+    """DRaFT trains in its own epoch function (`reward_backprop_epoch`): its EMA counts every
+    optimizer update the records count, and moved from the start (LoRA B = 0) to non-zero B."""
+    run = _micro_run(tiny_pipeline_dir, tmp_path / "draft", EMA_ON + ["--reward", "tiny-clip"], algo="draft")
+    final = run.checkpoints[2]
+    assert final["ema"]["updates"] == final["counters"]["optimizer_updates"] > 0
+    assert _equal(run.evaluated["draft seed 0, epoch 2"], final["ema"]["weights"])
+    assert any(w.abs().sum() > 0 for k, w in final["ema"]["weights"].items() if ".lora_B." in k)
