@@ -56,10 +56,11 @@ def _complete_epochs(records: pd.DataFrame) -> pd.DataFrame:
 
 def chosen_epochs(validation: pd.DataFrame, reward: str) -> dict[str, int]:
     """Per trained algorithm, the epoch with the best validation score (module docstring);
-    ties go to the earlier epoch."""
+    ties go to the earlier epoch. An algorithm without a finite score at any epoch (its
+    reward failed at every evaluation) gets none."""
     score = selection_reward(reward)
     curve = _complete_epochs(validation[(validation["reward"] == score) & (validation["algo"] != BASE)])
-    per_epoch = curve.groupby(["algo", "epoch"])["mean"].mean().reset_index()
+    per_epoch = curve.groupby(["algo", "epoch"])["mean"].mean().dropna().reset_index()
     chosen = {}
     for algo, rows in per_epoch.groupby("algo", sort=False):
         best = rows["mean"].max()

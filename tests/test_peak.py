@@ -86,6 +86,15 @@ def test_an_epoch_that_a_seed_did_not_evaluate_is_not_chosen(tmp_path):
     assert chosen_epochs(load_records(run, "validation"), PROXY) == {"ddpo": 6}
 
 
+def test_an_algorithm_scored_nowhere_gets_no_epoch(tmp_path):
+    # Every validation score of the gold missing (the reward failed at every evaluation).
+    missing = {key: ((math.nan, math.nan) if key[:2] == ("validation", GOLD) and key[2] == "ddpo" else value)
+               for key, value in CURVES.items()}
+    run = _write(tmp_path / "run", missing)
+    assert chosen_epochs(load_records(run, "validation"), PROXY) == {}
+    assert write_peak(run, PROXY, ["base", "ddpo"]) == {}
+
+
 def test_write_peak_writes_the_tables_and_the_proxy_gold_figure(tmp_path):
     run = _write(tmp_path / "run", CURVES)
     assert write_peak(run, PROXY, ["base", "ddpo"]) == {"ddpo": 4}

@@ -390,7 +390,7 @@ def scoring_server():
 def server_args(model: str, url: str, out: Path, epochs: int) -> list[str]:
     """The issue's reproduction on the random tiny pipeline: DDPO on a reward server, one
     evaluation sample for each of the 4 held-out prompts (one request per evaluation)."""
-    return ["--model", model, "--algos", "ddpo", "--reward", url, "--eval-rewards", "", "--epochs", str(epochs),
+    return ["--preset", "tiny", "--model", model, "--algos", "ddpo", "--reward", url, "--eval-rewards", "", "--epochs", str(epochs),
             "--eval-every", "1", "--trajectories-per-epoch", "8", "--eval-samples-per-prompt", "1",
             "--eval-steps", "1", "--train-steps", "2", "--out", str(out)]
 
