@@ -278,13 +278,22 @@ def tiny_turbo() -> Preset:
     """The tiny world's few-step UNet (`zoo.tiny.PIPELINE_TURBO`: `tiny`'s base model distilled
     to sample in 1 to 8 steps without guidance, zoo/tiny/turbo.py), trained with the sampler
     the SDPO paper trains sd-turbo with: DDIM, eta 1, trailing spacing, no classifier-free
-    guidance (sdpo config/base_sdpo.py:48, :50; the `sd-turbo` preset). Everything else is
-    `tiny`'s: prompts, tasks, K = 4, budget, loops, grid and learning rates (tuned on the base
-    model, not yet on this one)."""
+    guidance (sdpo config/base_sdpo.py:48, :50; the `sd-turbo` preset). Its own: the verdict's
+    budget and evaluation (`VERDICT_PROTOCOL`) and the default task's learning rates, tuned on
+    this model. Everything else is `tiny`'s: prompts, tasks, K = 4, loops, grid, and the other
+    tasks' learning rates (tuned on the base model)."""
     from zoo.tiny import TURBO_GUIDANCE
 
+    base = tiny()
+    # results/tune-tiny-turbo-tiny-aesthetic: `benchmarks.tune --preset tiny-turbo --epochs 40
+    # --curve-points 10` on the tiny grid, seeds 100 and 101, by PEAK_RULE (validation gold at
+    # the best of 10 epochs): DDPO 8e-3 (epoch 28), REBEL 1e-3 (epoch 4), D3PO 2e-3 (28), SDPO
+    # 2e-3 (32). GRPO, NFT and DRaFT are not tuned on this model: they keep `tiny`'s rates.
+    aesthetic_rates = {"ddpo": 8e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 2e-3}
     return replace(
-        tiny(), name="tiny-turbo", model=str(TINY_ASSETS / "pipeline-turbo"), guidance_scale=TURBO_GUIDANCE,
+        base, name="tiny-turbo", model=str(TINY_ASSETS / "pipeline-turbo"), guidance_scale=TURBO_GUIDANCE,
+        algo_overrides={algo: {**fields, **({"learning_rate": aesthetic_rates[algo]} if algo in aesthetic_rates else {})}
+                        for algo, fields in base.algo_overrides.items()},
         **VERDICT_PROTOCOL,
     )
 
