@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import pandas as pd  # noqa: E402
 
+from benchmarks.figures import save_figure  # noqa: E402
 from benchmarks.report import BASE, load_records, steps_label  # noqa: E402
 from rewards.registry import GOLD_OF  # noqa: E402
 
@@ -152,8 +153,7 @@ def plot_proxy_gold(test: pd.DataFrame, proxy: str, gold: str, rows: Sequence[st
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(handles.values(), handles.keys(), loc="outside right center")
     figure.suptitle("Proxy against gold along training (test prompts, mean over seeds; square: the base)")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[str, int] | None:

@@ -55,6 +55,7 @@ import pandas as pd  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import stats  # noqa: E402
 
+from benchmarks.figures import save_figure  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.registry import GOLD_OF, gold_rewards  # noqa: E402
 
@@ -510,8 +511,7 @@ def plot_curves(records: pd.DataFrame, reward: str, rows: Sequence[str], path: P
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(handles.values(), handles.keys(), loc="outside right center")
     figure.suptitle(f"Step generalization: {reward} reward vs training samples (mean over seeds, band: min–max)")
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    save_figure(figure, path, dpi=100)
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

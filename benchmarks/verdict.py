@@ -71,6 +71,7 @@ import pandas as pd  # noqa: E402
 import tyro  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
+from benchmarks.figures import save_figure  # noqa: E402
 from benchmarks.report import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.registry import GOLD_OF, gold_rewards  # noqa: E402
@@ -805,8 +806,7 @@ def _finish(figure, axes, path: Path, title: str, **title_style) -> None:
     handles = {label: h for ax in axes.flat for h, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(handles.values(), handles.keys(), loc="outside right center")
     figure.suptitle(title, **title_style)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def plot_poi_matrix(result: Verdict, path: Path) -> None:
@@ -843,8 +843,7 @@ def plot_poi_matrix(result: Verdict, path: Path) -> None:
         f"framed: separable, the {1 - ALPHA:.0%} stratified bootstrap interval excludes {CHANCE}",
         fontsize=10,
     )
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path, dpi=110)
 
 
 def plot_performance_profiles(result: Verdict, path: Path) -> None:
