@@ -39,8 +39,10 @@ from rewards.registry import GOLD_OF  # noqa: E402
 FRACTION_OF_PEAK = 0.9
 
 
-def selection_reward(reward: str) -> str:
-    """The score an epoch is chosen by: the training reward's gold, else the reward itself."""
+def scoring_reward(reward: str) -> str:
+    """The reward whose validation means choose an epoch here and a configuration in
+    `benchmarks.tune` (`TUNING_RULE`, `PEAK_RULE`) for training reward `reward`: its gold
+    when it declares one, else itself."""
     return GOLD_OF.get(reward, reward)
 
 
@@ -59,7 +61,7 @@ def chosen_epochs(validation: pd.DataFrame, reward: str) -> dict[str, int]:
     """Per trained algorithm, the epoch with the best validation score (module docstring);
     ties go to the earlier epoch. An algorithm without a finite score at any epoch (its
     reward failed at every evaluation) gets none."""
-    score = selection_reward(reward)
+    score = scoring_reward(reward)
     curve = _complete_epochs(validation[(validation["reward"] == score) & (validation["algo"] != BASE)])
     per_epoch = curve.groupby(["algo", "epoch"])["mean"].mean().dropna().reset_index()
     chosen = {}
@@ -165,7 +167,7 @@ def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[st
     except ValueError:
         return None
     epochs = chosen_epochs(validation, reward)
-    scored = [name for name in dict.fromkeys([selection_reward(reward), reward]) if name in set(test["reward"])]
+    scored = [name for name in dict.fromkeys([scoring_reward(reward), reward]) if name in set(test["reward"])]
     sections, frames = [], []
     for name in scored:
         table = peak_table(test, name, epochs, rows)

@@ -266,7 +266,6 @@ class Plan:
     algos: list[str]
     seeds: list[int]
     eval_steps: list[int]
-    eval_prompts: tuple[str, ...]
     reward: str
     eval_rewards: list[str]
     reward_paths: dict[str, str]
@@ -288,6 +287,12 @@ class Plan:
     """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
     notes: list[str] = field(default_factory=list)
     """What the user should know before the run starts (an algorithm left out), one line each."""
+
+    @property
+    def eval_prompts(self) -> tuple[str, ...]:
+        """The reported evaluation's prompts: the validation prompts of a run evaluated on them
+        only (a tuning run), else the test prompts."""
+        return self.preset.val_prompts if self.eval_split == "validation" else self.preset.eval_prompts
 
     def config_json(self) -> dict:
         return {
@@ -483,8 +488,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                 f"{model}'s training schedule"
             )
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
-    eval_prompts = preset.val_prompts if eval_split == "validation" else preset.eval_prompts
-    plan = Plan(args, preset, algos, seeds, eval_steps, eval_prompts, reward, eval_rewards, reward_paths, model,
+    plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model,
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, curve_samples,
                 eval_split, out_dir, configs, loop, notes=notes)
     _check_out_dir(plan)

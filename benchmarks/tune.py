@@ -44,6 +44,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.peak import chosen_epochs, scoring_reward
 from benchmarks.presets import DEFAULT_PRESET, PRESETS
 from benchmarks.run import (
     Plan, UsageError, _peek, execute, execute_in_workers, folder_label, make_plan, parse_args,
@@ -74,13 +75,6 @@ PEAK_RULE = (
 )
 """The selection rule of `--curve-points`: `TUNING_RULE` over every evaluated epoch, the
 epochs that every tuning seed evaluated at every step count (`benchmarks.peak.chosen_epochs`)."""
-
-
-def scoring_reward(reward: str) -> str:
-    """The reward whose validation means `TUNING_RULE` ranks for training reward `reward`."""
-    from rewards.registry import GOLD_OF
-
-    return GOLD_OF.get(reward, reward)
 
 
 TUNER_OWNS = ("--out", "--eval-split", "--eval-every", "--resume", "--overwrite", "--extend")
@@ -185,7 +179,6 @@ def score_points(points: list[Point], peak: bool = False) -> pd.DataFrame:
     counts of `scoring_reward`), the extra held-out rewards' means, and the trust-region
     metrics of training. `peak`: all of it at the epoch `PEAK_RULE` chooses (column `epoch`)
     instead of the last."""
-    from benchmarks.peak import chosen_epochs
     from benchmarks.report import final_records, load_records, steps_label
 
     rows = []
