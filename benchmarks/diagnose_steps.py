@@ -34,8 +34,10 @@ from benchmarks.presets import PRESETS
 from benchmarks.run import ALGORITHM_CONFIG_DEFAULTS
 from rewards.registry import gold_rewards, load_reward
 from rewards.tiny_gold import pair_sign_agreement, pair_ties
+from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 from zoo.sdpo import anchor_similarities
 from zoo import strict_json
 
@@ -166,7 +168,7 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
         if algo_config is not None:
             lora = LoraSettings(algo_config["lora_rank"], algo_config["lora_alpha"],
                                 tuple(algo_config["lora_target_modules"]))
-        policy = Policy.from_pretrained(model, lora=lora)
+        policy = load_policy(model, lora=lora)
         if folder is not None:
             policy.load_lora(folder)
         scores, timesteps, anchors = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed,

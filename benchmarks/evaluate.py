@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from rewards.base import Reward
 from zoo.policy import Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 STRIP_IMAGES = 8
 """Images per sample strip (the first evaluation prompts of the main process)."""

@@ -34,7 +34,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.train import BASE, JobSettings, RunStopped, ignore
+from benchmarks.loop import RunStopped
+from benchmarks.train import BASE, JobSettings, ignore
 
 
 @dataclass(frozen=True)

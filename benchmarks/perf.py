@@ -26,7 +26,7 @@ log-probs, final images decoded or not), in the preset's precision:
   from the seconds per sampling call and per training call measured above and the calls
   the trainer makes per epoch; beside them the epoch at the FLOP limit (its counted
   sampling and training FLOPs over the matmul peak); with `--measure-epoch`, one real
-  epoch through the trainer's own `sample_and_score` and `_train_epoch` as a check.
+  epoch through the trainer's own `sample_and_score` and `train_on_batch` as a check.
 Rewards: any that needs no download, or aesthetic / pickscore built with random weights
 at their published architectures (`--random-reward-weights`).
 Prints a Markdown table and writes it with a JSON record under `--out`.
@@ -55,25 +55,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
-from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
-from benchmarks.train import (
-    TrainLoop,
-    Transitions,
-    _train_epoch,
-    forward_process_call,
-    gather_transitions,
-    global_advantages,
-    micro_batched_losses,
-    minibatch_losses,
-    sample_and_score,
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.loss_calls import (
+    Transitions, forward_process_call, gather_transitions, micro_batched_losses, minibatch_losses,
 )
+from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.rollout import global_advantages, sample_and_score
 from rewards.base import Reward
 from rewards.registry import load_reward
-from zoo.algorithm import Algorithm, SamplingNeeds
+from zoo.algorithm import Algorithm, EpochContext, ForwardProcessAlgorithm, SamplingNeeds
 from zoo.flow_policy import FlowPolicy
-from zoo.policy import LoraSettings, Performance, Policy, UNetPolicy
+from zoo.kernels import SamplerConfig
+from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.unet_policy import UNetPolicy
+from zoo.sampling import TrajectorySampler
 from zoo.trajectory import Trajectory
 from zoo import strict_json
 
@@ -147,7 +144,7 @@ class PerfArgs:
     """Epochs of the projected run (default: the preset's; 100 for sd-turbo, sdpo config/config_sdpo.py:15)."""
     measure_epoch: str = ""
     """Comma-separated algorithms (or "all") whose epoch is also run for real through the
-    trainer's own `sample_and_score` and `_train_epoch`, on `--measured-trajectories`
+    trainer's own `sample_and_score` and `train_on_batch`, on `--measured-trajectories`
     trajectories, and reported scaled to `--epoch-trajectories`."""
     measured_trajectories: int | None = None
     """Trajectories of the measured epoch (default: `--epoch-trajectories`); fewer time a
@@ -343,7 +340,7 @@ def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: 
 
 
 def epoch_loss_calls(config, needs: SamplingNeeds, groups: int, train_groups: int) -> int:
-    """Loss calls of `benchmarks.train._train_epoch` on an epoch of `groups` groups in
+    """Loss calls of `benchmarks.train.train_on_batch` on an epoch of `groups` groups in
     minibatches of `train_groups` (the last one smaller): each minibatch once per inner
     epoch and trained step, or once for all its steps with a whole-trajectory loss (whose
     chunks of steps are backward passes inside that one call)."""
@@ -369,7 +366,7 @@ def measured_epoch_seconds(
 ) -> float:
     """Seconds of one real epoch through the trainer's own code on one process: the
     groups of `prompts` sampled and scored (`sample_and_score`), their advantages, and
-    `_train_epoch`, at learning rate 0 so that the weights stay those that sampled."""
+    `train_on_batch`, at learning rate 0 so that the weights stay those that sampled."""
     device = sampler.policy.device
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(sampler.policy.trainable_parameters(), lr=0.0)
@@ -380,7 +377,8 @@ def measured_epoch_seconds(
         raise RuntimeError(f"the reward {failure}")
     returns = algorithm.shape_rewards(traj, scores)
     advantages = global_advantages(algorithm, prompts, returns, algorithm.new_tracker(), accelerator)
-    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, False)
+    context = EpochContext(0, 1, generator)
+    train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, context, loop, False)
     _sync(device)
     return time.perf_counter() - started
 
@@ -464,7 +462,7 @@ def measure_algorithm(
 
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     step = args.steps_per_backward
-    if needs.forward_process_loss:
+    if isinstance(algorithm, ForwardProcessAlgorithm):
         # Noised final latents of the first groups, one (x0, t) example per trajectory.
         transitions = train_groups * needs.group_size
         train = partial(forward_train_call, sampler, algorithm, optimizer, traj, train_groups,
@@ -576,7 +574,7 @@ def markdown(record: dict) -> str:
         "decoding and reward, training) over the matmul peak",
         "- epoch s (measured): "
         + (f"one real epoch of {record['measured_trajectories']} trajectories through the trainer's "
-           f"sample_and_score and _train_epoch (micro-batch {record['args']['micro_batch'] or 'the trainer default'}), "
+           f"sample_and_score and train_on_batch (micro-batch {record['args']['micro_batch'] or 'the trainer default'}), "
            f"scaled to {record['epoch_trajectories']}"
            if record["measured_trajectories"] else "not asked (--measure-epoch)"),
         "",
@@ -594,7 +592,7 @@ def markdown(record: dict) -> str:
 def image_side(policy: Policy, preset: str) -> int:
     """Pixels: a flow policy's resolution, the tiny UNet's (its VAE downsamples once) or the
     real VAE's sample size (`archs.build_components` sets it to the resolution)."""
-    if policy.family == "flow":
+    if policy.prediction == "velocity":
         return policy.resolution
     return 2 * policy.latent_shape[1] if preset == "tiny" else policy.vae.config.sample_size
 

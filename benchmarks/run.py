@@ -31,8 +31,10 @@ from benchmarks.ema import Ema
 from benchmarks.evaluate import EvalSettings
 from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import DEFAULT_PRESET, PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
-from benchmarks.train import BASE, TrainLoop
-from zoo.policy import Performance, model_family
+from benchmarks.loop import TrainLoop
+from benchmarks.train import BASE
+from zoo.loading import model_family
+from zoo.policy import Performance
 from rewards.registry import GOLD_OF, REWARD_FORMS, REWARDS
 from zoo.registry import ALGORITHMS
 from zoo import strict_json
@@ -356,7 +358,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     from benchmarks.tracking import require_wandb
     from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
     from zoo.hub import UNPINNED
-    from zoo.policy import resolve_model
+    from zoo.loading import resolve_model
 
     if args.jobs < 1:
         raise UsageError(f"--jobs must be at least 1 (worker processes), got {args.jobs}")
@@ -1089,10 +1091,10 @@ def _main_process_first(num_processes: int) -> contextlib.AbstractContextManager
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.checkpoint import CorruptCheckpoint, WriteFailed
-    from benchmarks.train import RunStopped
+    from benchmarks.loop import RunStopped
     from rewards.errors import RewardUnavailable
     from zoo.hub import DownloadFailed
-    from zoo.policy import ModelUnavailable
+    from zoo.loading import ModelUnavailable
 
     argv = sys.argv[1:] if argv is None else argv
     num_processes = int(os.environ.get("WORLD_SIZE", "1"))

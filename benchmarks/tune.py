@@ -291,10 +291,10 @@ def _cell(value) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.checkpoint import CorruptCheckpoint, WriteFailed
-    from benchmarks.train import RunStopped
+    from benchmarks.loop import RunStopped
     from rewards.errors import RewardUnavailable
     from zoo.hub import DownloadFailed
-    from zoo.policy import ModelUnavailable
+    from zoo.loading import ModelUnavailable
 
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.tune", description=__doc__.split("\n\n")[0],

@@ -19,10 +19,11 @@ from safetensors.torch import load_file
 import benchmarks.run
 import benchmarks.train
 from benchmarks.run import epoch_budget, main
-from benchmarks.train import reward_backprop_epoch
+from benchmarks.epochs import reward_backprop_epoch
 from rewards.base import Reward
 from zoo.draft import DRaFTConfig
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_benchmark_run import micro_args
 from test_policy import policy_with_random_adapter

@@ -12,12 +12,17 @@ import zoo.grpo
 from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings
 from benchmarks.run import epoch_budget
-from benchmarks.train import JobSettings, TrainLoop, _train_epoch, checkpoint_path, gather_transitions, \
-    minibatch_losses, run_algorithm
-from zoo.algorithm import LossInputs
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.loss_calls import gather_transitions, minibatch_losses
+from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
+from zoo.algorithm import EpochContext, LossInputs
 from zoo.grpo import GRPOConfig
-from zoo.policy import LoraSettings, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler, gaussian_kl
+from zoo.loading import load_policy
+from zoo.policy import LoraSettings
+from zoo.kernels import gaussian_kl
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_algo_ddpo import one_step
 from test_loop_invariants import CodedSampler, Recorder, RecordingSGD, _clipped, coded_trajectory, decode
@@ -154,7 +159,7 @@ def test_sampler_kl_is_zero_at_the_base_and_the_closed_form_elsewhere(kind, tiny
     are `log_prob`'s, and the adapter is back on afterwards."""
     folder = tiny_pipeline_dir if kind == "ddim" else tiny_lcm_pipeline_dir
     config = SamplerConfig(kind, 3, 1.0, 2.0)
-    fresh = TrajectorySampler(Policy.from_pretrained(folder, lora=LoraSettings()), config)
+    fresh = TrajectorySampler(load_policy(folder, lora=LoraSettings()), config)
     traj = fresh.sample(["a cat", "a dog"], group_size=2, generator=torch.Generator().manual_seed(0))
     x, x_next = traj.latents.flatten(0, 2), traj.next_latents.flatten(0, 2)
     steps = torch.arange(3).repeat(4)
@@ -195,8 +200,8 @@ def test_the_reference_unet_call_is_made_only_when_beta_is_positive(beta, unet_c
     traj = sampler.sample(["a cat"], group_size=2, generator=torch.Generator().manual_seed(0))
     transitions = gather_transitions(traj, torch.tensor([0]), torch.tensor([[[1], [0]]]))
     calls = []
-    real = policy.predict_noise
-    policy.predict_noise = lambda *args: calls.append(torch.is_grad_enabled()) or real(*args)
+    real = policy.predict
+    policy.predict = lambda *args: calls.append(torch.is_grad_enabled()) or real(*args)
     (loss, metrics, last), = minibatch_losses(algorithm, sampler, transitions, torch.ones(1, 2, 1), 8)
     assert last and calls == [True, False][:unet_calls]
     assert ("kl_to_reference" in metrics) == (beta > 0)
@@ -225,13 +230,14 @@ def test_window_steps_are_consecutive_and_start_uniformly_in_the_range():
     """K = 5, window 2 in steps 1 .. 3: starts 1 or 2, so windows (1, 2) or (2, 3), both
     drawn; a range of exactly the window's size fixes it; no window trains every step."""
     algo = GRPOConfig(num_steps=5, window_size=2, window_range=(1, 4)).build()
-    windows = algo.trained_steps(50, 2, torch.Generator().manual_seed(0))
+    windows = algo.trained_steps(EpochContext(0, 1, torch.Generator().manual_seed(0)), 50, 2)
     assert windows.shape == (50, 2, 2)
     assert torch.equal(windows[..., 1], windows[..., 0] + 1)
     assert set(windows[..., 0].flatten().tolist()) == {1, 2}
     fixed = GRPOConfig(num_steps=5, window_size=2, window_range=(1, 3)).build()
-    assert torch.equal(fixed.trained_steps(3, 2, torch.Generator()), torch.tensor([1, 2]).expand(3, 2, 2))
-    assert GRPOConfig(num_steps=5).build().trained_steps(3, 2, torch.Generator()) is None
+    context = EpochContext(0, 1, torch.Generator())
+    assert torch.equal(fixed.trained_steps(context, 3, 2), torch.tensor([1, 2]).expand(3, 2, 2))
+    assert GRPOConfig(num_steps=5).build().trained_steps(context, 3, 2) is None
 
 
 def test_loss_calls_per_update_count_the_window_only():
@@ -263,7 +269,7 @@ def test_impossible_values_name_the_field(overrides, field):
 
 
 def test_the_loop_replays_each_trajectorys_window_only_and_counts_those_calls():
-    """`_train_epoch` on the coded trajectory (tests/test_loop_invariants.py): 6 groups of
+    """`train_on_batch` on the coded trajectory (tests/test_loop_invariants.py): 6 groups of
     2 at K = 4, a window of 2 anywhere in the 4 steps, 2 inner epochs, batch 1, accumulation
     2. Every trajectory trains exactly its two consecutive window steps, twice (once per
     inner epoch), and no other step; windows differ between trajectories; the loop makes
@@ -277,8 +283,8 @@ def test_the_loop_replays_each_trajectorys_window_only_and_counts_those_calls():
     recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
     advantages = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(7))
-    _, counts = _train_epoch(recorder, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
-                             torch.Generator().manual_seed(0), TrainLoop(), False)
+    _, counts = train_on_batch(recorder, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
+                             EpochContext(0, 1, torch.Generator().manual_seed(0)), TrainLoop(), False)
     trained: dict[tuple[int, int], list[int]] = {}
     for call in recorder.calls:
         p, g, k = decode(call.old)

@@ -12,10 +12,13 @@ from accelerate import Accelerator
 import benchmarks.train
 from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings
-from benchmarks.train import JobSettings, TrainLoop, _train_epoch, checkpoint_path, run_algorithm
-from zoo.algorithm import ForwardLossInputs
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
+from zoo.algorithm import EpochContext, ForwardLossInputs, ForwardProcessAlgorithm
 from zoo.nft import NFTConfig, adaptive_x0_loss, old_policy_decay
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_policy import policy_with_random_adapter
 from test_train_loop import Brightness
@@ -234,8 +237,10 @@ def test_defaults_are_the_references():
     assert (c.lora_rank, c.lora_alpha, c.num_steps, c.guidance_scale, c.eta) == (32, 64.0, 10, 1.0, 0.0)
     assert (c.learning_rate, c.weight_decay, c.max_grad_norm) == (3e-4, 1e-4, 1.0)
     assert c.loss_calls_per_update == 16 * 10 and not c.reads_log_probs
-    needs = c.build().needs
-    assert needs.forward_process_loss and needs.group_size == 24 and not needs.shared_noise
+    algorithm = c.build()
+    needs = algorithm.needs
+    assert isinstance(algorithm, ForwardProcessAlgorithm) and algorithm.needs_old_policy
+    assert needs.group_size == 24 and not needs.shared_noise
     assert not needs.same_step_order_in_group
 
 
@@ -257,7 +262,7 @@ def test_deterministic_ddim_is_accepted():
 # The runner's forward-process path on the tiny pipeline
 
 
-class Recorder:
+class Recorder(ForwardProcessAlgorithm):
     """The algorithm, recording every `loss` call's inputs."""
 
     def __init__(self, algorithm):
@@ -271,13 +276,19 @@ class Recorder:
     def trained_steps(self, *args):
         return self.algorithm.trained_steps(*args)
 
+    def new_tracker(self):
+        return self.algorithm.new_tracker()
+
+    def advantages(self, *args):
+        return self.algorithm.advantages(*args)
+
 
 def _flat(weights) -> torch.Tensor:
     return torch.cat([w.detach().flatten() for w in weights])
 
 
 def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_without_cfg(tiny_pipeline_dir):
-    """`_train_epoch` with NFT (K = 3, 2 groups of 2, one group per minibatch) over
+    """`train_on_batch` with NFT (K = 3, 2 groups of 2, one group per minibatch) over
     trajectories sampled with CFG 3, their log-probs set to NaN (never read), an old policy
     0.05-perturbed from the current weights and lr 0. Each loss call makes three UNet calls,
     all at guidance 1: under the old weights, under the base (adapter disabled, checked
@@ -301,29 +312,29 @@ def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_w
     old = {name: w + 0.05 * torch.randn(w.shape, generator=generator) for name, w in current.items()}
 
     calls = []
-    real_predict = policy.predict_noise
+    real_predict = policy.predict
 
-    def predict_noise(latents, timesteps, embeds, guidance_scale, kind):
-        output = real_predict(latents, timesteps, embeds, guidance_scale, kind)
+    def predict(latents, timesteps, embeds, guidance_scale, guidance_embedding):
+        output = real_predict(latents, timesteps, embeds, guidance_scale, guidance_embedding)
         # By name: peft marks a disabled adapter's weights as not trainable.
         lora = [param for name, param in policy.unet.named_parameters() if "lora" in name]
         calls.append(SimpleNamespace(latents=latents, timesteps=timesteps, embeds=embeds, guidance=guidance_scale,
                                      weights=_flat(lora), output=output.detach()))
         return output
 
-    policy.predict_noise = predict_noise
+    policy.predict = predict
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
-    metrics, counts = _train_epoch(recorder, config, sampler, traj, advantages, optimizer, accelerator, generator,
-                                   TrainLoop(), False, old)
+    metrics, counts = train_on_batch(recorder, config, sampler, traj, advantages, optimizer, accelerator,
+                                   EpochContext(0, 1, generator), TrainLoop(), False, old)
 
     assert counts == {"optimizer_updates": 2, "backward_passes": 6} and len(recorder.inputs) == 6
     assert len(calls) == 18 and {call.guidance for call in calls} == {1.0}
     assert math.isfinite(metrics["loss"]) and metrics["old_deviation"] > 0 and metrics["ref_deviation"] > 0
     flat_old, flat_current = _flat(old.values()), _flat(current.values())
     assert not torch.equal(flat_old, flat_current)
-    schedule = sampler.schedule
+    schedule = sampler.kernel
     seen = torch.zeros(2, 2, 3, dtype=torch.long)
     noises = []
     for inputs, (old_call, ref_call, current_call) in zip(recorder.inputs, zip(*[iter(calls)] * 3)):
@@ -333,7 +344,7 @@ def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_w
         torch.testing.assert_close(inputs.ref_prediction.flatten(0, 1), ref_call.output, rtol=0, atol=0)
         torch.testing.assert_close(inputs.prediction.detach().flatten(0, 1), current_call.output, rtol=0, atol=0)
         with torch.no_grad(), policy.reference():
-            base = real_predict(ref_call.latents, ref_call.timesteps, ref_call.embeds, 1.0, "ddim")
+            base = real_predict(ref_call.latents, ref_call.timesteps, ref_call.embeds, 1.0)
         torch.testing.assert_close(ref_call.output, base, rtol=0, atol=0)
         assert torch.equal(old_call.latents, current_call.latents) and torch.equal(old_call.latents, ref_call.latents)
         for i, (x_t, t, embed) in enumerate(zip(current_call.latents, current_call.timesteps, current_call.embeds)):

@@ -11,11 +11,13 @@ from accelerate import Accelerator
 
 from benchmarks.presets import tiny
 from benchmarks.run import _checked, epoch_budget, preset_algo_configs
-from benchmarks.train import TrainLoop, _train_epoch
-from zoo.algorithm import Algorithm
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from zoo.algorithm import Algorithm, EpochContext
 from zoo.registry import ALGORITHMS
 from zoo.rebel import REBELConfig
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_policy import policy_with_random_adapter
 
@@ -74,8 +76,8 @@ def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pip
     optimizer = CountingAdamW(policy.trainable_parameters(), lr=1e-3)
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
-    _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator,
-                             TrainLoop(steps_per_backward=2), False)
+    _, counts = train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, accelerator,
+                             EpochContext(0, 1, generator), TrainLoop(steps_per_backward=2), False)
 
     budget = epoch_budget(config, trajectories)
     assert budget["optimizer_updates"] >= 1

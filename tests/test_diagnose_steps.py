@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from benchmarks.diagnose_steps import main, step_statistics
-from zoo.policy import Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.loading import load_policy
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 
 def test_step_statistics_on_worked_numbers():
@@ -55,7 +56,7 @@ def test_x0_prediction_at_the_top_step_is_the_one_step_sample(tiny_pipeline_dir)
     """The diagnosis reads x̂0_0 of a K-step trajectory as the 1-step sample: with trailing
     spacing both predict x̂0 at t = 999 from the same x_T, and the 1-step sampler's only
     step lands on that x̂0, up to the residual noise level of alphas_cumprod[0]."""
-    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    policy = load_policy(tiny_pipeline_dir)
     prompts = ["a red circle on a white background", "a blue square on a black background"]
     four = TrajectorySampler(policy, SamplerConfig("ddim", 4, 1.0, 4.0, "trailing"))
     one = TrajectorySampler(policy, SamplerConfig("ddim", 1, 1.0, 4.0, "trailing"))
@@ -93,7 +94,7 @@ def test_pairs_share_x_t_only_when_asked(tiny_pipeline_dir, shared):
     comparisons (`--independent-noise`) do not."""
     from benchmarks.diagnose_steps import score_steps
 
-    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    policy = load_policy(tiny_pipeline_dir)
     config = SamplerConfig("ddim", 2, 1.0, 1.0, "trailing")
     scores, timesteps, anchors = score_steps(policy, config, ["a red circle on a white background"], 3,
                                              {"brightness": _Brightness()}, seed=0, shared_noise=shared)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from benchmarks.train import global_advantages
+from benchmarks.rollout import global_advantages
 
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 sys.path.insert(0, str(Path(__file__).parent))

@@ -11,11 +11,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from zoo.flow_policy import FLOW_LORA_TARGETS, FlowPolicy
+from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Policy
-from zoo.sampling import (
-    FLOW_SDES, SamplerConfig, SamplerConfigError, TrajectorySampler, dance_flow_transition, flow_transition,
-    gaussian_log_prob,
-)
+from zoo.kernels import FLOW_SDES, dance_flow_transition, flow_transition, gaussian_log_prob
+from zoo.kernels import SamplerConfig, SamplerConfigError
+from zoo.sampling import TrajectorySampler
 from zoo.tiny.flow import T5_TOKENS, build_random_flow_pipeline
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -28,7 +28,7 @@ def flow_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def flow_policy(flow_folder) -> FlowPolicy:
-    return Policy.from_pretrained(flow_folder)
+    return load_policy(flow_folder)
 
 
 def test_sde_step_worked_numbers():
@@ -140,7 +140,7 @@ def test_lora_round_trip_through_diffusers(flow_folder, tmp_path):
     """The exported adapter, loaded by plain diffusers' `load_lora_weights`, gives the
     pipeline's transformer the policy's predictions; and `load_lora` restores it."""
     lora = LoraSettings(rank=4, alpha=4.0, target_modules=FLOW_LORA_TARGETS)
-    policy = Policy.from_pretrained(flow_folder, lora=lora)
+    policy = load_policy(flow_folder, lora=lora)
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -150,9 +150,9 @@ def test_lora_round_trip_through_diffusers(flow_folder, tmp_path):
     t = torch.tensor([1000.0, 500.0])
     embeds = policy.encode_prompts(PROMPTS)
     with torch.no_grad():
-        ours = policy.predict_velocity(latents, t, embeds, 1.0)
+        ours = policy.predict(latents, t, embeds, 1.0)
         with policy.reference():
-            base = policy.predict_velocity(latents, t, embeds, 1.0)
+            base = policy.predict(latents, t, embeds, 1.0)
     assert (ours - base).abs().max() > 1e-3
 
     pipe = StableDiffusion3Pipeline.from_pretrained(flow_folder, text_encoder_3=None, tokenizer_3=None)
@@ -163,10 +163,10 @@ def test_lora_round_trip_through_diffusers(flow_folder, tmp_path):
                                   pooled_projections=embeds[:, -1, :pooled_dim]).sample
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
 
-    fresh = Policy.from_pretrained(flow_folder, lora=lora)
+    fresh = load_policy(flow_folder, lora=lora)
     fresh.load_lora(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.predict_velocity(latents, t, embeds, 1.0), ours, rtol=0, atol=0)
+        torch.testing.assert_close(fresh.predict(latents, t, embeds, 1.0), ours, rtol=0, atol=0)
 
 
 def test_forward_process_is_the_rectified_flow_path(flow_policy):
@@ -176,9 +176,9 @@ def test_forward_process_is_the_rectified_flow_path(flow_policy):
     x0, noise = torch.randn(2, 3, *flow_policy.latent_shape, generator=generator), torch.randn(2, 3, *flow_policy.latent_shape, generator=generator)
     steps = torch.tensor([[0, 1, 2], [3, 2, 1]])
     x_t, timesteps, target, scale = sampler.forward_process(x0, noise, steps)
-    sigma = sampler.schedule.sigma[steps].float()
+    sigma = sampler.kernel.sigma[steps].float()
     torch.testing.assert_close(scale, sigma)
-    torch.testing.assert_close(timesteps, sampler.schedule.timesteps[steps])
+    torch.testing.assert_close(timesteps, sampler.kernel.timesteps[steps])
     torch.testing.assert_close(x_t, (1 - sigma)[..., None, None, None] * x0 + sigma[..., None, None, None] * noise)
     torch.testing.assert_close(x_t - sigma[..., None, None, None] * target, x0, rtol=0, atol=1e-6)
 
@@ -215,7 +215,7 @@ def test_nft_loss_on_flow_inputs_is_the_x0_loss_of_the_velocity():
 def test_rescoring_is_exact_in_bf16_too(flow_folder):
     """Under the mixed precision used for training (bf16 weights and autocast, float32
     log-prob arithmetic), re-scoring a stored transition still gives ratio 1."""
-    policy = Policy.from_pretrained(flow_folder, mixed_precision="bf16", lora=LoraSettings(target_modules=FLOW_LORA_TARGETS))
+    policy = load_policy(flow_folder, mixed_precision="bf16", lora=LoraSettings(target_modules=FLOW_LORA_TARGETS))
     assert policy.transformer.dtype == torch.bfloat16
     sampler = TrajectorySampler(policy, SamplerConfig("flow", 2, eta=0.7, guidance_scale=4.5))
     traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(1))

@@ -12,20 +12,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import zoo.sampling
+import zoo.kernels
 from benchmarks.presets import tiny_flow
 from benchmarks.run import UsageError, main, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import training_sampler_config
 from test_benchmark_run import micro_args
 from test_flow import PROMPTS, assert_rescoring_gives_ratio_one
 from zoo.grpo import GRPOConfig
+from zoo.loading import load_policy
 from zoo.policy import Policy
-from zoo.sampling import SamplerConfig, SamplerConfigError, TrajectorySampler, dance_flow_transition, flow_transition
+from zoo.kernels import dance_flow_transition, flow_transition
+from zoo.kernels import SamplerConfig, SamplerConfigError
+from zoo.sampling import TrajectorySampler
 
 
 @pytest.fixture(scope="module")
 def flow_policy(tiny_flow_pipeline_dir) -> Policy:
-    return Policy.from_pretrained(tiny_flow_pipeline_dir)
+    return load_policy(tiny_flow_pipeline_dir)
 
 
 def _dance(steps: int, eta: float = 0.3, guidance: float = 1.0) -> SamplerConfig:
@@ -66,7 +69,7 @@ def test_the_sampler_steps_with_dancegrpos_sde_not_flow_grpos(flow_policy):
     embeds = flow_policy.encode_prompts(PROMPTS)
     dance = TrajectorySampler(flow_policy, _dance(steps, eta=0.7, guidance=guidance))
     flow_grpo = TrajectorySampler(flow_policy, SamplerConfig("flow", steps, eta=0.7, guidance_scale=guidance))
-    s = dance.schedule
+    s = dance.kernel
     for k in range(steps):
         step = torch.full((2,), k, dtype=torch.long)
         with torch.no_grad():
@@ -123,13 +126,13 @@ def test_grpo_trains_with_dancegrpos_sde_from_its_flag(tiny_flow_pipeline_dir, t
     """`--grpo.flow-sde dance-grpo` reaches the training sampler (every transition is
     DanceGRPO's) and config.json; the evaluation samples the ODE, as with Flow-GRPO's SDE."""
     etas = []
-    real = zoo.sampling.dance_flow_transition
+    real = zoo.kernels.dance_flow_transition
 
     def spy(velocity, x, sigma, sigma_next, eta):
-        etas.append(eta)
+        etas.extend(eta.tolist())  # the kernel's per-step noise levels of the batch
         return real(velocity, x, sigma, sigma_next, eta)
 
-    monkeypatch.setattr(zoo.sampling, "dance_flow_transition", spy)
+    monkeypatch.setattr(zoo.kernels, "dance_flow_transition", spy)
     out = tmp_path / "run"
     args = micro_args(tiny_flow_pipeline_dir, out, "tiny-flow") + ["--algos", "grpo",
                                                        "--grpo.flow-sde", "dance-grpo", "--grpo.eta", "0.3"]

@@ -11,8 +11,10 @@ import torch
 from diffusers import FluxPipeline
 
 from zoo.flow_policy import FLOW_LORA_TARGETS, FlowPolicy
-from zoo.policy import LoraSettings, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.loading import load_policy
+from zoo.policy import LoraSettings
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 from zoo.tiny.flux import build_random_flux_pipeline
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -35,12 +37,12 @@ def dev_folder(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def schnell(schnell_folder) -> FlowPolicy:
-    return Policy.from_pretrained(schnell_folder, resolution=RESOLUTION)
+    return load_policy(schnell_folder, resolution=RESOLUTION)
 
 
 @pytest.fixture(scope="module")
 def dev(dev_folder) -> FlowPolicy:
-    return Policy.from_pretrained(dev_folder, resolution=RESOLUTION)
+    return load_policy(dev_folder, resolution=RESOLUTION)
 
 
 def _pack(latents: torch.Tensor) -> torch.Tensor:
@@ -56,7 +58,7 @@ def test_a_flux_folder_loads_as_a_flux_flow_policy(schnell, dev):
     """16 latent channels (in_channels 64 packed 2x2), the T5 length FLUX's references use:
     256 for schnell, which the black-forest-labs reference encodes with (flux cli.py:183 at
     802fb47) and diffusers' docs cap it at, 512 for dev (FluxPipeline's default)."""
-    assert isinstance(schnell, FlowPolicy) and schnell.flux and schnell.family == "flow"
+    assert isinstance(schnell, FlowPolicy) and schnell.flux and schnell.prediction == "velocity"
     assert schnell.latent_shape == (16, 16, 16)
     assert (schnell.max_sequence_length, dev.max_sequence_length) == (256, 512)
 
@@ -135,7 +137,7 @@ def test_guidance_embedding_takes_the_scale_as_input_in_one_pass(dev, schnell):
     for policy, batch, guidance in ((dev, 2, torch.full((2,), DEV_GUIDANCE)), (schnell, 4, None)):
         calls, hook = _transformer_calls(policy)
         with torch.no_grad():
-            policy.predict_velocity(latents, t, policy.encode_prompts(PROMPTS), DEV_GUIDANCE)
+            policy.predict(latents, t, policy.encode_prompts(PROMPTS), DEV_GUIDANCE)
         hook.remove()
         assert [call["batch"] for call in calls] == [batch]
         if guidance is None:
@@ -144,7 +146,7 @@ def test_guidance_embedding_takes_the_scale_as_input_in_one_pass(dev, schnell):
             torch.testing.assert_close(calls[0]["guidance"], guidance)
     with torch.no_grad():
         embeds = dev.encode_prompts(PROMPTS)
-        assert (dev.predict_velocity(latents, t, embeds, 1.0) - dev.predict_velocity(latents, t, embeds, 5.0)).abs().max() > 1e-4
+        assert (dev.predict(latents, t, embeds, 1.0) - dev.predict(latents, t, embeds, 5.0)).abs().max() > 1e-4
 
 
 @pytest.mark.parametrize("variant", ["schnell", "dev"])
@@ -153,7 +155,7 @@ def test_lora_round_trip_through_diffusers(variant, tmp_path, request):
     transformer the policy's predictions on packed latents; and `load_lora` restores it."""
     folder = request.getfixturevalue(f"{variant}_folder")
     lora = LoraSettings(rank=4, alpha=4.0, target_modules=FLOW_LORA_TARGETS)
-    policy = Policy.from_pretrained(folder, resolution=RESOLUTION, lora=lora)
+    policy = load_policy(folder, resolution=RESOLUTION, lora=lora)
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -162,9 +164,9 @@ def test_lora_round_trip_through_diffusers(variant, tmp_path, request):
     t = torch.tensor([1000.0, 500.0])
     embeds = policy.encode_prompts(PROMPTS)
     with torch.no_grad():
-        ours = policy.predict_velocity(latents, t, embeds, DEV_GUIDANCE)
+        ours = policy.predict(latents, t, embeds, DEV_GUIDANCE)
         with policy.reference():
-            base = policy.predict_velocity(latents, t, embeds, DEV_GUIDANCE)
+            base = policy.predict(latents, t, embeds, DEV_GUIDANCE)
     assert (ours - base).abs().max() > 1e-3
 
     pipe = FluxPipeline.from_pretrained(folder)
@@ -185,10 +187,10 @@ def test_lora_round_trip_through_diffusers(variant, tmp_path, request):
         # Schnell has no guidance input: the policy's scale 3.5 is classifier-free guidance,
         # which plain diffusers' transformer call does not do; compare unguided.
         with torch.no_grad():
-            unguided = policy.predict_velocity(latents, t, embeds, 1.0)
+            unguided = policy.predict(latents, t, embeds, 1.0)
         torch.testing.assert_close(_unpack(theirs, policy.vae_scale), unguided, rtol=0, atol=1e-5)
 
-    fresh = Policy.from_pretrained(folder, resolution=RESOLUTION, lora=lora)
+    fresh = load_policy(folder, resolution=RESOLUTION, lora=lora)
     fresh.load_lora(tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.predict_velocity(latents, t, embeds, DEV_GUIDANCE), ours, rtol=0, atol=0)
+        torch.testing.assert_close(fresh.predict(latents, t, embeds, DEV_GUIDANCE), ours, rtol=0, atol=0)

@@ -16,7 +16,8 @@ import benchmarks.train
 from benchmarks.evaluate import EvalSettings
 from benchmarks.presets import tiny
 from benchmarks.run import make_plan, parse_args
-from benchmarks.train import JobSettings, draw_prompt_ids, global_advantages, run_algorithm
+from benchmarks.rollout import draw_prompt_ids, global_advantages
+from benchmarks.train import JobSettings, run_algorithm
 from zoo.registry import ALGORITHMS
 from zoo.stat_tracking import STD_EPS
 

@@ -23,7 +23,7 @@ import torch
 
 from rewards.registry import REWARDS, check_reward, load_reward
 from zoo import hub
-from zoo.policy import FLOW_PIPELINE_FILES, PIPELINE_FILES, ModelUnavailable, Policy, resolve_model
+from zoo.loading import PIPELINE_FILES, ModelUnavailable, load_policy, resolve_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 MODEL = "acme/tiny-turbo"
@@ -167,10 +167,10 @@ def test_a_preset_model_downloads_once_only_what_loads_and_loads(local_hub, hub_
     assert "unet/diffusion_pytorch_model.safetensors" in expected
     assert local_hub.downloaded(MODEL) == expected == _cached_files(MODEL)  # no fp16, .bin or single file
     requests = len(local_hub.requests)
-    policy = Policy.from_pretrained(MODEL)
+    policy = load_policy(MODEL)
     assert len(local_hub.requests) == requests  # cached: asked nothing more
     assert Path(folder).is_dir() and policy.unet.config.sample_size > 0
-    reference = Policy.from_pretrained(str(hub_root / MODEL))
+    reference = load_policy(str(hub_root / MODEL))
     assert all(torch.equal(a, b) for a, b in zip(policy.unet.parameters(), reference.unet.parameters()))
 
 
@@ -221,7 +221,7 @@ def test_a_download_cut_midway_fails_clearly_and_a_rerun_completes(local_hub, hu
     finally:
         healthy.stop()
     assert (folder / weights).read_bytes() == (hub_root / MODEL / weights).read_bytes()
-    Policy.from_pretrained(MODEL)
+    load_policy(MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -257,11 +257,11 @@ def test_a_flow_model_downloads_exactly_the_flow_pipeline_files_and_loads(local_
     assert resolve_model(FLOW_MODEL, family="flow") == folder and len(local_hub.requests) == requests  # cached
     # The runner loads the folder resolve_model answers (`benchmarks.run`: model_source);
     # a hub id alone is found to be a flow model from its model_index.json.
-    policy = Policy.from_pretrained(folder, resolution=32)
+    policy = load_policy(folder, resolution=32)
     assert policy.flux
-    assert Policy.from_pretrained(FLOW_MODEL, resolution=32).flux
+    assert load_policy(FLOW_MODEL, resolution=32).flux
     assert len(local_hub.requests) == requests
-    reference = Policy.from_pretrained(str(repo), resolution=32)
+    reference = load_policy(str(repo), resolution=32)
     assert all(torch.equal(a, b) for a, b in zip(policy.transformer.parameters(), reference.transformer.parameters()))
 
 

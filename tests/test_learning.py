@@ -32,7 +32,7 @@ from benchmarks.evaluate import EvalSettings, evaluate
 from benchmarks.presets import tiny
 from benchmarks.run import main
 from rewards.registry import load_reward
-from zoo.policy import Policy
+from zoo.loading import load_policy
 from zoo.algorithm import RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
 
@@ -69,7 +69,7 @@ def _eval_settings(seed: int) -> EvalSettings:
 def base_spread() -> tuple[float, float]:
     """(4-step reward at evaluation seed 0, its max - min over evaluation seeds) of the base."""
     accelerator = Accelerator(cpu=True)
-    policy = Policy.from_pretrained(tiny().model)
+    policy = load_policy(tiny().model)
     reward = load_reward(REWARD)
     means = []
     for seed in BASE_SEEDS:

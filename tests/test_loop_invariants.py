@@ -6,7 +6,7 @@ epochs draw their own noise; that every row of a table is evaluated on the same 
 summarised from its finite scores; and two formulas the loop relies on (the per-step
 tracker's window, the DDIM density at 0 < eta < 1).
 
-The replay tests drive `_train_epoch` with a stand-in sampler over a coded trajectory:
+The replay tests drive `train_on_batch` with a stand-in sampler over a coded trajectory:
 transition (p, g, k) of group p, member g, step k carries the code c = 100 p + 10 g + k in
 its x_t (x_t' = c + 0.5, the prompt embedding p, the stored log-prob -c / 1000), and the
 stand-in recomputes the log-prob from x_t, checking on the way that x_t', the step index
@@ -27,8 +27,11 @@ from accelerate import Accelerator
 import benchmarks.train
 from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings, evaluate
-from benchmarks.train import JobSettings, TrainLoop, _step_orders, _train_epoch, checkpoint_path, run_algorithm
-from zoo.algorithm import Algorithm
+from benchmarks.epochs import step_orders, train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
+from zoo.algorithm import Algorithm, EpochContext, ReplayAlgorithm
+from zoo.ddpo import DDPO, DDPOConfig
 from zoo.registry import ALGORITHMS
 from zoo.trajectory import Trajectory
 
@@ -60,7 +63,7 @@ def accelerator() -> Accelerator:
 
 
 # ----------------------------------------------------------------------------------------
-# Replay through _train_epoch on a coded trajectory
+# Replay through train_on_batch on a coded trajectory
 
 
 def coded_trajectory(num_prompts: int, group_size: int, num_steps: int, reference: bool) -> Trajectory:
@@ -89,7 +92,7 @@ def decode(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class CodedPolicy:
-    """The two things `_train_epoch` asks of the policy: the trainable parameters and the
+    """The two things `train_on_batch` asks of the policy: the trainable parameters and the
     (here unwrapped) denoiser for `no_sync`."""
 
     def __init__(self):
@@ -121,13 +124,19 @@ class CodedSampler:
         return log_prob, 0.5 * self.policy.theta**2 * torch.ones_like(log_prob)
 
 
-class Recorder:
+class Recorder(ReplayAlgorithm):
     """The algorithm, recording each `loss` call's inputs and the gradient of its loss."""
 
     def __init__(self, algorithm, params):
         self.algorithm, self.needs, self.params = algorithm, algorithm.needs, params
         self.trained_steps = algorithm.trained_steps
         self.calls: list[SimpleNamespace] = []
+
+    def new_tracker(self):
+        return self.algorithm.new_tracker()
+
+    def advantages(self, *args):
+        return self.algorithm.advantages(*args)
 
     def loss(self, inputs):
         loss, metrics = self.algorithm.loss(inputs)
@@ -153,7 +162,7 @@ class RecordingSGD(torch.optim.SGD):
 
 
 def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> SimpleNamespace:
-    """One `_train_epoch` of algorithm `name` (config `overrides`, `needs` fields replaced)
+    """One `train_on_batch` of algorithm `name` (config `overrides`, `needs` fields replaced)
     over the coded trajectory: its config, the advantages, the recorded loss calls, the
     gradients the optimizer steps saw, and the epoch's metrics."""
     config = ALGORITHMS[name](num_steps=NUM_STEPS, **overrides)
@@ -168,8 +177,8 @@ def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> Si
     sampler = CodedSampler()
     recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
-    result = _train_epoch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
-                          torch.Generator().manual_seed(0), TrainLoop(), False)
+    result = train_on_batch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
+                          EpochContext(0, 1, torch.Generator().manual_seed(0)), TrainLoop(), False)
     metrics = result[0] if isinstance(result, tuple) else result  # (metrics, counts), or metrics alone
     return SimpleNamespace(config=config, advantages=advantages, calls=recorder.calls, grads=optimizer.grads,
                            metrics=metrics)
@@ -178,7 +187,7 @@ def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> Si
 PAIR_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().build().needs.group_size == 2]
 REPLAYED_ALGORITHMS = [
     name for name, config in ALGORITHMS.items()
-    if isinstance(algorithm := config().build(), Algorithm) and not algorithm.needs.forward_process_loss
+    if isinstance(algorithm := config().build(), ReplayAlgorithm)
 ]
 """The algorithms whose loss replays stored transitions (forward-process losses train on
 noised final latents: tests/test_algo_nft.py checks their examples)."""
@@ -190,7 +199,7 @@ def test_both_members_of_a_pair_get_the_same_step_in_every_loss_call(name, accel
     member 1 of a group see their steps in one shuffled order, so every `loss` call pairs
     the two members at the same step k: SDPO's Δρ and D3PO's log r_w - log r_l subtract the
     two members' log-ratios at one step and weight them with member 0's λ^k. Breaking it
-    (`_step_orders` drawing one order per member) makes the pair compare different steps.
+    (`step_orders` drawing one order per member) makes the pair compare different steps.
     Also: the two members are those of one group, each call's step index is the step of the
     transition it carries, and x_t, x_t', the prompt embedding and the stored log-probs all
     belong to that transition (the stand-in sampler checks them)."""
@@ -250,7 +259,7 @@ def test_whole_trajectory_losses_pay_the_extra_forward_pass_only_when_chunked(st
     `steps_per_backward` steps per backward is one loss from one forward pass; only with
     fewer (3: chunks of 3 and 1) does it first take every step's log-prob without
     gradients (2 calls) and then each chunk's with them (2 calls)."""
-    from benchmarks.train import gather_transitions, minibatch_losses
+    from benchmarks.loss_calls import gather_transitions, minibatch_losses
 
     sampler = CodedSampler()
     calls = []
@@ -265,12 +274,12 @@ def test_whole_trajectory_losses_pay_the_extra_forward_pass_only_when_chunked(st
 
 
 def test_step_orders_are_permutations_shared_in_a_group_only_when_asked():
-    """`_step_orders`: each trajectory's row is a permutation of the K steps; with
+    """`step_orders`: each trajectory's row is a permutation of the K steps; with
     `same_in_group` the members of a group share their group's row, without it each member
     draws its own (the two settings are not the same)."""
     generator = torch.Generator().manual_seed(0)
-    shared = _step_orders(5, 2, 6, True, generator)
-    own = _step_orders(5, 2, 6, False, generator)
+    shared = step_orders(5, 2, 6, True, generator)
+    own = step_orders(5, 2, 6, False, generator)
     for orders in (shared, own):
         assert orders.shape == (5, 2, 6)
         assert torch.equal(orders.sort(dim=-1).values, torch.arange(6).expand(5, 2, 6))
@@ -283,7 +292,7 @@ def test_step_orders_are_permutations_shared_in_a_group_only_when_asked():
 def test_each_transition_is_trained_on_its_own_steps_advantage(name, accelerator):
     """Invariant (b): after groups are shuffled and steps permuted, the advantages a `loss`
     call receives are those of the transitions it trains on: `advantages[p, g, k]` for
-    group p, member g, step k (`_train_epoch` indexes them with the minibatch's groups and
+    group p, member g, step k (`train_on_batch` indexes them with the minibatch's groups and
     `transitions.steps`). The advantages here differ per (group, member, step), as SDPO's
     per-step ones do, so indexing them by the position in the shuffled order, by the
     unshuffled group, or by another member fails."""
@@ -354,7 +363,7 @@ def test_epoch_metrics_are_means_over_loss_calls(name, accelerator):
 def test_a_non_finite_loss_before_finite_ones_stops_the_epoch(accelerator, monkeypatch):
     """A loss that is NaN in one early call and finite after it still stops the epoch with
     `TrainingDiverged`: the loop keeps the first non-finite loss it saw, not the latest."""
-    from benchmarks.train import TrainingDiverged
+    from benchmarks.loop import TrainingDiverged
 
     real_loss = Recorder.loss
 
@@ -374,8 +383,9 @@ def test_pairs_share_x_T_exactly_when_the_algorithm_asks(tiny_pipeline_dir):
     whose `needs.shared_noise` says so (SDPO and D3PO compare two trajectories from the same
     start), and from independent ones otherwise (REBEL's y and y'); the step noise is
     every trajectory's own either way."""
-    from benchmarks.train import sample_and_score
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from benchmarks.rollout import sample_and_score
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
     sampler = TrajectorySampler(policy_with_random_adapter(tiny_pipeline_dir), SamplerConfig("ddim", 1, 1.0, 1.0))
     for name in PAIR_ALGORITHMS:
@@ -413,8 +423,9 @@ def test_each_scored_image_comes_with_its_own_prompt_and_its_score_lands_on_its_
     back at that trajectory's (group, member[, scored step]): the final images for DDPO and
     REBEL, the decoded x̂0 of SDPO's first, anchor and last steps. Sampled in calls of two
     groups, so that scores are also placed across calls."""
-    from benchmarks.train import sample_and_score
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from benchmarks.rollout import sample_and_score
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
     policy = policy_with_random_adapter(tiny_pipeline_dir)
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 3, 1.0, 1.0))
@@ -446,8 +457,9 @@ def test_per_member_log_probs_equal_the_batched_ones(tiny_pipeline_dir):
     """`Transitions.log_probs(per_member=True)` (one UNet call per group member, the
     reference codes' way that benchmarks.perf times against) computes the same log-probs
     as the batched call, member by member."""
-    from benchmarks.train import gather_transitions
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from benchmarks.loss_calls import gather_transitions
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
     sampler = TrajectorySampler(policy_with_random_adapter(tiny_pipeline_dir), SamplerConfig("ddim", 2, 1.0, 2.0))
     traj = sampler.sample(["a cat", "a dog"], group_size=2, generator=torch.Generator().manual_seed(3))
@@ -462,8 +474,9 @@ def test_per_member_log_probs_equal_the_batched_ones(tiny_pipeline_dir):
 def test_an_infinite_training_score_fails_the_epoch_like_nan(tiny_pipeline_dir):
     """A reward that returns +inf (an overflow) fails the epoch as NaN does: no scores, so
     nothing reaches the stat tracker, and the reason says how many scores were bad."""
-    from benchmarks.train import sample_and_score
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from benchmarks.rollout import sample_and_score
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
     class InfOnSecond(Brightness):
         def _score(self, images, prompts):
@@ -758,7 +771,7 @@ def test_ddim_log_density_at_eta_one_half_by_hand():
       σ² = 0.25 · (0.1/0.5) · (1 - 5/9) = 1/45.
     At eta 1 σ² would be 4 times larger, and at eta 0.5 with σ instead of σ² in the
     direction term or eta left out the numbers differ far beyond the tolerance."""
-    from zoo.sampling import ddim_transition, gaussian_log_prob
+    from zoo.kernels import ddim_transition, gaussian_log_prob
 
     eta = 0.5
     alpha_t, alpha_prev = [0.36, 0.5], [0.64, 0.9]
@@ -851,7 +864,7 @@ def test_evaluation_never_draws_a_training_epochs_noise():
     generator reads (seeds 2^32 apart draw the same noise), and the epoch's first draws
     differ from the evaluation's."""
     from benchmarks.evaluate import evaluation_seed
-    from benchmarks.train import epoch_seed
+    from benchmarks.rollout import epoch_seed
 
     train = {epoch_seed(s, e, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for e in range(1000) for r in range(8)}
     evaluation = {evaluation_seed(s, k, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for k in range(1, 1001) for r in range(8)}
@@ -859,3 +872,54 @@ def test_evaluation_never_draws_a_training_epochs_noise():
     epoch_noise = torch.randn(256, generator=torch.Generator().manual_seed(epoch_seed(0, 4, 0)))
     eval_noise = torch.randn(256, generator=torch.Generator().manual_seed(evaluation_seed(0, 4, 0)))
     assert not torch.allclose(epoch_noise, eval_noise)
+
+
+class SteppedNoiseDDPO(DDPO):
+    """DDPO whose epochs sample at per-step noise levels that move with training: (1, 0.5)
+    in even epochs, (0.5, 1) in odd ones, recording the contexts it was asked in."""
+
+    contexts: list[tuple[int, int]] = []
+
+    def noise_levels(self, context: EpochContext, num_steps: int) -> torch.Tensor:
+        SteppedNoiseDDPO.contexts.append((context.epoch, context.epochs))
+        return torch.tensor([1.0, 0.5] if context.epoch % 2 == 0 else [0.5, 1.0])
+
+
+@dataclasses.dataclass(frozen=True)
+class SteppedNoiseDDPOConfig(DDPOConfig):
+    def build(self) -> SteppedNoiseDDPO:
+        return SteppedNoiseDDPO(self)
+
+
+def test_the_epochs_noise_levels_are_chosen_before_sampling_and_replayed_with_it(
+    tiny_pipeline_dir, tmp_path, monkeypatch, accelerator
+):
+    """Invariant (which noise): `run_algorithm` asks `noise_levels` with each epoch's context
+    (epoch, the run's epochs) before the epoch samples, samples with those levels, and
+    replays the epoch under the same kernel, so the stored log-probs and the replayed ones are
+    the same Gaussian's: every ratio stays 1 and DDPO clips nothing."""
+    SteppedNoiseDDPO.contexts = []
+    real_sample, real_train = benchmarks.train.sample_and_score, benchmarks.train.train_on_batch
+    sampled, trained = [], []
+
+    def sample_and_score(algorithm, sampler, *args):
+        sampled.append((len(SteppedNoiseDDPO.contexts), sampler.kernel.noise_levels.tolist()))
+        return real_sample(algorithm, sampler, *args)
+
+    def train_on_batch(algorithm, config, sampler, *args):
+        trained.append(sampler.kernel.noise_levels.tolist())
+        return real_train(algorithm, config, sampler, *args)
+
+    monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
+    monkeypatch.setattr(benchmarks.train, "train_on_batch", train_on_batch)
+    logged = []
+    # A learning rate too small to move a log-prob by the clip range: only a replay under
+    # another kernel than the sampling one could make a ratio leave 1 ± 1e-4.
+    config = SteppedNoiseDDPOConfig(num_steps=2, guidance_scale=1.0, train_batch_size=2, learning_rate=1e-12)
+    run_algorithm("ddpo", config, 0, _job(tiny_pipeline_dir, tmp_path, 2, ("a cat",), logged.append),
+                  Brightness(), {"brightness": Brightness()}, accelerator)
+    assert SteppedNoiseDDPO.contexts == [(0, 2), (1, 2)]
+    # Asked once per epoch, before that epoch sampled.
+    assert sampled == [(1, [1.0, 0.5]), (2, [0.5, 1.0])]
+    assert trained == [[1.0, 0.5], [0.5, 1.0]]
+    assert [row["clipfrac"] for row in logged] == [0.0, 0.0]

@@ -10,10 +10,13 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks.train import TrainLoop, _train_epoch, fitting_micro_batch, plan_unet_calls, reward_backprop_epoch
-from zoo.algorithm import RewardBackpropAlgorithm
+from benchmarks.epochs import reward_backprop_epoch, train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.loss_calls import fitting_micro_batch, plan_unet_calls
+from zoo.algorithm import EpochContext, ForwardProcessAlgorithm, RewardBackpropAlgorithm
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_algo_draft import DistanceToTarget
 from test_policy import policy_with_random_adapter
@@ -115,9 +118,10 @@ def _epoch_lora(
                                   record_pred_x0=needs.record_pred_x0,
                                   reference_log_probs=needs.reference_log_probs)
             advantages = torch.randn(traj.log_probs.shape, generator=generator)
-            if needs.forward_process_loss:  # NFT's advantages are optimality probabilities
+            if isinstance(algorithm, ForwardProcessAlgorithm):  # NFT's advantages are optimality probabilities
                 advantages = advantages.sigmoid()
-            _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator,
+            _, counts = train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, accelerator,
+                                     EpochContext(0, 1, generator),
                                      TrainLoop(micro_batch=micro_batch, steps_per_backward=2), False)
     finally:
         hook.remove()

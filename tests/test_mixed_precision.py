@@ -2,7 +2,7 @@
 
 The ratio test runs the real code paths: the trainer's sampling (`sample_and_score`, one
 group per sampling call, rewards overlapped) under a half-precision policy, then the
-trainer's own epoch (`benchmarks.train._train_epoch`: minibatches of a different size than
+trainer's own epoch (`benchmarks.train.train_on_batch`: minibatches of a different size than
 the sampling batch, shuffled steps, gradients on, REBEL's whole trajectories in chunks of
 steps over a pass without gradients, backward), with a zero learning rate so that the
 weights stay those that sampled. Every ratio the loss sees
@@ -16,12 +16,16 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks.train import TrainLoop, _train_epoch, sample_and_score
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from benchmarks.rollout import sample_and_score
 from rewards.registry import load_reward
-from zoo.algorithm import LossInputs
+from zoo.algorithm import EpochContext, LossInputs
+from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 PROMPTS = [
     "a red circle on a white background",
@@ -57,7 +61,7 @@ def _fp16_runs_on_cpu() -> bool:
 
 def _policy(folder: str, precision: str, performance: Performance = Performance()) -> Policy:
     torch.manual_seed(0)  # peft draws lora_A from the global generator
-    policy = Policy.from_pretrained(folder, mixed_precision=precision, lora=LoraSettings(), performance=performance)
+    policy = load_policy(folder, mixed_precision=precision, lora=LoraSettings(), performance=performance)
     # A fresh adapter is zero (lora_B = 0); a trained one is not, and its path must be
     # re-scored exactly too.
     generator = torch.Generator().manual_seed(7)
@@ -101,7 +105,8 @@ def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_di
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
-    _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, generator, loop, False)
+    context = EpochContext(0, 1, generator)
+    train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, context, loop, False)
 
     log_ratios = torch.cat(algorithm.log_ratios)
     # Every transition re-scored once per loss call it is part of: REBEL's 3 steps in
@@ -140,7 +145,7 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(tiny_pipeline_dir)
     for checkpointing in (False, True):
         policy = _policy(tiny_pipeline_dir, "no", Performance(gradient_checkpointing=checkpointing))
         x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
-        eps = policy.predict_noise(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 4.0, "ddim")
+        eps = policy.predict(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 4.0)
         eps.square().mean().backward()
         grads.append([p.grad.clone() for p in policy.trainable_parameters()])
     assert policy.unet.is_gradient_checkpointing
@@ -153,7 +158,7 @@ def test_optimizer_state_holds_lora_weights_only(tiny_pipeline_dir):
     policy = _policy(tiny_pipeline_dir, "bf16")
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-4)
     x = torch.randn(2, *policy.latent_shape)
-    policy.predict_noise(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 1.0, "ddim").mean().backward()
+    policy.predict(x, torch.tensor([999, 500]), policy.encode_prompts(PROMPTS[:2]), 1.0).mean().backward()
     optimizer.step()
     lora = {id(p) for n, p in policy.unet.named_parameters() if "lora_" in n}
     assert {id(p) for p in optimizer.state} == lora
@@ -180,9 +185,9 @@ def test_compiled_unet_predicts_what_the_eager_one_does(tiny_pipeline_dir, monke
     outputs = {}
     with torch.no_grad():
         for name, policy in (("eager", eager), ("compiled", compiled)):
-            outputs[name] = policy.predict_noise(x, t, embeds, 1.0, "ddim")
+            outputs[name] = policy.predict(x, t, embeds, 1.0)
             with policy.reference():
-                outputs[name + "-ref"] = policy.predict_noise(x, t, embeds, 1.0, "ddim")
+                outputs[name + "-ref"] = policy.predict(x, t, embeds, 1.0)
     torch.testing.assert_close(outputs["compiled"], outputs["eager"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(outputs["compiled-ref"], outputs["eager-ref"], rtol=1e-5, atol=1e-6)
     assert (outputs["eager"] - outputs["eager-ref"]).abs().max() > 1e-4

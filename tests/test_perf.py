@@ -14,10 +14,14 @@ from benchmarks import archs, perf
 from benchmarks.perf import COLUMNS, PerfArgs, algorithm_config, epoch_loss_calls, main, project_epoch
 from benchmarks.presets import PRESETS
 from benchmarks.run import preset_algo_configs
-from benchmarks.train import TrainLoop, _train_epoch
-from zoo.policy import LoraSettings, Policy
+from benchmarks.epochs import train_on_batch
+from benchmarks.loop import TrainLoop
+from zoo.algorithm import EpochContext
+from zoo.loading import load_policy
+from zoo.policy import LoraSettings
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 FIGURES = ("sample_traj_s", "sample_speedup", "epoch_traj_s", "overlap_speedup", "train_transitions_s",
            "train_speedup", "reward_images_s", "sample_peak_gb", "train_peak_gb", "train_tflops", "mfu", "ratio_drift",
@@ -53,9 +57,9 @@ def test_tiny_world_table(tmp_path, monkeypatch):
 
     def trainers_epoch(*args):  # the real one, recording the loop switches it was given
         loops.append(args[8])
-        return _train_epoch(*args)
+        return train_on_batch(*args)
 
-    monkeypatch.setattr(perf, "_train_epoch", trainers_epoch)
+    monkeypatch.setattr(perf, "train_on_batch", trainers_epoch)
     args = PerfArgs(preset="tiny", algos="sdpo,ddpo,nft", batch_size=2, steps=1, repeats=1, device="cpu",
                     measure_epoch="sdpo", measured_trajectories=4, micro_batch=2, out=str(tmp_path))
     record = main(args)
@@ -99,14 +103,14 @@ def test_projection_on_worked_numbers():
 
 @pytest.mark.parametrize("algo", ["sdpo", "ddpo", "rebel", "d3po", "grpo", "nft"])
 def test_projected_loss_calls_are_the_trainers(tiny_pipeline_dir, algo):
-    """`epoch_loss_calls` counts what `_train_epoch` does: 6 groups in minibatches of 4
+    """`epoch_loss_calls` counts what `train_on_batch` does: 6 groups in minibatches of 4
     (a last one of 2), every trained step (GRPO's window), whole trajectories, inner epochs."""
     preset = PRESETS["tiny"]()
     config = algorithm_config(algo, preset, PerfArgs(train_batch_size=4), preset.num_steps)
     algorithm = config.build()
     needs = algorithm.needs
     torch.manual_seed(0)
-    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings())
+    policy = load_policy(tiny_pipeline_dir, lora=LoraSettings())
     sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, config.num_steps, config.eta))
     generator = torch.Generator().manual_seed(0)
     traj = sampler.sample(
@@ -116,8 +120,8 @@ def test_projected_loss_calls_are_the_trainers(tiny_pipeline_dir, algo):
     advantages = torch.randn(traj.log_probs.shape, generator=generator)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=0.0)
     loop = TrainLoop(steps_per_backward=config.num_steps)  # one backward pass per loss call
-    _, counts = _train_epoch(algorithm, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
-                             generator, loop, False)
+    _, counts = train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
+                             EpochContext(0, 1, generator), loop, False)
     assert counts["backward_passes"] == epoch_loss_calls(config, needs, groups=6, train_groups=4)
     assert counts["backward_passes"] > 0
 
@@ -268,4 +272,4 @@ def test_reduced_flow_architectures_keep_the_real_layout(preset):
     assert embeds.shape[-1] == transformer["joint_attention_dim"] == 4096 // 8
     latents = torch.randn(1, *policy.latent_shape)
     with torch.no_grad():
-        assert policy.predict_velocity(latents, torch.tensor([500.0]), embeds, 1.0).shape == (1, 16, 8, 8)
+        assert policy.predict(latents, torch.tensor([500.0]), embeds, 1.0).shape == (1, 16, 8, 8)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from zoo.policy import LORA_WEIGHT_NAME, LoraSettings, ModelUnavailable, Policy, resolve_model
+from zoo.loading import ModelUnavailable, load_policy, resolve_model
+from zoo.policy import LORA_WEIGHT_NAME, LoraSettings, Policy
 
 
 def _unet_output(unet, seed=0) -> torch.Tensor:
@@ -20,13 +21,13 @@ def _train_one_step(policy: Policy) -> None:
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
     x = torch.randn(2, *policy.latent_shape, generator=torch.Generator().manual_seed(1))
     embeds = policy.encode_prompts(["a red circle", "a blue square"])
-    eps = policy.predict_noise(x, torch.tensor([999, 500]), embeds, 1.0, "ddim")
+    eps = policy.predict(x, torch.tensor([999, 500]), embeds, 1.0)
     eps.square().mean().backward()
     optimizer.step()
 
 
 def test_only_lora_parameters_train_in_float32(tiny_pipeline_dir):
-    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
+    policy = load_policy(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
     params = policy.trainable_parameters()
     names = [n for n, p in policy.unet.named_parameters() if p.requires_grad]
     assert params and all("lora" in n for n in names)
@@ -36,8 +37,8 @@ def test_only_lora_parameters_train_in_float32(tiny_pipeline_dir):
 
 
 def test_reference_disables_the_adapter_without_a_copy(tiny_pipeline_dir):
-    base = Policy.from_pretrained(tiny_pipeline_dir)
-    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
+    base = load_policy(tiny_pipeline_dir)
+    policy = load_policy(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
     _train_one_step(policy)
     trained = _unet_output(policy.unet)
     with policy.reference():
@@ -48,7 +49,7 @@ def test_reference_disables_the_adapter_without_a_copy(tiny_pipeline_dir):
 
 
 def test_saved_lora_loads_into_a_plain_diffusers_pipeline(tiny_pipeline_dir, tmp_path):
-    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
+    policy = load_policy(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
     _train_one_step(policy)
     path = policy.save_lora(tmp_path / "lora")
     assert path.name == LORA_WEIGHT_NAME
@@ -61,7 +62,7 @@ def test_saved_lora_loads_into_a_plain_diffusers_pipeline(tiny_pipeline_dir, tmp
     assert (after - before).abs().max() > 1e-4
     torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-6)
 
-    resumed = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
+    resumed = load_policy(tiny_pipeline_dir, lora=LoraSettings(rank=4, alpha=8))
     resumed.load_lora(tmp_path / "lora")
     torch.testing.assert_close(_unet_output(resumed.unet), expected, rtol=0, atol=0)
 
@@ -75,11 +76,11 @@ def test_missing_model_names_the_flag_and_the_fix(tmp_path):
 
 
 def test_bf16_weights_keep_float32_log_prob_path(tiny_pipeline_dir):
-    policy = Policy.from_pretrained(tiny_pipeline_dir, mixed_precision="bf16", lora=LoraSettings())
+    policy = load_policy(tiny_pipeline_dir, mixed_precision="bf16", lora=LoraSettings())
     assert policy.unet.conv_in.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in policy.trainable_parameters())
     x = torch.randn(2, *policy.latent_shape)
-    eps = policy.predict_noise(x, torch.tensor([999, 999]), policy.encode_prompts(["a", "b"]), 2.0, "ddim")
+    eps = policy.predict(x, torch.tensor([999, 999]), policy.encode_prompts(["a", "b"]), 2.0)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
 
 
@@ -87,7 +88,7 @@ def policy_with_random_adapter(folder: str, mixed_precision: str = "no") -> Poli
     """LoRA's B starts at zero, which would leave A's gradient and the adapter's output
     zero: randomise both."""
     torch.manual_seed(0)
-    policy = Policy.from_pretrained(folder, mixed_precision=mixed_precision, lora=LoraSettings())
+    policy = load_policy(folder, mixed_precision=mixed_precision, lora=LoraSettings())
     with torch.no_grad():
         for param in policy.trainable_parameters():
             param.normal_(0, 0.05)
@@ -109,7 +110,7 @@ def test_half_precision_adapters_skip_the_float32_round_trip_bit_identically(tin
     def output_and_grads():
         for param in policy.trainable_parameters():
             param.grad = None
-        eps = policy.predict_noise(x, torch.tensor([999, 500]), embeds, 2.0, "ddim")
+        eps = policy.predict(x, torch.tensor([999, 500]), embeds, 2.0)
         eps.square().mean().backward()
         return eps.detach(), [p.grad.clone() for p in policy.trainable_parameters()]
 

@@ -14,9 +14,11 @@ import torch
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
 from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import JobSettings, training_sampler_config
+from zoo.loading import load_policy
 from zoo.policy import Policy
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 from zoo.tiny.arch import build_random_pipeline
 
 DDIM_PRESETS = [name for name, preset in PRESETS.items() if preset().sampler == "ddim"]
@@ -51,14 +53,14 @@ def _job(plan, out) -> JobSettings:
 
 
 def _timesteps(policy: Policy, config: SamplerConfig) -> list[int]:
-    return TrajectorySampler(policy, config).schedule.timesteps.tolist()
+    return TrajectorySampler(policy, config).kernel.timesteps.tolist()
 
 
 @pytest.mark.parametrize("name", DDIM_PRESETS)
 def test_ddim_presets_sample_from_the_top_of_the_schedule(name, leading_pipeline_dir, tmp_path):
     """Evaluation at 1 and 2 steps starts at t = 999 and training runs the trailing K = 50
     grid, though the model's scheduler config says "leading" (t = 1 at one step)."""
-    policy = Policy.from_pretrained(leading_pipeline_dir)
+    policy = load_policy(leading_pipeline_dir)
     assert _timesteps(policy, SamplerConfig("ddim", 1)) == [1]  # the trap: the config's own spacing
     plan = _plan(name, leading_pipeline_dir, tmp_path / "run")
     evaluation = plan.eval_settings(seed=0)
@@ -73,7 +75,7 @@ def test_ddim_presets_sample_from_the_top_of_the_schedule(name, leading_pipeline
 
 def test_lcm_preset_runs_rlcm_timesteps(tiny_lcm_pipeline_dir, tmp_path):
     """Training and 8-step evaluation on RLCM's rule, not diffusers' LCMScheduler's."""
-    policy = Policy.from_pretrained(tiny_lcm_pipeline_dir)
+    policy = load_policy(tiny_lcm_pipeline_dir)
     plan = _plan("lcm", tiny_lcm_pipeline_dir, tmp_path / "run")
     assert _timesteps(policy, plan.eval_settings(seed=0).sampler_config(8)) == RLCM_EIGHT_STEPS
     assert _timesteps(policy, plan.eval_settings(seed=0).sampler_config(1)) == [999]
@@ -239,13 +241,13 @@ def test_flow_presets_train_on_the_sde_and_evaluate_on_the_ode(name, sigmas, tin
 
     folder = tiny_flow_folders[name]
     plan = _plan(name, folder, tmp_path / "run")
-    policy = Policy.from_pretrained(folder, resolution=32)
+    policy = load_policy(folder, resolution=32)
     job = _job(plan, tmp_path / "run")
     for algo, config in plan.configs.items():
         sampler_config = training_sampler_config(config, job)
         assert (sampler_config.kind, sampler_config.eta, sampler_config.num_steps) == ("flow", 0.7, len(sigmas)), algo
         assert (config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules)) == (32, 64.0, FLOW_LORA_TARGETS)
-        schedule = TrajectorySampler(policy, sampler_config).schedule
+        schedule = TrajectorySampler(policy, sampler_config).kernel
         assert schedule.sigma.tolist() == pytest.approx(sigmas, abs=1e-6), algo
     evaluation = plan.eval_settings(seed=0)
     assert evaluation.eta == 0.0 and evaluation.sampler_config(1).kind == "flow"

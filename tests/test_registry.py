@@ -2,7 +2,7 @@
 
 Log-probs come from a small module, logp = f_θ(features), standing in for UNet + scheduler
 step, so the checks see real gradients without a diffusion model; forward-process losses
-(`needs.forward_process_loss`) get their ε-predictions from such a module, ε̂ = f_θ(features).
+(`ForwardProcessAlgorithm`) get their ε-predictions from such a module, ε̂ = f_θ(features).
 Batches go through the same calls the runner makes: `reward_steps` -> `shape_rewards` ->
 `advantages` -> `loss`. Reward back-propagation algorithms (DRaFT) take rewards carrying the
 graph instead: the same module stands in for sampler, decoder and reward.
@@ -17,7 +17,9 @@ import pytest
 import torch
 import tyro
 
-from zoo.algorithm import Algorithm, ForwardLossInputs, LossInputs, RewardBackpropAlgorithm
+from zoo.algorithm import (
+    Algorithm, ForwardLossInputs, ForwardProcessAlgorithm, LossInputs, ReplayAlgorithm, RewardBackpropAlgorithm,
+)
 from zoo.registry import ALGORITHMS
 from zoo.trajectory import Trajectory
 
@@ -103,7 +105,7 @@ def loss_inputs(name: str, *, on_policy: bool, zero_advantages: bool, seed: int 
     generator = torch.Generator().manual_seed(seed)
     algo = ALGORITHMS[name]().build()
     _, advantages = global_advantages(algo, algo.new_tracker(), generator)  # (P, G, K)
-    if algo.needs.forward_process_loss:
+    if isinstance(algo, ForwardProcessAlgorithm):
         return forward_loss_inputs(algo, advantages, on_policy, zero_advantages, generator)
     num_steps = advantages.shape[2]
     steps_per_call = num_steps if algo.needs.whole_trajectory_loss else STEPS_PER_CALL
@@ -225,7 +227,7 @@ def test_only_losses_that_read_log_probs_refuse_deterministic_ddim(name):
     by every config."""
     config = ALGORITHMS[name]()
     algo = config.build()
-    reads = isinstance(algo, Algorithm) and not algo.needs.forward_process_loss
+    reads = isinstance(algo, ReplayAlgorithm)
     assert config.reads_log_probs == reads
     if reads:
         with pytest.raises(ValueError, match="eta"):

@@ -146,7 +146,7 @@ def test_raising_reward_stops_after_the_limit_and_resumes_with_a_higher_one(
 def test_nan_loss_stops_with_the_previous_checkpoint_intact(
     tiny_pipeline_dir, tmp_path, saved_states, capsys, monkeypatch
 ):
-    real_train_epoch = benchmarks.train._train_epoch
+    real_train_epoch = benchmarks.train.train_on_batch
     epochs_trained = []
 
     def nan_loss_from_epoch_2(algorithm, *args):
@@ -161,7 +161,7 @@ def test_nan_loss_stops_with_the_previous_checkpoint_intact(
             monkeypatch.setattr(algorithm, "loss", nan_loss)
         return real_train_epoch(algorithm, *args)
 
-    monkeypatch.setattr(benchmarks.train, "_train_epoch", nan_loss_from_epoch_2)
+    monkeypatch.setattr(benchmarks.train, "train_on_batch", nan_loss_from_epoch_2)
     out = tmp_path / "run"
     args = fault_args(tiny_pipeline_dir, out, epochs=3)
     assert main(args) == 1
@@ -266,7 +266,7 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     from test_train_loop import Brightness
 
     from benchmarks.evaluate import EvalSettings, evaluate
-    from zoo.policy import Policy
+    from zoo.loading import load_policy
 
     class NaNOnFirstImage(Reward):
         name = "nan-first"
@@ -278,7 +278,7 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
 
     settings = EvalSettings(prompts=("a cat", "a dog"), step_counts=(1,), samples_per_prompt=2, batch_size=4,
                             sampler="ddim", guidance_scale=2.0, eta=1.0, seed=0)
-    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    policy = load_policy(tiny_pipeline_dir)
     stats, _ = evaluate(policy, {"nan-first": NaNOnFirstImage(), "clean": Brightness()}, settings,
                         Accelerator(cpu=True))
     faulty, clean = stats[(1, "nan-first")], stats[(1, "clean")]
@@ -297,7 +297,7 @@ def test_a_reward_that_fails_at_evaluation_costs_its_batch_not_the_run(fault, ti
     from test_train_loop import Brightness
 
     from benchmarks.evaluate import EvalSettings, evaluate
-    from zoo.policy import Policy
+    from zoo.loading import load_policy
 
     class FailsOnSecondBatch(Brightness):
         name = "flaky"
@@ -314,7 +314,7 @@ def test_a_reward_that_fails_at_evaluation_costs_its_batch_not_the_run(fault, ti
 
     settings = EvalSettings(prompts=("a cat", "a dog"), step_counts=(1,), samples_per_prompt=3, batch_size=2,
                             sampler="ddim", guidance_scale=2.0, eta=1.0, seed=0)
-    policy = Policy.from_pretrained(tiny_pipeline_dir)
+    policy = load_policy(tiny_pipeline_dir)
     stats, _ = evaluate(policy, {"flaky": FailsOnSecondBatch(), "clean": Brightness()}, settings,
                         Accelerator(cpu=True), where="ddpo seed 0, epoch 3")
     flaky, clean = stats[(1, "flaky")], stats[(1, "clean")]

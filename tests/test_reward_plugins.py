@@ -226,13 +226,13 @@ def test_a_plugin_whose_constructor_raises_stops_the_run_in_one_line_before_the_
     """The constructor runs only when the run loads its rewards: it raises, and the run
     ends with exit code 2 and one line naming the flag and the error, before the diffusion
     model loads and before the output folder is made (issue 29, case 4)."""
-    import zoo.policy
     from benchmarks.run import main
+    from zoo.unet_policy import UNetPolicy
 
     def no_model(*args, **kwargs):
         raise AssertionError("the diffusion model was loaded")
 
-    monkeypatch.setattr(zoo.policy.Policy, "from_pretrained", no_model)
+    monkeypatch.setattr(UNetPolicy, "load", no_model)
     out = tmp_path / "run"
     args = ["--model", tiny_pipeline_dir, "--reward", "jpeg_compressibility", "--algos", "ddpo", "--out", str(out)]
     assert main(args + ["--eval-rewards", f"{small_plugins}:Explodes"]) == 2

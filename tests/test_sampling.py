@@ -6,20 +6,23 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, LCMScheduler
 
-from zoo.policy import Policy, UNetPolicy
-from zoo.sampling import SamplerConfig, SamplerConfigError, TrajectorySampler
+from zoo.loading import load_policy
+from zoo.policy import Policy
+from zoo.unet_policy import UNetPolicy
+from zoo.kernels import SamplerConfig, SamplerConfigError
+from zoo.sampling import TrajectorySampler
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 
 
 @pytest.fixture(scope="module")
 def ddim_policy(tiny_pipeline_dir) -> Policy:
-    return Policy.from_pretrained(tiny_pipeline_dir)
+    return load_policy(tiny_pipeline_dir)
 
 
 @pytest.fixture(scope="module")
 def lcm_policy(tiny_lcm_pipeline_dir) -> Policy:
-    return Policy.from_pretrained(tiny_lcm_pipeline_dir)
+    return load_policy(tiny_lcm_pipeline_dir)
 
 
 def _rescored_log_probs(sampler: TrajectorySampler, traj) -> torch.Tensor:
@@ -84,8 +87,8 @@ def test_log_prob_is_the_mean_gaussian_density(ddim_policy):
 def test_trailing_spacing_starts_at_the_top(ddim_policy):
     for k, first in [(1, 999), (2, 999), (4, 999)]:
         sampler = TrajectorySampler(ddim_policy, SamplerConfig("ddim", k))
-        assert int(sampler.schedule.timesteps[0]) == first
-    eight = TrajectorySampler(ddim_policy, SamplerConfig("ddim", 8)).schedule.timesteps
+        assert int(sampler.kernel.timesteps[0]) == first
+    eight = TrajectorySampler(ddim_policy, SamplerConfig("ddim", 8)).kernel.timesteps
     assert eight.tolist() == [999, 874, 749, 624, 499, 374, 249, 124]
 
 
@@ -95,10 +98,10 @@ def test_ddim_spacing_overrides_the_model_config(ddim_policy):
     leading = UNetPolicy(ddim_policy.unet, ddim_policy.vae, ddim_policy.text_encoder, ddim_policy.tokenizer,
                          {**ddim_policy.scheduler_config, "timestep_spacing": "leading", "steps_offset": 1})
     for k, own, trailing in [(1, [1], [999]), (2, [501, 1], [999, 499])]:
-        assert TrajectorySampler(leading, SamplerConfig("ddim", k)).schedule.timesteps.tolist() == own
+        assert TrajectorySampler(leading, SamplerConfig("ddim", k)).kernel.timesteps.tolist() == own
         config = SamplerConfig("ddim", k, timestep_spacing="trailing")
-        assert TrajectorySampler(leading, config).schedule.timesteps.tolist() == trailing
-    fifty = TrajectorySampler(leading, SamplerConfig("ddim", 50, timestep_spacing="trailing")).schedule
+        assert TrajectorySampler(leading, config).kernel.timesteps.tolist() == trailing
+    fifty = TrajectorySampler(leading, SamplerConfig("ddim", 50, timestep_spacing="trailing")).kernel
     assert fifty.timesteps[0] == 999 and fifty.timesteps[-1] == 19
     alphas = DDIMScheduler.from_config(ddim_policy.scheduler_config).alphas_cumprod.double()
     assert fifty.alpha_prev[0] == alphas[979] and fifty.alpha_prev[-1] == alphas[0]
@@ -110,14 +113,14 @@ def test_lcm_skipping_spacing_is_rlcms_rule(lcm_policy):
     (None) takes floor(linspace) indices instead, which differ from K = 4 on."""
     def timesteps(k, spacing):
         config = SamplerConfig("lcm", k, guidance_scale=8.0, timestep_spacing=spacing)
-        return TrajectorySampler(lcm_policy, config).schedule.timesteps.tolist()
+        return TrajectorySampler(lcm_policy, config).kernel.timesteps.tolist()
 
     assert timesteps(8, "skipping") == [999, 879, 759, 639, 519, 399, 279, 159]
     assert timesteps(8, None) == [999, 879, 759, 639, 499, 379, 259, 139]
     assert timesteps(4, "skipping") == [999, 759, 519, 279]
     assert timesteps(2, "skipping") == timesteps(2, None) == [999, 499]
     assert timesteps(1, "skipping") == [999]
-    schedule = TrajectorySampler(lcm_policy, SamplerConfig("lcm", 8, timestep_spacing="skipping")).schedule
+    schedule = TrajectorySampler(lcm_policy, SamplerConfig("lcm", 8, timestep_spacing="skipping")).kernel
     alphas = LCMScheduler.from_config(lcm_policy.scheduler_config).alphas_cumprod.double()
     assert schedule.alpha_prev.tolist() == alphas[[879, 759, 639, 519, 399, 279, 159, 0]].tolist()
     with pytest.raises(SamplerConfigError, match="--steps 51"):
@@ -151,20 +154,20 @@ def test_ddim_mean_at_eta_zero_equals_diffusers_step(ddim_policy):
 
 
 def test_lcm_denoised_equals_diffusers_step(lcm_policy):
-    from zoo.sampling import lcm_transition
+    from zoo.kernels import lcm_transition
 
     num_steps, guidance = 4, 8.0
     sampler = TrajectorySampler(lcm_policy, SamplerConfig("lcm", num_steps, guidance_scale=guidance))
     reference = LCMScheduler.from_config(lcm_policy.scheduler_config)
     reference.set_timesteps(num_steps)
-    assert sampler.schedule.timesteps.tolist() == reference.timesteps.tolist()
+    assert sampler.kernel.timesteps.tolist() == reference.timesteps.tolist()
     x = torch.randn(2, *lcm_policy.latent_shape, generator=torch.Generator().manual_seed(3))
     embeds = lcm_policy.encode_prompts(PROMPTS)
-    s = sampler.schedule
+    s = sampler.kernel
     for k in range(num_steps):
         t = reference.timesteps[k]
         with torch.no_grad():
-            eps = lcm_policy.predict_noise(x, torch.full((2,), int(t)), embeds, guidance, "lcm")
+            eps = lcm_policy.predict(x, torch.full((2,), int(t)), embeds, guidance, guidance_embedding=True)
         expected = reference.step(eps, t, x).denoised
         ones = torch.ones(2, dtype=torch.float64)
         _, _, _, denoised = lcm_transition(
@@ -179,8 +182,8 @@ def test_lcm_guidance_embedding_changes_the_prediction(lcm_policy):
     embeds = lcm_policy.encode_prompts(PROMPTS[:1])
     t = torch.tensor([999])
     with torch.no_grad():
-        low = lcm_policy.predict_noise(x, t, embeds, 2.0, "lcm")
-        high = lcm_policy.predict_noise(x, t, embeds, 8.0, "lcm")
+        low = lcm_policy.predict(x, t, embeds, 2.0, guidance_embedding=True)
+        high = lcm_policy.predict(x, t, embeds, 8.0, guidance_embedding=True)
     assert (low - high).abs().max() > 1e-4
 
 
@@ -221,9 +224,10 @@ def test_bad_sampler_settings_name_their_flag(config, flag):
 
 
 def test_reference_log_probs_equal_current_before_training(tiny_pipeline_dir):
+    from zoo.loading import load_policy
     from zoo.policy import LoraSettings
 
-    policy = Policy.from_pretrained(tiny_pipeline_dir, lora=LoraSettings(rank=2, alpha=2))
+    policy = load_policy(tiny_pipeline_dir, lora=LoraSettings(rank=2, alpha=2))
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 2))
     # A fresh LoRA has B = 0, so base and adapted policies coincide.
     traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(7), reference_log_probs=True)
@@ -247,7 +251,7 @@ def test_lcm_transition_is_diffusers_step_with_the_same_noise(lcm_policy):
         t = reference.timesteps[k]
         with torch.no_grad():
             mean, std, _ = sampler.transition(x, torch.full((2,), k, dtype=torch.long), embeds)
-            eps = lcm_policy.predict_noise(x, torch.full((2,), int(t)), embeds, guidance, "lcm")
+            eps = lcm_policy.predict(x, torch.full((2,), int(t)), embeds, guidance, guidance_embedding=True)
         out = reference.step(eps, t, x, generator=torch.Generator().manual_seed(10 + k))
         if k < num_steps - 1:
             z = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + k))

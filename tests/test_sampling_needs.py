@@ -12,13 +12,16 @@ from accelerate import Accelerator
 import benchmarks.evaluate
 import zoo.sampling
 from benchmarks.evaluate import EvalSettings, evaluate
-from benchmarks.train import TrainLoop, _reward_inputs, sample_and_score
+from benchmarks.loop import TrainLoop
+from benchmarks.rollout import reward_inputs, sample_and_score
 from rewards.base import Reward
 from zoo.algorithm import Algorithm
 from zoo.ddpo import DDPOConfig
+from zoo.loading import load_policy
 from zoo.policy import Policy
 from zoo.registry import ALGORITHMS
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 from zoo.sdpo import SDPOConfig
 from zoo.trajectory import NotSampled
 
@@ -102,7 +105,7 @@ def test_an_algorithm_that_scores_final_images_decodes_and_scores_each_once(poli
 def test_what_is_kept_does_not_depend_on_what_else_is_kept(request, kind, guidance):
     """Leaving out the per-step tensors or the final images changes neither the noise drawn
     nor anything kept: bit-identical images, latents, log-probs and x̂0."""
-    policy = Policy.from_pretrained(request.getfixturevalue(f"tiny_{'lcm_' if kind == 'lcm' else ''}pipeline_dir"))
+    policy = load_policy(request.getfixturevalue(f"tiny_{'lcm_' if kind == 'lcm' else ''}pipeline_dir"))
     sampler = TrajectorySampler(policy, SamplerConfig(kind, 3, 1.0, guidance))
 
     def sample(**keep):
@@ -169,7 +172,7 @@ def test_reading_what_was_not_kept_names_the_argument_that_keeps_it(policy):
         traj.images
     # The trainer scoring final images that its algorithm's needs did not ask for.
     with pytest.raises(NotSampled, match=r"SamplingNeeds\.final_images"):
-        _reward_inputs(DDPOConfig(num_steps=2).build(), traj, policy)
+        reward_inputs(DDPOConfig(num_steps=2).build(), traj, policy)
     with pytest.raises(ValueError, match="record_transitions=True"):
         sampler.sample(PROMPTS[:2], reference_log_probs=True, record_transitions=False)
 

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import torch
 
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_policy import policy_with_random_adapter
 
@@ -33,8 +34,8 @@ def _predictions(policy, guidance: float) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     embeds = policy.encode_prompts(["a red circle", "a blue square"])
     with torch.no_grad():
-        return [policy.predict_noise(torch.randn(2, *policy.latent_shape, generator=generator),
-                                     torch.tensor([999, 500]), embeds, guidance, "ddim") for _ in range(2)]
+        return [policy.predict(torch.randn(2, *policy.latent_shape, generator=generator),
+                                     torch.tensor([999, 500]), embeds, guidance) for _ in range(2)]
 
 
 def test_kept_predictions_survive_the_next_call_of_a_graph(tiny_pipeline_dir):

@@ -199,10 +199,11 @@ def test_aesthetic_proxy_ranks_same_prompt_pairs_as_the_gold_does(rewards):
     baselines compare them, twice), the proxy prefers the member the gold prefers in at
     least PROXY_MIN_PAIR_AGREEMENT of them; a head that only tracks the gold across images
     (the previous build's) stays near 0.66."""
-    from zoo.policy import Policy
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from zoo.loading import load_policy
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
-    sampler = TrajectorySampler(Policy.from_pretrained(str(PIPELINE)), SamplerConfig("ddim", 4, 1.0, 4.0, "trailing"))
+    sampler = TrajectorySampler(load_policy(str(PIPELINE)), SamplerConfig("ddim", 4, 1.0, 4.0, "trailing"))
     captions = data.train_captions()
     prompts = [captions[i % len(captions)] for i in range(64)]
     paired = [p for p in prompts for _ in range(2)]

@@ -7,11 +7,14 @@ import math
 import pytest
 import torch
 
-from benchmarks.train import TrainLoop, gather_transitions, minibatch_losses, sample_and_score
+from benchmarks.loop import TrainLoop
+from benchmarks.loss_calls import gather_transitions, minibatch_losses
+from benchmarks.rollout import sample_and_score
 from rewards.base import Reward
 from zoo.ddpo import DDPOConfig
 from zoo.rebel import REBELConfig
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 from test_policy import policy_with_random_adapter
 

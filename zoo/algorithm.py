@@ -1,10 +1,16 @@
-"""The one interface every alignment algorithm implements.
+"""The interface every alignment algorithm implements, in three kinds.
 
 An algorithm is tensor math only: it never sees the model, accelerate, files or loggers.
-The runner (benchmarks/) drives it each epoch:
+The runner (benchmarks/) drives it each epoch, telling it where training stands
+(`EpochContext`: the epoch, the run's epochs, the epoch's generator).
 
-1. samples `needs.group_size` trajectories per prompt as `needs` asks (shared x_T or
-   not, x̂0 recorded or not, reference log-probs or not, final images decoded or not);
+Replay algorithms (`ReplayAlgorithm`: DDPO, REBEL, D3PO, SDPO, GRPO) read the sampler's
+transition log-probs:
+
+1. the runner asks for the epoch's per-step noise levels (`noise_levels`, before anything
+   is drawn; None samples every step at the config's eta) and samples `needs.group_size`
+   trajectories per prompt as `needs` asks (shared x_T or not, x̂0 recorded or not,
+   reference log-probs or not, final images decoded or not);
 2. decodes and scores the images that `reward_steps` names (terminal images by default,
    which `needs.final_images` must then ask for);
 3. `shape_rewards` turns those scores into per-trajectory returns, locally;
@@ -14,27 +20,27 @@ The runner (benchmarks/) drives it each epoch:
    default), recomputes log-probs under the current weights (and, if `needs` asks, the
    KL to the frozen base model) and calls `loss`, which returns (loss, metrics).
 
-Reward back-propagation (DRaFT, AlignProp: zoo/draft.py) is the other kind, a
-`RewardBackpropAlgorithm`: no log-probs, advantages or stat tracker. For each minibatch the
-runner (`benchmarks.train.reward_backprop_epoch`) samples with the current weights, the
-steps before the last `grad_steps()` without gradients and those with them, decodes, scores
-with the reward's graph kept, and back-propagates `loss(rewards)`.
+Forward-process algorithms (`ForwardProcessAlgorithm`: DiffusionNFT) replace step 5 and
+read no log-probs. When `needs_old_policy`, the runner keeps an old policy, a copy of the
+adapter weights, which starts as the current weights, samples the epoch with it (step 1),
+and after the epoch's updates is replaced by `next_old_policy(old, current,
+optimizer_updates)`; it is checkpointed with the run. `advantages` turns the rewards into
+per-trajectory weights as usual (NFT: optimality probabilities). Step 5 becomes: for each
+minibatch and position j of every trajectory's shuffled step order, the runner noises each
+trajectory's final clean latent x0 (`Trajectory.final_latents`) to the timestep t of step j
+with fresh noise ε, x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, predicts ε at x_t without
+classifier-free guidance under the old policy's weights (no gradient; with
+`needs_old_policy`), under the frozen base model when `needs.reference_prediction` asks (no
+gradient), and under the current weights (with gradient), and calls `loss` with
+`ForwardLossInputs`. Flow models are noised on their own path, x_σ = (1-σ)·x0 + σ·ε, and
+predict the velocity ε - x0 (`ForwardLossInputs` is written for both). One backward pass
+per call, so `loss_calls_per_update` keeps its default (accumulation x K).
 
-Forward-process algorithms (`needs.forward_process_loss`: DiffusionNFT) replace step 5 and
-read no log-probs. The runner keeps an old policy, a copy of the adapter weights, which
-starts as the current weights, samples the epoch with it (step 1), and after the epoch's
-updates is replaced by `next_old_policy(old, current, optimizer_updates)`; it is
-checkpointed with the run. `advantages` turns the rewards into per-trajectory weights as
-usual (NFT: optimality probabilities). Step 5 becomes: for each minibatch and position j of
-every trajectory's shuffled step order, the runner noises each trajectory's final clean
-latent x0 (`Trajectory.final_latents`) to the timestep t of step j with fresh noise ε,
-x_t = sqrt(ᾱ_t)·x0 + sqrt(1-ᾱ_t)·ε, predicts ε at x_t without classifier-free guidance
-under the old policy's weights (no gradient), under the frozen base model when
-`needs.reference_prediction` asks (no gradient), and under the current weights (with
-gradient), and calls `loss` with `ForwardLossInputs`. Flow models are noised on their own
-path, x_σ = (1-σ)·x0 + σ·ε, and predict the velocity ε - x0 (`ForwardLossInputs` is
-written for both). One backward pass per call, so
-`loss_calls_per_update` keeps its default (accumulation x K).
+Reward back-propagation (`RewardBackpropAlgorithm`: DRaFT, AlignProp; zoo/draft.py) is the
+third kind: no log-probs, advantages or stat tracker. For each minibatch the runner
+(`benchmarks.epochs.reward_backprop_epoch`) samples with the current weights, the steps
+before the last `grad_steps()` without gradients and those with them, decodes, scores with
+the reward's graph kept, and back-propagates `loss(rewards)`.
 
 Each algorithm's config subclasses `TrainingConfig`, which holds the fields the runner reads
 from every config, and whose `build()` makes the algorithm.
@@ -51,7 +57,7 @@ from typing import Any, Literal
 
 import torch
 
-from zoo.sampling import FLOW_SDES, FlowSDE
+from zoo.kernels import FLOW_SDES, FlowSDE, takes_flow_sde
 from zoo.stat_tracking import NoStatTracker
 from zoo.trajectory import Trajectory
 
@@ -82,14 +88,9 @@ class SamplingNeeds:
     """Whether each `loss` call needs the KL of every trained transition's Gaussian under the
     current weights to the frozen base model's (adapter disabled): one more UNet call per
     loss call, without gradients (GRPO's β > 0). Per-step losses only."""
-    forward_process_loss: bool = False
-    """Whether the loss trains on the forward process of each trajectory's final clean
-    latent instead of replaying its transitions (DiffusionNFT): `loss` gets
-    `ForwardLossInputs`, the runner keeps an old policy that samples and is moved by
-    `next_old_policy` (see the module docstring), and no log-prob is read."""
     reference_prediction: bool = False
-    """With `forward_process_loss`: whether `loss` also needs the frozen base model's
-    ε-prediction (adapter disabled) at each x_t."""
+    """For a `ForwardProcessAlgorithm`: whether `loss` also needs the frozen base model's
+    prediction (adapter disabled) at each x_t."""
 
     def __post_init__(self) -> None:
         if self.kl_to_reference and self.whole_trajectory_loss:
@@ -109,13 +110,13 @@ class LossInputs:
     step_index: torch.Tensor  # (p, G, S) long, k = 0 for the first (noisiest) step
     ref_log_probs: torch.Tensor | None = None  # (p, G, S) under the frozen base model
     # (p, G, S) KL(current || base) of each transition's Gaussian, averaged over the latent's
-    # elements, carrying the gradient (`needs.kl_to_reference`; `zoo.sampling.gaussian_kl`)
+    # elements, carrying the gradient (`needs.kl_to_reference`; `zoo.kernels.gaussian_kl`)
     kl_to_reference: torch.Tensor | None = None
 
 
 @dataclass
 class ForwardLossInputs:
-    """One minibatch of forward-process examples (`needs.forward_process_loss`): p groups of
+    """One minibatch of forward-process examples (`ForwardProcessAlgorithm`): p groups of
     G trajectories, each trajectory's final clean latent x0 noised to one timestep t of the
     sampler's schedule (`TrajectorySampler.forward_process`): x_t = sqrt(ᾱ_t)·x0 +
     sqrt(1-ᾱ_t)·ε for ε-prediction models, x_σ = (1-σ)·x0 + σ·ε for flow models.
@@ -124,17 +125,53 @@ class ForwardLossInputs:
     in the prediction: x̂0 - x0 = -x0_scale·(prediction - target)."""
 
     prediction: torch.Tensor  # (p, G, C, h, w) under the current weights, carries the gradient
-    old_prediction: torch.Tensor  # (p, G, C, h, w) under the old policy's weights, no gradient
+    old_prediction: torch.Tensor | None  # (p, G, C, h, w) under the old policy's weights, no gradient
+    # (`ForwardProcessAlgorithm.needs_old_policy`; None without)
     target: torch.Tensor  # (p, G, C, h, w) the exact prediction at x_t: ε, or ε - x0 (flow)
     x0_scale: torch.Tensor  # (p, G) x̂0's error per unit of prediction error: sqrt((1-ᾱ_t)/ᾱ_t), or σ
     advantages: torch.Tensor  # (p, G) `advantages` of each trajectory at the step that chose t
     ref_prediction: torch.Tensor | None = None  # (p, G, C, h, w) under the frozen base model, no gradient
 
 
+@dataclass(frozen=True)
+class EpochContext:
+    """Where training stands when an epoch starts, as an algorithm's per-epoch choices
+    (`noise_levels`, `trained_steps`) read it."""
+
+    epoch: int
+    """The epoch about to be trained, 0 for the first."""
+    epochs: int
+    """The run's epochs."""
+    generator: torch.Generator
+    """The epoch's generator (seeded by seed, epoch and process): every draw of the epoch
+    comes from it, in the order the runner makes them."""
+
+    @property
+    def progress(self) -> float:
+        """The fraction of the run's epochs done before this one, in [0, 1)."""
+        return self.epoch / self.epochs
+
+
 class Algorithm(abc.ABC):
-    """Base class: subclasses set `needs` and implement `advantages` and `loss`."""
+    """Base class of the algorithms that score sampled trajectories and weight them by
+    advantages (`ReplayAlgorithm`, `ForwardProcessAlgorithm`): subclasses set `needs` and
+    implement `new_tracker`, `advantages` and `loss`."""
 
     needs: SamplingNeeds
+
+    def noise_levels(self, context: EpochContext, num_steps: int) -> torch.Tensor | None:
+        """(K,) float noise levels the epoch's trajectories are sampled at, decided before
+        anything is sampled (0: the ODE at that step, which has no log-prob, so it must not
+        be trained by a replay loss); None samples every step at the config's eta. Any
+        draw comes first from `context.generator`."""
+        return None
+
+    def trained_steps(self, context: EpochContext, num_prompts: int, group_size: int) -> torch.Tensor | None:
+        """(P, G, S) long: the step indices of each trajectory that the epoch trains (S the
+        config's `trained_steps_per_trajectory`, the same for every trajectory), drawn from
+        `context.generator` after sampling and advantages; None trains all K steps. The
+        other steps are sampled but never trained."""
+        return None
 
     def reward_steps(self, traj: Trajectory) -> torch.Tensor | None:
         """(P, G, M) step indices whose decoded x̂0 is scored, or None to score the final
@@ -149,13 +186,6 @@ class Algorithm(abc.ABC):
         """
         return scores
 
-    def trained_steps(self, num_prompts: int, group_size: int, generator: torch.Generator) -> torch.Tensor | None:
-        """(P, G, S) long: the step indices of each trajectory that the epoch trains (S the
-        config's `trained_steps_per_trajectory`, the same for every trajectory), drawn from
-        the epoch's `generator`; None trains all K steps. The other steps are sampled but
-        never replayed."""
-        return None
-
     @abc.abstractmethod
     def new_tracker(self) -> Any:
         """A fresh statistics tracker (its `state_dict` is saved with checkpoints)."""
@@ -164,18 +194,36 @@ class Algorithm(abc.ABC):
     def advantages(self, prompts: list[str], returns: torch.Tensor, tracker: Any) -> torch.Tensor:
         """(P, G, K) advantages for the global batch; updates `tracker`. No gradient."""
 
+
+class ReplayAlgorithm(Algorithm):
+    """An algorithm whose loss replays stored transitions, reading their log-probs under
+    the current weights (step 5 of the module docstring)."""
+
     @abc.abstractmethod
-    def loss(self, inputs: LossInputs | ForwardLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar loss for one minibatch and detached scalar metrics to log: from
-        `LossInputs`, or `ForwardLossInputs` when `needs.forward_process_loss`."""
+    def loss(self, inputs: LossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss for one minibatch and detached scalar metrics to log."""
+
+
+class ForwardProcessAlgorithm(Algorithm):
+    """An algorithm whose loss trains on each trajectory's final clean latent noised again
+    by the forward process (the module docstring), reading no log-probs."""
+
+    needs_old_policy: bool = True
+    """Whether the runner keeps an old policy that samples the epoch and whose prediction
+    `loss` reads (`ForwardLossInputs.old_prediction`), moved by `next_old_policy`; False
+    samples with the current weights and makes no old prediction."""
+
+    @abc.abstractmethod
+    def loss(self, inputs: ForwardLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss for one minibatch and detached scalar metrics to log."""
 
     def next_old_policy(
         self, old: dict[str, torch.Tensor], current: dict[str, torch.Tensor], optimizer_updates: int
     ) -> dict[str, torch.Tensor]:
-        """With `needs.forward_process_loss`: the old policy's adapter weights for the next
-        epoch, from this epoch's old and current weights (name -> tensor) once
-        `optimizer_updates` optimizer steps have been taken in all. No gradient."""
-        raise NotImplementedError(f"{type(self).__name__} keeps no old policy (needs.forward_process_loss is off)")
+        """With `needs_old_policy`: the old policy's adapter weights for the next epoch, from
+        this epoch's old and current weights (name -> tensor) once `optimizer_updates`
+        optimizer steps have been taken in all. No gradient."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no old policy (needs_old_policy is off)")
 
 
 class RewardBackpropAlgorithm(abc.ABC):
@@ -307,7 +355,7 @@ class TrainingConfig(abc.ABC):
     eta: float = 1.0
     """DDIM eta when `sampler` is ddim, the SDE's noise level when it is flow (positive for losses that read log-probs: eta = 0 has no log-density); unused by LCM."""
     flow_sde: FlowSDE = "flow-grpo"
-    """The flow sampler's SDE, Flow-GRPO's or DanceGRPO's (`zoo.sampling.SamplerConfig.flow_sde`; their published eta: 0.7, 0.3); other samplers take only flow-grpo."""
+    """The flow sampler's SDE, Flow-GRPO's or DanceGRPO's (`zoo.kernels.SamplerConfig.flow_sde`; their published eta: 0.7, 0.3); other samplers take only flow-grpo."""
 
     def __post_init__(self) -> None:
         # inf passes every "must be positive" rule and NaN reads as a value: refused for
@@ -317,7 +365,7 @@ class TrainingConfig(abc.ABC):
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{config_field.name} must be a finite number (got {value!r}).")
         check_field_rules(self, _TRAINING_RULES)
-        if self.flow_sde != "flow-grpo" and self.sampler != "flow":
+        if not takes_flow_sde(self.sampler, self.flow_sde):
             raise ValueError(f"flow_sde {self.flow_sde} is an SDE of the flow sampler, not of {self.sampler}.")
         if self.sampler in ("ddim", "flow") and self.eta < 0:
             raise ValueError(f"eta must be non-negative (got {self.eta}).")

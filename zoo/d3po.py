@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules
+from zoo.algorithm import LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules
 from zoo.stat_tracking import NoStatTracker
 
 _FIELD_RULES = (
@@ -74,7 +74,7 @@ class D3POConfig(TrainingConfig):
         return D3PO(self)
 
 
-class D3PO(Algorithm):
+class D3PO(ReplayAlgorithm):
     def __init__(self, config: D3POConfig):
         self.config = config
         self.needs = SamplingNeeds(group_size=2, shared_noise=True, reference_log_probs=True)

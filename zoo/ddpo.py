@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from zoo.algorithm import (
-    Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes, ppo_clip_loss,
+    LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes, ppo_clip_loss,
 )
 from zoo.stat_tracking import PerPromptStatTracker
 
@@ -74,7 +74,7 @@ class DDPOConfig(TrainingConfig):
         return DDPO(self)
 
 
-class DDPO(Algorithm):
+class DDPO(ReplayAlgorithm):
     def __init__(self, config: DDPOConfig):
         self.config = config
         self.needs = SamplingNeeds(group_size=1, shared_noise=False)

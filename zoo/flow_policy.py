@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from peft.utils import get_peft_model_state_dict
 
-from zoo.policy import FLOW_PIPELINE_CLASSES, PRECISION_DTYPES, MixedPrecision, Policy
+from zoo.kernels import FLOW_KERNELS, FlowKernel, SamplerConfig, SamplerConfigError
+from zoo.policy import PRECISION_DTYPES, MixedPrecision, Policy
 
-PIPELINES = dict(zip(FLOW_PIPELINE_CLASSES, (StableDiffusion3Pipeline, FluxPipeline)))
+PIPELINES = {"StableDiffusion3Pipeline": StableDiffusion3Pipeline, "FluxPipeline": FluxPipeline}
 """The flow-matching pipeline classes stepzoo loads, by model_index.json's `_class_name`."""
 
 FLOW_LORA_TARGETS = (
@@ -67,7 +68,10 @@ def calculate_shift(image_seq_len: int, config, max_shift_default: float) -> flo
 class FlowPolicy(Policy):
     """A flow-matching transformer (SD3 or FLUX shaped) + VAE + text encoders."""
 
-    family = "flow"
+    prediction = "velocity"
+    samplers = ("flow",)
+    suggested_sampler = "flow"
+    description = "a flow-matching transformer"
 
     def __init__(
         self,
@@ -102,7 +106,7 @@ class FlowPolicy(Policy):
 
     @classmethod
     def load(cls, source: str, *, mixed_precision: MixedPrecision = "no", **options) -> "FlowPolicy":
-        """From a local pipeline folder (`zoo.policy.resolve_model`'s answer)."""
+        """From a local pipeline folder (`zoo.loading.resolve_model`'s answer)."""
         index = json.loads((Path(source) / "model_index.json").read_text())
         pipeline_type = pipeline_class(source, index)
         absent = {name: None for name, entry in index.items() if isinstance(entry, list) and entry[0] is None}
@@ -136,6 +140,21 @@ class FlowPolicy(Policy):
             scheduler.set_timesteps(num_steps, device="cpu")
         return scheduler
 
+    def build_kernel(self, config: SamplerConfig) -> FlowKernel:
+        """The SDE of `config.flow_sde` on the σ of `flow_scheduler`; the model's timestep
+        input is σ·1000, as the diffusers pipelines pass it."""
+        scheduler = self.flow_scheduler(config.num_steps)
+        if len(scheduler.timesteps) != config.num_steps:
+            raise SamplerConfigError(
+                f"the {type(scheduler).__name__} gave {len(scheduler.timesteps)} timesteps for --steps {config.num_steps}"
+            )
+        sigmas = scheduler.sigmas.to(torch.float64)  # (K + 1,), the last the terminal σ
+        return FLOW_KERNELS[config.flow_sde](
+            timesteps=scheduler.timesteps.to(torch.float32).clone(),
+            noise_levels=torch.full((config.num_steps,), float(config.eta), dtype=torch.float64),
+            sigma=sigmas[:-1].clone(), sigma_next=sigmas[1:].clone(),
+        )
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(P, L + 1, D): the pipeline's prompt embeddings with the pooled projection as the
@@ -156,16 +175,18 @@ class FlowPolicy(Policy):
         pooled_dim = self.transformer.config.pooled_projection_dim
         return prompt_embeds[:, :-1], prompt_embeds[:, -1, :pooled_dim]
 
-    def predict_velocity(
-        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float,
+        guidance_embedding: bool = False,
     ) -> torch.Tensor:
         """v̂ (N,C,h,w) in float32 (float64 for a policy whose weights are). timesteps (N,)
         are σ·1000. Classifier-free guidance (conditional and unconditional halves in one
         call) when guidance_scale > 1, except for a FLUX transformer with a guidance
-        embedding (FLUX.1-dev), which takes the scale as an input in one pass."""
+        embedding (FLUX.1-dev), which takes the scale as an input in one pass whatever the
+        kernel asks (`guidance_embedding` is the model's here)."""
         n = latents.shape[0]
-        guidance_embedding = self.flux and self.transformer.config.guidance_embeds
-        use_cfg = guidance_scale > 1.0 and not guidance_embedding
+        embedded = self.flux and self.transformer.config.guidance_embeds
+        use_cfg = guidance_scale > 1.0 and not embedded
         if use_cfg:
             latents = torch.cat([latents, latents])
             timesteps = torch.cat([timesteps, timesteps])
@@ -174,7 +195,7 @@ class FlowPolicy(Policy):
         hidden = latents.to(self.weight_dtype)
         with self._autocast():
             if self.flux:
-                output = self._flux_forward(hidden, timesteps, embeds, pooled, guidance_scale if guidance_embedding else None)
+                output = self._flux_forward(hidden, timesteps, embeds, pooled, guidance_scale if embedded else None)
             else:
                 output = self.denoiser(
                     hidden_states=hidden, timestep=timesteps, encoder_hidden_states=embeds, pooled_projections=pooled

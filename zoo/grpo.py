@@ -31,7 +31,7 @@ Implementation details:
 5. KL to the base model, when β > 0 (train_sd3.py:875-878, :894-897): the base's transition
    mean is recomputed with the LoRA adapter disabled and without gradients; both Gaussians
    have the step's std σ, so KL = mean over elements of (μ_θ - μ_ref)² / (2σ²) per
-   transition (`zoo.sampling.gaussian_kl`), and loss = policy + β·mean KL. β = 0.04
+   transition (`zoo.kernels.gaussian_kl`), and loss = policy + β·mean KL. β = 0.04
    (config/grpo.py:244; base.py:91 has 0). With β = 0 the runner makes no reference UNet
    call (`needs.kl_to_reference`).
 6. Training window (Flow-GRPO-Fast: `sde_window_size` 2 within `sde_window_range` (0, 10),
@@ -89,7 +89,9 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, ppo_clip_loss
+from zoo.algorithm import (
+    EpochContext, LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules, ppo_clip_loss,
+)
 from zoo.stat_tracking import NoStatTracker
 
 _FIELD_RULES = (
@@ -164,7 +166,7 @@ class GRPOConfig(TrainingConfig):
         return GRPO(self)
 
 
-class GRPO(Algorithm):
+class GRPO(ReplayAlgorithm):
     def __init__(self, config: GRPOConfig):
         self.config = config
         # Members are independent samples: each permutes its own steps, as DDPO's trajectories do.
@@ -173,14 +175,14 @@ class GRPO(Algorithm):
             kl_to_reference=config.beta > 0,
         )
 
-    def trained_steps(self, num_prompts: int, group_size: int, generator: torch.Generator) -> torch.Tensor | None:
+    def trained_steps(self, context: EpochContext, num_prompts: int, group_size: int) -> torch.Tensor | None:
         """(P, G, window_size) consecutive steps per trajectory, each window's start uniform
         over the starts that keep it inside `window_range`; None without a window."""
         c = self.config
         if c.window_size is None:
             return None
         low, high = c.window_range or (0, c.num_steps)
-        starts = torch.randint(low, high - c.window_size + 1, (num_prompts, group_size, 1), generator=generator)
+        starts = torch.randint(low, high - c.window_size + 1, (num_prompts, group_size, 1), generator=context.generator)
         return starts + torch.arange(c.window_size)
 
     def new_tracker(self) -> NoStatTracker:

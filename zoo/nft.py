@@ -102,7 +102,7 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo.algorithm import Algorithm, ForwardLossInputs, SamplingNeeds, TrainingConfig, check_field_rules
+from zoo.algorithm import ForwardLossInputs, ForwardProcessAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules
 from zoo.stat_tracking import NoStatTracker
 
 STD_EPS = 1e-4
@@ -188,14 +188,13 @@ def adaptive_x0_loss(error: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (x0_error**2).flatten(2).mean(-1) / weight
 
 
-class NFT(Algorithm):
+class NFT(ForwardProcessAlgorithm):
     def __init__(self, config: NFTConfig):
         self.config = config
         self.needs = SamplingNeeds(
             group_size=config.group_size,
             shared_noise=False,
             same_step_order_in_group=False,
-            forward_process_loss=True,
             reference_prediction=config.kl_weight > 0,
         )
 

@@ -1,12 +1,15 @@
-"""The trainable policy: a diffusers denoiser (a Stable-Diffusion-shaped UNet here, an SD3-
-or FLUX-shaped transformer in zoo/flow_policy.py) with a LoRA adapter.
+"""The trainable policy: a family adapter around a diffusers denoiser with a LoRA adapter.
 
-Components load one by one from a hub id or a local folder (the layout that
-`save_pretrained` writes), so any SD-shaped checkpoint works whatever pipeline class it
-was saved with, and no safety checker or feature extractor is ever loaded. Only the LoRA
-weights train; the frozen denoiser, VAE and text encoders sit in the chosen precision while
-LoRA parameters stay float32 and every log-prob is computed in float32 (zoo.sampling).
-The reference model is the same denoiser with its adapter disabled: no copy is made.
+A family adapter declares what its denoiser predicts and on which noise schedule: the
+ε-prediction UNet (`zoo.unet_policy`: DDIM and LCM kernels on the ᾱ schedule) and the
+velocity-prediction transformer (`zoo.flow_policy`: the flow SDEs on the σ schedule). The
+samplers and losses see only `Policy.kernel` and `Policy.predict`, never a family's name;
+`zoo.loading.load_policy` picks the adapter from a model's files.
+
+Only the LoRA weights train; the frozen denoiser, VAE and text encoders sit in the chosen
+precision while LoRA parameters stay float32 and every log-prob is computed in float32
+(zoo.kernels). The reference model is the same denoiser with its adapter disabled: no copy
+is made.
 
 Speed and memory switches live in `Performance`; the optimizer only ever sees
 `trainable_parameters()` (the LoRA weights), so its state is LoRA-sized whatever the model.
@@ -16,36 +19,24 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import ClassVar, Iterator, Literal
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
-from diffusers.models.embeddings import get_timestep_embedding
+from diffusers import AutoencoderKL
 from diffusers.training_utils import cast_training_params
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import CLIPTextModel, CLIPTokenizer
 
-from zoo import hub
-from zoo.hub import UNPINNED, HubFiles
+from zoo.kernels import Kernel, SamplerConfig, SamplerConfigError
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-MODEL_PATH_ENV = "STEPZOO_MODEL_PATH"
-
-
-class ModelUnavailable(RuntimeError):
-    """The model's files are neither in a local folder nor in the Hugging Face cache, and
-    cannot be downloaded (offline or no network)."""
-
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -99,128 +90,20 @@ def enable_tf32() -> None:
     torch.backends.cudnn.allow_tf32 = True
 
 
-PIPELINE_FILES = (
-    "model_index.json",
-    "unet/config.json",
-    "unet/diffusion_pytorch_model.safetensors",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder/config.json",
-    "text_encoder/model.safetensors",
-    "tokenizer/*",
-    "scheduler/scheduler_config.json",
-)
-"""What `Policy.from_pretrained` reads from a hub pipeline, and all that is downloaded: the
-float32 safetensors of each component (loaded in the run's precision), not the fp16 or
-.bin variants, single-file checkpoints, safety checker or feature extractor."""
-
-
-FLOW_PIPELINE_FILES = (
-    "model_index.json",
-    "transformer/config.json",
-    "transformer/diffusion_pytorch_model.safetensors",
-    "transformer/diffusion_pytorch_model-*-of-*.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors.index.json",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "text_encoder*/config.json",
-    "text_encoder*/model.safetensors",
-    "text_encoder*/model-*-of-*.safetensors",
-    "text_encoder*/model.safetensors.index.json",
-    "tokenizer*/*",
-    "scheduler/scheduler_config.json",
-)
-"""`PIPELINE_FILES` of a flow-matching pipeline (SD3, FLUX): the transformer and the text
-encoders in float32 safetensors, one file or shards with their index; never a repo's fp16
-variants (`model.fp16*.safetensors`), single-file checkpoints or .bin copies."""
-
-FLOW_REQUIRED = (
-    ("model_index.json",),
-    ("transformer/config.json",),
-    ("transformer/diffusion_pytorch_model.safetensors", "transformer/diffusion_pytorch_model.safetensors.index.json"),
-    ("vae/config.json",),
-    ("vae/diffusion_pytorch_model.safetensors",),
-    ("text_encoder/config.json",),
-    ("text_encoder/model.safetensors", "text_encoder/model.safetensors.index.json"),
-    ("tokenizer/*",),
-    ("scheduler/scheduler_config.json",),
-)
-"""What a flow pipeline's download must hold, each entry one of its alternatives (a single
-weights file or a shard index)."""
-
-PIPELINE_FILE_SETS = {"epsilon": PIPELINE_FILES, "flow": FLOW_PIPELINE_FILES}
-REQUIRED_FILES = {"epsilon": tuple((pattern,) for pattern in PIPELINE_FILES), "flow": FLOW_REQUIRED}
-
-
-FLOW_PIPELINE_CLASSES = ("StableDiffusion3Pipeline", "FluxPipeline")
-"""model_index.json `_class_name`s of the flow-matching pipelines (`zoo.flow_policy`)."""
-
-
-def resolve_model(model: str, revision: str = UNPINNED, family: str | None = None) -> str:
-    """Return a loadable folder for `model`, or raise ModelUnavailable (or DownloadFailed).
-
-    Looks at, in order: `model` as a local folder, the folder in $STEPZOO_MODEL_PATH
-    when `model` is a hub id, then the Hugging Face cache at `revision`; a hub id that
-    is not cached is downloaded (the `family`'s PIPELINE_FILES only) unless offline.
-    `family` None reads it from the repo's model_index.json, fetched alone first (where
-    that cannot be fetched, the error names the ε-prediction file set).
-    """
-    if Path(model).is_dir():
-        if not any((Path(model) / denoiser).is_dir() for denoiser in ("unet", "transformer")):
-            raise ModelUnavailable(
-                f"--model {model}: the folder has no unet/ or transformer/ subfolder; point it at a "
-                "diffusers pipeline folder (the layout `save_pretrained` writes: unet/ or transformer/, "
-                "vae/, text_encoder/, tokenizer/, scheduler/)"
-            )
-        return model
-    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
-        raise ModelUnavailable(f"--model {model}: no such folder; pass a diffusers pipeline folder or a hub id")
-    override = os.environ.get(MODEL_PATH_ENV)
-    if override and Path(override).is_dir():
-        return override
-    files = HubFiles(model, revision, PIPELINE_FILE_SETS[family or "epsilon"])
-    try:
-        if family is None:
-            family = _hub_family(model, revision)
-            files = HubFiles(model, revision, PIPELINE_FILE_SETS[family])
-        required = REQUIRED_FILES[family]
-        folder = hub.snapshot(files, lambda folder: not _missing_pipeline_files(folder, required))
-    except hub.HubUnreachable as reason:
-        raise ModelUnavailable(
-            f"--model {model}: not in the Hugging Face cache and {reason}; fix: `{files.command()}`\n"
-            f"The cache is {hub.cache_dir()}. Without network here, run that command on a machine with it "
-            f"and copy the cache over, or pass --model /path/to/folder (or set {MODEL_PATH_ENV}) pointing at "
-            "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)."
-        ) from None
-    missing = _missing_pipeline_files(folder, required)
-    if missing:
-        raise ModelUnavailable(
-            f"--model {model}: the hub repo at revision {revision} has no {', '.join(missing)}; "
-            "stepzoo loads diffusers pipelines with float32 safetensors weights"
-        )
-    return str(folder)
-
-
-def _hub_family(model: str, revision: str) -> str:
-    """"flow" or "epsilon", from the hub pipeline's model_index.json (cached like the rest)."""
-    folder = hub.snapshot(HubFiles(model, revision, ("model_index.json",)), lambda f: (f / "model_index.json").is_file())
-    name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-    return "flow" if name in FLOW_PIPELINE_CLASSES else "epsilon"
-
-
-def _missing_pipeline_files(folder: Path, required: tuple[tuple[str, ...], ...]) -> list[str]:
-    return [" or ".join(choices) for choices in required if not any(any(folder.glob(c)) for c in choices)]
-
-
 class Policy(abc.ABC):
     """A denoiser (`model`: UNet or transformer) with an optional LoRA adapter, its VAE and
-    frozen text encoders. `Policy.from_pretrained` loads whichever family a folder holds:
-    `UNetPolicy` (ε-prediction, Stable Diffusion shaped) or `zoo.flow_policy.FlowPolicy`
-    (flow matching, SD3 and FLUX shaped). Subclasses load, encode prompts, predict and
-    export the adapter; the adapter, reference, precision and decoding are shared here."""
+    frozen text encoders. Each family's adapter (`zoo.unet_policy.UNetPolicy`,
+    `zoo.flow_policy.FlowPolicy`) loads, encodes prompts, predicts, builds its kernels and
+    exports the adapter; the adapter, reference, precision and decoding are shared here."""
 
-    family: str
-    """"epsilon" or "flow": which samplers the model takes (`zoo.sampling`)."""
+    prediction: ClassVar[str]
+    """What the denoiser predicts: "epsilon" (the noise) or "velocity" (ε - x0)."""
+    samplers: ClassVar[tuple[str, ...]]
+    """The `SamplerConfig.kind`s whose kernels this family builds."""
+    suggested_sampler: ClassVar[str]
+    """The sampler to name when another family's is asked for."""
+    description: ClassVar[str]
+    """The family in words, for errors."""
 
     def __init__(
         self,
@@ -277,30 +160,6 @@ class Policy(abc.ABC):
         # the trainer installs so that gradients are averaged across processes.
         self.denoiser: torch.nn.Module = model
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        model: str,
-        *,
-        device: torch.device | str = "cpu",
-        mixed_precision: MixedPrecision = "no",
-        lora: LoraSettings | None = None,
-        performance: Performance = Performance(),
-        resolution: int | None = None,
-    ) -> "Policy":
-        """Load `model` (hub id or diffusers pipeline folder) as the family its folder holds:
-        a transformer/ folder is a flow-matching model, a unet/ one an ε-prediction UNet.
-        `resolution` (pixels, flow models only) replaces the pipeline's default image size."""
-        source = resolve_model(model)
-        options = dict(device=device, mixed_precision=mixed_precision, lora=lora, performance=performance)
-        if model_family(source) == "flow":
-            from zoo.flow_policy import FlowPolicy
-
-            return FlowPolicy.load(source, resolution=resolution, **options)
-        if resolution is not None:
-            raise ValueError(f"resolution {resolution}: a UNet model samples at its own sample_size; pass None")
-        return UNetPolicy.load(source, **options)
-
     @property
     @abc.abstractmethod
     def latent_shape(self) -> tuple[int, int, int]:
@@ -309,6 +168,29 @@ class Policy(abc.ABC):
     @abc.abstractmethod
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(P, L, D) prompt embeddings, what the denoiser is conditioned on."""
+
+    def kernel(self, config: SamplerConfig) -> Kernel:
+        """The transition kernel of `config` at its K steps on this model's noise schedule,
+        its constants on the policy's device; refuses a sampler of another family."""
+        if config.kind not in self.samplers:
+            raise SamplerConfigError(
+                f"--sampler {config.kind} needs {_family_needed(config.kind)}, and the model is {self.description}: "
+                f"pass --sampler {self.suggested_sampler} (or a preset of that family)"
+            )
+        return self.build_kernel(config).to(self.device)
+
+    @abc.abstractmethod
+    def build_kernel(self, config: SamplerConfig) -> Kernel:
+        """`kernel`'s answer on the CPU, for a sampler kind this family takes."""
+
+    @abc.abstractmethod
+    def predict(
+        self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor, guidance_scale: float,
+        guidance_embedding: bool = False,
+    ) -> torch.Tensor:
+        """The denoiser's prediction (`prediction`) at (x_t, t) (N,C,h,w), guided, in float32
+        (float64 for a policy whose weights are). `guidance_embedding`: the kernel's wish
+        that a model distilled with a guidance embedding get the scale that way (LCM)."""
 
     lora_prefix: str
     """The denoiser's key prefix in a diffusers LoRA file ("unet", "transformer")."""
@@ -452,115 +334,5 @@ class Policy(abc.ABC):
         return {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(peft_state).items()}
 
 
-def model_family(folder: str | Path) -> str:
-    """"flow" for a diffusers pipeline folder with a transformer/ (SD3, FLUX), else "epsilon"."""
-    return "flow" if (Path(folder) / "transformer").is_dir() else "epsilon"
-
-
-class UNetPolicy(Policy):
-    """UNet + VAE + CLIP text encoder + tokenizer: ε-prediction, Stable Diffusion shaped."""
-
-    family = "epsilon"
-
-    def __init__(
-        self,
-        unet: UNet2DConditionModel,
-        vae: AutoencoderKL,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        scheduler_config: dict,
-        **options,
-    ):
-        self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
-        super().__init__(unet, vae, (text_encoder,), scheduler_config, **options)
-
-    @classmethod
-    def load(cls, source: str, *, mixed_precision: MixedPrecision = "no", **options) -> "UNetPolicy":
-        """From a local pipeline folder (`resolve_model`'s answer)."""
-        kwargs = {"local_files_only": True}
-        dtype = PRECISION_DTYPES[mixed_precision]
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", torch_dtype=dtype, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", **kwargs)
-        return cls(unet, vae, text_encoder, tokenizer, scheduler_config, mixed_precision=mixed_precision, **options)
-
-    def scheduler_for(self, kind: str, timestep_spacing: str | None = None) -> DDIMScheduler | LCMScheduler:
-        """A fresh scheduler of the sampler's kind built from the model's own config, so
-        its beta schedule is the model's; a DDIM `timestep_spacing` ("trailing", ...)
-        replaces the config's, None keeps it. LCM's spacing is not a scheduler setting
-        (diffusers' LCMScheduler ignores it): `zoo.sampling.make_schedule` applies it."""
-        if kind == "ddim":
-            spacing = {"timestep_spacing": timestep_spacing} if timestep_spacing is not None else {}
-            return DDIMScheduler.from_config(self.scheduler_config, **spacing)
-        return LCMScheduler.from_config(self.scheduler_config)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        return (self.unet.config.in_channels, size, size)
-
-    @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(P, L, D) text-encoder hidden states, padded to the tokenizer's max length."""
-        tokens = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return self.text_encoder(tokens.input_ids.to(self.device))[0]
-
-    def predict_noise(
-        self,
-        latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        guidance_scale: float,
-        kind: str,
-    ) -> torch.Tensor:
-        """ε̂ (N,C,h,w) in float32 (float64 for a policy whose weights are), guided.
-
-        DDIM: classifier-free guidance with the conditional and unconditional halves in
-        one batched UNet call. LCM: when the UNet was distilled with a guidance embedding
-        (`time_cond_proj_dim`), w = guidance - 1 is embedded and passed as
-        `timestep_cond` (one pass); otherwise classifier-free guidance as for DDIM.
-        """
-        n = latents.shape[0]
-        guidance_embedding = kind == "lcm" and self.unet.config.time_cond_proj_dim is not None
-        use_cfg = guidance_scale > 1.0 and not guidance_embedding
-        timestep_cond = None
-        if guidance_embedding:
-            w = torch.full((n,), guidance_scale - 1.0, device=self.device)
-            # LCM's guidance embedding is the VDM sinusoid of 1000·w (sin half first).
-            timestep_cond = get_timestep_embedding(
-                w * 1000.0, self.unet.config.time_cond_proj_dim, flip_sin_to_cos=False, downscale_freq_shift=1
-            ).to(self.weight_dtype)
-        if use_cfg:
-            uncond = self.uncond_embeds().expand(n, -1, -1)
-            latents = torch.cat([latents, latents])
-            timesteps = torch.cat([timesteps, timesteps])
-            prompt_embeds = torch.cat([uncond, prompt_embeds])
-        with self._autocast():
-            output = self.denoiser(
-                latents.to(self.weight_dtype),
-                timesteps,
-                encoder_hidden_states=prompt_embeds.to(self.weight_dtype),
-                timestep_cond=timestep_cond,
-            ).sample
-        return self._prediction(output, guidance_scale if use_cfg else None)
-
-    # --- LoRA export ------------------------------------------------------------------
-
-    lora_prefix = "unet"
-
-    @property
-    def lora_pipeline(self) -> type:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline
-
-    def peft_keys(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return convert_unet_state_dict_to_peft(state)
+def _family_needed(kind: str) -> str:
+    return "a flow-matching model (SD3, FLUX)" if kind == "flow" else "an ε-prediction UNet model"

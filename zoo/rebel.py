@@ -42,7 +42,9 @@ from typing import Literal
 
 import torch
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes
+from zoo.algorithm import (
+    LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes,
+)
 from zoo.stat_tracking import PerPromptStatTracker
 
 _FIELD_RULES = (
@@ -100,7 +102,7 @@ class REBELConfig(TrainingConfig):
         return REBEL(self)
 
 
-class REBEL(Algorithm):
+class REBEL(ReplayAlgorithm):
     def __init__(self, config: REBELConfig):
         self.config = config
         self.needs = SamplingNeeds(group_size=2, shared_noise=False, whole_trajectory_loss=True)

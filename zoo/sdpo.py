@@ -53,7 +53,9 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from zoo.algorithm import Algorithm, LossInputs, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes
+from zoo.algorithm import (
+    LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules, check_tracker_sizes,
+)
 from zoo.stat_tracking import PerPromptStepStatTracker
 from zoo.trajectory import Trajectory
 
@@ -163,7 +165,7 @@ def discounted_returns(rewards: torch.Tensor, discount: float) -> torch.Tensor:
     return returns
 
 
-class SDPO(Algorithm):
+class SDPO(ReplayAlgorithm):
     def __init__(self, config: SDPOConfig):
         self.config = config
         self.needs = SamplingNeeds(group_size=2, shared_noise=True, record_pred_x0=True, final_images=False)

@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from benchmarks.train import global_advantages
+from benchmarks.rollout import global_advantages
 from zoo.algorithm import Algorithm
 from zoo.registry import ALGORITHMS
 

@@ -9,11 +9,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from benchmarks.train import reward_backprop_epoch
+from benchmarks.epochs import reward_backprop_epoch
 from rewards.base import Reward
 from zoo.draft import DRaFTConfig
+from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Policy
-from zoo.sampling import SamplerConfig, TrajectorySampler
+from zoo.kernels import SamplerConfig
+from zoo.sampling import TrajectorySampler
 
 
 class Brightness(Reward):
@@ -31,7 +33,7 @@ def lora_update(policy: Policy, before: list[torch.Tensor]) -> torch.Tensor:
 def main(model: str, out_path: str) -> None:
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    policy = Policy.from_pretrained(model, lora=LoraSettings())
+    policy = load_policy(model, lora=LoraSettings())
     with torch.no_grad():
         for param in policy.trainable_parameters():
             param.normal_(0, 0.05)

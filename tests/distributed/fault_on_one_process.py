@@ -12,7 +12,7 @@ import benchmarks.train
 from benchmarks.checkpoint import WriteFailed
 from benchmarks.run import main
 
-real_train_epoch = benchmarks.train._train_epoch
+real_train_epoch = benchmarks.train.train_on_batch
 real_save_state = benchmarks.train.save_state
 epochs_trained = []
 
@@ -39,7 +39,7 @@ def disk_full_from_epoch_2(path, state):
 if __name__ == "__main__":
     mode, *argv = sys.argv[1:]
     if mode == "nan-loss":
-        benchmarks.train._train_epoch = nan_loss_on_process_1_from_epoch_2
+        benchmarks.train.train_on_batch = nan_loss_on_process_1_from_epoch_2
     else:
         benchmarks.train.save_state = disk_full_from_epoch_2
     sys.exit(main(argv))

@@ -30,7 +30,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from torchvision.utils import make_grid, save_image
 from transformers import CLIPModel, CLIPProcessor
 
-from zoo.policy import model_family
+from zoo.loading import model_family
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, data
 from zoo.tiny.flow import T5_TOKENS
 from zoo import strict_json

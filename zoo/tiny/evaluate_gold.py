@@ -150,10 +150,11 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
     `MODEL_SAMPLING`) as the algorithms draw them."""
     from rewards.registry import GOLD_OF
     from rewards.tiny_gold import pair_sign_agreement, pair_ties
-    from zoo.policy import Policy
-    from zoo.sampling import SamplerConfig, TrajectorySampler
+    from zoo.loading import load_policy
+    from zoo.kernels import SamplerConfig
+    from zoo.sampling import TrajectorySampler
 
-    policy = Policy.from_pretrained(str(cfg.assets / cfg.model))
+    policy = load_policy(str(cfg.assets / cfg.model))
     kind, eta, guidance = MODEL_SAMPLING[cfg.model]
     train = data.train_captions()
     prompts = [train[i % len(train)] for i in range(cfg.pairs_per_step)]
