@@ -33,7 +33,8 @@ from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import DEFAULT_PRESET, PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
 from benchmarks.train import BASE, TrainLoop
 from zoo.policy import Performance, model_family
-from rewards.registry import GOLD_OF, REWARD_FORMS, REWARDS
+from rewards.catalog import GOLD_OF, REWARDS
+from rewards.spec import REWARD_FORMS
 from zoo.registry import ALGORITHMS
 from zoo import strict_json
 
@@ -354,7 +355,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     are not cached; raises UsageError, RewardUnavailable / ModelUnavailable (offline: a
     line naming the fix, then details) or DownloadFailed before any model loads."""
     from benchmarks.tracking import require_wandb
-    from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
+    from rewards.registry import check_rewards
+    from rewards.spec import gold_rewards, parse_reward_paths, parse_reward_spec
     from zoo.hub import UNPINNED
     from zoo.policy import resolve_model
 
@@ -589,7 +591,8 @@ def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[lis
     back-propagate it (`RewardBackpropAlgorithm`: DRaFT) cannot train on: named in --algos,
     they are refused; with --algos all, they are left out, and a note says so. Reads the
     registry only (nothing loads)."""
-    from rewards.registry import REWARDS, non_differentiable_rewards
+    from rewards.catalog import REWARDS
+    from rewards.spec import non_differentiable_rewards
     from zoo.algorithm import RewardBackpropAlgorithm
 
     backprop = [name for name in algos if isinstance(getattr(args.algo, name).build(), RewardBackpropAlgorithm)]

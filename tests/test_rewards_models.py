@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
+from rewards.catalog import REWARDS
 from rewards.preprocess import PREPROCESS_MAX_LEVELS, PREPROCESS_MEAN_LEVELS, transform_from_clip_image_processor
-from rewards.registry import REWARDS, load_reward
+from rewards.registry import load_reward
 from rewards.tiny_checkpoints import build_all, tiny_architectures
 
 MODEL_REWARDS = [name for name, spec in REWARDS.items() if spec.artifacts]

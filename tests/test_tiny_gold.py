@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from rewards.base import Reward
-from rewards.registry import REWARDS, check_reward, load_reward
+from rewards.catalog import REWARDS
+from rewards.registry import load_reward
 from rewards.tiny_gold import (
     PATCH_FEATURES,
     TinyAesthetic,
@@ -20,6 +21,7 @@ from rewards.tiny_gold import (
     TinyAlignGold,
     pair_sign_agreement,
 )
+from rewards.weights import check_reward
 from zoo.tiny import ASSETS, CLIP, PIPELINE, data, gold
 
 NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")

@@ -148,7 +148,7 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
     gold's sign (`pair_sign_agreement`), "<proxy> gold ties": the gold's tied fraction, "n": pairs}}: pairs of base
     samples of one train caption, drawn by the model's training sampler (`zoo.sampling`;
     `MODEL_SAMPLING`) as the algorithms draw them."""
-    from rewards.registry import GOLD_OF
+    from rewards.catalog import GOLD_OF
     from rewards.tiny_gold import pair_sign_agreement, pair_ties
     from zoo.policy import Policy
     from zoo.sampling import SamplerConfig, TrajectorySampler
