@@ -12,17 +12,10 @@ import torch.nn.functional as F
 from rewards.base import Reward
 from rewards.catalog import REWARDS
 from rewards.registry import load_reward
-from rewards.tiny_gold import (
-    PATCH_FEATURES,
-    TinyAesthetic,
-    TinyAestheticGold,
-    TinyAestheticHead,
-    TinyAlign,
-    TinyAlignGold,
-    pair_sign_agreement,
-)
+from rewards.tiny_gold import TinyAesthetic, TinyAestheticGold, TinyAlign, TinyAlignGold, pair_sign_agreement
 from rewards.weights import check_reward
 from zoo.tiny import ASSETS, CLIP, PIPELINE, data, gold
+from zoo.tiny.judge import PATCH_FEATURES, TinyAestheticHead
 
 NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")
 WHITE, BLACK = data.BACKGROUNDS["white"], data.BACKGROUNDS["black"]

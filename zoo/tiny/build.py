@@ -48,6 +48,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DC
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold, turbo
+from zoo.tiny.judge import TinyAestheticHead, judge_patch_features, load_judge
 from zoo.tiny.optim import ema_update, warmup_lr
 from zoo.tiny.arch import (
     TEST_ARCH,
@@ -518,8 +519,6 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     computed as the reward computes them. Loss: MSE on standardised labels; the label
     mean and std are folded into the last layer, so the head outputs gold units.
     """
-    from rewards.tiny_gold import TinyAestheticHead, judge_patch_features, load_judge
-
     torch.manual_seed(cfg.seed)
     generator = _generator(cfg.seed, 5)
     started = time.time()

@@ -356,7 +356,7 @@ Two tasks, each with a gold rule on the pixels (evaluation only) and a proxy to 
   MLP head (64 -> 32 -> 1, {metrics['aesthetic_head']['parameters']} parameters,
   {metrics['aesthetic_head']['bytes']} bytes of safetensors) on the judge's mean patch token
   (its vision tower's last hidden state averaged over the 64 patches; why not its projected
-  embedding: `rewards.tiny_gold.PATCH_FEATURES`), trained on {training.get('images', 'n/a')} images ({sources}; train captions)
+  embedding: `zoo.tiny.judge.PATCH_FEATURES`), trained on {training.get('images', 'n/a')} images ({sources}; train captions)
   labelled gold + N(0, {training.get('label_noise', 'n/a')}²).
 - `tiny-align-gold` = the fraction of the prompt's colour, shape and background that the
   segmented picture shows (1/3 each). `tiny-align` = the judge's probability of the
