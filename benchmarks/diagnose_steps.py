@@ -32,7 +32,8 @@ from benchmarks.evaluate import evaluation_seed
 from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
 from benchmarks.run import ALGORITHM_CONFIG_DEFAULTS
-from rewards.registry import gold_rewards, load_reward
+from rewards.registry import load_reward
+from rewards.spec import gold_rewards
 from rewards.tiny_gold import pair_sign_agreement, pair_ties
 from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Policy

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
 from benchmarks.report import BASE, load_records, steps_label  # noqa: E402
-from rewards.registry import GOLD_OF  # noqa: E402
+from rewards.catalog import GOLD_OF  # noqa: E402
 
 FRACTION_OF_PEAK = 0.9
 

@@ -19,7 +19,7 @@ evaluated on both prompt sets the peak report (`benchmarks.peak`) and, in `peak/
 verdict at the epochs chosen on the validation prompts;
 `table_<reward>.csv` and `curves_<reward>.png` for every extra held-out reward (their
 tables are appended to `table.md`, so reward hacking is visible next to the gains; a
-proxy's gold, `rewards.registry.GOLD_OF`, right after the proxy's table); and
+proxy's gold, `rewards.catalog.GOLD_OF`, right after the proxy's table); and
 `samples.png`.
 
 The statistics of a table cell (one row, one step count), all at 95% (`CONFIDENCE`):
@@ -56,8 +56,9 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
+from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
-from rewards.registry import GOLD_OF, gold_rewards  # noqa: E402
+from rewards.spec import gold_rewards  # noqa: E402
 
 BASE = "base"
 RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]

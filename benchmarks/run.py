@@ -35,7 +35,8 @@ from benchmarks.loop import TrainLoop
 from benchmarks.train import BASE
 from zoo.loading import model_family
 from zoo.policy import Performance
-from rewards.registry import GOLD_OF, REWARD_FORMS, REWARDS
+from rewards.catalog import GOLD_OF, REWARDS
+from rewards.spec import REWARD_FORMS
 from zoo.registry import ALGORITHMS
 from zoo import strict_json
 
@@ -356,7 +357,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     are not cached; raises UsageError, RewardUnavailable / ModelUnavailable (offline: a
     line naming the fix, then details) or DownloadFailed before any model loads."""
     from benchmarks.tracking import require_wandb
-    from rewards.registry import check_rewards, gold_rewards, parse_reward_paths, parse_reward_spec
+    from rewards.registry import check_rewards
+    from rewards.spec import gold_rewards, parse_reward_paths, parse_reward_spec
     from zoo.hub import UNPINNED
     from zoo.loading import resolve_model
 
@@ -591,7 +593,8 @@ def _algos_for_reward(args: RunArgs, algos: list[str], reward: str) -> tuple[lis
     back-propagate it (`RewardBackpropAlgorithm`: DRaFT) cannot train on: named in --algos,
     they are refused; with --algos all, they are left out, and a note says so. Reads the
     registry only (nothing loads)."""
-    from rewards.registry import REWARDS, non_differentiable_rewards
+    from rewards.catalog import REWARDS
+    from rewards.spec import non_differentiable_rewards
     from zoo.algorithm import RewardBackpropAlgorithm
 
     backprop = [name for name in algos if isinstance(getattr(args.algo, name).build(), RewardBackpropAlgorithm)]

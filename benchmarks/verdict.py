@@ -4,7 +4,7 @@
 
 `benchmarks.report` tabulates every recorded reward with one mark per cell. This file asks
 what a ranking needs, on the golds only (the held-out rewards nothing trained on,
-`rewards.registry.GOLD_OF`), from one epoch of every (algorithm, seed): by default its last
+`rewards.catalog.GOLD_OF`), from one epoch of every (algorithm, seed): by default its last
 fully evaluated one (`report.final_records`); `write_verdict(..., epochs=...)` picks others
 (each seed's peak, say).
 
@@ -73,8 +73,9 @@ from scipy import optimize, stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
 from benchmarks.report import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
+from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
-from rewards.registry import GOLD_OF, gold_rewards  # noqa: E402
+from rewards.spec import gold_rewards  # noqa: E402
 from zoo import strict_json  # noqa: E402
 
 ALPHA = 0.05

@@ -10,8 +10,10 @@ import argparse
 import sys
 import textwrap
 
+from rewards.catalog import REWARDS
 from rewards.errors import RewardUnavailable
-from rewards.registry import REWARD_FORMS, REWARDS, check_rewards, parse_reward_paths
+from rewards.registry import check_rewards
+from rewards.spec import REWARD_FORMS, parse_reward_paths
 from zoo.hub import DownloadFailed
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewards.base import Reward
-from rewards.preprocess import transform_from_clip_image_processor
+from zoo.preprocess import transform_from_clip_image_processor
 
 
 class AestheticHead(nn.Sequential):

@@ -10,12 +10,6 @@ import abc
 import torch
 
 
-def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` in float32 if it is in a narrower type, kept in float64 otherwise: scores
-    are computed in float32, and in float64 for gradient checks (`score_with_grad`)."""
-    return tensor if tensor.dtype == torch.float64 else tensor.float()
-
-
 class NotDifferentiable(TypeError):
     """`score_with_grad` was called on a reward whose score has no gradient."""
 
@@ -71,7 +65,7 @@ class Reward(abc.ABC):
         self._check_inputs(images, prompts)
         with torch.no_grad():
             # Detached: an input that requires grad would otherwise skip preprocessing's
-            # 8-bit rounding (rewards/preprocess.py), which this path always applies.
+            # 8-bit rounding (zoo/preprocess.py), which this path always applies.
             scores = self._score(images.detach().to(self.device, torch.float32), list(prompts))
         self._calls += 1
         self._images_scored += images.shape[0]
@@ -81,7 +75,7 @@ class Reward(abc.ABC):
         """(B,) scores on `self.device` that keep the autograd graph back to `images`
         (B, 3, H, W) in [0, 1]; the reward's own parameters get no gradient. Images that
         require grad are preprocessed without the 8-bit rounding that `score` applies (its
-        gradient is zero almost everywhere; rewards/preprocess.py), so such a score may
+        gradient is zero almost everywhere; zoo/preprocess.py), so such a score may
         differ from `score`'s by what half an 8-bit level moves it. float64 images are scored in float64 (with the reward moved `to` it),
         for gradient checks; any other dtype in float32. Raises NotDifferentiable, naming
         the reward, when it does not declare `differentiable`."""

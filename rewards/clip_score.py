@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rewards.base import Reward, at_least_float32
-from rewards.preprocess import transform_from_clip_image_processor
+from rewards.base import Reward
+from zoo.preprocess import at_least_float32, transform_from_clip_image_processor
 
 
 class CLIPScore(Reward):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import torch
 
-from rewards.base import Reward, at_least_float32
-from rewards.preprocess import ImageTransform
+from rewards.base import Reward
+from zoo.preprocess import ImageTransform, at_least_float32
 
 
 class HPSv2Score(Reward):

@@ -12,7 +12,7 @@ the same wire format, written here once for both sides:
 NAME is the served reward's `--reward` spec, percent-encoded (`urllib.parse.quote`).
 Images travel as 8-bit, round(255 * x): a quarter of float32's bytes, and what every
 image becomes when saved. The model-based rewards and JPEG lose nothing to it, since
-they round to 8 bits first (rewards/preprocess.py, rewards/jpeg.py); a reward that reads
+they round to 8 bits first (zoo/preprocess.py, rewards/jpeg.py); a reward that reads
 finer steps, such as the tiny world's pixel golds, sees them rounded.
 
 One `score` call is one POST. Connection failures, timeouts and 5xx answers are retried

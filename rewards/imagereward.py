@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rewards.base import Reward
-from rewards.preprocess import ImageTransform
+from zoo.preprocess import ImageTransform
 
 
 def _head_pruning_unsupported(*args, **kwargs):

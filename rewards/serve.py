@@ -29,7 +29,8 @@ import torch
 from rewards.base import Reward
 from rewards.errors import RewardUnavailable
 from rewards.http import decode_images
-from rewards.registry import load_reward, parse_reward_paths
+from rewards.registry import load_reward
+from rewards.spec import parse_reward_paths
 from zoo import strict_json
 
 

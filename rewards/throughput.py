@@ -14,9 +14,11 @@ import time
 
 import torch
 
+from rewards.catalog import REWARDS
 from rewards.errors import RewardUnavailable
-from rewards.registry import REWARDS, check_reward, load_reward
+from rewards.registry import load_reward
 from rewards.tiny_checkpoints import build_all, tiny_architectures
+from rewards.weights import check_reward
 
 PROMPTS = ["a red circle", "a blue square on a green background", "a photo of a cat", "the dog"]
 

@@ -15,28 +15,15 @@ against each other is in results/tiny-world/README.md.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from rewards.base import Reward, at_least_float32
-from rewards.preprocess import transform_from_clip_image_processor
-from zoo import strict_json
-
-HEAD_CONFIG = "config.json"
-HEAD_WEIGHTS = "model.safetensors"
-PATCH_FEATURES = "vision last_hidden_state, mean over patch tokens"
-"""What the aesthetic head reads. Not the projected image embedding, which the LAION
-predictor reads on CLIP: the tiny judge was trained contrastively on 48 captions that name
-colour, shape and background only, so its embedding discards size and crispness, the
-gold's heaviest terms. Measured on 1,792 held-out same-prompt base pairs (clean labels or
-noise 0.05, 2k-7k training images): a head on the embedding ranks K = 4 pairs as the gold
-does in 0.59-0.63 of them, a head on the mean patch token in 0.74-0.79."""
-
+from rewards.base import Reward
+from zoo.preprocess import at_least_float32
+from zoo.tiny.judge import TinyAestheticHead, judge_image_embeddings, judge_patch_features, load_judge
 
 PAIR_TIE = 1e-9
 """Score differences within a pair smaller than this are ties."""
@@ -59,76 +46,6 @@ def pair_sign_agreement(diff: torch.Tensor, reference_diff: torch.Tensor) -> tup
 def pair_ties(diff: torch.Tensor) -> float:
     """The fraction of pairs whose score difference (P,) is a tie."""
     return float((diff.abs() < PAIR_TIE).double().mean())
-
-
-class TinyAestheticHead(nn.Module):
-    """The `tiny-aesthetic` proxy head: feature_dim -> hidden -> 1, GELU, on the tiny
-    judge's patch features (`judge_patch_features`). Saved as `config.json` (architecture,
-    what it was trained on) + `model.safetensors` (float32 weights, `layers.0.*`, `layers.2.*`)."""
-
-    def __init__(self, feature_dim: int = 64, hidden: int = 32):
-        super().__init__()
-        self.feature_dim, self.hidden = feature_dim, hidden
-        self.layers = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, feature_dim) judge patch features -> (B,) predicted gold."""
-        return self.layers(features).squeeze(-1)
-
-    def save_pretrained(self, folder: str | Path, extra: dict | None = None) -> Path:
-        """Writes config.json (feature_dim, hidden, plus `extra`) and model.safetensors."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = dict(architecture="TinyAestheticHead", feature_dim=self.feature_dim, hidden=self.hidden,
-                      activation="gelu", features=PATCH_FEATURES)
-        config.update(extra or {})
-        (folder / HEAD_CONFIG).write_text(strict_json.dumps(config, indent=2) + "\n")
-        state = {key: value.detach().float().contiguous() for key, value in self.state_dict().items()}
-        save_file(state, folder / HEAD_WEIGHTS, metadata={"format": "pt"})
-        return folder
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "TinyAestheticHead":
-        from safetensors.torch import load_file
-
-        folder = Path(folder)
-        config = json.loads((folder / HEAD_CONFIG).read_text())
-        if config.get("architecture") != "TinyAestheticHead":
-            raise ValueError(f"{folder / HEAD_CONFIG} describes {config.get('architecture')!r}, not TinyAestheticHead")
-        if config.get("features") != PATCH_FEATURES:
-            raise ValueError(f"{folder / HEAD_CONFIG} was trained on {config.get('features')!r} features, this code "
-                             f"computes {PATCH_FEATURES!r}: rebuild it with `python -m zoo.tiny.build --out "
-                             f"zoo/tiny/assets --only aesthetic`")
-        head = cls(config["feature_dim"], config["hidden"])
-        head.load_state_dict(load_file(folder / HEAD_WEIGHTS))
-        return head.eval()
-
-
-def load_judge(clip_dir: str | Path):
-    """(CLIPModel, its CLIP tokenizer, the tensor image transform of its processor)."""
-    from transformers import AutoProcessor, CLIPModel
-
-    model = CLIPModel.from_pretrained(clip_dir).eval()
-    processor = AutoProcessor.from_pretrained(clip_dir)
-    return model, processor.tokenizer, transform_from_clip_image_processor(processor.image_processor)
-
-
-def judge_image_embeddings(model, transform, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, D) L2-normalised float32 image embeddings, the way
-    `CLIPScore` computes them (what the aesthetic head is trained on and scores)."""
-    pixels = transform(images).to(dtype)
-    return F.normalize(at_least_float32(model.get_image_features(pixel_values=pixels).pooler_output), dim=-1)
-
-
-def judge_patch_features(model, transform, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, hidden) float32: the judge's vision tower's last
-    hidden state averaged over the patch tokens (`PATCH_FEATURES`; the class token left
-    out), what the aesthetic head is trained on and scores."""
-    pixels = transform(images).to(dtype)
-    tokens = model.vision_model(pixel_values=pixels).last_hidden_state  # (B, 1 + patches, hidden)
-    return at_least_float32(tokens[:, 1:].mean(dim=1))
 
 
 class TinyAesthetic(Reward):

@@ -10,7 +10,8 @@ import os
 import pytest
 
 from benchmarks.run import make_plan, parse_args
-from rewards.registry import GOLD_OF, REWARDS, gold_rewards
+from rewards.catalog import GOLD_OF, REWARDS
+from rewards.spec import gold_rewards
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewards.registry import REWARDS, check_reward, load_reward
+from rewards.catalog import REWARDS
+from rewards.registry import load_reward
+from rewards.weights import check_reward
 from zoo import hub
 from zoo.loading import PIPELINE_FILES, ModelUnavailable, load_policy, resolve_model
 

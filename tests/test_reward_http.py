@@ -18,9 +18,11 @@ import torch
 from rewards.base import Reward
 from rewards.errors import RewardServerError
 from rewards.http import HttpReward
-from rewards.registry import check_reward, load_reward, parse_reward_spec
+from rewards.registry import load_reward
 from rewards.serve import main as serve_main
 from rewards.serve import make_server, route
+from rewards.spec import parse_reward_spec
+from rewards.weights import check_reward
 
 FAST = dict(timeout=2.0, retries=2, backoff=0.01)
 """Client settings for tests: failures are reported in well under a second."""

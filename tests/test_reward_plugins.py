@@ -11,9 +11,9 @@ import torch
 
 from rewards.errors import MissingRewardPackages, UnknownReward
 from rewards.base import NotDifferentiable
-from rewards.registry import (
-    check_reward, check_rewards, gold_rewards, load_reward, non_differentiable_rewards, parse_reward_spec,
-)
+from rewards.registry import check_rewards, load_reward
+from rewards.spec import gold_rewards, non_differentiable_rewards, parse_reward_spec
+from rewards.weights import check_reward
 
 PLUGIN = '''
 import torch
@@ -248,7 +248,7 @@ def test_reward_weights_that_do_not_load_stop_the_run_in_one_line(capsys, tmp_pa
     import shutil
 
     from benchmarks.run import main
-    from rewards.registry import REWARDS
+    from rewards.catalog import REWARDS
 
     clip = tmp_path / "clip"
     shutil.copytree(REWARDS["tiny-clip"].artifacts[0].default_path, clip)
@@ -264,7 +264,7 @@ def test_reward_weights_that_do_not_load_stop_the_run_in_one_line(capsys, tmp_pa
 def test_help_lists_algorithms_rewards_and_the_other_forms(capsys):
     from benchmarks.run import main
     from rewards.__main__ import main as rewards_main
-    from rewards.registry import REWARDS
+    from rewards.catalog import REWARDS
     from zoo.registry import ALGORITHMS
 
     texts = []

@@ -16,9 +16,12 @@ import torch
 from PIL import Image
 
 from rewards.base import NotDifferentiable, Reward
+from rewards.catalog import REWARDS
 from rewards.errors import MissingRewardWeights, RewardUnavailable, UnknownReward
 from rewards.executor import RewardExecutor
-from rewards.registry import REWARDS, check_reward, env_var, load_reward, parse_reward_spec
+from rewards.registry import load_reward
+from rewards.spec import parse_reward_spec
+from rewards.weights import check_reward, env_var
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTED = [name for name, spec in REWARDS.items() if spec.artifacts]

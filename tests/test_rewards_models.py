@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from rewards.preprocess import PREPROCESS_MAX_LEVELS, PREPROCESS_MEAN_LEVELS, transform_from_clip_image_processor
-from rewards.registry import REWARDS, load_reward
+from rewards.catalog import REWARDS
+from rewards.registry import load_reward
 from rewards.tiny_checkpoints import build_all, tiny_architectures
+from zoo.preprocess import PREPROCESS_MAX_LEVELS, PREPROCESS_MEAN_LEVELS, transform_from_clip_image_processor
 
 MODEL_REWARDS = [name for name, spec in REWARDS.items() if spec.artifacts]
 PROMPTS = ["a red circle", "a blue square on a green background", "a photo of a cat", "the dog"]

@@ -10,17 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from rewards.base import Reward
-from rewards.registry import REWARDS, check_reward, load_reward
-from rewards.tiny_gold import (
-    PATCH_FEATURES,
-    TinyAesthetic,
-    TinyAestheticGold,
-    TinyAestheticHead,
-    TinyAlign,
-    TinyAlignGold,
-    pair_sign_agreement,
-)
+from rewards.catalog import REWARDS
+from rewards.registry import load_reward
+from rewards.tiny_gold import TinyAesthetic, TinyAestheticGold, TinyAlign, TinyAlignGold, pair_sign_agreement
+from rewards.weights import check_reward
 from zoo.tiny import ASSETS, CLIP, PIPELINE, data, gold
+from zoo.tiny.judge import PATCH_FEATURES, TinyAestheticHead
 
 NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")
 WHITE, BLACK = data.BACKGROUNDS["white"], data.BACKGROUNDS["black"]
@@ -307,12 +302,12 @@ def test_aesthetic_stage_runs_alone_and_is_deterministic(tmp_path):
 def test_tasks_rechecked_on_another_model_write_its_own_report(tmp_path, monkeypatch):
     """`--model pipeline-flow` samples that model as its preset does (the flow SDE for the
     pairs) and writes gold-pipeline-flow.{json,md}, leaving the README's base section alone."""
-    from zoo.tiny import evaluate_gold
+    from rewards import evaluate_tiny_gold
 
-    monkeypatch.setattr("sys.argv", ["evaluate_gold", "--out", str(tmp_path), "--model", "pipeline-flow", "--steps", "1", "2",
+    monkeypatch.setattr("sys.argv", ["evaluate_tiny_gold", "--out", str(tmp_path), "--model", "pipeline-flow", "--steps", "1", "2",
                                      "--train-samples-per-step", "8", "--heldout-samples-per-step", "8",
                                      "--pairs-per-step", "4", "--renders-per-caption", "1"])
-    evaluate_gold.main()
+    evaluate_tiny_gold.main()
     metrics = json.loads((tmp_path / "gold-pipeline-flow.json").read_text())
     assert metrics["command"].endswith("--model pipeline-flow") and not (tmp_path / "README.md").exists()
     assert set(metrics["pair_agreement"]) == {f"{k} steps, {kind}" for k in (1, 2) for kind in ("shared x_T", "independent")}
@@ -321,8 +316,8 @@ def test_tasks_rechecked_on_another_model_write_its_own_report(tmp_path, monkeyp
 
 
 def test_tasks_recheck_refuses_an_unknown_model(tmp_path, monkeypatch):
-    from zoo.tiny import evaluate_gold
+    from rewards import evaluate_tiny_gold
 
-    monkeypatch.setattr("sys.argv", ["evaluate_gold", "--out", str(tmp_path), "--model", "pipeline-lcm"])
+    monkeypatch.setattr("sys.argv", ["evaluate_tiny_gold", "--out", str(tmp_path), "--model", "pipeline-lcm"])
     with pytest.raises(SystemExit, match="--model pipeline-lcm: not one of pipeline, pipeline-turbo"):
-        evaluate_gold.main()
+        evaluate_tiny_gold.main()

@@ -1,6 +1,6 @@
 """Files from the Hugging Face hub, downloaded on first use into the normal HF cache.
 
-Base models (`zoo.loading.resolve_model`) and reward weights (`rewards.registry.check_reward`)
+Base models (`zoo.loading.resolve_model`) and reward weights (`rewards.weights.check_reward`)
 both come through `snapshot`: the cached snapshot when it holds every file the code loads,
 else a download of only those files (`HubFiles.patterns`) at a pinned revision, with
 huggingface_hub's progress bars. Offline (`HF_HUB_OFFLINE=1`, which `--offline` sets) or

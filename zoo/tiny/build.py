@@ -48,6 +48,7 @@ from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DC
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextModel
 
 from zoo.tiny import DEFAULT_GUIDANCE, data, flow, gold, turbo
+from zoo.tiny.judge import TinyAestheticHead, judge_patch_features, load_judge
 from zoo.tiny.optim import ema_update, warmup_lr
 from zoo.tiny.arch import (
     TEST_ARCH,
@@ -218,6 +219,10 @@ SMOKE_OVERRIDES = dict(
 
 
 def _generator(seed: int, stage: int) -> torch.Generator:
+    """The random stream of one stage, `stage` its id: the stage's number, except that the
+    flow model (stage 5) draws from stream 6 and the aesthetic head (stage 6) from stream 5,
+    the ids they were built with (a rebuild writes the same weights), and stage 7's flow
+    student from stream 8."""
     return torch.Generator().manual_seed(1000 * seed + stage)
 
 
@@ -477,6 +482,26 @@ def distill_lcm(cfg: BuildConfig, teacher: UNet2DConditionModel, text_encoder, v
     return target.eval()
 
 
+# ---------------------------------------------------------------- 5. flow-matching model
+
+
+def train_flow(cfg: BuildConfig, out: Path) -> None:
+    """<out>/pipeline-flow from <out>/pipeline's frozen VAE and text encoder."""
+    torch.manual_seed(cfg.seed)
+    generator = _generator(cfg.seed, 6)
+    base = out / "pipeline"
+    pipe = flow.tiny_flow_pipeline(base)
+    pipe.register_modules(transformer=flow.make_transformer(
+        cfg.flow_arch, pipe.text_encoder.config.hidden_size, data.IMAGE_SIZE // 2, pipe.vae.config.latent_channels
+    ))
+    trained = flow.train_flow_transformer(
+        pipe, steps=cfg.flow_steps, batch=cfg.flow_batch, lr=cfg.flow_lr, empty_caption_rate=cfg.empty_caption_rate,
+        ema_decay=cfg.ema_decay, generator=generator, log=_log,
+    )
+    pipe.register_modules(transformer=trained)
+    flow.save_flow_pipeline(pipe, out / "pipeline-flow", base)
+
+
 # ---------------------------------------------------------------- 6. aesthetic proxy head
 
 
@@ -518,8 +543,6 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
     computed as the reward computes them. Loss: MSE on standardised labels; the label
     mean and std are folded into the last layer, so the head outputs gold units.
     """
-    from rewards.tiny_gold import TinyAestheticHead, judge_patch_features, load_judge
-
     torch.manual_seed(cfg.seed)
     generator = _generator(cfg.seed, 5)
     started = time.time()
@@ -576,26 +599,6 @@ def train_aesthetic_head(cfg: BuildConfig, pipe: StableDiffusionPipeline, clip_d
         ),
     )
     return record
-
-
-# ---------------------------------------------------------------- 5. flow-matching model
-
-
-def train_flow(cfg: BuildConfig, out: Path) -> None:
-    """<out>/pipeline-flow from <out>/pipeline's frozen VAE and text encoder."""
-    torch.manual_seed(cfg.seed)
-    generator = _generator(cfg.seed, 6)
-    base = out / "pipeline"
-    pipe = flow.tiny_flow_pipeline(base)
-    pipe.register_modules(transformer=flow.make_transformer(
-        cfg.flow_arch, pipe.text_encoder.config.hidden_size, data.IMAGE_SIZE // 2, pipe.vae.config.latent_channels
-    ))
-    trained = flow.train_flow_transformer(
-        pipe, steps=cfg.flow_steps, batch=cfg.flow_batch, lr=cfg.flow_lr, empty_caption_rate=cfg.empty_caption_rate,
-        ema_decay=cfg.ema_decay, generator=generator, log=_log,
-    )
-    pipe.register_modules(transformer=trained)
-    flow.save_flow_pipeline(pipe, out / "pipeline-flow", base)
 
 
 # ---------------------------------------------------------------- 7. few-step students
@@ -747,7 +750,7 @@ def _stamp_aesthetic(cfg: BuildConfig, seconds: float) -> None:
 
 
 def build_aesthetic_only(cfg: BuildConfig) -> None:
-    """Stage 5 alone: <out>/aesthetic from <out>/clip and <out>/pipeline. Its time is
+    """Stage 6 alone: <out>/aesthetic from <out>/clip and <out>/pipeline. Its time is
     recorded in <out>/aesthetic/config.json and in <out>/build_info.json's stage_seconds."""
     missing = [name for name in ("clip", "pipeline") if not (cfg.out / name).is_dir()]
     if missing:

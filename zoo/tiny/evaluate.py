@@ -35,6 +35,10 @@ from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, da
 from zoo.tiny.flow import T5_TOKENS
 from zoo import strict_json
 
+GOLD_SECTION = "## Gold and proxy rewards"
+"""The heading of the README's last section, the tiny rewards' gold and proxy measurements
+(`python -m rewards.evaluate_tiny_gold` writes it; `write_readme` keeps it)."""
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -307,7 +311,7 @@ Built by:
 {comparison}
 The tasks re-checked on the students (headroom and the proxies inside RL's pairs at every
 step count, as the "Gold and proxy rewards" section below does for the base):
-`gold-pipeline-turbo.md`, `gold-pipeline-flow-turbo.md` (`python -m zoo.tiny.evaluate_gold
+`gold-pipeline-turbo.md`, `gold-pipeline-flow-turbo.md` (`python -m rewards.evaluate_tiny_gold
 --model pipeline-turbo`, `--model pipeline-flow-turbo`).
 
 Sample grids: `samples-turbo.png`, `samples-flow-turbo.png` (rows and columns as the others).
@@ -371,13 +375,11 @@ What they look like, and how the build was run: `notes.md` (written by hand).
 - LCM (one UNet pass per step):
   {', '.join(f"{k.replace('_', ' ')}: {v:.0f}" for k, v in metrics['throughput']['lcm'].items())}
 {_flow_cost(metrics)}"""
-    # The gold and proxy rewards' section, written by `python -m zoo.tiny.evaluate_gold`,
+    # The gold and proxy rewards' section, written by `python -m rewards.evaluate_tiny_gold`,
     # stays at the end.
-    from zoo.tiny.evaluate_gold import SECTION
-
     old = path.read_text() if path.exists() else ""
-    if SECTION in old:
-        text += "\n" + old[old.index(SECTION) :]
+    if GOLD_SECTION in old:
+        text += "\n" + old[old.index(GOLD_SECTION) :]
     path.write_text(text)
 
 

@@ -1,4 +1,4 @@
-"""Measure the tiny world's gold and proxy rewards: `python -m zoo.tiny.evaluate_gold`.
+"""Measure the tiny world's gold and proxy rewards: `python -m rewards.evaluate_tiny_gold`.
 
 Writes results/tiny-world/gold.json and the section "Gold and proxy rewards" at the end
 of results/tiny-world/README.md (replacing it if present):
@@ -39,11 +39,13 @@ import torch
 import tyro
 from scipy.stats import mannwhitneyu, pearsonr, spearmanr
 
+from rewards.catalog import GOLD_OF
+from rewards.registry import load_reward
+from rewards.tiny_gold import pair_sign_agreement, pair_ties
 from zoo.tiny import ASSETS, DEFAULT_GUIDANCE, FLOW_GUIDANCE, TURBO_GUIDANCE, data, gold
-from zoo.tiny.evaluate import load_pipeline, sample
+from zoo.tiny.evaluate import GOLD_SECTION, load_pipeline, sample
 from zoo import strict_json
 
-SECTION = "## Gold and proxy rewards"
 REWARD_NAMES = ("tiny-aesthetic", "tiny-aesthetic-gold", "tiny-align", "tiny-align-gold")
 BASE_MODEL = "pipeline"
 
@@ -148,10 +150,8 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
     gold's sign (`pair_sign_agreement`), "<proxy> gold ties": the gold's tied fraction, "n": pairs}}: pairs of base
     samples of one train caption, drawn by the model's training sampler (`zoo.sampling`;
     `MODEL_SAMPLING`) as the algorithms draw them."""
-    from rewards.registry import GOLD_OF
-    from rewards.tiny_gold import pair_sign_agreement, pair_ties
-    from zoo.loading import load_policy
     from zoo.kernels import SamplerConfig
+    from zoo.loading import load_policy
     from zoo.sampling import TrajectorySampler
 
     policy = load_policy(str(cfg.assets / cfg.model))
@@ -181,8 +181,6 @@ def pair_agreement(cfg: GoldEvalConfig, rewards: dict) -> dict:
 
 
 def main() -> None:
-    from rewards.registry import load_reward
-
     cfg = tyro.cli(GoldEvalConfig)
     if cfg.model not in MODEL_SAMPLING:
         raise SystemExit(f"--model {cfg.model}: not one of {', '.join(MODEL_SAMPLING)}")
@@ -240,7 +238,7 @@ def main() -> None:
     head_config = json.loads((cfg.assets / "aesthetic" / "config.json").read_text())
     metrics = dict(
         config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        command="python -m zoo.tiny.evaluate_gold" + (f" --model {cfg.model}" if cfg.model != BASE_MODEL else ""),
+        command="python -m rewards.evaluate_tiny_gold" + (f" --model {cfg.model}" if cfg.model != BASE_MODEL else ""),
         machine=f"{platform.machine()}, {os.cpu_count()} cores",
         torch=torch.__version__,
         threads=cfg.threads,
@@ -343,7 +341,7 @@ def write_section(metrics: dict, path: Path) -> None:
     one = rows[f"base {steps[0]} steps, train"]
     sources = ", ".join(f"{count} {source}" for source, count in training.get("sources", {}).items())
     speed = ", ".join(f"{name} {rate:.0f}" for name, rate in metrics["scoring_images_per_second"].items())
-    text = f"""{SECTION}
+    text = f"""{GOLD_SECTION}
 
 Produced by `{metrics['command']}` (gold.json and this section) on {metrics['machine']}
 (shared), torch {metrics['torch']}, {metrics['threads']} thread(s), from the head built by
@@ -357,7 +355,7 @@ Two tasks, each with a gold rule on the pixels (evaluation only) and a proxy to 
   MLP head (64 -> 32 -> 1, {metrics['aesthetic_head']['parameters']} parameters,
   {metrics['aesthetic_head']['bytes']} bytes of safetensors) on the judge's mean patch token
   (its vision tower's last hidden state averaged over the 64 patches; why not its projected
-  embedding: `rewards.tiny_gold.PATCH_FEATURES`), trained on {training.get('images', 'n/a')} images ({sources}; train captions)
+  embedding: `zoo.tiny.judge.PATCH_FEATURES`), trained on {training.get('images', 'n/a')} images ({sources}; train captions)
   labelled gold + N(0, {training.get('label_noise', 'n/a')}²).
 - `tiny-align-gold` = the fraction of the prompt's colour, shape and background that the
   segmented picture shows (1/3 each). `tiny-align` = the judge's probability of the
@@ -422,13 +420,13 @@ finds all three attributes right above those it does not (0.5 = chance).
 Scoring speed on this CPU (images/s, batches of 64-160): {speed}.
 
 Commands: `python -m zoo.tiny.build --out zoo/tiny/assets --only aesthetic` (the proxy
-head, deterministic from `--seed`, 0 by default), then `python -m zoo.tiny.evaluate_gold`
+head, deterministic from `--seed`, 0 by default), then `python -m rewards.evaluate_tiny_gold`
 (this section and gold.json; `python -m zoo.tiny.evaluate` keeps this section when it
 rewrites the file above), `python -m pytest -q tests/test_tiny_gold.py`.
 """
     old = path.read_text() if path.exists() else ""
-    if SECTION in old:
-        old = old[: old.index(SECTION)].rstrip("\n") + "\n"
+    if GOLD_SECTION in old:
+        old = old[: old.index(GOLD_SECTION)].rstrip("\n") + "\n"
     path.write_text(old + ("\n" if old else "") + text)
 
 

@@ -1,10 +1,12 @@
-"""Batched tensor preprocessing that reproduces the PIL pipelines of the reward models.
+"""Batched tensor preprocessing that reproduces the PIL pipelines of the reward models and
+of the tiny world's CLIP judge, and the float32-or-wider dtype their outputs are kept in
+(`at_least_float32`).
 
 CLIP-family processors (transformers' CLIPImageProcessor, open_clip's val transform,
 ImageReward's torchvision transform) all do: 8-bit image -> resize the shorter side to
 `size` (bicubic, PIL) -> centre crop `crop` -> scale to [0, 1] -> normalise. Here the
 same runs on the device for the whole batch. Measured against the real processors on
-the same images (tests/test_rewards_preprocess.py), a pixel differs by at most
+the same images (tests/test_rewards_models.py), a pixel differs by at most
 PREPROCESS_MAX_LEVELS 8-bit levels and by PREPROCESS_MEAN_LEVELS on average: PIL
 resamples in fixed point, torch in floating point, and the two round differently.
 """
@@ -24,6 +26,13 @@ PREPROCESS_MAX_LEVELS = 4
 (measured: 3 on noise and on smooth images, 512->224 and 32->224)."""
 PREPROCESS_MEAN_LEVELS = 0.5
 """Largest mean absolute difference over an image, in 8-bit levels (measured: ~0.2)."""
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in float32 if it is in a narrower type, kept in float64 otherwise: scores
+    are computed in float32, and in float64 for gradient checks
+    (`rewards.base.Reward.score_with_grad`)."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
 
 
 @dataclass(frozen=True)
