@@ -246,7 +246,7 @@ def build_flow_policy(args: PerfArgs, preset: Preset, options: dict) -> FlowPoli
 
 def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
     """The algorithm's config as the runner builds it for this preset trained on the
-    preset's own reward (`benchmarks.run.preset_algo_configs`): on sd-turbo every
+    preset's own reward (`benchmarks.cli.preset_algo_configs`): on sd-turbo every
     algorithm takes the SDPO paper's minibatch and accumulation for that reward."""
     config = ALGORITHMS[name]()
     overrides = {**preset.algo_overrides.get(name, {}), **preset.reward_overrides.get(preset.reward, {}).get(name, {})}

@@ -244,7 +244,8 @@ def tiny_flow() -> Preset:
         model=str(TINY_ASSETS / "pipeline-flow"),
         sampler="flow",
         # Flow-GRPO's noise level (yifan123/flow_grpo ac4c86e, config/base.py:54); evaluation
-        # samples the ODE (`benchmarks.run`, as flow_grpo's train_sd3.py:258 does).
+        # samples the ODE (`benchmarks.plan.Plan.eval_settings`, as flow_grpo's
+        # train_sd3.py:258 does).
         eta=0.7,
         guidance_scale=FLOW_GUIDANCE,
         # The model's FlowMatchEulerDiscreteScheduler places the sigmas (shift 3, SD3.5's).

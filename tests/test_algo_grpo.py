@@ -11,7 +11,7 @@ from accelerate import Accelerator
 import zoo.grpo
 from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings
-from benchmarks.run import epoch_budget
+from benchmarks.plan import epoch_budget
 from benchmarks.train import JobSettings, TrainLoop, _train_epoch, checkpoint_path, gather_transitions, \
     minibatch_losses, run_algorithm
 from zoo.algorithm import LossInputs

@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from benchmarks import archs, perf
+from benchmarks.cli import preset_algo_configs
 from benchmarks.perf import COLUMNS, PerfArgs, algorithm_config, epoch_loss_calls, main, project_epoch
 from benchmarks.presets import PRESETS
-from benchmarks.run import preset_algo_configs
 from benchmarks.train import TrainLoop, _train_epoch
 from zoo.policy import LoraSettings, Policy
 from zoo.registry import ALGORITHMS

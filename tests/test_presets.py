@@ -11,8 +11,9 @@ import json
 import pytest
 import torch
 
+from benchmarks.cli import parse_args, preset_algo_configs
+from benchmarks.plan import _check_batch_sizes, epoch_budget, make_plan
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
-from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import JobSettings, training_sampler_config
 from zoo.policy import Policy
 from zoo.registry import ALGORITHMS
