@@ -19,7 +19,7 @@ from typing import Annotated, Any, Literal
 import tyro
 
 from benchmarks.ema import Ema
-from benchmarks.presets import DEFAULT_PRESET, PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.presets import DEFAULT_PRESET, PRESETS, Preset
 from benchmarks.train import TrainLoop
 from zoo.policy import Performance
 from rewards.registry import REWARD_FORMS, REWARDS
@@ -175,8 +175,9 @@ def peek_flag(argv: list[str], flag: str) -> str | None:
 
 
 def preset_algo_configs(preset: Preset, reward: str) -> Any:
-    """Each algorithm's published config, with the preset's shared sampler and its paper's
-    per-algorithm settings applied."""
+    """Each algorithm's published config, with the preset's shared sampler, its paper's
+    per-algorithm settings and those of `reward` applied (every key a field: `Preset`
+    refuses others)."""
     configs = {}
     for name, config_cls in ALGORITHMS.items():
         overrides = {
@@ -184,11 +185,7 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
             **preset.algo_overrides.get(name, {}),
             **preset.reward_overrides.get(reward, {}).get(name, {}),
         }
-        if preset.name == "sd-turbo" and reward in SD_TURBO_REWARD_SETTINGS:
-            lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[reward]
-            overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
-        known = {f.name for f in dataclasses.fields(config_cls)}
-        preset_config = dataclasses.replace(config_cls(), **{k: v for k, v in overrides.items() if k in known})
+        preset_config = dataclasses.replace(config_cls(), **overrides)
         configs[name] = UNCHECKED_CONFIGS[name](**init_values(preset_config))
     return AlgoConfigs(**configs)
 

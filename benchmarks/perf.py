@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
-from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.presets import PRESETS, Preset
 from benchmarks.train import (
     TrainLoop,
     Transitions,
@@ -250,9 +250,6 @@ def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
     algorithm takes the SDPO paper's minibatch and accumulation for that reward."""
     config = ALGORITHMS[name]()
     overrides = {**preset.algo_overrides.get(name, {}), **preset.reward_overrides.get(preset.reward, {}).get(name, {})}
-    if preset.name == "sd-turbo" and preset.reward in SD_TURBO_REWARD_SETTINGS:
-        lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[preset.reward]
-        overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
     if args.train_batch_size is not None:
         overrides["train_batch_size"] = args.train_batch_size
     try:

@@ -23,7 +23,7 @@ from benchmarks.cli import RunArgs, UsageError, algo_flag, comma_list, init_valu
 from benchmarks.ema import Ema
 from benchmarks.evaluate import EvalSettings
 from benchmarks.portable import portable_model
-from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.presets import PRESETS, Preset
 from benchmarks.run_folder import RESUME_DEFAULTS, check_out_dir, extended
 from benchmarks.train import TrainLoop
 from zoo.policy import model_family
@@ -200,9 +200,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     golds = [g for g in gold_rewards(reward) if g != reward]
     eval_rewards = golds + [name for name in eval_rewards if name not in golds]
     reward_paths = parse_reward_paths(args.reward_path)
-    epochs = args.epochs if args.epochs is not None else preset.epochs
-    if preset.name == "sd-turbo" and args.epochs is None and reward in SD_TURBO_REWARD_SETTINGS:
-        epochs = SD_TURBO_REWARD_SETTINGS[reward][3]
+    epochs = args.epochs if args.epochs is not None else preset.epochs_for(reward)
     eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
     # `is not None`, not `or`: a 0 is refused below, never read as "the preset's".
     trajectories = (args.trajectories_per_epoch if args.trajectories_per_epoch is not None
