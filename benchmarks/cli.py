@@ -52,6 +52,10 @@ AlgoConfigs.__doc__ = "Per-algorithm hyperparameters (defaults: the published on
 SHARED_SAMPLER_FIELDS = ("sampler", "num_steps", "guidance_scale", "eta", "flow_sde")
 
 
+PRESET_HELP = f"Model, prompts, sampler and budget: {', '.join(PRESETS)} (each described in benchmarks/presets.py)."
+"""--preset's help, listing the registry so that a new preset is never left out."""
+
+
 @dataclass
 class RunArgs:
     """stepzoo benchmark: RL fine-tuning algorithms compared at 1, 2, 4, 8 sampling steps."""
@@ -62,10 +66,7 @@ class RunArgs:
     reward: str | None = None
     """Training reward: a registry name (listed above), a plugin module.path:ClassName, a reward server
     http://HOST:PORT/NAME, or a weighted sum of them like aesthetic:1,pickscore:0.5 (default: the preset's)."""
-    preset: str = DEFAULT_PRESET
-    """Model, prompts, sampler and budget: tiny-turbo (the default: the tiny world's few-step
-    UNet), tiny-flow-turbo, tiny, tiny-flow (embedded, CPU), sd-turbo (SDPO), lcm (RLCM), sd15
-    (DDPO), sd3.5-medium (Flow-GRPO), flux-schnell."""
+    preset: Annotated[str, tyro.conf.arg(help=PRESET_HELP)] = DEFAULT_PRESET
     model: str | None = None
     """Base model: a hub id (downloaded on first use into the Hugging Face cache) or a local
     diffusers folder (default: the preset's)."""
