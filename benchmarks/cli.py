@@ -1,9 +1,10 @@
 """The command line of `python -m benchmarks.run`: its flags (`RunArgs`) and their parsing.
 
-Parsing takes the chosen preset's values as the flags' defaults (`preset_algo_configs`),
-reports every refusal as one `UsageError` line naming the flag, and heads `--help` with
-the registries' names. It reads nothing but argv and loads nothing; the plan
-(`benchmarks.plan`) checks what the flags ask for.
+Parsing takes the chosen preset's values as the flags' defaults (`preset_algo_configs`), or
+with `--config` the settings a run's config.json records, reports every refusal as one
+`UsageError` line naming the flag, and heads `--help` with the registries' names. It reads
+argv and that one file and loads nothing; the plan (`benchmarks.plan`) checks what the
+flags ask for.
 """
 
 from __future__ import annotations
@@ -11,14 +12,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import re
 import sys
 from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tyro
 
 from benchmarks.ema import Ema
+from benchmarks.portable import portable_model, recorded_model
 from benchmarks.presets import DEFAULT_PRESET, PRESETS, Preset
 from benchmarks.train import TrainLoop
 from zoo.policy import Performance
@@ -106,7 +110,14 @@ class RunArgs:
     the curve's intermediate points (default: the preset's; the last epoch and the base
     model always get --eval-samples-per-prompt)."""
     out: str | None = None
-    """Output folder (default: results/<preset>-<reward>-<time>)."""
+    """Output folder (default: results/<preset>-<reward>-<time>; with --config, its folder)."""
+    config: str | None = None
+    """A run's config.json (results/NAME/config.json): every setting it records (preset, model,
+    algorithms and their configs, seeds, reward, budget, evaluation, EMA) becomes its flag's
+    default and --out its folder, so that `--config results/NAME/config.json --resume`
+    continues the run without retyping them. A flag that contradicts a recorded setting is
+    refused; the others (--jobs, --loop.*, --performance.*, --wandb, --reward-path,
+    --max-bad-reward-batches, ...) are free."""
     resume: bool = False
     """Continue the run in --out from its last complete epoch."""
     overwrite: bool = False
@@ -152,6 +163,10 @@ HELP_DESCRIPTION = (
 """The head of --help: the registries' names, so that choosing needs no source reading."""
 
 
+RUN_FLAGS = {f.name for f in dataclasses.fields(RunArgs)}
+"""The settings that are flags: a config.json key among them is that flag's recorded value."""
+
+
 class UsageError(ValueError):
     """A bad input, reported as one line before any model is loaded."""
 
@@ -166,13 +181,36 @@ def comma_list(text: str, flag: str, cast=str) -> list:
 
 
 def peek_flag(argv: list[str], flag: str) -> str | None:
-    """The value of `flag` in argv before full parsing (presets set other flags' defaults)."""
+    """The value of `flag` in argv before full parsing (a preset, or --config's run, sets other
+    flags' defaults)."""
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
+"""Recorded settings that a resumed run, or one given --config, may change: they decide when
+a run stops, not what it computes."""
+
+
+def read_config(path: Path, flag: str) -> dict:
+    """The settings that a run's config.json records; a file that cannot be read as them is
+    a UsageError naming `flag`."""
+    try:
+        config = json.loads(path.read_text())
+    except OSError as error:
+        raise UsageError(
+            f"{flag}: {path} cannot be read ({error.strerror or error}); pass a run's config.json "
+            "(results/NAME/config.json)"
+        ) from None
+    except ValueError:
+        raise UsageError(f"{flag}: {path} is not valid JSON") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{flag}: {path} holds no settings (a JSON object); pass a run's config.json")
+    return config
 
 
 def preset_algo_configs(preset: Preset, reward: str) -> Any:
@@ -223,12 +261,17 @@ def _one_line(tyro_error: str) -> str:
 
 
 def parse_args(argv: list[str]) -> RunArgs:
-    preset_name = peek_flag(argv, "--preset") or DEFAULT_PRESET
-    if preset_name not in PRESETS:
-        raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-    preset = PRESETS[preset_name]()
-    reward = peek_flag(argv, "--reward") or preset.reward
-    defaults = RunArgs(preset=preset_name, algo=preset_algo_configs(preset, reward))
+    config = peek_flag(argv, "--config")
+    if config:
+        saved = read_config(Path(config), "--config")
+        defaults = _recorded_defaults(Path(config), saved)
+    else:
+        preset_name = peek_flag(argv, "--preset") or DEFAULT_PRESET
+        if preset_name not in PRESETS:
+            raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
+        preset = PRESETS[preset_name]()
+        reward = peek_flag(argv, "--reward") or preset.reward
+        defaults = RunArgs(preset=preset_name, algo=preset_algo_configs(preset, reward))
     # tyro prints a multi-line box and exits; the box is kept to be reported in one line.
     box = io.StringIO()
     try:
@@ -241,8 +284,99 @@ def parse_args(argv: list[str]) -> RunArgs:
     except ValueError as error:
         raise UsageError(str(error)) from None
     sys.stderr.write(box.getvalue())
+    if config:
+        _refuse_contradictions(args, defaults, saved, Path(config))
     configs = {name: _checked(name, getattr(args.algo, name)) for name in ALGORITHMS}
     return dataclasses.replace(args, algo=AlgoConfigs(**configs))
+
+
+def _recorded_defaults(path: Path, saved: dict) -> RunArgs:
+    """The flags' defaults that the run recorded in `path` (`saved`) sets: each recorded
+    setting that is a flag, its algorithm configs over its preset's, and --out its folder."""
+    missing = [key for key in ("preset", "reward", "algorithm_configs") if key not in saved]
+    if missing:
+        raise UsageError(f"--config: {path} records no {', '.join(missing)}; pass a config.json that benchmarks.run wrote")
+    if saved["preset"] not in PRESETS:
+        raise UsageError(
+            f"--config: {path} records preset {saved['preset']!r}, which this checkout lacks ({', '.join(PRESETS)})"
+        )
+    preset_configs = preset_algo_configs(PRESETS[saved["preset"]](), saved["reward"])
+    unknown = sorted(saved["algorithm_configs"].keys() - ALGORITHMS.keys())
+    if unknown:
+        raise UsageError(
+            f"--config: {path} records {', '.join(unknown)}, which this checkout does not register "
+            f"({', '.join(ALGORITHMS)})"
+        )
+    recorded_configs = {
+        name: _recorded_config(path, name, getattr(preset_configs, name), fields)
+        for name, fields in saved["algorithm_configs"].items()
+    }
+    flags = {key: _flag_value(key, value) for key, value in saved.items() if key in RUN_FLAGS}
+    return RunArgs(**flags, out=str(path.parent), config=str(path),
+                   algo=dataclasses.replace(preset_configs, **recorded_configs))
+
+
+def _flag_value(key: str, recorded: Any) -> Any:
+    """A config.json setting as its flag's value: a list as the comma-separated text the flag
+    takes, the model as the folder or hub id it names in this checkout, the EMA's fields as
+    `Ema` (None: no EMA)."""
+    if key == "model":
+        return recorded_model(recorded)
+    if key == "ema":
+        return Ema(**recorded) if recorded else Ema()
+    if isinstance(recorded, list):
+        return ",".join(map(str, recorded))
+    return recorded
+
+
+def _recorded_config(path: Path, name: str, preset_config: Any, fields: dict) -> Any:
+    """Algorithm `name`'s recorded config: `fields` over its preset's config (a field recorded
+    before it existed keeps the preset's value), lists as the tuples the config holds."""
+    unknown = sorted(fields.keys() - {f.name for f in dataclasses.fields(preset_config) if f.init})
+    if unknown:
+        raise UsageError(
+            f"--config: {path} records {name}'s {', '.join(unknown)}, not a field of its config in this checkout; "
+            "resume it with the checkout that made it"
+        )
+    return dataclasses.replace(preset_config, **{
+        key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()
+    })
+
+
+def _refuse_contradictions(args: RunArgs, recorded: RunArgs, saved: dict, path: Path) -> None:
+    """Refuses a flag given a value other than the setting that `path` records (`saved`, read
+    as flags into `recorded`), naming the flag; the settings a resumed run may change are free."""
+    def refuse(flag: str, given: Any, kept: Any) -> None:
+        raise UsageError(
+            f"{flag} {given}: --config {path} records {kept}; leave {flag} out, or leave --config out and pass "
+            "every flag"
+        )
+
+    for key in sorted(saved.keys() & RUN_FLAGS - set(RESUME_MAY_CHANGE)):
+        given, kept = getattr(args, key), getattr(recorded, key)
+        flag = "--" + key.replace("_", "-")
+        if key == "ema":
+            for name in _differing_fields(given, kept):
+                refuse(f"--ema.{name.replace('_', '-')}", getattr(given, name), getattr(kept, name))
+        elif key == "model":
+            if given is None or portable_model(given) != portable_model(kept):
+                refuse(flag, given, kept)
+        elif isinstance(saved[key], list) and isinstance(given, str):
+            if comma_list(given, flag) != comma_list(kept, flag):
+                refuse(flag, given, kept)
+        elif given != kept:
+            refuse(flag, given, kept)
+    for name in sorted(saved["algorithm_configs"]):
+        given, kept = getattr(args.algo, name), getattr(recorded.algo, name)
+        for key in _differing_fields(given, kept):
+            refuse(f"--{name}.{key.replace('_', '-')}", getattr(given, key), getattr(kept, key))
+        if args.train_steps is not None and args.train_steps != kept.num_steps:
+            refuse("--train-steps", args.train_steps, f"{name}'s num_steps {kept.num_steps}")
+
+
+def _differing_fields(given: Any, kept: Any) -> list[str]:
+    """The fields of dataclass `kept` whose value in `given` differs."""
+    return [f.name for f in dataclasses.fields(kept) if f.init and getattr(given, f.name) != getattr(kept, f.name)]
 
 def algo_flag(args: RunArgs, name: str, key: str) -> str:
     """The flag that set algorithm `name`'s config field `key` (--train-steps sets every num_steps)."""

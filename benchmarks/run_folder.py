@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.cli import SHARED_SAMPLER_FIELDS, RunArgs, UsageError, algo_flag
+from benchmarks.cli import RESUME_MAY_CHANGE, RUN_FLAGS, SHARED_SAMPLER_FIELDS, UsageError, algo_flag, read_config
 from benchmarks.portable import recorded_model
 from benchmarks.train import BASE
 from zoo import strict_json
@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from benchmarks.plan import Plan
 
 
-RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
-"""Settings that a resumed run may change: they decide when a run stops, not what it computes."""
 RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
@@ -40,13 +38,6 @@ ALGORITHM_CONFIG_DEFAULTS = {"flow_sde": "flow-grpo"}
 
 EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
 """Settings that an extension adds to (its new algorithms and seeds); it must match the rest."""
-
-
-def _read_config(path: Path, flag: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise UsageError(f"{flag}: {path} is not valid JSON") from None
 
 
 def recorded_setting(config: dict, key: str) -> Any:
@@ -102,7 +93,7 @@ def check_out_dir(plan: Plan) -> None:
             )
         return
     if plan.args.resume:
-        changed = _changed_settings(_read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
+        changed = _changed_settings(read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
         if changed:
             raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
         return
@@ -115,7 +106,7 @@ def check_out_dir(plan: Plan) -> None:
 
 def _setting_flag(key: str) -> str:
     """The flag that sets a config.json key, or what decides it (the prompts: the preset)."""
-    if key in {f.name for f in dataclasses.fields(RunArgs)}:
+    if key in RUN_FLAGS:
         return "--" + key.replace("_", "-")
     return f"--preset's {key.replace('_', ' ')}"
 
@@ -147,7 +138,7 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     recorded algorithm it does not train (`untrained`: algorithm -> fields its flags set)
     that differs from the recorded value, which could only be ignored."""
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
-    saved = _read_config(config_path, "--extend")
+    saved = read_config(config_path, "--extend")
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
     algorithm_configs = recorded_setting(saved, "algorithm_configs")
     present = [name for name in plan.algos if name in recorded_algos]
