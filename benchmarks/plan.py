@@ -2,10 +2,11 @@
 
 `make_plan` turns the parsed flags (`benchmarks.cli.RunArgs`) into a `Plan`: the preset's
 defaults filled in, names, sizes and budgets checked against each other (the epoch
-schedule: `epoch_budget`), the rewards' weights and the base model found (a missing one
-downloaded, unless offline) and their scheduler read, and the output folder checked
-against the run it may hold (`benchmarks.run_folder`). It writes nothing; a bad input is a
-`UsageError` naming the flag, raised before any model loads.
+schedule: `epoch_budget`), the rewards' weights and the base model found (missing ones
+downloaded into the Hugging Face cache, unless offline), the model's scheduler config
+read, and the output folder checked against the run it may hold (`benchmarks.run_folder`).
+It writes nothing else; a bad input is a `UsageError` naming the flag, raised before any
+model loads.
 """
 
 from __future__ import annotations
