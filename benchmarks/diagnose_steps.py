@@ -31,7 +31,7 @@ import torch
 from benchmarks.evaluate import evaluation_seed
 from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
-from benchmarks.run import ALGORITHM_CONFIG_DEFAULTS
+from benchmarks.run_folder import ALGORITHM_CONFIG_DEFAULTS
 from rewards.registry import load_reward
 from rewards.spec import gold_rewards
 from rewards.tiny_gold import pair_sign_agreement, pair_ties

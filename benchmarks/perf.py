@@ -60,7 +60,7 @@ from benchmarks.loop import TrainLoop
 from benchmarks.loss_calls import (
     Transitions, forward_process_call, gather_transitions, micro_batched_losses, minibatch_losses,
 )
-from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, Preset
+from benchmarks.presets import PRESETS, Preset
 from benchmarks.rollout import global_advantages, sample_and_score
 from rewards.base import Reward
 from rewards.registry import load_reward
@@ -243,13 +243,10 @@ def build_flow_policy(args: PerfArgs, preset: Preset, options: dict) -> FlowPoli
 
 def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
     """The algorithm's config as the runner builds it for this preset trained on the
-    preset's own reward (`benchmarks.run.preset_algo_configs`): on sd-turbo every
+    preset's own reward (`benchmarks.cli.preset_algo_configs`): on sd-turbo every
     algorithm takes the SDPO paper's minibatch and accumulation for that reward."""
     config = ALGORITHMS[name]()
     overrides = {**preset.algo_overrides.get(name, {}), **preset.reward_overrides.get(preset.reward, {}).get(name, {})}
-    if preset.name == "sd-turbo" and preset.reward in SD_TURBO_REWARD_SETTINGS:
-        lr, batch, accumulation, _ = SD_TURBO_REWARD_SETTINGS[preset.reward]
-        overrides.update(learning_rate=lr, train_batch_size=batch, gradient_accumulation_steps=accumulation)
     if args.train_batch_size is not None:
         overrides["train_batch_size"] = args.train_batch_size
     try:

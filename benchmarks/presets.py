@@ -10,12 +10,13 @@ selected them (`algo_overrides`). Presets are plain functions, listed in PRESETS
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import zoo.tiny
 from zoo.hub import UNPINNED
+from zoo.registry import ALGORITHMS
 from zoo.sdpo import PAPER_REWARD_SETTINGS
 
 TINY_ASSETS = Path(zoo.tiny.__file__).parent / "assets"
@@ -82,13 +83,14 @@ class Preset:
     mixed_precision: str
     algo_overrides: dict[str, dict] = field(default_factory=dict)
     """Per-algorithm config fields that this preset's paper set or its tuning run selected
-    (name -> {field: value})."""
+    (name -> {field: value}); every name and field must exist (`__post_init__`)."""
     algos: tuple[str, ...] = ()
     """The algorithms a run trains when --algos is not given; empty: every registered one."""
     reward_overrides: dict[str, dict[str, dict]] = field(default_factory=dict)
     """Training reward -> algorithm -> config fields applied over `algo_overrides` when the
     run trains on that reward: what a tuning run selected for that task (learning rates
-    differ by task; one table per task stands on its own selection)."""
+    differ by task; one table per task stands on its own selection), or what a paper set
+    per task (`sd_turbo`)."""
     groups_per_prompt: int = 1
     """Groups sampled from each prompt drawn per epoch, side by side (`--groups-per-prompt`,
     `benchmarks.train.draw_prompt_ids`); 1 draws each group's prompt on its own, as the
@@ -109,6 +111,34 @@ class Preset:
     flow_sde: str = "flow-grpo"
     """The flow sampler's SDE, "flow-grpo" or "dance-grpo" (`zoo.sampling.SamplerConfig.flow_sde`),
     set for every algorithm like `eta`, which it reinterprets; unused by the other samplers."""
+    reward_epochs: dict[str, int] = field(default_factory=dict)
+    """Training reward -> epochs, where the preset's paper trains a task for another budget
+    than `epochs` (`epochs_for`)."""
+
+    def __post_init__(self) -> None:
+        """Refuses an override of an unregistered algorithm or of a field its config lacks,
+        which applying the overrides (`benchmarks.cli.preset_algo_configs`) would otherwise
+        have to drop or fail on far from here."""
+        named = [("algo_overrides", self.algo_overrides)]
+        named += [(f"reward_overrides[{reward!r}]", by_algo) for reward, by_algo in self.reward_overrides.items()]
+        for where, by_algo in named:
+            for algo, overrides in by_algo.items():
+                if algo not in ALGORITHMS:
+                    raise ValueError(
+                        f"preset {self.name}: {where} names algorithm {algo!r}, which is not registered "
+                        f"({', '.join(ALGORITHMS)}); fix it in benchmarks/presets.py"
+                    )
+                config_cls = ALGORITHMS[algo]
+                unknown = sorted(overrides.keys() - {f.name for f in fields(config_cls) if f.init})
+                if unknown:
+                    raise ValueError(
+                        f"preset {self.name}: {where}[{algo!r}] sets {', '.join(map(repr, unknown))}, not a field of "
+                        f"{config_cls.__name__}; fix the key in benchmarks/presets.py"
+                    )
+
+    def epochs_for(self, reward: str) -> int:
+        """The epoch budget of a run that trains on `reward` (without --epochs)."""
+        return self.reward_epochs.get(reward, self.epochs)
 
 
 def tiny() -> Preset:
@@ -244,7 +274,8 @@ def tiny_flow() -> Preset:
         model=str(TINY_ASSETS / "pipeline-flow"),
         sampler="flow",
         # Flow-GRPO's noise level (yifan123/flow_grpo ac4c86e, config/base.py:54); evaluation
-        # samples the ODE (`benchmarks.run`, as flow_grpo's train_sd3.py:258 does).
+        # samples the ODE (`benchmarks.plan.Plan.eval_settings`, as flow_grpo's
+        # train_sd3.py:258 does).
         eta=0.7,
         guidance_scale=FLOW_GUIDANCE,
         # The model's FlowMatchEulerDiscreteScheduler places the sigmas (shift 3, SD3.5's).
@@ -347,8 +378,9 @@ def sd_turbo() -> Preset:
     """The SDPO paper (ZiyiZhang27/sdpo at fcee34d, `config/config_sdpo.py` on
     `config/base_sdpo.py`): sd-turbo, DDIM eta 1, K = 50, no CFG, fp16, LoRA r4 (the
     defaults of every algorithm's config). lr, minibatch, accumulation and epochs per reward
-    are `SD_TURBO_REWARD_SETTINGS`, which the runner gives every algorithm alike: stepzoo
-    shares them, where the paper's baselines had settings the repository does not hold."""
+    are `SD_TURBO_REWARD_SETTINGS`, which `reward_overrides` gives every algorithm alike
+    (and `reward_epochs` the budget): stepzoo shares them, where the paper's baselines had
+    settings the repository does not hold."""
     return _published(
         name="sd-turbo",
         model="stabilityai/sd-turbo",  # sdpo config/config_sdpo.py:10
@@ -371,7 +403,8 @@ def sd_turbo() -> Preset:
         # diffusers' LoRAAttnProcessor default, scripts/train_sdpo.py:142; clip range 1e-4,
         # base_sdpo.py:92; advantage clip 5, :90; grad norm 1.0, :79; weight decay 1e-4,
         # :72; λ 0.99, :99; γ 0.99, :57; stat tracker 32/16, config_sdpo.py:27-30), and
-        # lr, minibatch and accumulation come per reward from SD_TURBO_REWARD_SETTINGS.
+        # lr, minibatch and accumulation come per reward from SD_TURBO_REWARD_SETTINGS
+        # (`reward_overrides`).
         # GRPO: those minibatches and accumulations count the paper's 32 pairs; GRPO's default
         # 8 trajectories per group would make 8 groups, fewer than one update spans (16 for
         # aesthetic), so it samples the paper's pairs too: each prompt's baseline is then its
@@ -379,12 +412,18 @@ def sd_turbo() -> Preset:
         # NFT in pairs: 32 groups, as SDPO's, which every reward's minibatch and
         # accumulation divide.
         algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP)},
+        reward_overrides={
+            reward: {algo: {"learning_rate": lr, "train_batch_size": batch, "gradient_accumulation_steps": accumulation}
+                     for algo in ALGORITHMS}
+            for reward, (lr, batch, accumulation, _) in SD_TURBO_REWARD_SETTINGS.items()
+        },
+        reward_epochs={reward: epochs for reward, (*_, epochs) in SD_TURBO_REWARD_SETTINGS.items()},
     )
 
 
 # (learning_rate, train_batch_size, gradient_accumulation_steps, epochs) per reward: the
 # SDPO paper's configs (cited in `zoo.sdpo.PAPER_REWARD_SETTINGS`), with HPS v2.1 on its
-# HPSv2 settings. The runner applies the first three to every algorithm on sd-turbo.
+# HPSv2 settings. `sd_turbo` gives the first three to every algorithm, the last is its budget.
 SD_TURBO_REWARD_SETTINGS = {**PAPER_REWARD_SETTINGS, "hpsv2.1": PAPER_REWARD_SETTINGS["hpsv2"]}
 
 

@@ -36,7 +36,7 @@ def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, gener
     num_prompts and with replacement otherwise, each repeated N times in adjacent
     positions; every group keeps its own noise. So a per-prompt stat tracker sees at least
     N x group size rewards of every prompt drawn in the epoch (more when it is drawn twice,
-    or by another process). `groups` must be a multiple of N (`benchmarks.run` refuses
+    or by another process). `groups` must be a multiple of N (`benchmarks.plan` refuses
     others).
     """
     if groups_per_prompt == 1:

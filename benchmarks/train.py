@@ -17,9 +17,11 @@ One epoch is:
    moved after every optimizer update), then one atomic checkpoint (LoRA, optimizer,
    tracker, counters, records, the EMA), so a kill loses at most the epoch in flight.
 
-This module owns a run's checkpoint and its evaluation records; the Accelerator, the run
-folder's config.json, records.jsonl and metrics.jsonl are the runner's (`benchmarks.run`),
-and algorithms stay pure tensor math (zoo.algorithm).
+It trains or evaluates one job on the Accelerator it is given and writes only that job's
+files (its checkpoint, `benchmarks.checkpoint`; its LoRA and sample strips); the Accelerator
+of a serial run, the run folder's shared files (config.json, records.jsonl, metrics.jsonl,
+the report) and the loggers are the runner's (`benchmarks.run`; the `--jobs` workers build
+their Accelerators in `benchmarks.jobs`). Algorithms stay pure tensor math (zoo.algorithm).
 
 Faults: a reward that raises or returns NaN/inf skips that epoch's update (nothing reaches
 the stat tracker) with a counted warning, and stops the run at the first such epoch

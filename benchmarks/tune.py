@@ -44,11 +44,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.cli import UsageError, parse_args, peek_flag
 from benchmarks.peak import chosen_epochs, scoring_reward
+from benchmarks.plan import Plan, folder_label, make_plan
 from benchmarks.presets import DEFAULT_PRESET, PRESETS
-from benchmarks.run import (
-    Plan, UsageError, _peek, execute, execute_in_workers, folder_label, make_plan, parse_args,
-)
+from benchmarks.run import execute, execute_in_workers
 from zoo import strict_json
 
 TUNING_SEEDS = "100,101"
@@ -128,10 +128,10 @@ def make_points(
     """One validated run plan per grid configuration; nothing is loaded or written.
     `curve_points` > 0: evaluated every epochs // curve_points epochs (and after the last)."""
     for flag in TUNER_OWNS:
-        if _peek(run_argv, flag) is not None or flag in run_argv:
+        if peek_flag(run_argv, flag) is not None or flag in run_argv:
             raise UsageError(f"{flag}: set by benchmarks.tune for every configuration; leave it out")
     argv = list(run_argv)
-    if _peek(argv, "--seeds") is None:
+    if peek_flag(argv, "--seeds") is None:
         argv += ["--seeds", TUNING_SEEDS]
     first = make_plan(parse_args(argv + ["--out", str(out / "probe")]))
     if curve_points < 0 or curve_points > first.epochs:
@@ -315,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if sum((own.resume, own.overwrite, own.extend)) > 1:
             raise UsageError("--resume, --overwrite and --extend contradict each other; pass one of them")
-        preset_name = _peek(run_argv, "--preset") or DEFAULT_PRESET
+        preset_name = peek_flag(run_argv, "--preset") or DEFAULT_PRESET
         if preset_name not in PRESETS:
             raise UsageError(f"--preset: unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-        reward = _peek(run_argv, "--reward") or PRESETS[preset_name]().reward
+        reward = peek_flag(run_argv, "--reward") or PRESETS[preset_name]().reward
         out = Path(own.out or Path("results") / f"tune-{preset_name}-{folder_label(reward)}")
         points = make_points(run_argv, parse_grid(own.grid), out, own.resume, own.overwrite, own.extend,
                              own.curve_points)

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 
 import benchmarks.run
 import benchmarks.train
-from benchmarks.run import epoch_budget, main
+from benchmarks.cli import parse_args
 from benchmarks.epochs import reward_backprop_epoch
+from benchmarks.plan import epoch_budget, make_plan
+from benchmarks.run import main
 from rewards.base import Reward
 from zoo.draft import DRaFTConfig
 from zoo.kernels import SamplerConfig
@@ -421,7 +423,7 @@ def test_a_reward_without_a_gradient_is_refused_before_any_model_loads(reward, b
     assert "\n" not in line
     assert line.startswith(f"error: --reward {reward}: {blocked} not differentiable")
     assert "ddpo" not in line and "leave draft out of --algos" in line and "tiny-aesthetic, tiny-align" in line
-    plan = benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"]))
+    plan = make_plan(parse_args([*args, "--reward", "tiny-clip"]))
     assert plan.algos == ["ddpo", "draft"]
 
 
@@ -433,13 +435,13 @@ def test_algos_all_leaves_draft_out_of_a_run_on_a_reward_without_a_gradient(tiny
 
     monkeypatch.setattr(benchmarks.run, "execute", lambda plan: "")
     args = [*micro_args(tiny_pipeline_dir, tmp_path / "run"), "--algos", "all"]
-    plan = benchmarks.run.make_plan(benchmarks.run.parse_args(args))
+    plan = make_plan(parse_args(args))
     assert plan.algos == [name for name in ALGORITHMS if name != "draft"]
     assert main(args) == 0
     assert capsys.readouterr().err.strip() == (
         "note: --algos all leaves out draft: --reward jpeg_compressibility: jpeg_compressibility is not differentiable"
     )
-    plan = benchmarks.run.make_plan(benchmarks.run.parse_args([*args, "--reward", "tiny-clip"]))
+    plan = make_plan(parse_args([*args, "--reward", "tiny-clip"]))
     assert plan.algos == list(ALGORITHMS) and plan.notes == []
 
 

@@ -11,10 +11,10 @@ from accelerate import Accelerator
 import zoo.grpo
 from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings
-from benchmarks.run import epoch_budget
 from benchmarks.epochs import train_on_batch
 from benchmarks.loop import TrainLoop
 from benchmarks.loss_calls import gather_transitions, minibatch_losses
+from benchmarks.plan import epoch_budget
 from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
 from zoo.algorithm import EpochContext, LossInputs
 from zoo.grpo import GRPOConfig

@@ -88,24 +88,31 @@ def test_run_writes_every_output(finished_run):
         assert (out / "lora" / f"{algo}_seed0" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_resume_after_interruption_gives_the_same_records(finished_run, tiny_pipeline_dir, tmp_path, monkeypatch):
-    """Stop the run right after REBEL's first epoch is checkpointed, resume, and compare
-    with the uninterrupted run: the same records and the same final LoRA weights."""
-    out = tmp_path / "run"
-    real_save = benchmarks.train.save_state
+class Interrupted(Exception):
+    pass
 
-    class Interrupted(Exception):
-        pass
+
+def _run_until_checkpoint(argv: list[str], checkpoint: str, monkeypatch) -> None:
+    """Run `main(argv)` and stop it right after `checkpoint` (e.g. rebel_seed0.pt) is written
+    at epoch 1, as a kill would, its files left as they are."""
+    real_save = benchmarks.train.save_state
 
     def save_then_stop(path, state):
         real_save(path, state)
-        if Path(path).name == "rebel_seed0.pt" and state["epoch"] == 1:
+        if Path(path).name == checkpoint and state["epoch"] == 1:
             raise Interrupted
 
     monkeypatch.setattr(benchmarks.train, "save_state", save_then_stop)
     with pytest.raises(Interrupted):
-        main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO)
+        main(argv)
     monkeypatch.setattr(benchmarks.train, "save_state", real_save)
+
+
+def test_resume_after_interruption_gives_the_same_records(finished_run, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Stop the run right after REBEL's first epoch is checkpointed, resume, and compare
+    with the uninterrupted run: the same records and the same final LoRA weights."""
+    out = tmp_path / "run"
+    _run_until_checkpoint(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO, "rebel_seed0.pt", monkeypatch)
 
     assert main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO) == 2  # refuses to overwrite silently
     assert main(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO + ["--resume"]) == 0
@@ -115,6 +122,15 @@ def test_resume_after_interruption_gives_the_same_records(finished_run, tiny_pip
         resumed, straight = load_file(out / name), load_file(finished_run / name)
         assert resumed.keys() == straight.keys()
         assert all((resumed[k] == straight[k]).all() for k in resumed), algo
+
+
+def test_resume_from_config_needs_no_other_flag(finished_run, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """Stopped after DDPO's first epoch, the run resumes from its config.json alone (its
+    folder the default --out) and ends with the uninterrupted run's records."""
+    out = tmp_path / "run"
+    _run_until_checkpoint(micro_args(tiny_pipeline_dir, out) + EVERY_ALGO, "ddpo_seed0.pt", monkeypatch)
+    assert main(["--config", str(out / "config.json"), "--resume"]) == 0
+    assert _comparable(_records(out)) == _comparable(_records(finished_run))
 
 
 def test_missing_reward_weights_end_fast_with_one_paragraph(tmp_path):

@@ -1,5 +1,5 @@
 """What each algorithm's epoch costs: the optimizer updates and backward passes that
-`benchmarks.run.epoch_budget` declares are the ones the training loop takes, REBEL steps
+`benchmarks.plan.epoch_budget` declares are the ones the training loop takes, REBEL steps
 the optimizer once per `gradient_accumulation_steps` minibatches (rlcm's latest commit),
 and the tiny preset gives every algorithm the same updates per epoch."""
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from benchmarks.cli import _checked, preset_algo_configs
+from benchmarks.plan import epoch_budget
 from benchmarks.presets import tiny
-from benchmarks.run import _checked, epoch_budget, preset_algo_configs
 from benchmarks.epochs import train_on_batch
 from benchmarks.loop import TrainLoop
 from zoo.algorithm import Algorithm, EpochContext

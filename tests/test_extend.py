@@ -10,8 +10,10 @@ import pytest
 
 import benchmarks.run
 import benchmarks.train
+from benchmarks.cli import parse_args
+from benchmarks.plan import make_plan
 from benchmarks.portable import REPO_ROOT, portable_model, recorded_model
-from benchmarks.run import main, make_plan, parse_args
+from benchmarks.run import main
 from test_benchmark_run import EVAL_STEPS, micro_args
 
 TINY_PIPELINE = "zoo/tiny/assets/pipeline"

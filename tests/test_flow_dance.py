@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import zoo.kernels
+from benchmarks.cli import UsageError, parse_args, preset_algo_configs
+from benchmarks.plan import make_plan
 from benchmarks.presets import tiny_flow
-from benchmarks.run import UsageError, main, make_plan, parse_args, preset_algo_configs
+from benchmarks.run import main
 from benchmarks.train import training_sampler_config
 from test_benchmark_run import micro_args
 from test_flow import PROMPTS, assert_rescoring_gives_ratio_one

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from benchmarks.run import make_plan, parse_args
+from benchmarks.cli import parse_args
+from benchmarks.plan import make_plan
 from rewards.catalog import GOLD_OF, REWARDS
 from rewards.spec import gold_rewards
 

@@ -13,9 +13,10 @@ import torch
 from accelerate import Accelerator
 
 import benchmarks.train
+from benchmarks.cli import parse_args
 from benchmarks.evaluate import EvalSettings
+from benchmarks.plan import make_plan
 from benchmarks.presets import tiny
-from benchmarks.run import make_plan, parse_args
 from benchmarks.rollout import draw_prompt_ids, global_advantages
 from benchmarks.train import JobSettings, run_algorithm
 from zoo.registry import ALGORITHMS

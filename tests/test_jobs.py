@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from benchmarks import tune
 from benchmarks.checkpoint import KILL_AT_ENV, load_state
-from benchmarks.run import UsageError, main, make_plan, parse_args
+from benchmarks.cli import UsageError, parse_args
+from benchmarks.plan import make_plan
+from benchmarks.run import main
 
 from test_benchmark_run import micro_args
 

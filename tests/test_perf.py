@@ -11,9 +11,9 @@ import torch
 from accelerate import Accelerator
 
 from benchmarks import archs, perf
+from benchmarks.cli import preset_algo_configs
 from benchmarks.perf import COLUMNS, PerfArgs, algorithm_config, epoch_loss_calls, main, project_epoch
 from benchmarks.presets import PRESETS
-from benchmarks.run import preset_algo_configs
 from benchmarks.epochs import train_on_batch
 from benchmarks.loop import TrainLoop
 from zoo.algorithm import EpochContext

@@ -7,12 +7,14 @@ References at their latest commits: ZiyiZhang27/sdpo fcee34d, kvablack/ddpo-pyto
 """
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from benchmarks.cli import parse_args, preset_algo_configs
+from benchmarks.plan import _check_batch_sizes, epoch_budget, make_plan
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
-from benchmarks.run import _check_batch_sizes, epoch_budget, make_plan, parse_args, preset_algo_configs
 from benchmarks.train import JobSettings, training_sampler_config
 from zoo.loading import load_policy
 from zoo.policy import Policy
@@ -139,6 +141,46 @@ def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
             lr, batch, accumulation), algo
         _check_batch_sizes(algo, config, preset.trajectories_per_epoch, 1)
     assert epoch_budget(configs.sdpo, preset.trajectories_per_epoch)["optimizer_updates"] == sdpo_updates
+
+
+SD_TURBO_BEFORE_THE_PRESET_HELD_THEM = {
+    # reward: ({algorithm: (lr, train batch, accumulation)}, epochs), as the runner made them
+    # when it special-cased sd-turbo (main at 1f20fca: `preset_algo_configs` and `make_plan`).
+    **{reward: ({algo: (lr, batch, accumulation) for algo in ALGORITHMS}, epochs)
+       for reward, (lr, batch, accumulation, epochs) in [
+           ("aesthetic", (1e-4, 2, 8, 100)), ("imagereward", (5e-5, 1, 32, 200)), ("hpsv2", (5e-5, 1, 32, 200)),
+           ("hpsv2.1", (5e-5, 1, 32, 200)), ("pickscore", (6e-5, 1, 16, 200))]},
+    # A reward outside the paper's: each algorithm's published settings, the preset's 100 epochs.
+    "tiny-align": ({"ddpo": (3e-4, 1, 1), "rebel": (1e-4, 2, 4), "d3po": (3e-5, 1, 1), "sdpo": (1e-4, 2, 8),
+                    "grpo": (3e-4, 1, 4), "draft": (1e-3, 8, 4), "nft": (3e-4, 1, 16)}, 100),
+}
+
+
+@pytest.mark.parametrize("reward", sorted(SD_TURBO_BEFORE_THE_PRESET_HELD_THEM))
+def test_sd_turbo_configs_are_the_special_cased_runners(reward):
+    """The sd-turbo preset's own reward_overrides and reward_epochs give every algorithm the
+    settings and budget the runner's sd-turbo special case gave it."""
+    settings, epochs = SD_TURBO_BEFORE_THE_PRESET_HELD_THEM[reward]
+    preset = PRESETS["sd-turbo"]()
+    configs = preset_algo_configs(preset, reward)
+    assert {algo: (getattr(configs, algo).learning_rate, getattr(configs, algo).train_batch_size,
+                   getattr(configs, algo).gradient_accumulation_steps) for algo in ALGORITHMS} == settings
+    assert (configs.grpo.group_size, configs.nft.group_size) == (2, 2)
+    assert preset.epochs_for(reward) == epochs
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(algo_overrides={"ddpo": {"learning_rte": 1e-3}}),
+     r"preset sd-turbo: algo_overrides\['ddpo'\] sets 'learning_rte', not a field of DDPOConfig"),
+    (dict(reward_overrides={"pickscore": {"sdpo": {"train_batch": 2}}}),
+     r"preset sd-turbo: reward_overrides\['pickscore'\]\['sdpo'\] sets 'train_batch', not a field of SDPOConfig"),
+    (dict(algo_overrides={"dpo": {"learning_rate": 1e-3}}),
+     r"preset sd-turbo: algo_overrides names algorithm 'dpo', which is not registered"),
+])
+def test_a_preset_override_that_names_no_config_field_is_refused(overrides, message):
+    """A misspelt key would otherwise be dropped (or fail later, far from the preset)."""
+    with pytest.raises(ValueError, match=message):
+        replace(PRESETS["sd-turbo"](), **overrides)
 
 
 @pytest.mark.parametrize("name", GPU_PRESETS)

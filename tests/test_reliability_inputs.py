@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import benchmarks.run
-from benchmarks.run import main, make_plan, parse_args
+from benchmarks.cli import parse_args
+from benchmarks.plan import make_plan
+from benchmarks.run import main
 from zoo.registry import ALGORITHMS
 
 REPO = Path(__file__).resolve().parent.parent

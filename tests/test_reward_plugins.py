@@ -280,7 +280,7 @@ def test_help_lists_algorithms_rewards_and_the_other_forms(capsys):
 
 
 def test_result_folder_of_a_plugin_or_server_reward_is_one_folder():
-    from benchmarks.run import folder_label
+    from benchmarks.plan import folder_label
 
     assert folder_label("aesthetic:1,pickscore:0.5") == "aesthetic1+pickscore0.5"
     assert folder_label("http://127.0.0.1:8000/jpeg_compressibility:0.5,my.mod:Cls") == (

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
+from benchmarks.cli import UsageError
 from benchmarks.presets import tiny
-from benchmarks.run import UsageError
 from benchmarks.tune import TUNING_SEEDS, Point, main, make_points, score_points, scoring_reward, select
 
 from test_benchmark_run import micro_args
@@ -187,7 +187,7 @@ def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
     from pathlib import Path
 
     from benchmarks.presets import PRESETS
-    from benchmarks.run import preset_algo_configs
+    from benchmarks.cli import preset_algo_configs
 
     run = Path(__file__).resolve().parents[1] / "results" / f"tune-{preset_name}-{reward}"
     selected = json.loads((run / "selected.json").read_text())

@@ -1,0 +1,223 @@
+"""A run folder as this checkout reads it, and the checks of --out, --resume and --extend.
+
+A run folder (`--out`) holds config.json, the settings that identify its run (`Plan.config_json`,
+read back by `recorded_setting`, which also reads runs recorded before a setting existed),
+and records.jsonl, the evaluation rows of every finished job (`recorded_rows`). Before a
+run starts, `check_out_dir` checks that the folder can take it (new, resumed with the same
+settings, or replaced), and `extended` merges an extension with the run the folder holds.
+This module only reads; the execution (`benchmarks.run`) writes the folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.cli import RESUME_MAY_CHANGE, RUN_FLAGS, SHARED_SAMPLER_FIELDS, UsageError, algo_flag, read_config
+from benchmarks.portable import recorded_model
+from benchmarks.train import BASE
+from zoo import strict_json
+
+if TYPE_CHECKING:
+    from benchmarks.plan import Plan
+
+
+RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None}
+"""Settings recorded in config.json since a later version, with the value that runs
+recorded before them had, so that those runs can still be resumed."""
+RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}
+"""The same for settings whose earlier value was another setting's: before the curve's points
+could use fewer samples, every evaluation used the final one's."""
+ALGORITHM_CONFIG_DEFAULTS = {"flow_sde": "flow-grpo"}
+"""The same for the fields of each recorded algorithm config (config.json "algorithm_configs")."""
+
+
+EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
+"""Settings that an extension adds to (its new algorithms and seeds); it must match the rest."""
+
+
+def recorded_setting(config: dict, key: str) -> Any:
+    """A setting of a config.json as this checkout reads it: the model as the folder or hub
+    id it names here (a relative folder is the same in every clone), each algorithm config
+    with the fields it was recorded without."""
+    value = config.get(key, config.get(RESUME_DEFAULTS_FROM.get(key), RESUME_DEFAULTS.get(key)))
+    if key == "algorithm_configs":
+        return {name: {**ALGORITHM_CONFIG_DEFAULTS, **fields} for name, fields in value.items()}
+    return recorded_model(value) if key == "model" and isinstance(value, str) else value
+
+
+def _changed_settings(saved: dict, plan: Plan, may_change: tuple[str, ...]) -> list[str]:
+    """The keys of config.json whose recorded value differs from `plan`'s."""
+    current = json.loads(strict_json.dumps(plan.config_json()))
+    return sorted(k for k in saved.keys() | current.keys()
+                  if k not in may_change and recorded_setting(saved, k) != recorded_setting(current, k))
+
+
+def _check_writable(out: Path) -> None:
+    """Refuses an --out that cannot be made or written (a read-only file system, /proc, a
+    path under a file), probed by making and removing a folder in its nearest existing
+    ancestor, so that a run never trains only to fail at its first write."""
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out {out}: {existing} is a file, so no folder can be made under it; choose another --out")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".stepzoo-probe-", dir=existing))
+    except OSError as error:
+        raise UsageError(
+            f"--out {out}: no folder can be made in {existing} ({error.strerror or error}); choose a writable --out"
+        ) from None
+
+
+def check_out_dir(plan: Plan) -> None:
+    out = plan.out_dir
+    config_path = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    _check_writable(out)
+    if not config_path.exists():
+        if plan.args.resume:
+            raise UsageError(f"--resume: {out} holds no run to resume (no config.json)")
+        if plan.args.extend:
+            raise UsageError(
+                f"--extend: {out} holds no run to extend (no config.json); leave --extend out to start one there"
+            )
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(
+                f"--out {out} is a folder with other files and no stepzoo run; choose a new or empty folder"
+            )
+        return
+    if plan.args.resume:
+        changed = _changed_settings(read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
+        if changed:
+            raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
+        return
+    if not plan.args.overwrite and not plan.args.extend:
+        raise UsageError(
+            f"--out {out} already holds a run; pass --resume to continue it, --extend to add algorithms or seeds to it "
+            "or --overwrite to replace it"
+        )
+
+
+def _setting_flag(key: str) -> str:
+    """The flag that sets a config.json key, or what decides it (the prompts: the preset)."""
+    if key in RUN_FLAGS:
+        return "--" + key.replace("_", "-")
+    return f"--preset's {key.replace('_', ' ')}"
+
+
+def _difference(key: str, saved: Any, current: Any, width: int = 60) -> str:
+    """One setting that differs, with both values when they are short (not prompt lists)."""
+    there, here = (",".join(map(str, v)) if isinstance(v, list) else str(v) for v in (saved, current))
+    if max(len(there), len(here)) > width:
+        return f"{_setting_flag(key)}: not the same"
+    return f"{_setting_flag(key)} {there} there, {here} here"
+
+
+def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
+    """The rows of `out`/records.jsonl by (algo, seed), as written. `benchmarks.run.execute`
+    writes an (algo, seed)'s rows only once it has finished, so each entry is final."""
+    path = out / "records.jsonl"
+    rows: dict[tuple[str, int], list[dict]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            rows.setdefault((row["algo"], row["seed"]), []).append(row)
+    return rows
+
+
+def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
+    """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
+    new algorithms train on every seed, every algorithm trains on the new seeds; refuses
+    what would make the new rows incomparable with the recorded ones, and a flag of a
+    recorded algorithm it does not train (`untrained`: algorithm -> fields its flags set)
+    that differs from the recorded value, which could only be ignored."""
+    out, config_path = plan.out_dir, plan.out_dir / "config.json"
+    saved = read_config(config_path, "--extend")
+    recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
+    algorithm_configs = recorded_setting(saved, "algorithm_configs")
+    present = [name for name in plan.algos if name in recorded_algos]
+    new_seeds = [seed for seed in plan.seeds if seed not in recorded_seeds]
+    dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
+    if dropped_seeds:
+        raise UsageError(
+            f"--extend --seeds: {out} holds seeds {','.join(map(str, recorded_seeds))} ({config_path}); list them "
+            f"all in --seeds (with the seeds to add), e.g. --seeds {','.join(map(str, [*recorded_seeds, *new_seeds]))}"
+        )
+    if present and not new_seeds:
+        raise UsageError(
+            f"--extend --algos: {out} already holds {', '.join(present)} ({config_path} lists "
+            f"{', '.join(recorded_algos)}); leave {'it' if len(present) == 1 else 'them'} out of --algos, "
+            "add seeds with --seeds, or pass --resume instead to finish an interrupted run, or --overwrite to redo "
+            "the whole folder"
+        )
+    missing = [name for name in recorded_algos if name not in plan.algos]
+    if new_seeds and missing:
+        raise UsageError(
+            f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
+            f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
+        )
+    for name in recorded_algos:
+        for key in untrained.get(name, []):
+            value = json.loads(strict_json.dumps(getattr(getattr(plan.args.algo, name), key)))
+            if value != algorithm_configs[name].get(key):
+                flag = f"--{name}.{key.replace('_', '-')}"
+                raise UsageError(
+                    f"{flag} {value}: --extend trains {', '.join(plan.algos)}, not {name}, whose rows in {out} are "
+                    f"reused as recorded, with {key} {algorithm_configs[name].get(key)} ({config_path}); leave the "
+                    f"flag out (or add {name} to --algos with new --seeds)"
+                )
+    changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
+    if changed:
+        current = plan.config_json()
+        differences = "; ".join(
+            _difference(key, saved.get(key, RESUME_DEFAULTS.get(key)), current.get(key)) for key in changed
+        )
+        raise UsageError(
+            f"--extend: the run in {out} was made with other settings ({differences}); its base and algorithm "
+            f"rows are reused, so every setting but --algos, --seeds and the per-algorithm flags must be as "
+            f"{config_path} records it: pass its values, or choose another --out for a new run"
+        )
+    for name in present:
+        recorded_config = algorithm_configs[name]
+        current_config = json.loads(strict_json.dumps(dataclasses.asdict(plan.configs[name])))
+        for key in sorted(recorded_config.keys() | current_config.keys()):
+            if recorded_config.get(key) != current_config.get(key):
+                flag = algo_flag(plan.args, name, key)
+                raise UsageError(
+                    f"{flag} {current_config.get(key)}: {name} in {out} trained with {key} "
+                    f"{recorded_config.get(key)} ({config_path}), and its new seeds must train as its recorded ones "
+                    f"did; pass {flag} {recorded_config.get(key)}"
+                )
+    for name, cfg in plan.configs.items():
+        for recorded, recorded_config in algorithm_configs.items():
+            for key in SHARED_SAMPLER_FIELDS:
+                if key in recorded_config and getattr(cfg, key) != recorded_config[key]:
+                    flag = algo_flag(plan.args, name, key)
+                    raise UsageError(
+                        f"{flag} {getattr(cfg, key)}: {recorded} in {out} trained with {key} {recorded_config[key]} "
+                        f"({config_path}), and every algorithm of a run trains with the same sampler; pass "
+                        f"{flag} {recorded_config[key]}"
+                    )
+    finished = recorded_rows(out)
+    unfinished = [f"{name} seed {seed}" for seed in recorded_seeds for name in [BASE, *recorded_algos]
+                  if (name, seed) not in finished]
+    if unfinished:
+        raise UsageError(
+            f"--extend: {out / 'records.jsonl'} has no rows of {', '.join(unfinished)}, so the run is unfinished; "
+            "finish it with its own flags and --resume, then extend it"
+        )
+    added = [name for name in plan.algos if name not in recorded_algos]
+    return dataclasses.replace(
+        plan,
+        algos=[*recorded_algos, *added],
+        seeds=[*recorded_seeds, *new_seeds],
+        configs={name: plan.configs[name] for name in [*present, *added]},
+        recorded_configs={name: c for name, c in algorithm_configs.items() if name not in present},
+    )
+
