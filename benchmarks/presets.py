@@ -567,10 +567,12 @@ def _flow_loops(window: int) -> dict[str, dict]:
         "sdpo": {"train_batch_size": 4, **update},
         "draft": {"train_batch_size": 8, **update},
         # GRPO as flow_grpo runs it: a group of 16 a minibatch, 2 accumulated (32
-        # trajectories), β 0.01 (:206), the batch's std (:207; GRPOConfig's deviations note
-        # that its KL is the exact Gaussian one, about K times flow_grpo's at the same β).
+        # trajectories), β 0.01 (:206) on flow_grpo's KL form (train_sd3.py:895; the exact
+        # Gaussian KL would weigh it σ - σ' times more, 13 times on average at K = 10), the
+        # batch's std (:207).
         "grpo": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 2,
-                 "beta": 0.01, "global_std": True, "window_size": window, "window_range": (0, window)},
+                 "beta": 0.01, "kl_form": "flow-grpo", "global_std": True, "window_size": window,
+                 "window_range": (0, window)},
         # NFT on the same groups, the epoch's 4 accumulated into one update, as DiffusionNFT's
         # SD3.5 configuration takes one per epoch (NFTConfig's docstring: NVlabs/DiffusionNFT
         # config/nft.py:39-45).
