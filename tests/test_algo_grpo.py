@@ -501,3 +501,15 @@ def test_the_flow_presets_carry_flow_grpos_beta_on_its_kl_form():
         GRPOConfig(sampler="ddim", kl_form="flow-grpo")
     with pytest.raises(ValueError, match="kl_form must be one of exact, flow-grpo"):
         GRPOConfig(sampler="flow", kl_form="flowgrpo")
+
+
+def test_a_grpo_run_recorded_before_the_detach_reads_as_attached():
+    """config.json of a run made before `detach_unconditional` and `kl_form` existed reads as
+    what it ran (attached, exact), so resuming it with today's defaults is a change of
+    settings, not a silent switch of the loss halfway through."""
+    from benchmarks.run_folder import recorded_setting
+
+    old = {"algorithm_configs": {"grpo": {"beta": 0.04}, "ddpo": {"clip_range": 1e-4}}}
+    configs = recorded_setting(old, "algorithm_configs")
+    assert configs["grpo"]["detach_unconditional"] is False and configs["grpo"]["kl_form"] == "exact"
+    assert "detach_unconditional" not in configs["ddpo"]
