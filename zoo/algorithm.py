@@ -81,7 +81,7 @@ class SamplingNeeds:
     """Whether one loss term spans all K steps of a trajectory (REBEL's sequence ratio),
     so the runner must pass every step of a minibatch to one `loss` call. (Its backward
     may still run in chunks of steps, with the exact gradient: see
-    `benchmarks.train.minibatch_losses`.)"""
+    `benchmarks.loss_calls.minibatch_losses`.)"""
     same_step_order_in_group: bool = True
     """Whether the members of a group see their steps in the same shuffled order."""
     kl_to_reference: bool = False
