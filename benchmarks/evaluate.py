@@ -57,14 +57,14 @@ class EvalSettings:
 
 EVAL_SEED_DOMAIN = 1 << 31
 """Evaluation seeds lie in [2^31, 2^32) and the trainer's epoch seeds in [0, 2^31)
-(`benchmarks.train.epoch_seed`); torch's CPU generator reads only the low 32 bits of a
+(`benchmarks.rollout.epoch_seed`); torch's CPU generator reads only the low 32 bits of a
 seed. The trainer seeds epoch e with the same arithmetic (`mixed_seed`), so without the split the
 evaluation at S steps would draw the noise of training epoch S."""
 
 
 def mixed_seed(seed: int, index: int, process: int) -> int:
     """The run seed, an index (training epoch or evaluation step count) and the process
-    mixed into one seed below 2^31, the trainer's half (`benchmarks.train.epoch_seed`)."""
+    mixed into one seed below 2^31, the trainer's half (`benchmarks.rollout.epoch_seed`)."""
     return (1_000_003 * seed + 1_009 * index + process) % EVAL_SEED_DOMAIN
 
 

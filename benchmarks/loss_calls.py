@@ -10,9 +10,11 @@ passes sum to the whole loss's exact gradient.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -109,12 +111,15 @@ class ReplayCall:
     def run(self, sampler: TrajectorySampler, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Flat log-probs under the current weights (and KL to the base, when the loss
         needs it) of joined `model_inputs`."""
-        score = sampler.log_prob_and_kl if self.algorithm.needs.kl_to_reference else sampler.log_prob
-        if not self.per_member:
-            outputs = score(*inputs)
-            return outputs if isinstance(outputs, tuple) else (outputs,)
-        members = self.transitions.steps.shape[1]
-        parts = [score(*chunks) for chunks in zip(*(t.chunk(members) for t in inputs))]
+        needs = self.algorithm.needs
+        score = partial(sampler.log_prob_and_kl, kl_form=needs.kl_form) if needs.kl_to_reference else sampler.log_prob
+        detached = sampler.policy.unconditional_detached() if needs.detach_unconditional else contextlib.nullcontext()
+        with detached:
+            if not self.per_member:
+                outputs = score(*inputs)
+                return outputs if isinstance(outputs, tuple) else (outputs,)
+            members = self.transitions.steps.shape[1]
+            parts = [score(*chunks) for chunks in zip(*(t.chunk(members) for t in inputs))]
         parts = [p if isinstance(p, tuple) else (p,) for p in parts]
         return tuple(torch.cat(outputs) for outputs in zip(*parts))
 

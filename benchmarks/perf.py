@@ -337,7 +337,7 @@ def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: 
 
 
 def epoch_loss_calls(config, needs: SamplingNeeds, groups: int, train_groups: int) -> int:
-    """Loss calls of `benchmarks.train.train_on_batch` on an epoch of `groups` groups in
+    """Loss calls of `benchmarks.epochs.train_on_batch` on an epoch of `groups` groups in
     minibatches of `train_groups` (the last one smaller): each minibatch once per inner
     epoch and trained step, or once for all its steps with a whole-trajectory loss (whose
     chunks of steps are backward passes inside that one call)."""
@@ -616,7 +616,7 @@ def main(args: PerfArgs) -> dict:
     if args.preset not in PRESETS:
         raise SystemExit(f"--preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     # The phases below time log-prob training; reward back-propagation (DRaFT) trains as it
-    # samples, through `benchmarks.train.reward_backprop_epoch`, which they do not measure.
+    # samples, through `benchmarks.epochs.reward_backprop_epoch`, which they do not measure.
     timed_algos = [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)]
     names = timed_algos if args.algos == "all" else [a.strip() for a in args.algos.split(",")]
     unknown = [n for n in names if n not in ALGORITHMS]

@@ -68,7 +68,7 @@ class Preset:
     eta: float
     timestep_spacing: str | None
     """Where the sampler's timesteps sit, in training and at every evaluation step count
-    (`zoo.sampling.SamplerConfig.timestep_spacing`): "trailing" for every DDIM preset, so
+    (`zoo.kernels.SamplerConfig.timestep_spacing`): "trailing" for every DDIM preset, so
     that 1- and 2-step samples start at t = 999 whatever the base model's scheduler config
     says (Stable Diffusion 1.5's "leading" starts them at t = 1 and 501); None keeps the
     model's config."""
@@ -93,7 +93,7 @@ class Preset:
     per task (`sd_turbo`)."""
     groups_per_prompt: int = 1
     """Groups sampled from each prompt drawn per epoch, side by side (`--groups-per-prompt`,
-    `benchmarks.train.draw_prompt_ids`); 1 draws each group's prompt on its own, as the
+    `benchmarks.rollout.draw_prompt_ids`); 1 draws each group's prompt on its own, as the
     papers' loops do."""
     resolution: int | None = None
     """Image side in pixels for a flow-matching model (`FlowPolicy`); None keeps the
@@ -109,7 +109,7 @@ class Preset:
     """`benchmarks.run --curve-samples-per-prompt`'s default: samples per prompt of the
     evaluations before the last epoch; None: `eval_samples_per_prompt`."""
     flow_sde: str = "flow-grpo"
-    """The flow sampler's SDE, "flow-grpo" or "dance-grpo" (`zoo.sampling.SamplerConfig.flow_sde`),
+    """The flow sampler's SDE, "flow-grpo" or "dance-grpo" (`zoo.kernels.SamplerConfig.flow_sde`),
     set for every algorithm like `eta`, which it reinterprets; unused by the other samplers."""
     reward_epochs: dict[str, int] = field(default_factory=dict)
     """Training reward -> epochs, where the preset's paper trains a task for another budget
@@ -567,10 +567,12 @@ def _flow_loops(window: int) -> dict[str, dict]:
         "sdpo": {"train_batch_size": 4, **update},
         "draft": {"train_batch_size": 8, **update},
         # GRPO as flow_grpo runs it: a group of 16 a minibatch, 2 accumulated (32
-        # trajectories), β 0.01 (:206), the batch's std (:207; GRPOConfig's deviations note
-        # that its KL is the exact Gaussian one, about K times flow_grpo's at the same β).
+        # trajectories), β 0.01 (:206) on flow_grpo's KL form (train_sd3.py:895; the exact
+        # Gaussian KL would weigh it σ - σ' times more, 13 times on average at K = 10), the
+        # batch's std (:207).
         "grpo": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 2,
-                 "beta": 0.01, "global_std": True, "window_size": window, "window_range": (0, window)},
+                 "beta": 0.01, "kl_form": "flow-grpo", "global_std": True, "window_size": window,
+                 "window_range": (0, window)},
         # NFT on the same groups, the epoch's 4 accumulated into one update, as DiffusionNFT's
         # SD3.5 configuration takes one per epoch (NFTConfig's docstring: NVlabs/DiffusionNFT
         # config/nft.py:39-45).

@@ -34,6 +34,11 @@ RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}
 could use fewer samples, every evaluation used the final one's."""
 ALGORITHM_CONFIG_DEFAULTS = {"flow_sde": "flow-grpo"}
 """The same for the fields of each recorded algorithm config (config.json "algorithm_configs")."""
+ALGORITHM_FIELD_DEFAULTS = {"grpo": {"kl_form": "exact", "detach_unconditional": False}}
+"""The same for one algorithm's own fields: GRPO's runs recorded before these fields replayed
+its log-probs with the unconditional prediction attached and weighed the exact KL, so such a
+run resumes or extends as it was made (a plain --resume of it is refused as a change of
+settings unless its flags say so, --grpo.no-detach-unconditional)."""
 
 
 EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
@@ -46,7 +51,8 @@ def recorded_setting(config: dict, key: str) -> Any:
     with the fields it was recorded without."""
     value = config.get(key, config.get(RESUME_DEFAULTS_FROM.get(key), RESUME_DEFAULTS.get(key)))
     if key == "algorithm_configs":
-        return {name: {**ALGORITHM_CONFIG_DEFAULTS, **fields} for name, fields in value.items()}
+        return {name: {**ALGORITHM_CONFIG_DEFAULTS, **ALGORITHM_FIELD_DEFAULTS.get(name, {}), **fields}
+                for name, fields in value.items()}
     return recorded_model(value) if key == "model" and isinstance(value, str) else value
 
 

@@ -2,6 +2,7 @@
 (the loss term, the closed form, the sampler's two UNet calls), the training window, and
 one tiny-world epoch through the runner with both."""
 
+import contextlib
 import math
 
 import pytest
@@ -20,7 +21,7 @@ from zoo.algorithm import EpochContext, LossInputs
 from zoo.grpo import GRPOConfig
 from zoo.loading import load_policy
 from zoo.policy import LoraSettings
-from zoo.kernels import gaussian_kl
+from zoo.kernels import gaussian_kl, gaussian_log_prob
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
@@ -364,3 +365,151 @@ def test_defaults_are_flow_grpos_single_gpu_config():
     needs = config.build().needs
     assert needs.group_size == 8 and not needs.shared_noise and needs.kl_to_reference
     assert not GRPOConfig(beta=0.0).build().needs.kl_to_reference
+
+
+# ----------------------------------------------------------------------------------------
+# Fidelity to flow_grpo's training log-prob and KL (yifan123/flow_grpo ac4c86e)
+
+
+@pytest.mark.parametrize("pipeline", ["tiny_pipeline_dir", "tiny_flow_pipeline_dir"])
+def test_the_training_log_prob_detaches_the_unconditional_prediction_as_flow_grpo(request, pipeline):
+    """flow_grpo's compute_log_prob (scripts/train_sd3.py:179-215) runs the denoiser on the
+    conditional and unconditional inputs, detaches the unconditional output (:190) and guides;
+    its log-prob's gradient therefore reaches the adapter through g·∂(conditional) only. The
+    same formula written out here (two separate denoiser calls, the unconditional one without
+    gradients) must give GRPO's log-prob and LoRA gradient; without the detach the value is
+    the same and the gradient is not (the issue measured cosine 0.51-0.66 on the flow model)."""
+    policy = policy_with_random_adapter(request.getfixturevalue(pipeline))
+    kind, guidance = ("flow", 4.5) if policy.prediction == "velocity" else ("ddim", 4.0)
+    sampler = TrajectorySampler(policy, SamplerConfig(kind, 3, eta=0.7 if kind == "flow" else 1.0,
+                                                      guidance_scale=guidance))
+    traj = sampler.sample(["a red circle", "a blue square"], generator=torch.Generator().manual_seed(0))
+    x, x_next, step = traj.latents[:, 0, 1], traj.next_latents[:, 0, 1], torch.full((2,), 1)
+    params = policy.trainable_parameters()
+
+    def gradient(log_prob: torch.Tensor) -> torch.Tensor:
+        policy.model.zero_grad(set_to_none=True)
+        log_prob.sum().backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    with policy.unconditional_detached():
+        ours = sampler.log_prob(x, step, x_next, traj.prompt_embeds)
+    ours_grad = gradient(ours)
+    timesteps = sampler.kernel.timesteps[step]
+    conditional = policy.predict(x, timesteps, traj.prompt_embeds, 1.0)
+    with torch.no_grad():
+        unconditional = policy.predict(x, timesteps, policy.uncond_embeds().expand(2, -1, -1), 1.0)
+    guided = unconditional + guidance * (conditional - unconditional)
+    mean, std, _ = sampler.kernel.step(guided, x, step)
+    reference = gaussian_log_prob(x_next, mean, std)
+    reference_grad = gradient(reference)
+    torch.testing.assert_close(ours, reference.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-4, atol=1e-6)
+    attached = sampler.log_prob(x, step, x_next, traj.prompt_embeds)
+    attached_grad = gradient(attached)
+    torch.testing.assert_close(attached.detach(), ours.detach(), rtol=1e-6, atol=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(attached_grad, ours_grad, dim=0)
+    assert cosine < 0.99
+
+
+def test_grpo_replays_with_the_unconditional_prediction_detached_unless_told_not_to():
+    """The config decides it (flow_grpo's behaviour by default) and the runner's replay call
+    enters `Policy.unconditional_detached` for it."""
+    assert GRPOConfig().build().needs.detach_unconditional
+    assert not GRPOConfig(detach_unconditional=False).build().needs.detach_unconditional
+    seen = []
+
+    class Policy:
+        device = torch.device("cpu")
+
+        @contextlib.contextmanager
+        def unconditional_detached(self):
+            seen.append("entered")
+            yield
+
+    class Sampler:
+        policy = Policy()
+
+        def log_prob(self, *inputs):
+            return torch.zeros(inputs[0].shape[0])
+
+    from benchmarks.loss_calls import ReplayCall, Transitions
+
+    latents = torch.zeros(1, 2, 1, 4, 2, 2)
+    transitions = Transitions(latents, latents, torch.zeros(1, 2, 1, dtype=torch.long), torch.zeros(1, 2, 1, 3, 5),
+                              torch.zeros(1, 2, 1), None)
+    for detach, expected in ((True, ["entered"]), (False, [])):
+        seen.clear()
+        algorithm = GRPOConfig(beta=0.0, detach_unconditional=detach).build()
+        call = ReplayCall(algorithm, transitions, torch.zeros(1, 2, 1))
+        call.run(Sampler(), *call.model_inputs(slice(None), slice(None)))
+        assert seen == expected
+
+
+def test_flow_grpos_kl_form_is_the_exact_kl_times_the_step_size_worked_numbers():
+    """One Flow-GRPO SDE step σ = 0.75 -> σ' = 0.5 at noise level a = 0.7, x = 0, a velocity
+    of 1 under the current weights and 0 under the base (a stand-in policy), every element:
+    std_dev_t² = a²·σ/(1-σ) = 0.49·3 = 1.47 (sd3_sde_with_logprob.py:47); the mean's velocity
+    coefficient (1 + std_dev_t²·(1-σ)/(2σ))·dt = (1 + 1.47·0.25/1.5)·(-0.25) = -0.31125 (:50),
+    so Δμ = -0.31125 and Δμ² = 0.0968765625.
+    flow_grpo's KL (train_sd3.py:895): Δμ² / (2·std_dev_t²) = 0.0968765625 / 2.94 = 0.032951...
+    the exact Gaussian KL: Δμ² / (2·std_dev_t²·(σ - σ')) = 0.131804...: four times it."""
+    from zoo.kernels import FlowGRPOKernel
+
+    class Policy:
+        device = torch.device("cpu")
+        in_reference = False
+
+        def predict(self, latents, timesteps, embeds, guidance_scale, guidance_embedding=False):
+            return torch.full_like(latents, 0.0 if self.in_reference else 1.0)
+
+        def reference(self):
+            policy = self
+
+            class Reference:
+                def __enter__(self):
+                    policy.in_reference = True
+
+                def __exit__(self, *exc):
+                    policy.in_reference = False
+
+            return Reference()
+
+    kernel = FlowGRPOKernel(timesteps=torch.tensor([750.0]), noise_levels=torch.tensor([0.7], dtype=torch.float64),
+                            sigma=torch.tensor([0.75], dtype=torch.float64),
+                            sigma_next=torch.tensor([0.5], dtype=torch.float64))
+    sampler = TrajectorySampler(Policy(), SamplerConfig("flow", 1, eta=0.7), kernel=kernel)
+    x = torch.zeros(1, 4, 2, 2)
+    step, embeds = torch.zeros(1, dtype=torch.long), torch.zeros(1, 3, 5)
+    _, exact = sampler.log_prob_and_kl(x, step, x, embeds)
+    _, flow_grpo = sampler.log_prob_and_kl(x, step, x, embeds, kl_form="flow-grpo")
+    assert flow_grpo.item() == pytest.approx(0.0968765625 / 2.94, rel=1e-5)
+    assert exact.item() == pytest.approx(0.0968765625 / (2.94 * 0.25), rel=1e-5)
+
+
+def test_the_flow_presets_carry_flow_grpos_beta_on_its_kl_form():
+    """sd3.5-medium and flux-schnell take flow_grpo's β 0.01 (config/grpo.py:206), so their KL
+    is flow_grpo's; the ε samplers have no step size and refuse that form."""
+    from benchmarks.cli import preset_algo_configs
+    from benchmarks.presets import PRESETS
+
+    for name in ("sd3.5-medium", "flux-schnell"):
+        preset = PRESETS[name]()
+        config = preset_algo_configs(preset, preset.reward).grpo
+        assert (config.beta, config.kl_form) == (0.01, "flow-grpo")
+    with pytest.raises(ValueError, match="kl_form flow-grpo scales the KL by a flow step's size"):
+        GRPOConfig(sampler="ddim", kl_form="flow-grpo")
+    with pytest.raises(ValueError, match="kl_form must be one of exact, flow-grpo"):
+        GRPOConfig(sampler="flow", kl_form="flowgrpo")
+
+
+def test_a_grpo_run_recorded_before_the_detach_reads_as_attached():
+    """config.json of a run made before `detach_unconditional` and `kl_form` existed reads as
+    what it ran (attached, exact), so resuming it with today's defaults is a change of
+    settings, not a silent switch of the loss halfway through."""
+    from benchmarks.run_folder import recorded_setting
+
+    old = {"algorithm_configs": {"grpo": {"beta": 0.04}, "ddpo": {"clip_range": 1e-4}}}
+    configs = recorded_setting(old, "algorithm_configs")
+    assert configs["grpo"]["detach_unconditional"] is False and configs["grpo"]["kl_form"] == "exact"
+    assert "detach_unconditional" not in configs["ddpo"]

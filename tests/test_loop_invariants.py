@@ -16,6 +16,7 @@ real algorithm then decodes what each `loss` call received.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from types import SimpleNamespace
@@ -92,8 +93,9 @@ def decode(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 class CodedPolicy:
-    """The two things `train_on_batch` asks of the policy: the trainable parameters and the
-    (here unwrapped) denoiser for `no_sync`."""
+    """What `train_on_batch` asks of the policy: the trainable parameters, the (here
+    unwrapped) denoiser for `no_sync`, and the guidance switch of replayed log-probs, which
+    the coded log-prob has no guidance to apply to."""
 
     def __init__(self):
         self.theta = torch.nn.Parameter(torch.zeros(()))
@@ -101,6 +103,9 @@ class CodedPolicy:
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [self.theta]
+
+    def unconditional_detached(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
 
 class CodedSampler:
@@ -118,8 +123,11 @@ class CodedSampler:
             "prompt embedding of another group"
         return -code / 1000 + self.policy.theta * torch.cos(code)
 
-    def log_prob_and_kl(self, latents, step_index, next_latents, prompt_embeds) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-prob above and a KL to the base model (θ = 0) of θ² / 2 per transition."""
+    def log_prob_and_kl(
+        self, latents, step_index, next_latents, prompt_embeds, kl_form="exact"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The log-prob above and a KL to the base model (θ = 0) of θ² / 2 per transition (of
+        either form: the coded transitions have no step size)."""
         log_prob = self.log_prob(latents, step_index, next_latents, prompt_embeds)
         return log_prob, 0.5 * self.policy.theta**2 * torch.ones_like(log_prob)
 

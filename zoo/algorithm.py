@@ -57,7 +57,7 @@ from typing import Any, Literal
 
 import torch
 
-from zoo.kernels import FLOW_SDES, FlowSDE, takes_flow_sde
+from zoo.kernels import FLOW_SDES, FlowSDE, KLForm, takes_flow_sde
 from zoo.stat_tracking import NoStatTracker
 from zoo.trajectory import Trajectory
 
@@ -81,13 +81,21 @@ class SamplingNeeds:
     """Whether one loss term spans all K steps of a trajectory (REBEL's sequence ratio),
     so the runner must pass every step of a minibatch to one `loss` call. (Its backward
     may still run in chunks of steps, with the exact gradient: see
-    `benchmarks.train.minibatch_losses`.)"""
+    `benchmarks.loss_calls.minibatch_losses`.)"""
     same_step_order_in_group: bool = True
     """Whether the members of a group see their steps in the same shuffled order."""
     kl_to_reference: bool = False
     """Whether each `loss` call needs the KL of every trained transition's Gaussian under the
     current weights to the frozen base model's (adapter disabled): one more UNet call per
     loss call, without gradients (GRPO's β > 0). Per-step losses only."""
+    kl_form: KLForm = "exact"
+    """With `kl_to_reference`: the exact Gaussian KL, or Flow-GRPO's, the exact one times the
+    flow step's size σ - σ' (`TrajectorySampler.log_prob_and_kl`; flow samplers only)."""
+    detach_unconditional: bool = False
+    """Whether the replayed log-probs' classifier-free guidance detaches the unconditional
+    prediction (`Policy.unconditional_detached`: same value, gradient through the
+    conditional half only), as flow_grpo's training log-prob does. No effect without
+    guidance."""
     reference_prediction: bool = False
     """For a `ForwardProcessAlgorithm`: whether `loss` also needs the frozen base model's
     prediction (adapter disabled) at each x_t."""

@@ -9,7 +9,7 @@ Diffusion Models with Reward Backpropagation", arXiv 2310.03739) is the same met
 drawn at random per batch; its code, mihirp1998/AlignProp at b22918a (cited below as
 file:line), is the reference where the paper has none.
 
-Implementation details (the runner's side is `benchmarks.train.reward_backprop_epoch`):
+Implementation details (the runner's side is `benchmarks.epochs.reward_backprop_epoch`):
 1. On-policy minibatches: each minibatch of `train_batch_size` prompts is sampled with the
    weights the previous update left, scored and trained on once, as AlignProp samples
    inside its accumulation loop (alignprop_trainer.py:318-322); no log-probs, advantages

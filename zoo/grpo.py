@@ -29,11 +29,21 @@ Implementation details:
    A_c = clamp(A, ±adv_clip_max), policy = mean(max(-A_c·ratio, -A_c·clamp(ratio,
    1 - clip_range, 1 + clip_range))); clip_range 1e-4 (base.py:86), adv_clip_max 5 (:84).
 5. KL to the base model, when β > 0 (train_sd3.py:875-878, :894-897): the base's transition
-   mean is recomputed with the LoRA adapter disabled and without gradients; both Gaussians
-   have the step's std σ, so KL = mean over elements of (μ_θ - μ_ref)² / (2σ²) per
-   transition (`zoo.kernels.gaussian_kl`), and loss = policy + β·mean KL. β = 0.04
-   (config/grpo.py:244; base.py:91 has 0). With β = 0 the runner makes no reference UNet
-   call (`needs.kl_to_reference`).
+   mean is recomputed with the LoRA adapter disabled and without gradients, and loss =
+   policy + β·mean KL. β = 0.04 (config/grpo.py:244; base.py:91 has 0). `kl_form`
+   "flow-grpo" is flow_grpo's term, mean over elements of (μ_θ - μ_ref)² / (2·std_dev_t²)
+   (train_sd3.py:895), where std_dev_t is the SDE's noise level before the sqrt(σ - σ')
+   that makes it the transition's std (sd3_sde_with_logprob.py:47, :59): the exact
+   Gaussian KL times σ - σ'. The default, "exact", is the two transition Gaussians' KL
+   (`zoo.kernels.gaussian_kl`; docs/ALGORITHMS.md states it so), σ - σ' times larger per
+   step: 25.1, 21.4, ..., 3.7 at sd3.5-medium's K = 10 (shift 3), about 13 on average over
+   its 9 trained steps, so the presets that carry flow_grpo's β (sd3.5-medium, flux-schnell)
+   set "flow-grpo". With β = 0 the runner makes no reference UNet call
+   (`needs.kl_to_reference`).
+5b. The training log-prob's guidance detaches the unconditional prediction
+   (train_sd3.py:189-190, `detach_unconditional`): the guided prediction's value is the
+   sampler's, its gradient g·∂(conditional) only (`Policy.unconditional_detached`). At
+   guidance 1 there is no unconditional prediction and nothing changes.
 6. Training window (Flow-GRPO-Fast: `sde_window_size` 2 within `sde_window_range` (0, 10),
    base.py at 54809b5): with `window_size` set, each trajectory trains only `window_size`
    consecutive steps starting uniformly in `window_range` (the fast pipeline draws
@@ -52,11 +62,8 @@ Implementation details:
    alpha 64 (train_sd3.py:430-431).
 
 Deliberate deviations:
-- KL scale: flow_grpo divides by 2·std_dev_t² (train_sd3.py:895), where std_dev_t is the
-  SDE's noise level before the sqrt(-dt) that makes it the transition's std
-  (sd3_sde_with_logprob.py:47, :59), so its term is the Gaussian KL times -dt (about 1/K).
-  Here it is the exact KL of the two transition Gaussians, as docs/ALGORITHMS.md states it;
-  a β carried over from flow_grpo weighs the KL about K times more here.
+- KL form: exact by default (5.), flow_grpo's with `kl_form="flow-grpo"`, which the flow
+  GPU presets set; on the ε samplers (DDIM, LCM) only the exact one exists.
 - Standard deviation: the prompt's own by default, as GRPO defines it and the issue asks;
   flow_grpo's configs normalise by the whole batch's (`global_std = True`, base.py:52,
   grpo.py:246), which `global_std=True` reproduces.
@@ -68,8 +75,7 @@ Deliberate deviations:
   samples them deterministically (noise level 0, the ODE): every algorithm of a preset then
   trains on trajectories of the one sampler it is evaluated against, and the sampler keeps
   one eta. The gradient stays unbiased; the untrained steps' noise adds variance to the
-  rewards. MixGRPO's window, which slides with training progress, is not reproduced (an
-  algorithm does not see the epoch); a fixed window is `window_range` of `window_size` steps.
+  rewards. (MixGRPO's sliding window, sampled with the ODE outside it, is zoo/mixgrpo.py.)
 - The window is drawn per trajectory from the epoch's generator; the fast pipeline draws
   one per sampling call, shared by the trajectories of that call, whatever their prompt.
 - Trajectories whose advantages are all zero are trained on (they add no policy gradient);
@@ -92,6 +98,7 @@ import torch
 from zoo.algorithm import (
     EpochContext, LossInputs, ReplayAlgorithm, SamplingNeeds, TrainingConfig, check_field_rules, ppo_clip_loss,
 )
+from zoo.kernels import KL_FORMS, KLForm
 from zoo.stat_tracking import NoStatTracker
 
 _FIELD_RULES = (
@@ -101,6 +108,7 @@ _FIELD_RULES = (
     ("clip_range", "must be positive", lambda v: v > 0),
     ("adv_clip_max", "must be positive", lambda v: v > 0),
     ("beta", "must be non-negative (0 drops the KL term)", lambda v: v >= 0),
+    ("kl_form", f"must be one of {', '.join(KL_FORMS)}", lambda v: v in KL_FORMS),
 )
 """(field, rule, predicate): the values of its own fields that `GRPOConfig` refuses."""
 
@@ -137,11 +145,20 @@ class GRPOConfig(TrainingConfig):
     """Train only this many consecutive steps of each trajectory (Flow-GRPO-Fast); None trains all K."""
     window_range: tuple[int, int] | None = None
     """(lo, hi): each trajectory's window lies in steps lo .. hi - 1, its start drawn uniformly; None is (0, K)."""
+    kl_form: KLForm = "exact"
+    """The KL term's form: "exact", the two transition Gaussians' KL; or "flow-grpo", flow_grpo's, the exact KL times the step's σ - σ' (flow samplers only; what a β carried over from flow_grpo weighs)."""
+    detach_unconditional: bool = True
+    """Detach the unconditional prediction of classifier-free guidance in the training log-probs, as flow_grpo does (the gradient then reaches the adapter through the conditional prediction only)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_field_rules(self, _FIELD_RULES)
         self._check_window()
+        if self.kl_form == "flow-grpo" and self.sampler != "flow":
+            raise ValueError(
+                f"kl_form flow-grpo scales the KL by a flow step's size σ - σ', and the sampler is {self.sampler}: "
+                "use kl_form exact, or the flow sampler."
+            )
 
     def _check_window(self) -> None:
         if self.window_size is None:
@@ -172,7 +189,8 @@ class GRPO(ReplayAlgorithm):
         # Members are independent samples: each permutes its own steps, as DDPO's trajectories do.
         self.needs = SamplingNeeds(
             group_size=config.group_size, shared_noise=False, same_step_order_in_group=False,
-            kl_to_reference=config.beta > 0,
+            kl_to_reference=config.beta > 0, kl_form=config.kl_form,
+            detach_unconditional=config.detach_unconditional,
         )
 
     def trained_steps(self, context: EpochContext, num_prompts: int, group_size: int) -> torch.Tensor | None:

@@ -49,6 +49,8 @@ import torch
 SamplerKind = Literal["ddim", "lcm", "flow"]
 FlowSDE = Literal["flow-grpo", "dance-grpo"]
 FLOW_SDES: tuple[str, ...] = get_args(FlowSDE)
+KLForm = Literal["exact", "flow-grpo"]
+KL_FORMS: tuple[str, ...] = get_args(KLForm)
 
 
 def takes_flow_sde(kind: str, flow_sde: str) -> bool:
@@ -317,6 +319,12 @@ class Kernel(abc.ABC):
         returns (x_t, timesteps (...), the prediction's target, and the x̂0 error per unit
         of prediction error (...)), float32."""
 
+    def step_size(self, step_index: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 size of each step's move along the flow, σ - σ' (= -dt): the factor
+        that turns a transition's exact Gaussian KL into Flow-GRPO's (`TrajectorySampler.
+        log_prob_and_kl`). Flow kernels only: an ε kernel's steps have no such size."""
+        raise ValueError(f"{type(self).__name__} is not a flow kernel: its steps have no size σ - σ'")
+
     def to(self, device: torch.device) -> "Kernel":
         """The same kernel with its constants on `device`: a host-to-device copy per step
         would make the host wait for the GPU to drain, so it could not queue the next call."""
@@ -377,6 +385,9 @@ class FlowKernel(Kernel):
     """float64 σ of step k."""
     sigma_next: torch.Tensor
     """float64 σ' of step k (the terminal σ after the last)."""
+
+    def step_size(self, step_index):
+        return self.sigma[step_index] - self.sigma_next[step_index]
 
     def forward_process(self, x0, noise, step_index):
         sigma = self.sigma[step_index].float()

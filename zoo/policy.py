@@ -156,6 +156,7 @@ class Policy(abc.ABC):
         """Whether the denoiser's outputs are static buffers (CUDA graphs) that its next
         call overwrites, so that each prediction is copied out (`_prediction`)."""
         self._uncond_embeds: torch.Tensor | None = None
+        self._unconditional_detached = False
         # What runs the forward pass: the model itself, or the DDP wrapper around it that
         # the trainer installs so that gradients are averaged across processes.
         self.denoiser: torch.nn.Module = model
@@ -250,6 +251,8 @@ class Policy(abc.ABC):
         prediction = output.to(torch.promote_types(self.weight_dtype, torch.float32))
         if guidance_scale is not None:
             uncond, cond = prediction.chunk(2)
+            if self._unconditional_detached:
+                uncond = uncond.detach()
             return uncond + guidance_scale * (cond - uncond)
         if prediction is output and self.static_outputs:
             prediction = output.clone()
@@ -271,6 +274,18 @@ class Policy(abc.ABC):
         images = self.vae.decode(latents.to(self.weight_dtype)).sample
         images = images.to(torch.promote_types(self.weight_dtype, torch.float32))
         return (images / 2 + 0.5).clamp(0, 1)
+
+    @contextlib.contextmanager
+    def unconditional_detached(self) -> Iterator[None]:
+        """Inside the block, classifier-free guidance detaches the unconditional prediction:
+        the guided prediction's value is unchanged and its gradient reaches the adapter
+        through the conditional half alone (guidance x its gradient), as flow_grpo's training
+        log-prob computes it (yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:189-190)."""
+        self._unconditional_detached = True
+        try:
+            yield
+        finally:
+            self._unconditional_detached = False
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from zoo.kernels import SamplerConfig, gaussian_kl, gaussian_log_prob
+from zoo.kernels import KLForm, SamplerConfig, gaussian_kl, gaussian_log_prob
 from zoo.trajectory import Trajectory
 
 if TYPE_CHECKING:
@@ -114,14 +114,22 @@ class TrajectorySampler:
         step_index: torch.Tensor,
         next_latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
+        kl_form: KLForm = "exact",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(N,) log-density of x_t -> x_t' under the current weights (with grad) and (N,)
         KL of the current transition Gaussian to the frozen base model's (`gaussian_kl`;
-        the base's mean without grad, adapter disabled): two UNet calls."""
+        the base's mean without grad, adapter disabled): two UNet calls. `kl_form`
+        "flow-grpo" multiplies each KL by its flow step's size σ - σ' (`Kernel.step_size`):
+        Flow-GRPO's term, which divides the squared mean difference by the SDE's noise level
+        before its sqrt(σ - σ') (yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:895;
+        flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:47, :59)."""
         mean, std, _ = self.transition(latents, step_index, prompt_embeds)
         with torch.no_grad(), self.policy.reference():
             ref_mean, _, _ = self.transition(latents, step_index, prompt_embeds)
-        return gaussian_log_prob(next_latents, mean, std), gaussian_kl(mean, ref_mean, std)
+        kl = gaussian_kl(mean, ref_mean, std)
+        if kl_form == "flow-grpo":
+            kl = kl * self.kernel.step_size(step_index.to(self.policy.device)).to(kl.dtype)
+        return gaussian_log_prob(next_latents, mean, std), kl
 
     def final_latents(
         self, x: torch.Tensor, prompt_embeds: torch.Tensor, step_noise: torch.Tensor, grad_steps: int
