@@ -141,6 +141,11 @@ class Preset:
         return self.reward_epochs.get(reward, self.epochs)
 
 
+AWM_UNTUNED = {"awm": 2e-3}
+"""AWM's learning rate on every tiny task until `benchmarks.tune --extend --algos awm` selects
+one: the rate it learns JPEG compressibility at on `tiny` (tests/test_algo_awm.py), NFT's there."""
+
+
 def tiny() -> Preset:
     """The embedded tiny world: runs the whole benchmark in minutes on 2 CPU cores."""
     from zoo.tiny import data
@@ -177,6 +182,12 @@ def tiny() -> Preset:
         # give 8 prompts per epoch with 8 rewards each for the per-prompt mean, as the pair
         # methods have.
         "nft": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+        # AWM as NFT: 4 pairs x 4 timesteps = 32 (x0, t) examples per update, every sampling
+        # step once (4 timesteps of the whole grid: its reference's 6 of the first
+        # int(0.9·K) steps would train steps 0, 0, 1, 1, 2, 2 at K = 4, 48 examples an update
+        # and never the last step).
+        "awm": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1,
+                "train_timesteps": 4, "timestep_fraction": 1.0},
     }
     # Learning rates per task, each selected by `python -m benchmarks.tune` on the
     # validation prompts from the grid its folder's tuning.md shows, by the proxy's gold
@@ -188,19 +199,19 @@ def tiny() -> Preset:
         # 2e-3 / 1e-3 / 2e-3 / 4e-3; only D3PO's choice survived a second seed. GRPO, NFT
         # and DRaFT (added later on the same grid and seeds) chose its lowest value.
         "tiny-aesthetic": {"ddpo": 2e-3, "d3po": 2e-3, "rebel": 2e-3, "sdpo": 2e-3,
-                           "grpo": 1e-3, "nft": 1e-3, "draft": 1e-3},
+                           "grpo": 1e-3, "nft": 1e-3, "draft": 1e-3, **AWM_UNTUNED},
         # results/tune-tiny-tiny-align, seeds 100 and 101: seed 100 alone chose SDPO 2e-3,
         # the two seeds 1e-3 (0.874 against 0.871 on the gold); the others held.
         "tiny-align": {"ddpo": 1e-3, "d3po": 1e-3, "rebel": 4e-3, "sdpo": 1e-3,
-                       "grpo": 1e-3, "nft": 2e-3, "draft": 1e-3},
+                       "grpo": 1e-3, "nft": 2e-3, "draft": 1e-3, **AWM_UNTUNED},
         # results/tune-tiny-jpeg_compressibility: tuned under the previous protocol (one
         # group per prompt, trackers' min_count 16) on the grid 1e-3 to 3e-2. GRPO and NFT
         # are not tuned on it: 2e-3 is the rate they were first run at, where NFT learns it
         # and GRPO does not (tests/test_learning.py; at the default task's 1e-3 NFT's gain
         # stayed within the base's spread, measured). DRaFT cannot train on JPEG, which has
-        # no gradient.
+        # no gradient. AWM, not tuned either, learns it at NFT's 2e-3 (tests/test_algo_awm.py).
         "jpeg_compressibility": {"ddpo": 3e-2, "d3po": 3e-3, "rebel": 1e-2, "sdpo": 1e-2,
-                                 "grpo": 2e-3, "nft": 2e-3},
+                                 "grpo": 2e-3, "nft": 2e-3, **AWM_UNTUNED},
     }
     return Preset(
         name="tiny",
@@ -247,7 +258,7 @@ def tiny() -> Preset:
         # fell on both the proxy and the gold (measured on the validation prompts, seed 0).
         tuning_grid={"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
         # The SDPO paper's comparison, its main experiment in miniature: `make bench` stays
-        # within 10 minutes on 2 cores; `--algos all` adds GRPO, NFT and DRaFT.
+        # within 10 minutes on 2 cores; `--algos all` adds GRPO, NFT, DRaFT and AWM.
         algos=("ddpo", "rebel", "d3po", "sdpo"),
     )
 
@@ -266,8 +277,10 @@ def tiny_flow() -> Preset:
     # results/tune-tiny-flow-tiny-aesthetic and results/tune-tiny-flow-tiny-align: the tiny
     # grid, seeds 100 and 101, selected by the validation gold. JPEG is not tuned on this
     # model: it keeps the UNet world's selections (`tiny`'s reward_overrides).
-    aesthetic_rates = {"ddpo": 2e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 1e-3, "grpo": 2e-3, "draft": 1e-3, "nft": 4e-3}
-    align_rates = {"ddpo": 1e-3, "rebel": 1e-3, "d3po": 1e-3, "sdpo": 2e-3, "grpo": 2e-3, "draft": 2e-3, "nft": 1e-3}
+    aesthetic_rates = {"ddpo": 2e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 1e-3, "grpo": 2e-3, "draft": 1e-3, "nft": 4e-3,
+                       **AWM_UNTUNED}
+    align_rates = {"ddpo": 1e-3, "rebel": 1e-3, "d3po": 1e-3, "sdpo": 2e-3, "grpo": 2e-3, "draft": 2e-3, "nft": 1e-3,
+                   **AWM_UNTUNED}
     return replace(
         base,
         name="tiny-flow",
@@ -351,7 +364,8 @@ NFT_GPU_GROUP = {"group_size": 2}
 """NFT's reference samples 24 images of each of 48 prompts an epoch on 8 GPUs (NVlabs/
 DiffusionNFT 24af555, config/nft.py:28-29, :31-46); a GPU preset's 16 to 64 trajectories per
 process hold no group of 24, so NFT samples pairs there, and its per-prompt mean pools the
-pair with every other group of the prompt drawn in the epoch."""
+pair with every other group of the prompt drawn in the epoch. AWM's reference samples groups
+of 24 too (scxue/advantage_weighted_matching be51372, config/dgx_awm.py:323): the same pairs."""
 
 
 def _published(**settings) -> Preset:
@@ -411,7 +425,7 @@ def sd_turbo() -> Preset:
         # 2 trajectories, a weak one; a GRPO protocol for this preset is still to be chosen.
         # NFT in pairs: 32 groups, as SDPO's, which every reward's minibatch and
         # accumulation divide.
-        algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP)},
+        algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP), "awm": dict(NFT_GPU_GROUP)},
         reward_overrides={
             reward: {algo: {"learning_rate": lr, "train_batch_size": batch, "gradient_accumulation_steps": accumulation}
                      for algo in ALGORITHMS}
@@ -487,6 +501,8 @@ def lcm() -> Preset:
             # NFT likewise, in pairs: 8 minibatches of one pair, accumulated into one update per
             # epoch, as its reference takes one (config/nft.py:39-45).
             "nft": {**shared, **NFT_GPU_GROUP, "gradient_accumulation_steps": 8},
+            # AWM too (its reference's one update per epoch, AWMConfig's docstring).
+            "awm": {**shared, **NFT_GPU_GROUP, "gradient_accumulation_steps": 8},
         },
     )
 
@@ -528,6 +544,8 @@ def sd15() -> Preset:
             # NFT in pairs: 16 minibatches of one pair, NFTConfig's 16 accumulated, one update
             # per epoch as in its reference.
             "nft": dict(NFT_GPU_GROUP),
+            # AWM likewise: 16 pairs accumulated into its reference's one update per epoch.
+            "awm": {**NFT_GPU_GROUP, "gradient_accumulation_steps": 16},
         },
     )
 
@@ -577,6 +595,8 @@ def _flow_loops(window: int) -> dict[str, dict]:
         # SD3.5 configuration takes one per epoch (NFTConfig's docstring: NVlabs/DiffusionNFT
         # config/nft.py:39-45).
         "nft": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 4},
+        # AWM likewise, one update per epoch as its reference (AWMConfig's docstring, 9).
+        "awm": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 4},
     }
 
 

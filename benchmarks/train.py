@@ -260,13 +260,15 @@ def run_algorithm(
         counters.update(state["counters"])
         records = list(state["records"])
         start_epoch = state["epoch"]
-    # A forward-process algorithm's old policy: the adapter weights it samples with and
-    # trains against, the current ones at the start, checkpointed as they are.
+    # A forward-process algorithm's old policy: the adapter weights it trains against (and
+    # samples with, unless it samples with the current ones), the current ones at the start,
+    # checkpointed as they are.
     old_policy = None
     if isinstance(algorithm, ForwardProcessAlgorithm) and algorithm.needs_old_policy:
         old_policy = policy.trainable_state() if state is None else {
             name: weights.to(policy.device) for name, weights in state["old_policy"].items()
         }
+    samples_with_old_policy = old_policy is not None and algorithm.samples_with_old_policy
     ema = None
     if settings.ema.on:
         ema = WeightsEma(settings.ema, policy.named_trainable_parameters(), None if state is None else state["ema"])
@@ -304,7 +306,7 @@ def run_algorithm(
             counters["optimizer_updates"] += counts["optimizer_updates"]
             counters["backward_passes"] += counts["backward_passes"] * world
         else:
-            with policy.trainable_weights(old_policy) if old_policy is not None else contextlib.nullcontext():
+            with policy.trainable_weights(old_policy) if samples_with_old_policy else contextlib.nullcontext():
                 traj, scores, failure = sample_and_score(
                     algorithm, epoch_sampler, prompts, generator, train_reward, loop
                 )

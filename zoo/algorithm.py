@@ -22,9 +22,10 @@ transition log-probs:
 
 Forward-process algorithms (`ForwardProcessAlgorithm`: DiffusionNFT) replace step 5 and
 read no log-probs. When `needs_old_policy`, the runner keeps an old policy, a copy of the
-adapter weights, which starts as the current weights, samples the epoch with it (step 1),
-and after the epoch's updates is replaced by `next_old_policy(old, current,
-optimizer_updates)`; it is checkpointed with the run. `advantages` turns the rewards into
+adapter weights, which starts as the current weights, samples the epoch with it (step 1;
+with the current weights instead when `samples_with_old_policy` is off), and after the
+epoch's updates is replaced by `next_old_policy(old, current, optimizer_updates)`; it is
+checkpointed with the run. `advantages` turns the rewards into
 per-trajectory weights as usual (NFT: optimality probabilities). Step 5 becomes: for each
 minibatch and position j of every trajectory's shuffled step order, the runner noises each
 trajectory's final clean latent x0 (`Trajectory.final_latents`) to the timestep t of step j
@@ -220,6 +221,10 @@ class ForwardProcessAlgorithm(Algorithm):
     """Whether the runner keeps an old policy that samples the epoch and whose prediction
     `loss` reads (`ForwardLossInputs.old_prediction`), moved by `next_old_policy`; False
     samples with the current weights and makes no old prediction."""
+    samples_with_old_policy: bool = True
+    """With `needs_old_policy`: whether the old policy also samples the epoch (NFT); False
+    samples with the current weights and keeps the old policy for `loss` alone (a lagging
+    average of the weights that the loss holds the current ones near)."""
 
     @abc.abstractmethod
     def loss(self, inputs: ForwardLossInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

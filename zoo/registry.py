@@ -7,6 +7,7 @@ with `build()`), add one line here, add
 """
 
 from zoo.algorithm import TrainingConfig
+from zoo.awm import AWMConfig
 from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
 from zoo.draft import DRaFTConfig
@@ -23,4 +24,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "grpo": GRPOConfig,
     "draft": DRaFTConfig,
     "nft": NFTConfig,
+    "awm": AWMConfig,
 }
