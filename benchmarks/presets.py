@@ -424,8 +424,11 @@ def sd_turbo() -> Preset:
         # aesthetic), so it samples the paper's pairs too: each prompt's baseline is then its
         # 2 trajectories, a weak one; a GRPO protocol for this preset is still to be chosen.
         # NFT in pairs: 32 groups, as SDPO's, which every reward's minibatch and
-        # accumulation divide.
-        algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP), "awm": dict(NFT_GPU_GROUP)},
+        # accumulation divide. AWM in pairs too; its own accumulation of 3 (x its 6 trained
+        # timesteps) would not divide an epoch's 192 loss calls for a reward outside the
+        # paper's, so 4 there (8 updates per epoch; the paper's rewards set theirs).
+        algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP),
+                        "awm": {**NFT_GPU_GROUP, "gradient_accumulation_steps": 4}},
         reward_overrides={
             reward: {algo: {"learning_rate": lr, "train_batch_size": batch, "gradient_accumulation_steps": accumulation}
                      for algo in ALGORITHMS}
