@@ -11,6 +11,7 @@ from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
 from zoo.draft import DRaFTConfig
 from zoo.grpo import GRPOConfig
+from zoo.mixgrpo import MixGRPOConfig
 from zoo.nft import NFTConfig
 from zoo.rebel import REBELConfig
 from zoo.sdpo import SDPOConfig
@@ -23,4 +24,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "grpo": GRPOConfig,
     "draft": DRaFTConfig,
     "nft": NFTConfig,
+    "mixgrpo": MixGRPOConfig,
 }
