@@ -175,6 +175,10 @@ def tiny() -> Preset:
         # would leave 4 or 2 prompts per epoch (and could not split an 8-trajectory test
         # budget into 4 groups per prompt).
         "grpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
+        # MixGRPO on GRPO's loop: its published group of 12 (from one x_T) divides neither 64
+        # trajectories nor, with 4 groups per prompt, the micro runs' 8; pairs, 4 a minibatch,
+        # one update each: 8 updates of 4 pairs x its window (at K = 4: steps 0 and 1).
+        "mixgrpo": {"group_size": 2, "train_batch_size": 4, "gradient_accumulation_steps": 1},
         "draft": {"train_batch_size": 8, "gradient_accumulation_steps": 1},
         # NFT trains on (x0, t) examples, one backward pass each as a transition is for the
         # others (each also pays no-gradient passes of the old policy and of the base): 4
@@ -213,6 +217,9 @@ def tiny() -> Preset:
         "jpeg_compressibility": {"ddpo": 3e-2, "d3po": 3e-3, "rebel": 1e-2, "sdpo": 1e-2,
                                  "grpo": 2e-3, "nft": 2e-3, **AWM_UNTUNED},
     }
+    # MixGRPO is not tuned on any task: it trains at GRPO's rate (the same PPO-clip on a group).
+    for rates in learning_rates.values():
+        rates["mixgrpo"] = rates["grpo"]
     return Preset(
         name="tiny",
         model=str(TINY_ASSETS / "pipeline"),
@@ -258,7 +265,7 @@ def tiny() -> Preset:
         # fell on both the proxy and the gold (measured on the validation prompts, seed 0).
         tuning_grid={"learning_rate": (1e-3, 2e-3, 4e-3, 8e-3)},
         # The SDPO paper's comparison, its main experiment in miniature: `make bench` stays
-        # within 10 minutes on 2 cores; `--algos all` adds GRPO, NFT, DRaFT and AWM.
+        # within 10 minutes on 2 cores; `--algos all` adds GRPO, NFT, DRaFT, AWM and MixGRPO.
         algos=("ddpo", "rebel", "d3po", "sdpo"),
     )
 
@@ -281,6 +288,8 @@ def tiny_flow() -> Preset:
                        **AWM_UNTUNED}
     align_rates = {"ddpo": 1e-3, "rebel": 1e-3, "d3po": 1e-3, "sdpo": 2e-3, "grpo": 2e-3, "draft": 2e-3, "nft": 1e-3,
                    **AWM_UNTUNED}
+    # MixGRPO, untuned: GRPO's rates, as on `tiny`.
+    aesthetic_rates["mixgrpo"], align_rates["mixgrpo"] = aesthetic_rates["grpo"], align_rates["grpo"]
     return replace(
         base,
         name="tiny-flow",
@@ -426,9 +435,11 @@ def sd_turbo() -> Preset:
         # NFT in pairs: 32 groups, as SDPO's, which every reward's minibatch and
         # accumulation divide. AWM in pairs too; its own accumulation of 3 (x its 6 trained
         # timesteps) would not divide an epoch's 192 loss calls for a reward outside the
-        # paper's, so 4 there (8 updates per epoch; the paper's rewards set theirs).
+        # paper's, so 4 there (8 updates per epoch; the paper's rewards set theirs). MixGRPO
+        # in pairs too: its published 12 divides neither the 64 trajectories nor the sampling
+        # calls of 8.
         algo_overrides={"grpo": {"group_size": 2}, "nft": dict(NFT_GPU_GROUP),
-                        "awm": {**NFT_GPU_GROUP, "gradient_accumulation_steps": 4}},
+                        "awm": {**NFT_GPU_GROUP, "gradient_accumulation_steps": 4}, "mixgrpo": {"group_size": 2}},
         reward_overrides={
             reward: {algo: {"learning_rate": lr, "train_batch_size": batch, "gradient_accumulation_steps": accumulation}
                      for algo in ALGORITHMS}
@@ -498,6 +509,9 @@ def lcm() -> Preset:
             # GRPO: 16 trajectories are 2 groups of its 8; flow_grpo steps the optimizer
             # twice per epoch (config/grpo.py:236-240 at ac4c86e), so one group per update.
             "grpo": {**shared, "gradient_accumulation_steps": 1},
+            # MixGRPO: GRPO's group of 8 (its published 12 divides neither 16 nor the calls of
+            # 8), one update per group.
+            "mixgrpo": {**shared, "group_size": 8},
             # DRaFT: AlignProp's minibatch of 8, accumulated over the round's two (AlignProp's 4
             # would not fit 16 trajectories): one update per round, as RLCM's REBEL.
             "draft": {**shared, "gradient_accumulation_steps": 2},
@@ -549,6 +563,8 @@ def sd15() -> Preset:
             "nft": dict(NFT_GPU_GROUP),
             # AWM likewise: 16 pairs accumulated into its reference's one update per epoch.
             "awm": {**NFT_GPU_GROUP, "gradient_accumulation_steps": 16},
+            # MixGRPO: groups of 8 (its published 12 divides neither 32 nor the calls of 8).
+            "mixgrpo": {"group_size": 8},
         },
     )
 
@@ -600,6 +616,9 @@ def _flow_loops(window: int) -> dict[str, dict]:
         "nft": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 4},
         # AWM likewise, one update per epoch as its reference (AWMConfig's docstring, 9).
         "awm": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 4},
+        # MixGRPO on GRPO's groups of 16 (its published 12 divides neither 64 nor the calls of
+        # 16), 2 accumulated: two updates an epoch, each of its window's steps.
+        "mixgrpo": {"group_size": FLOW_GROUP, "train_batch_size": 1, "gradient_accumulation_steps": 2},
     }
 
 

@@ -137,8 +137,13 @@ class Recorder(ReplayAlgorithm):
 
     def __init__(self, algorithm, params):
         self.algorithm, self.needs, self.params = algorithm, algorithm.needs, params
-        self.trained_steps = algorithm.trained_steps
         self.calls: list[SimpleNamespace] = []
+        self.trained: torch.Tensor | None = None
+
+    def trained_steps(self, context, num_prompts, group_size):
+        """The algorithm's, kept in `trained` ((P, G, S), or None for all K steps)."""
+        self.trained = self.algorithm.trained_steps(context, num_prompts, group_size)
+        return self.trained
 
     def new_tracker(self):
         return self.algorithm.new_tracker()
@@ -189,7 +194,7 @@ def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> Si
                           EpochContext(0, 1, torch.Generator().manual_seed(0)), TrainLoop(), False)
     metrics = result[0] if isinstance(result, tuple) else result  # (metrics, counts), or metrics alone
     return SimpleNamespace(config=config, advantages=advantages, calls=recorder.calls, grads=optimizer.grads,
-                           metrics=metrics)
+                           metrics=metrics, trained=recorder.trained)
 
 
 PAIR_ALGORITHMS = [name for name in ALGORITHMS if ALGORITHMS[name]().build().needs.group_size == 2]
@@ -227,20 +232,27 @@ def test_both_members_of_a_pair_get_the_same_step_in_every_loss_call(name, accel
 
 @pytest.mark.parametrize("name", REPLAYED_ALGORITHMS)
 def test_every_transition_is_trained_once_per_inner_epoch_in_a_shuffled_order(name, accelerator):
-    """Each inner epoch replays every (group, member, step) exactly once (twice with two
-    inner epochs), groups in a shuffled order and each group's steps in its own shuffled
+    """Each inner epoch replays every (group, member, step) that the epoch trains exactly
+    once (twice with two inner epochs) and no other: every step, or those `trained_steps`
+    names (a window); groups in a shuffled order and each group's steps in its own shuffled
     order (ddpo-pytorch shuffles samples and permutes the time axis per sample): a loop
     that trained some transitions twice and others never, or always in the sampled order,
-    would still run."""
+    would still run. A config whose group size is a field takes groups of 2 (the coded
+    trajectory holds at most 10 members)."""
+    group_field = {"group_size": 2} if "group_size" in {f.name for f in dataclasses.fields(ALGORITHMS[name])} else {}
     for inner_epochs in (1, 2):
-        calls = replay(name, accelerator, num_inner_epochs=inner_epochs).calls
-        group_size = ALGORITHMS[name]().build().needs.group_size
+        run = replay(name, accelerator, num_inner_epochs=inner_epochs, **group_field)
+        calls = run.calls
+        group_size = run.config.build().needs.group_size
+        expected = torch.ones(NUM_PROMPTS, group_size, NUM_STEPS, dtype=torch.long)
+        if run.trained is not None:
+            expected = torch.zeros_like(expected).scatter_(2, run.trained, 1)
         seen = torch.zeros(NUM_PROMPTS, group_size, NUM_STEPS, dtype=torch.long)
         for call in calls:
             p, g, k = decode(call.old)
             seen.index_put_((p.flatten(), g.flatten(), k.flatten()), torch.ones(p.numel(), dtype=torch.long),
                             accumulate=True)
-        assert (seen == inner_epochs).all()
+        assert torch.equal(seen, inner_epochs * expected)
     first_groups = torch.cat([decode(call.old)[0][:, 0, 0] for call in calls[: len(calls) // 2]])
     groups_in_order = list(dict.fromkeys(first_groups.tolist()))
     assert groups_in_order != sorted(groups_in_order), "groups are replayed in the sampled order"

@@ -47,6 +47,7 @@ ZERO_ADVANTAGE_GRADIENT_OFF_POLICY = {
     "grpo": False,  # -A·ratio is 0, but β·KL pulls the moved log-probs back toward the base.
     "nft": False,  # p = 1/2 weighs ε⁺ and ε⁻ alike: pulls ε_θ back to ε_old.
     "awm": False,  # -A·ratio is 0 for A = 0, but the KL terms pull v̂_θ back toward the base and the EMA.
+    "mixgrpo": True,  # -A·ratio is 0 for A = 0; its kl_coeff is 0 by default.
 }
 """Whether zero advantages give a zero gradient when the log-probs have moved from the
 sampling ones (every algorithm gives zero at the sampling weights; see the tests)."""

@@ -12,6 +12,7 @@ from zoo.d3po import D3POConfig
 from zoo.ddpo import DDPOConfig
 from zoo.draft import DRaFTConfig
 from zoo.grpo import GRPOConfig
+from zoo.mixgrpo import MixGRPOConfig
 from zoo.nft import NFTConfig
 from zoo.rebel import REBELConfig
 from zoo.sdpo import SDPOConfig
@@ -25,4 +26,5 @@ ALGORITHMS: dict[str, type[TrainingConfig]] = {
     "draft": DRaFTConfig,
     "nft": NFTConfig,
     "awm": AWMConfig,
+    "mixgrpo": MixGRPOConfig,
 }
