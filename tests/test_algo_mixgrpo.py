@@ -14,7 +14,8 @@ from accelerate import Accelerator
 import benchmarks.train
 import zoo.mixgrpo
 from benchmarks.evaluate import EvalSettings
-from benchmarks.run import epoch_budget, main
+from benchmarks.plan import epoch_budget
+from benchmarks.run import main
 from benchmarks.train import JobSettings, run_algorithm
 from zoo.algorithm import EpochContext, LossInputs
 from zoo.mixgrpo import MixGRPOConfig

@@ -153,9 +153,9 @@ SD_TURBO_BEFORE_THE_PRESET_HELD_THEM = {
     # A reward outside the paper's: each algorithm's published settings, the preset's 100 epochs.
     "tiny-align": ({"ddpo": (3e-4, 1, 1), "rebel": (1e-4, 2, 4), "d3po": (3e-5, 1, 1), "sdpo": (1e-4, 2, 8),
                     "grpo": (3e-4, 1, 4), "draft": (1e-3, 8, 4), "nft": (3e-4, 1, 16),
-                    # AWM, added after the preset held them: its lr and minibatch, the
-                    # preset's accumulation of 4 (see sd_turbo).
-                    "awm": (3e-4, 1, 4)}, 100),
+                    # AWM and MixGRPO, added after the preset held them: their own lr and
+                    # minibatch, and AWM the preset's accumulation of 4 (see sd_turbo).
+                    "awm": (3e-4, 1, 4), "mixgrpo": (1e-5, 1, 1)}, 100),
 }
 
 

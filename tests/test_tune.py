@@ -170,9 +170,9 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-UNTUNED_EVERYWHERE = {"mixgrpo"}
-"""Algorithms no committed tuning run has selected a learning rate for on any task (MixGRPO,
-added later: benchmarks/presets.py gives it GRPO's rates)."""
+UNTUNED_EVERYWHERE = {"awm", "mixgrpo"}
+"""Algorithms no committed tuning run has selected a learning rate for on any task (AWM and
+MixGRPO, added later: benchmarks/presets.py gives them AWM_UNTUNED and GRPO's rates)."""
 UNTUNED = {("tiny", "jpeg_compressibility"): {"grpo", "draft", "nft"}}
 """Per (preset, task), the other algorithms no committed tuning run has selected a learning
 rate for (benchmarks/presets.py::tiny: they train at the default task's rate; DRaFT cannot
