@@ -453,8 +453,8 @@ def test_training_raises_the_held_out_proxy(tmp_path):
     prompts, seed 100: at 2e-3 0.567 -> 0.906, gold 0.647 -> 0.662; at 5e-4 0.567 -> 0.732,
     gold 0.647 -> 0.733), far beyond the base's evaluation noise (se 0.02)."""
     out = tmp_path / "run"
-    args = ["--algos", "draft", "--reward", "tiny-aesthetic", "--epochs", "10", "--eval-every", "10",
-            "--eval-steps", "4", "--eval-samples-per-prompt", "8", "--out", str(out)]
+    args = ["--preset", "tiny", "--algos", "draft", "--reward", "tiny-aesthetic", "--epochs", "10",
+            "--eval-every", "10", "--eval-steps", "4", "--eval-samples-per-prompt", "8", "--out", str(out)]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     final = {r["algo"]: r["mean"] for r in records if r["reward"] == "tiny-aesthetic" and r["epoch"] in (0, 10)}

@@ -94,6 +94,9 @@ JPEG_ALGOS = [
 def test_training_raises_held_out_reward(algo, base_spread, tmp_path):
     out = tmp_path / "run"
     args = [
+        # The tiny preset's model and settings, which `base_spread` evaluates (the runner's
+        # default preset is tiny-turbo's few-step model).
+        "--preset", "tiny",
         "--algos", algo,
         "--reward", REWARD,
         "--train-steps", str(TRAIN_STEPS),
