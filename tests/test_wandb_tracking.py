@@ -12,7 +12,8 @@ from PIL import Image
 
 from benchmarks.run import main
 from benchmarks.tracking import RUN_ID_FILE
-from test_benchmark_run import micro_args
+
+from helpers.runs import micro_args
 
 # The transaction log of wandb-core, as leveldb's log format: a 7-byte file header, then
 # 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type); a protobuf
