@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks.cli import _checked, preset_algo_configs
+from benchmarks.cli import checked_config, preset_algo_configs
 from benchmarks.plan import epoch_budget
 from benchmarks.presets import tiny
 from benchmarks.epochs import train_on_batch
@@ -40,7 +40,7 @@ def test_tiny_preset_gives_every_algorithm_eight_updates_of_32_transitions_per_e
     preset = tiny()
     configs = preset_algo_configs(preset, preset.reward)
     for name in ALGORITHMS:
-        config = _checked(name, getattr(configs, name))
+        config = checked_config(name, getattr(configs, name))
         budget = epoch_budget(config, preset.trajectories_per_epoch)
         assert budget["optimizer_updates"] == 8, name
         assert preset.trajectories_per_epoch * config.num_steps // budget["optimizer_updates"] == 32
