@@ -270,11 +270,11 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     from benchmarks.evaluate import EvalSettings, evaluate
     from zoo.loading import load_policy
 
-    class NaNOnFirstImage(Reward):
+    class NaNOnFirstImage(Brightness):
         name = "nan-first"
 
         def _score(self, images, prompts):
-            scores = images.mean(dim=(1, 2, 3))
+            scores = super()._score(images, prompts)
             scores[0] = math.nan
             return scores
 
