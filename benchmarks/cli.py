@@ -34,7 +34,7 @@ from zoo.registry import ALGORITHMS
 def _unchecked(config_cls: type) -> type:
     """`config_cls` without its `__post_init__` checks, to parse into: tyro reports a value
     that a config refuses in a multi-line box naming the dataclass, so parsing skips the
-    checks and `_checked` re-creates the real config, naming the flag in one line."""
+    checks and `checked_config` re-creates the real config, naming the flag in one line."""
     return type(
         config_cls.__name__,
         (config_cls,),
@@ -235,7 +235,7 @@ def init_values(config: Any) -> dict[str, Any]:
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
 
 
-def _checked(name: str, config: Any) -> Any:
+def checked_config(name: str, config: Any) -> Any:
     """The real config of algorithm `name` with the values parsed into `config`; a value it
     refuses becomes a UsageError naming the flag (the field the message starts with)."""
     config_cls = ALGORITHMS[name]
@@ -287,7 +287,7 @@ def parse_args(argv: list[str]) -> RunArgs:
     sys.stderr.write(box.getvalue())
     if config:
         _refuse_contradictions(args, defaults, saved, Path(config))
-    configs = {name: _checked(name, getattr(args.algo, name)) for name in ALGORITHMS}
+    configs = {name: checked_config(name, getattr(args.algo, name)) for name in ALGORITHMS}
     return dataclasses.replace(args, algo=AlgoConfigs(**configs))
 
 

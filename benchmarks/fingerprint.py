@@ -22,6 +22,8 @@ from pathlib import Path
 
 import tyro
 
+from zoo import strict_json
+
 PRESETS = ("tiny", "tiny-turbo", "tiny-flow", "tiny-flow-turbo")
 TASKS = ("tiny-aesthetic", "tiny-align")
 # Fields that measure the machine, not the computation.
@@ -94,11 +96,13 @@ def main(args: Args) -> None:
                 print(f"fingerprint: {case}", flush=True)
                 fingerprint[case] = run_case(preset, task, Path(scratch) / case)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
+    args.out.write_text(strict_json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     rows = sum(len(case["records"]) + len(case["metrics"]) for case in fingerprint.values())
     print(f"fingerprint: {len(fingerprint)} cases, {rows} rows -> {args.out}")
     if args.compare is not None:
-        lines = differences(json.loads(args.compare.read_text()), fingerprint)
+        # NaN as null on both sides: NaN equals nothing, null equals null.
+        before = strict_json.finite_or_null(json.loads(args.compare.read_text()))
+        lines = differences(before, strict_json.finite_or_null(fingerprint))
         print("\n".join(lines) if lines else f"fingerprint: identical to {args.compare}")
         if lines:
             raise SystemExit(1)

@@ -239,7 +239,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         except ValueError as refused:
             raise UsageError(f"--train-steps {args.train_steps}: {refused} Pass more steps, or the field it names.") from None
     for name, cfg in configs.items():
-        _check_batch_sizes(name, cfg, trajectories, num_processes)
+        check_batch_sizes(name, cfg, trajectories, num_processes)
         _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)
     loop = _check_loop(args.loop, preset, configs)
     _check_ema(args.ema)
@@ -409,13 +409,17 @@ def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
     `trajectories` trajectories per process under algorithm config `cfg`: the training
     loop's own schedule (`benchmarks.epochs.epoch_schedule`), so the budget columns and the
     checks count what the loop runs. Assumes the sizes divide as `make_plan` checks
-    (`_check_batch_sizes`)."""
+    (`check_batch_sizes`)."""
     needs = cfg.build().needs
     schedule = epoch_schedule(cfg, needs, trajectories // needs.group_size)
     return {"loss_calls": schedule.loss_calls, "optimizer_updates": schedule.optimizer_updates}
 
 
-def _check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
+def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
+    """Refuses, with a UsageError naming the flag, sizes that do not divide algorithm
+    `name`'s epoch of `trajectories` trajectories per process under config `cfg`: whole
+    groups, whole minibatches of groups, and whole optimizer updates of loss calls.
+    (`num_processes` is not read: the sizes are per process.)"""
     group_size = cfg.build().needs.group_size
     if trajectories % group_size:
         raise UsageError(

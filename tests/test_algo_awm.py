@@ -19,8 +19,8 @@ from zoo.awm import AWMConfig, ema_decay, flow_view, matching_log_prob
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_algo_nft import Recorder
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.training import ForwardRecorder
 
 
 def inputs_of(errors, advantages, x0_scale, old=None, ref=None, target=None) -> ForwardLossInputs:
@@ -357,7 +357,7 @@ def test_an_epoch_trains_each_trajectory_at_its_drawn_timesteps(tiny_pipeline_di
     advantages = torch.rand(2, 2, 4, generator=generator)
     config = AWMConfig(num_steps=4, group_size=2, train_batch_size=1, gradient_accumulation_steps=1, lora_rank=4,
                        lora_alpha=4.0)
-    recorder, accelerator = Recorder(config.build()), Accelerator(cpu=True)
+    recorder, accelerator = ForwardRecorder(config.build()), Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, torch.optim.AdamW(policy.trainable_parameters(), lr=0))
     metrics, counts = train_on_batch(recorder, config, sampler, traj, advantages, optimizer, accelerator,
                                      EpochContext(0, 1, generator), TrainLoop(), False, ema)

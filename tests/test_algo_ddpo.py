@@ -8,16 +8,7 @@ import torch
 from zoo.algorithm import LossInputs
 from zoo.ddpo import DDPOConfig
 
-
-def one_step(log_ratio: float, advantage: float, old: float = -1.0) -> LossInputs:
-    """A single transition (p = 1, G = 1, S = 1) whose log-prob carries a gradient."""
-    log_probs = torch.tensor([[[old + log_ratio]]], requires_grad=True)
-    return LossInputs(
-        log_probs=log_probs,
-        old_log_probs=torch.tensor([[[old]]]),
-        advantages=torch.tensor([[[advantage]]]),
-        step_index=torch.zeros(1, 1, 1, dtype=torch.long),
-    )
+from helpers.training import one_transition
 
 
 @pytest.mark.parametrize(
@@ -43,7 +34,7 @@ def one_step(log_ratio: float, advantage: float, old: float = -1.0) -> LossInput
 def test_clip_branches(ratio, advantage, expected_loss, expected_grad):
     """loss = max(-A_c * r, -A_c * clamp(r, 0.8, 1.2)) with clip_range 0.2, A_c = clamp(A, ±5)."""
     algo = DDPOConfig(clip_range=0.2, adv_clip_max=5.0).build()
-    inputs = one_step(math.log(ratio), advantage)
+    inputs = one_transition(math.log(ratio), advantage)
     loss, _ = algo.loss(inputs)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(expected_loss))

@@ -27,31 +27,13 @@ from zoo.draft import DRaFTConfig
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_benchmark_run import micro_args
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import DistanceToTarget
+from helpers.runs import micro_args
+from helpers.training import CountingAdamW
 
 K_TOTAL = 4
 PROMPTS = ["a red circle", "a blue square"]
-
-
-class DistanceToTarget(Reward):
-    """Minus the mean squared distance of each image to a fixed target image: smooth and
-    nonlinear in the pixels, differentiable; raises on the calls `fail_on_calls` (1-based)."""
-
-    name = "distance"
-    differentiable = True
-
-    def __init__(self, target: torch.Tensor, fail_on_calls: tuple[int, ...] = ()):
-        super().__init__(dtype=target.dtype)
-        self.target = target
-        self.fail_on_calls = fail_on_calls
-        self.served = 0
-
-    def _score(self, images, prompts):
-        self.served += 1
-        if self.served in self.fail_on_calls:
-            raise RuntimeError("scorer broke")
-        return -((images - self.target.to(images.dtype)) ** 2).mean(dim=(1, 2, 3))
 
 
 # ----------------------------------------------------------------------------------------
@@ -261,16 +243,6 @@ def test_final_latents_continue_the_trajectories_that_sample_draws(tiny_pipeline
 # ----------------------------------------------------------------------------------------
 
 
-class CountingAdamW(torch.optim.AdamW):
-    def __init__(self, params, **kwargs):
-        super().__init__(params, **kwargs)
-        self.steps = 0
-
-    def step(self, closure=None):
-        self.steps += 1
-        return super().step(closure)
-
-
 def _epoch(tiny_pipeline_dir, config: DRaFTConfig, reward: Reward, num_prompts: int = 8):
     """One `reward_backprop_epoch` on the random tiny pipeline; returns its result, the
     optimizer, the UNet forward calls made and the LoRA weights before."""
@@ -356,7 +328,7 @@ def test_two_processes_step_with_the_mean_of_their_gradients(tiny_pipeline_dir, 
 
 
 def _draft_args(model: str, out: Path, *extra: str) -> list[str]:
-    """The micro run of `test_benchmark_run` (2 epochs of 8 trajectories at K = 2: one
+    """The micro run (helpers.runs: 2 epochs of 8 trajectories at K = 2: one
     minibatch of 8, one update per epoch) for DRaFT on the tiny judge's cosine."""
     return [*micro_args(model, out), "--algos", "draft", "--reward", "tiny-clip", *extra]
 

@@ -25,10 +25,11 @@ from zoo.kernels import gaussian_kl, gaussian_log_prob
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_algo_ddpo import one_step
-from test_loop_invariants import CodedSampler, Recorder, RecordingSGD, _clipped, coded_trajectory, decode
-from test_policy import policy_with_random_adapter
-from test_train_loop import Brightness
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import Brightness
+from helpers.training import (
+    CodedSampler, RecordingSGD, ReplayRecorder, clipped_gradient, coded_trajectory, decode, one_transition,
+)
 
 
 # ----------------------------------------------------------------------------------------
@@ -103,7 +104,7 @@ def test_no_statistics_carry_over_between_epochs():
 def test_clip_edges(ratio, advantage, expected_loss, expected_grad):
     """β = 0: loss = max(-A_c·r, -A_c·clamp(r, 0.8, 1.2)), clip_range 0.2, A_c = clamp(A, ±5)."""
     algo = GRPOConfig(clip_range=0.2, adv_clip_max=5.0, beta=0.0).build()
-    inputs = one_step(math.log(ratio), advantage)
+    inputs = one_transition(math.log(ratio), advantage)
     loss, metrics = algo.loss(inputs)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(expected_loss))
@@ -270,7 +271,7 @@ def test_impossible_values_name_the_field(overrides, field):
 
 
 def test_the_loop_replays_each_trajectorys_window_only_and_counts_those_calls():
-    """`train_on_batch` on the coded trajectory (tests/test_loop_invariants.py): 6 groups of
+    """`train_on_batch` on the coded trajectory (helpers.training): 6 groups of
     2 at K = 4, a window of 2 anywhere in the 4 steps, 2 inner epochs, batch 1, accumulation
     2. Every trajectory trains exactly its two consecutive window steps, twice (once per
     inner epoch), and no other step; windows differ between trajectories; the loop makes
@@ -281,7 +282,7 @@ def test_the_loop_replays_each_trajectorys_window_only_and_counts_those_calls():
     algorithm = config.build()
     traj = coded_trajectory(6, 2, 4, reference=False)
     sampler = CodedSampler()
-    recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
+    recorder = ReplayRecorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
     advantages = torch.randn(6, 2, 4, generator=torch.Generator().manual_seed(7))
     _, counts = train_on_batch(recorder, config, sampler, traj, advantages, optimizer, Accelerator(cpu=True),
@@ -304,7 +305,7 @@ def test_the_loop_replays_each_trajectorys_window_only_and_counts_those_calls():
     for update, applied in enumerate(optimizer.grads):
         window = recorder.calls[4 * update : 4 * update + 4]
         expected = torch.stack([call.grad for call in window]).sum() / 4
-        torch.testing.assert_close(applied, _clipped(expected, config.max_grad_norm), rtol=1e-5, atol=0)
+        torch.testing.assert_close(applied, clipped_gradient(expected, config.max_grad_norm), rtol=1e-5, atol=0)
 
 
 # ----------------------------------------------------------------------------------------

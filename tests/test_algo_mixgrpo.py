@@ -20,8 +20,8 @@ from benchmarks.train import JobSettings, run_algorithm
 from zoo.algorithm import EpochContext, LossInputs
 from zoo.mixgrpo import MixGRPOConfig
 
-from test_algo_ddpo import one_step
-from test_train_loop import Brightness
+from helpers.rewards import Brightness
+from helpers.training import one_transition
 
 
 def context(epoch: int, epochs: int = 1000) -> EpochContext:
@@ -207,7 +207,7 @@ def test_a_pair_gets_plus_and_minus_one_over_root_two():
 def test_ppo_clip_edges_at_the_published_clip_range(log_ratio, advantage, expected_loss, expected_grad):
     """loss = max(-A_c·r, -A_c·clamp(r, 1 ± 1e-4)), A_c = clamp(A, ±5), kl_coeff 0."""
     algo = MixGRPOConfig().build()
-    inputs = one_step(log_ratio, advantage)
+    inputs = one_transition(log_ratio, advantage)
     loss, metrics = algo.loss(inputs)
     loss.backward()
     torch.testing.assert_close(loss, torch.tensor(expected_loss), rtol=1e-6, atol=1e-6)

@@ -20,8 +20,9 @@ from zoo.nft import NFTConfig, adaptive_x0_loss, old_policy_decay
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_policy import policy_with_random_adapter
-from test_train_loop import Brightness
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import Brightness
+from helpers.training import ForwardRecorder
 
 
 def one_sample(eps, old, theta, alpha, optimality, ref=None) -> ForwardLossInputs:
@@ -262,27 +263,6 @@ def test_deterministic_ddim_is_accepted():
 # The runner's forward-process path on the tiny pipeline
 
 
-class Recorder(ForwardProcessAlgorithm):
-    """The algorithm, recording every `loss` call's inputs."""
-
-    def __init__(self, algorithm):
-        self.algorithm, self.needs = algorithm, algorithm.needs
-        self.inputs: list[ForwardLossInputs] = []
-
-    def loss(self, inputs):
-        self.inputs.append(inputs)
-        return self.algorithm.loss(inputs)
-
-    def trained_steps(self, *args):
-        return self.algorithm.trained_steps(*args)
-
-    def new_tracker(self):
-        return self.algorithm.new_tracker()
-
-    def advantages(self, *args):
-        return self.algorithm.advantages(*args)
-
-
 def _flat(weights) -> torch.Tensor:
     return torch.cat([w.detach().flatten() for w in weights])
 
@@ -299,7 +279,7 @@ def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_w
     current weights are back after every call."""
     config = NFTConfig(num_steps=3, group_size=2, train_batch_size=1, gradient_accumulation_steps=1,
                        guidance_scale=3.0, eta=1.0, lora_rank=4, lora_alpha=4.0)
-    recorder = Recorder(config.build())
+    recorder = ForwardRecorder(config.build())
     policy = policy_with_random_adapter(tiny_pipeline_dir)
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 3, 1.0, 3.0))
     generator = torch.Generator().manual_seed(0)

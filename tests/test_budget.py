@@ -9,7 +9,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from benchmarks.cli import _checked, preset_algo_configs
+from benchmarks.cli import checked_config, preset_algo_configs
 from benchmarks.plan import epoch_budget
 from benchmarks.presets import tiny
 from benchmarks.epochs import train_on_batch
@@ -20,7 +20,8 @@ from zoo.rebel import REBELConfig
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.training import CountingAdamW
 
 
 def test_rebel_steps_the_optimizer_once_per_accumulated_minibatches_at_k4():
@@ -39,18 +40,10 @@ def test_tiny_preset_gives_every_algorithm_eight_updates_of_32_transitions_per_e
     preset = tiny()
     configs = preset_algo_configs(preset, preset.reward)
     for name in ALGORITHMS:
-        config = _checked(name, getattr(configs, name))
+        config = checked_config(name, getattr(configs, name))
         budget = epoch_budget(config, preset.trajectories_per_epoch)
         assert budget["optimizer_updates"] == 8, name
         assert preset.trajectories_per_epoch * config.num_steps // budget["optimizer_updates"] == 32
-
-
-class CountingAdamW(torch.optim.AdamW):
-    steps = 0
-
-    def step(self, closure=None):
-        CountingAdamW.steps += 1
-        return super().step(closure)
 
 
 @pytest.mark.parametrize("name", [n for n, config in ALGORITHMS.items() if isinstance(config().build(), Algorithm)])
@@ -73,7 +66,6 @@ def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pip
                           record_pred_x0=algorithm.needs.record_pred_x0,
                           reference_log_probs=algorithm.needs.reference_log_probs)
     advantages = torch.randn(traj.log_probs.shape, generator=generator)
-    CountingAdamW.steps = 0
     optimizer = CountingAdamW(policy.trainable_parameters(), lr=1e-3)
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
@@ -82,6 +74,6 @@ def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pip
 
     budget = epoch_budget(config, trajectories)
     assert budget["optimizer_updates"] >= 1
-    assert CountingAdamW.steps == counts["optimizer_updates"] == budget["optimizer_updates"]
+    assert optimizer.optimizer.steps == counts["optimizer_updates"] == budget["optimizer_updates"]
     chunks = 2 if algorithm.needs.whole_trajectory_loss else 1
     assert counts["backward_passes"] == budget["loss_calls"] * chunks

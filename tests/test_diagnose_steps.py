@@ -12,6 +12,8 @@ from zoo.loading import load_policy
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
+from helpers.rewards import Brightness
+
 
 def test_step_statistics_on_worked_numbers():
     # 3 pairs, K = 2: columns are x̂0_0, x̂0_1, final.
@@ -83,11 +85,6 @@ def test_a_reward_without_gold_is_refused(tmp_path):
         main(["--run", str(tmp_path)])
 
 
-class _Brightness:
-    def score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
-
-
 @pytest.mark.parametrize("shared", [True, False])
 def test_pairs_share_x_t_only_when_asked(tiny_pipeline_dir, shared):
     """SDPO's and D3PO's pairs share x_T, so their x̂0 at t = 999 ties; DDPO's and REBEL's
@@ -97,7 +94,7 @@ def test_pairs_share_x_t_only_when_asked(tiny_pipeline_dir, shared):
     policy = load_policy(tiny_pipeline_dir)
     config = SamplerConfig("ddim", 2, 1.0, 1.0, "trailing")
     scores, timesteps, anchors = score_steps(policy, config, ["a red circle on a white background"], 3,
-                                             {"brightness": _Brightness()}, seed=0, shared_noise=shared)
+                                             {"brightness": Brightness()}, seed=0, shared_noise=shared)
     first = scores["brightness"][:, :, 0]  # (3 pairs, 2)
     assert scores["brightness"].shape == (3, 2, 3) and timesteps == [999, 499] and anchors.shape == (6,)
     assert bool(torch.equal(first[:, 0], first[:, 1])) == shared

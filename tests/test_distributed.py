@@ -47,7 +47,7 @@ def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
     main process writes, and the budget counts both processes' trajectories."""
     import json
 
-    from test_benchmark_run import micro_args
+    from helpers.runs import micro_args
 
     out = tmp_path / "run"
     args = micro_args(tiny_pipeline_dir, out) + ["--algos", "ddpo,sdpo", "--epochs", "1"]
@@ -71,7 +71,7 @@ def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
 
 
 def _run_with_fault(mode: str, model: str, out: Path) -> subprocess.CompletedProcess:
-    from test_benchmark_run import micro_args
+    from helpers.runs import micro_args
 
     command = [
         sys.executable, "-m", "accelerate.commands.launch",

@@ -18,7 +18,8 @@ import zoo.policy
 from benchmarks.checkpoint import load_state
 from benchmarks.ema import Ema, WeightsEma
 from benchmarks.run import main
-from test_benchmark_run import micro_args
+
+from helpers.runs import micro_args
 
 EMA_ON = ["--ema.decay", "0.9", "--ema.update-interval", "1"]
 """Flow-GRPO's decay, moved after every update: the micro run's two updates both move it."""

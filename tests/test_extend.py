@@ -14,7 +14,8 @@ from benchmarks.cli import parse_args
 from benchmarks.plan import make_plan
 from benchmarks.portable import REPO_ROOT, portable_model, recorded_model
 from benchmarks.run import main
-from test_benchmark_run import EVAL_STEPS, micro_args
+
+from helpers.runs import EVAL_STEPS, micro_args
 
 TINY_PIPELINE = "zoo/tiny/assets/pipeline"
 """The committed pipeline, relative to the repository root."""
@@ -22,7 +23,7 @@ SEEDS = [0, 1]
 
 
 def _run_args(model: str, out: Path, *extra: str) -> list[str]:
-    """The micro run of `test_benchmark_run`, with two seeds: an extension must keep the
+    """The micro run (helpers.runs), with two seeds: an extension must keep the
     rows of the seeds after the one it is training."""
     return [*micro_args(model, out), "--seeds", ",".join(map(str, SEEDS)), *extra]
 

@@ -12,13 +12,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
 from zoo.flow_policy import FLOW_LORA_TARGETS, FlowPolicy
 from zoo.loading import load_policy
-from zoo.policy import LoraSettings, Policy
+from zoo.policy import LoraSettings
 from zoo.kernels import FLOW_SDES, dance_flow_transition, flow_transition, gaussian_log_prob
 from zoo.kernels import SamplerConfig, SamplerConfigError
 from zoo.sampling import TrajectorySampler
 from zoo.tiny.flow import T5_TOKENS, build_random_flow_pipeline
 
-PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
+from helpers.policies import SHAPE_PROMPTS, assert_rescoring_gives_ratio_one
 
 
 @pytest.fixture(scope="module")
@@ -76,28 +76,13 @@ def test_ode_sample_is_the_diffusers_pipelines(flow_policy, guidance):
     for steps in (1, 2, 4):
         sampler = TrajectorySampler(flow_policy, SamplerConfig("flow", steps, eta=0.0, guidance_scale=guidance))
         x_t = sampler.initial_noise(2, 1, False, torch.Generator().manual_seed(steps))
-        traj = sampler.sample(PROMPTS, initial_noise=x_t)
+        traj = sampler.sample(SHAPE_PROMPTS, initial_noise=x_t)
         ours = traj.next_latents[:, 0, -1]
         theirs = flow_policy.pipeline(
-            PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=x_t[:, 0].clone(),
+            SHAPE_PROMPTS, num_inference_steps=steps, guidance_scale=guidance, latents=x_t[:, 0].clone(),
             output_type="latent", max_sequence_length=T5_TOKENS, height=32, width=32,
         ).images
         torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-
-
-def assert_rescoring_gives_ratio_one(policy: Policy, config: SamplerConfig) -> None:
-    """Samples two trajectories of each of PROMPTS with `config` and re-scores every stored
-    transition: |exp(logp - stored) - 1| <= 1e-6 (float32 log-probs)."""
-    sampler = TrajectorySampler(policy, config)
-    traj = sampler.sample(PROMPTS, group_size=2, generator=torch.Generator().manual_seed(config.num_steps))
-    n = 4
-    embeds = traj.prompt_embeds.repeat_interleave(2, dim=0)
-    for k in range(config.num_steps):
-        step = torch.full((n,), k, dtype=torch.long)
-        logp = sampler.log_prob(traj.latents[:, :, k].flatten(0, 1), step, traj.next_latents[:, :, k].flatten(0, 1),
-                                embeds)
-        ratio = torch.exp(logp - traj.log_probs[:, :, k].flatten())
-        assert (ratio - 1).abs().max().item() <= 1e-6
 
 
 @pytest.mark.parametrize("guidance", [1.0, 4.5])
@@ -111,7 +96,7 @@ def test_stored_log_prob_is_the_gaussian_density(flow_policy):
     """The recorded log-prob is N(mean, std²) of x_σ' averaged over elements, with the mean
     and std of `flow_transition` (worked above) at the stored state."""
     sampler = TrajectorySampler(flow_policy, SamplerConfig("flow", 2, eta=0.7))
-    traj = sampler.sample(PROMPTS[:1], generator=torch.Generator().manual_seed(0))
+    traj = sampler.sample(SHAPE_PROMPTS[:1], generator=torch.Generator().manual_seed(0))
     mean, std, _ = sampler.transition(traj.latents[:, 0, 1], torch.ones(1, dtype=torch.long), traj.prompt_embeds)
     expected = gaussian_log_prob(traj.next_latents[:, 0, 1], mean, std)
     torch.testing.assert_close(traj.log_probs[:, 0, 1], expected, rtol=0, atol=0)
@@ -129,8 +114,9 @@ def test_a_sampler_of_the_other_family_is_refused(flow_policy):
 
 
 def test_pooled_projection_rides_as_the_last_row(flow_policy):
-    embeds = flow_policy.encode_prompts(PROMPTS)
-    ref, _, pooled, _ = flow_policy.pipeline.encode_prompt(PROMPTS, PROMPTS, None, do_classifier_free_guidance=False,
+    embeds = flow_policy.encode_prompts(SHAPE_PROMPTS)
+    ref, _, pooled, _ = flow_policy.pipeline.encode_prompt(SHAPE_PROMPTS, SHAPE_PROMPTS, None,
+                                                           do_classifier_free_guidance=False,
                                                            max_sequence_length=T5_TOKENS)
     assert torch.equal(embeds[:, :-1], ref)
     assert torch.equal(embeds[:, -1, : pooled.shape[1]], pooled)
@@ -148,7 +134,7 @@ def test_lora_round_trip_through_diffusers(flow_folder, tmp_path):
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, *policy.latent_shape, generator=generator)
     t = torch.tensor([1000.0, 500.0])
-    embeds = policy.encode_prompts(PROMPTS)
+    embeds = policy.encode_prompts(SHAPE_PROMPTS)
     with torch.no_grad():
         ours = policy.predict(latents, t, embeds, 1.0)
         with policy.reference():
@@ -218,7 +204,7 @@ def test_rescoring_is_exact_in_bf16_too(flow_folder):
     policy = load_policy(flow_folder, mixed_precision="bf16", lora=LoraSettings(target_modules=FLOW_LORA_TARGETS))
     assert policy.transformer.dtype == torch.bfloat16
     sampler = TrajectorySampler(policy, SamplerConfig("flow", 2, eta=0.7, guidance_scale=4.5))
-    traj = sampler.sample(PROMPTS, generator=torch.Generator().manual_seed(1))
+    traj = sampler.sample(SHAPE_PROMPTS, generator=torch.Generator().manual_seed(1))
     assert traj.log_probs.dtype == torch.float32
     for k in range(2):
         logp = sampler.log_prob(traj.latents[:, 0, k], torch.full((2,), k), traj.next_latents[:, 0, k], traj.prompt_embeds)

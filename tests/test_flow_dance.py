@@ -18,14 +18,15 @@ from benchmarks.plan import make_plan
 from benchmarks.presets import tiny_flow
 from benchmarks.run import main
 from benchmarks.train import training_sampler_config
-from test_benchmark_run import micro_args
-from test_flow import PROMPTS, assert_rescoring_gives_ratio_one
 from zoo.grpo import GRPOConfig
 from zoo.loading import load_policy
 from zoo.policy import Policy
 from zoo.kernels import dance_flow_transition, flow_transition
 from zoo.kernels import SamplerConfig, SamplerConfigError
 from zoo.sampling import TrajectorySampler
+
+from helpers.policies import SHAPE_PROMPTS, assert_rescoring_gives_ratio_one
+from helpers.runs import micro_args
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_the_sampler_steps_with_dancegrpos_sde_not_flow_grpos(flow_policy):
     steps, guidance = 4, 4.5
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(2, *flow_policy.latent_shape, generator=generator)
-    embeds = flow_policy.encode_prompts(PROMPTS)
+    embeds = flow_policy.encode_prompts(SHAPE_PROMPTS)
     dance = TrajectorySampler(flow_policy, _dance(steps, eta=0.7, guidance=guidance))
     flow_grpo = TrajectorySampler(flow_policy, SamplerConfig("flow", steps, eta=0.7, guidance_scale=guidance))
     s = dance.kernel

@@ -1,5 +1,5 @@
 """The benchmark runner on a flow-matching model: every algorithm end to end on the micro
-budget of tests/test_benchmark_run.py, and the family checks that refuse a model the
+budget of helpers.runs.micro_args, and the family checks that refuse a model the
 preset's sampler cannot sample before it loads."""
 
 import json
@@ -7,7 +7,8 @@ import json
 import pytest
 
 from benchmarks.run import main
-from test_benchmark_run import ALGOS, EVAL_STEPS, micro_args
+
+from helpers.runs import ALGOS, EVAL_STEPS, micro_args
 
 
 def _rows(out) -> list[dict]:

@@ -16,7 +16,7 @@ from benchmarks.cli import UsageError, parse_args
 from benchmarks.plan import make_plan
 from benchmarks.run import main
 
-from test_benchmark_run import micro_args
+from helpers.runs import micro_args
 
 ALGOS = ["ddpo", "rebel"]
 SEEDS = [0, 1]

@@ -6,17 +6,16 @@ epochs draw their own noise; that every row of a table is evaluated on the same 
 summarised from its finite scores; and two formulas the loop relies on (the per-step
 tracker's window, the DDIM density at 0 < eta < 1).
 
-The replay tests drive `train_on_batch` with a stand-in sampler over a coded trajectory:
-transition (p, g, k) of group p, member g, step k carries the code c = 100 p + 10 g + k in
-its x_t (x_t' = c + 0.5, the prompt embedding p, the stored log-prob -c / 1000), and the
-stand-in recomputes the log-prob from x_t, checking on the way that x_t', the step index
-and the prompt embedding belong to the same transition. A recording wrapper around the
-real algorithm then decodes what each `loss` call received.
+The replay tests drive `train_on_batch` with a stand-in sampler over a coded trajectory
+(helpers.training): transition (p, g, k) of group p, member g, step k carries the code
+c = 100 p + 10 g + k in its x_t (x_t' = c + 0.5, the prompt embedding p, the stored
+log-prob -c / 1000), and the stand-in recomputes the log-prob from x_t, checking on the
+way that x_t', the step index and the prompt embedding belong to the same transition. A
+recording wrapper around the real algorithm then decodes what each `loss` call received.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 from types import SimpleNamespace
@@ -31,16 +30,17 @@ from benchmarks.evaluate import EvalSettings, evaluate
 from benchmarks.epochs import step_orders, train_on_batch
 from benchmarks.loop import TrainLoop
 from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
-from zoo.algorithm import Algorithm, EpochContext, ReplayAlgorithm
+from zoo.algorithm import EpochContext, ReplayAlgorithm
 from zoo.ddpo import DDPO, DDPOConfig
 from zoo.registry import ALGORITHMS
-from zoo.trajectory import Trajectory
 
-from test_policy import policy_with_random_adapter
-from test_train_loop import Brightness
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import Brightness
+from helpers.training import (
+    REF_OFFSET, CodedSampler, RecordingSGD, ReplayRecorder, clipped_gradient, coded_trajectory, decode,
+)
 
 NUM_PROMPTS, NUM_STEPS = 6, 4
-REF_OFFSET = 0.05  # reference log-prob = old - 0.05: inside D3PO's clamp, so gradients flow
 
 
 class RecordingBrightness(Brightness):
@@ -67,113 +67,6 @@ def accelerator() -> Accelerator:
 # Replay through train_on_batch on a coded trajectory
 
 
-def coded_trajectory(num_prompts: int, group_size: int, num_steps: int, reference: bool) -> Trajectory:
-    p = torch.arange(num_prompts)[:, None, None]
-    g = torch.arange(group_size)[None, :, None]
-    k = torch.arange(num_steps)[None, None, :]
-    code = (100 * p + 10 * g + k).float()  # (P, G, K)
-    latents = code[..., None, None, None].clone()  # (P, G, K, 1, 1, 1)
-    log_probs = -code / 1000
-    return Trajectory(
-        prompts=[f"prompt {i}" for i in range(num_prompts)],
-        prompt_embeds=torch.arange(num_prompts, dtype=torch.float32).view(num_prompts, 1, 1),
-        timesteps=torch.arange(num_steps).flip(0).expand(num_prompts, group_size, num_steps).clone(),
-        latents=latents,
-        next_latents=latents + 0.5,
-        log_probs=log_probs,
-        images=torch.zeros(num_prompts, group_size, 3, 1, 1),
-        ref_log_probs=log_probs - REF_OFFSET if reference else None,
-    )
-
-
-def decode(log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stored log-probs -c / 1000 -> (p, g, k) of the transitions they belong to."""
-    code = torch.round(-log_probs.detach() * 1000).long()
-    return code // 100, code // 10 % 10, code % 10
-
-
-class CodedPolicy:
-    """What `train_on_batch` asks of the policy: the trainable parameters, the (here
-    unwrapped) denoiser for `no_sync`, and the guidance switch of replayed log-probs, which
-    the coded log-prob has no guidance to apply to."""
-
-    def __init__(self):
-        self.theta = torch.nn.Parameter(torch.zeros(()))
-        self.denoiser = torch.nn.Linear(1, 1)
-
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.theta]
-
-    def unconditional_detached(self) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext()
-
-
-class CodedSampler:
-    """log p(x_t -> x_t') = -c / 1000 + θ cos(c), c read from x_t: the stored log-prob at
-    θ = 0, with a gradient that differs per transition."""
-
-    def __init__(self):
-        self.policy = CodedPolicy()
-
-    def log_prob(self, latents, step_index, next_latents, prompt_embeds) -> torch.Tensor:
-        code = latents.flatten(1)[:, 0]
-        assert torch.equal(step_index, (code % 10).long()), "step index of another transition"
-        assert torch.equal(next_latents.flatten(1)[:, 0], code + 0.5), "x_t' of another transition"
-        assert torch.equal(prompt_embeds.flatten(1)[:, 0], torch.div(code, 100, rounding_mode="floor")), \
-            "prompt embedding of another group"
-        return -code / 1000 + self.policy.theta * torch.cos(code)
-
-    def log_prob_and_kl(
-        self, latents, step_index, next_latents, prompt_embeds, kl_form="exact"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The log-prob above and a KL to the base model (θ = 0) of θ² / 2 per transition (of
-        either form: the coded transitions have no step size)."""
-        log_prob = self.log_prob(latents, step_index, next_latents, prompt_embeds)
-        return log_prob, 0.5 * self.policy.theta**2 * torch.ones_like(log_prob)
-
-
-class Recorder(ReplayAlgorithm):
-    """The algorithm, recording each `loss` call's inputs and the gradient of its loss."""
-
-    def __init__(self, algorithm, params):
-        self.algorithm, self.needs, self.params = algorithm, algorithm.needs, params
-        self.calls: list[SimpleNamespace] = []
-        self.trained: torch.Tensor | None = None
-
-    def trained_steps(self, context, num_prompts, group_size):
-        """The algorithm's, kept in `trained` ((P, G, S), or None for all K steps)."""
-        self.trained = self.algorithm.trained_steps(context, num_prompts, group_size)
-        return self.trained
-
-    def new_tracker(self):
-        return self.algorithm.new_tracker()
-
-    def advantages(self, *args):
-        return self.algorithm.advantages(*args)
-
-    def loss(self, inputs):
-        loss, metrics = self.algorithm.loss(inputs)
-        (grad,) = torch.autograd.grad(loss, self.params, retain_graph=True)
-        self.calls.append(SimpleNamespace(
-            loss=float(loss.detach()), log_probs=inputs.log_probs.detach().clone(), old=inputs.old_log_probs.clone(),
-            advantages=inputs.advantages.clone(), step_index=inputs.step_index.clone(),
-            ref=None if inputs.ref_log_probs is None else inputs.ref_log_probs.clone(), grad=grad,
-        ))
-        return loss, metrics
-
-
-class RecordingSGD(torch.optim.SGD):
-    """Learning rate 0 (the log-probs stay the stored ones); records the gradient each step sees."""
-
-    def __init__(self, params):
-        super().__init__(params, lr=0.0)
-        self.grads: list[torch.Tensor] = []
-
-    def step(self, closure=None):
-        self.grads.append(self.param_groups[0]["params"][0].grad.clone())
-        return super().step(closure)
-
-
 def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> SimpleNamespace:
     """One `train_on_batch` of algorithm `name` (config `overrides`, `needs` fields replaced)
     over the coded trajectory: its config, the advantages, the recorded loss calls, the
@@ -188,7 +81,7 @@ def replay(name: str, accelerator, needs: dict | None = None, **overrides) -> Si
     if name == "d3po":  # preferences: +1 / -1 per pair
         advantages = advantages[:, :1].sign().expand(-1, 2, -1) * torch.tensor([1.0, -1.0])[None, :, None]
     sampler = CodedSampler()
-    recorder = Recorder(algorithm, sampler.policy.trainable_parameters())
+    recorder = ReplayRecorder(algorithm, sampler.policy.trainable_parameters())
     optimizer = RecordingSGD(sampler.policy.trainable_parameters())
     result = train_on_batch(recorder, config, sampler, traj, advantages.clone(), optimizer, accelerator,
                           EpochContext(0, 1, torch.Generator().manual_seed(0)), TrainLoop(), False)
@@ -342,12 +235,6 @@ def test_replay_order_steps_or_minibatches_outer(name, steps_outer, accelerator)
         assert len(set(groups[:NUM_STEPS])) == 1 and len(set(groups)) == minibatches
 
 
-def _clipped(gradient: torch.Tensor, max_norm: float | None) -> torch.Tensor:
-    if max_norm is None:
-        return gradient
-    return gradient * min(1.0, max_norm / (float(gradient.abs()) + 1e-6))
-
-
 @pytest.mark.parametrize("name", ["sdpo", "ddpo", "d3po"])
 @pytest.mark.parametrize("max_grad_norm", [None, 1e-3])
 def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_grad_norm, accelerator):
@@ -363,7 +250,7 @@ def test_optimizer_steps_see_the_mean_gradient_of_their_loss_calls(name, max_gra
     assert len(grads) == len(calls) // per_update >= 2
     for update, applied in enumerate(grads):
         window = calls[update * per_update : (update + 1) * per_update]
-        expected = _clipped(torch.stack([call.grad for call in window]).sum() / per_update, max_grad_norm)
+        expected = clipped_gradient(torch.stack([call.grad for call in window]).sum() / per_update, max_grad_norm)
         assert float(expected.abs()) > 1e-6
         torch.testing.assert_close(applied, expected, rtol=1e-5, atol=0)
     if max_grad_norm is not None:
@@ -385,7 +272,7 @@ def test_a_non_finite_loss_before_finite_ones_stops_the_epoch(accelerator, monke
     `TrainingDiverged`: the loop keeps the first non-finite loss it saw, not the latest."""
     from benchmarks.loop import TrainingDiverged
 
-    real_loss = Recorder.loss
+    real_loss = ReplayRecorder.loss
 
     def nan_on_second_call(self, inputs):
         loss, metrics = real_loss(self, inputs)
@@ -393,7 +280,7 @@ def test_a_non_finite_loss_before_finite_ones_stops_the_epoch(accelerator, monke
             loss = loss + math.nan * loss.detach()  # NaN value, finite gradient
         return loss, metrics
 
-    monkeypatch.setattr(Recorder, "loss", nan_on_second_call)
+    monkeypatch.setattr(ReplayRecorder, "loss", nan_on_second_call)
     with pytest.raises(TrainingDiverged, match="nan"):
         replay("ddpo", accelerator)
 

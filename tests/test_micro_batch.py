@@ -18,8 +18,8 @@ from zoo.registry import ALGORITHMS
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_algo_draft import DistanceToTarget
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import DistanceToTarget
 
 K = 4
 TRAJECTORIES = 8

@@ -20,12 +20,14 @@ from benchmarks.epochs import train_on_batch
 from benchmarks.loop import TrainLoop
 from benchmarks.rollout import sample_and_score
 from rewards.registry import load_reward
-from zoo.algorithm import EpochContext, LossInputs
+from zoo.algorithm import EpochContext
 from zoo.loading import load_policy
 from zoo.policy import LoraSettings, Performance, Policy
 from zoo.registry import ALGORITHMS
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
+
+from helpers.training import ReplayRecorder
 
 PROMPTS = [
     "a red circle on a white background",
@@ -33,21 +35,6 @@ PROMPTS = [
     "a green triangle on a white background",
 ]
 NUM_STEPS = 3
-
-
-class RecordingAlgorithm:
-    """A registered algorithm that also keeps log p_current - log p_sampled of every
-    transition the trainer hands to its loss."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.needs = inner.needs
-        self.trained_steps = inner.trained_steps
-        self.log_ratios: list[torch.Tensor] = []
-
-    def loss(self, inputs: LossInputs):
-        self.log_ratios.append((inputs.log_probs - inputs.old_log_probs).detach().flatten())
-        return self.inner.loss(inputs)
 
 
 def _fp16_runs_on_cpu() -> bool:
@@ -90,14 +77,14 @@ PRECISIONS = [
 def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_dir, algo, precision):
     guidance = CASES[algo]
     config = replace(ALGORITHMS[algo](), num_steps=NUM_STEPS, guidance_scale=guidance, train_batch_size=1)
-    algorithm = RecordingAlgorithm(config.build())
-    needs = algorithm.needs
+    recorder = ReplayRecorder(config.build())
+    needs = recorder.needs
     policy = _policy(tiny_pipeline_dir, precision)
     sampler = TrajectorySampler(policy, SamplerConfig(config.sampler, config.num_steps, config.eta, guidance))
     generator = torch.Generator().manual_seed(0)
     loop = TrainLoop(sample_batch_size=needs.group_size, overlap_rewards=True, steps_per_backward=2)
     traj, _, failure = sample_and_score(
-        algorithm.inner, sampler, PROMPTS, generator, load_reward("jpeg_compressibility"), loop
+        recorder.algorithm, sampler, PROMPTS, generator, load_reward("jpeg_compressibility"), loop
     )
     assert failure is None
     advantages = torch.randn(traj.log_probs.shape, generator=generator)
@@ -106,9 +93,10 @@ def test_trainer_rescores_half_precision_samples_with_ratio_one(tiny_pipeline_di
     accelerator = Accelerator(cpu=True)
     policy.denoiser, optimizer = accelerator.prepare(policy.unet, optimizer)
     context = EpochContext(0, 1, generator)
-    train_on_batch(algorithm, config, sampler, traj, advantages, optimizer, accelerator, context, loop, False)
+    train_on_batch(recorder, config, sampler, traj, advantages, optimizer, accelerator, context, loop, False)
 
-    log_ratios = torch.cat(algorithm.log_ratios)
+    # log p_current - log p_sampled of every transition the trainer handed to the loss.
+    log_ratios = torch.cat([(call.log_probs - call.old).flatten() for call in recorder.calls])
     # Every transition re-scored once per loss call it is part of: REBEL's 3 steps in
     # chunks of 2 make two calls per minibatch, each seeing all 3 steps.
     calls_per_minibatch = 2 if needs.whole_trajectory_loss else 1

@@ -12,7 +12,8 @@ import pytest
 from benchmarks.peak import chosen_epochs, peak_table, write_peak
 from benchmarks.report import load_records
 from benchmarks.run import main
-from tests.test_benchmark_run import micro_args
+
+from helpers.runs import micro_args
 
 PROXY, GOLD = "tiny-aesthetic", "tiny-aesthetic-gold"
 SAMPLES_PER_EPOCH = 16

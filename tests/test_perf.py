@@ -242,7 +242,7 @@ def test_flow_architectures_have_their_published_sizes(preset, transformer, posi
     flux = configs["transformer"]["_class_name"] == "FluxTransformer2DModel"
     with torch.device("meta"):
         model = (FluxTransformer2DModel if flux else SD3Transformer2DModel).from_config(configs["transformer"])
-        t5 = archs._text_encoder(configs["text_encoder_2" if flux else "text_encoder_3"])
+        t5 = archs.build_text_encoder(configs["text_encoder_2" if flux else "text_encoder_3"])
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(transformer, rel=1e-3)
     assert sum(b.numel() for b in model.buffers()) == pytest.approx(positions, rel=1e-2)
     assert sum(p.numel() for p in t5.parameters()) == pytest.approx(4.762e9, rel=1e-3)

@@ -7,6 +7,8 @@ from diffusers import StableDiffusionPipeline
 from zoo.loading import ModelUnavailable, load_policy, resolve_model
 from zoo.policy import LORA_WEIGHT_NAME, LoraSettings, Policy
 
+from helpers.policies import policy_with_random_adapter
+
 
 def _unet_output(unet, seed=0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
@@ -82,17 +84,6 @@ def test_bf16_weights_keep_float32_log_prob_path(tiny_pipeline_dir):
     x = torch.randn(2, *policy.latent_shape)
     eps = policy.predict(x, torch.tensor([999, 999]), policy.encode_prompts(["a", "b"]), 2.0)
     assert eps.dtype == torch.float32 and torch.isfinite(eps).all()
-
-
-def policy_with_random_adapter(folder: str, mixed_precision: str = "no") -> Policy:
-    """LoRA's B starts at zero, which would leave A's gradient and the adapter's output
-    zero: randomise both."""
-    torch.manual_seed(0)
-    policy = load_policy(folder, mixed_precision=mixed_precision, lora=LoraSettings())
-    with torch.no_grad():
-        for param in policy.trainable_parameters():
-            param.normal_(0, 0.05)
-    return policy
 
 
 def test_half_precision_adapters_skip_the_float32_round_trip_bit_identically(tiny_pipeline_dir):

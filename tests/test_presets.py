@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from benchmarks.cli import parse_args, preset_algo_configs
-from benchmarks.plan import _check_batch_sizes, epoch_budget, make_plan
+from benchmarks.plan import check_batch_sizes, epoch_budget, make_plan
 from benchmarks.presets import PRESETS, SD_TURBO_REWARD_SETTINGS, SIMPLE_ANIMALS
 from benchmarks.train import JobSettings, training_sampler_config
 from zoo.loading import load_policy
@@ -139,7 +139,7 @@ def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
         config = getattr(configs, algo)
         assert (config.learning_rate, config.train_batch_size, config.gradient_accumulation_steps) == (
             lr, batch, accumulation), algo
-        _check_batch_sizes(algo, config, preset.trajectories_per_epoch, 1)
+        check_batch_sizes(algo, config, preset.trajectories_per_epoch, 1)
     assert epoch_budget(configs.sdpo, preset.trajectories_per_epoch)["optimizer_updates"] == sdpo_updates
 
 
@@ -192,7 +192,7 @@ def test_gpu_preset_budgets_fit_every_algorithm(name):
     preset = PRESETS[name]()
     configs = preset_algo_configs(preset, preset.reward)
     for algo in ALGORITHMS:
-        _check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
+        check_batch_sizes(algo, getattr(configs, algo), preset.trajectories_per_epoch, 1)
 
 
 def test_sd15_follows_ddpo_aesthetic_config():

@@ -18,6 +18,9 @@ from benchmarks.checkpoint import CorruptCheckpoint, load_state, save_state
 from benchmarks.run import main
 from rewards.base import Reward
 
+from helpers.rewards import Brightness
+from helpers.servers import serving
+
 
 def fault_args(model: str, out: Path, epochs: int) -> list[str]:
     """DDPO alone on the random tiny pipeline, one update per epoch, evaluated at the end only."""
@@ -263,16 +266,15 @@ def test_nan_evaluation_scores_are_left_out_counted_and_reported(tiny_pipeline_d
     """A reward model that returns NaN for one image of a batch: the cell's mean is the
     other images', the record counts the NaN, and a warning names the reward."""
     from accelerate import Accelerator
-    from test_train_loop import Brightness
 
     from benchmarks.evaluate import EvalSettings, evaluate
     from zoo.loading import load_policy
 
-    class NaNOnFirstImage(Reward):
+    class NaNOnFirstImage(Brightness):
         name = "nan-first"
 
         def _score(self, images, prompts):
-            scores = images.mean(dim=(1, 2, 3))
+            scores = super()._score(images, prompts)
             scores[0] = math.nan
             return scores
 
@@ -294,7 +296,6 @@ def test_a_reward_that_fails_at_evaluation_costs_its_batch_not_the_run(fault, ti
     counted in `nonfinite`, one warning naming the reward and the error); its other
     batches and the other rewards are scored as if nothing had happened."""
     from accelerate import Accelerator
-    from test_train_loop import Brightness
 
     from benchmarks.evaluate import EvalSettings, evaluate
     from zoo.loading import load_policy
@@ -376,8 +377,6 @@ class ScoringServer:
 @pytest.fixture
 def scoring_server():
     from http.server import ThreadingHTTPServer
-
-    from test_reward_http import serving
 
     from benchmarks.presets import PRESETS
 

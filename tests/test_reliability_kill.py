@@ -30,7 +30,7 @@ RUN_TIMEOUT = 400
 def kill_args(model: str, out: Path) -> list[str]:
     """DDPO (per-prompt tracker) and SDPO (dense x̂0 rewards, reference log-probs) on the
     micro run: two epochs each, evaluated after every epoch at 1 and 2 steps."""
-    from test_benchmark_run import micro_args
+    from helpers.runs import micro_args
 
     return micro_args(model, out) + ["--algos", ",".join(ALGOS)]
 

@@ -24,29 +24,18 @@ from rewards.serve import make_server, route
 from rewards.spec import parse_reward_spec
 from rewards.weights import check_reward
 
+from helpers.rewards import Brightness
+from helpers.servers import serving
+
 FAST = dict(timeout=2.0, retries=2, backoff=0.01)
 """Client settings for tests: failures are reported in well under a second."""
 
 
-class MeanPixel(Reward):
-    """The mean pixel value: it reads every bit of the input, so it shows the 8-bit wire."""
+class MeanPixel(Brightness):
+    """The mean pixel value (Brightness, served under its own name): it reads every bit of
+    the input, so it shows the 8-bit wire."""
 
     name = "mean-pixel"
-
-    def _score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
-
-
-@contextmanager
-def serving(server: ThreadingHTTPServer):
-    # A short poll interval: `shutdown` waits for the next poll.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @contextmanager

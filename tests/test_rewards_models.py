@@ -113,13 +113,12 @@ def test_open_clip_preprocessing_equals_its_val_transform(loaded):
 
 
 def test_imagereward_preprocessing_and_score_equal_the_package(loaded):
-    """The package's own per-image `ImageReward.score(prompt, PIL image)` against ours."""
-    from ImageReward.ImageReward import _transform
-
+    """The package's own per-image `ImageReward.score(prompt, PIL image)` against ours, and
+    its preprocessing (`ImageReward.preprocess`, which that score applies) against ours."""
     reward = loaded("imagereward")
     batch = images(2, 512, 384)
     pils = to_pil(batch)
-    reference = torch.stack([_transform(224)(image) for image in pils])
+    reference = torch.stack([reward.model.preprocess(image) for image in pils])
     assert_same_image_within_levels(reward.transform(batch), reference, reward.transform.std)
     ours = reward.score(batch, PROMPTS[:2])
     theirs = torch.tensor([reward.model.score(prompt, image) for prompt, image in zip(PROMPTS, pils)])

@@ -14,7 +14,6 @@ import zoo.sampling
 from benchmarks.evaluate import EvalSettings, evaluate
 from benchmarks.loop import TrainLoop
 from benchmarks.rollout import reward_inputs, sample_and_score
-from rewards.base import Reward
 from zoo.algorithm import Algorithm
 from zoo.ddpo import DDPOConfig
 from zoo.loading import load_policy
@@ -25,17 +24,11 @@ from zoo.sampling import TrajectorySampler
 from zoo.sdpo import SDPOConfig
 from zoo.trajectory import NotSampled
 
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import Brightness
 
 PROMPTS = ["a cat", "a dog", "a fox", "a cow"]
 PER_STEP = ("latents", "next_latents", "log_probs")
-
-
-class Brightness(Reward):
-    name = "brightness"
-
-    def _score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
 
 
 class OneBuffer(torch.nn.Module):

@@ -10,13 +10,13 @@ import torch
 from benchmarks.loop import TrainLoop
 from benchmarks.loss_calls import gather_transitions, minibatch_losses
 from benchmarks.rollout import sample_and_score
-from rewards.base import Reward
 from zoo.ddpo import DDPOConfig
 from zoo.rebel import REBELConfig
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-from test_policy import policy_with_random_adapter
+from helpers.policies import policy_with_random_adapter
+from helpers.rewards import Brightness
 
 
 def _gradient(policy, algorithm, sampler, transitions, advantages, steps_per_backward) -> tuple[torch.Tensor, list]:
@@ -70,26 +70,6 @@ def test_per_step_losses_are_never_chunked(tiny_pipeline_dir):
     transitions = gather_transitions(traj, torch.arange(2), torch.arange(4).expand(2, 1, 4))
     losses = list(minibatch_losses(algorithm, sampler, transitions, torch.ones(2, 1, 4), steps_per_backward=1))
     assert len(losses) == 1
-
-
-class Brightness(Reward):
-    """Mean brightness (smooth, unlike JPEG sizes), recording the thread each batch is
-    scored on; raises on call `fail_on_call` (1-based) if given."""
-
-    name = "brightness"
-
-    def __init__(self, fail_on_call: int | None = None):
-        super().__init__()
-        self.threads: list[str] = []
-        self.fail_on_call = fail_on_call
-
-    def _score(self, images, prompts):
-        import threading
-
-        self.threads.append(threading.current_thread().name)
-        if self.fail_on_call == len(self.threads):
-            raise RuntimeError("reward server went away")
-        return images.mean(dim=(1, 2, 3))
 
 
 @pytest.mark.parametrize("algo", ["rebel", "sdpo"])

@@ -11,7 +11,7 @@ from benchmarks.cli import UsageError
 from benchmarks.presets import tiny
 from benchmarks.tune import TUNING_SEEDS, Point, main, make_points, score_points, scoring_reward, select
 
-from test_benchmark_run import micro_args
+from helpers.runs import micro_args
 
 
 def test_select_keeps_the_best_mean_validation_reward_and_breaks_ties_by_grid_order():

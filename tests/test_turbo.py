@@ -11,11 +11,12 @@ from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, StableDiff
 
 from benchmarks.presets import PRESETS
 from benchmarks.run import main
-from test_benchmark_run import ALGOS, micro_args
 from zoo.tiny import CLIP, PIPELINE, PIPELINE_FLOW, PIPELINE_FLOW_TURBO, PIPELINE_TURBO, TURBO_GUIDANCE, data, turbo
 from zoo.tiny.arch import make_ddim_scheduler
 from zoo.tiny.build import SMOKE_OVERRIDES, BuildConfig, build
 from zoo.tiny.flow import FLOW_SHIFT, T5_TOKENS
+
+from helpers.runs import ALGOS, micro_args
 
 ALPHAS = make_ddim_scheduler().alphas_cumprod
 

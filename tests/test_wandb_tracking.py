@@ -12,7 +12,8 @@ from PIL import Image
 
 from benchmarks.run import main
 from benchmarks.tracking import RUN_ID_FILE
-from test_benchmark_run import micro_args
+
+from helpers.runs import micro_args
 
 # The transaction log of wandb-core, as leveldb's log format: a 7-byte file header, then
 # 32 KiB blocks of chunks, each with a 7-byte header (crc32, length, type); a protobuf
@@ -141,14 +142,14 @@ def test_resume_continues_the_same_wandb_run(wandb_run, tiny_pipeline_dir, tmp_p
 
 
 def test_wandb_missing_is_refused_before_anything_loads(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
-    import zoo.policy
+    import zoo.loading
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was resolved before --wandb was checked")
 
-    monkeypatch.setattr(zoo.policy, "resolve_model", no_model)
+    monkeypatch.setattr(zoo.loading, "resolve_model", no_model)
     out = tmp_path / "run"
     assert main(micro_args(tiny_pipeline_dir, out) + ["--wandb"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()

@@ -181,7 +181,7 @@ def build_flow_pipeline(
     with torch.device(device):
         transformer = (FluxTransformer2DModel if flux else SD3Transformer2DModel).from_config(transformer_config)
         vae = AutoencoderKL.from_config(dict(configs["vae"], sample_size=resolution))
-        encoders = {name: _text_encoder(config) for name, config in configs.items() if name.startswith("text_encoder")}
+        encoders = {name: build_text_encoder(config) for name, config in configs.items() if name.startswith("text_encoder")}
     tokenizers = {
         name.replace("text_encoder", "tokenizer"): t5_tokenizer() if isinstance(encoder, T5EncoderModel) else clip_tokenizer()
         for name, encoder in encoders.items()
@@ -192,7 +192,9 @@ def build_flow_pipeline(
     )
 
 
-def _text_encoder(config: dict) -> torch.nn.Module:
+def build_text_encoder(config: dict) -> torch.nn.Module:
+    """The text encoder (CLIP or T5, by the config's `architectures` entry: TEXT_ENCODERS)
+    that a saved transformers config dict describes, with random weights."""
     config_cls, model_cls = TEXT_ENCODERS[config["architectures"][0]]
     return model_cls(config_cls(**{k: v for k, v in config.items() if k not in ("architectures", "model_type")}))
 

@@ -4,26 +4,21 @@
 over processes); rank 0 saves both processes' LoRA updates of each run."""
 
 import sys
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from benchmarks.epochs import reward_backprop_epoch
-from rewards.base import Reward
 from zoo.draft import DRaFTConfig
-from zoo.loading import load_policy
-from zoo.policy import LoraSettings, Policy
+from zoo.policy import Policy
 from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
-
-class Brightness(Reward):
-    name = "brightness"
-    differentiable = True
-
-    def _score(self, images, prompts):
-        return images.mean(dim=(1, 2, 3))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for helpers
+from helpers.policies import policy_with_random_adapter  # noqa: E402
+from helpers.rewards import Brightness  # noqa: E402
 
 
 def lora_update(policy: Policy, before: list[torch.Tensor]) -> torch.Tensor:
@@ -32,11 +27,7 @@ def lora_update(policy: Policy, before: list[torch.Tensor]) -> torch.Tensor:
 
 def main(model: str, out_path: str) -> None:
     accelerator = Accelerator(cpu=True)
-    torch.manual_seed(0)
-    policy = load_policy(model, lora=LoraSettings())
-    with torch.no_grad():
-        for param in policy.trainable_parameters():
-            param.normal_(0, 0.05)
+    policy = policy_with_random_adapter(model)
     before = [p.detach().clone() for p in policy.trainable_parameters()]
     config = DRaFTConfig(num_steps=3, grad_steps=2, train_batch_size=2, gradient_accumulation_steps=2,
                          max_grad_norm=None)
