@@ -11,10 +11,9 @@ from accelerate import Accelerator
 
 import benchmarks.train
 from benchmarks.checkpoint import load_state
-from benchmarks.evaluate import EvalSettings
 from benchmarks.epochs import train_on_batch
 from benchmarks.loop import TrainLoop
-from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
+from benchmarks.train import checkpoint_path, run_algorithm
 from zoo.algorithm import EpochContext, ForwardLossInputs, ForwardProcessAlgorithm
 from zoo.nft import NFTConfig, adaptive_x0_loss, old_policy_decay
 from zoo.kernels import SamplerConfig
@@ -22,6 +21,7 @@ from zoo.sampling import TrajectorySampler
 
 from helpers.policies import policy_with_random_adapter
 from helpers.rewards import Brightness
+from helpers.runs import micro_job
 from helpers.training import ForwardRecorder
 
 
@@ -342,16 +342,6 @@ def test_an_epoch_trains_on_noised_final_latents_under_old_and_current_weights_w
     assert torch.equal(_flat(policy.trainable_parameters()), flat_current)
 
 
-def _settings(model: str, out, epochs: int) -> JobSettings:
-    return JobSettings(
-        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=("a cat", "a dog"),
-        eval_every=epochs + 1,
-        eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
-                          sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
-        mixed_precision="no", train_reward="brightness", out_dir=out,
-    )
-
-
 def test_runs_sample_with_the_old_policy_and_a_resume_restores_it(tiny_pipeline_dir, tmp_path, monkeypatch):
     """`run_algorithm` on deterministic DDIM (eta 0: NaN log-probs), 2 epochs of 2 groups
     of 2 trajectories at K = 2, one group per minibatch: 2 updates per epoch. With decay
@@ -376,7 +366,7 @@ def test_runs_sample_with_the_old_policy_and_a_resume_restores_it(tiny_pipeline_
             return real_sample(algorithm, sampler, *args)
 
         monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
-        run_algorithm("nft", config, 0, _settings(tiny_pipeline_dir, out, 2), Brightness(),
+        run_algorithm("nft", config, 0, micro_job(tiny_pipeline_dir, out, 2), Brightness(),
                       {"brightness": Brightness()}, accelerator)
         return load_state(checkpoint_path(out, "nft", 0))
 

@@ -29,13 +29,14 @@ from benchmarks.checkpoint import load_state
 from benchmarks.evaluate import EvalSettings, evaluate
 from benchmarks.epochs import step_orders, train_on_batch
 from benchmarks.loop import TrainLoop
-from benchmarks.train import JobSettings, checkpoint_path, run_algorithm
+from benchmarks.train import checkpoint_path, run_algorithm
 from zoo.algorithm import EpochContext, ReplayAlgorithm
 from zoo.ddpo import DDPO, DDPOConfig
 from zoo.registry import ALGORITHMS
 
 from helpers.policies import policy_with_random_adapter
 from helpers.rewards import Brightness
+from helpers.runs import micro_job
 from helpers.training import (
     REF_OFFSET, CodedSampler, RecordingSGD, ReplayRecorder, clipped_gradient, coded_trajectory, decode,
 )
@@ -401,15 +402,6 @@ def test_an_infinite_training_score_fails_the_epoch_like_nan(tiny_pipeline_dir):
 # Resume restores the stat tracker; seeds and epochs draw their own noise
 
 
-def _job(model: str, out, epochs: int, train_prompts: tuple[str, ...], log=lambda row: None) -> JobSettings:
-    return JobSettings(
-        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs + 1,
-        eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
-                          sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
-        mixed_precision="no", train_reward="brightness", out_dir=out, log=log,
-    )
-
-
 RESUME_CONFIGS = {
     # One prompt, 4 trajectories (DDPO) or 2 pairs (SDPO) per epoch: epoch 1 leaves 4
     # returns per buffer (per prompt, or per (prompt, step)), under min_count 5, so it
@@ -449,7 +441,7 @@ def test_resume_restores_the_stat_trackers_history(algo, tiny_pipeline_dir, tmp_
 
         monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
         straight_run = name == "straight"
-        run_algorithm(algo, config, 0, _job(tiny_pipeline_dir, out, 2, ("a cat",), logged.append if straight_run else
+        run_algorithm(algo, config, 0, micro_job(tiny_pipeline_dir, out, 2, ("a cat",), logged.append if straight_run else
                                             lambda row: None),
                       train_reward if straight_run else Brightness(), {"brightness": Brightness()}, accelerator)
         return load_state(checkpoint_path(out, algo, 0))
@@ -521,7 +513,7 @@ def test_each_seed_draws_its_own_noise_and_every_algorithm_of_a_seed_starts_from
         torch.manual_seed(100 + len(seen))  # whatever the global RNG holds
         config = ALGORITHMS[algo](**RESUME_CONFIGS[algo])
         with pytest.raises(Stop):
-            run_algorithm(algo, config, seed, _job(tiny_pipeline_dir, tmp_path / f"{algo}{seed}", 1, ("a cat",)),
+            run_algorithm(algo, config, seed, micro_job(tiny_pipeline_dir, tmp_path / f"{algo}{seed}", 1, ("a cat",)),
                           Brightness(), {"brightness": Brightness()}, accelerator)
     (lora_d0, x_d0), (lora_s0, x_s0), (lora_d1, x_d1) = seen[("ddpo", 0)], seen[("sdpo", 0)], seen[("ddpo", 1)]
     assert lora_d0.keys() == lora_s0.keys() == lora_d1.keys()
@@ -823,7 +815,7 @@ def test_the_epochs_noise_levels_are_chosen_before_sampling_and_replayed_with_it
     # A learning rate too small to move a log-prob by the clip range: only a replay under
     # another kernel than the sampling one could make a ratio leave 1 ± 1e-4.
     config = SteppedNoiseDDPOConfig(num_steps=2, guidance_scale=1.0, train_batch_size=2, learning_rate=1e-12)
-    run_algorithm("ddpo", config, 0, _job(tiny_pipeline_dir, tmp_path, 2, ("a cat",), logged.append),
+    run_algorithm("ddpo", config, 0, micro_job(tiny_pipeline_dir, tmp_path, 2, ("a cat",), logged.append),
                   Brightness(), {"brightness": Brightness()}, accelerator)
     assert SteppedNoiseDDPO.contexts == [(0, 2), (1, 2)]
     # Asked once per epoch, before that epoch sampled.

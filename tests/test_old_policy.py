@@ -12,8 +12,8 @@ from benchmarks.checkpoint import load_state
 from benchmarks.train import checkpoint_path, run_algorithm
 from zoo.nft import NFT, NFTConfig
 
-from test_algo_nft import _settings
-from test_train_loop import Brightness
+from helpers.rewards import Brightness
+from helpers.runs import micro_job
 
 
 class LaggingNFT(NFT):
@@ -53,7 +53,7 @@ def test_an_old_policy_that_does_not_sample_still_lags_and_is_checkpointed(tiny_
 
     monkeypatch.setattr(benchmarks.train, "sample_and_score", sample_and_score)
     monkeypatch.setattr(benchmarks.train, "save_state", save)
-    run_algorithm("nft", config, 0, _settings(tiny_pipeline_dir, tmp_path, 2), Brightness(),
+    run_algorithm("nft", config, 0, micro_job(tiny_pipeline_dir, tmp_path, 2), Brightness(),
                   {"brightness": Brightness()}, Accelerator(cpu=True))
 
     final = load_state(checkpoint_path(tmp_path, "nft", 0))

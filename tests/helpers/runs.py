@@ -1,8 +1,13 @@
-"""The runner's micro run: every code path of `benchmarks.run` in seconds."""
+"""The runner's micro run: every code path of `benchmarks.run` in seconds; and the settings
+of one micro job for `benchmarks.train.run_algorithm` called directly."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
+
+from benchmarks.evaluate import EvalSettings
+from benchmarks.train import JobSettings, ignore
 
 ALGOS = ["ddpo", "rebel", "d3po", "sdpo", "grpo", "nft"]
 """Every registered algorithm that trains on JPEG sizes (DRaFT needs a gradient)."""
@@ -30,3 +35,15 @@ def micro_args(model: str, out: Path, preset: str = "tiny") -> list[str]:
         "--sdpo.gradient-accumulation-steps", "2",
         "--out", str(out),
     ]
+
+
+def micro_job(model: str, out: Path, epochs: int, train_prompts: tuple[str, ...] = ("a cat", "a dog"),
+              log: Callable[[dict], None] = ignore) -> JobSettings:
+    """One (algorithm, seed) job of 4 trajectories per epoch, trained with the Brightness
+    reward and evaluated once after the last epoch on one prompt at 1 step (DDIM)."""
+    return JobSettings(
+        model=model, epochs=epochs, trajectories_per_epoch=4, train_prompts=train_prompts, eval_every=epochs + 1,
+        eval=EvalSettings(prompts=("a fox",), step_counts=(1,), samples_per_prompt=1, batch_size=1,
+                          sampler="ddim", guidance_scale=1.0, eta=1.0, seed=0),
+        mixed_precision="no", train_reward="brightness", out_dir=out, log=log,
+    )
