@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import pandas as pd  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.report import BASE, load_records, steps_label  # noqa: E402
+from benchmarks.records import BASE, load_records, steps_label  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 
 FRACTION_OF_PEAK = 0.9

@@ -38,10 +38,8 @@ The statistics of a table cell (one row, one step count), all at 95% (`CONFIDENC
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,12 +54,11 @@ from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 from scipy import stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
+from benchmarks.records import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.spec import gold_rewards  # noqa: E402
 
-BASE = "base"
-RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]
 # Final training budget per row, in column order: record field -> table column. Runs
 # recorded before optimizer_updates and backward_passes existed show "–" there.
 BUDGET_COLUMNS = {
@@ -96,10 +93,6 @@ STRIP_NAME = re.compile(r"(?P<algo>.+)_seed(?P<seed>\d+)_steps(?P<steps>\d+)\.pn
 MIN_CELL_HEIGHT, MAX_CELL_HEIGHT = 128, 256
 
 
-def steps_label(steps: int) -> str:
-    return f"{steps} step" if steps == 1 else f"{steps} steps"
-
-
 def spread_label(steps: int) -> str:
     return f"{steps_label(steps)} spread"
 
@@ -123,66 +116,6 @@ def best_label(steps: int) -> str:
 def file_suffix(reward: str) -> str:
     """A reward name made safe for a file name (weighted sums carry `*`, `+`, spaces)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", reward)
-
-
-def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
-    """The run's evaluation records of one prompt set, one row per (algo, seed, epoch,
-    eval_steps, reward).
-
-    `split`: "test" or "validation"; None: the reported one, the test prompts when the run
-    evaluated them (`--eval-split test` or `both`), else the validation prompts (a tuning
-    run). Records written before runs named their split are of the run's `--eval-split`.
-    """
-    path = Path(run_dir) / "records.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, start=1):
-        try:
-            # Every value of a record that can be null is a number (a cell with no finite score).
-            records.append({key: math.nan if value is None else value for key, value in json.loads(line).items()})
-        except json.JSONDecodeError:
-            # A run killed while appending leaves at most its last line cut short.
-            if number < len(lines):
-                raise ValueError(f"{path}:{number} is not valid JSON") from None
-            warnings.warn(f"{path}: ignoring the truncated last line", stacklevel=2)
-    if not records:
-        raise ValueError(f"{path} holds no records")
-    frame = pd.DataFrame(records)
-    if "split" not in frame:
-        frame["split"] = _recorded_split(Path(run_dir))
-    recorded = set(frame["split"])
-    wanted = split or ("test" if "test" in recorded else "validation")
-    frame = frame[frame["split"] == wanted]
-    if frame.empty:
-        raise ValueError(f"{path} holds no records of the {wanted} prompts (it holds {', '.join(sorted(recorded))})")
-    # A resumed run can evaluate an epoch again; its latest evaluation is the one that counts.
-    return frame.drop_duplicates(RECORD_KEY, keep="last").reset_index(drop=True)
-
-
-def _recorded_split(run_dir: Path) -> str:
-    config = run_dir / "config.json"
-    return json.loads(config.read_text()).get("eval_split", "test") if config.is_file() else "test"
-
-
-def row_order(records: pd.DataFrame, algos: Sequence[str] | None = None) -> list[str]:
-    """Base first (when recorded), then `algos` in the order given, or as first recorded."""
-    recorded = list(dict.fromkeys(records["algo"]))
-    trained = [algo for algo in dict.fromkeys(algos if algos is not None else recorded) if algo != BASE]
-    return ([BASE] if BASE in recorded else []) + trained
-
-
-def final_records(records: pd.DataFrame) -> pd.DataFrame:
-    """Each (algo, seed)'s rows at its last fully evaluated epoch.
-
-    An interrupted run stops at a smaller epoch; one killed in the middle of an evaluation
-    leaves that epoch with fewer step counts than the others, so it is passed over.
-    """
-    per_epoch = records.groupby(["algo", "seed", "epoch"])["eval_steps"].nunique().rename("n").reset_index()
-    per_epoch["full"] = per_epoch.groupby(["algo", "seed"])["n"].transform("max")
-    complete = per_epoch[per_epoch["n"] == per_epoch["full"]]
-    last = complete.groupby(["algo", "seed"])["epoch"].max().rename("last").reset_index()
-    merged = records.merge(last, on=["algo", "seed"])
-    return merged[merged["epoch"] == merged["last"]].drop(columns="last")
 
 
 @dataclass(frozen=True)
@@ -607,7 +540,7 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     text = "\n\n".join(sections) + "\n"
     (run_dir / "table.md").write_text(text)
     compose_samples(run_dir, rows, run_dir / "samples.png")
-    from benchmarks.peak import write_peak  # both read records through this module
+    from benchmarks.peak import write_peak  # both read records through benchmarks.records
     from benchmarks.verdict import write_verdict
 
     peak_epochs = write_peak(run_dir, reward, rows)

@@ -179,7 +179,7 @@ def score_points(points: list[Point], peak: bool = False) -> pd.DataFrame:
     counts of `scoring_reward`), the extra held-out rewards' means, and the trust-region
     metrics of training. `peak`: all of it at the epoch `PEAK_RULE` chooses (column `epoch`)
     instead of the last."""
-    from benchmarks.report import final_records, load_records, steps_label
+    from benchmarks.records import final_records, load_records, steps_label
 
     rows = []
     for order, point in enumerate(points):

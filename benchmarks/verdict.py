@@ -5,7 +5,7 @@
 `benchmarks.report` tabulates every recorded reward with one mark per cell. This file asks
 what a ranking needs, on the golds only (the held-out rewards nothing trained on,
 `rewards.catalog.GOLD_OF`), from one epoch of every (algorithm, seed): by default its last
-fully evaluated one (`report.final_records`); `write_verdict(..., epochs=...)` picks others
+fully evaluated one (`records.final_records`); `write_verdict(..., epochs=...)` picks others
 (each seed's peak, say).
 
 A run is one (run folder, algorithm, seed, step count), and its score is its **gain**: the
@@ -72,7 +72,7 @@ import tyro  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.report import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
+from benchmarks.records import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.spec import gold_rewards  # noqa: E402
@@ -153,7 +153,7 @@ def load_run(run_dir: str | Path) -> Run:
 
 def select_epochs(records: pd.DataFrame, chosen: EpochChoice | None = None) -> pd.DataFrame:
     """Every (algorithm, seed)'s rows at one epoch: `chosen[(algo, seed)]` where given, its
-    last fully evaluated epoch (`report.final_records`) otherwise. A chosen epoch must be
+    last fully evaluated epoch (`records.final_records`) otherwise. A chosen epoch must be
     evaluated at every step count its (algorithm, seed) was; ValueError otherwise, and for
     a chosen pair that was not recorded."""
     final = final_records(records)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.peak import chosen_epochs, peak_table, write_peak
-from benchmarks.report import load_records
+from benchmarks.records import load_records
 from benchmarks.run import main
 
 from helpers.runs import micro_args

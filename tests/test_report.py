@@ -27,7 +27,8 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from benchmarks.report import curve_points, load_records, main, write_report
+from benchmarks.records import load_records
+from benchmarks.report import curve_points, main, write_report
 from zoo import strict_json
 
 TRAINING, EXTRA = "tiny-clip", "aesthetic"

@@ -27,7 +27,8 @@ import pytest
 from scipy import stats
 
 from benchmarks import verdict as v
-from benchmarks.report import bootstrap_interval, load_records
+from benchmarks.records import load_records
+from benchmarks.report import bootstrap_interval
 
 COMMITTED = Path(__file__).resolve().parent.parent / "results" / "tiny-tiny-aesthetic-3seeds"
 AESTHETIC, ALIGN = "tiny-aesthetic-gold", "tiny-align-gold"

@@ -2,7 +2,7 @@
 tokens `NaN` and `Infinity`, which strict parsers (JavaScript, jq, most languages' JSON
 libraries, and so most tools that would read a run's records) reject. Everything stepzoo
 writes as JSON goes through `dumps`, which writes a non-finite number as null; readers
-take null for NaN (`benchmarks.report.load_records`). Python's own `json.loads` reads
+take null for NaN (`benchmarks.records.load_records`). Python's own `json.loads` reads
 both forms, so files written before keep loading."""
 
 from __future__ import annotations

@@ -1,0 +1,83 @@
+"""A run folder's evaluation records as tables read them: one prompt set's rows (the
+reported split unless asked), each (algorithm, seed)'s last complete evaluation, the rows'
+order and the step counts' labels. The report (`benchmarks.report`), the peak
+(`benchmarks.peak`), the verdict (`benchmarks.verdict`) and the tuner read records here."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+BASE = "base"
+"""The untrained model's rows."""
+RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]
+"""What identifies one evaluation record."""
+
+
+def steps_label(steps: int) -> str:
+    return f"{steps} step" if steps == 1 else f"{steps} steps"
+
+
+def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
+    """The run's evaluation records of one prompt set, one row per (algo, seed, epoch,
+    eval_steps, reward).
+
+    `split`: "test" or "validation"; None: the reported one, the test prompts when the run
+    evaluated them (`--eval-split test` or `both`), else the validation prompts (a tuning
+    run). Records written before runs named their split are of the run's `--eval-split`.
+    """
+    path = Path(run_dir) / "records.jsonl"
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            # Every value of a record that can be null is a number (a cell with no finite score).
+            records.append({key: math.nan if value is None else value for key, value in json.loads(line).items()})
+        except json.JSONDecodeError:
+            # A run killed while appending leaves at most its last line cut short.
+            if number < len(lines):
+                raise ValueError(f"{path}:{number} is not valid JSON") from None
+            warnings.warn(f"{path}: ignoring the truncated last line", stacklevel=2)
+    if not records:
+        raise ValueError(f"{path} holds no records")
+    frame = pd.DataFrame(records)
+    if "split" not in frame:
+        frame["split"] = _recorded_split(Path(run_dir))
+    recorded = set(frame["split"])
+    wanted = split or ("test" if "test" in recorded else "validation")
+    frame = frame[frame["split"] == wanted]
+    if frame.empty:
+        raise ValueError(f"{path} holds no records of the {wanted} prompts (it holds {', '.join(sorted(recorded))})")
+    # A resumed run can evaluate an epoch again; its latest evaluation is the one that counts.
+    return frame.drop_duplicates(RECORD_KEY, keep="last").reset_index(drop=True)
+
+
+def _recorded_split(run_dir: Path) -> str:
+    config = run_dir / "config.json"
+    return json.loads(config.read_text()).get("eval_split", "test") if config.is_file() else "test"
+
+
+def row_order(records: pd.DataFrame, algos: Sequence[str] | None = None) -> list[str]:
+    """Base first (when recorded), then `algos` in the order given, or as first recorded."""
+    recorded = list(dict.fromkeys(records["algo"]))
+    trained = [algo for algo in dict.fromkeys(algos if algos is not None else recorded) if algo != BASE]
+    return ([BASE] if BASE in recorded else []) + trained
+
+
+def final_records(records: pd.DataFrame) -> pd.DataFrame:
+    """Each (algo, seed)'s rows at its last fully evaluated epoch.
+
+    An interrupted run stops at a smaller epoch; one killed in the middle of an evaluation
+    leaves that epoch with fewer step counts than the others, so it is passed over.
+    """
+    per_epoch = records.groupby(["algo", "seed", "epoch"])["eval_steps"].nunique().rename("n").reset_index()
+    per_epoch["full"] = per_epoch.groupby(["algo", "seed"])["n"].transform("max")
+    complete = per_epoch[per_epoch["n"] == per_epoch["full"]]
+    last = complete.groupby(["algo", "seed"])["epoch"].max().rename("last").reset_index()
+    merged = records.merge(last, on=["algo", "seed"])
+    return merged[merged["epoch"] == merged["last"]].drop(columns="last")
