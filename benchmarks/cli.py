@@ -128,6 +128,11 @@ class RunArgs:
     not hold; --seeds must list its own too, and --algos every algorithm it holds, at its
     recorded settings) to the finished run in --out: they train and evaluate under its
     recorded settings, its recorded rows are reused, and the report is rewritten with every row."""
+    redo: bool = False
+    """With --extend: train the algorithms of --algos that the run in --out holds again, on
+    every seed, at this checkout's settings for them, replacing their recorded rows, metrics,
+    checkpoints and sample strips (after a fix changed what they compute); the other rows are
+    reused as --extend reuses them."""
     max_bad_reward_batches: int = 3
     """Epochs whose training reward raised or returned NaN/inf that are skipped (no update) before the run stops."""
     wandb: bool = False

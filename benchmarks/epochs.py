@@ -16,6 +16,7 @@ step j's call on each trajectory's final latent noised to step j's timestep
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ class EpochSchedule:
     what the training loop makes and what the run's budget counts."""
 
     minibatches: int
-    """Minibatches of `train_batch_size` groups per pass over the epoch's batch."""
+    """Minibatches of `train_batch_size` groups per pass over the epoch's batch (the last
+    one smaller when it does not divide the groups)."""
     inner_epochs: int
     """Passes over the batch (`num_inner_epochs`)."""
     steps_per_trajectory: int
@@ -69,7 +71,7 @@ def epoch_schedule(config: TrainingConfig, needs: SamplingNeeds, groups: int) ->
     """The schedule of an epoch of `groups` groups per process under `config`."""
     steps = config.trained_steps_per_trajectory
     return EpochSchedule(
-        minibatches=groups // config.train_batch_size,
+        minibatches=math.ceil(groups / config.train_batch_size),
         inner_epochs=config.num_inner_epochs,
         steps_per_trajectory=steps,
         steps_per_call=steps if needs.whole_trajectory_loss else 1,

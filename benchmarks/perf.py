@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
-from benchmarks.epochs import train_on_batch
+from benchmarks.epochs import epoch_schedule, train_on_batch
 from benchmarks.loop import TrainLoop
 from benchmarks.loss_calls import (
     Transitions, forward_process_call, gather_transitions, micro_batched_losses, minibatch_losses,
@@ -338,11 +338,8 @@ def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: 
 
 def epoch_loss_calls(config, needs: SamplingNeeds, groups: int, train_groups: int) -> int:
     """Loss calls of `benchmarks.epochs.train_on_batch` on an epoch of `groups` groups in
-    minibatches of `train_groups` (the last one smaller): each minibatch once per inner
-    epoch and trained step, or once for all its steps with a whole-trajectory loss (whose
-    chunks of steps are backward passes inside that one call)."""
-    steps = 1 if needs.whole_trajectory_loss else config.trained_steps_per_trajectory
-    return config.num_inner_epochs * math.ceil(groups / train_groups) * steps
+    minibatches of `train_groups`: the loop's own schedule (`epoch_schedule`)."""
+    return epoch_schedule(replace(config, train_batch_size=train_groups), needs, groups).loss_calls
 
 
 def project_epoch(

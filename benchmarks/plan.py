@@ -61,6 +61,8 @@ class Plan:
     loop: TrainLoop
     recorded_configs: dict[str, dict] = field(default_factory=dict)
     """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
+    redone: tuple[str, ...] = ()
+    """An extension's recorded algorithms trained again (`--redo`): their recorded rows are dropped."""
     notes: list[str] = field(default_factory=list)
     """What the user should know before the run starts (an algorithm left out), one line each."""
 
@@ -93,10 +95,12 @@ class Plan:
             "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
             "ema": dataclasses.asdict(self.args.ema) if self.args.ema.on else None,
-            "algorithm_configs": {
-                **self.recorded_configs, **{name: dataclasses.asdict(cfg) for name, cfg in self.configs.items()}
-            },
+            "algorithm_configs": {name: self._algorithm_config(name) for name in self.algos},
         }
+
+    def _algorithm_config(self, name: str) -> dict:
+        """`name`'s config as config.json records it: trained here, or reused as recorded."""
+        return dataclasses.asdict(self.configs[name]) if name in self.configs else self.recorded_configs[name]
 
     def eval_settings(self, seed: int, split: str | None = None) -> EvalSettings:
         """The evaluation of every checkpoint of `seed` (on `split`'s prompts; default: the
@@ -150,6 +154,8 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             "algorithms or seeds to a finished run, --resume continues an interrupted one, --overwrite replaces one; "
             "pass one of them"
         )
+    if args.redo and not args.extend:
+        raise UsageError("--redo replaces algorithms' rows in a finished run: pass it with --extend --out RUN --algos ...")
     if args.wandb:
         require_wandb()
     if args.offline:

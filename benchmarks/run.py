@@ -26,7 +26,7 @@ import sys
 
 from benchmarks.cli import UsageError, parse_args
 from benchmarks.plan import Plan, make_plan
-from benchmarks.run_folder import recorded_rows
+from benchmarks.run_folder import clear_redone, reused_rows
 from benchmarks.train import BASE
 from zoo import strict_json
 
@@ -65,7 +65,7 @@ def execute(plan: Plan) -> str:
     logger = _make_logger(plan, accelerator.is_main_process, tracker)
     # Rows already finished are reused as recorded: an extension's base and algorithm
     # rows, and a resumed run's whose checkpoints were not kept (committed results).
-    rows = recorded_rows(plan.out_dir)
+    rows = reused_rows(plan)
     events = JobEvents(metrics=lambda job, row: logger(row),
                        evaluations=lambda job, records: tracker.log_evaluations(records) if tracker else None)
     jobs = plan_jobs(plan, rows, plan.preset.mixed_precision if on_gpu else "no")
@@ -96,7 +96,7 @@ def execute_in_workers(plans: list[Plan]) -> list[str]:
 
     mixed_precision = plans[0].preset.mixed_precision if torch.cuda.is_available() else "no"
     folders = {plan.out_dir: plan for plan in plans}
-    rows = {plan.out_dir: recorded_rows(plan.out_dir) for plan in plans}
+    rows = {plan.out_dir: reused_rows(plan) for plan in plans}
     jobs = [job for plan in plans for job in plan_jobs(plan, rows[plan.out_dir], mixed_precision)]
     # The rewards are built here once, only to refuse one that cannot be (RewardUnavailable)
     # before anything is written; the workers build their own.
@@ -152,6 +152,7 @@ def _start_folder(plan: Plan) -> None:
     if plan.args.overwrite and (out / "config.json").exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    clear_redone(plan)
     write_text(out / "config.json", strict_json.dumps(plan.config_json(), indent=2) + "\n")
 
 

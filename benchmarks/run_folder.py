@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -137,6 +138,33 @@ def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
     return rows
 
 
+def reused_rows(plan: Plan) -> dict[tuple[str, int], list[dict]]:
+    """The recorded rows the run in `plan.out_dir` keeps: all of them but the algorithms it
+    trains again (`--redo`)."""
+    return {key: rows for key, rows in recorded_rows(plan.out_dir).items() if key[0] not in plan.redone}
+
+
+def clear_redone(plan: Plan) -> None:
+    """Remove what the run in `plan.out_dir` holds of the algorithms it trains again
+    (`--redo`): their rows in records.jsonl and metrics.jsonl, their checkpoints (which a
+    job would otherwise resume from), LoRA folders and sample strips. Main process only."""
+    if not plan.redone:
+        return
+    from benchmarks.checkpoint import write_jsonl
+
+    out = plan.out_dir
+    for name in ("records.jsonl", "metrics.jsonl"):
+        path = out / name
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            write_jsonl(path, [row for row in rows if row["algo"] not in plan.redone])
+    for algo in plan.redone:
+        for leftover in [*out.glob(f"checkpoints/{algo}_seed*.pt"), *out.glob(f"samples/{algo}_seed*_steps*.png")]:
+            leftover.unlink()
+        for folder in out.glob(f"lora/{algo}_seed*"):
+            shutil.rmtree(folder)
+
+
 def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
     new algorithms train on every seed, every algorithm trains on the new seeds; refuses
@@ -148,6 +176,15 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
     algorithm_configs = recorded_setting(saved, "algorithm_configs")
     present = [name for name in plan.algos if name in recorded_algos]
+    redone = tuple(present) if plan.args.redo else ()
+    if plan.args.redo and not redone:
+        raise UsageError(
+            f"--redo: {out} holds none of {', '.join(plan.algos)} ({config_path} lists {', '.join(recorded_algos)}); "
+            "name in --algos the recorded algorithms to train again"
+        )
+    if redone:  # trained again at this checkout's settings: nothing of theirs is compared with the records
+        algorithm_configs = {name: c for name, c in algorithm_configs.items() if name not in redone}
+        present = []
     new_seeds = [seed for seed in plan.seeds if seed not in recorded_seeds]
     dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
     if dropped_seeds:
@@ -168,7 +205,7 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
             f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
             f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
         )
-    for name in recorded_algos:
+    for name in algorithm_configs:
         for key in untrained.get(name, []):
             value = json.loads(strict_json.dumps(getattr(getattr(plan.args.algo, name), key)))
             if value != algorithm_configs[name].get(key):
@@ -223,7 +260,8 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
         plan,
         algos=[*recorded_algos, *added],
         seeds=[*recorded_seeds, *new_seeds],
-        configs={name: plan.configs[name] for name in [*present, *added]},
+        configs={name: plan.configs[name] for name in [*present, *redone, *added]},
         recorded_configs={name: c for name, c in algorithm_configs.items() if name not in present},
+        redone=redone,
     )
 

@@ -166,6 +166,58 @@ def test_extend_adds_a_seed_to_every_algorithm_and_reuses_the_recorded_seeds(ddp
         assert _without_time(_lines(out, algo)[len(recorded[algo]):]) == _without_time(_lines(alone, algo))
 
 
+def _metric_keys(out: Path, algo: str) -> list[tuple[int, int]]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [(row["seed"], row["epoch"]) for row in rows if row["algo"] == algo]
+
+
+def test_redo_trains_a_recorded_algorithm_again_and_replaces_only_its_rows(ddpo_run, tiny_pipeline_dir, tmp_path,
+                                                                          monkeypatch):
+    """After a fix changes what an algorithm computes, `--extend --redo` retrains it on
+    every seed at this checkout's settings (a new learning rate stands in for the fix):
+    its rows are a fresh run's, the base rows and the other algorithms' are reused, and
+    its old checkpoints are not resumed from."""
+    both = tmp_path / "both"
+    shutil.copytree(ddpo_run, both)  # checkpoints kept: a finished DDPO checkpoint must not be resumed
+    assert main(_run_args(tiny_pipeline_dir, both, "--algos", "d3po", "--extend")) == 0
+    kept = {algo: _lines(both, algo) for algo in ("base", "d3po")}
+    old_ddpo, metric_keys = _lines(both, "ddpo"), _metric_keys(both, "ddpo")
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base rows were evaluated again")
+
+    monkeypatch.setattr(benchmarks.train, "evaluate_base", no_base)
+    trained = _watch_training(monkeypatch)
+    redo = ["--algos", "ddpo", "--ddpo.learning-rate", "0.02", "--extend", "--redo"]
+    assert main(_run_args(tiny_pipeline_dir, both, *redo)) == 0
+
+    assert trained == [("ddpo", seed) for seed in SEEDS]
+    assert {algo: _lines(both, algo) for algo in kept} == kept
+    assert _without_time(_lines(both, "ddpo")) != _without_time(old_ddpo)
+    assert _metric_keys(both, "ddpo") == metric_keys  # each epoch once: the old rows went
+    config = json.loads((both / "config.json").read_text())
+    assert config["algos"] == ["ddpo", "d3po"] and list(config["algorithm_configs"]) == ["ddpo", "d3po"]
+    assert config["algorithm_configs"]["ddpo"]["learning_rate"] == 0.02
+    assert pd.read_csv(both / "table.csv").iloc[:, 0].tolist() == ["base", "ddpo", "d3po"]
+
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    assert main(_run_args(tiny_pipeline_dir, alone, "--algos", "ddpo", "--ddpo.learning-rate", "0.02")) == 0
+    assert _without_time(_lines(both, "ddpo")) == _without_time(_lines(alone, "ddpo"))
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [(["--algos", "ddpo", "--redo"], "--redo replaces algorithms' rows in a finished run: pass it with --extend"),
+     (["--algos", "d3po", "--extend", "--redo"], "--redo: " + "{out} holds none of d3po")],
+)
+def test_redo_refuses_without_extend_or_a_recorded_algorithm(ddpo_run, tiny_pipeline_dir, refused_before_running,
+                                                             capsys, extra, expected):
+    assert main(_run_args(tiny_pipeline_dir, ddpo_run, *extra)) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and expected.format(out=ddpo_run) in error
+
+
 @pytest.mark.parametrize(
     "extra, expected",
     [
