@@ -1,10 +1,12 @@
 """Two gloo processes see the global batch: the same advantages as one process."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from accelerate import Accelerator
 
@@ -42,24 +44,45 @@ def test_two_processes_give_the_advantages_of_one(tmp_path):
             torch.testing.assert_close(two[f"{algo}/{epoch}"], one, rtol=0, atol=0)
 
 
-def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
-    """The whole runner under DDP with gloo: every process samples and trains, only the
-    main process writes, and the budget counts both processes' trajectories."""
-    import json
-
+def _launch(model: str, out: Path, *launch_flags: str) -> list[str]:
+    """`accelerate launch` of one epoch of DDPO and SDPO's micro run (helpers.runs) on CPU
+    processes (gloo)."""
     from helpers.runs import micro_args
 
-    out = tmp_path / "run"
-    args = micro_args(tiny_pipeline_dir, out) + ["--algos", "ddpo,sdpo", "--epochs", "1"]
-    command = [
+    return [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "benchmarks.run", *args,
+        "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *launch_flags,
+        "-m", "benchmarks.run", *micro_args(model, out), "--algos", "ddpo,sdpo", "--epochs", "1",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+
+
+LAUNCH_ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def _records(out: Path) -> list[dict]:
+    """The run's records, wall times removed."""
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "wall_time"}
+            for line in (out / "records.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The micro run under DDP: 2 processes on one machine."""
+    cwd = tmp_path_factory.mktemp("ddp")
+    out = cwd / "run"
+    result = subprocess.run(_launch(tiny_pipeline_dir, out, "--num_processes", "2"), env=LAUNCH_ENV,
+                            capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    return out
+
+
+def test_two_process_benchmark_run(two_process_run):
+    """The whole runner under DDP with gloo: every process samples and trains, only the
+    main process writes, and the budget counts both processes' trajectories."""
+    out = two_process_run
+    records = _records(out)
     trained = [r for r in records if r["algo"] != "base"]
     assert {r["algo"] for r in trained} == {"ddpo", "sdpo"}
     assert all(r["samples_seen"] == 2 * 8 for r in trained)  # 8 per process per epoch
@@ -68,6 +91,29 @@ def test_two_process_benchmark_run(tiny_pipeline_dir, tmp_path):
     sdpo = [r for r in trained if r["algo"] == "sdpo"]
     assert all(r["optimizer_updates"] == 1 and r["backward_passes"] == 2 * 2 for r in sdpo)
     assert (out / "table.md").is_file() and (out / "lora" / "sdpo_seed0").is_dir()
+
+
+def test_two_machines_give_the_records_of_two_processes_on_one(two_process_run, tiny_pipeline_dir, tmp_path):
+    """A multi-node launch (README, "Beyond one machine"): two accelerate launches of one
+    process each, machine ranks 0 and 1, meeting at 127.0.0.1 as two nodes meet at the
+    main node's address. The world is the same two processes, so the records are those of
+    two processes on one machine; only global rank 0 writes the run folder (shared here,
+    as it must be on a cluster)."""
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    out = tmp_path / "run"
+    nodes = [
+        subprocess.Popen(
+            _launch(tiny_pipeline_dir, out, "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+                    "--main_process_ip", "127.0.0.1", "--main_process_port", port),
+            env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert _records(out) == _records(two_process_run)
 
 
 def _run_with_fault(mode: str, model: str, out: Path) -> subprocess.CompletedProcess:
@@ -79,8 +125,7 @@ def _run_with_fault(mode: str, model: str, out: Path) -> subprocess.CompletedPro
         str(REPO / "tests" / "distributed" / "fault_on_one_process.py"), mode,
         *micro_args(model, out), "--algos", "ddpo",
     ]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=out.parent)
+    return subprocess.run(command, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 
 def test_nan_loss_on_one_process_stops_every_process(tiny_pipeline_dir, tmp_path):
