@@ -24,7 +24,8 @@ overoptimizes its proxy is judged at its best epoch, as `benchmarks.peak` report
 
 `--extend` adds tuning seeds (or algorithms) to the configurations already finished in `--out`
 (`benchmarks.run --extend` for each; their recorded rows are reused) and selects again over
-all of them.
+all of them; `--extend --redo --algos grpo` trains recorded algorithms again in every
+configuration (`benchmarks.run --redo`), after a fix changed what they compute.
 
 Arguments other than the tuner's own (`--out`, `--resume`, `--overwrite`, `--extend`, `--grid`) are
 passed to every run unchanged (`--preset`, `--algos`, `--reward`, `--seeds`, `--epochs`,
@@ -130,7 +131,11 @@ def make_points(
     for flag in TUNER_OWNS:
         if peek_flag(run_argv, flag) is not None or flag in run_argv:
             raise UsageError(f"{flag}: set by benchmarks.tune for every configuration; leave it out")
-    argv = list(run_argv)
+    # --redo goes only to the configurations --extend extends; a configuration not yet run trains anew anyway.
+    redo = "--redo" in run_argv
+    if redo and not extend:
+        raise UsageError("--redo: trains recorded algorithms again in finished configurations; pass it with --extend")
+    argv = [arg for arg in run_argv if arg != "--redo"]
     if peek_flag(argv, "--seeds") is None:
         argv += ["--seeds", TUNING_SEEDS]
     first = make_plan(parse_args(argv + ["--out", str(out / "probe")]))
@@ -153,7 +158,7 @@ def make_points(
         ]
         point_out = out / point_name(values)
         started = (point_out / "config.json").exists()
-        flags = (["--resume"] if resume and started else ["--extend"] if extend and started
+        flags = (["--resume"] if resume and started else ["--extend", *(["--redo"] if redo else [])] if extend and started
                  else ["--overwrite"] if overwrite else [])
         plan = make_plan(parse_args(
             argv + overrides + ["--eval-split", "validation", "--eval-every", str(eval_every), "--out", str(point_out),

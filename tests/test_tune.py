@@ -90,6 +90,14 @@ def test_tuning_trains_every_configuration_and_scores_it_on_validation_prompts(t
         assert row["score"] == pytest.approx(mine.groupby("eval_steps")["mean"].mean().mean())
     assert f"seeds {first_seed}, {new_seed}" in (out / "tuning.md").read_text()
 
+    # --extend --redo retrains the recorded algorithms of every finished configuration.
+    both_seeds = ["--seeds", f"{first_seed},{new_seed}"]
+    redone = make_points([*argv[4:], *both_seeds, "--redo"], {"learning_rate": (1e-3, 1e-1)}, out, resume=False,
+                         overwrite=False, extend=True)
+    assert [point.plan.redone for point in redone] == [("ddpo", "rebel")] * 2
+    with pytest.raises(UsageError, match="--redo: .* pass it with --extend"):
+        make_points([*argv[4:], *both_seeds, "--redo"], {"learning_rate": (1e-3,)}, out, resume=False, overwrite=False)
+
 
 def _records(folder, values: dict[str, tuple[float, float]]) -> None:
     """records.jsonl of a finished one-algorithm run: reward -> its means at 1 and 4 steps."""
