@@ -11,7 +11,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e '.[dev,real-rewards]'
+	$(VPY) -m pip install -q -e '.[dev,real-rewards,cluster]'
 	$(VPY) -m pip install -q --no-deps image-reward==1.5 hpsv2x==1.2.0
 	touch $(STAMP)
 

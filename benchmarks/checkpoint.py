@@ -25,7 +25,9 @@ from zoo import strict_json
 
 KILL_AT_ENV = "STEPZOO_KILL_AT"
 """Crash-test hook: the process SIGKILLs itself at the kill point of this name (see
-`kill_point`). Only tests/test_reliability_kill.py sets it; unset, it costs one lookup."""
+`kill_point`). Only tests set it (test_reliability_kill, test_cluster); unset, it costs one lookup."""
+KILL_ONCE_ENV = "STEPZOO_KILL_ONCE"
+"""With `KILL_AT_ENV`: a file whose creation marks the kill as done (`kill_point`)."""
 
 
 class WriteFailed(RuntimeError):
@@ -39,9 +41,18 @@ class CorruptCheckpoint(RuntimeError):
 def kill_point(name: str) -> None:
     """SIGKILL this process if $STEPZOO_KILL_AT is `name`. Names: `train:ALGO:EPOCH` and
     `evaluate:ALGO:EPOCH` (benchmarks.train, EPOCH counted from 1), and `write:FILENAME`
-    (here: halfway through the temporary file of FILENAME's next write)."""
-    if os.environ.get(KILL_AT_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+    (here: halfway through the temporary file of FILENAME's next write). With
+    $STEPZOO_KILL_ONCE naming a file, only the first process to get there dies (it creates
+    the file): the retried job of a cluster engine then goes on."""
+    if os.environ.get(KILL_AT_ENV) != name:
+        return
+    once = os.environ.get(KILL_ONCE_ENV)
+    if once:
+        try:
+            Path(once).touch(exist_ok=False)
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

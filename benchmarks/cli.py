@@ -61,6 +61,31 @@ PRESET_HELP = f"Model, prompts, sampler and budget: {', '.join(PRESETS)} (each d
 """--preset's help, listing the registry so that a new preset is never left out."""
 
 
+@dataclass(frozen=True)
+class Cluster:
+    """The engine that runs an invocation's jobs, at most --jobs at once (benchmarks/cluster.py)."""
+
+    engine: Literal["processes", "ray", "slurm", "submitit-local"] = "processes"
+    """processes: --jobs worker processes on this machine (or, at --jobs 1, this process); ray:
+    Ray tasks; slurm: Slurm jobs through submitit; submitit-local: submitit's subprocesses on
+    this machine (Slurm's path without a cluster). A remote engine needs --out on a
+    filesystem its workers see."""
+    cpus: int = 1
+    """CPUs each job declares to Ray or Slurm (and its torch threads)."""
+    gpus: int = 0
+    """GPUs each job declares to Ray or Slurm (1 where the preset fits on one GPU)."""
+    retries: int = 2
+    """Times a job whose worker or node died (or that Slurm stopped) is submitted again; it
+    resumes from its own checkpoint."""
+    ray_address: str | None = None
+    """A running Ray cluster ("auto", or HOST:PORT); default: a local instance of --jobs x
+    --cluster.cpus CPUs."""
+    slurm_partition: str | None = None
+    """The Slurm partition (default: the cluster's)."""
+    slurm_time_min: int = 24 * 60
+    """Slurm's time limit per job, minutes; a job it stops is submitted again and resumes."""
+
+
 @dataclass
 class RunArgs:
     """stepzoo benchmark: RL fine-tuning algorithms compared at 1, 2, 4, 8 sampling steps."""
@@ -148,6 +173,9 @@ class RunArgs:
     each where there are GPUs (round-robin over the visible ones: use it where the preset fits
     on one GPU). The records equal a serial run's; one line per job started and finished
     replaces the progress bars. 1: every job in this process, one after another."""
+    cluster: Cluster = field(default_factory=Cluster)
+    """Where the jobs run: this machine's worker processes (--jobs), Ray or Slurm; not part of
+    the run's identity."""
     performance: Performance = field(default_factory=Performance)
     """Speed and memory switches (TF32, gradient checkpointing, torch.compile); not part of
     the run's identity, so a resumed run may change them."""

@@ -15,8 +15,8 @@ reporting what happens on the way through `JobEvents`:
 - `ProcessExecutor`: in N worker processes, one torch thread each, and one GPU each
   (round-robin over the visible ones) where there are GPUs: `--jobs N`.
 
-A cluster executor (Ray, Slurm) is one more class with the same `run`: a job pickles, and
-its rows and events are plain values.
+The cluster executors (Ray, Slurm through submitit) are in `benchmarks.cluster`, with the
+same `run`: a job pickles, and its rows and events are plain values.
 """
 
 from __future__ import annotations
@@ -253,12 +253,12 @@ def _work(index: int, gpu: str | None, threads: int, tasks, messages) -> None:
             )
             rows = run_job(_with_hooks(job, events, progress_bars=False), loaded[job.rewards], accelerator)
         except Exception as error:  # reported to the driver, which stops the run
-            messages.put(("failed", index, number, _picklable(error, job)))
+            messages.put(("failed", index, number, picklable(error, job)))
             return
         messages.put(("finished", index, number, rows))
 
 
-def _picklable(error: Exception, job: Job) -> Exception:
+def picklable(error: Exception, job: Job) -> Exception:
     """`error` itself when it pickles (stepzoo's own errors: the driver reports them as in a
     serial run), else a RuntimeError with the worker's traceback."""
     try:

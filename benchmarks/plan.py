@@ -12,6 +12,7 @@ model loads.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -146,6 +147,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             f"--jobs {args.jobs}: under accelerate launch ({num_processes} processes) every run is spread over "
             "the processes already; leave --jobs out, or run without accelerate launch to train the runs side by side"
         )
+    _check_cluster(args, num_processes)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
     if args.extend and (args.resume or args.overwrite):
@@ -280,6 +282,29 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     if untrained:
         plan.notes.append(_untrained_note(untrained, algos))
     return plan
+
+
+def _check_cluster(args: RunArgs, num_processes: int) -> None:
+    """Refuse a `--cluster.*` setting that cannot run, before anything loads."""
+    cluster = args.cluster
+    if cluster.engine == "processes":
+        if cluster.gpus or cluster.ray_address or cluster.slurm_partition:
+            raise UsageError(
+                "--cluster.gpus, --cluster.ray-address and --cluster.slurm-partition declare jobs to Ray or Slurm; "
+                "pass --cluster.engine ray or slurm (--jobs N on this machine gives each worker one GPU)"
+            )
+        return
+    if num_processes > 1:
+        raise UsageError(
+            f"--cluster.engine {cluster.engine}: under accelerate launch ({num_processes} processes) every run is "
+            "spread over the processes already; run the driver as a plain python process"
+        )
+    if cluster.cpus < 1 or cluster.gpus < 0 or cluster.retries < 0 or cluster.slurm_time_min < 1:
+        raise UsageError("--cluster.cpus and --cluster.slurm-time-min must be at least 1, --cluster.gpus and "
+                         "--cluster.retries at least 0")
+    package, install = ("ray", "pip install 'ray>=2.40'") if cluster.engine == "ray" else ("submitit", "pip install submitit")
+    if importlib.util.find_spec(package) is None:
+        raise UsageError(f"--cluster.engine {cluster.engine}: {package} is not installed; {install}")
 
 
 def _reward_notes(reward: str, terms: list[tuple[str, float]]) -> list[str]:

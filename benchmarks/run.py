@@ -33,8 +33,8 @@ from zoo import strict_json
 
 def execute(plan: Plan) -> str:
     """Run the plan: base evaluation and training per seed and algorithm (in --jobs worker
-    processes when it says more than 1), then the report."""
-    if plan.args.jobs > 1:
+    processes when it says more than 1, on Ray or Slurm when --cluster.engine says so), then the report."""
+    if in_workers(plan):
         return execute_in_workers([plan])[0]
     import torch
     from accelerate import Accelerator
@@ -84,6 +84,11 @@ def execute(plan: Plan) -> str:
     return table
 
 
+def in_workers(plan: Plan) -> bool:
+    """Whether the plan's jobs run outside this process (`execute_in_workers`)."""
+    return plan.args.jobs > 1 or plan.args.cluster.engine != "processes"
+
+
 def execute_in_workers(plans: list[Plan]) -> list[str]:
     """Run the plans' jobs together in `--jobs` worker processes (`benchmarks.jobs.ProcessExecutor`),
     this process the only writer of each run folder's shared files; returns each plan's table.
@@ -91,7 +96,8 @@ def execute_in_workers(plans: list[Plan]) -> list[str]:
     import torch
 
     from benchmarks.checkpoint import write_jsonl
-    from benchmarks.jobs import JobEvents, JobProgress, ProcessExecutor, load_rewards
+    from benchmarks.cluster import make_executor
+    from benchmarks.jobs import JobEvents, JobProgress, load_rewards
     from benchmarks.report import write_report
 
     mixed_precision = plans[0].preset.mixed_precision if torch.cuda.is_available() else "no"
@@ -123,10 +129,14 @@ def execute_in_workers(plans: list[Plan]) -> list[str]:
 
     events = JobEvents(started=progress.started, metrics=lambda job, row: loggers[job.settings.out_dir](row),
                        evaluations=evaluations)
-    executor = ProcessExecutor(plans[0].args.jobs)
-    if jobs:
+    args = plans[0].args
+    executor = make_executor(args, plans[0].out_dir)
+    if jobs and args.cluster.engine == "processes":
         print(f"{len(jobs)} jobs in {min(executor.workers, len(jobs))} worker processes, "
               f"{executor.threads_per_worker} torch thread each", file=sys.stderr, flush=True)
+    elif jobs:
+        print(f"{len(jobs)} jobs on {args.cluster.engine}, at most {args.jobs} at once, {args.cluster.cpus} CPU and "
+              f"{args.cluster.gpus} GPU each", file=sys.stderr, flush=True)
     for job, job_rows in executor.run(jobs, events):
         progress.finished(job)
         out = job.settings.out_dir

@@ -159,7 +159,8 @@ def clear_redone(plan: Plan) -> None:
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             write_jsonl(path, [row for row in rows if row["algo"] not in plan.redone])
     for algo in plan.redone:
-        for leftover in [*out.glob(f"checkpoints/{algo}_seed*.pt"), *out.glob(f"samples/{algo}_seed*_steps*.png")]:
+        # checkpoints/: the checkpoint, and a remote job's metrics file (benchmarks.cluster.metrics_path)
+        for leftover in [*out.glob(f"checkpoints/{algo}_seed*"), *out.glob(f"samples/{algo}_seed*_steps*.png")]:
             leftover.unlink()
         for folder in out.glob(f"lora/{algo}_seed*"):
             shutil.rmtree(folder)

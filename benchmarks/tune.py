@@ -49,7 +49,7 @@ from benchmarks.cli import UsageError, parse_args, peek_flag
 from benchmarks.peak import chosen_epochs, scoring_reward
 from benchmarks.plan import Plan, folder_label, make_plan
 from benchmarks.presets import DEFAULT_PRESET, PRESETS
-from benchmarks.run import execute, execute_in_workers
+from benchmarks.run import execute, execute_in_workers, in_workers
 from zoo import strict_json
 
 TUNING_SEEDS = "100,101"
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        if points[0].plan.args.jobs > 1:
+        if in_workers(points[0].plan):
             # Every configuration's jobs in one pool of workers, not one configuration at a time.
             execute_in_workers([point.plan for point in points])
         else:

@@ -93,6 +93,7 @@ def test_two_process_benchmark_run(two_process_run):
     assert (out / "table.md").is_file() and (out / "lora" / "sdpo_seed0").is_dir()
 
 
+@pytest.mark.slow  # two more launches (about 20 s); the two-process run above covers DDP in the default suite
 def test_two_machines_give_the_records_of_two_processes_on_one(two_process_run, tiny_pipeline_dir, tmp_path):
     """A multi-node launch (README, "Beyond one machine"): two accelerate launches of one
     process each, machine ranks 0 and 1, meeting at 127.0.0.1 as two nodes meet at the
