@@ -54,6 +54,7 @@ def test_ray_gives_the_records_of_a_serial_run(serial_run, tiny_pipeline_dir, tm
     assert (out / "lora" / "sdpo_seed0").is_dir() and (out / "table.md").is_file()
 
 
+@pytest.mark.slow  # three subprocess jobs and a serial run (about 50 s); the fake engine below covers retries
 def test_a_job_whose_worker_dies_is_submitted_again_and_resumes(serial_run, tiny_pipeline_dir, tmp_path,
                                                                 monkeypatch, worker_path):
     """submitit's local executor, 2 jobs at once: DDPO's worker is SIGKILLed during its
