@@ -46,8 +46,10 @@ def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     if not records:
         raise ValueError(f"{path} holds no records")
     frame = pd.DataFrame(records)
-    if "split" not in frame:
-        frame["split"] = _recorded_split(Path(run_dir))
+    # Rows written before runs named their split (all of an old run's, or the reused rows of
+    # one extended since) are of the run's --eval-split.
+    frame["split"] = frame["split"].fillna(_recorded_split(Path(run_dir))) if "split" in frame \
+        else _recorded_split(Path(run_dir))
     recorded = set(frame["split"])
     wanted = split or ("test" if "test" in recorded else "validation")
     frame = frame[frame["split"] == wanted]

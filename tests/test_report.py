@@ -582,3 +582,20 @@ def test_every_declared_pair_is_checked_and_rewards_without_gold_are_unchanged(t
     text = write_report(make_run(plain), TRAINING)
     assert "⚠" not in text and "HACKING" not in text
     assert not any("hacking" in c for c in table_csv(plain).columns)
+
+
+def test_rows_without_a_split_are_of_the_runs_eval_split_beside_rows_that_name_one(tmp_path):
+    """An old run extended since (`--extend`, `--redo`): its reused rows predate the split
+    field, the new rows name it; all are the run's --eval-split, and the report is written."""
+    (tmp_path / "config.json").write_text(json.dumps({"eval_split": "test"}))
+    rows = [{"algo": algo, "seed": 0, "epoch": epoch, "eval_steps": 1, "reward": "r", "mean": mean, "std": 0.1,
+             "count": 4, "samples_seen": 8 * epoch, **extra}
+            for algo, epoch, mean, extra in [("base", 0, 0.1, {}), ("ddpo", 1, 0.2, {}),
+                                             ("grpo", 1, 0.3, {"split": "test"})]]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert set(load_records(tmp_path)["algo"]) == {"base", "ddpo", "grpo"}
+    assert set(load_records(tmp_path, "test")["split"]) == {"test"}
+    with pytest.raises(ValueError, match="holds no records of the validation prompts"):
+        load_records(tmp_path, "validation")
+    write_report(tmp_path, reward="r")
+    assert "| grpo |" in (tmp_path / "table.md").read_text()
