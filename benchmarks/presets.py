@@ -341,8 +341,11 @@ def tiny_turbo() -> Preset:
     # results/tune-tiny-turbo-tiny-aesthetic: `benchmarks.tune --preset tiny-turbo --epochs 40
     # --curve-points 10` on the tiny grid, seeds 100 and 101, by PEAK_RULE (validation gold at
     # the best of 10 epochs): DDPO 8e-3 (epoch 28), REBEL 1e-3 (epoch 4), D3PO 2e-3 (28), SDPO
-    # 2e-3 (32). GRPO, NFT and DRaFT are not tuned on this model: they keep `tiny`'s rates.
-    aesthetic_rates = {"ddpo": 8e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 2e-3}
+    # 2e-3 (32). AWM and MixGRPO, added later on the same grid, seeds and rule (`benchmarks.tune
+    # --preset tiny-turbo --algos awm,mixgrpo --curve-points 10 --curve-samples-per-prompt 16
+    # --extend`): AWM 1e-3 (epoch 16), MixGRPO 2e-3 (epoch 32). GRPO, NFT and DRaFT are not
+    # tuned on this model: they keep `tiny`'s rates.
+    aesthetic_rates = {"ddpo": 8e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 2e-3, "awm": 1e-3, "mixgrpo": 2e-3}
     return replace(
         base, name="tiny-turbo", model=str(TINY_ASSETS / "pipeline-turbo"), guidance_scale=TURBO_GUIDANCE,
         algo_overrides={algo: {**fields, **({"learning_rate": aesthetic_rates[algo]} if algo in aesthetic_rates else {})}

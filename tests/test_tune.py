@@ -178,18 +178,23 @@ def test_tuner_refuses_flags_it_owns(tiny_pipeline_dir, tmp_path, capsys):
     assert not (tmp_path / "t").exists()
 
 
-UNTUNED_EVERYWHERE = {"awm", "mixgrpo"}
-"""Algorithms no committed tuning run has selected a learning rate for on any task (AWM and
-MixGRPO, added later: benchmarks/presets.py gives them AWM_UNTUNED and GRPO's rates)."""
-UNTUNED = {("tiny", "jpeg_compressibility"): {"grpo", "draft", "nft"}}
-"""Per (preset, task), the other algorithms no committed tuning run has selected a learning
-rate for (benchmarks/presets.py::tiny: they train at the default task's rate; DRaFT cannot
+ADDED_LATER = {"awm", "mixgrpo"}
+"""Algorithms tuned only on the verdict's preset and task (tiny-turbo, tiny-aesthetic);
+elsewhere benchmarks/presets.py gives them AWM_UNTUNED and GRPO's rates."""
+UNTUNED = {
+    ("tiny", "jpeg_compressibility"): {"grpo", "draft", "nft"} | ADDED_LATER,
+    **{(preset, task): ADDED_LATER for preset in ("tiny", "tiny-flow") for task in ("tiny-aesthetic", "tiny-align")},
+    # Not tuned on the distilled model: they keep `tiny`'s rates.
+    ("tiny-turbo", "tiny-aesthetic"): {"grpo", "draft", "nft"},
+}
+"""Per (preset, task), the algorithms no committed tuning run has selected a learning rate
+for (benchmarks/presets.py: they train at another task's or preset's rate; DRaFT cannot
 train on JPEG at all)."""
 
 
 @pytest.mark.parametrize("preset_name, reward", [
     ("tiny", "tiny-aesthetic"), ("tiny", "tiny-align"), ("tiny", "jpeg_compressibility"),
-    ("tiny-flow", "tiny-aesthetic"), ("tiny-flow", "tiny-align"),
+    ("tiny-flow", "tiny-aesthetic"), ("tiny-flow", "tiny-align"), ("tiny-turbo", "tiny-aesthetic"),
 ])
 def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
     """For each tuned (preset, task), the learning rates the preset trains with are the ones
@@ -206,7 +211,7 @@ def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
     preset = PRESETS[preset_name]()
     assert selected["preset"] == preset_name and selected["reward"] == reward
     configs = preset_algo_configs(preset, reward)
-    untuned = UNTUNED.get((preset_name, reward), set()) | UNTUNED_EVERYWHERE
+    untuned = UNTUNED[preset_name, reward]
     assert set(selected["selected"]) == set(preset.algo_overrides) - untuned
     for algo, chosen in selected["selected"].items():
         assert chosen["learning_rate"] in tried
