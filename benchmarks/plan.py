@@ -64,6 +64,9 @@ class Plan:
     """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
     redone: tuple[str, ...] = ()
     """An extension's recorded algorithms trained again (`--redo`): their recorded rows are dropped."""
+    num_processes: int = 1
+    """Processes that share each run (`accelerate launch --num_processes`): every one samples
+    `trajectories_per_epoch`, so a run's budget is this many times that; config.json records it."""
     notes: list[str] = field(default_factory=list)
     """What the user should know before the run starts (an algorithm left out), one line each."""
 
@@ -95,6 +98,7 @@ class Plan:
             "mixed_precision": self.preset.mixed_precision,
             "timestep_spacing": self.preset.timestep_spacing,
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
+            "num_processes": self.num_processes,
             "ema": dataclasses.asdict(self.args.ema) if self.args.ema.on else None,
             "algorithm_configs": {name: self._algorithm_config(name) for name in self.algos},
         }
@@ -273,7 +277,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model,
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, curve_samples,
-                eval_split, out_dir, configs, loop, notes=notes)
+                eval_split, out_dir, configs, loop, num_processes=num_processes, notes=notes)
     check_out_dir(plan)
     if args.extend:
         plan = extended(plan, untrained)

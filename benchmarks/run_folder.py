@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from benchmarks.plan import Plan
 
 
-RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None}
+RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None, "num_processes": 1}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
 RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}
@@ -100,9 +100,15 @@ def check_out_dir(plan: Plan) -> None:
             )
         return
     if plan.args.resume:
-        changed = _changed_settings(read_config(config_path, "--resume"), plan, RESUME_MAY_CHANGE)
+        saved = read_config(config_path, "--resume")
+        changed = _changed_settings(saved, plan, RESUME_MAY_CHANGE)
         if changed:
-            raise UsageError(f"--resume: the run in {out} was started with other settings ({', '.join(changed)})")
+            current = plan.config_json()
+            differences = "; ".join(
+                _difference(key, saved.get(key, RESUME_DEFAULTS.get(key)), current.get(key)) for key in changed
+            )
+            raise UsageError(f"--resume: the run in {out} was started with other settings ({differences}); pass "
+                             f"its values (--config {config_path} sets them)")
         return
     if not plan.args.overwrite and not plan.args.extend:
         raise UsageError(
@@ -115,6 +121,8 @@ def _setting_flag(key: str) -> str:
     """The flag that sets a config.json key, or what decides it (the prompts: the preset)."""
     if key in RUN_FLAGS:
         return "--" + key.replace("_", "-")
+    if key == "num_processes":
+        return "accelerate launch --num_processes"
     return f"--preset's {key.replace('_', ' ')}"
 
 

@@ -148,3 +148,24 @@ def test_checkpoint_write_failure_on_the_main_process_stops_every_process(tiny_p
     assert "No space left on device" in result.stderr, result.stderr[-3000:]
     assert "the main process could not write" in result.stderr, result.stderr[-3000:]
     assert torch.load(out / "checkpoints" / "ddpo_seed0.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_run_resumes_or_extends_only_on_its_own_number_of_processes(two_process_run, tiny_pipeline_dir, tmp_path,
+                                                                       capsys):
+    """Every process samples --trajectories-per-epoch, so the budget of a run's remaining
+    epochs depends on the processes: config.json records them, and a resume or extension on
+    another number is refused before anything runs."""
+    import json
+    import shutil
+
+    from benchmarks.run import main
+    from helpers.runs import micro_args
+
+    assert json.loads((two_process_run / "config.json").read_text())["num_processes"] == 2
+    out = tmp_path / "run"
+    shutil.copytree(two_process_run, out)
+    args = [*micro_args(tiny_pipeline_dir, out), "--epochs", "1"]
+    for extra in (["--algos", "ddpo,sdpo", "--resume"], ["--algos", "d3po", "--extend"]):
+        assert main([*args, *extra]) == 2
+        assert "accelerate launch --num_processes 2 there, 1 here" in capsys.readouterr().err
+    assert _records(out) == _records(two_process_run)

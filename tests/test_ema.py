@@ -251,7 +251,7 @@ def test_resume_keeps_the_recorded_ema(runs, tiny_pipeline_dir, tmp_path, capsys
     shutil.copytree(runs["evaluated"].out, evaluated)
     for other in (["--ema.decay", "0.8", "--ema.update-interval", "1"], ["--ema.decay", "0.9"], []):
         assert main(micro_args(tiny_pipeline_dir, evaluated) + ["--algos", "ddpo"] + other + ["--resume"]) == 2
-        assert "other settings (ema)" in capsys.readouterr().err
+        assert "other settings (--ema" in capsys.readouterr().err
     older = tmp_path / "older"
     shutil.copytree(runs["off"].out, older)
     config = json.loads((older / "config.json").read_text())

@@ -163,7 +163,7 @@ def test_runner_records_groups_per_prompt_and_resumes_runs_recorded_before_it(tm
     old = {k: v for k, v in _plan(tmp_path).config_json().items() if k != "groups_per_prompt"}
     (out / "config.json").write_text(json.dumps(old))
     assert _plan(tmp_path, "--resume").groups_per_prompt == 1
-    with pytest.raises(ValueError, match="groups_per_prompt"):
+    with pytest.raises(ValueError, match="--groups-per-prompt 1 there, 4 here"):
         _plan(tmp_path, "--resume", "--groups-per-prompt", "4")
 
 
