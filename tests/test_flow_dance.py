@@ -121,7 +121,7 @@ def test_runs_recorded_before_the_setting_resume_with_flow_grpos_sde(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(recorded))
     make_plan(parse_args([*flags, "--resume"]))
-    with pytest.raises(UsageError, match="algorithm_configs"):
+    with pytest.raises(UsageError, match="--grpo.flow-sde flow-grpo there, dance-grpo here"):
         make_plan(parse_args([*flags, "--resume", "--grpo.flow-sde", "dance-grpo", "--grpo.eta", "0.3"]))
 
 
