@@ -503,7 +503,9 @@ def compose_samples(run_dir: Path, rows: Sequence[str], path: Path) -> bool:
         x += width + pad
     for r, algo in enumerate(grid_rows):
         draw.text((pad, top + r * (height + pad) + (height - text_height) // 2), algo, fill="black", font=font)
-    canvas.save(path)
+    # A 256-colour palette: half the bytes of RGB for these flat renders, so that committed run
+    # folders keep the tree within the GPU machine's 64 MiB transfer.
+    canvas.quantize(colors=256).save(path, optimize=True)
     return True
 
 

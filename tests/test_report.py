@@ -203,6 +203,7 @@ def test_table_cells_csv_and_pictures(tmp_path):
     with Image.open(run / "samples.png") as grid:
         # Strips of 48 x 16 px are enlarged to cells of 384 x 128; 3 rows x 3 step counts.
         assert grid.width >= 3 * 384 and grid.height >= 3 * 128
+        assert grid.mode == "P"  # a palette PNG: the committed folders' size
         colors = {color for _, color in grid.convert("RGB").getcolors(grid.width * grid.height)}
     for algo in ["base", *ALGOS]:
         for k in BASE_MEAN:
