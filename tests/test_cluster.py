@@ -43,7 +43,7 @@ def worker_path(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
 
 
-@pytest.mark.slow  # Ray's workers take about a minute to start on 2 cores (each imports torch)
+@pytest.mark.slow  # 18 s on 2 idle cores, minutes beside other jobs (Ray's workers each import torch)
 def test_ray_gives_the_records_of_a_serial_run(serial_run, tiny_pipeline_dir, tmp_path, worker_path):
     """A local Ray instance with 2 workers."""
     pytest.importorskip("ray")
@@ -54,7 +54,7 @@ def test_ray_gives_the_records_of_a_serial_run(serial_run, tiny_pipeline_dir, tm
     assert (out / "lora" / "sdpo_seed0").is_dir() and (out / "table.md").is_file()
 
 
-@pytest.mark.slow  # three subprocess jobs and a serial run (about 50 s); the fake engine below covers retries
+@pytest.mark.slow  # three subprocess jobs and a serial run (31 s idle); the fake engine below covers retries
 def test_a_job_whose_worker_dies_is_submitted_again_and_resumes(serial_run, tiny_pipeline_dir, tmp_path,
                                                                 monkeypatch, worker_path):
     """submitit's local executor, 2 jobs at once: DDPO's worker is SIGKILLed during its
