@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.jobs import Job, JobEvents, load_rewards, picklable, run_job
+from benchmarks.jobs import Job, JobEvents, job_accelerator, load_rewards, picklable, run_job, with_hooks
 from benchmarks.loop import RunStopped
 from benchmarks.train import checkpoint_path
 
@@ -61,10 +61,7 @@ def remote_job(job: Job, threads: int) -> Outcome:
     (the engine sets CUDA_VISIBLE_DEVICES), `threads` torch threads, the job's rewards; its
     metrics rows appended to `metrics_path` as they are made (a retry resumes from the
     checkpoint and logs the later epochs again, keyed by epoch)."""
-    import dataclasses
-
     import torch
-    from accelerate import Accelerator
 
     from benchmarks.checkpoint import write_jsonl
 
@@ -73,16 +70,14 @@ def remote_job(job: Job, threads: int) -> Outcome:
     logged = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     evaluations: list[list[dict]] = []
 
-    def log(row: dict) -> None:
+    def log(job: Job, row: dict) -> None:
         logged.append(row)
         write_jsonl(path, logged)
 
-    hooked = dataclasses.replace(job, settings=dataclasses.replace(
-        job.settings, log=log, log_evaluations=evaluations.append, progress_bars=False,
-    ))
+    events = JobEvents(metrics=log, evaluations=lambda job, records: evaluations.append(records))
     try:
-        accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=job.settings.mixed_precision)
-        rows = run_job(hooked, load_rewards(job, accelerator.device), accelerator)
+        accelerator = job_accelerator(job)
+        rows = run_job(with_hooks(job, events, progress_bars=False), load_rewards(job, accelerator.device), accelerator)
     except Exception as error:  # the job's own failure: reported, not retried
         return Outcome(None, evaluations, picklable(error, job))
     return Outcome(rows, evaluations)

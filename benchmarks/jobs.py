@@ -85,6 +85,15 @@ def load_rewards(job: Job, device) -> dict[str, Any]:
     return loaded
 
 
+def job_accelerator(job: Job):
+    """A fresh accelerator for one job in a worker (one keeps every model it prepared alive),
+    on the GPU the worker sees, if any."""
+    import torch
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=job.settings.mixed_precision)
+
+
 def run_job(job: Job, rewards: dict[str, Any], accelerator) -> list[dict]:
     """Run `job` here (resuming from its checkpoint) and return its rows. `rewards` as
     `load_rewards` gives them."""
@@ -96,7 +105,8 @@ def run_job(job: Job, rewards: dict[str, Any], accelerator) -> list[dict]:
     return run_algorithm(job.algo, job.config, job.seed, job.settings, train_reward, rewards, accelerator)
 
 
-def _with_hooks(job: Job, events: JobEvents, **settings: Any) -> Job:
+def with_hooks(job: Job, events: JobEvents, **settings: Any) -> Job:
+    """`job` reporting its metrics and evaluations to `events`, with other `settings` replaced."""
     return dataclasses.replace(job, settings=dataclasses.replace(
         job.settings, log=lambda row: events.metrics(job, row),
         log_evaluations=lambda records: events.evaluations(job, records), **settings,
@@ -113,7 +123,7 @@ class SerialExecutor:
     def run(self, jobs: list[Job], events: JobEvents) -> Iterator[tuple[Job, list[dict]]]:
         for job in jobs:
             events.started(job)
-            yield job, run_job(_with_hooks(job, events), self.rewards, self.accelerator)
+            yield job, run_job(with_hooks(job, events), self.rewards, self.accelerator)
 
 
 class WorkerDied(RunStopped):
@@ -231,7 +241,6 @@ def _work(index: int, gpu: str | None, threads: int, tasks, messages) -> None:
     import diffusers
     import torch
     import transformers
-    from accelerate import Accelerator
 
     torch.set_num_threads(threads)
     # Each job loads models: N workers' weight-loading bars would interleave with the
@@ -243,15 +252,14 @@ def _work(index: int, gpu: str | None, threads: int, tasks, messages) -> None:
         number, job = task
         messages.put(("started", index, number, None))
         try:
-            # A fresh accelerator per job: one keeps every model it prepared alive.
-            accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=job.settings.mixed_precision)
+            accelerator = job_accelerator(job)
             if job.rewards not in loaded:
                 loaded[job.rewards] = load_rewards(job, accelerator.device)
             events = JobEvents(
                 metrics=lambda job, row: messages.put(("metrics", index, number, row)),
                 evaluations=lambda job, records: messages.put(("evaluations", index, number, records)),
             )
-            rows = run_job(_with_hooks(job, events, progress_bars=False), loaded[job.rewards], accelerator)
+            rows = run_job(with_hooks(job, events, progress_bars=False), loaded[job.rewards], accelerator)
         except Exception as error:  # reported to the driver, which stops the run
             messages.put(("failed", index, number, picklable(error, job)))
             return

@@ -103,7 +103,7 @@ def check_out_dir(plan: Plan) -> None:
         saved = read_config(config_path, "--resume")
         changed = _changed_settings(saved, plan, RESUME_MAY_CHANGE)
         if changed:
-            differences = _differences(saved, json.loads(strict_json.dumps(plan.config_json())), changed)
+            differences = _differences(saved, plan, changed)
             raise UsageError(f"--resume: the run in {out} was started with other settings ({differences}); pass "
                              f"its values (--config {config_path} sets them)")
         return
@@ -123,32 +123,30 @@ def _setting_flag(key: str) -> str:
     return f"--preset's {key.replace('_', ' ')}"
 
 
-def _differences(saved: dict, current: dict, keys: list[str]) -> str:
-    """The settings `keys` that differ between two config.json contents, each with its flag
-    and both values; the algorithm configs field by field."""
+def _differences(saved: dict, plan: Plan, keys: list[str]) -> str:
+    """The settings `keys` of config.json that differ between the recorded run (`saved`) and
+    `plan`, each with its flag and both values; the algorithm configs field by field."""
+    current = json.loads(strict_json.dumps(plan.config_json()))
     parts = []
     for key in keys:
         there, here = recorded_setting(saved, key), recorded_setting(current, key)
         if key != "algorithm_configs":
-            parts.append(_difference(key, there, here))
+            parts.append(_difference(_setting_flag(key), there, here))
             continue
         for name in sorted(there.keys() | here.keys()):
             fields = there.get(name, {}), here.get(name, {})
-            parts += [_difference(f"{name}.{field}", fields[0].get(field, "–"), fields[1].get(field, "–"))
+            parts += [_difference(algo_flag(plan.args, name, field), fields[0].get(field, "–"), fields[1].get(field, "–"))
                       for field in sorted(fields[0].keys() | fields[1].keys()) if fields[0].get(field) != fields[1].get(field)]
     return "; ".join(parts)
 
 
-def _difference(key: str, saved: Any, current: Any, width: int = 60) -> str:
-    """One setting that differs, with both values when they are short (not prompt lists);
-    `key` "algo.field" is that algorithm's flag."""
-    if "." in key:
-        name, field = key.split(".", 1)
-        return f"--{name}.{field.replace('_', '-')} {saved} there, {current} here"
+def _difference(flag: str, saved: Any, current: Any, width: int = 60) -> str:
+    """One setting that differs, by the flag that sets it, with both values when they are
+    short (not prompt lists)."""
     there, here = (",".join(map(str, v)) if isinstance(v, list) else str(v) for v in (saved, current))
     if max(len(there), len(here)) > width:
-        return f"{_setting_flag(key)}: not the same"
-    return f"{_setting_flag(key)} {there} there, {here} here"
+        return f"{flag}: not the same"
+    return f"{flag} {there} there, {here} here"
 
 
 def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
@@ -243,7 +241,7 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
                 )
     changed = _changed_settings(saved, plan, (*RESUME_MAY_CHANGE, *EXTENSION_ADDS))
     if changed:
-        differences = _differences(saved, json.loads(strict_json.dumps(plan.config_json())), changed)
+        differences = _differences(saved, plan, changed)
         raise UsageError(
             f"--extend: the run in {out} was made with other settings ({differences}); its base and algorithm "
             f"rows are reused, so every setting but --algos, --seeds and the per-algorithm flags must be as "
