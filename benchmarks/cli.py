@@ -123,11 +123,13 @@ class RunArgs:
     evaluation only, to catch reward hacking (default: the preset's; "" for none). The gold of a proxy training reward (e.g.
     tiny-aesthetic-gold for tiny-aesthetic) is scored as well, whatever this says."""
     trajectories_per_epoch: int | None = None
-    """Trajectories sampled per epoch on each process (default: the preset's)."""
+    """Trajectories sampled per epoch by the run, shared by its processes (`accelerate
+    launch --num_processes`), so the same command trains on the same budget on one GPU or
+    eight (default: the preset's)."""
     groups_per_prompt: int | None = None
     """Groups sampled from each prompt drawn in an epoch, side by side: N draws groups / N
     prompts and N groups of each, so per-prompt stat trackers see N x group size rewards
-    of a prompt per epoch. Must divide every algorithm's groups per process per epoch
+    of a prompt per epoch. Must divide every algorithm's groups per epoch
     (default: the preset's; 1 draws each group's prompt on its own)."""
     eval_samples_per_prompt: int | None = None
     """Evaluation samples per held-out prompt and step count (default: the preset's)."""
@@ -250,7 +252,8 @@ def read_config(path: Path, flag: str) -> dict:
 def preset_algo_configs(preset: Preset, reward: str) -> Any:
     """Each algorithm's published config, with the preset's shared sampler, its paper's
     per-algorithm settings and those of `reward` applied (every key a field: `Preset`
-    refuses others)."""
+    refuses others), its per-GPU minibatch made the run's by the paper's GPU count
+    (`Preset.paper_gpus`)."""
     configs = {}
     for name, config_cls in ALGORITHMS.items():
         overrides = {
@@ -259,6 +262,8 @@ def preset_algo_configs(preset: Preset, reward: str) -> Any:
             **preset.reward_overrides.get(reward, {}).get(name, {}),
         }
         preset_config = dataclasses.replace(config_cls(), **overrides)
+        preset_config = dataclasses.replace(
+            preset_config, train_batch_size=preset_config.train_batch_size * preset.paper_gpus)
         configs[name] = UNCHECKED_CONFIGS[name](**init_values(preset_config))
     return AlgoConfigs(**configs)
 

@@ -106,7 +106,7 @@ def score_steps(
     score x̂0 at every step and the final image: {reward: (P * pairs, 2, K + 1)}, the K timesteps, and SDPO's anchor step of every
     trajectory (the middle x̂0 its dense rewards score, `zoo.sdpo.anchor_similarities`)."""
     sampler = TrajectorySampler(policy, sampler_config)
-    generator = torch.Generator().manual_seed(evaluation_seed(seed + DIAGNOSIS_SEED_OFFSET, sampler_config.num_steps, 0))
+    generator = torch.Generator().manual_seed(evaluation_seed(seed + DIAGNOSIS_SEED_OFFSET, sampler_config.num_steps))
     everything = [p for p in prompts for _ in range(pairs_per_prompt)]
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
     anchors: list[torch.Tensor] = []

@@ -67,6 +67,40 @@ class EpochSchedule:
         return self.loss_calls // self.calls_per_update
 
 
+@dataclass(frozen=True)
+class Shard:
+    """The part of an epoch's global batch of `total` groups that one of `world` processes
+    samples and holds: groups [start, start + total / world), the same slice of the epoch's
+    prompts, noise and advantages. The budget (`--trajectories-per-epoch`, the minibatches,
+    the updates) is the run's, not the process's: a global minibatch's groups are trained
+    by the processes that hold them, each weighting its loss by its share (`weight`), so
+    that DDP's mean of the processes' gradients is the minibatch's gradient."""
+
+    start: int
+    total: int
+    world: int = 1
+
+    @classmethod
+    def of(cls, total: int, accelerator: Accelerator) -> "Shard":
+        world = accelerator.num_processes
+        if total % world:
+            raise ValueError(f"{total} groups do not split evenly over {world} processes")
+        return cls(accelerator.process_index * (total // world), total, world)
+
+    @property
+    def size(self) -> int:
+        return self.total // self.world
+
+    def held(self, groups: torch.Tensor) -> torch.Tensor:
+        """Which of the global groups `groups` (p,) this process holds: a (p,) mask."""
+        return (groups >= self.start) & (groups < self.start + self.size)
+
+    def weight(self, held: int, minibatch: int) -> float:
+        """The factor on the loss of `held` of a global minibatch's `minibatch` groups:
+        DDP divides the sum of the processes' gradients by `world`."""
+        return self.world * held / minibatch
+
+
 def epoch_schedule(config: TrainingConfig, needs: SamplingNeeds, groups: int) -> EpochSchedule:
     """The schedule of an epoch of `groups` groups per process under `config`."""
     steps = config.trained_steps_per_trajectory
@@ -100,12 +134,15 @@ def train_on_batch(
     show_progress: bool,
     old_policy: dict[str, torch.Tensor] | None = None,
     ema: WeightsEma | None = None,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, float], dict[str, int]]:
-    """One epoch of updates on `traj`, the epoch's sampled batch: (mean metrics per loss
-    call, this process's counts of optimizer updates and backward passes). `sampler` must be
-    the one that sampled `traj` (its noise levels decide the log-probs replayed). Every draw
-    (the steps trained, the shuffles, a forward process's noise) comes from
-    `context.generator`. `old_policy`: the adapter weights a forward-process algorithm
+    """One epoch of updates on the epoch's sampled batch, of which this process holds
+    `traj` (`shard`; default: all of it) and `advantages`: (mean metrics per loss call over
+    every process, the counts of optimizer updates and of backward passes on every process
+    together). `sampler` must be the one that sampled `traj` (its noise levels decide the
+    log-probs replayed). Every draw (the steps trained, the shuffles, a forward process's
+    noise) comes from `context.generator`, for the whole global batch, so that every
+    process draws the same. `old_policy`: the adapter weights a forward-process algorithm
     trains against (default: the weights the epoch starts from, when it keeps one);
     `ema`: moved after every optimizer update."""
     policy = sampler.policy
@@ -114,7 +151,9 @@ def train_on_batch(
     if forward and algorithm.needs_old_policy and old_policy is None:
         old_policy = policy.trainable_state()
     generator = context.generator
-    num_prompts, group_size, num_steps = traj.log_probs.shape
+    _, group_size, num_steps = traj.log_probs.shape
+    shard = shard or Shard(0, traj.num_prompts)
+    num_prompts = shard.total  # from here: the global batch's groups
     # Drawn once per epoch, so that every inner epoch trains the same steps: the window
     # whose transitions a Flow-GRPO-Fast sampler would have recorded. None: all K steps.
     trained = algorithm.trained_steps(context, num_prompts, group_size)  # (P, G, S)
@@ -159,15 +198,18 @@ def train_on_batch(
         """Backward passes of one update's loss calls, then its optimizer step if due."""
         nonlocal first_bad, backward_passes, updates
         chunk = loop.steps_per_backward if needs.whole_trajectory_loss else None
-        for loss, metrics, last in micro_batched_losses(block, sampler, micro_batch, chunk):
+
+        def ddp(last: bool) -> contextlib.AbstractContextManager:
+            """DDP all-reduces in every backward pass unless its forward ran under no_sync:
+            only the update's last one needs synchronised gradients, and every process
+            makes it, while the others' calls differ in number by the groups each holds."""
+            return contextlib.nullcontext() if update_now and last else accelerator.no_sync(policy.denoiser)
+
+        for loss, metrics, last in micro_batched_losses(block, sampler, micro_batch, chunk, ddp):
             # Recorded on the device and checked once per epoch: a check per call
             # would make the host wait for the GPU every call.
             first_bad = torch.where(torch.isfinite(first_bad), loss.detach(), first_bad)
-            # DDP all-reduces on every backward unless told not to: only the last
-            # backward before an optimizer step needs synchronised gradients.
-            sync = update_now and last
-            with contextlib.nullcontext() if sync else accelerator.no_sync(policy.denoiser):
-                accelerator.backward(loss / calls_per_update)
+            accelerator.backward(loss / calls_per_update)
             backward_passes += 1
             # Summed on the device: a float() per call would wait for the GPU every call.
             for name, value in (metrics or {}).items():
@@ -189,17 +231,31 @@ def train_on_batch(
     sizing = micro_batch is None and device.type == "cuda"
     block: list[LossCall] = []
     for minibatch, steps in loss_calls_in_order():
-        mb = minibatch.to(device)[:, None, None]
         calls += 1
         update_now = calls % calls_per_update == 0
-        if forward:
-            block.append(forward_process_call(
-                algorithm, sampler, traj, minibatch, steps, advantages[mb, gi, steps.to(device)], old_policy, generator,
-            ))
+        noise = torch.randn((len(minibatch), group_size, *traj.latents.shape[3:]), generator=generator) if forward else None
+        held = shard.held(minibatch)
+        if held.any():
+            local, rows, weight = minibatch[held] - shard.start, held, shard.weight(int(held.sum()), len(minibatch))
+        elif not block and (update_now or sizing and micro_batch is None):
+            # None of this update's groups is here: a backward pass at weight 0 all the same
+            # (on this process's first group), for DDP's all-reduce (and the micro-batch
+            # measurement's gather) needs every process.
+            local, rows, weight = torch.tensor([0]), torch.tensor([0]), 0.0
         else:
-            transitions = gather_transitions(traj, minibatch, steps)
-            block.append(ReplayCall(algorithm, transitions, advantages[mb, gi, transitions.steps]))
-        if update_now or micro_batch is None:
+            local = None
+        if local is not None:
+            steps = steps[rows]
+            mb = local.to(device)[:, None, None]
+            if forward:
+                block.append(forward_process_call(
+                    algorithm, sampler, traj, local, steps, advantages[mb, gi, steps.to(device)], old_policy,
+                    noise[rows], weight,
+                ))
+            else:
+                transitions = gather_transitions(traj, local, steps)
+                block.append(ReplayCall(algorithm, transitions, advantages[mb, gi, transitions.steps], weight=weight))
+        if block and (update_now or micro_batch is None):
             if sizing and micro_batch is None:
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
@@ -223,9 +279,21 @@ def train_on_batch(
     bad = bad[~torch.isfinite(bad)]
     if bad.numel():
         raise TrainingDiverged(f"the loss became {float(bad[0])} (try a lower learning rate)")
-    metrics = {name: float(value) / max(calls, 1) for name, value in totals.items()}
-    counts = {"optimizer_updates": updates, "backward_passes": backward_passes}
-    return metrics, counts | ({"micro_batch": micro_batch} if sizing else {})
+    counts = {"optimizer_updates": updates, "backward_passes": _summed(accelerator, backward_passes)}
+    return _mean_over_processes(accelerator, totals, shard.world * max(calls, 1)), counts | (
+        {"micro_batch": micro_batch} if sizing else {})
+
+
+def _summed(accelerator: Accelerator, count: int) -> int:
+    """`count` summed over every process."""
+    return int(accelerator.gather(torch.tensor([count], device=accelerator.device)).sum())
+
+
+def _mean_over_processes(accelerator: Accelerator, totals: dict[str, torch.Tensor], divisor: int) -> dict[str, float]:
+    """Each metric's sum over every process, divided by `divisor`; in the order first met."""
+    gathered = gather_object([{name: float(value) for name, value in totals.items()}])
+    names = dict.fromkeys(name for part in gathered for name in part)
+    return {name: sum(part.get(name, 0.0) for part in gathered) / divisor for name in names}
 
 
 def reward_backprop_epoch(
@@ -240,6 +308,7 @@ def reward_backprop_epoch(
     show_progress: bool,
     micro_batch: int | None = None,
     ema: WeightsEma | None = None,
+    shard: Shard | None = None,
 ) -> tuple[dict[str, float], dict[str, int], str | None]:
     """One epoch of reward back-propagation (zoo/draft.py): one trajectory per prompt, in
     minibatches of `train_batch_size`. Each minibatch is sampled with the weights the last
@@ -258,11 +327,18 @@ def reward_backprop_epoch(
     sampling with gradients into pieces, after one pass over the whole minibatch without
     them (one backward pass per piece). `ema`: moved after every optimizer update.
 
-    Returns (mean metrics per trained minibatch, this process's optimizer updates and
-    backward passes, the first reward failure or None).
+    `prompts` are the global batch's, one per trajectory; each process samples and trains
+    its equal part of every minibatch (`shard`: the world; default one process), so DDP's
+    mean of the processes' gradients is the minibatch's (`benchmarks.plan` refuses a
+    `train_batch_size` that the processes do not divide).
+
+    Returns (mean metrics per trained minibatch over every process, the optimizer updates
+    and the backward passes on every process together, the first reward failure or None).
     """
     policy = sampler.policy
     num_prompts = len(prompts)
+    shard = shard or Shard(0, num_prompts)
+    rank = shard.start // shard.size
     initial_noise = sampler.initial_noise(num_prompts, 1, False, generator)[:, 0]  # (P, C, h, w)
     step_noise = torch.randn((num_prompts, sampler.config.num_steps, *policy.latent_shape), generator=generator)
     calls_per_update = config.loss_calls_per_update
@@ -274,7 +350,8 @@ def reward_backprop_epoch(
     update_failed = False
     minibatches = list(range(0, num_prompts, config.train_batch_size))
     for start in tqdm(minibatches, desc="train", leave=False, disable=not show_progress):
-        part = slice(start, min(start + config.train_batch_size, num_prompts))
+        share = min(config.train_batch_size, num_prompts - start) // shard.world
+        part = slice(start + rank * share, start + (rank + 1) * share)
         k = algorithm.grad_steps(generator)
         calls += 1
         update_now = calls % calls_per_update == 0
@@ -342,8 +419,8 @@ def reward_backprop_epoch(
                     ema.update()
             optimizer.zero_grad(set_to_none=True)
             update_failed = False
-    metrics = {name: float(value) / len(scores) for name, value in totals.items()}
+    metrics = _mean_over_processes(accelerator, totals, shard.world * max(len(scores), 1))
     if scores:
         metrics["grad_steps"] = sum(grad_steps) / len(grad_steps)
         metrics["train_reward"] = float(accelerator.gather(torch.cat(scores).float().mean().reshape(1)).mean())
-    return metrics, {"optimizer_updates": updates, "backward_passes": backward_passes}, failure
+    return metrics, {"optimizer_updates": updates, "backward_passes": _summed(accelerator, backward_passes)}, failure

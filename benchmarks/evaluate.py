@@ -62,18 +62,15 @@ seed. The trainer seeds epoch e with the same arithmetic (`mixed_seed`), so with
 evaluation at S steps would draw the noise of training epoch S."""
 
 
-def mixed_seed(seed: int, index: int, process: int) -> int:
-    """The run seed, an index (training epoch or evaluation step count) and the process
-    mixed into one seed below 2^31, the trainer's half (`benchmarks.rollout.epoch_seed`)."""
-    return (1_000_003 * seed + 1_009 * index + process) % EVAL_SEED_DOMAIN
+def mixed_seed(seed: int, index: int) -> int:
+    """The run seed and an index (training epoch or evaluation step count) mixed into one
+    seed below 2^31, the trainer's half (`benchmarks.rollout.epoch_seed`). The same on
+    every process: each draws what the whole batch needs and keeps its part."""
+    return (1_000_003 * seed + 1_009 * index) % EVAL_SEED_DOMAIN
 
 
-def evaluation_seed(seed: int, step_count: int, process: int) -> int:
-    return EVAL_SEED_DOMAIN + mixed_seed(seed, step_count, process)
-
-
-def _generator(seed: int, step_count: int, process: int) -> torch.Generator:
-    return torch.Generator().manual_seed(evaluation_seed(seed, step_count, process))
+def evaluation_seed(seed: int, step_count: int) -> int:
+    return EVAL_SEED_DOMAIN + mixed_seed(seed, step_count)
 
 
 def _scores_or_missing(reward: Reward, images: torch.Tensor, prompts: list[str]) -> tuple[list[float], str | None]:
@@ -100,19 +97,27 @@ def evaluate(
     """
     everything = [p for p in settings.prompts for _ in range(settings.samples_per_prompt)]
     per_process = math.ceil(len(everything) / accelerator.num_processes)
-    mine = everything[accelerator.process_index * per_process : (accelerator.process_index + 1) * per_process]
+    first = accelerator.process_index * per_process
+    mine = everything[first : first + per_process]
     stats: dict[tuple[int, str], dict] = {}
     strips: dict[int, torch.Tensor] = {}
     for step_count in settings.step_counts:
         sampler = TrajectorySampler(policy, settings.sampler_config(step_count))
-        generator = _generator(settings.seed, step_count, accelerator.process_index)
+        generator = torch.Generator().manual_seed(evaluation_seed(settings.seed, step_count))
+        # Every sample's noise, drawn on every process as one process samples it (in
+        # batches of `batch_size`), so that the scores do not depend on the processes.
+        drawn = [sampler.draw_noise(len(everything[start : start + settings.batch_size]), generator)
+                 for start in range(0, len(everything), settings.batch_size)]
+        initial_noise, step_noise = (torch.cat(parts) for parts in zip(*drawn)) if drawn else (None, None)
         scores: dict[str, list[float]] = {name: [] for name in rewards}
         failed: dict[str, list[tuple[int, str]]] = {name: [] for name in rewards}
         images_kept: list[torch.Tensor] = []
         for start in range(0, len(mine), settings.batch_size):
             prompts = mine[start : start + settings.batch_size]
+            rows = slice(first + start, first + start + len(prompts))
             # Only the images are read: no per-step latents or log-probs are kept.
-            images = sampler.sample(prompts, generator=generator, record_transitions=False).images[:, 0]  # (B, 3, H, W)
+            images = sampler.sample(prompts, initial_noise=initial_noise[rows], step_noise=step_noise[rows],
+                                    record_transitions=False).images[:, 0]  # (B, 3, H, W)
             for name, reward in rewards.items():
                 batch_scores, why = _scores_or_missing(reward, images, prompts)
                 scores[name] += batch_scores

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -90,6 +90,9 @@ class ReplayCall:
     per_member: bool = False
     """One UNet call per group member (the reference codes' way, for benchmarks.perf,
     which trains one loss call at a time: such calls are never joined)."""
+    weight: float = 1.0
+    """The factor on the call's loss and metrics: this process's share of a global
+    minibatch (`benchmarks.epochs.Shard.weight`)."""
 
     @property
     def groups(self) -> int:
@@ -156,6 +159,8 @@ class ForwardCall:
     timesteps: torch.Tensor  # (p, G)
     embeds: torch.Tensor  # (p, G, L, D)
     inputs: ForwardLossInputs  # everything but `prediction`
+    weight: float = 1.0
+    """As `ReplayCall.weight`."""
 
     groups = property(lambda self: self.noisy.shape[0])
     steps = property(lambda self: 1)
@@ -227,10 +232,13 @@ def _outputs(call: LossCall, sampler: TrajectorySampler, groups: slice, steps: s
 
 def micro_batched_losses(
     calls: list[LossCall], sampler: TrajectorySampler, micro_batch: int | None, steps_per_backward: int | None,
+    forward_context: Callable[[bool], contextlib.AbstractContextManager] = lambda last: contextlib.nullcontext(),
 ) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor] | None, bool]]:
     """(loss, metrics, last) for each UNet call of `plan_unet_calls`: the sum of the losses
     of the loss calls it holds, whose backward passes together give the sum of those loss
-    calls' gradients; `last` marks the final one.
+    calls' gradients; `last` marks the final one. Each UNet call's forward pass with
+    gradients runs inside `forward_context(last)`: DDP decides in the forward whether the
+    backward pass all-reduces (`Accelerator.no_sync`).
 
     A loss call cut into several UNet calls first gets all of its outputs without
     gradients (one extra forward pass); each piece's loss then takes the piece's outputs
@@ -257,7 +265,8 @@ def micro_batched_losses(
     for position, segments in enumerate(plan):
         inputs = [calls[index].model_inputs(groups, steps) for index, groups, steps in segments]
         joined = inputs[0] if len(inputs) == 1 else tuple(torch.cat(parts) for parts in zip(*inputs))
-        flat = calls[segments[0][0]].run(sampler, *joined)
+        with forward_context(position == len(plan) - 1):
+            flat = calls[segments[0][0]].run(sampler, *joined)
         sizes = [part[0].shape[0] for part in inputs]
         total, metrics = None, None
         for (index, groups, steps), outputs in zip(segments, zip(*(o.split(sizes) for o in flat))):
@@ -266,11 +275,12 @@ def micro_batched_losses(
             if index in constants:
                 outputs = call.place(constants[index], outputs, groups, steps)
             loss, call_metrics = call.loss(outputs)
+            loss = loss * call.weight
             total = loss if total is None else total + loss
             if pieces_of[index][0] == (index, groups, steps):
                 metrics = metrics or {}
                 for name, value in call_metrics.items():
-                    metrics[name] = metrics.get(name, 0.0) + value
+                    metrics[name] = metrics.get(name, 0.0) + value * call.weight
         yield total, metrics, position == len(plan) - 1
 
 
@@ -318,28 +328,29 @@ def forward_process_call(
     steps: torch.Tensor,
     advantages: torch.Tensor,
     old_policy: dict[str, torch.Tensor] | None,
-    generator: torch.Generator,
+    noise: torch.Tensor,
+    weight: float = 1.0,
 ) -> ForwardCall:
     """The loss call of a forward-process algorithm (`ForwardProcessAlgorithm`) on one
     minibatch: the final clean latent x0 of each trajectory of the groups `groups` (p,)
-    noised to the timestep of its step `steps` (p, G, 1) with fresh noise from
-    `generator` (`TrajectorySampler.forward_process`), and the predictions there without
+    noised to the timestep of its step `steps` (p, G, 1) with the fresh `noise` (p, G, C,
+    h, w) (`TrajectorySampler.forward_process`), and the predictions there without
     guidance (training never uses CFG) under the `old_policy` weights (None: no old
     prediction, for an algorithm that keeps no old policy) and, when asked, the frozen base
     model, made now without gradients; the current weights' prediction, with
-    them, is the call's to make. advantages: (p, G, 1), aligned with `steps`."""
+    them, is the call's to make. advantages: (p, G, 1), aligned with `steps`; `weight`:
+    `ForwardCall.weight`."""
     if steps.shape[2] != 1:
         raise ValueError(f"a forward-process loss call takes one step per trajectory, got {steps.shape[2]}")
     policy = sampler.policy
     device = traj.latents.device
     groups, steps = groups.to(device), steps[:, :, 0].to(device)  # (p,), (p, G)
     x0 = traj.final_latents[groups]  # (p, G, C, h, w)
-    noise = torch.randn(x0.shape, generator=generator).to(device)
-    noisy, timesteps, target, x0_scale = sampler.forward_process(x0, noise, steps)
+    noisy, timesteps, target, x0_scale = sampler.forward_process(x0, noise.to(device), steps)
     embeds = traj.prompt_embeds[groups][:, None].expand(-1, traj.group_size, -1, -1)  # (p, G, L, D)
     call = ForwardCall(algorithm, noisy, timesteps, embeds, ForwardLossInputs(
         prediction=None, old_prediction=None, target=target, x0_scale=x0_scale, advantages=advantages[:, :, 0],
-    ))
+    ), weight)
     everything = (slice(None), slice(None))
     with torch.no_grad():
         if old_policy is not None:

@@ -55,6 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel
 
 from benchmarks import archs
+from benchmarks.cli import checked_config, preset_algo_configs
 from benchmarks.epochs import epoch_schedule, train_on_batch
 from benchmarks.loop import TrainLoop
 from benchmarks.loss_calls import (
@@ -243,17 +244,13 @@ def build_flow_policy(args: PerfArgs, preset: Preset, options: dict) -> FlowPoli
 
 def algorithm_config(name: str, preset: Preset, args: PerfArgs, num_steps: int):
     """The algorithm's config as the runner builds it for this preset trained on the
-    preset's own reward (`benchmarks.cli.preset_algo_configs`): on sd-turbo every
-    algorithm takes the SDPO paper's minibatch and accumulation for that reward."""
-    config = ALGORITHMS[name]()
-    overrides = {**preset.algo_overrides.get(name, {}), **preset.reward_overrides.get(preset.reward, {}).get(name, {})}
-    if args.train_batch_size is not None:
-        overrides["train_batch_size"] = args.train_batch_size
+    preset's own reward (`benchmarks.cli.preset_algo_configs`: on sd-turbo every algorithm
+    takes the SDPO paper's minibatch and accumulation for that reward, the minibatch the
+    run's global one, all of it on this one device), at `num_steps`."""
+    config = checked_config(name, getattr(preset_algo_configs(preset, preset.reward), name))
+    overrides = {} if args.train_batch_size is None else {"train_batch_size": args.train_batch_size}
     try:
-        return replace(
-            config, **overrides, sampler=preset.sampler, num_steps=num_steps,
-            guidance_scale=preset.guidance_scale, eta=preset.eta, flow_sde=preset.flow_sde,
-        )
+        return replace(config, **overrides, num_steps=num_steps)
     except ValueError as error:  # e.g. a training window longer than --steps (GRPO on the flow presets)
         raise SystemExit(f"--steps {num_steps}: {name}'s config on --preset {preset.name} refuses it: {error}") from None
 
@@ -329,7 +326,8 @@ def forward_train_call(sampler, algorithm, optimizer, traj: Trajectory, groups: 
     backward, AdamW step."""
     steps = torch.full((groups, traj.group_size, 1), traj.num_steps // 2)
     advantages = torch.linspace(-1, 1, steps.numel(), device=traj.latents.device).view(steps.shape)
-    call = forward_process_call(algorithm, sampler, traj, torch.arange(groups), steps, advantages, old_policy, generator)
+    noise = torch.randn((groups, traj.group_size, *traj.final_latents.shape[2:]), generator=generator)
+    call = forward_process_call(algorithm, sampler, traj, torch.arange(groups), steps, advantages, old_policy, noise)
     for loss, _, _ in micro_batched_losses([call], sampler, None, None):
         loss.backward()
     optimizer.step()

@@ -29,6 +29,7 @@ from benchmarks.loop import TrainLoop
 from benchmarks.portable import portable_model
 from benchmarks.presets import PRESETS, Preset
 from benchmarks.run_folder import RESUME_DEFAULTS, check_out_dir, extended
+from zoo.algorithm import RewardBackpropAlgorithm
 from zoo.loading import model_family
 from rewards.catalog import GOLD_OF
 from zoo.registry import ALGORITHMS
@@ -65,8 +66,9 @@ class Plan:
     redone: tuple[str, ...] = ()
     """An extension's recorded algorithms trained again (`--redo`): their recorded rows are dropped."""
     num_processes: int = 1
-    """Processes that share each run (`accelerate launch --num_processes`): every one samples
-    `trajectories_per_epoch`, so a run's budget is this many times that; config.json records it."""
+    """Processes that share each run (`accelerate launch --num_processes`): each samples and
+    trains its equal part of `trajectories_per_epoch` (`benchmarks.epochs.Shard`); config.json
+    records it, for a run's numbers equal another count's only up to the order of float sums."""
     notes: list[str] = field(default_factory=list)
     """What the user should know before the run starts (an algorithm left out), one line each."""
 
@@ -441,7 +443,7 @@ def _schedule_length(model: str, source: str) -> int:
 
 def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
     """The loss calls (backward passes without chunking) and optimizer updates of an epoch of
-    `trajectories` trajectories per process under algorithm config `cfg`: the training
+    `trajectories` trajectories under algorithm config `cfg`: the training
     loop's own schedule (`benchmarks.epochs.epoch_schedule`), so the budget columns and the
     checks count what the loop runs. Assumes the sizes divide as `make_plan` checks
     (`check_batch_sizes`)."""
@@ -452,9 +454,10 @@ def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
 
 def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
     """Refuses, with a UsageError naming the flag, sizes that do not divide algorithm
-    `name`'s epoch of `trajectories` trajectories per process under config `cfg`: whole
-    groups, whole minibatches of groups, and whole optimizer updates of loss calls.
-    (`num_processes` is not read: the sizes are per process.)"""
+    `name`'s epoch of `trajectories` trajectories under config `cfg`: whole groups, whole
+    minibatches of groups, whole optimizer updates of loss calls, and an equal share of the
+    groups for each of `num_processes` (of each minibatch, for reward back-propagation,
+    which samples the minibatch as it trains)."""
     group_size = cfg.build().needs.group_size
     if trajectories % group_size:
         raise UsageError(
@@ -463,7 +466,7 @@ def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int
     groups = trajectories // group_size
     if groups % cfg.train_batch_size:
         raise UsageError(
-            f"--{name}.train-batch-size {cfg.train_batch_size} does not divide the {groups} groups per process "
+            f"--{name}.train-batch-size {cfg.train_batch_size} does not divide the {groups} groups "
             f"per epoch (--trajectories-per-epoch {trajectories} / group size {group_size})"
         )
     calls = epoch_budget(cfg, trajectories)["loss_calls"]
@@ -471,19 +474,30 @@ def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int
         raise UsageError(
             f"--{name}.gradient-accumulation-steps {cfg.gradient_accumulation_steps} makes an optimizer step every "
             f"{cfg.loss_calls_per_update} loss calls, which does not divide the {calls} calls of an epoch "
-            f"({groups} groups per process / --{name}.train-batch-size {cfg.train_batch_size}), so an epoch "
+            f"({groups} groups / --{name}.train-batch-size {cfg.train_batch_size}), so an epoch "
             "would end mid-update"
+        )
+    processes = f"the {num_processes} processes (accelerate launch --num_processes {num_processes})"
+    if groups % num_processes:
+        raise UsageError(
+            f"--trajectories-per-epoch {trajectories} makes {groups} groups of {name} ({group_size} each), which "
+            f"{processes} cannot share equally: pass a multiple of {group_size * num_processes}"
+        )
+    if isinstance(cfg.build(), RewardBackpropAlgorithm) and cfg.train_batch_size % num_processes:
+        raise UsageError(
+            f"--{name}.train-batch-size {cfg.train_batch_size}: {processes} each sample an equal part of every "
+            f"minibatch as they train on it; pass a multiple of {num_processes}"
         )
 
 
 def _check_groups_per_prompt(name: str, cfg: Any, trajectories: int, groups_per_prompt: int) -> None:
     """Every prompt drawn in an epoch gets the same number of groups: refuses an N that
-    does not divide the algorithm's groups per process per epoch."""
+    does not divide the algorithm's groups per epoch."""
     group_size = cfg.build().needs.group_size
     groups = trajectories // group_size
     if groups % groups_per_prompt:
         raise UsageError(
-            f"--groups-per-prompt {groups_per_prompt} does not divide {name}'s {groups} groups per process per "
+            f"--groups-per-prompt {groups_per_prompt} does not divide {name}'s {groups} groups per "
             f"epoch (--trajectories-per-epoch {trajectories} / group size {group_size})"
         )
 

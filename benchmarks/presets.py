@@ -74,7 +74,8 @@ class Preset:
     model's config."""
     epochs: int
     trajectories_per_epoch: int
-    """Trajectories sampled per epoch on each process (groups x group size)."""
+    """Trajectories sampled per epoch by the run, shared by its processes (groups x group
+    size): a GPU preset's is its paper's per-GPU batch times the paper's GPU count."""
     sample_batch_size: int
     """Trajectories per sampling call (their rewards overlap the next call's sampling)."""
     eval_every: int
@@ -114,6 +115,12 @@ class Preset:
     reward_epochs: dict[str, int] = field(default_factory=dict)
     """Training reward -> epochs, where the preset's paper trains a task for another budget
     than `epochs` (`epochs_for`)."""
+    paper_gpus: int = 1
+    """The GPU count of the configuration the preset's paper published, whose batch sizes
+    are per GPU: every algorithm's minibatch (`train_batch_size`, per GPU as the configs and
+    overrides cite it) is multiplied by it (`benchmarks.cli.preset_algo_configs`), as
+    `trajectories_per_epoch` is, so that a run's budget is the paper's global one on any
+    number of processes. 1: a budget of stepzoo's own."""
 
     def __post_init__(self) -> None:
         """Refuses an override of an unregistered algorithm or of a field its config lacks,
@@ -383,6 +390,13 @@ pair with every other group of the prompt drawn in the epoch. AWM's reference sa
 of 24 too (scxue/advantage_weighted_matching be51372, config/dgx_awm.py:323): the same pairs."""
 
 
+# The GPU counts of the published configurations, whose batch sizes are per GPU (`Preset.paper_gpus`).
+SDPO_GPUS = 4  # ZiyiZhang27/sdpo fcee34d README.md:84 ("optimized for 4x GPUs")
+RLCM_GPUS = 4  # Owen-Oertell/rlcm b8330ed README.md:61 ("4 RTX a6000 gpus for each of the tasks")
+DDPO_GPUS = 8  # kvablack/ddpo-pytorch 1958463 config/dgx.py:18 ("the DGX machine I used had 8 GPUs")
+FLOW_GRPO_GPUS = 4  # yifan123/flow_grpo ac4c86e config/grpo.py:185 (pickscore_sd3_4gpu: gpu_number=4)
+
+
 def _published(**settings) -> Preset:
     """What the GPU presets share: the published animal prompts (held-out animals for
     validation and test), the default reward (aesthetic, each paper's headline task), 8
@@ -424,8 +438,9 @@ def sd_turbo() -> Preset:
         epochs=100,  # sdpo config/config_sdpo.py:15 (aesthetic; 200 for the other rewards, :38, :53, :68)
         # 32 pairs per GPU per epoch: 8 prompts per batch (config_sdpo.py:20) x 4 batches
         # (:21), each prompt sampled twice from one x_T (scripts/train_sdpo.py:479, :489).
-        # Shared by every algorithm: DDPO samples 64 single trajectories.
-        trajectories_per_epoch=64,
+        # Shared by every algorithm: DDPO samples 64 single trajectories per GPU.
+        trajectories_per_epoch=64 * SDPO_GPUS,
+        paper_gpus=SDPO_GPUS,
         eval_every=10,  # stepzoo's (the reference saves a checkpoint every epoch, base_sdpo.py:20)
         mixed_precision="fp16",  # sdpo config/base_sdpo.py:24
         # No SDPO overrides: SDPOConfig's defaults are the reference's (LoRA rank 4 with
@@ -499,7 +514,8 @@ def lcm() -> Preset:
         # RLCM PPO's 8 trajectories per update). The same 16000 trajectories as 100 epochs
         # of 160 would instead train 10 updates on each batch before sampling again.
         epochs=1000,
-        trajectories_per_epoch=16,
+        trajectories_per_epoch=16 * RLCM_GPUS,
+        paper_gpus=RLCM_GPUS,
         eval_every=100,  # every 10 RLCM epochs, its checkpoint interval (conf/config.yaml:14)
         mixed_precision="fp16",  # rlcm scripts/main.py:49
         algo_overrides={
@@ -553,7 +569,8 @@ def sd15() -> Preset:
         guidance_scale=5.0,  # ddpo-pytorch config/base.py:50
         eta=1.0,  # ddpo-pytorch config/base.py:48
         epochs=200,  # ddpo-pytorch config/dgx.py:49
-        trajectories_per_epoch=32,  # ddpo-pytorch config/dgx.py:19-20: 8 x 4 batches per GPU
+        trajectories_per_epoch=32 * DDPO_GPUS,  # ddpo-pytorch config/dgx.py:19-20: 8 x 4 batches per GPU
+        paper_gpus=DDPO_GPUS,
         eval_every=10,  # stepzoo's (the reference checkpoints every epoch, config/dgx.py:15)
         mixed_precision="fp16",  # ddpo-pytorch config/base.py:22
         algo_overrides={
@@ -590,7 +607,7 @@ steps without guidance) in miniature."""
 FLOW_GROUP = 16
 """GRPO's and NFT's group on the flow presets: flow_grpo's num_image_per_prompt in its
 4-GPU PickScore configuration (yifan123/flow_grpo ac4c86e, config/grpo.py:197), 4 groups
-in an epoch of 64 trajectories per process."""
+in an epoch of 64 trajectories per GPU (16 in the run's 256)."""
 
 
 def _flow_loops(window: int) -> dict[str, dict]:
@@ -643,7 +660,8 @@ def sd35_medium() -> Preset:
     """Flow-GRPO's PickScore setting (yifan123/flow_grpo at ac4c86e, `config/grpo.py:
     pickscore_sd3_4gpu` on `config/base.py`, `scripts/train_sd3.py`): SD3.5 Medium at 512px,
     the SDE at noise level 0.7, K = 10, CFG 4.5, LoRA r32/alpha 64, groups of 16, two updates
-    of 32 trajectories per epoch of 64 per process (`_flow_loops`). The 4-GPU configuration:
+    of 32 trajectories per GPU per epoch of 64 per GPU (`_flow_loops`), on its 4 GPUs
+    (`paper_gpus`). The 4-GPU configuration:
     its groups of 16 live on one process, as stepzoo's do (the 32-GPU one's groups of 24
     span GPUs, :106-141). Deviations: the published animal prompts, not flow_grpo's PickScore prompt set
     (every GPU preset trains on them); the T5 prompt length is FlowPolicy's 256, flow_grpo
@@ -663,8 +681,9 @@ def sd35_medium() -> Preset:
         eta=0.7,  # flow_grpo config/base.py:54 (noise_level)
         # flow_grpo sets no epoch count (it trains until stopped, grpo.py:56); stepzoo's.
         epochs=100,
-        # 8 trajectories per sampling call (grpo.py:196) x 8 calls (:198): 64 per process.
-        trajectories_per_epoch=64,
+        # 8 trajectories per sampling call (grpo.py:196) x 8 calls (:198): 64 per GPU.
+        trajectories_per_epoch=64 * FLOW_GRPO_GPUS,
+        paper_gpus=FLOW_GRPO_GPUS,
         # stepzoo's: a sampling call holds whole groups, one of 16 (flow_grpo's sampler spreads
         # a group over its calls of 8, train_sd3.py:78-120).
         sample_batch_size=FLOW_GROUP,
@@ -693,7 +712,8 @@ def flux_schnell() -> Preset:
         guidance_scale=1.0,  # no CFG: diffusers' FLUX docs, "guidance_scale needs to be 0" for schnell
         eta=0.7,  # Flow-GRPO's noise level (flow_grpo config/base.py:54)
         epochs=100,  # stepzoo's, as sd3.5-medium
-        trajectories_per_epoch=64,  # stepzoo's: Flow-GRPO's 64 per process
+        trajectories_per_epoch=64 * FLOW_GRPO_GPUS,  # stepzoo's: Flow-GRPO's 64 per GPU on its 4 GPUs
+        paper_gpus=FLOW_GRPO_GPUS,
         sample_batch_size=FLOW_GROUP,  # stepzoo's, as sd3.5-medium
         eval_every=10,  # stepzoo's
         # flux src/flux/util.py:691, :695 load its text encoders in bfloat16 (and diffusers' FLUX

@@ -3,9 +3,10 @@
 next one samples, when `overlap_rewards`), and the advantages computed on the batch gathered
 from every process.
 
-Every draw comes from the epoch's generator, seeded by (seed, epoch, process), so a resumed
-run draws exactly what an uninterrupted one would; all of an epoch's noise is drawn before
-its first sampling call, so the trajectories do not depend on how the epoch is split.
+Every draw comes from the epoch's generator, seeded by (seed, epoch), so a resumed run draws
+exactly what an uninterrupted one would; all of an epoch's noise is drawn, for the global
+batch on every process, before its first sampling call, so the trajectories do not depend
+on how the epoch is split into calls or over processes (each samples its `Shard`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
+from benchmarks.epochs import Shard
 from benchmarks.evaluate import mixed_seed
 from benchmarks.loop import TrainLoop
 from rewards.base import Reward
@@ -49,11 +51,13 @@ def draw_prompt_ids(num_prompts: int, groups: int, groups_per_prompt: int, gener
     return drawn.repeat_interleave(groups_per_prompt)
 
 
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """The seed of everything one process draws in one epoch (prompts, x_T, step noise,
-    shuffles), so that a resumed run draws what an uninterrupted one would. Below 2^31:
-    evaluation seeds take the upper half of the generator's 32-bit seeds."""
-    return mixed_seed(seed, epoch, rank)
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything drawn in one epoch (prompts, x_T, step noise, shuffles), the
+    same on every process (each draws the global batch's and keeps its shard), so that a
+    resumed run draws what an uninterrupted one would, and a run on N processes what it
+    would on one. Below 2^31: evaluation seeds take the upper half of the generator's
+    32-bit seeds."""
+    return mixed_seed(seed, epoch)
 
 
 def reward_inputs(
@@ -93,14 +97,17 @@ def sample_and_score(
     generator: torch.Generator,
     reward: Reward,
     loop: TrainLoop,
+    shard: Shard | None = None,
 ) -> tuple[Trajectory, torch.Tensor | None, str | None]:
-    """Sample `needs.group_size` trajectories per prompt in calls of `loop.sample_batch_size`
+    """Sample `needs.group_size` trajectories per prompt of this process's `shard` of the
+    global batch's `prompts` (default: all of them) in calls of `loop.sample_batch_size`
     trajectories, scoring each call's images (in the background when `overlap_rewards`).
 
     Returns (trajectories, scores, None), or (trajectories, None, what went wrong) when
     the reward raised or returned NaN or inf. Scores: (P, G) of the final images, or
-    (P, G, M) of x̂0 at `reward_steps`. Every noise draw is made before the first call,
-    so the trajectories do not depend on `sample_batch_size`.
+    (P, G, M) of x̂0 at `reward_steps`, P the shard's prompts. Every noise draw is made,
+    for the global batch, before the first call, so the trajectories depend neither on
+    `sample_batch_size` nor on the number of processes.
     """
     needs = algorithm.needs
     policy = sampler.policy
@@ -109,14 +116,16 @@ def sample_and_score(
     step_noise = torch.randn(
         (num_prompts, group_size, sampler.config.num_steps, *policy.latent_shape), generator=generator
     )
-    groups_per_call = max(1, (loop.sample_batch_size or num_prompts * group_size) // group_size)
+    shard = shard or Shard(0, num_prompts)
+    end = shard.start + shard.size
+    groups_per_call = max(1, (loop.sample_batch_size or shard.size * group_size) // group_size)
 
     parts, pending, shapes = [], [], []
     overlap = loop.overlap_rewards if loop.overlap_rewards is not None else policy.device.type == "cuda"
     executor = RewardExecutor(reward) if overlap else None
     try:
-        for start in range(0, num_prompts, groups_per_call):
-            call = slice(start, start + groups_per_call)
+        for start in range(shard.start, end, groups_per_call):
+            call = slice(start, min(start + groups_per_call, end))
             part = sampler.sample(
                 prompts[call], group_size=group_size, initial_noise=initial_noise[call],
                 step_noise=step_noise[call], record_pred_x0=needs.record_pred_x0,

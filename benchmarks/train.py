@@ -4,12 +4,14 @@ One epoch is:
 
 1. the algorithm's per-epoch choices, from where training stands (`EpochContext`): the
    noise level of each sampling step, decided before anything is sampled;
-2. the rollout (`benchmarks.rollout`): every process samples `trajectories_per_epoch`
-   trajectories (groups of the size the algorithm asks for, `groups_per_prompt` groups of
-   each prompt drawn) from prompts and noise drawn with a generator seeded by (seed, epoch,
-   process), scores the images the algorithm names, and gathers prompts and returns so
-   that advantages and stat tracking see the global batch;
-3. the updates (`benchmarks.epochs`): the epoch's loss calls, cut and joined into UNet calls
+2. the rollout (`benchmarks.rollout`): the run's `trajectories_per_epoch` trajectories
+   (groups of the size the algorithm asks for, `groups_per_prompt` groups of each prompt
+   drawn), their prompts and noise drawn with a generator seeded by (seed, epoch) on every
+   process alike; each process samples its equal `Shard` of the groups, scores the images
+   the algorithm names, and gathers prompts and returns so that advantages and stat
+   tracking see the global batch;
+3. the updates (`benchmarks.epochs`): the epoch's loss calls on global minibatches, each
+   process training the groups it holds, cut and joined into UNet calls
    by `benchmarks.loss_calls`; a forward-process algorithm trains against the old policy
    it sampled with, which moves after the epoch by the algorithm's rule and is
    checkpointed; reward back-propagation (DRaFT) samples and trains at once;
@@ -49,7 +51,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_state
 from benchmarks.ema import Ema, WeightsEma
-from benchmarks.epochs import reward_backprop_epoch, train_on_batch
+from benchmarks.epochs import Shard, reward_backprop_epoch, train_on_batch
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from benchmarks.loop import RewardFailures, RunStopped, TrainingDiverged, TrainLoop
 from benchmarks.rollout import draw_prompt_ids, epoch_seed, global_advantages, sample_and_score
@@ -276,8 +278,8 @@ def run_algorithm(
 
     loop = settings.loop
     group_size = needs.group_size
-    groups = settings.trajectories_per_epoch // group_size
-    rank, world = accelerator.process_index, accelerator.num_processes
+    groups = settings.trajectories_per_epoch // group_size  # the run's, shared by its processes
+    shard = Shard.of(groups, accelerator)
     show = accelerator.is_main_process
     bars = show and settings.progress_bars
     epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not bars,
@@ -287,7 +289,7 @@ def run_algorithm(
         where = f"{algo} seed {seed}, epoch {done}"
         last_good = f"{path} holds epoch {epoch}, the last good one" if epoch else f"no {algo} epoch was checkpointed"
         started = time.perf_counter()
-        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch, rank))
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         context = EpochContext(epoch, settings.epochs, generator)
         epoch_sampler = sampler
         if not isinstance(algorithm, RewardBackpropAlgorithm):
@@ -295,20 +297,20 @@ def run_algorithm(
             # The epoch's transitions are replayed under the kernel that sampled them.
             epoch_sampler = sampler if levels is None else sampler.with_noise_levels(levels)
         prompt_ids = draw_prompt_ids(len(settings.train_prompts), groups, settings.groups_per_prompt, generator)
-        prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]
+        prompts = [settings.train_prompts[i] for i in prompt_ids.tolist()]  # the global batch's
         images_before = train_reward.images_scored
         if isinstance(algorithm, RewardBackpropAlgorithm):
             kill_point(f"train:{algo}:{done}")
             metrics, counts, failure = reward_backprop_epoch(
                 algorithm, config, sampler, prompts, generator, train_reward, optimizer, accelerator, bars,
-                loop.micro_batch, ema,
+                loop.micro_batch, ema, shard,
             )
             counters["optimizer_updates"] += counts["optimizer_updates"]
-            counters["backward_passes"] += counts["backward_passes"] * world
+            counters["backward_passes"] += counts["backward_passes"]
         else:
             with policy.trainable_weights(old_policy) if samples_with_old_policy else contextlib.nullcontext():
                 traj, scores, failure = sample_and_score(
-                    algorithm, epoch_sampler, prompts, generator, train_reward, loop
+                    algorithm, epoch_sampler, prompts, generator, train_reward, loop, shard
                 )
         # Every process skips an epoch that failed anywhere, so that the stat trackers and
         # the DDP all-reduces stay in step; nothing of it reaches the tracker.
@@ -328,12 +330,12 @@ def run_algorithm(
             metrics = {"bad_reward_batches": float(count)}
         elif not isinstance(algorithm, RewardBackpropAlgorithm):
             returns = algorithm.shape_rewards(traj, scores)
-            advantages = global_advantages(algorithm, prompts, returns, tracker, accelerator)
+            advantages = global_advantages(algorithm, traj.prompts, returns, tracker, accelerator)
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics, counts = train_on_batch(
                     algorithm, config, epoch_sampler, traj, advantages, optimizer, accelerator, context, loop, bars,
-                    old_policy, ema,
+                    old_policy, ema, shard,
                 )
                 # Found once per run: later epochs train at the micro-batch the first one chose.
                 loop = dataclasses.replace(loop, micro_batch=counts.get("micro_batch", loop.micro_batch))
@@ -342,7 +344,7 @@ def run_algorithm(
             metrics["train_reward"] = float(accelerator.gather(scores.float().mean().reshape(1)).mean())
             # Every process takes the same updates (DDP); backward passes are counted on all.
             counters["optimizer_updates"] += counts["optimizer_updates"]
-            counters["backward_passes"] += counts["backward_passes"] * world
+            counters["backward_passes"] += counts["backward_passes"]
             if old_policy is not None:
                 old_policy = algorithm.next_old_policy(
                     old_policy, policy.trainable_state(), counters["optimizer_updates"]
@@ -350,7 +352,7 @@ def run_algorithm(
 
         local_calls = torch.tensor([train_reward.images_scored - images_before], device=accelerator.device)
         counters["reward_calls"] += int(accelerator.gather(local_calls).sum())
-        counters["samples_seen"] += settings.trajectories_per_epoch * world
+        counters["samples_seen"] += settings.trajectories_per_epoch
         counters["wall_time"] += time.perf_counter() - started
         lora_state = policy.adapter_state()
         if not all(torch.isfinite(weights).all() for weights in lora_state.values()):

@@ -77,3 +77,35 @@ def test_the_loop_takes_the_declared_updates_and_counts_backward_passes(tiny_pip
     assert optimizer.optimizer.steps == counts["optimizer_updates"] == budget["optimizer_updates"]
     chunks = 2 if algorithm.needs.whole_trajectory_loss else 1
     assert counts["backward_passes"] == budget["loss_calls"] * chunks
+
+
+def test_a_shard_holds_its_equal_slice_and_weights_a_minibatch_by_its_share():
+    """Worked numbers: 8 groups over 2 processes; process 1 holds groups 4-7. Of the global
+    minibatch (1, 5, 6), it trains 5 and 6 at weight 2 x 2/3 (DDP halves the sum of the
+    two processes' gradients: 4/3 x mean of its two + 2/3 x process 0's one, halved, is the
+    mean of the three); process 0 trains group 1 at 2/3. One process: all of it at 1."""
+    from benchmarks.epochs import Shard
+
+    shard = Shard(4, 8, 2)
+    assert shard.size == 4
+    minibatch = torch.tensor([1, 5, 6])
+    assert shard.held(minibatch).tolist() == [False, True, True]
+    assert shard.weight(2, 3) == pytest.approx(4 / 3)
+    assert Shard(0, 8, 2).weight(1, 3) == pytest.approx(2 / 3)
+    assert Shard(0, 8).weight(3, 3) == 1.0 and Shard(0, 8).held(minibatch).all()
+
+
+@pytest.mark.parametrize("name, trajectories, batch, message", [
+    ("ddpo", 12, 2, r"--trajectories-per-epoch 12 makes 12 groups of ddpo \(1 each\), which the 8 processes "
+                    r"\(accelerate launch --num_processes 8\) cannot share equally: pass a multiple of 8"),
+    ("draft", 16, 2, r"--draft.train-batch-size 2: the 8 processes .* pass a multiple of 8"),
+])
+def test_a_world_size_that_cannot_share_the_budget_is_refused_naming_the_flag(name, trajectories, batch, message):
+    from benchmarks.cli import UsageError
+    from benchmarks.plan import check_batch_sizes
+
+    config = replace(ALGORITHMS[name](), sampler="ddim", num_steps=2, train_batch_size=batch,
+                     gradient_accumulation_steps=1)
+    check_batch_sizes(name, config, trajectories, 1)  # one process takes any size that divides
+    with pytest.raises(UsageError, match=message):
+        check_batch_sizes(name, config, trajectories, 8)

@@ -67,12 +67,12 @@ class _Drawn(Exception):
 
 @pytest.mark.parametrize("groups_per_prompt", [1, 4])
 def test_run_algorithm_samples_the_drawn_prompts(groups_per_prompt, tiny_pipeline_dir, tmp_path, monkeypatch):
-    """The loop's first epoch (seed 3, process 0) hands the sampler the prompts that
+    """The loop's first epoch (seed 3) hands the sampler the prompts that
     `draw_prompt_ids` draws from the epoch's generator, with JobSettings.groups_per_prompt:
     at N = 1 exactly the original `torch.randint` draw."""
     seen = []
 
-    def sample_and_score(algorithm, sampler, prompts, generator, reward, loop):
+    def sample_and_score(algorithm, sampler, prompts, generator, reward, loop, shard):
         seen.append(list(prompts))
         raise _Drawn
 
@@ -87,7 +87,7 @@ def test_run_algorithm_samples_the_drawn_prompts(groups_per_prompt, tiny_pipelin
         run_algorithm("ddpo", ALGORITHMS["ddpo"](num_steps=2), 3, settings, SimpleNamespace(images_scored=0), {},
                       Accelerator(cpu=True))
 
-    generator = torch.Generator().manual_seed(1_000_003 * 3 + 1_009 * 0 + 0)  # seed 3, epoch 0, rank 0
+    generator = torch.Generator().manual_seed(1_000_003 * 3 + 1_009 * 0)  # seed 3, epoch 0
     if groups_per_prompt == 1:
         expected = torch.randint(len(TRAIN_PROMPTS), (GROUPS,), generator=generator)
     else:
@@ -181,7 +181,7 @@ def test_tiny_preset_baselines_are_per_prompt_from_the_first_epoch(algo):
     group_size = algorithm.needs.group_size
     groups = preset.trajectories_per_epoch // group_size
     for epoch in range(preset.epochs):
-        generator = torch.Generator().manual_seed(benchmarks.train.epoch_seed(0, epoch, 0))
+        generator = torch.Generator().manual_seed(benchmarks.train.epoch_seed(0, epoch))
         ids = draw_prompt_ids(len(TRAIN_PROMPTS), groups, preset.groups_per_prompt, generator).tolist()
         prompts = [TRAIN_PROMPTS[i] for i in ids] * group_size
         rewards = torch.randn(len(prompts), config.num_steps) if algo == "sdpo" else torch.randn(len(prompts))

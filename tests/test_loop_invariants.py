@@ -495,7 +495,7 @@ def test_each_seed_draws_its_own_noise_and_every_algorithm_of_a_seed_starts_from
 ):
     """`run_algorithm` seeds the LoRA initialisation by the seed alone, so DDPO and SDPO of
     one seed start from the same adapter (their rows differ by training only), and the
-    epoch's generator by (seed, epoch, process), so another seed samples other trajectories.
+    epoch's generator by (seed, epoch), so another seed samples other trajectories.
     Each run is stopped at its first sampling call."""
     real_sample = benchmarks.train.sample_and_score
     seen = {}
@@ -504,8 +504,8 @@ def test_each_seed_draws_its_own_noise_and_every_algorithm_of_a_seed_starts_from
         pass
 
     for algo, seed in (("ddpo", 0), ("sdpo", 0), ("ddpo", 1)):
-        def sample_and_score(algorithm, sampler, prompts, generator, reward, loop, key=(algo, seed)):
-            traj, _, _ = real_sample(algorithm, sampler, prompts, generator, reward, loop)
+        def sample_and_score(algorithm, sampler, prompts, generator, reward, loop, shard, key=(algo, seed)):
+            traj, _, _ = real_sample(algorithm, sampler, prompts, generator, reward, loop, shard)
             seen[key] = (sampler.policy.adapter_state(), traj.latents[:, 0, 0].clone())
             raise Stop
 
@@ -765,11 +765,11 @@ def test_evaluation_never_draws_a_training_epochs_noise():
     from benchmarks.evaluate import evaluation_seed
     from benchmarks.rollout import epoch_seed
 
-    train = {epoch_seed(s, e, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for e in range(1000) for r in range(8)}
-    evaluation = {evaluation_seed(s, k, r) % (1 << 32) for s in (0, 1, 2, 100, 5000) for k in range(1, 1001) for r in range(8)}
+    train = {epoch_seed(s, e) % (1 << 32) for s in (0, 1, 2, 100, 5000) for e in range(1000)}
+    evaluation = {evaluation_seed(s, k) % (1 << 32) for s in (0, 1, 2, 100, 5000) for k in range(1, 1001)}
     assert not train & evaluation
-    epoch_noise = torch.randn(256, generator=torch.Generator().manual_seed(epoch_seed(0, 4, 0)))
-    eval_noise = torch.randn(256, generator=torch.Generator().manual_seed(evaluation_seed(0, 4, 0)))
+    epoch_noise = torch.randn(256, generator=torch.Generator().manual_seed(epoch_seed(0, 4)))
+    eval_noise = torch.randn(256, generator=torch.Generator().manual_seed(evaluation_seed(0, 4)))
     assert not torch.allclose(epoch_noise, eval_noise)
 
 

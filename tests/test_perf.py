@@ -140,7 +140,8 @@ def test_configs_are_the_runners(preset):
         }, name
     if preset == "sd-turbo":
         ddpo = algorithm_config("ddpo", chosen, PerfArgs(), 50)
-        assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2, 8)  # sdpo config/config_sdpo.py:23-24
+        # sdpo config/config_sdpo.py:23-24, the minibatch per GPU on the paper's 4 GPUs
+        assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2 * 4, 8)
 
 
 def test_overlap_with_a_random_weight_model_reward(tmp_path, monkeypatch):

@@ -107,10 +107,11 @@ def test_gpu_presets_train_on_the_published_animals_and_hold_out_others():
         assert not (train & val or train & test or val & test), name
 
 
-def test_sd_turbo_samples_32_pairs_per_process_per_epoch():
-    """sdpo config/config_sdpo.py:20-21: 8 prompts x 4 batches per GPU, each sampled twice."""
+def test_sd_turbo_samples_32_pairs_per_gpu_on_the_papers_4_gpus_per_epoch():
+    """sdpo config/config_sdpo.py:20-21: 8 prompts x 4 batches per GPU, each sampled twice,
+    on 4 GPUs (README.md:84): the run's budget on any number of processes."""
     preset = PRESETS["sd-turbo"]()
-    assert preset.trajectories_per_epoch == 64
+    assert (preset.trajectories_per_epoch, preset.paper_gpus) == (64 * 4, 4)
     assert preset.epochs == 100 and preset.sample_batch_size == 8
     assert (preset.model, preset.num_steps, preset.guidance_scale, preset.eta) == ("stabilityai/sd-turbo", 50, 1.0, 1.0)
 
@@ -138,7 +139,7 @@ def test_sd_turbo_follows_the_sdpo_config_of_each_reward(reward):
     for algo in ALGORITHMS:
         config = getattr(configs, algo)
         assert (config.learning_rate, config.train_batch_size, config.gradient_accumulation_steps) == (
-            lr, batch, accumulation), algo
+            lr, batch * 4, accumulation), algo  # the paper's minibatch per GPU on its 4 GPUs
         check_batch_sizes(algo, config, preset.trajectories_per_epoch, 1)
     assert epoch_budget(configs.sdpo, preset.trajectories_per_epoch)["optimizer_updates"] == sdpo_updates
 
@@ -166,7 +167,7 @@ def test_sd_turbo_configs_are_the_special_cased_runners(reward):
     settings, epochs = SD_TURBO_BEFORE_THE_PRESET_HELD_THEM[reward]
     preset = PRESETS["sd-turbo"]()
     configs = preset_algo_configs(preset, reward)
-    assert {algo: (getattr(configs, algo).learning_rate, getattr(configs, algo).train_batch_size,
+    assert {algo: (getattr(configs, algo).learning_rate, getattr(configs, algo).train_batch_size // 4,
                    getattr(configs, algo).gradient_accumulation_steps) for algo in ALGORITHMS} == settings
     assert (configs.grpo.group_size, configs.nft.group_size) == (2, 2)
     assert preset.epochs_for(reward) == epochs
@@ -200,10 +201,10 @@ def test_sd15_follows_ddpo_aesthetic_config():
     trajectories per GPU, minibatch 4, accumulation 4 (2 updates per epoch), stat tracker
     32/16, lr 3e-4, clip range 1e-4, CFG 5, K = 50."""
     preset = PRESETS["sd15"]()
-    assert (preset.epochs, preset.trajectories_per_epoch) == (200, 32)
+    assert (preset.epochs, preset.trajectories_per_epoch, preset.paper_gpus) == (200, 32 * 8, 8)
     assert (preset.num_steps, preset.guidance_scale, preset.eta, preset.sampler) == (50, 5.0, 1.0, "ddim")
     ddpo = preset_algo_configs(preset, preset.reward).ddpo
-    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (4, 4)
+    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (4 * 8, 4)
     assert (ddpo.tracker_buffer_size, ddpo.tracker_min_count) == (32, 16)
     assert (ddpo.learning_rate, ddpo.clip_range, ddpo.adv_clip_max, ddpo.max_grad_norm) == (3e-4, 1e-4, 5.0, 1.0)
     assert (ddpo.lora_rank, ddpo.lora_alpha) == (4, 4.0)
@@ -216,8 +217,8 @@ def test_lcm_follows_rlcm_aesthetic_config():
     one REBEL update per round; PPO (DDPO) with gradient norm 5 and advantage clip 10, REBEL
     unclipped; LoRA r8/alpha 8, lr 1e-4, Adam (no weight decay) for every algorithm."""
     preset = PRESETS["lcm"]()
-    assert (preset.epochs, preset.trajectories_per_epoch) == (1000, 16)
-    assert preset.epochs * preset.trajectories_per_epoch == 100 * 10 * 8 * 2
+    assert (preset.epochs, preset.trajectories_per_epoch, preset.paper_gpus) == (1000, 16 * 4, 4)
+    assert preset.epochs * preset.trajectories_per_epoch == 100 * 10 * 8 * 2 * 4
     assert (preset.num_steps, preset.guidance_scale, preset.sampler) == (8, 8.0, "lcm")
     configs = preset_algo_configs(preset, preset.reward)
     for algo in ("sdpo", "ddpo", "rebel", "d3po"):
@@ -225,10 +226,10 @@ def test_lcm_follows_rlcm_aesthetic_config():
         assert (config.lora_rank, config.lora_alpha, config.learning_rate, config.weight_decay) == (
             8, 8.0, 1e-4, 0.0), algo
     rebel, ddpo = configs.rebel, configs.ddpo
-    assert (rebel.train_batch_size, rebel.gradient_accumulation_steps, rebel.max_grad_norm) == (2, 4, None)
+    assert (rebel.train_batch_size, rebel.gradient_accumulation_steps, rebel.max_grad_norm) == (2 * 4, 4, None)
     assert (rebel.tracker_buffer_size, rebel.tracker_min_count) == (32, 16)
     assert epoch_budget(rebel, preset.trajectories_per_epoch)["optimizer_updates"] == 1
-    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2, 4)
+    assert (ddpo.train_batch_size, ddpo.gradient_accumulation_steps) == (2 * 4, 4)
     assert (ddpo.max_grad_norm, ddpo.adv_clip_max, ddpo.clip_range) == (5.0, 10.0, 1e-4)
     assert (ddpo.tracker_buffer_size, ddpo.tracker_min_count) == (32, 16)
     # RLCM's PPO: one update per 8 trajectories.
@@ -308,10 +309,10 @@ def test_sd35_medium_follows_flow_grpo_pickscore_config():
     preset = PRESETS["sd3.5-medium"]()
     assert (preset.model, preset.reward, preset.resolution) == ("stabilityai/stable-diffusion-3.5-medium", "pickscore", 512)
     assert (preset.sampler, preset.num_steps, preset.guidance_scale, preset.eta) == ("flow", 10, 4.5, 0.7)
-    assert (preset.trajectories_per_epoch, preset.sample_batch_size, preset.mixed_precision) == (64, 16, "fp16")
+    assert (preset.trajectories_per_epoch, preset.sample_batch_size, preset.mixed_precision) == (64 * 4, 16, "fp16")
     configs = preset_algo_configs(preset, preset.reward)
     grpo = configs.grpo
-    assert (grpo.group_size, grpo.train_batch_size, grpo.gradient_accumulation_steps) == (16, 1, 2)
+    assert (grpo.group_size, grpo.train_batch_size, grpo.gradient_accumulation_steps) == (16, 1 * 4, 2)
     assert (grpo.beta, grpo.global_std, grpo.window_size, grpo.window_range) == (0.01, True, 9, (0, 9))
     assert (grpo.clip_range, grpo.adv_clip_max, grpo.max_grad_norm) == (1e-4, 5.0, 1.0)
     for algo in ALGORITHMS:

@@ -152,8 +152,9 @@ class EpochContext:
     epochs: int
     """The run's epochs."""
     generator: torch.Generator
-    """The epoch's generator (seeded by seed, epoch and process): every draw of the epoch
-    comes from it, in the order the runner makes them."""
+    """The epoch's generator (seeded by seed and epoch, the same on every process): every
+    draw of the epoch comes from it, in the order the runner makes them, for the global
+    batch (each process keeps its shard of what is drawn per group)."""
 
     @property
     def progress(self) -> float:

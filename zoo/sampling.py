@@ -156,6 +156,15 @@ class TrajectorySampler:
             x = mean + std.reshape(-1, 1, 1, 1) * step_noise[:, k]
         return x
 
+    def draw_noise(self, num_prompts: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `sample` draws from `generator` for `num_prompts` prompts of one trajectory
+        each, in its order, without sampling: x_T (P, 1, C, h, w) and every step's noise
+        (P, 1, K, C, h, w), so that a caller can hand a sample its part of a larger draw."""
+        initial = self.initial_noise(num_prompts, 1, False, generator)
+        shape = (num_prompts, *self.policy.latent_shape)
+        steps = torch.stack([torch.randn(shape, generator=generator) for _ in range(self.config.num_steps)], dim=1)
+        return initial, steps[:, None]
+
     @torch.no_grad()
     def sample(
         self,
