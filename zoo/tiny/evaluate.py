@@ -282,7 +282,8 @@ def _turbo_section(metrics: dict, methods: list[dict]) -> str:
     method_lines = ["| stage | method | wall s | CPU s | examples | " + " | ".join(columns) + " |",
                     "|---|---|---:|---:|---:|" + "---:|" * len(columns)]
     for m in methods:
-        method_lines.append(f"| {m['stage']} | {m['method']} | {m['build_seconds']} | {m['record'].get('cpu_seconds', '–')} "
+        method = m["method"] + (f" ({m['settings']})" if m.get("settings") else "")
+        method_lines.append(f"| {m['stage']} | {method} | {m['build_seconds']} | {m['record'].get('cpu_seconds', '–')} "
                             f"| {m['record'].get('examples', '–')} | "
                             f"{_cells(m['steps'])} |")
     commands = "\n".join(f"- `{build.get('stage_commands', {}).get(stage, 'python -m zoo.tiny.build --only ' + stage)}`: "
@@ -290,9 +291,9 @@ def _turbo_section(metrics: dict, methods: list[dict]) -> str:
                           f"{records.get(stage, {}).get('cpu_seconds', 'n/a')} CPU s" for stage in ("turbo", "flow-turbo"))
     comparison = f"""
 Methods compared (`python -m zoo.tiny.compare_turbo`, results/tiny-world/turbo-methods.json: each
-built by the build's stage with every other setting at its default, the same seed, two at a
-time beside other jobs on this 2-core machine: wall seconds are inflated by the sharing, CPU
-seconds (one thread) are what each stage costs; cells as above):
+built by the build's stage with every other setting at its default or as the row says, the
+same seed, two at a time beside other jobs on this 2-core machine: wall seconds are inflated
+by the sharing, CPU seconds (one thread) are what each stage costs; cells as above):
 
 {chr(10).join(method_lines)}
 """ if methods else ""
