@@ -303,7 +303,7 @@ def test_flow_presets_train_on_the_sde_and_evaluate_on_the_ode(name, sigmas, tin
 def test_sd35_medium_follows_flow_grpo_pickscore_config():
     """flow_grpo config/grpo.py:pickscore_sd3_4gpu (ac4c86e) on config/base.py: SD3.5 Medium,
     PickScore, 512px, K = 10, CFG 4.5, noise level 0.7, fp16; 8 trajectories a sampling call
-    x 8 calls per process, groups of 16; minibatch 8 x accumulation 4 = 32 trajectories, two
+    x 8 calls per GPU on its 4 GPUs, groups of 16; minibatch 8 x accumulation 4 = 32 trajectories per GPU, two
     updates an epoch; GRPO with β 0.01, the batch's std and int(0.99 x 10) = 9 trained steps;
     LoRA r32/alpha 64, lr 3e-4, weight decay 1e-4."""
     preset = PRESETS["sd3.5-medium"]()

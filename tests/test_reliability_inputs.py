@@ -99,7 +99,7 @@ CASES = [
      None),
     ("train batch vs groups", ["--sdpo.train-batch-size", "3"], ["--sdpo.train-batch-size 3"], None),
     ("groups per prompt vs groups", ["--groups-per-prompt", "8"],
-     ["--groups-per-prompt 8", "rebel's 4 groups per process per epoch"], None),
+     ["--groups-per-prompt 8", "rebel's 4 groups per epoch"], None),
     ("groups per prompt 0", ["--groups-per-prompt", "0"], ["--groups-per-prompt", "at least 1"], None),
     ("accumulation vs epoch", ["--ddpo.gradient-accumulation-steps", "3"], ["--ddpo.gradient-accumulation-steps 3"],
      None),
