@@ -326,7 +326,10 @@ def tiny_flow() -> Preset:
 VERDICT_PROTOCOL = dict(
     # results/budget-tiny-turbo-tiny-aesthetic: at 80 epochs on the validation prompts the
     # best gold is reached by epoch 24 (D3PO; DRaFT by 8) and collapses after it, SDPO
-    # plateaus from 32: 40 epochs (2560 trajectories, 4x `tiny`'s) hold every peak.
+    # plateaus from 32: 40 epochs (2560 trajectories, 4x `tiny`'s) hold every peak. On the
+    # flow student (results/budget-tiny-flow-turbo-tiny-aesthetic) REBEL, D3PO, NFT and DRaFT
+    # peak by 16 and DDPO plateaus from 40; SDPO, GRPO and AWM still rise at their untuned
+    # rates, which the tuning on this budget chooses again.
     epochs=40,
     # 10 points of the curve, each on both prompt sets: the reported epoch is chosen on the
     # validation prompts (`benchmarks.peak`); the intermediate points on half the images.
@@ -368,12 +371,14 @@ def tiny_flow_turbo() -> Preset:
     """The tiny world's few-step flow model (`zoo.tiny.PIPELINE_FLOW_TURBO`, distilled from
     `tiny-flow`'s), trained as `flux-schnell` is: Flow-GRPO's SDE at noise level 0.7, K = 4,
     no classifier-free guidance (FLUX.1-schnell has none); evaluated on the Euler ODE, as
-    every flow preset. Everything else is `tiny-flow`'s (learning rates tuned on the base
-    flow model, not yet on this one)."""
+    every flow preset. Its own: the verdict's budget and evaluation (`VERDICT_PROTOCOL`,
+    which results/budget-tiny-flow-turbo-tiny-aesthetic chose for this model too).
+    Everything else is `tiny-flow`'s (learning rates tuned on the base flow model, not yet
+    on this one)."""
     from zoo.tiny import TURBO_GUIDANCE
 
     return replace(tiny_flow(), name="tiny-flow-turbo", model=str(TINY_ASSETS / "pipeline-flow-turbo"),
-                   guidance_scale=TURBO_GUIDANCE)
+                   guidance_scale=TURBO_GUIDANCE, **VERDICT_PROTOCOL)
 
 
 def _tiny_guidance() -> float:
