@@ -13,6 +13,7 @@ Checkpoints hold only tensors and plain Python values, so they load with
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import signal
@@ -115,9 +116,38 @@ def load_state(path: str | Path) -> dict | None:
         ) from None
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic_write(Path(path), data)
+
+
 def write_text(path: str | Path, text: str) -> None:
     _atomic_write(Path(path), text.encode("utf-8"))
 
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    """Write `rows` as JSON lines; a packed copy (`packed`) is removed: the new file
+    supersedes it."""
     write_text(path, "".join(strict_json.dumps(row, sort_keys=True) + "\n" for row in rows))
+    packed(path).unlink(missing_ok=True)
+
+
+def packed(path: str | Path) -> Path:
+    """The gzipped copy of a JSON-lines file, as committed results store it (`benchmarks.pack`)."""
+    return Path(f"{path}.gz")
+
+
+def jsonl_exists(path: str | Path) -> bool:
+    return Path(path).is_file() or packed(path).is_file()
+
+
+def read_jsonl(path: str | Path) -> list[str]:
+    """The non-empty lines of the JSON-lines file `path`, or of its packed copy when only
+    that exists; none when neither does."""
+    path = Path(path)
+    if path.is_file():
+        text = path.read_text()
+    elif packed(path).is_file():
+        text = gzip.decompress(packed(path).read_bytes()).decode("utf-8")
+    else:
+        return []
+    return [line for line in text.splitlines() if line.strip()]

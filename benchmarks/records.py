@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.checkpoint import jsonl_exists, packed, read_jsonl
+
 BASE = "base"
 """The untrained model's rows."""
 RECORD_KEY = ["algo", "seed", "epoch", "eval_steps", "reward"]
@@ -32,7 +34,9 @@ def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     run). Records written before runs named their split are of the run's `--eval-split`.
     """
     path = Path(run_dir) / "records.jsonl"
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    if not jsonl_exists(path):
+        raise FileNotFoundError(f"{path} does not exist (nor its packed copy {packed(path).name})")
+    lines = read_jsonl(path)
     records = []
     for number, line in enumerate(lines, start=1):
         try:

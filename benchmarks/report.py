@@ -560,7 +560,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         prog="python -m benchmarks.report",
         description="Regenerate table.md/csv, curves.png and samples.png from a run folder.",
     )
-    parser.add_argument("run_dir", type=Path, help="a run folder holding records.jsonl (and samples/)")
+    parser.add_argument("run_dir", type=Path, help="a run folder holding records.jsonl, or packed (and samples/)")
     parser.add_argument("--reward", help="the training reward (default: the only reward recorded)")
     parser.add_argument("--algos", help="comma list of algorithms, in row order (default: as recorded)")
     args = parser.parse_args(argv)

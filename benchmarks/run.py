@@ -211,16 +211,15 @@ def _make_logger(plan: Plan, main_process: bool, tracker, in_plan_order: bool = 
     algorithms, epochs in order), for jobs that log side by side."""
     if not main_process:
         return lambda row: None
-    from benchmarks.checkpoint import write_jsonl
+    from benchmarks.checkpoint import read_jsonl, write_jsonl
 
     path = plan.out_dir / "metrics.jsonl"
     # A resumed run logs again the epochs after its last checkpoint: rows are keyed by
     # epoch, so the new row replaces the interrupted run's and each epoch appears once.
     rows = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            rows[row["algo"], row["seed"], row["epoch"]] = row
+    for line in read_jsonl(path):
+        row = json.loads(line)
+        rows[row["algo"], row["seed"], row["epoch"]] = row
 
     order = {(name, seed): i for i, (seed, name) in enumerate((s, n) for s in plan.seeds for n in [BASE, *plan.algos])}
 

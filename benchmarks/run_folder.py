@@ -152,12 +152,12 @@ def _difference(flag: str, saved: Any, current: Any, width: int = 60) -> str:
 def recorded_rows(out: Path) -> dict[tuple[str, int], list[dict]]:
     """The rows of `out`/records.jsonl by (algo, seed), as written. `benchmarks.run.execute`
     writes an (algo, seed)'s rows only once it has finished, so each entry is final."""
-    path = out / "records.jsonl"
+    from benchmarks.checkpoint import read_jsonl
+
     rows: dict[tuple[str, int], list[dict]] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            row = json.loads(line)
-            rows.setdefault((row["algo"], row["seed"]), []).append(row)
+    for line in read_jsonl(out / "records.jsonl"):
+        row = json.loads(line)
+        rows.setdefault((row["algo"], row["seed"]), []).append(row)
     return rows
 
 
@@ -173,13 +173,13 @@ def clear_redone(plan: Plan) -> None:
     job would otherwise resume from), LoRA folders and sample strips. Main process only."""
     if not plan.redone:
         return
-    from benchmarks.checkpoint import write_jsonl
+    from benchmarks.checkpoint import jsonl_exists, read_jsonl, write_jsonl
 
     out = plan.out_dir
     for name in ("records.jsonl", "metrics.jsonl"):
         path = out / name
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines()]
+        if jsonl_exists(path):
+            rows = [json.loads(line) for line in read_jsonl(path)]
             write_jsonl(path, [row for row in rows if row["algo"] not in plan.redone])
     for algo in plan.redone:
         # checkpoints/: the checkpoint, and a remote job's metrics file (benchmarks.cluster.metrics_path)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmarks.checkpoint import read_jsonl
 from benchmarks.cli import UsageError, parse_args, peek_flag
 from benchmarks.peak import chosen_epochs, scoring_reward
 from benchmarks.plan import Plan, folder_label, make_plan
@@ -170,10 +171,10 @@ def make_points(
 
 def _training_metrics(run_dir: Path) -> pd.DataFrame:
     """Per algorithm: the largest per-epoch value of each trust-region metric."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    lines = read_jsonl(run_dir / "metrics.jsonl")
+    if not lines:
         return pd.DataFrame()
-    rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    rows = pd.DataFrame([json.loads(line) for line in lines])
     present = [m for m in TRUST_REGION_METRICS if m in rows.columns]
     return rows.groupby("algo")[present].max().rename(columns=lambda m: f"max {m}")
 

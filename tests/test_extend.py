@@ -308,3 +308,39 @@ def test_a_moved_absolute_model_reads_as_its_repository_tail():
     assert recorded_model("/elsewhere/checkout/results") == "/elsewhere/checkout/results"  # no pipeline there
     assert recorded_model(TINY_PIPELINE) == str(REPO_ROOT / TINY_PIPELINE)
     assert recorded_model("stabilityai/sd-turbo") == "stabilityai/sd-turbo"
+
+
+def test_a_packed_run_folder_reads_as_before_and_extends_into_plain_files(ddpo_run, tiny_pipeline_dir, tmp_path,
+                                                                         monkeypatch):
+    """`benchmarks.pack` (committed results are stored gzipped): the records and metrics read
+    the same packed, the report is remade from them, and an extension reads the packed rows
+    and writes plain files that replace the packed ones; packing twice gives the same bytes."""
+    from benchmarks.checkpoint import read_jsonl
+    from benchmarks.pack import main as pack
+    from benchmarks.records import load_records
+    from benchmarks.report import main as report
+
+    out = tmp_path / "run"
+    shutil.copytree(ddpo_run, out, ignore=shutil.ignore_patterns("checkpoints"))
+    records, metrics = read_jsonl(out / "records.jsonl"), read_jsonl(out / "metrics.jsonl")
+    frame = load_records(out)
+    assert pack([str(out)]) == 0
+    assert not (out / "records.jsonl").exists() and not (out / "metrics.jsonl").exists()
+    blob = (out / "records.jsonl.gz").read_bytes()
+    assert read_jsonl(out / "records.jsonl") == records and read_jsonl(out / "metrics.jsonl") == metrics
+    pd.testing.assert_frame_equal(load_records(out), frame)
+    (out / "table.md").unlink()
+    report([str(out)])
+    assert "| ddpo |" in (out / "table.md").read_text()
+
+    assert main(_run_args(tiny_pipeline_dir, out, "--algos", "d3po", "--extend")) == 0
+    assert (out / "records.jsonl").is_file() and not (out / "records.jsonl.gz").exists()
+    assert not (out / "metrics.jsonl.gz").exists()
+    assert _lines(out, "ddpo") == [line for line in records if json.loads(line)["algo"] == "ddpo"]
+    assert {json.loads(line)["algo"] for line in read_jsonl(out / "metrics.jsonl")} == {"ddpo", "d3po"}
+
+    again = tmp_path / "again"
+    shutil.copytree(ddpo_run, again, ignore=shutil.ignore_patterns("checkpoints"))
+    assert pack([str(again)]) == 0
+    assert (again / "records.jsonl.gz").read_bytes() == blob
+    assert pack([str(tmp_path / "nowhere")]) == 2

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from benchmarks.checkpoint import read_jsonl
 from benchmarks import verdict as v
 from benchmarks.records import load_records
 from benchmarks.report import bootstrap_interval
@@ -401,7 +402,7 @@ def test_committed_run_verdict(tmp_path):
     v.write_verdict([COMMITTED], tmp_path)
     for name in FILES:
         assert (tmp_path / name).stat().st_size > 0
-    raw = [json.loads(line) for line in (COMMITTED / "records.jsonl").read_text().splitlines()]
+    raw = [json.loads(line) for line in read_jsonl(COMMITTED / "records.jsonl")]  # committed packed
     at_4 = [r for r in raw if r["reward"] == AESTHETIC and r["eval_steps"] == 4]
     gold = {(r["algo"], r["seed"], r["epoch"]): r["mean"] for r in at_4}
     expected = [gold["nft", s, 10] - gold["base", s, 0] for s in (0, 1, 2)]
