@@ -43,7 +43,7 @@ from zoo.trajectory import Trajectory
 
 @dataclass(frozen=True)
 class EpochSchedule:
-    """How one process's epoch of an algorithm is cut into loss calls and optimizer updates:
+    """How a run's epoch of an algorithm is cut into loss calls and optimizer updates:
     what the training loop makes and what the run's budget counts."""
 
     minibatches: int
@@ -74,7 +74,9 @@ class Shard:
     prompts, noise and advantages. The budget (`--trajectories-per-epoch`, the minibatches,
     the updates) is the run's, not the process's: a global minibatch's groups are trained
     by the processes that hold them, each weighting its loss by its share (`weight`), so
-    that DDP's mean of the processes' gradients is the minibatch's gradient."""
+    that DDP's mean of the processes' gradients is the minibatch's gradient: exactly for a
+    loss that is a mean over groups; a loss normalised by a count inside its call (D3PO's
+    decided pairs) matches only when every process's part counts alike (no tied pairs)."""
 
     start: int
     total: int
@@ -102,7 +104,7 @@ class Shard:
 
 
 def epoch_schedule(config: TrainingConfig, needs: SamplingNeeds, groups: int) -> EpochSchedule:
-    """The schedule of an epoch of `groups` groups per process under `config`."""
+    """The schedule of an epoch of `groups` groups (the run's, whatever its processes) under `config`."""
     steps = config.trained_steps_per_trajectory
     return EpochSchedule(
         minibatches=math.ceil(groups / config.train_batch_size),
