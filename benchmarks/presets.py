@@ -372,13 +372,23 @@ def tiny_flow_turbo() -> Preset:
     `tiny-flow`'s), trained as `flux-schnell` is: Flow-GRPO's SDE at noise level 0.7, K = 4,
     no classifier-free guidance (FLUX.1-schnell has none); evaluated on the Euler ODE, as
     every flow preset. Its own: the verdict's budget and evaluation (`VERDICT_PROTOCOL`,
-    which results/budget-tiny-flow-turbo-tiny-aesthetic chose for this model too).
-    Everything else is `tiny-flow`'s (learning rates tuned on the base flow model, not yet
-    on this one)."""
+    which results/budget-tiny-flow-turbo-tiny-aesthetic chose for this model too) and the
+    default task's learning rates tuned on this model. Everything else is `tiny-flow`'s
+    (the other algorithms' and tasks' rates tuned on the base flow model)."""
     from zoo.tiny import TURBO_GUIDANCE
 
-    return replace(tiny_flow(), name="tiny-flow-turbo", model=str(TINY_ASSETS / "pipeline-flow-turbo"),
-                   guidance_scale=TURBO_GUIDANCE, **VERDICT_PROTOCOL)
+    base = tiny_flow()
+    # results/tune-tiny-flow-turbo-tiny-aesthetic: `benchmarks.tune --preset tiny-flow-turbo
+    # --seeds 100,101 --curve-points 10` on the tiny grid, by PEAK_RULE: DDPO 4e-3 (epoch 40,
+    # still rising there; 8e-3 peaks at 16 lower), REBEL 1e-3 (epoch 16), D3PO 2e-3 (8), SDPO
+    # 1e-3 (36). GRPO, NFT, AWM, MixGRPO and DRaFT keep `tiny-flow`'s until tuned here.
+    aesthetic_rates = {"ddpo": 4e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 1e-3}
+    return replace(
+        base, name="tiny-flow-turbo", model=str(TINY_ASSETS / "pipeline-flow-turbo"), guidance_scale=TURBO_GUIDANCE,
+        algo_overrides={algo: {**fields, **({"learning_rate": aesthetic_rates[algo]} if algo in aesthetic_rates else {})}
+                        for algo, fields in base.algo_overrides.items()},
+        **VERDICT_PROTOCOL,
+    )
 
 
 def _tiny_guidance() -> float:

@@ -186,6 +186,8 @@ UNTUNED = {
     **{(preset, task): ADDED_LATER for preset in ("tiny", "tiny-flow") for task in ("tiny-aesthetic", "tiny-align")},
     # Not tuned on the distilled model: they keep `tiny`'s rates.
     ("tiny-turbo", "tiny-aesthetic"): {"grpo", "draft", "nft"},
+    # The flow student's first tuning run: the SDPO paper's four; the flow algorithms next.
+    ("tiny-flow-turbo", "tiny-aesthetic"): {"grpo", "draft", "nft", "awm", "mixgrpo"},
 }
 """Per (preset, task), the algorithms no committed tuning run has selected a learning rate
 for (benchmarks/presets.py: they train at another task's or preset's rate; DRaFT cannot
@@ -195,6 +197,7 @@ train on JPEG at all)."""
 @pytest.mark.parametrize("preset_name, reward", [
     ("tiny", "tiny-aesthetic"), ("tiny", "tiny-align"), ("tiny", "jpeg_compressibility"),
     ("tiny-flow", "tiny-aesthetic"), ("tiny-flow", "tiny-align"), ("tiny-turbo", "tiny-aesthetic"),
+    ("tiny-flow-turbo", "tiny-aesthetic"),
 ])
 def test_tiny_presets_carry_the_committed_tuning_selection(preset_name, reward):
     """For each tuned (preset, task), the learning rates the preset trains with are the ones
