@@ -78,7 +78,7 @@ class Shard:
     loss that is a mean over groups; a loss normalised by a count inside its call (D3PO's
     decided pairs) matches only when every process's part counts alike (no tied pairs)."""
 
-    start: int
+    rank: int
     total: int
     world: int = 1
 
@@ -87,11 +87,15 @@ class Shard:
         world = accelerator.num_processes
         if total % world:
             raise ValueError(f"{total} groups do not split evenly over {world} processes")
-        return cls(accelerator.process_index * (total // world), total, world)
+        return cls(accelerator.process_index, total, world)
 
     @property
     def size(self) -> int:
         return self.total // self.world
+
+    @property
+    def start(self) -> int:
+        return self.rank * self.size
 
     def held(self, groups: torch.Tensor) -> torch.Tensor:
         """Which of the global groups `groups` (p,) this process holds: a (p,) mask."""
@@ -340,7 +344,6 @@ def reward_backprop_epoch(
     policy = sampler.policy
     num_prompts = len(prompts)
     shard = shard or Shard(0, num_prompts)
-    rank = shard.start // shard.size
     initial_noise = sampler.initial_noise(num_prompts, 1, False, generator)[:, 0]  # (P, C, h, w)
     step_noise = torch.randn((num_prompts, sampler.config.num_steps, *policy.latent_shape), generator=generator)
     calls_per_update = config.loss_calls_per_update
@@ -353,7 +356,7 @@ def reward_backprop_epoch(
     minibatches = list(range(0, num_prompts, config.train_batch_size))
     for start in tqdm(minibatches, desc="train", leave=False, disable=not show_progress):
         share = min(config.train_batch_size, num_prompts - start) // shard.world
-        part = slice(start + rank * share, start + (rank + 1) * share)
+        part = slice(start + shard.rank * share, start + (shard.rank + 1) * share)
         k = algorithm.grad_steps(generator)
         calls += 1
         update_now = calls % calls_per_update == 0

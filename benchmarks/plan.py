@@ -458,7 +458,8 @@ def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int
     minibatches of groups, whole optimizer updates of loss calls, and an equal share of the
     groups for each of `num_processes` (of each minibatch, for reward back-propagation,
     which samples the minibatch as it trains)."""
-    group_size = cfg.build().needs.group_size
+    algorithm = cfg.build()
+    group_size = algorithm.needs.group_size
     if trajectories % group_size:
         raise UsageError(
             f"--trajectories-per-epoch {trajectories} is not divisible by {name}'s group size {group_size}"
@@ -483,7 +484,7 @@ def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int
             f"--trajectories-per-epoch {trajectories} makes {groups} groups of {name} ({group_size} each), which "
             f"{processes} cannot share equally: pass a multiple of {group_size * num_processes}"
         )
-    if isinstance(cfg.build(), RewardBackpropAlgorithm) and cfg.train_batch_size % num_processes:
+    if isinstance(algorithm, RewardBackpropAlgorithm) and cfg.train_batch_size % num_processes:
         raise UsageError(
             f"--{name}.train-batch-size {cfg.train_batch_size}: {processes} each sample an equal part of every "
             f"minibatch as they train on it; pass a multiple of {num_processes}"

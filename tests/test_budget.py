@@ -86,7 +86,7 @@ def test_a_shard_holds_its_equal_slice_and_weights_a_minibatch_by_its_share():
     mean of the three); process 0 trains group 1 at 2/3. One process: all of it at 1."""
     from benchmarks.epochs import Shard
 
-    shard = Shard(4, 8, 2)
+    shard = Shard(1, 8, 2)
     assert shard.size == 4
     minibatch = torch.tensor([1, 5, 6])
     assert shard.held(minibatch).tolist() == [False, True, True]
