@@ -184,6 +184,18 @@ class RunArgs:
     loop: TrainLoop = field(default_factory=TrainLoop)
     """Sampling-call size, rewards overlapped with sampling, steps per backward pass of
     whole-trajectory losses; not part of the run's identity either."""
+    finetune: Literal["lora", "full"] = "lora"
+    """What trains: each algorithm's LoRA adapter (its --<algo>.lora-* settings), or "full":
+    every weight of the denoiser (float32 master weights, autocast under mixed precision; the
+    base weights kept on the CPU as the reference model of KL terms); trained weights go to
+    model/<algo>_seed<seed>/ (a diffusers model folder) instead of lora/. Part of the run's
+    identity."""
+    fsdp: bool = False
+    """Shard the fully fine-tuned denoiser, its gradients and its optimizer state over the
+    processes (FSDP2; `accelerate launch --num_processes N`), for a model that does not fit one
+    device with them; needs --finetune full, and minibatches that the processes share equally.
+    The same numbers as DDP up to float rounding, and checkpoints hold whole tensors either
+    way, so a resumed run may change it."""
     ema: Ema = field(default_factory=Ema)
     """An exponential moving average of the trained LoRA weights, as Flow-GRPO keeps one
     (off unless --ema.decay is given), evaluated and saved in place of the trained weights
@@ -227,9 +239,9 @@ def peek_flag(argv: list[str], flag: str) -> str | None:
     return None
 
 
-RESUME_MAY_CHANGE = ("max_bad_reward_batches",)
+RESUME_MAY_CHANGE = ("max_bad_reward_batches", "fsdp")
 """Recorded settings that a resumed run, or one given --config, may change: they decide when
-a run stops, not what it computes."""
+a run stops or how its work is spread, not what it computes."""
 
 
 def read_config(path: Path, flag: str) -> dict:

@@ -30,6 +30,7 @@ checkpoint and restored on `--resume`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -68,10 +69,11 @@ class Ema:
 
 
 class WeightsEma:
-    """The EMA of trainable parameters (a policy's LoRA: `Policy.named_trainable_parameters`),
-    by parameter name and on their devices, and the optimizer updates it has seen."""
+    """The EMA of trainable tensors (a policy's LoRA or whole denoiser, this process's shards
+    of it when sharded: `Policy.trainable_tensors`), by parameter name and on their devices,
+    and the optimizer updates it has seen."""
 
-    def __init__(self, settings: Ema, params: dict[str, torch.nn.Parameter], state: dict | None = None):
+    def __init__(self, settings: Ema, params: dict[str, torch.Tensor], state: dict | None = None):
         """Starts from the parameters' current values, or from `state_dict()`'s `state`."""
         self.settings = settings
         self.params = params
@@ -93,7 +95,10 @@ class WeightsEma:
                 self.settings.decay_after(self.updates),
             )
 
-    def state_dict(self) -> dict:
-        """A copy of the EMA on the CPU and its update count, for a checkpoint."""
+    def state_dict(self, gathered: Callable[[dict], dict] | None = None) -> dict:
+        """A copy of the EMA on the CPU and its update count, for a checkpoint; `gathered`
+        makes whole tensors of shards (`Policy.gathered`, a collective)."""
+        if gathered is not None:
+            return {"weights": gathered(self.weights), "updates": self.updates}
         weights = {name: w.detach().cpu().clone() for name, w in self.weights.items()}
         return {"weights": weights, "updates": self.updates}

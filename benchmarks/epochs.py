@@ -107,6 +107,29 @@ class Shard:
         return self.world * held / minibatch
 
 
+@dataclass(frozen=True)
+class MinibatchShard(Shard):
+    """A process that holds the whole global batch (gathered after sampling,
+    `benchmarks.sharding.gathered_batch`) and trains the `rank`-th of `world` equal parts of
+    every global minibatch: every process makes the same UNet calls, as a sharded denoiser
+    (`--fsdp`), whose every call is a collective, needs. Each part's loss is weighted by its
+    share, as `Shard`'s are, so the gradient is the same minibatch's."""
+
+    @property
+    def size(self) -> int:
+        return self.total
+
+    @property
+    def start(self) -> int:
+        return 0
+
+    def held(self, groups: torch.Tensor) -> torch.Tensor:
+        """The `rank`-th of `world` equal parts of the minibatch `groups` (p,), by position."""
+        part = len(groups) // self.world
+        positions = torch.arange(len(groups))
+        return (positions >= self.rank * part) & (positions < (self.rank + 1) * part)
+
+
 def epoch_schedule(config: TrainingConfig, needs: SamplingNeeds, groups: int) -> EpochSchedule:
     """The schedule of an epoch of `groups` groups (the run's, whatever its processes) under `config`."""
     steps = config.trained_steps_per_trajectory

@@ -125,6 +125,13 @@ def evaluate(
                     failed[name].append((len(prompts), why))
             if sum(len(x) for x in images_kept) < STRIP_IMAGES:
                 images_kept.append(images.cpu())
+        if policy.collective_forward:
+            # A sharded denoiser's every call gathers weights from every process: a process
+            # with fewer batches than the first samples its missing ones on the first
+            # sample's noise, and throws them away.
+            for _ in range(math.ceil(per_process / settings.batch_size) - math.ceil(len(mine) / settings.batch_size)):
+                sampler.sample(everything[:1], initial_noise=initial_noise[:1], step_noise=step_noise[:1],
+                               record_transitions=False)
         for name in rewards:
             # Processes may hold unequal shares, which tensor gathers do not allow.
             gathered = torch.tensor(gather_object(scores[name]), dtype=torch.float64)

@@ -252,8 +252,11 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
             configs = {name: dataclasses.replace(cfg, num_steps=args.train_steps) for name, cfg in configs.items()}
         except ValueError as refused:
             raise UsageError(f"--train-steps {args.train_steps}: {refused} Pass more steps, or the field it names.") from None
+    if args.fsdp and args.finetune != "full":
+        raise UsageError("--fsdp shards a fully fine-tuned denoiser: pass --finetune full as well (a LoRA adapter's "
+                         "weights are small; its runs share the model across processes with DDP)")
     for name, cfg in configs.items():
-        check_batch_sizes(name, cfg, trajectories, num_processes)
+        check_batch_sizes(name, cfg, trajectories, num_processes, split_minibatches=args.fsdp)
         _check_groups_per_prompt(name, cfg, trajectories, groups_per_prompt)
     loop = _check_loop(args.loop, preset, configs)
     _check_ema(args.ema)
@@ -452,12 +455,14 @@ def epoch_budget(cfg: Any, trajectories: int) -> dict[str, int]:
     return {"loss_calls": schedule.loss_calls, "optimizer_updates": schedule.optimizer_updates}
 
 
-def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int) -> None:
+def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int,
+                      split_minibatches: bool = False) -> None:
     """Refuses, with a UsageError naming the flag, sizes that do not divide algorithm
     `name`'s epoch of `trajectories` trajectories under config `cfg`: whole groups, whole
     minibatches of groups, whole optimizer updates of loss calls, and an equal share of the
     groups for each of `num_processes` (of each minibatch, for reward back-propagation,
-    which samples the minibatch as it trains)."""
+    which samples the minibatch as it trains, and under `split_minibatches`: `--fsdp`,
+    `benchmarks.epochs.MinibatchShard`)."""
     algorithm = cfg.build()
     group_size = algorithm.needs.group_size
     if trajectories % group_size:
@@ -488,6 +493,11 @@ def check_batch_sizes(name: str, cfg: Any, trajectories: int, num_processes: int
         raise UsageError(
             f"--{name}.train-batch-size {cfg.train_batch_size}: {processes} each sample an equal part of every "
             f"minibatch as they train on it; pass a multiple of {num_processes}"
+        )
+    if split_minibatches and cfg.train_batch_size % num_processes:
+        raise UsageError(
+            f"--{name}.train-batch-size {cfg.train_batch_size}: under --fsdp {processes} each train an equal part "
+            f"of every minibatch; pass a multiple of {num_processes}"
         )
 
 

@@ -192,6 +192,8 @@ def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precisi
             performance=plan.args.performance,
             loop=plan.loop,
             ema=plan.args.ema,
+            finetune=plan.args.finetune,
+            fsdp=plan.args.fsdp,
         )
         for name in [BASE, *plan.algos]:
             if (name, seed) not in rows:

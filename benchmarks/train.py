@@ -19,6 +19,11 @@ One epoch is:
    moved after every optimizer update), then one atomic checkpoint (LoRA, optimizer,
    tracker, counters, records, the EMA), so a kill loses at most the epoch in flight.
 
+What trains is a LoRA adapter, or with `finetune` "full" every weight of the denoiser; with
+`fsdp` those are sharded over the processes (`benchmarks.sharding`): the epoch's batch is
+then gathered after sampling and each process trains an equal part of every minibatch.
+Checkpoints hold whole tensors either way.
+
 It trains or evaluates one job on the Accelerator it is given and writes only that job's
 files (its checkpoint, `benchmarks.checkpoint`; its LoRA and sample strips); the Accelerator
 of a serial run, the run folder's shared files (config.json, records.jsonl, metrics.jsonl,
@@ -51,10 +56,11 @@ from tqdm.auto import tqdm
 
 from benchmarks.checkpoint import WriteFailed, kill_point, load_state, save_state
 from benchmarks.ema import Ema, WeightsEma
-from benchmarks.epochs import Shard, reward_backprop_epoch, train_on_batch
+from benchmarks.epochs import MinibatchShard, Shard, reward_backprop_epoch, train_on_batch
 from benchmarks.evaluate import EvalSettings, evaluate, save_strip
 from benchmarks.loop import RewardFailures, RunStopped, TrainingDiverged, TrainLoop
 from benchmarks.rollout import draw_prompt_ids, epoch_seed, global_advantages, sample_and_score
+from benchmarks.sharding import gathered_batch, gathered_optimizer_state, load_optimizer_state, shard_denoiser
 from rewards.base import Reward
 from zoo.algorithm import EpochContext, ForwardProcessAlgorithm, RewardBackpropAlgorithm
 from zoo.kernels import SamplerConfig
@@ -108,6 +114,10 @@ class JobSettings:
     curve_samples_per_prompt: int | None = None
     """Samples per prompt of the evaluations before the last epoch (the curve's intermediate
     points; both evaluations'); None: as many as the final one."""
+    finetune: str = "lora"
+    """What trains: "lora" (each algorithm's adapter) or "full" (every weight of the denoiser)."""
+    fsdp: bool = False
+    """Shard the fully fine-tuned denoiser over the processes (`benchmarks.sharding`)."""
 
     def evaluations(self, epoch: int) -> list[EvalSettings]:
         """The evaluations made after `epoch` (0: the base model's, the full ones)."""
@@ -228,8 +238,8 @@ def run_algorithm(
 ) -> list[dict]:
     """Train `algo` from the base for `settings.epochs` epochs (resuming from its
     checkpoint if one exists) and return its evaluation records. The evaluations and the
-    final lora/<algo>_seed<seed>/ are of the trained weights, or of their EMA under
-    `settings.ema` with `evaluate` (`benchmarks.ema`)."""
+    final lora/<algo>_seed<seed>/ (model/<algo>_seed<seed>/ in full fine-tuning) are of the
+    trained weights, or of their EMA under `settings.ema` with `evaluate` (`benchmarks.ema`)."""
     path = checkpoint_path(settings.out_dir, algo, seed)
     state = load_state(path)
     if state is not None and state.get("done"):
@@ -238,11 +248,15 @@ def run_algorithm(
     algorithm = config.build()
     needs = algorithm.needs
     torch.manual_seed(seed)  # the LoRA initialisation, identical for every algorithm of a seed
-    lora = LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules))
+    full = settings.finetune == "full"
+    lora = None if full else LoraSettings(config.lora_rank, config.lora_alpha, tuple(config.lora_target_modules))
     policy = load_policy(
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision, lora=lora,
-        performance=settings.performance, resolution=settings.resolution,
+        full_finetune=full, performance=settings.performance, resolution=settings.resolution,
     )
+    if settings.fsdp:
+        shard_denoiser(policy, accelerator)
+    policy.keep_reference()
     sampler = TrajectorySampler(policy, training_sampler_config(config, settings))
     optimizer = torch.optim.AdamW(
         policy.trainable_parameters(),
@@ -255,9 +269,13 @@ def run_algorithm(
     counters = {**_fresh_counters(), "bad_reward_batches": 0}
     records: list[dict] = []
     start_epoch = 0
+    weights_key = "weights" if full else "lora"
     if state is not None:
-        policy.load_adapter_state(state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
+        policy.load_trained_state(state[weights_key])
+        if settings.fsdp:
+            load_optimizer_state(optimizer, state["optimizer"])
+        else:
+            optimizer.load_state_dict(state["optimizer"])
         tracker.load_state_dict(state["tracker"])
         counters.update(state["counters"])
         records = list(state["records"])
@@ -267,19 +285,23 @@ def run_algorithm(
     # checkpointed as they are.
     old_policy = None
     if isinstance(algorithm, ForwardProcessAlgorithm) and algorithm.needs_old_policy:
-        old_policy = policy.trainable_state() if state is None else {
-            name: weights.to(policy.device) for name, weights in state["old_policy"].items()
-        }
+        old_policy = policy.trainable_state() if state is None else policy.scattered(state["old_policy"])
     samples_with_old_policy = old_policy is not None and algorithm.samples_with_old_policy
     ema = None
     if settings.ema.on:
-        ema = WeightsEma(settings.ema, policy.named_trainable_parameters(), None if state is None else state["ema"])
-    policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
+        ema = WeightsEma(settings.ema, policy.trainable_tensors(), None if state is None else {
+            "weights": policy.scattered(state["ema"]["weights"]), "updates": state["ema"]["updates"]})
+    if settings.fsdp:  # sharded in place: the sharded model reduces its own gradients
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        policy.denoiser, optimizer = accelerator.prepare(policy.model, optimizer)
 
     loop = settings.loop
     group_size = needs.group_size
     groups = settings.trajectories_per_epoch // group_size  # the run's, shared by its processes
     shard = Shard.of(groups, accelerator)
+    # Under FSDP every process trains an equal part of each minibatch of the gathered batch.
+    train_shard = MinibatchShard(shard.rank, shard.total, shard.world) if settings.fsdp else shard
     show = accelerator.is_main_process
     bars = show and settings.progress_bars
     epochs = tqdm(range(start_epoch, settings.epochs), desc=f"{algo} seed {seed}", disable=not bars,
@@ -331,11 +353,13 @@ def run_algorithm(
         elif not isinstance(algorithm, RewardBackpropAlgorithm):
             returns = algorithm.shape_rewards(traj, scores)
             advantages = global_advantages(algorithm, traj.prompts, returns, tracker, accelerator)
+            if settings.fsdp:
+                traj, advantages = gathered_batch(traj, advantages, accelerator)
             kill_point(f"train:{algo}:{done}")
             try:
                 metrics, counts = train_on_batch(
                     algorithm, config, epoch_sampler, traj, advantages, optimizer, accelerator, context, loop, bars,
-                    old_policy, ema, shard,
+                    old_policy, ema, train_shard,
                 )
                 # Found once per run: later epochs train at the micro-batch the first one chose.
                 loop = dataclasses.replace(loop, micro_batch=counts.get("micro_batch", loop.micro_batch))
@@ -354,11 +378,10 @@ def run_algorithm(
         counters["reward_calls"] += int(accelerator.gather(local_calls).sum())
         counters["samples_seen"] += settings.trajectories_per_epoch
         counters["wall_time"] += time.perf_counter() - started
-        lora_state = policy.adapter_state()
-        if not all(torch.isfinite(weights).all() for weights in lora_state.values()):
-            raise TrainingDiverged(
-                f"{where}: the LoRA weights became NaN or inf (try a lower learning rate); {last_good}"
-            )
+        trained = policy.trained_state()
+        if not all(torch.isfinite(weights).all() for weights in trained.values()):
+            what = "weights" if full else "LoRA weights"
+            raise TrainingDiverged(f"{where}: the {what} became NaN or inf (try a lower learning rate); {last_good}")
         if done % settings.eval_every == 0 or done == settings.epochs:
             kill_point(f"evaluate:{algo}:{done}")
             with _evaluated_weights(policy, ema):
@@ -374,16 +397,16 @@ def run_algorithm(
         _save_on_main(accelerator, path, {
             "epoch": done,
             "done": done == settings.epochs,
-            "lora": lora_state,
-            "optimizer": optimizer.state_dict(),
+            weights_key: trained,
+            "optimizer": gathered_optimizer_state(optimizer) if settings.fsdp else optimizer.state_dict(),
             "tracker": tracker.state_dict(),
             "counters": counters,
             "records": records,
-            **({} if old_policy is None else {"old_policy": {k: v.cpu() for k, v in old_policy.items()}}),
-            **({} if ema is None else {"ema": ema.state_dict()}),
+            **({} if old_policy is None else {"old_policy": policy.gathered(old_policy)}),
+            **({} if ema is None else {"ema": ema.state_dict(policy.gathered)}),
         })
 
-    if accelerator.is_main_process:
-        with _evaluated_weights(policy, ema):
-            policy.save_lora(settings.out_dir / "lora" / f"{algo}_seed{seed}")
+    with _evaluated_weights(policy, ema):
+        policy.save_weights(settings.out_dir / ("model" if full else "lora") / f"{algo}_seed{seed}",
+                            write=accelerator.is_main_process)
     return records

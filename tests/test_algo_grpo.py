@@ -194,7 +194,9 @@ def test_sampler_kl_is_zero_at_the_base_and_the_closed_form_elsewhere(kind, tiny
 @pytest.mark.parametrize("beta, unet_calls", [(0.0, 1), (0.04, 2)])
 def test_the_reference_unet_call_is_made_only_when_beta_is_positive(beta, unet_calls, tiny_pipeline_dir):
     """One minibatch loss: one UNet call for the current weights, and one more without
-    gradients under the base model only when β > 0."""
+    gradients under the base model only when β > 0, made first (in full fine-tuning the
+    reference copies the base weights into the parameters, which must not change between a
+    call with gradients and its backward pass)."""
     policy = policy_with_random_adapter(tiny_pipeline_dir)
     sampler = TrajectorySampler(policy, SamplerConfig("ddim", 2, 1.0, 1.0))
     algorithm = GRPOConfig(num_steps=2, guidance_scale=1.0, group_size=2, beta=beta).build()
@@ -205,7 +207,7 @@ def test_the_reference_unet_call_is_made_only_when_beta_is_positive(beta, unet_c
     real = policy.predict
     policy.predict = lambda *args: calls.append(torch.is_grad_enabled()) or real(*args)
     (loss, metrics, last), = minibatch_losses(algorithm, sampler, transitions, torch.ones(1, 2, 1), 8)
-    assert last and calls == [True, False][:unet_calls]
+    assert last and calls == [False, True][-unet_calls:]
     assert ("kl_to_reference" in metrics) == (beta > 0)
 
 

@@ -146,14 +146,17 @@ def load_policy(
     device="cpu",
     mixed_precision: MixedPrecision = "no",
     lora: LoraSettings | None = None,
+    full_finetune: bool = False,
     performance: Performance = Performance(),
     resolution: int | None = None,
 ) -> Policy:
     """Load `model` (hub id or diffusers pipeline folder) as the family its folder holds:
     a transformer/ folder is a flow-matching model, a unet/ one an ε-prediction UNet.
-    `resolution` (pixels, flow models only) replaces the pipeline's default image size."""
+    `resolution` (pixels, flow models only) replaces the pipeline's default image size.
+    `lora` or `full_finetune`: what trains (`Policy`); neither: a frozen policy."""
     source = resolve_model(model)
-    options = dict(device=device, mixed_precision=mixed_precision, lora=lora, performance=performance)
+    options = dict(device=device, mixed_precision=mixed_precision, lora=lora, full_finetune=full_finetune,
+                   performance=performance)
     if model_family(source) == "flow":
         return FlowPolicy.load(source, resolution=resolution, **options)
     if resolution is not None:

@@ -1,4 +1,5 @@
-"""The trainable policy: a family adapter around a diffusers denoiser with a LoRA adapter.
+"""The trainable policy: a family adapter around a diffusers denoiser, trained through a LoRA
+adapter or in full.
 
 A family adapter declares what its denoiser predicts and on which noise schedule: the
 ε-prediction UNet (`zoo.unet_policy`: DDIM and LCM kernels on the ᾱ schedule) and the
@@ -6,13 +7,23 @@ velocity-prediction transformer (`zoo.flow_policy`: the flow SDEs on the σ sche
 samplers and losses see only `Policy.kernel` and `Policy.predict`, never a family's name;
 `zoo.loading.load_policy` picks the adapter from a model's files.
 
-Only the LoRA weights train; the frozen denoiser, VAE and text encoders sit in the chosen
-precision while LoRA parameters stay float32 and every log-prob is computed in float32
-(zoo.kernels). The reference model is the same denoiser with its adapter disabled: no copy
-is made.
+With a LoRA adapter only its weights train; the frozen denoiser, VAE and text encoders sit
+in the chosen precision while LoRA parameters stay float32 and every log-prob is computed in
+float32 (zoo.kernels). The reference model is the same denoiser with its adapter disabled:
+no copy is made. In full fine-tuning (`full_finetune`) every weight of the denoiser trains,
+held in float32 (the master weights; mixed precision computes under autocast), and the
+reference is the base weights kept on the CPU (`keep_reference`) and copied in for each
+reference call: no second copy on the device, and 1/N of one per process when the denoiser
+is sharded over N processes (FSDP, `benchmarks.sharding`).
+
+The weights that train are seen through `trainable_tensors()`: each parameter, or this
+process's shard of it when the denoiser is sharded (a DTensor's local tensor, sharing its
+storage). Old policies, the EMA and the reference are dicts of such local tensors, swapped in
+place (`trainable_weights`); `gathered` and `scattered` turn them into whole CPU tensors for
+checkpoints and back.
 
 Speed and memory switches live in `Performance`; the optimizer only ever sees
-`trainable_parameters()` (the LoRA weights), so its state is LoRA-sized whatever the model.
+`trainable_parameters()`, so with LoRA its state is LoRA-sized whatever the model.
 """
 
 from __future__ import annotations
@@ -30,13 +41,22 @@ from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from zoo.kernels import Kernel, SamplerConfig, SamplerConfigError
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 PRECISION_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+FULL_WEIGHT_NAME = "diffusion_pytorch_model.safetensors"
+"""The weights file of a diffusers model folder (what `from_pretrained` reads)."""
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """The part of `param` this process holds: a sharded parameter's (DTensor's) local shard,
+    which shares its storage, so that writing into it writes the parameter; else `param`."""
+    return param.to_local() if isinstance(param, DTensor) else param
 
 @dataclass(frozen=True)
 class LoraSettings:
@@ -115,8 +135,11 @@ class Policy(abc.ABC):
         device: torch.device | str = "cpu",
         mixed_precision: MixedPrecision = "no",
         lora: LoraSettings | None = None,
+        full_finetune: bool = False,
         performance: Performance = Performance(),
     ):
+        if lora is not None and full_finetune:
+            raise ValueError("a policy trains either a LoRA adapter or every weight (full_finetune), not both")
         self.device = torch.device(device)
         self.performance = performance
         self.mixed_precision = mixed_precision
@@ -126,10 +149,18 @@ class Policy(abc.ABC):
         for module in (model, vae, *text_encoders):
             module.requires_grad_(False)
             module.to(self.device)
-            # Cast only when needed: diffusers warns on every `to(dtype)` call.
-            if module.dtype != self.weight_dtype:
+            # Cast only when needed: diffusers warns on every `to(dtype)` call. Fully
+            # fine-tuned weights stay float32: the optimizer's master weights.
+            if module.dtype != self.weight_dtype and not (full_finetune and module is model):
                 module.to(dtype=self.weight_dtype)
             module.eval()
+        self.full_finetune = full_finetune
+        if full_finetune:
+            model.requires_grad_(True)
+        self._reference_weights: dict[str, torch.Tensor] | None = None
+        self.collective_forward = False
+        """Whether every forward pass of the denoiser is a collective of all processes (a
+        sharded denoiser gathers its weights), so that every process must make the same calls."""
         self.lora = lora
         if lora is not None:
             model.add_adapter(lora.peft_config())
@@ -287,9 +318,26 @@ class Policy(abc.ABC):
         finally:
             self._unconditional_detached = False
 
+    def keep_reference(self) -> None:
+        """In full fine-tuning, keep the weights as they are now (the base, this process's
+        shards once sharded) on the CPU, as the reference model's; with LoRA the reference is
+        the adapter disabled and nothing is kept."""
+        if self.full_finetune:
+            self._reference_weights = {
+                name: t.detach().to("cpu", copy=True) for name, t in self.trainable_tensors().items()
+            }
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
-        """Run the frozen base model: the LoRA adapter is disabled inside the block."""
+        """Run the frozen base model: the LoRA adapter disabled inside the block, or in full
+        fine-tuning the base weights kept by `keep_reference` copied in (so, as for any
+        `trainable_weights` block, not between a forward pass with gradients and its backward)."""
+        if self.full_finetune:
+            if self._reference_weights is None:
+                raise RuntimeError("full fine-tuning runs the reference model only after keep_reference()")
+            with self.trainable_weights(self._reference_weights):
+                yield
+            return
         if self.lora is None:
             yield
             return
@@ -302,29 +350,99 @@ class Policy(abc.ABC):
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def trainable_tensors(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters by name, as the tensors this process holds (`local_tensor`)."""
+        return {name: local_tensor(p) for name, p in self.named_trainable_parameters().items()}
+
+    def gathered(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`state` (local tensors by trainable parameter name) as whole tensors on the CPU: a
+        collective when the denoiser is sharded, which every process must call."""
+        params = self.named_trainable_parameters()
+        whole = {}
+        with torch.no_grad():
+            for name, tensor in state.items():
+                param = params[name]
+                if isinstance(param, DTensor):
+                    tensor = DTensor.from_local(tensor.detach(), param.device_mesh, param.placements,
+                                                shape=param.shape, stride=param.stride()).full_tensor()
+                whole[name] = tensor.detach().cpu().clone()
+        return whole
+
+    def scattered(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole tensors by trainable parameter name (`gathered`'s) as this process's local
+        tensors on the policy's device."""
+        params = self.named_trainable_parameters()
+        local = {}
+        for name, tensor in state.items():
+            param, tensor = params[name], tensor.to(self.device)
+            if isinstance(param, DTensor):
+                # Every process holds the whole tensor: each keeps its shard, with no message.
+                tensor = distribute_tensor(tensor, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            local[name] = tensor
+        return local
+
+    def trained_state(self) -> dict[str, torch.Tensor]:
+        """What training changes, as whole tensors on the CPU (for checkpoints): the adapter
+        in peft's key format, or in full fine-tuning every weight of the denoiser by
+        parameter name (gathered: every process must call it when sharded)."""
+        if self.full_finetune:
+            return self.gathered(self.trainable_tensors())
+        return self.adapter_state()
+
+    def load_trained_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore `trained_state`'s weights; keys must match exactly."""
+        if not self.full_finetune:
+            self.load_adapter_state(state)
+            return
+        own = self.trainable_tensors()
+        if own.keys() != state.keys():
+            raise ValueError("the checkpoint's weights do not fit this model (another model, or a LoRA checkpoint)")
+        with torch.no_grad():
+            for name, tensor in self.scattered(state).items():
+                own[name].copy_(tensor)
+
+    def save_weights(self, folder: str | Path, write: bool) -> Path | None:
+        """Export what was trained, for diffusers: the LoRA file (`save_lora`), or in full
+        fine-tuning the denoiser as a model folder (`from_pretrained`). A collective when the
+        denoiser is sharded: every process calls it, the one with `write` writes."""
+        if self.lora is not None:
+            return self.save_lora(folder) if write else None
+        state = self.trained_state()
+        if not write:
+            return None
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.save_config(folder)
+        # The rest of the state is buffers (a positional embedding): never sharded, never trained.
+        buffers = {name: t.detach().cpu() for name, t in self.model.state_dict().items() if name not in state}
+        save_file({name: tensor.contiguous() for name, tensor in {**buffers, **state}.items()},
+                  folder / FULL_WEIGHT_NAME)
+        return folder / FULL_WEIGHT_NAME
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
 
     def named_trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The trainable (LoRA) parameters by parameter name."""
+        """The trainable parameters (the LoRA weights, or all of the denoiser's) by parameter name."""
         return {name: p for name, p in self.model.named_parameters() if p.requires_grad}
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the trainable (LoRA) parameters by parameter name, on their device:
-        the weights of an old policy that `trainable_weights` runs."""
-        return {name: p.detach().clone() for name, p in self.named_trainable_parameters().items()}
+        """Copies of the trainable tensors (`trainable_tensors`) by parameter name, on their
+        device: the weights of an old policy that `trainable_weights` runs."""
+        return {name: t.detach().clone() for name, t in self.trainable_tensors().items()}
 
     @contextlib.contextmanager
     def trainable_weights(self, state: dict[str, torch.Tensor]) -> Iterator[None]:
-        """Run with the trainable parameters holding `state` (`trainable_state`'s keys),
-        copied in place, and their own values restored after: another adapter's weights in
-        the same modules, so no copy of the UNet is made and the optimizer and DDP keep
-        their parameters."""
-        params = self.named_trainable_parameters()
+        """Run with the trainable tensors holding `state` (`trainable_state`'s keys), copied
+        in place, and their own values restored after: another adapter's weights in the same
+        modules, so no copy of the UNet is made and the optimizer and DDP keep their
+        parameters. The own values wait on the device `state` lies on (the CPU, for a
+        reference kept there: no second copy of a fully trained model on the device)."""
+        params = self.trainable_tensors()
         if params.keys() != state.keys():
             raise ValueError("the old policy's weights do not fit this adapter (rank or target modules differ)")
-        own = {name: p.detach().clone() for name, p in params.items()}
+        own = {name: p.detach().to(state[name].device, copy=True) for name, p in params.items()}
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(state[name])

@@ -123,9 +123,11 @@ class TrajectorySampler:
         Flow-GRPO's term, which divides the squared mean difference by the SDE's noise level
         before its sqrt(σ - σ') (yifan123/flow_grpo ac4c86e, scripts/train_sd3.py:895;
         flow_grpo/diffusers_patch/sd3_sde_with_logprob.py:47, :59)."""
-        mean, std, _ = self.transition(latents, step_index, prompt_embeds)
+        # The reference first: in full fine-tuning it copies the base weights into the
+        # parameters, which must not change under a graph still to be back-propagated.
         with torch.no_grad(), self.policy.reference():
             ref_mean, _, _ = self.transition(latents, step_index, prompt_embeds)
+        mean, std, _ = self.transition(latents, step_index, prompt_embeds)
         kl = gaussian_kl(mean, ref_mean, std)
         if kl_form == "flow-grpo":
             kl = kl * self.kernel.step_size(step_index.to(self.policy.device)).to(kl.dtype)
