@@ -92,6 +92,14 @@ part sd3.5 240 python3 -m benchmarks.perf --preset sd3.5-medium --tag full --out
 # shellcheck disable=SC2086
 part flux 240 python3 -m benchmarks.perf --preset flux-schnell --tag full --out "$OUT/runs" \
   --no-baseline --repeats 1 --sample-calls 1 ${PERF_EXTRA:-}
+# Issue 30's full fine-tuning row, "full-ft": GRPO training every weight of SD3.5-medium's
+# 2.5B transformer (float32 master weights, gradients and AdamW moments: 16 bytes a weight,
+# 40 GB), sharded over a group of one (--fsdp: the code path of N GPUs, none of its savings).
+# FLUX.1-schnell's 12B would need 192 GB on one GPU: 24 GB a GPU over 8, beyond one call.
+#   run(command="PARTS=full-ft bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# shellcheck disable=SC2086
+part full-ft 300 python3 -m benchmarks.perf --preset sd3.5-medium --tag grpo-full-fsdp --out "$OUT/runs" \
+  --algos grpo --finetune full --fsdp --no-baseline --repeats 1 --sample-calls 1 ${PERF_EXTRA:-}
 
 cp /tmp/stepzoo-reference-sdpo/reference.log "$OUT/reference-log.txt" 2>/dev/null
 python3 - "$OUT" <<'EOF'

@@ -33,6 +33,13 @@ Prints a Markdown table and writes it with a JSON record under `--out`.
 
     python -m benchmarks.perf --preset sd-turbo --mixed-precision fp16 --measure-epoch sdpo \
         --measured-trajectories 16                                  # issue 17's table (a GPU)
+
+Full fine-tuning (`--finetune full`: every weight of the denoiser trained, AdamW's moments
+model-sized), sharded over the processes of an accelerate launch with `--fsdp` (as
+`benchmarks.run`'s; memory is then each process's, the largest of them):
+
+    accelerate launch --num_processes 2 -m benchmarks.perf --preset sd3.5-medium --reduced \
+        --algos grpo --finetune full --fsdp --tag full-fsdp2
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 import tyro
@@ -63,6 +70,7 @@ from benchmarks.loss_calls import (
 )
 from benchmarks.presets import PRESETS, Preset
 from benchmarks.rollout import global_advantages, sample_and_score
+from benchmarks.sharding import shard_denoiser
 from rewards.base import Reward
 from rewards.registry import load_reward
 from zoo.algorithm import Algorithm, EpochContext, ForwardProcessAlgorithm, SamplingNeeds
@@ -173,6 +181,12 @@ class PerfArgs:
     """Suffix of the output files' names, to keep several settings apart."""
     out: str = "results/perf"
     """Folder for <preset>[-reduced]-<device>[-<tag>].md and .json."""
+    finetune: Literal["lora", "full"] = "lora"
+    """What trains, as `benchmarks.run --finetune`: a LoRA adapter (the first algorithm's rank
+    and targets, for every row) or every weight of the denoiser."""
+    fsdp: bool = False
+    """Shard the fully fine-tuned denoiser over the processes (`benchmarks.sharding`; one
+    process, or those of `accelerate launch --num_processes N`), as `benchmarks.run --fsdp`."""
 
 
 @dataclass(frozen=True)
@@ -196,12 +210,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_policy(args: PerfArgs, preset: Preset, device: torch.device, precision: str, lora: LoraSettings) -> Policy:
+def build_policy(
+    args: PerfArgs, preset: Preset, device: torch.device, precision: str, lora: LoraSettings | None
+) -> Policy:
+    """The preset's architecture with random weights; `lora` None: fully fine-tuned."""
     performance = Performance(
         tf32=args.tf32, gradient_checkpointing=args.gradient_checkpointing, compile_unet=args.compile_unet
     )
     torch.manual_seed(args.seed)
-    options = dict(device=device, mixed_precision=precision, lora=lora, performance=performance)
+    options = dict(device=device, mixed_precision=precision, lora=lora, full_finetune=lora is None,
+                   performance=performance)
     if preset.sampler == "flow":
         return build_flow_policy(args, preset, options)
     if preset.name == "tiny":
@@ -473,7 +491,10 @@ def measure_algorithm(
     seconds = row["train_call_s"] = timed(train, device, args.repeats)
     row["train_peak_gb"] = peak_gb(device)
     row["train_transitions_s"] = transitions / seconds
-    if baseline and train_per_member is not None:
+    # Not in full fine-tuning: the per-member way keeps every member's graph until one
+    # backward pass, and the reference (GRPO's KL) is the base weights copied into the
+    # parameters, which autograd then refuses.
+    if baseline and train_per_member is not None and args.finetune == "lora":
         row["train_speedup"] = timed(train_per_member, device, args.repeats) / seconds
     row["train_call_tflop"] = training_flops(policy, train) / 1e12
     row["train_tflops"] = row["train_call_tflop"] / seconds
@@ -537,6 +558,18 @@ def command_line(args, module: str = "benchmarks.perf") -> str:
     return " ".join([f"python -m {module}", *flags])
 
 
+def _trained(record: dict) -> str:
+    """What trained, in words: a record made before full fine-tuning existed trained LoRA."""
+    parameters = record.get("trained_parameters")
+    count = f"{parameters / 1e6:.3g}M parameters" if parameters else "parameters not recorded"
+    if record.get("finetune", "lora") == "lora":
+        return f"a LoRA adapter ({count})"
+    processes = record.get("processes", 1)
+    sharding = (f"sharded over {processes} processes (FSDP2; memory is one process's)" if record["args"].get("fsdp")
+                else f"on each of {processes} processes" if processes > 1 else "in one process")
+    return f"every weight of the denoiser ({count}), {sharding}"
+
+
 def markdown(record: dict) -> str:
     env = record["environment"]
     lines = [
@@ -548,6 +581,7 @@ def markdown(record: dict) -> str:
         f"resolution {record['resolution']}px · options {record['performance']}",
         f"- matmul peak measured here: {record['matmul_peak_tflops']:.3g} TFLOP/s ({record['matmul_dtype']}); "
         f"MFU = training FLOPs/s over it",
+        f"- trained: {_trained(record)}",
         f"- reward: {record['reward']}; peak memory: "
         + ("CUDA max allocated per phase" if env["device_type"] == "cuda" else "process peak RSS (cumulative)"),
         "- ratio drift: max over the first training minibatch of |exp(logp re-scored − logp sampled) − 1|, "
@@ -626,6 +660,8 @@ def main(args: PerfArgs) -> dict:
                          f"not {args.preset}")
     if args.random_reward_weights and args.reward not in archs.REWARD_ARCHS:
         raise SystemExit(f"--random-reward-weights builds {' or '.join(archs.REWARD_ARCHS)}, not --reward {args.reward}")
+    if args.fsdp and args.finetune != "full":
+        raise SystemExit("--fsdp shards a fully fine-tuned denoiser: pass --finetune full as well")
     measured = tuple(names if args.measure_epoch == "all" else [a.strip() for a in args.measure_epoch.split(",") if a.strip()])
     if set(measured) - set(names):
         raise SystemExit(f"--measure-epoch: {', '.join(sorted(set(measured) - set(names)))} not among --algos {args.algos}")
@@ -642,8 +678,8 @@ def main(args: PerfArgs) -> dict:
     # One LoRA shape for every algorithm of the run, so that rows compare algorithms and
     # not adapters: the rank of the first algorithm's config for this preset.
     first = algorithm_config(names[0], preset, args, num_steps)
-    policy = build_policy(args, preset, device, precision, LoraSettings(first.lora_rank, first.lora_alpha,
-                                                                         tuple(first.lora_target_modules)))
+    lora = LoraSettings(first.lora_rank, first.lora_alpha, tuple(first.lora_target_modules))
+    policy = build_policy(args, preset, device, precision, None if args.finetune == "full" else lora)
     with tempfile.TemporaryDirectory() as folder:
         paths = None
         if args.random_reward_weights:
@@ -651,11 +687,16 @@ def main(args: PerfArgs) -> dict:
             paths = archs.save_random_reward(args.reward, Path(folder), reduced=tiny, device=device)
         reward = load_reward(args.reward, device=device, paths=paths)
     accelerator = None
-    if measured:
+    if measured or args.fsdp:
         from accelerate import Accelerator
 
-        # One process, nothing prepared: the policy casts and autocasts by itself.
+        # Nothing prepared: the policy casts and autocasts by itself, and a sharded
+        # denoiser reduces its own gradients.
         accelerator = Accelerator(cpu=device.type == "cpu")
+    if args.fsdp:
+        shard_denoiser(policy, accelerator)
+    policy.keep_reference()
+    main_process = accelerator is None or accelerator.is_main_process
     epoch = EpochPlan(trajectories, args.epochs or preset.epochs, measured,
                       args.measured_trajectories or trajectories, accelerator)
     matmul_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -669,6 +710,9 @@ def main(args: PerfArgs) -> dict:
         "precision": precision,
         "resolution": image_side(policy, args.preset),
         "performance": asdict(policy.performance),
+        "finetune": args.finetune,
+        "processes": 1 if accelerator is None else accelerator.num_processes,
+        "trained_parameters": sum(p.numel() for p in policy.trainable_parameters()),
         "reward": args.reward + (" (random weights)" if args.random_reward_weights else ""),
         "epoch_trajectories": epoch.trajectories,
         "epochs": epoch.epochs,
@@ -693,11 +737,14 @@ def main(args: PerfArgs) -> dict:
             row["error"] = "out of memory"
             torch.cuda.empty_cache()
         record["rows"].append(row)
+        if not main_process:
+            continue
         print(" ".join(f"{k}={_cell(k, v)}" for k, v in row.items()), flush=True)
         # Written after every algorithm, so a run stopped by a time limit keeps its rows.
         (out / f"{setting}.md").write_text(markdown(record))
         (out / f"{setting}.json").write_text(strict_json.dumps(record, indent=2) + "\n")
-    print(markdown(record))
+    if main_process:
+        print(markdown(record))
     return record
 
 

@@ -45,6 +45,11 @@ def shard_denoiser(policy: Policy, accelerator: Accelerator) -> None:
     per block that the model keeps whole (`_no_split_modules`: a transformer block, a UNet's
     resnet and attention blocks), and the root for the rest."""
     model = policy.model
+    if not torch.distributed.is_initialized():
+        # One process started without a launcher: a group of one, so that the same code runs
+        # (sharding over one process changes no number and saves no memory).
+        backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(accelerator.device.type, (accelerator.num_processes,))
     blocks = tuple(getattr(model, "_no_split_modules", None) or ())
     # Innermost first: a block inside another block (a UNet's up block) gets its own unit.

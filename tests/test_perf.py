@@ -4,7 +4,7 @@ trainer's own epoch. Speeds are measured by the command, never asserted here."""
 
 import json
 import sys
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -162,6 +162,7 @@ def test_overlap_with_a_random_weight_model_reward(tmp_path, monkeypatch):
     (dict(epoch_trajectories=7), "--epoch-trajectories 7"),
     (dict(measured_trajectories=3), "--measured-trajectories 3"),
     (dict(measure_epoch="ddpo"), "--measure-epoch"),
+    (dict(fsdp=True), "--fsdp shards a fully fine-tuned denoiser"),
 ])
 def test_bad_epoch_and_reward_flags_are_refused_first(tmp_path, flags, message):
     with pytest.raises(SystemExit, match=message):
@@ -208,6 +209,30 @@ def test_flow_tables(preset, reduced, setting, tmp_path):
     without_baseline = tuple(key for key in FIGURES if key not in PAIR_BASELINES)
     _check_outputs(record, tmp_path, setting, ["sdpo"], without_baseline)
     assert record["resolution"] == 32 and record["precision"] == "no"
+
+
+@pytest.fixture
+def process_group_after():
+    """Closes the group of one that `--fsdp` opens in this process, so later tests see none."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_full_fine_tuning_rows(fsdp, tmp_path, process_group_after):
+    """Every weight of the tiny flow transformer trained, in one process or sharded over a
+    group of one: the record counts the whole transformer as trained (against the LoRA's
+    fraction of it) and says so, and GRPO's KL runs on the reference kept on the CPU."""
+    args = PerfArgs(preset="tiny-flow", resolution=32, algos="grpo", batch_size=4, steps=2, repeats=1,
+                    sample_calls=1, device="cpu", baseline=False, out=str(tmp_path), finetune="full", fsdp=fsdp)
+    record = main(args)
+    lora = main(replace(args, finetune="lora", fsdp=False, tag="lora"))
+    assert record["finetune"] == "full" and record["processes"] == 1
+    assert record["trained_parameters"] > 5 * lora["trained_parameters"]  # rank-32 LoRA: 15% of it
+    assert "train_transitions_s" in record["rows"][0] and "error" not in record["rows"][0]
+    text = (tmp_path / "tiny-flow-cpu.md").read_text()
+    assert "every weight of the denoiser" in text and ("FSDP2" in text) == fsdp
 
 
 def test_a_default_sampling_call_holds_whole_groups():
