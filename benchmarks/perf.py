@@ -76,7 +76,7 @@ from rewards.registry import load_reward
 from zoo.algorithm import Algorithm, EpochContext, ForwardProcessAlgorithm, SamplingNeeds
 from zoo.flow_policy import FlowPolicy
 from zoo.kernels import SamplerConfig
-from zoo.policy import LoraSettings, Performance, Policy
+from zoo.policy import LoraSettings, Performance, Policy, local_tensor
 from zoo.registry import ALGORITHMS
 from zoo.unet_policy import UNetPolicy
 from zoo.sampling import TrajectorySampler
@@ -100,6 +100,7 @@ COLUMNS = (
     ("reward_images_s", "reward img/s"),
     ("sample_peak_gb", "sample peak GB"),
     ("train_peak_gb", "train peak GB"),
+    ("trained_state_gb", "trained state GB"),
     ("train_tflops", "train TFLOP/s"),
     ("mfu", "MFU"),
     ("epoch_loss_calls", "loss calls/epoch"),
@@ -307,6 +308,21 @@ def peak_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def trained_state_gb(policy: Policy, optimizer: torch.optim.Optimizer) -> float:
+    """GB that this process holds of what training keeps across a step: the trained weights,
+    one gradient each (freed between steps, held from backward to the optimizer step) and
+    the optimizer's state; this process's shards of them when the denoiser is sharded. The
+    tensors' own sizes, so a CPU's peak RSS (the libraries', the text encoders') does not
+    hide them."""
+    held = 0
+    for param in policy.trainable_parameters():
+        weights = local_tensor(param)
+        held += 2 * weights.numel() * weights.element_size()
+        held += sum(local_tensor(v).numel() * local_tensor(v).element_size()
+                    for v in optimizer.state.get(param, {}).values() if isinstance(v, torch.Tensor))
+    return held / 1e9
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
     """Dense matmul rate measured here: the ceiling MFU is taken against."""
     size = 8192 if device.type == "cuda" else 1024
@@ -490,6 +506,7 @@ def measure_algorithm(
     reset_peak(device)
     seconds = row["train_call_s"] = timed(train, device, args.repeats)
     row["train_peak_gb"] = peak_gb(device)
+    row["trained_state_gb"] = trained_state_gb(policy, optimizer)
     row["train_transitions_s"] = transitions / seconds
     # Not in full fine-tuning: the per-member way keeps every member's graph until one
     # backward pass, and the reference (GRPO's KL) is the base weights copied into the
@@ -584,6 +601,8 @@ def markdown(record: dict) -> str:
         f"- trained: {_trained(record)}",
         f"- reward: {record['reward']}; peak memory: "
         + ("CUDA max allocated per phase" if env["device_type"] == "cuda" else "process peak RSS (cumulative)"),
+        "- trained state GB: this process's trained weights, a gradient for each and the optimizer's state "
+        "(its shards when sharded), summed from the tensors' sizes",
         "- ratio drift: max over the first training minibatch of |exp(logp re-scored − logp sampled) − 1|, "
         "under the weights that sampled",
         "- × per-member: time of the reference codes' way (one sampler / log-prob call per group member) "

@@ -24,7 +24,8 @@ from zoo.kernels import SamplerConfig
 from zoo.sampling import TrajectorySampler
 
 FIGURES = ("sample_traj_s", "sample_speedup", "epoch_traj_s", "overlap_speedup", "train_transitions_s",
-           "train_speedup", "reward_images_s", "sample_peak_gb", "train_peak_gb", "train_tflops", "mfu", "ratio_drift",
+           "train_speedup", "reward_images_s", "sample_peak_gb", "train_peak_gb", "trained_state_gb", "train_tflops",
+           "mfu", "ratio_drift",
            "epoch_s", "run_h", "flop_limit_s")
 PAIR_BASELINES = ("sample_speedup", "train_speedup")
 """Timed only for groups of two: with one member the per-member way is the batched way."""
@@ -223,13 +224,18 @@ def process_group_after():
 def test_full_fine_tuning_rows(fsdp, tmp_path, process_group_after):
     """Every weight of the tiny flow transformer trained, in one process or sharded over a
     group of one: the record counts the whole transformer as trained (against the LoRA's
-    fraction of it) and says so, and GRPO's KL runs on the reference kept on the CPU."""
+    fraction of it), holds 16 bytes of training state a weight, and says so; GRPO's KL runs
+    on the reference kept on the CPU."""
     args = PerfArgs(preset="tiny-flow", resolution=32, algos="grpo", batch_size=4, steps=2, repeats=1,
                     sample_calls=1, device="cpu", baseline=False, out=str(tmp_path), finetune="full", fsdp=fsdp)
     record = main(args)
     lora = main(replace(args, finetune="lora", fsdp=False, tag="lora"))
     assert record["finetune"] == "full" and record["processes"] == 1
     assert record["trained_parameters"] > 5 * lora["trained_parameters"]  # rank-32 LoRA: 15% of it
+    # float32 weights, gradients and AdamW's two moments: 16 bytes a trained weight, and
+    # AdamW's step count, 4 bytes a parameter tensor (712 bytes of 31.6 MB here).
+    for made in (record, lora):
+        assert made["rows"][0]["trained_state_gb"] == pytest.approx(16 * made["trained_parameters"] / 1e9, rel=1e-4)
     assert "train_transitions_s" in record["rows"][0] and "error" not in record["rows"][0]
     text = (tmp_path / "tiny-flow-cpu.md").read_text()
     assert "every weight of the denoiser" in text and ("FSDP2" in text) == fsdp
