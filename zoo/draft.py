@@ -58,7 +58,10 @@ Deliberate deviations:
 
 Metrics: loss, reward (minibatch mean), reward_std (AlignProp logs both,
 alignprop_trainer.py:346-347); the runner adds grad_steps (the mean K: each backward pass
-goes through that many UNet calls) and train_reward.
+goes through that many UNet calls) and train_reward. Over several processes each computes
+them on its part of the minibatch and the runner averages the parts: the mean is the
+minibatch's, the standard deviation the mean of the parts' (the spread within a part, a
+little below the minibatch's).
 
 Cost: one reward call per trajectory and one backward pass per minibatch, through K UNet
 calls (each recomputed once by checkpointing), the VAE decoder and the reward model.
