@@ -186,8 +186,8 @@ UNTUNED = {
     **{(preset, task): ADDED_LATER for preset in ("tiny", "tiny-flow") for task in ("tiny-aesthetic", "tiny-align")},
     # Not tuned on the distilled model: they keep `tiny`'s rates.
     ("tiny-turbo", "tiny-aesthetic"): {"grpo", "draft", "nft"},
-    # The flow student's first tuning run: the SDPO paper's four; the flow algorithms next.
-    ("tiny-flow-turbo", "tiny-aesthetic"): {"grpo", "draft", "nft", "awm", "mixgrpo"},
+    # The flow student: every algorithm but reward back-propagation.
+    ("tiny-flow-turbo", "tiny-aesthetic"): {"draft"},
 }
 """Per (preset, task), the algorithms no committed tuning run has selected a learning rate
 for (benchmarks/presets.py: they train at another task's or preset's rate; DRaFT cannot
