@@ -328,6 +328,7 @@ def test_the_runner_samples_the_ode_outside_the_window_and_trains_the_window(
 # Learning
 
 
+@pytest.mark.slow  # about a minute: a learning run, with the others in `make test-slow`
 def test_reward_goes_up_on_the_tiny_preset(tmp_path):
     """MixGRPO on the tiny preset's shipped model through `benchmarks.run`, K = 4 (windows in
     steps 0 and 1, steps 2 and 3 always on the ODE), its default task (the tiny-aesthetic
