@@ -382,11 +382,12 @@ def tiny_flow_turbo() -> Preset:
     # --seeds 100,101 --curve-points 10` on the tiny grid, by PEAK_RULE: DDPO 4e-3 (epoch 40,
     # still rising there; 8e-3 peaks at 16 lower), REBEL 1e-3 (epoch 16), D3PO 2e-3 (8), SDPO
     # 1e-3 (36); then (`--algos grpo,nft,awm,mixgrpo --extend`) GRPO 2e-3 (36), NFT 1e-3 (32),
-    # AWM 1e-3 (36), MixGRPO 1e-3 (32): the last three at the grid's lowest value, which
-    # results/tune-low-tiny-flow-turbo-tiny-aesthetic checks one step lower (5e-4). DRaFT keeps
-    # `tiny-flow`'s until tuned here.
+    # AWM 1e-3 (36), MixGRPO 1e-3 (32): the last three at the grid's lowest value, so the grid
+    # went one step lower (`tuning_grid` below, 5e-4 run for every algorithm, `--resume`):
+    # AWM 5e-4 (36) and MixGRPO 5e-4 (40, still rising, at the new grid's edge); the others
+    # unchanged. DRaFT keeps `tiny-flow`'s until tuned here.
     aesthetic_rates = {"ddpo": 4e-3, "rebel": 1e-3, "d3po": 2e-3, "sdpo": 1e-3, "grpo": 2e-3, "nft": 1e-3,
-                       "awm": 1e-3, "mixgrpo": 1e-3}
+                       "awm": 5e-4, "mixgrpo": 5e-4}
     return replace(
         base, name="tiny-flow-turbo", model=str(TINY_ASSETS / "pipeline-flow-turbo"), guidance_scale=TURBO_GUIDANCE,
         # One step below the tiny grid: three algorithms peaked at its lowest value on this model.
