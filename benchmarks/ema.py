@@ -68,6 +68,10 @@ class Ema:
         return (updates + 1) % self.update_interval == 0
 
 
+def _cpu_copies(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: w.detach().cpu().clone() for name, w in weights.items()}
+
+
 class WeightsEma:
     """The EMA of trainable tensors (a policy's LoRA or whole denoiser, this process's shards
     of it when sharded: `Policy.trainable_tensors`), by parameter name and on their devices,
@@ -95,10 +99,7 @@ class WeightsEma:
                 self.settings.decay_after(self.updates),
             )
 
-    def state_dict(self, gathered: Callable[[dict], dict] | None = None) -> dict:
+    def state_dict(self, gathered: Callable[[dict], dict] = _cpu_copies) -> dict:
         """A copy of the EMA on the CPU and its update count, for a checkpoint; `gathered`
         makes whole tensors of shards (`Policy.gathered`, a collective)."""
-        if gathered is not None:
-            return {"weights": gathered(self.weights), "updates": self.updates}
-        weights = {name: w.detach().cpu().clone() for name, w in self.weights.items()}
-        return {"weights": weights, "updates": self.updates}
+        return {"weights": gathered(self.weights), "updates": self.updates}

@@ -314,13 +314,15 @@ def trained_state_gb(policy: Policy, optimizer: torch.optim.Optimizer) -> float:
     the optimizer's state; this process's shards of them when the denoiser is sharded. The
     tensors' own sizes, so a CPU's peak RSS (the libraries', the text encoders') does not
     hide them."""
-    held = 0
+    def size(tensor: torch.Tensor) -> int:
+        held = local_tensor(tensor)
+        return held.numel() * held.element_size()
+
+    total = 0
     for param in policy.trainable_parameters():
-        weights = local_tensor(param)
-        held += 2 * weights.numel() * weights.element_size()
-        held += sum(local_tensor(v).numel() * local_tensor(v).element_size()
-                    for v in optimizer.state.get(param, {}).values() if isinstance(v, torch.Tensor))
-    return held / 1e9
+        total += 2 * size(param)
+        total += sum(size(v) for v in optimizer.state.get(param, {}).values() if isinstance(v, torch.Tensor))
+    return total / 1e9
 
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:

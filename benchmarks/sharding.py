@@ -65,7 +65,8 @@ def shard_denoiser(policy: Policy, accelerator: Accelerator) -> None:
 
 def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     """`optimizer.state_dict()` with each sharded state tensor (an AdamW moment) gathered
-    whole onto the CPU: the form an unsharded run's checkpoint holds. A collective."""
+    whole onto the CPU: an unsharded optimizer's state as it is, a sharded one's in the same
+    form. A collective when sharded."""
     state = optimizer.state_dict()
     with torch.no_grad():
         state["state"] = {
@@ -77,9 +78,8 @@ def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load `gathered_optimizer_state`'s state (or an unsharded run's) into an optimizer of
-    sharded parameters: each whole tensor the shape of its parameter becomes this process's
-    shard of it."""
+    """Load `gathered_optimizer_state`'s state into an optimizer, sharded or not: for a
+    sharded parameter, each whole tensor of its shape becomes this process's shard of it."""
     optimizer.load_state_dict(state)
     for group in optimizer.param_groups:
         for param in group["params"]:

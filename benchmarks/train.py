@@ -272,10 +272,7 @@ def run_algorithm(
     weights_key = "weights" if full else "lora"
     if state is not None:
         policy.load_trained_state(state[weights_key])
-        if settings.fsdp:
-            load_optimizer_state(optimizer, state["optimizer"])
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         tracker.load_state_dict(state["tracker"])
         counters.update(state["counters"])
         records = list(state["records"])
@@ -398,7 +395,7 @@ def run_algorithm(
             "epoch": done,
             "done": done == settings.epochs,
             weights_key: trained,
-            "optimizer": gathered_optimizer_state(optimizer) if settings.fsdp else optimizer.state_dict(),
+            "optimizer": gathered_optimizer_state(optimizer),
             "tracker": tracker.state_dict(),
             "counters": counters,
             "records": records,
