@@ -26,6 +26,11 @@ Per cell (run folder, gold, algorithm, step count), over the seeds:
   α·m false marks that m uncorrected tests at α would carry in expectation when nothing
   moved.
 
+Per run folder and algorithm, its precision on the run's own gold: the widest interval
+half-width over the step counts against PRECISION_TARGET (±0.02), the seeds that would
+reach it, and whether the algorithm diverges (a mean loss beyond DIVERGENCE on some gold,
+which exempts it: its width measures how differently its seeds collapse).
+
 Aggregates per gold, pooling every run folder given (Agarwal et al. 2021, "Deep RL at the
 edge of the statistical precipice", and its library github.com/google-research/rliable),
 with strata (run folder, step count):
@@ -93,9 +98,17 @@ the same value can record means 1e-9 apart (tiny-tiny-aesthetic-3seeds, nft and 
 1 step on tiny-align-gold, seed 2: 4.7e-10). Unrounded, that would be a gain, not a tie;
 real gains are a few thousandths or more (an image of 64 moving a third of a point)."""
 CHANCE = 0.5
+"""P(X > Y) of two algorithms that do not differ."""
 OWN_GOLD = "own gold of each run"
 """The aggregate over every run folder's own gold (its training reward's)."""
-"""P(X > Y) of two algorithms that do not differ."""
+PRECISION_TARGET = 0.02
+"""The half-width of the t interval of a gain that a verdict table is built to reach on its
+training reward's gold, for every algorithm that does not diverge (issue 27's bar: a
+ranking of gains a few hundredths apart needs intervals narrower than the gains)."""
+DIVERGENCE = 0.10
+"""A mean gold loss beyond this at some step count, on any gold, marks an algorithm as
+diverging: its intervals are wide because its seeds collapse differently, and more seeds
+would only measure the collapse more precisely."""
 
 EpochChoice = Mapping[tuple[str, int], int]
 """(algorithm, seed) -> the epoch to judge; pairs left out take their last evaluated epoch."""
@@ -522,6 +535,70 @@ def count_marks(cells: Sequence[CellVerdict]) -> TableCount:
     return TableCount(len(tested), sum(c.p <= ALPHA for c in tested), sum(c.mark != 0 for c in tested))
 
 
+@dataclass(frozen=True)
+class Precision:
+    """Whether one algorithm of one run folder reaches PRECISION_TARGET on the run's own
+    gold: its widest half-width there, the seeds that cell would need at its observed sd,
+    and its worst mean gain on any gold (below -DIVERGENCE: diverging, exempt)."""
+
+    run: str
+    algo: str
+    gold: str
+    widest: float
+    widest_steps: int
+    seeds: int
+    seeds_needed: int | None
+    worst: float
+    worst_gold: str
+    worst_steps: int
+
+    @property
+    def diverges(self) -> bool:
+        return self.worst < -DIVERGENCE
+
+    @property
+    def met(self) -> bool:
+        return self.widest <= PRECISION_TARGET
+
+
+def seeds_for_half_width(sd: float, target: float = PRECISION_TARGET) -> int | None:
+    """The fewest seeds (two or more) whose t interval at sd `sd` has a half-width of at
+    most `target`; None when more than MAX_SEEDS are needed."""
+    def half(n: int) -> float:
+        return stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n)
+
+    if half(MAX_SEEDS) > target:
+        return None
+    low, high = 2, MAX_SEEDS  # the half-width falls with n: bisect for the first n that is narrow enough
+    while low < high:
+        middle = (low + high) // 2
+        if half(middle) <= target:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
+    """Each algorithm's Precision in `run` (its cells of every gold), on the run's own gold;
+    none when the run has no own gold (a training reward without one) or fewer than two
+    seeds anywhere."""
+    own = run.golds[0] if run.golds and run.golds[0] in own_golds(run.reward) else None
+    of_run = [c for c in cells if c.run == run.name and c.n >= 2]
+    result = []
+    for algo in dict.fromkeys(c.algo for c in of_run if c.gold == own):
+        mine = [c for c in of_run if c.algo == algo]
+        widest = max((c for c in mine if c.gold == own), key=lambda c: (c.high - c.low, -c.steps))
+        worst = min(mine, key=lambda c: (c.mean, c.gold != own, c.steps))
+        result.append(
+            Precision(
+                run.name, algo, own, (widest.high - widest.low) / 2, widest.steps, widest.n,
+                seeds_for_half_width(widest.sd), worst.mean, worst.gold, worst.steps,
+            )
+        )
+    return result
+
+
 # --- verdict.md ---------------------------------------------------------------------------
 
 
@@ -613,6 +690,37 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
     )
 
 
+def precision_markdown(rows: Sequence[Precision]) -> str:
+    """One run folder's precision table and whether it clears the bar."""
+    run, gold = rows[0].run, rows[0].gold
+    lines = [
+        f"## {run}: precision on {gold}",
+        "",
+        f"| algorithm | widest ± on {gold} | seeds for ±{PRECISION_TARGET} | worst mean gain (gold, steps) | bar |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        bar = "diverges: exempt" if row.diverges else ("met" if row.met else "not met")
+        lines.append(
+            f"| {row.algo} | {row.widest:.4f} ({steps_label(row.widest_steps)}) | {_seeds_text(row.seeds_needed)} | "
+            f"{_signed(row.worst)} ({row.worst_gold}, {steps_label(row.worst_steps)}) | {bar} |"
+        )
+    judged = [row for row in rows if not row.diverges]
+    short = [row.algo for row in judged if not row.met]
+    verdict_text = (
+        f"met by all {len(judged)}" if not short else f"not met by {len(short)} of {len(judged)} ({', '.join(short)})"
+    )
+    lines += [
+        "",
+        f"The bar: every algorithm that does not diverge (a mean gold loss of more than {DIVERGENCE:.2f} at some step "
+        f"count, on any gold) has a Student t {1 - ALPHA:.0%} interval of its gain on {gold} no wider than "
+        f"±{PRECISION_TARGET} at every step count: {verdict_text}. `widest ±`: the widest half-width over the step "
+        f"counts, at {rows[0].seeds} seeds; `seeds for ±{PRECISION_TARGET}`: the seeds that cell would need at its "
+        "observed sd (a planning number).",
+    ]
+    return "\n".join(lines)
+
+
 def _estimate_text(estimate: Estimate, null: float, decimals: int) -> str:
     text = f"{estimate.value:.{decimals}f} [{estimate.low:.{decimals}f}, {estimate.high:.{decimals}f}]"
     return f"**{text}**" if estimate.separable(null) else text
@@ -684,6 +792,9 @@ def verdict_markdown(result: Verdict) -> str:
         for gold in run.golds:
             cells = [c for c in result.cells if c.run == run.name and c.gold == gold]
             parts += ["", table_markdown(cells, run, gold, result.algos)]
+        rows = precision(result.cells, run)
+        if rows:
+            parts += ["", precision_markdown(rows)]
     for agg in result.aggregates:
         parts += ["", aggregate_markdown(agg, result.algos)]
     return "\n".join(parts) + "\n"
@@ -711,7 +822,7 @@ def verdict_json(result: Verdict) -> dict:
     return {
         "settings": {
             "alpha": ALPHA, "power": POWER, "bootstrap_resamples": RESAMPLES, "bootstrap_seed": BOOTSTRAP_SEED,
-            "epochs": result.epochs,
+            "epochs": result.epochs, "precision_target": PRECISION_TARGET, "divergence": DIVERGENCE,
         },
         "runs": [{"name": run.name, "reward": run.reward, "golds": run.golds} for run in result.runs],
         "cells": [
@@ -724,6 +835,16 @@ def verdict_json(result: Verdict) -> dict:
             for c in result.cells
         ],
         "tables": tables,
+        "precision": [
+            {
+                "run": p.run, "algo": p.algo, "gold": p.gold, "widest_half_width": p.widest,
+                "widest_steps": p.widest_steps, "seeds": p.seeds, "seeds_for_target": p.seeds_needed,
+                "worst_mean_gain": p.worst, "worst_gold": p.worst_gold, "worst_steps": p.worst_steps,
+                "diverges": p.diverges, "met": p.met,
+            }
+            for run in result.runs
+            for p in precision(result.cells, run)
+        ],
         "aggregates": [
             {
                 "gold": agg.gold,

@@ -396,6 +396,46 @@ def test_synthetic_run_verdict_files_and_numbers(tmp_path):
     assert text == (tmp_path / "out" / "verdict.md").read_text()
 
 
+def test_seeds_for_half_width_on_closed_forms():
+    """The t interval's half-width at n seeds is q(n - 1) sd / √n. At n = 2, q(1) is the
+    Cauchy quantile tan(0.475 π) = 12.706205: half-width 8.984644 sd, so sd 0.002 reaches
+    ±0.02 with 2 seeds and 0.0023 does not. At n = 3 (q(2) = 4.302653 in closed form) the
+    boundary is sd = 0.02 √3 / 4.302653 = 0.0080509: just below it takes 3 seeds, just above
+    it more."""
+    assert math.tan(0.475 * math.pi) / math.sqrt(2) == pytest.approx(8.984644, abs=1e-6)
+    assert v.seeds_for_half_width(0.002) == 2
+    assert v.seeds_for_half_width(0.0023) == 3
+    boundary = 0.02 * math.sqrt(3) / t2_quantile(0.975)
+    assert v.seeds_for_half_width(boundary * 0.999) == 3
+    assert v.seeds_for_half_width(boundary * 1.001) == 4
+    assert v.seeds_for_half_width(0.0) == 2
+    assert v.seeds_for_half_width(10.0) is None  # ±0.02 is out of reach of MAX_SEEDS seeds
+
+
+def test_precision_bar_exempts_only_diverging_algorithms(tmp_path):
+    """On GAINS, own gold tiny-aesthetic-gold: sdpo's widest half-width is at 1 step, 0.065724
+    (sd √0.0007 = 0.026458; ±0.02 needs q(n - 1) / √n ≤ 0.7559: 2.306004 / 3 = 0.7687 at 9
+    seeds, 2.262157 / √10 = 0.7154 at 10), its worst mean -0.03 on tiny-align-gold: not met.
+    ddpo's tiny-align-gold loss at 2 steps is 0.101 > DIVERGENCE: exempt. Halving the
+    tiny-align-gold gains (0.0505) brings ddpo under the bar: both then fail it."""
+    run = write_run(tmp_path / "synthetic", rows())
+    text = v.write_verdict([run], tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    rows_by_algo = {p["algo"]: p for p in result["precision"]}
+    sdpo, ddpo = rows_by_algo["sdpo"], rows_by_algo["ddpo"]
+    assert sdpo["gold"] == AESTHETIC and sdpo["widest_steps"] == 1 and sdpo["seeds"] == 3
+    assert sdpo["widest_half_width"] == pytest.approx(t2_quantile(0.975) * math.sqrt(0.0007 / 3))
+    assert sdpo["seeds_for_target"] == 10
+    assert (sdpo["worst_mean_gain"], sdpo["worst_gold"]) == (pytest.approx(-0.03), ALIGN)
+    assert (sdpo["diverges"], sdpo["met"]) == (False, False)
+    assert (ddpo["worst_mean_gain"], ddpo["worst_gold"], ddpo["worst_steps"]) == (pytest.approx(-0.101), ALIGN, 2)
+    assert (ddpo["diverges"], ddpo["widest_steps"]) == (True, 1)
+    assert "| ddpo | 0.0745 (1 step) |" in text and "| diverges: exempt |" in text
+    assert "±0.02 at every step count: not met by 1 of 1 (sdpo)" in text
+    halved = v.write_verdict([write_run(tmp_path / "halved", rows(align_scale=0.5))], tmp_path / "halved-out")
+    assert "not met by 2 of 2 (ddpo, sdpo)" in halved or "not met by 2 of 2 (sdpo, ddpo)" in halved
+
+
 def test_committed_run_verdict(tmp_path):
     """tiny-tiny-aesthetic-3seeds: the files appear; nft's gold gain at 4 steps, read from the
     raw records, is the cell's; the aggregates are rliable's numbers (RLIABLE_GAINS)."""
