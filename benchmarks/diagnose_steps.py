@@ -31,7 +31,8 @@ import torch
 from benchmarks.evaluate import evaluation_seed
 from benchmarks.portable import recorded_model
 from benchmarks.presets import PRESETS
-from benchmarks.run_folder import ALGORITHM_CONFIG_DEFAULTS
+from benchmarks.run_folder import ALGORITHM_CONFIG_DEFAULTS, recorded_setting
+from benchmarks.train import trained_weights_folder
 from rewards.registry import load_reward
 from rewards.spec import gold_rewards
 from rewards.tiny_gold import pair_sign_agreement, pair_ties
@@ -158,20 +159,20 @@ def diagnose(run: Path, seed: int, algos: list[str] | None, split: str, pairs_pe
                      "pairs_per_prompt": pairs_per_prompt, "shared_noise": shared_noise, "prompts": prompts,
                      "rewards": reward_names,
                      "policies": {}}
-    policies: list[tuple[str, Path | None, dict | None]] = [("base", None, None)]
+    finetune = recorded_setting(config, "finetune")
+    policies: list[tuple[str, Path | None, LoraSettings | None]] = [("base", None, None)]
     for algo in chosen:
-        folder = run / "lora" / f"{algo}_seed{seed}"
+        folder = trained_weights_folder(run, algo, seed, finetune)
         if not folder.is_dir():
             raise SystemExit(f"--seed {seed}: {folder} is missing; the run trained seeds {config['seeds']}")
-        policies.append((algo, folder, algo_configs[algo]))
-    for name, folder, algo_config in policies:
-        lora = None
-        if algo_config is not None:
-            lora = LoraSettings(algo_config["lora_rank"], algo_config["lora_alpha"],
-                                tuple(algo_config["lora_target_modules"]))
+        fields = algo_configs[algo]
+        lora = None if finetune == "full" else LoraSettings(
+            fields["lora_rank"], fields["lora_alpha"], tuple(fields["lora_target_modules"]))
+        policies.append((algo, folder, lora))
+    for name, folder, lora in policies:
         policy = load_policy(model, lora=lora)
         if folder is not None:
-            policy.load_lora(folder)
+            policy.load_weights(folder)
         scores, timesteps, anchors = score_steps(policy, sampler_config, prompts, pairs_per_prompt, rewards, seed,
                                                  shared_noise)
         results["policies"][name] = {
@@ -220,7 +221,8 @@ def render(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", required=True, type=Path, help="a benchmarks.run output folder")
-    parser.add_argument("--seed", type=int, default=0, help="which seed's adapters (lora/<algo>_seed<N>)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which seed's trained weights (lora/<algo>_seed<N>, or model/ in full fine-tuning)")
     parser.add_argument("--algos", default=None,
                         help='comma-separated; default: every algorithm of the run; "" for the base model alone')
     parser.add_argument("--split", choices=("test", "validation"), default="test")

@@ -102,6 +102,8 @@ class Plan:
             "max_bad_reward_batches": self.args.max_bad_reward_batches,
             "num_processes": self.num_processes,
             "ema": dataclasses.asdict(self.args.ema) if self.args.ema.on else None,
+            "finetune": self.args.finetune,
+            "fsdp": self.args.fsdp,
             "algorithm_configs": {name: self._algorithm_config(name) for name in self.algos},
         }
 

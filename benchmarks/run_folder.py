@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from benchmarks.plan import Plan
 
 
-RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None, "num_processes": 1}
+RESUME_DEFAULTS = {"groups_per_prompt": 1, "ema": None, "num_processes": 1, "finetune": "lora", "fsdp": False}
 """Settings recorded in config.json since a later version, with the value that runs
 recorded before them had, so that those runs can still be resumed."""
 RESUME_DEFAULTS_FROM = {"curve_samples_per_prompt": "eval_samples_per_prompt"}

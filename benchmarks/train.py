@@ -136,6 +136,12 @@ def checkpoint_path(out_dir: Path, algo: str, seed: int) -> Path:
     return out_dir / "checkpoints" / f"{algo}_seed{seed}.pt"
 
 
+def trained_weights_folder(out_dir: Path, algo: str, seed: int, finetune: str) -> Path:
+    """Where a run writes the weights it trained (`Policy.save_weights`): the LoRA under
+    lora/, a fully fine-tuned denoiser under model/."""
+    return out_dir / ("model" if finetune == "full" else "lora") / f"{algo}_seed{seed}"
+
+
 def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict, split: str) -> list[dict]:
     return [
         {
@@ -404,6 +410,6 @@ def run_algorithm(
         })
 
     with _evaluated_weights(policy, ema):
-        policy.save_weights(settings.out_dir / ("model" if full else "lora") / f"{algo}_seed{seed}",
+        policy.save_weights(trained_weights_folder(settings.out_dir, algo, seed, settings.finetune),
                             write=accelerator.is_main_process)
     return records

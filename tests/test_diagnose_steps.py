@@ -98,3 +98,29 @@ def test_pairs_share_x_t_only_when_asked(tiny_pipeline_dir, shared):
     first = scores["brightness"][:, :, 0]  # (3 pairs, 2)
     assert scores["brightness"].shape == (3, 2, 3) and timesteps == [999, 499] and anchors.shape == (6,)
     assert bool(torch.equal(first[:, 0], first[:, 1])) == shared
+
+
+def test_a_fully_fine_tuned_run_is_read_from_its_model_folder(tiny_flow_pipeline_dir, tmp_path):
+    """A run recorded with --finetune full keeps its weights under model/, not lora/: the
+    diagnosis loads them there (weights moved by 0.01 change every score) and names that
+    folder when a seed is missing."""
+    from benchmarks.cli import parse_args
+    from benchmarks.diagnose_steps import diagnose
+    from benchmarks.plan import make_plan
+    from benchmarks.train import trained_weights_folder
+
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = make_plan(parse_args(["--preset", "tiny-flow", "--model", tiny_flow_pipeline_dir, "--algos", "ddpo",
+                                 "--finetune", "full", "--out", str(run)]))
+    (run / "config.json").write_text(json.dumps(plan.config_json()))
+    trained = load_policy(tiny_flow_pipeline_dir, full_finetune=True)
+    with torch.no_grad():
+        for p in trained.named_trainable_parameters().values():
+            p.add_(0.01)
+    trained.save_weights(trained_weights_folder(run, "ddpo", 0, "full"), write=True)
+    results = diagnose(run, 0, ["ddpo"], "test", pairs_per_prompt=1, steps=1)
+    base, ddpo = (results["policies"][name]["final"] for name in ("base", "ddpo"))
+    assert ddpo["tiny-aesthetic"] != base["tiny-aesthetic"]
+    with pytest.raises(SystemExit, match="model/ddpo_seed1 is missing"):
+        diagnose(run, 1, ["ddpo"], "test", pairs_per_prompt=1, steps=1)

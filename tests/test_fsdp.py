@@ -200,3 +200,24 @@ def test_a_sharded_policy_evaluates_in_as_many_sampling_calls_on_every_process(
         stats, _ = evaluate(policy, {"brightness": Brightness()}, settings, process)
         assert len(made) == expected
         assert stats[(1, "brightness")]["count"] == (2 if rank == 0 else 1)
+
+
+def test_a_saved_denoiser_loads_into_a_frozen_policy(tiny_flow_pipeline_dir, tmp_path):
+    """`load_weights` reads back what `save_weights` wrote in full fine-tuning: a frozen
+    policy given the folder predicts as the trained one; a folder without the weights file
+    is refused, naming it."""
+    trained = load_policy(tiny_flow_pipeline_dir, full_finetune=True)
+    with torch.no_grad():
+        for p in trained.named_trainable_parameters().values():
+            p.add_(0.01)
+    trained.save_weights(tmp_path / "model", write=True)
+    frozen = load_policy(tiny_flow_pipeline_dir)
+    x = torch.randn(2, *frozen.latent_shape, generator=torch.Generator().manual_seed(0))
+    t, embeds = torch.tensor([500.0, 500.0]), frozen.encode_prompts(["a cat", "a dog"])
+    base = frozen.predict(x, t, embeds, 1.0)
+    frozen.load_weights(tmp_path / "model")
+    moved = frozen.predict(x, t, embeds, 1.0)
+    assert (moved - base).abs().max() > 1e-3
+    torch.testing.assert_close(moved, trained.predict(x, t, embeds, 1.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no diffusion_pytorch_model.safetensors"):
+        frozen.load_weights(tmp_path)

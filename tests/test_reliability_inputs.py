@@ -44,6 +44,14 @@ def _existing_run(model: str, out: Path, monkeypatch) -> None:
     (out / "config.json").write_text(json.dumps(plan.config_json()))
 
 
+def _run_recorded_before_finetune(model: str, out: Path, monkeypatch) -> None:
+    """The same, recorded before config.json had "finetune" and "fsdp": a LoRA run."""
+    _existing_run(model, out, monkeypatch)
+    config = json.loads((out / "config.json").read_text())
+    del config["finetune"], config["fsdp"]
+    (out / "config.json").write_text(json.dumps(config))
+
+
 def _foreign_folder(model: str, out: Path, monkeypatch) -> None:
     out.mkdir(parents=True)
     (out / "thesis.tex").write_text("not a run")
@@ -124,6 +132,9 @@ CASES = [
     ("resume with no run", ["--resume"], ["--resume", "no run"], None),
     ("out holds another run", [], ["--out", "--resume", "--overwrite"], _existing_run),
     ("resume with changed settings", ["--resume", "--epochs", "3"], ["--resume", "epochs"], _existing_run),
+    ("resume a LoRA run fully fine-tuned", ["--resume", "--finetune", "full"], ["--resume", "finetune"], _existing_run),
+    ("resume an older LoRA run fully fine-tuned", ["--resume", "--finetune", "full"], ["--resume", "finetune"],
+     _run_recorded_before_finetune),
     ("out holds other files", ["--overwrite"], ["--out", "no stepzoo run"], _foreign_folder),
     ("out is a file", [], ["--out", "is a file"], _file_at_out),
     # Issue 29: inputs that meant nothing or something else, and messages that misled.

@@ -419,6 +419,21 @@ class Policy(abc.ABC):
                   folder / FULL_WEIGHT_NAME)
         return folder / FULL_WEIGHT_NAME
 
+    def load_weights(self, folder: str | Path) -> None:
+        """Load what `save_weights` wrote: the LoRA file into this policy's adapter, or (a
+        policy without one) the fine-tuned denoiser's model folder into its weights."""
+        if self.lora is not None:
+            self.load_lora(folder)
+            return
+        path = Path(folder) / FULL_WEIGHT_NAME
+        if not path.is_file():
+            raise ValueError(f"{folder}: no {FULL_WEIGHT_NAME}; a LoRA folder loads into a policy with its adapter")
+        state = load_file(str(path))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{folder}: these weights do not fit this model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in peft's key format, on the CPU (for checkpoints)."""
         return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.model).items()}
