@@ -551,6 +551,10 @@ class Precision:
     worst: float
     worst_gold: str
     worst_steps: int
+    collapsed: int
+    """Seeds that lost more than DIVERGENCE on some gold and step count: a mean that does
+    not diverge can still hold seeds that did, and they, not the others' spread, are what
+    widens its intervals."""
 
     @property
     def diverges(self) -> bool:
@@ -590,10 +594,11 @@ def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
         mine = [c for c in of_run if c.algo == algo]
         widest = max((c for c in mine if c.gold == own), key=lambda c: (c.high - c.low, -c.steps))
         worst = min(mine, key=lambda c: (c.mean, c.gold != own, c.steps))
+        collapsed = {seed for c in mine for seed, gain in c.gains.items() if gain < -DIVERGENCE}
         result.append(
             Precision(
                 run.name, algo, own, (widest.high - widest.low) / 2, widest.steps, widest.n,
-                seeds_for_half_width(widest.sd), worst.mean, worst.gold, worst.steps,
+                seeds_for_half_width(widest.sd), worst.mean, worst.gold, worst.steps, len(collapsed),
             )
         )
     return result
@@ -696,14 +701,16 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
     lines = [
         f"## {run}: precision on {gold}",
         "",
-        f"| algorithm | widest ± on {gold} | seeds for ±{PRECISION_TARGET} | worst mean gain (gold, steps) | bar |",
-        "|---|---:|---:|---:|---|",
+        f"| algorithm | widest ± on {gold} | seeds for ±{PRECISION_TARGET} | worst mean gain (gold, steps) | "
+        "collapsed seeds | bar |",
+        "|---|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         bar = "diverges: exempt" if row.diverges else ("met" if row.met else "not met")
         lines.append(
             f"| {row.algo} | {row.widest:.4f} ({steps_label(row.widest_steps)}) | {_seeds_text(row.seeds_needed)} | "
-            f"{_signed(row.worst)} ({row.worst_gold}, {steps_label(row.worst_steps)}) | {bar} |"
+            f"{_signed(row.worst)} ({row.worst_gold}, {steps_label(row.worst_steps)}) | {row.collapsed} of "
+            f"{row.seeds} | {bar} |"
         )
     judged = [row for row in rows if not row.diverges]
     short = [row.algo for row in judged if not row.met]
@@ -716,7 +723,8 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
         f"count, on any gold) has a Student t {1 - ALPHA:.0%} interval of its gain on {gold} no wider than "
         f"±{PRECISION_TARGET} at every step count: {verdict_text}. `widest ±`: the widest half-width over the step "
         f"counts, at {rows[0].seeds} seeds; `seeds for ±{PRECISION_TARGET}`: the seeds that cell would need at its "
-        "observed sd (a planning number).",
+        f"observed sd (a planning number); `collapsed seeds`: seeds whose own gain falls below -{DIVERGENCE:.2f} "
+        "on some gold and step count, which a mean above that line hides.",
     ]
     return "\n".join(lines)
 
@@ -840,7 +848,7 @@ def verdict_json(result: Verdict) -> dict:
                 "run": p.run, "algo": p.algo, "gold": p.gold, "widest_half_width": p.widest,
                 "widest_steps": p.widest_steps, "seeds": p.seeds, "seeds_for_target": p.seeds_needed,
                 "worst_mean_gain": p.worst, "worst_gold": p.worst_gold, "worst_steps": p.worst_steps,
-                "diverges": p.diverges, "met": p.met,
+                "collapsed_seeds": p.collapsed, "diverges": p.diverges, "met": p.met,
             }
             for run in result.runs
             for p in precision(result.cells, run)

@@ -417,7 +417,8 @@ def test_precision_bar_exempts_only_diverging_algorithms(tmp_path):
     (sd √0.0007 = 0.026458; ±0.02 needs q(n - 1) / √n ≤ 0.7559: 2.306004 / 3 = 0.7687 at 9
     seeds, 2.262157 / √10 = 0.7154 at 10), its worst mean -0.03 on tiny-align-gold: not met.
     ddpo's tiny-align-gold loss at 2 steps is 0.101 > DIVERGENCE: exempt. Halving the
-    tiny-align-gold gains (0.0505) brings ddpo under the bar: both then fail it."""
+    tiny-align-gold gains (0.0505) brings ddpo under the bar: both then fail it. A seed is
+    counted as collapsed where its own gain falls below -0.10."""
     run = write_run(tmp_path / "synthetic", rows())
     text = v.write_verdict([run], tmp_path / "out")
     result = json.loads((tmp_path / "out" / "verdict.json").read_text())
@@ -430,7 +431,9 @@ def test_precision_bar_exempts_only_diverging_algorithms(tmp_path):
     assert (sdpo["diverges"], sdpo["met"]) == (False, False)
     assert (ddpo["worst_mean_gain"], ddpo["worst_gold"], ddpo["worst_steps"]) == (pytest.approx(-0.101), ALIGN, 2)
     assert (ddpo["diverges"], ddpo["widest_steps"]) == (True, 1)
-    assert "| ddpo | 0.0745 (1 step) |" in text and "| diverges: exempt |" in text
+    # ddpo's seeds at 2 steps on tiny-align-gold lost 0.100, 0.101 and 0.102: two beyond 0.10.
+    assert (ddpo["collapsed_seeds"], sdpo["collapsed_seeds"]) == (2, 0)
+    assert "| ddpo | 0.0745 (1 step) |" in text and "| 2 of 3 | diverges: exempt |" in text
     assert "±0.02 at every step count: not met by 1 of 1 (sdpo)" in text
     halved = v.write_verdict([write_run(tmp_path / "halved", rows(align_scale=0.5))], tmp_path / "halved-out")
     assert "not met by 2 of 2 (ddpo, sdpo)" in halved or "not met by 2 of 2 (sdpo, ddpo)" in halved
