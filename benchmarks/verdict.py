@@ -61,7 +61,7 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -247,19 +247,28 @@ def minimum_detectable_effect(sd: float, n: int) -> float:
     return noncentrality_for_power(n) * sd / math.sqrt(n)
 
 
-def seeds_for_power(mean: float, sd: float) -> int | None:
-    """The fewest seeds (two or more) whose MDE at sd `sd` is at most |mean|; None when
-    more than MAX_SEEDS are needed (always, for a mean of 0)."""
-    if mean == 0 or minimum_detectable_effect(sd, MAX_SEEDS) > abs(mean):
+def fewest_seeds(enough: Callable[[int], bool]) -> int | None:
+    """The fewest seeds n (two or more) for which `enough(n)`, a condition that once true
+    stays true as n grows (a width or an MDE that falls with n); None when MAX_SEEDS are not
+    enough."""
+    if not enough(MAX_SEEDS):
         return None
-    low, high = 2, MAX_SEEDS  # the MDE falls with n: bisect for the first n that is small enough
+    low, high = 2, MAX_SEEDS
     while low < high:
         middle = (low + high) // 2
-        if minimum_detectable_effect(sd, middle) <= abs(mean):
+        if enough(middle):
             high = middle
         else:
             low = middle + 1
     return low
+
+
+def seeds_for_power(mean: float, sd: float) -> int | None:
+    """The fewest seeds (two or more) whose MDE at sd `sd` is at most |mean|; None when
+    more than MAX_SEEDS are needed (always, for a mean of 0)."""
+    if mean == 0:
+        return None
+    return fewest_seeds(lambda n: minimum_detectable_effect(sd, n) <= abs(mean))
 
 
 def holm(p_values: Sequence[float]) -> np.ndarray:
@@ -471,68 +480,7 @@ def aggregate(gold: str, cells: Sequence[CellVerdict], algos: Sequence[str]) -> 
     )
 
 
-# --- The verdict of run folders ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Every cell (run folder, gold, algorithm, step count) and every gold's aggregate."""
-
-    runs: list[Run]
-    algos: list[str]
-    cells: list[CellVerdict]
-    aggregates: list[Aggregate]
-    epochs: str
-    """How the epochs were chosen, in words."""
-
-
-def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None] | None = None) -> Verdict:
-    """The cells and aggregates of run folders; `epochs[i]` chooses `run_dirs[i]`'s epochs
-    (`select_epochs`; None: each (algorithm, seed)'s last evaluated epoch)."""
-    if epochs is not None and len(epochs) != len(run_dirs):
-        raise ValueError(f"epochs has {len(epochs)} entries for {len(run_dirs)} run folders")
-    runs = [load_run(d) for d in run_dirs]
-    names = [run.name for run in runs]
-    if len(set(names)) < len(names):
-        raise ValueError(f"run folders must have distinct names (they label the tasks): {names}")
-    algos = [a for a in dict.fromkeys(a for run in runs for a in row_order(run.records)) if a != BASE]
-    chosen = list(epochs) if epochs is not None else [None] * len(runs)
-    cells = []
-    for run, choice in zip(runs, chosen):
-        selected = select_epochs(run.records, choice)
-        for gold in run.golds:
-            pairs = paired_gains(selected, gold)
-            cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
-    if not any(c.gains for c in cells):
-        raise ValueError(f"no trained algorithm has a gold evaluation paired with a base in {', '.join(names)}")
-    pooled = {g: [c for c in cells if c.gold == g] for g in dict.fromkeys(g for run in runs for g in run.golds)}
-    own = {run.name: run.golds[0] for run in runs if run.golds[0] in own_golds(run.reward)}
-    if len(set(own.values())) > 1:
-        pooled = {OWN_GOLD: [c for c in cells if own.get(c.run) == c.gold], **pooled}
-    # A gold with no trained algorithm's gain (a run of the base alone) has nothing to aggregate.
-    aggregates = [aggregate(g, of_gold, algos) for g, of_gold in pooled.items() if any(c.gains for c in of_gold)]
-    how = "the epochs chosen per (algorithm, seed)" if any(chosen) else "each (algorithm, seed)'s last evaluated epoch"
-    return Verdict(runs, algos, cells, aggregates, how)
-
-
-@dataclass(frozen=True)
-class TableCount:
-    """What one table's marks amount to: m tested cells, those with an uncorrected p ≤
-    ALPHA, those Holm keeps, and the false marks α·m uncorrected tests would carry."""
-
-    tested: int
-    uncorrected: int
-    holm: int
-
-    @property
-    def expected_false(self) -> float:
-        return ALPHA * self.tested
-
-
-def count_marks(cells: Sequence[CellVerdict]) -> TableCount:
-    """The marks of one table's cells (those with a p value)."""
-    tested = [c for c in cells if not math.isnan(c.p)]
-    return TableCount(len(tested), sum(c.p <= ALPHA for c in tested), sum(c.mark != 0 for c in tested))
+# --- Precision against the bar ----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -568,19 +516,7 @@ class Precision:
 def seeds_for_half_width(sd: float, target: float = PRECISION_TARGET) -> int | None:
     """The fewest seeds (two or more) whose t interval at sd `sd` has a half-width of at
     most `target`; None when more than MAX_SEEDS are needed."""
-    def half(n: int) -> float:
-        return stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n)
-
-    if half(MAX_SEEDS) > target:
-        return None
-    low, high = 2, MAX_SEEDS  # the half-width falls with n: bisect for the first n that is narrow enough
-    while low < high:
-        middle = (low + high) // 2
-        if half(middle) <= target:
-            high = middle
-        else:
-            low = middle + 1
-    return low
+    return fewest_seeds(lambda n: stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n) <= target)
 
 
 def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
@@ -602,6 +538,72 @@ def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
             )
         )
     return result
+
+
+# --- The verdict of run folders ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Every cell (run folder, gold, algorithm, step count) and every gold's aggregate."""
+
+    runs: list[Run]
+    algos: list[str]
+    cells: list[CellVerdict]
+    aggregates: list[Aggregate]
+    precision: list[Precision]
+    """Every run folder's precision rows, in run order."""
+    epochs: str
+    """How the epochs were chosen, in words."""
+
+
+def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None] | None = None) -> Verdict:
+    """The cells and aggregates of run folders; `epochs[i]` chooses `run_dirs[i]`'s epochs
+    (`select_epochs`; None: each (algorithm, seed)'s last evaluated epoch)."""
+    if epochs is not None and len(epochs) != len(run_dirs):
+        raise ValueError(f"epochs has {len(epochs)} entries for {len(run_dirs)} run folders")
+    runs = [load_run(d) for d in run_dirs]
+    names = [run.name for run in runs]
+    if len(set(names)) < len(names):
+        raise ValueError(f"run folders must have distinct names (they label the tasks): {names}")
+    algos = [a for a in dict.fromkeys(a for run in runs for a in row_order(run.records)) if a != BASE]
+    chosen = list(epochs) if epochs is not None else [None] * len(runs)
+    cells = []
+    for run, choice in zip(runs, chosen):
+        selected = select_epochs(run.records, choice)
+        for gold in run.golds:
+            pairs = paired_gains(selected, gold)
+            cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
+    if not any(c.gains for c in cells):
+        raise ValueError(f"no trained algorithm has a gold evaluation paired with a base in {', '.join(names)}")
+    pooled = {g: [c for c in cells if c.gold == g] for g in dict.fromkeys(g for run in runs for g in run.golds)}
+    own = {run.name: run.golds[0] for run in runs if run.golds[0] in own_golds(run.reward)}
+    if len(set(own.values())) > 1:
+        pooled = {OWN_GOLD: [c for c in cells if own.get(c.run) == c.gold], **pooled}
+    # A gold with no trained algorithm's gain (a run of the base alone) has nothing to aggregate.
+    aggregates = [aggregate(g, of_gold, algos) for g, of_gold in pooled.items() if any(c.gains for c in of_gold)]
+    how = "the epochs chosen per (algorithm, seed)" if any(chosen) else "each (algorithm, seed)'s last evaluated epoch"
+    return Verdict(runs, algos, cells, aggregates, [p for run in runs for p in precision(cells, run)], how)
+
+
+@dataclass(frozen=True)
+class TableCount:
+    """What one table's marks amount to: m tested cells, those with an uncorrected p ≤
+    ALPHA, those Holm keeps, and the false marks α·m uncorrected tests would carry."""
+
+    tested: int
+    uncorrected: int
+    holm: int
+
+    @property
+    def expected_false(self) -> float:
+        return ALPHA * self.tested
+
+
+def count_marks(cells: Sequence[CellVerdict]) -> TableCount:
+    """The marks of one table's cells (those with a p value)."""
+    tested = [c for c in cells if not math.isnan(c.p)]
+    return TableCount(len(tested), sum(c.p <= ALPHA for c in tested), sum(c.mark != 0 for c in tested))
 
 
 # --- verdict.md ---------------------------------------------------------------------------
@@ -800,7 +802,7 @@ def verdict_markdown(result: Verdict) -> str:
         for gold in run.golds:
             cells = [c for c in result.cells if c.run == run.name and c.gold == gold]
             parts += ["", table_markdown(cells, run, gold, result.algos)]
-        rows = precision(result.cells, run)
+        rows = [p for p in result.precision if p.run == run.name]
         if rows:
             parts += ["", precision_markdown(rows)]
     for agg in result.aggregates:
@@ -850,8 +852,7 @@ def verdict_json(result: Verdict) -> dict:
                 "worst_mean_gain": p.worst, "worst_gold": p.worst_gold, "worst_steps": p.worst_steps,
                 "collapsed_seeds": p.collapsed, "diverges": p.diverges, "met": p.met,
             }
-            for run in result.runs
-            for p in precision(result.cells, run)
+            for p in result.precision
         ],
         "aggregates": [
             {
