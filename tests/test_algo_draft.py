@@ -29,7 +29,7 @@ from zoo.sampling import TrajectorySampler
 
 from helpers.policies import policy_with_random_adapter
 from helpers.rewards import DistanceToTarget
-from helpers.runs import micro_args
+from helpers.runs import cpu_launch, micro_args
 from helpers.training import CountingAdamW
 
 K_TOTAL = 4
@@ -302,15 +302,11 @@ def test_two_processes_step_with_the_mean_of_their_gradients(tiny_pipeline_dir, 
     of ~1e-6 of the update), on both processes, where the two unwrapped ones differ."""
     import os
     import subprocess
-    import sys
 
     repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "updates.pt"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(repo / "tests" / "distributed" / "draft_sync.py"), tiny_pipeline_dir, str(out),
-    ]
+    command = [*cpu_launch(),
+               str(repo / "tests" / "distributed" / "draft_sync.py"), tiny_pipeline_dir, str(out)]
     env = {**os.environ, "PYTHONPATH": str(repo), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -16,17 +16,14 @@ from benchmarks.rollout import global_advantages
 sys.path.insert(0, str(Path(__file__).parent / "distributed"))
 sys.path.insert(0, str(Path(__file__).parent))
 from advantages import LOG_PROB_ALGORITHMS, NUM_STEPS, global_batch  # noqa: E402
+from helpers.runs import cpu_launch  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_two_processes_give_the_advantages_of_one(tmp_path):
     out = tmp_path / "two.pt"
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "tests" / "distributed" / "advantages.py"), str(out),
-    ]
+    command = [*cpu_launch(), str(REPO / "tests" / "distributed" / "advantages.py"), str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -70,12 +67,8 @@ SGD_RUN = str(REPO / "tests" / "distributed" / "sgd_run.py")
 
 
 def _launch(model: str, out: Path, *launch_flags: str) -> list[str]:
-    """`accelerate launch` of `_run_args` on CPU processes (gloo), trained with SGD."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", *launch_flags,
-        SGD_RUN, *_run_args(model, out),
-    ]
+    """`accelerate launch` of `_run_args` on 2 CPU processes (gloo) a machine, trained with SGD."""
+    return [*cpu_launch(*launch_flags), SGD_RUN, *_run_args(model, out)]
 
 
 LAUNCH_ENV = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
@@ -94,7 +87,7 @@ def two_process_run(tiny_pipeline_dir, tmp_path_factory) -> Path:
     """The micro run under DDP: 2 processes on one machine."""
     cwd = tmp_path_factory.mktemp("ddp")
     out = cwd / "run"
-    result = subprocess.run(_launch(tiny_pipeline_dir, out, "--num_processes", "2"), env=LAUNCH_ENV,
+    result = subprocess.run(_launch(tiny_pipeline_dir, out), env=LAUNCH_ENV,
                             capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return out
@@ -169,7 +162,7 @@ def test_two_machines_give_the_records_of_two_processes_on_one(two_process_run, 
     out = tmp_path / "run"
     nodes = [
         subprocess.Popen(
-            _launch(tiny_pipeline_dir, out, "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "2",
+            _launch(tiny_pipeline_dir, out, "--num_machines", "2", "--machine_rank", str(rank),
                     "--main_process_ip", "127.0.0.1", "--main_process_port", port),
             env=LAUNCH_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
         )
@@ -183,12 +176,8 @@ def test_two_machines_give_the_records_of_two_processes_on_one(two_process_run, 
 def _run_with_fault(mode: str, model: str, out: Path) -> subprocess.CompletedProcess:
     from helpers.runs import micro_args
 
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(REPO / "tests" / "distributed" / "fault_on_one_process.py"), mode,
-        *micro_args(model, out), "--algos", "ddpo",
-    ]
+    command = [*cpu_launch(), str(REPO / "tests" / "distributed" / "fault_on_one_process.py"),
+               mode, *micro_args(model, out), "--algos", "ddpo"]
     return subprocess.run(command, env=LAUNCH_ENV, capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 

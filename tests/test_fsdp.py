@@ -5,7 +5,6 @@ loads."""
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from benchmarks.epochs import MinibatchShard, Shard
 from benchmarks.run import main
-from helpers.runs import micro_args
+from helpers.runs import cpu_launch, micro_args
 from zoo.loading import load_policy
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,8 +43,7 @@ def _args(model: str, out: Path) -> list[str]:
 def _launch(model: str, out: Path, *flags: str, env: dict | None = None, sgd: bool = True) -> subprocess.CompletedProcess:
     """The micro run on 2 gloo processes, trained with SGD (`SGD_RUN`) or as `benchmarks.run` trains (AdamW)."""
     script = [SGD_RUN] if sgd else ["--module", "benchmarks.run"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--mixed_precision", "no", "--dynamo_backend", "no", *script, *_args(model, out), *flags]
+    command = [*cpu_launch(), *script, *_args(model, out), *flags]
     return subprocess.run(command, env=env or ENV, capture_output=True, text=True, timeout=600, cwd=out.parent)
 
 

@@ -3,6 +3,7 @@ of one micro job for `benchmarks.train.run_algorithm` called directly."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -13,6 +14,18 @@ ALGOS = ["ddpo", "rebel", "d3po", "sdpo", "grpo", "nft"]
 """Every registered algorithm that trains on JPEG sizes (DRaFT needs a gradient)."""
 EVAL_STEPS = [1, 2]
 """The step counts a micro run evaluates at."""
+
+
+def cpu_launch(*flags: str) -> list[str]:
+    """`accelerate launch` of 2 CPU processes (gloo) on this machine, before the script and
+    its arguments; `flags` are added last, so they override (a multi-node test passes its
+    own rendezvous port). Each launch takes a free port (`--main_process_port 0`): under
+    `pytest -n` (pytest-xdist) launches of different test files run at the same time, and
+    accelerate's one default port would let only one of them start."""
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", *flags,
+    ]
 
 
 def micro_args(model: str, out: Path, preset: str = "tiny") -> list[str]:
