@@ -29,7 +29,8 @@ Per cell (run folder, gold, algorithm, step count), over the seeds:
 Per run folder and algorithm, its precision on the run's own gold: the widest interval
 half-width over the step counts against PRECISION_TARGET (±0.02), the seeds that would
 reach it, and whether the algorithm diverges (a mean loss beyond DIVERGENCE on some gold,
-which exempts it: its width measures how differently its seeds collapse).
+at the epochs analysed or at the end of its budget, which exempts it: its width measures
+how differently its seeds collapse).
 
 Aggregates per gold, pooling every run folder given (Agarwal et al. 2021, "Deep RL at the
 edge of the statistical precipice", and its library github.com/google-research/rliable),
@@ -487,7 +488,8 @@ def aggregate(gold: str, cells: Sequence[CellVerdict], algos: Sequence[str]) -> 
 class Precision:
     """Whether one algorithm of one run folder reaches PRECISION_TARGET on the run's own
     gold: its widest half-width there, the seeds that cell would need at its observed sd,
-    and its worst mean gain on any gold (below -DIVERGENCE: diverging, exempt)."""
+    and its worst mean gain on any gold, at the epochs analysed and at its last evaluated
+    epoch (below -DIVERGENCE at either: diverging, exempt)."""
 
     run: str
     algo: str
@@ -503,10 +505,23 @@ class Precision:
     """Seeds that lost more than DIVERGENCE on some gold and step count: a mean that does
     not diverge can still hold seeds that did, and they, not the others' spread, are what
     widens its intervals."""
+    final_worst: float
+    """The worst mean gain on any gold at each seed's last evaluated epoch, the end of the
+    budget (`worst` itself where the last epochs are the ones analysed). An algorithm whose
+    gold collapses by then diverges, even where an earlier epoch chosen on the validation
+    prompts is analysed: there its seeds stand at different points of their collapse, and
+    the interval's width measures when each began."""
+    final_worst_gold: str
+    final_worst_steps: int
 
     @property
     def diverges(self) -> bool:
-        return self.worst < -DIVERGENCE
+        return min(self.worst, self.final_worst) < -DIVERGENCE
+
+    @property
+    def diverges_by_the_end(self) -> bool:
+        """Diverging at the budget's end only, not at the epochs analysed."""
+        return self.diverges and self.worst >= -DIVERGENCE
 
     @property
     def met(self) -> bool:
@@ -519,12 +534,27 @@ def seeds_for_half_width(sd: float, target: float = PRECISION_TARGET) -> int | N
     return fewest_seeds(lambda n: stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n) <= target)
 
 
+def worst_final_gains(run: Run) -> dict[str, tuple[float, str, int]]:
+    """Each trained algorithm's worst mean gain over seeds at every seed's last evaluated
+    epoch, on any gold: algorithm -> (mean gain, gold, step count); ties go to the run's
+    own gold, then to the fewer steps, as in `precision`."""
+    final = select_epochs(run.records)
+    worst: dict[str, tuple[float, bool, int, str]] = {}
+    for gold in run.golds:
+        means = paired_gains(final, gold).groupby(["algo", "eval_steps"])["gain"].mean()
+        for (algo, steps), gain in means.items():
+            key = (float(gain), gold != run.golds[0], int(steps), gold)
+            worst[algo] = min(worst.get(algo, key), key)
+    return {algo: (gain, gold, steps) for algo, (gain, _, steps, gold) in worst.items()}
+
+
 def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
     """Each algorithm's Precision in `run` (its cells of every gold), on the run's own gold;
     none when the run has no own gold (a training reward without one) or fewer than two
     seeds anywhere."""
     own = run.golds[0] if run.golds and run.golds[0] in own_golds(run.reward) else None
     of_run = [c for c in cells if c.run == run.name and c.n >= 2]
+    at_the_end = worst_final_gains(run) if own else {}
     result = []
     for algo in dict.fromkeys(c.algo for c in of_run if c.gold == own):
         mine = [c for c in of_run if c.algo == algo]
@@ -535,6 +565,7 @@ def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
             Precision(
                 run.name, algo, own, (widest.high - widest.low) / 2, widest.steps, widest.n,
                 seeds_for_half_width(widest.sd), worst.mean, worst.gold, worst.steps, len(collapsed),
+                *at_the_end[algo],
             )
         )
     return result
@@ -704,15 +735,18 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
         f"## {run}: precision on {gold}",
         "",
         f"| algorithm | widest ± on {gold} | seeds for ±{PRECISION_TARGET} | worst mean gain (gold, steps) | "
-        "collapsed seeds | bar |",
-        "|---|---:|---:|---:|---:|---|",
+        "at the last epoch | collapsed seeds | bar |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
-        bar = "diverges: exempt" if row.diverges else ("met" if row.met else "not met")
+        if row.diverges:
+            bar = "diverges by the last epoch: exempt" if row.diverges_by_the_end else "diverges: exempt"
+        else:
+            bar = "met" if row.met else "not met"
         lines.append(
             f"| {row.algo} | {row.widest:.4f} ({steps_label(row.widest_steps)}) | {_seeds_text(row.seeds_needed)} | "
-            f"{_signed(row.worst)} ({row.worst_gold}, {steps_label(row.worst_steps)}) | {row.collapsed} of "
-            f"{row.seeds} | {bar} |"
+            f"{_signed(row.worst)} ({row.worst_gold}, {steps_label(row.worst_steps)}) | {_signed(row.final_worst)} "
+            f"({row.final_worst_gold}, {steps_label(row.final_worst_steps)}) | {row.collapsed} of {row.seeds} | {bar} |"
         )
     judged = [row for row in rows if not row.diverges]
     short = [row.algo for row in judged if not row.met]
@@ -722,11 +756,13 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
     lines += [
         "",
         f"The bar: every algorithm that does not diverge (a mean gold loss of more than {DIVERGENCE:.2f} at some step "
-        f"count, on any gold) has a Student t {1 - ALPHA:.0%} interval of its gain on {gold} no wider than "
-        f"±{PRECISION_TARGET} at every step count: {verdict_text}. `widest ±`: the widest half-width over the step "
-        f"counts, at {rows[0].seeds} seeds; `seeds for ±{PRECISION_TARGET}`: the seeds that cell would need at its "
-        f"observed sd (a planning number); `collapsed seeds`: seeds whose own gain falls below -{DIVERGENCE:.2f} "
-        "on some gold and step count, which a mean above that line hides.",
+        f"count, on any gold, at the epochs analysed or at the last epoch) has a Student t {1 - ALPHA:.0%} interval "
+        f"of its gain on {gold} no wider than ±{PRECISION_TARGET} at every step count: {verdict_text}. `widest ±`: "
+        f"the widest half-width over the step counts, at {rows[0].seeds} seeds; `seeds for ±{PRECISION_TARGET}`: "
+        "the seeds that cell would need at its observed sd (a planning number); `at the last epoch`: the worst mean "
+        "gain at the end of the budget, where an algorithm analysed at an earlier epoch may have collapsed since "
+        f"(its seeds then stand at different points of the collapse); `collapsed seeds`: seeds whose own gain falls "
+        f"below -{DIVERGENCE:.2f} on some gold and step count, which a mean above that line hides.",
     ]
     return "\n".join(lines)
 
@@ -850,7 +886,9 @@ def verdict_json(result: Verdict) -> dict:
                 "run": p.run, "algo": p.algo, "gold": p.gold, "widest_half_width": p.widest,
                 "widest_steps": p.widest_steps, "seeds": p.seeds, "seeds_for_target": p.seeds_needed,
                 "worst_mean_gain": p.worst, "worst_gold": p.worst_gold, "worst_steps": p.worst_steps,
-                "collapsed_seeds": p.collapsed, "diverges": p.diverges, "met": p.met,
+                "collapsed_seeds": p.collapsed, "final_worst_mean_gain": p.final_worst,
+                "final_worst_gold": p.final_worst_gold, "final_worst_steps": p.final_worst_steps,
+                "diverges": p.diverges, "met": p.met,
             }
             for p in result.precision
         ],

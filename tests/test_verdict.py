@@ -439,6 +439,25 @@ def test_precision_bar_exempts_only_diverging_algorithms(tmp_path):
     assert "not met by 2 of 2 (ddpo, sdpo)" in halved or "not met by 2 of 2 (sdpo, ddpo)" in halved
 
 
+def test_an_algorithm_collapsing_after_the_analysed_epoch_diverges(tmp_path):
+    """ddpo analysed at epoch 5 (every seed), where its worst mean is -0.0505 (tiny-align-gold,
+    2 steps: half its epoch-10 loss of 0.101): no divergence there, but at its last epoch 10
+    it loses 0.101, so it is exempt, as diverging by the last epoch. sdpo, analysed at its
+    last epoch, has the same worst mean in both columns (-0.03)."""
+    run = write_run(tmp_path / "synthetic", rows())
+    result = v.verdict([run], epochs=[{("ddpo", seed): 5 for seed in (0, 1, 2)}])
+    by_algo = {p.algo: p for p in result.precision}
+    ddpo, sdpo = by_algo["ddpo"], by_algo["sdpo"]
+    assert (ddpo.worst, ddpo.worst_gold, ddpo.worst_steps) == (pytest.approx(-0.0505), ALIGN, 2)
+    assert (ddpo.final_worst, ddpo.final_worst_gold, ddpo.final_worst_steps) == (pytest.approx(-0.101), ALIGN, 2)
+    assert ddpo.diverges and ddpo.diverges_by_the_end
+    assert sdpo.final_worst == pytest.approx(sdpo.worst) == pytest.approx(-0.03) and not sdpo.diverges
+    text = v.precision_markdown(result.precision)
+    ddpo_row = next(line for line in text.splitlines() if line.startswith("| ddpo |"))
+    assert ddpo_row.endswith("| -0.101 (tiny-align-gold, 2 steps) | 0 of 3 | diverges by the last epoch: exempt |")
+    assert "not met by 1 of 1 (sdpo)" in text
+
+
 def test_committed_run_verdict(tmp_path):
     """tiny-tiny-aesthetic-3seeds: the files appear; nft's gold gain at 4 steps, read from the
     raw records, is the cell's; the aggregates are rliable's numbers (RLIABLE_GAINS)."""
