@@ -534,27 +534,27 @@ def seeds_for_half_width(sd: float, target: float = PRECISION_TARGET) -> int | N
     return fewest_seeds(lambda n: stats.t.ppf(1 - ALPHA / 2, n - 1) * sd / math.sqrt(n) <= target)
 
 
-def worst_final_gains(run: Run) -> dict[str, tuple[float, str, int]]:
-    """Each trained algorithm's worst mean gain over seeds at every seed's last evaluated
-    epoch, on any gold: algorithm -> (mean gain, gold, step count); ties go to the run's
-    own gold, then to the fewer steps, as in `precision`."""
-    final = select_epochs(run.records)
+def worst_final_gains(final: pd.DataFrame, golds: Sequence[str]) -> dict[str, tuple[float, str, int]]:
+    """Each trained algorithm's worst mean gain over seeds in `final` (a run's rows at every
+    seed's last evaluated epoch, `select_epochs` without a choice), on any of `golds`:
+    algorithm -> (mean gain, gold, step count); ties go to the first gold (the run's own),
+    then to the fewer steps, as in `precision`."""
     worst: dict[str, tuple[float, bool, int, str]] = {}
-    for gold in run.golds:
+    for gold in golds:
         means = paired_gains(final, gold).groupby(["algo", "eval_steps"])["gain"].mean()
         for (algo, steps), gain in means.items():
-            key = (float(gain), gold != run.golds[0], int(steps), gold)
+            key = (float(gain), gold != golds[0], int(steps), gold)
             worst[algo] = min(worst.get(algo, key), key)
     return {algo: (gain, gold, steps) for algo, (gain, _, steps, gold) in worst.items()}
 
 
-def precision(cells: Sequence[CellVerdict], run: Run) -> list[Precision]:
-    """Each algorithm's Precision in `run` (its cells of every gold), on the run's own gold;
-    none when the run has no own gold (a training reward without one) or fewer than two
-    seeds anywhere."""
+def precision(cells: Sequence[CellVerdict], run: Run, final: pd.DataFrame) -> list[Precision]:
+    """Each algorithm's Precision in `run` (its cells of every gold; `final`: its rows at
+    every seed's last evaluated epoch), on the run's own gold; none when the run has no own
+    gold (a training reward without one) or fewer than two seeds anywhere."""
     own = run.golds[0] if run.golds and run.golds[0] in own_golds(run.reward) else None
     of_run = [c for c in cells if c.run == run.name and c.n >= 2]
-    at_the_end = worst_final_gains(run) if own else {}
+    at_the_end = worst_final_gains(final, run.golds) if own else {}
     result = []
     for algo in dict.fromkeys(c.algo for c in of_run if c.gold == own):
         mine = [c for c in of_run if c.algo == algo]
@@ -599,9 +599,11 @@ def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None]
         raise ValueError(f"run folders must have distinct names (they label the tasks): {names}")
     algos = [a for a in dict.fromkeys(a for run in runs for a in row_order(run.records)) if a != BASE]
     chosen = list(epochs) if epochs is not None else [None] * len(runs)
-    cells = []
+    cells, finals = [], []
     for run, choice in zip(runs, chosen):
         selected = select_epochs(run.records, choice)
+        # Precision also reads the last epochs: the rows selected here, unless epochs were chosen.
+        finals.append(select_epochs(run.records) if choice else selected)
         for gold in run.golds:
             pairs = paired_gains(selected, gold)
             cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
@@ -614,7 +616,8 @@ def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None]
     # A gold with no trained algorithm's gain (a run of the base alone) has nothing to aggregate.
     aggregates = [aggregate(g, of_gold, algos) for g, of_gold in pooled.items() if any(c.gains for c in of_gold)]
     how = "the epochs chosen per (algorithm, seed)" if any(chosen) else "each (algorithm, seed)'s last evaluated epoch"
-    return Verdict(runs, algos, cells, aggregates, [p for run in runs for p in precision(cells, run)], how)
+    rows = [p for run, final in zip(runs, finals) for p in precision(cells, run, final)]
+    return Verdict(runs, algos, cells, aggregates, rows, how)
 
 
 @dataclass(frozen=True)
