@@ -155,6 +155,12 @@ class RunArgs:
     not hold; --seeds must list its own too, and --algos every algorithm it holds, at its
     recorded settings) to the finished run in --out: they train and evaluate under its
     recorded settings, its recorded rows are reused, and the report is rewritten with every row."""
+    partial_seeds: bool = False
+    """With --extend: train the seeds of --seeds on the algorithms of --algos only; the run's
+    other algorithms keep the seeds they hold, and the base is evaluated on every seed. For
+    spending seeds where the intervals are widest (`benchmarks.verdict`'s `seeds for ±0.02`):
+    each algorithm's gain over the base is paired by seed, so its interval needs its own seeds
+    only; config.json records the seeds of each algorithm that lacks some of the run's."""
     redo: bool = False
     """With --extend: train the algorithms of --algos that the run in --out holds again, on
     every seed, at this checkout's settings for them, replacing their recorded rows, metrics,

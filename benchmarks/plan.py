@@ -63,6 +63,9 @@ class Plan:
     loop: TrainLoop
     recorded_configs: dict[str, dict] = field(default_factory=dict)
     """An extension's reused algorithms' configs, as the extended run's config.json holds them."""
+    algo_seeds: dict[str, list[int]] = field(default_factory=dict)
+    """The seeds of each algorithm that trains on fewer than `seeds` (an extension with
+    --partial-seeds); the others, and the base, have every seed."""
     redone: tuple[str, ...] = ()
     """An extension's recorded algorithms trained again (`--redo`): their recorded rows are dropped."""
     num_processes: int = 1
@@ -71,6 +74,10 @@ class Plan:
     records it, for a run's numbers equal another count's only up to the order of float sums."""
     notes: list[str] = field(default_factory=list)
     """What the user should know before the run starts (an algorithm left out), one line each."""
+
+    def seeds_of(self, name: str) -> list[int]:
+        """The seeds that `name` (an algorithm, or the base) has in this run."""
+        return self.algo_seeds.get(name, self.seeds)
 
     @property
     def eval_prompts(self) -> tuple[str, ...]:
@@ -84,6 +91,7 @@ class Plan:
             "model": portable_model(self.model),
             "algos": self.algos,
             "seeds": self.seeds,
+            **({"algo_seeds": self.algo_seeds} if self.algo_seeds else {}),
             "eval_steps": self.eval_steps,
             "reward": self.reward,
             "eval_rewards": self.eval_rewards,
@@ -166,6 +174,9 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
         )
     if args.redo and not args.extend:
         raise UsageError("--redo replaces algorithms' rows in a finished run: pass it with --extend --out RUN --algos ...")
+    if args.partial_seeds and not args.extend:
+        raise UsageError("--partial-seeds adds seeds to some algorithms of a finished run: pass it with --extend "
+                         "--out RUN --algos ... --seeds ...")
     if args.wandb:
         require_wandb()
     if args.offline:
@@ -226,13 +237,18 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
                     else preset.trajectories_per_epoch)
     groups_per_prompt = args.groups_per_prompt if args.groups_per_prompt is not None else preset.groups_per_prompt
     saved_config = Path(args.out) / "config.json" if args.out else None
-    if (args.resume or args.extend) and args.groups_per_prompt is None and saved_config and saved_config.is_file():
-        # A resumed or extended run keeps the draw it started with, whatever the preset says now.
+    algo_seeds = {}
+    if (args.resume or args.extend) and saved_config and saved_config.is_file():
         try:
             saved = json.loads(saved_config.read_text())
-            groups_per_prompt = saved.get("groups_per_prompt", RESUME_DEFAULTS["groups_per_prompt"])
         except ValueError:
-            pass  # check_out_dir reports the broken file
+            saved = None  # check_out_dir reports the broken file
+        if saved is not None and args.groups_per_prompt is None:
+            # A resumed or extended run keeps the draw it started with, whatever the preset says now.
+            groups_per_prompt = saved.get("groups_per_prompt", RESUME_DEFAULTS["groups_per_prompt"])
+        if saved is not None and args.resume:
+            # An extension with --partial-seeds that was interrupted resumes the seeds it planned.
+            algo_seeds = {name: seeds for name, seeds in saved.get("algo_seeds", {}).items() if name in algos}
     eval_samples = (args.eval_samples_per_prompt if args.eval_samples_per_prompt is not None
                     else preset.eval_samples_per_prompt)
     curve_samples = (args.curve_samples_per_prompt if args.curve_samples_per_prompt is not None
@@ -284,7 +300,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     out_dir = Path(args.out) if args.out else Path("results") / f"{preset.name}-{folder_label(reward)}-{time.strftime('%Y%m%d-%H%M%S')}"
     plan = Plan(args, preset, algos, seeds, eval_steps, reward, eval_rewards, reward_paths, model,
                 model_source, epochs, eval_every, trajectories, groups_per_prompt, eval_samples, curve_samples,
-                eval_split, out_dir, configs, loop, num_processes=num_processes, notes=notes)
+                eval_split, out_dir, configs, loop, algo_seeds=algo_seeds, num_processes=num_processes, notes=notes)
     check_out_dir(plan)
     if args.extend:
         plan = extended(plan, untrained)

@@ -168,7 +168,7 @@ def _start_folder(plan: Plan) -> None:
 
 def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precision: str) -> list:
     """The plan's jobs whose rows `rows` lacks, in the order a serial run takes them: per
-    seed, the base evaluation, then each algorithm."""
+    seed, the base evaluation, then each algorithm that has the seed."""
     from benchmarks.jobs import Job
     from benchmarks.train import JobSettings
 
@@ -196,7 +196,7 @@ def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precisi
             fsdp=plan.args.fsdp,
         )
         for name in [BASE, *plan.algos]:
-            if (name, seed) not in rows:
+            if seed in plan.seeds_of(name) and (name, seed) not in rows:
                 jobs.append(Job(name, seed, settings, None if name == BASE else plan.configs[name],
                                 tuple(plan.eval_rewards), tuple(sorted(plan.reward_paths.items()))))
     return jobs

@@ -42,7 +42,7 @@ run resumes or extends as it was made (a plain --resume of it is refused as a ch
 settings unless its flags say so, --grpo.no-detach-unconditional)."""
 
 
-EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds")
+EXTENSION_ADDS = ("algos", "algorithm_configs", "seeds", "algo_seeds")
 """Settings that an extension adds to (its new algorithms and seeds); it must match the rest."""
 
 
@@ -191,13 +191,15 @@ def clear_redone(plan: Plan) -> None:
 
 def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
     """`plan` with the finished run in its --out ahead of its own algorithms and seeds:
-    new algorithms train on every seed, every algorithm trains on the new seeds; refuses
-    what would make the new rows incomparable with the recorded ones, and a flag of a
-    recorded algorithm it does not train (`untrained`: algorithm -> fields its flags set)
-    that differs from the recorded value, which could only be ignored."""
+    new algorithms train on every seed, every algorithm trains on the new seeds (with
+    --partial-seeds: the algorithms of --algos on the seeds of --seeds they lack, the others
+    keep theirs); refuses what would make the new rows incomparable with the recorded ones,
+    and a flag of a recorded algorithm it does not train (`untrained`: algorithm -> fields
+    its flags set) that differs from the recorded value, which could only be ignored."""
     out, config_path = plan.out_dir, plan.out_dir / "config.json"
     saved = read_config(config_path, "--extend")
     recorded_algos, recorded_seeds = saved["algos"], saved["seeds"]
+    recorded_algo_seeds = {name: saved.get("algo_seeds", {}).get(name, recorded_seeds) for name in recorded_algos}
     algorithm_configs = recorded_setting(saved, "algorithm_configs")
     present = [name for name in plan.algos if name in recorded_algos]
     redone = tuple(present) if plan.args.redo else ()
@@ -210,24 +212,36 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
         algorithm_configs = {name: c for name, c in algorithm_configs.items() if name not in redone}
         present = []
     new_seeds = [seed for seed in plan.seeds if seed not in recorded_seeds]
-    dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
-    if dropped_seeds:
+    if plan.args.partial_seeds:
+        for name in present:
+            dropped = [seed for seed in recorded_algo_seeds[name] if seed not in plan.seeds]
+            if dropped:
+                raise UsageError(
+                    f"--extend --partial-seeds --seeds: {name} in {out} holds seeds "
+                    f"{','.join(map(str, recorded_algo_seeds[name]))} ({config_path}); list them all in --seeds (with "
+                    f"the seeds to add), e.g. --seeds {','.join(map(str, sorted({*recorded_algo_seeds[name], *plan.seeds})))}"
+                )
+    else:
+        dropped_seeds = [seed for seed in recorded_seeds if seed not in plan.seeds]
+        if dropped_seeds:
+            raise UsageError(
+                f"--extend --seeds: {out} holds seeds {','.join(map(str, recorded_seeds))} ({config_path}); list them "
+                f"all in --seeds (with the seeds to add), e.g. --seeds {','.join(map(str, [*recorded_seeds, *new_seeds]))}"
+            )
+    complete = [name for name in present if all(seed in recorded_algo_seeds[name] for seed in plan.seeds)]
+    if complete:
         raise UsageError(
-            f"--extend --seeds: {out} holds seeds {','.join(map(str, recorded_seeds))} ({config_path}); list them "
-            f"all in --seeds (with the seeds to add), e.g. --seeds {','.join(map(str, [*recorded_seeds, *new_seeds]))}"
-        )
-    if present and not new_seeds:
-        raise UsageError(
-            f"--extend --algos: {out} already holds {', '.join(present)} ({config_path} lists "
-            f"{', '.join(recorded_algos)}); leave {'it' if len(present) == 1 else 'them'} out of --algos, "
+            f"--extend --algos: {out} already holds {', '.join(complete)} on every seed of --seeds ({config_path} "
+            f"lists {', '.join(recorded_algos)}); leave {'it' if len(complete) == 1 else 'them'} out of --algos, "
             "add seeds with --seeds, or pass --resume instead to finish an interrupted run, or --overwrite to redo "
             "the whole folder"
         )
     missing = [name for name in recorded_algos if name not in plan.algos]
-    if new_seeds and missing:
+    if new_seeds and missing and not plan.args.partial_seeds:
         raise UsageError(
             f"--extend --seeds {','.join(map(str, new_seeds))}: every algorithm of {out} trains on the new seeds; "
-            f"list {', '.join(missing)} in --algos too (at the settings {config_path} records)"
+            f"list {', '.join(missing)} in --algos too (at the settings {config_path} records), or pass "
+            f"--partial-seeds to add them to {', '.join(plan.algos)} only"
         )
     for name in algorithm_configs:
         for key in untrained.get(name, []):
@@ -270,17 +284,22 @@ def extended(plan: Plan, untrained: dict[str, list[str]]) -> Plan:
                     )
     finished = recorded_rows(out)
     unfinished = [f"{name} seed {seed}" for seed in recorded_seeds for name in [BASE, *recorded_algos]
-                  if (name, seed) not in finished]
+                  if seed in recorded_algo_seeds.get(name, recorded_seeds) and (name, seed) not in finished]
     if unfinished:
         raise UsageError(
             f"--extend: {out / 'records.jsonl'} has no rows of {', '.join(unfinished)}, so the run is unfinished; "
             "finish it with its own flags and --resume, then extend it"
         )
     added = [name for name in plan.algos if name not in recorded_algos]
+    seeds = [*recorded_seeds, *new_seeds]
+    algo_seeds = {name: [seed for seed in seeds if seed in recorded_algo_seeds.get(name, ()) or
+                         (name in plan.algos and seed in plan.seeds)]
+                  for name in [*recorded_algos, *added]}
     return dataclasses.replace(
         plan,
         algos=[*recorded_algos, *added],
-        seeds=[*recorded_seeds, *new_seeds],
+        seeds=seeds,
+        algo_seeds={name: own for name, own in algo_seeds.items() if own != seeds},
         configs={name: plan.configs[name] for name in [*present, *redone, *added]},
         recorded_configs={name: c for name, c in algorithm_configs.items() if name not in present},
         redone=redone,

@@ -166,6 +166,71 @@ def test_extend_adds_a_seed_to_every_algorithm_and_reuses_the_recorded_seeds(ddp
         assert _without_time(_lines(out, algo)[len(recorded[algo]):]) == _without_time(_lines(alone, algo))
 
 
+def _seeds(out: Path, algo: str) -> set[int]:
+    return {json.loads(line)["seed"] for line in _lines(out, algo)}
+
+
+def test_partial_seeds_train_only_the_named_algorithms_and_an_interrupted_extension_resumes_them(
+        ddpo_run, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """`--extend --partial-seeds`: the new seed trains DDPO only (its interval is the widest),
+    D3PO keeps its seeds and rows, the base is evaluated on the new seed; the new rows are a
+    run of that seed alone, and an interrupted extension resumes the seeds it planned, not a
+    new seed of D3PO."""
+    out = tmp_path / "run"
+    shutil.copytree(ddpo_run, out, ignore=shutil.ignore_patterns("checkpoints"))
+    assert main(_run_args(tiny_pipeline_dir, out, "--algos", "d3po", "--extend")) == 0
+    d3po_lines = _lines(out, "d3po")
+    new_seed = SEEDS[-1] + 1
+    seeds = ",".join(map(str, [*SEEDS, new_seed]))
+    partial = [*_with(_run_args(tiny_pipeline_dir, out), "--seeds", seeds), "--algos", "ddpo", "--extend",
+               "--partial-seeds"]
+
+    _watch_training(monkeypatch, stop_at_seed=new_seed)
+    with pytest.raises(Interrupted):
+        main(partial)
+    assert json.loads((out / "config.json").read_text())["algo_seeds"] == {"d3po": SEEDS}
+    monkeypatch.undo()
+    trained = _watch_training(monkeypatch)
+    resume = [*_with(_run_args(tiny_pipeline_dir, out), "--seeds", seeds), "--algos", "ddpo,d3po", "--resume"]
+    assert main(resume) == 0
+
+    assert trained == [("ddpo", new_seed)]
+    assert _lines(out, "d3po") == d3po_lines and _seeds(out, "ddpo") == {*SEEDS, new_seed}
+    config = json.loads((out / "config.json").read_text())
+    assert config["seeds"] == [*SEEDS, new_seed] and config["algo_seeds"] == {"d3po": SEEDS}
+    table = pd.read_csv(out / "table.csv").set_index(pd.read_csv(out / "table.csv").columns[0])
+    assert table.loc[["ddpo", "d3po"], "seeds"].tolist() == [len(SEEDS) + 1, len(SEEDS)]
+
+    # The partial extension's new rows are those of a run of that seed alone, and a full
+    # extension afterwards gives D3PO the seed it lacks.
+    monkeypatch.undo()
+    alone = tmp_path / "alone"
+    assert main([*_with(_run_args(tiny_pipeline_dir, alone), "--seeds", str(new_seed)), "--algos", "ddpo"]) == 0
+    for algo in ("base", "ddpo"):
+        new_rows = [line for line in _lines(out, algo) if json.loads(line)["seed"] == new_seed]
+        assert _without_time(new_rows) == _without_time(_lines(alone, algo))
+    trained = _watch_training(monkeypatch)
+    assert main([*_with(_run_args(tiny_pipeline_dir, out), "--seeds", seeds), "--algos", "d3po", "--extend"]) == 0
+    assert trained == [("d3po", new_seed)]
+    assert "algo_seeds" not in json.loads((out / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [(["--seeds", "0,1,2", "--algos", "ddpo", "--partial-seeds"], "--partial-seeds adds seeds to some algorithms"),
+     (["--seeds", "1,2", "--algos", "ddpo", "--extend", "--partial-seeds"], "ddpo in {out} holds seeds 0,1"),
+     (["--seeds", "0,1", "--algos", "ddpo", "--extend", "--partial-seeds"], "already holds ddpo on every seed")],
+)
+def test_partial_seeds_refuse_without_extend_a_dropped_seed_or_nothing_to_add(ddpo_run, tiny_pipeline_dir,
+                                                                              refused_before_running, capsys, extra,
+                                                                              expected):
+    args = _run_args(tiny_pipeline_dir, ddpo_run)
+    args = [*_with(args, "--seeds", extra[1]), *extra[2:]]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and expected.format(out=ddpo_run) in error
+
+
 def _metric_keys(out: Path, algo: str) -> list[tuple[int, int]]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(row["seed"], row["epoch"]) for row in rows if row["algo"] == algo]
