@@ -674,17 +674,22 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
     at = {(c.algo, c.steps): c for c in cells}
     rows = [a for a in algos if any((a, k) in at for k in steps)]
     seeds = max((c.n for c in cells), default=0)
+    # Where algorithms have different numbers of seeds (`benchmarks.run --extend
+    # --partial-seeds`), each row names its own and a cell says n= only below its row's.
+    own = {a: max(at[a, k].n for k in steps if (a, k) in at) for a in rows}
+    uneven = len(set(own.values())) > 1
+    label = {a: f"{a} ({own[a]} seeds)" if uneven else a for a in rows}
     role = "the training reward itself" if gold == run.reward else (
         f"gold of the training reward {run.reward}" if gold in own_golds(run.reward) else "held-out gold"
     )
     header = "| algorithm | " + " | ".join(steps_label(k) for k in steps) + " |"
     rule = "|---" + "|---:" * len(steps) + "|"
     gains = [header, rule] + [
-        f"| {a} | " + " | ".join(_gain_text(at[a, k], seeds) if (a, k) in at else "–" for k in steps) + " |"
+        f"| {label[a]} | " + " | ".join(_gain_text(at[a, k], own[a]) if (a, k) in at else "–" for k in steps) + " |"
         for a in rows
     ]
     mdes = [header, rule] + [
-        f"| {a} | "
+        f"| {label[a]} | "
         + " | ".join(
             f"{at[a, k].mde:.3f} · {_seeds_text(at[a, k].seeds_needed)}"
             if (a, k) in at and not math.isnan(at[a, k].mde)
@@ -709,13 +714,14 @@ def table_markdown(cells: Sequence[CellVerdict], run: Run, gold: str, algos: Seq
             "these cells."
         )
     gain_table = [f"## {run.name}: {gold} ({role})", "", *gains, ""]
-    fewer = " (fewer where n= says)" if any(0 < c.n < seeds for c in cells) else ""
+    fewer = " (fewer where n= says)" if any(0 < at[a, k].n < own[a] for a, k in at if a in own) else ""
+    over = "each algorithm's seeds (beside its name)" if uneven else f"{seeds} seeds"
     if seeds < 2:
         return "\n".join([*gain_table, "Gold gain over the base of the same seed, one seed: no interval, test or MDE."])
     return "\n".join(
         [
             *gain_table,
-            f"Gold gain over the base of the same seed, mean over {seeds} seeds{fewer} ± the "
+            f"Gold gain over the base of the same seed, mean over {over}{fewer} ± the "
             f"half-width of its Student t {1 - ALPHA:.0%} interval (n - 1 degrees of freedom). ↑ / ↓: the paired "
             f"t-test of no gain is significant after Holm over the {m} cells of this table (family-wise error ≤ "
             f"{ALPHA}); no mark: not separable from the base; =: every seed gained exactly the same, no variance "
@@ -753,6 +759,8 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
         )
     judged = [row for row in rows if not row.diverges]
     short = [row.algo for row in judged if not row.met]
+    counts = {row.seeds for row in rows}
+    at_seeds = f"{rows[0].seeds} seeds" if len(counts) == 1 else "each algorithm's seeds (`collapsed seeds` counts them)"
     verdict_text = (
         f"met by all {len(judged)}" if not short else f"not met by {len(short)} of {len(judged)} ({', '.join(short)})"
     )
@@ -761,7 +769,7 @@ def precision_markdown(rows: Sequence[Precision]) -> str:
         f"The bar: every algorithm that does not diverge (a mean gold loss of more than {DIVERGENCE:.2f} at some step "
         f"count, on any gold, at the epochs analysed or at the last epoch) has a Student t {1 - ALPHA:.0%} interval "
         f"of its gain on {gold} no wider than ±{PRECISION_TARGET} at every step count: {verdict_text}. `widest ±`: "
-        f"the widest half-width over the step counts, at {rows[0].seeds} seeds; `seeds for ±{PRECISION_TARGET}`: "
+        f"the widest half-width over the step counts, at {at_seeds}; `seeds for ±{PRECISION_TARGET}`: "
         "the seeds that cell would need at its observed sd (a planning number); `at the last epoch`: the worst mean "
         "gain at the end of the budget, where an algorithm analysed at an earlier epoch may have collapsed since "
         f"(its seeds then stand at different points of the collapse); `collapsed seeds`: seeds whose own gain falls "

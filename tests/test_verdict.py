@@ -439,6 +439,34 @@ def test_precision_bar_exempts_only_diverging_algorithms(tmp_path):
     assert "not met by 2 of 2 (ddpo, sdpo)" in halved or "not met by 2 of 2 (sdpo, ddpo)" in halved
 
 
+def test_an_algorithm_with_more_seeds_than_the_others_is_read_on_its_own_seeds(tmp_path):
+    """A partial extension (`--extend --partial-seeds`): ddpo and the base have a fourth seed
+    (base 0.7, ddpo's gains 0.06 at 1 step and 0.103 at 2), sdpo has not. ddpo at 2 steps:
+    gains 0.100, 0.101, 0.102, 0.103, mean 0.1015, sd √(0.00000166...) = 0.0012910; its
+    half-width q(3) 3.182446 × 0.0012910 / 2 = 0.0020542. sdpo reads as on three seeds, and
+    each row names its own count instead of marking sdpo's cells n=3."""
+    records = rows(base_seeds=(0, 1, 2))
+    extra = {1: 0.06, 2: 0.103}
+    for gold, sign in ((AESTHETIC, 1), (ALIGN, -1)):
+        for k in (1, 2):
+            records.append(record("base", 3, 0, k, gold, 0.7 + 0.1 * k))
+            records += [record("ddpo", 3, epoch, k, gold, 0.7 + 0.1 * k + sign * extra[k] * epoch / 10)
+                        for epoch in (5, 10)]
+    text = v.write_verdict([write_run(tmp_path / "partial", records)], tmp_path / "out")
+    result = json.loads((tmp_path / "out" / "verdict.json").read_text())
+    cells = {(c["gold"], c["algo"], c["steps"]): c for c in result["cells"]}
+    ddpo, sdpo = cells[AESTHETIC, "ddpo", 2], cells[AESTHETIC, "sdpo", 2]
+    assert (ddpo["n"], sdpo["n"]) == (4, 3)
+    assert ddpo["mean"] == pytest.approx(0.1015)
+    half = stats.t.ppf(0.975, 3) * np.std([0.100, 0.101, 0.102, 0.103], ddof=1) / 2
+    assert (ddpo["ci_high"] - ddpo["ci_low"]) / 2 == pytest.approx(half)
+    assert "| ddpo (4 seeds) | +0.015 ± " in text and "| sdpo (3 seeds) | +0.030 ± 0.066 |" in text
+    assert "(n=3)" not in text and "mean over each algorithm's seeds (beside its name)" in text
+    precision = {p["algo"]: p["seeds"] for p in result["precision"]}
+    assert precision == {"ddpo": 4, "sdpo": 3}
+    assert "at each algorithm's seeds (`collapsed seeds` counts them)" in text
+
+
 def test_an_algorithm_collapsing_after_the_analysed_epoch_diverges(tmp_path):
     """ddpo analysed at epoch 5 (every seed), where its worst mean is -0.0505 (tiny-align-gold,
     2 steps: half its epoch-10 loss of 0.101): no divergence there, but at its last epoch 10
