@@ -550,8 +550,10 @@ def write_report(run_dir: str | Path, reward: str, algos: Sequence[str] | None =
     if len(seeds) >= 2 and set(recorded) & set(GOLD_OF.values()):
         write_verdict([run_dir], run_dir)
         if peak_epochs:
-            write_verdict([run_dir], run_dir / "peak",
-                          epochs=[{(algo, seed): epoch for algo, epoch in peak_epochs.items() for seed in seeds}])
+            # Each algorithm's own seeds: after `--extend --partial-seeds` some have fewer.
+            seeds_of = records.groupby("algo")["seed"].unique()
+            write_verdict([run_dir], run_dir / "peak", epochs=[
+                {(algo, int(seed)): epoch for algo, epoch in peak_epochs.items() for seed in seeds_of[algo]}])
     return text
 
 

@@ -147,3 +147,20 @@ def test_the_report_writes_the_verdict_at_the_final_and_at_the_chosen_epochs(tmp
     assert [cell["mean"] for cell in final] == pytest.approx([0.12, -0.10])
     assert [cell["mean"] for cell in peak] == pytest.approx([0.10, 0.10])
     assert all(set(cell["epochs"].values()) == {4} for cell in peak)
+
+
+def test_the_chosen_epochs_verdict_reads_each_algorithm_on_its_own_seeds(tmp_path):
+    """After `--extend --partial-seeds` one algorithm has a seed the other lacks: sdpo (ddpo's
+    curves) and the base have seed 2 (seed 1's numbers again), ddpo has not; the verdict at
+    the chosen epoch reads ddpo on seeds 0 and 1, sdpo on 0, 1 and 2."""
+    from benchmarks.report import write_report
+
+    run = _write(tmp_path / "run", CURVES)
+    rows = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
+    sdpo = [{**row, "algo": "sdpo"} for row in rows if row["algo"] == "ddpo"]
+    seed_2 = [{**row, "seed": 2} for row in rows + sdpo if row["algo"] in ("base", "sdpo") and row["seed"] == 1]
+    (run / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows + sdpo + seed_2))
+    write_report(run, PROXY)
+    peak = json.loads((run / "peak" / "verdict.json").read_text())["cells"]
+    assert {(cell["algo"], cell["n"]) for cell in peak} == {("ddpo", 2), ("sdpo", 3)}
+    assert all(set(cell["epochs"].values()) == {4} for cell in peak)
