@@ -23,7 +23,10 @@ class RewardFailures(RunStopped):
 class TrainLoop:
     """Speed and memory switches of the training loop. Like `Performance`, none of them
     changes what is computed beyond floating-point rounding, so a resumed run may change
-    them: an epoch's noise is drawn before it is split into sampling calls."""
+    them: an epoch's noise is drawn before it is split into sampling calls. Rounding is not
+    nothing over a long run, though: a different `micro_batch` puts DDPO and SDPO 0.03-0.09
+    of the gold apart after 40 epochs (results/perf/make-bench-cpu.md), the spread of
+    another seed, so a run whose records must equal another's keeps its switches."""
 
     sample_batch_size: int | None = None
     """Trajectories per sampling call, a multiple of each algorithm's group size (default:
