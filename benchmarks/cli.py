@@ -153,8 +153,9 @@ class RunArgs:
     extend: bool = False
     """Add algorithms (those of --algos it does not hold) or seeds (those of --seeds it does
     not hold; --seeds must list its own too, and --algos every algorithm it holds, at its
-    recorded settings, unless --partial-seeds) to the finished run in --out: they train and evaluate under its
-    recorded settings, its recorded rows are reused, and the report is rewritten with every row."""
+    recorded settings, unless --partial-seeds) to the finished run in --out: they train and
+    evaluate under its recorded settings, its recorded rows are reused, and the report is
+    rewritten with every row."""
     partial_seeds: bool = False
     """With --extend: train the seeds of --seeds on the algorithms of --algos only; the run's
     other algorithms keep the seeds they hold, and the base is evaluated on every seed. For
