@@ -145,7 +145,8 @@ class RunArgs:
     default and --out its folder, so that `--config results/NAME/config.json --resume`
     continues the run without retyping them. A flag that contradicts a recorded setting is
     refused; the others (--jobs, --loop.*, --performance.*, --wandb, --reward-path,
-    --max-bad-reward-batches, ...) are free."""
+    --max-bad-reward-batches, ...) are free, and so are --algos and --seeds with --extend
+    (`--config RUN/config.json --extend --partial-seeds --algos ddpo --seeds 0,...,19`)."""
     resume: bool = False
     """Continue the run in --out from its last complete epoch."""
     overwrite: bool = False
@@ -410,7 +411,9 @@ def _refuse_contradictions(args: RunArgs, recorded: RunArgs, saved: dict, path: 
             "every flag"
         )
 
-    for key in sorted(saved.keys() & RUN_FLAGS - set(RESUME_MAY_CHANGE)):
+    # An extension names the algorithms and seeds it adds; `extended` checks them against the run.
+    free = {*RESUME_MAY_CHANGE, *(("algos", "seeds") if args.extend else ())}
+    for key in sorted(saved.keys() & RUN_FLAGS - free):
         given, kept = getattr(args, key), getattr(recorded, key)
         flag = "--" + key.replace("_", "-")
         if key == "ema":

@@ -61,6 +61,16 @@ def test_config_refuses_a_contradicting_flag(recorded_run, flags, message):
     assert str(refused.value).startswith(message.format(recorded_run))
 
 
+def test_config_with_extend_takes_the_algorithms_and_seeds_it_adds(recorded_run):
+    """`--config RUN/config.json --extend` names what it adds (`extended` checks it against
+    the run); every other recorded setting is still held."""
+    args = parse_args(["--config", str(recorded_run), "--extend", "--partial-seeds", "--algos", "ddpo",
+                       "--seeds", "0,1,2"])
+    assert (args.algos, args.seeds, args.epochs) == ("ddpo", "0,1,2", 3)
+    with pytest.raises(UsageError, match="--epochs 4: --config"):
+        parse_args(["--config", str(recorded_run), "--extend", "--seeds", "0,1,2", "--epochs", "4"])
+
+
 def test_config_names_an_unreadable_file(tmp_path):
     with pytest.raises(UsageError, match="--config: .*missing.json cannot be read"):
         parse_args(["--config", str(tmp_path / "missing.json")])

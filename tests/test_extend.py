@@ -182,7 +182,8 @@ def test_partial_seeds_train_only_the_named_algorithms_and_an_interrupted_extens
     d3po_lines = _lines(out, "d3po")
     new_seed = SEEDS[-1] + 1
     seeds = ",".join(map(str, [*SEEDS, new_seed]))
-    partial = [*_with(_run_args(tiny_pipeline_dir, out), "--seeds", seeds), "--algos", "ddpo", "--extend",
+    # Through --config: the run's settings without retyping them, the seeds and algorithm added.
+    partial = ["--config", str(out / "config.json"), "--seeds", seeds, "--algos", "ddpo", "--extend",
                "--partial-seeds"]
 
     _watch_training(monkeypatch, stop_at_seed=new_seed)
