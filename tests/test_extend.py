@@ -199,7 +199,7 @@ def test_partial_seeds_train_only_the_named_algorithms_and_an_interrupted_extens
     assert _lines(out, "d3po") == d3po_lines and _seeds(out, "ddpo") == {*SEEDS, new_seed}
     config = json.loads((out / "config.json").read_text())
     assert config["seeds"] == [*SEEDS, new_seed] and config["algo_seeds"] == {"d3po": SEEDS}
-    table = pd.read_csv(out / "table.csv").set_index(pd.read_csv(out / "table.csv").columns[0])
+    table = pd.read_csv(out / "table.csv", index_col=0)
     assert table.loc[["ddpo", "d3po"], "seeds"].tolist() == [len(SEEDS) + 1, len(SEEDS)]
 
     # The partial extension's new rows are those of a run of that seed alone, and a full
