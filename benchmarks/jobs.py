@@ -126,6 +126,11 @@ class SerialExecutor:
             yield job, run_job(with_hooks(job, events), self.rewards, self.accelerator)
 
 
+WORKER_EXIT_SECONDS = 60.0
+"""How long the driver waits, once every job has reported, for each worker to exit on its own
+before terminating it."""
+
+
 class WorkerDied(RunStopped):
     """A worker process ended without reporting (killed by a signal, out of memory)."""
 
@@ -160,6 +165,7 @@ class ProcessExecutor:
             ))
         running: dict[int, int] = {}  # worker -> the number of the job it runs
         finished = 0
+        ended = False  # every job reported: the workers have their end markers
         try:
             for process in processes:
                 process.start()
@@ -187,8 +193,13 @@ class ProcessExecutor:
                     yield job, payload
                 else:
                     raise payload
+            ended = True
         finally:
             for process in processes:
+                # A worker past its end marker is exiting on its own: terminated then, it
+                # would leave its semaphores (tqdm's lock) for the resource tracker to
+                # report as leaked at the driver's exit.
+                process.join(timeout=WORKER_EXIT_SECONDS if ended else 0)
                 if process.is_alive():
                     process.terminate()
             for process in processes:
