@@ -231,7 +231,7 @@ def make_plan(args: RunArgs, num_processes: int = 1) -> Plan:
     eval_rewards = golds + [name for name in eval_rewards if name not in golds]
     reward_paths = parse_reward_paths(args.reward_path)
     epochs = args.epochs if args.epochs is not None else preset.epochs_for(reward)
-    eval_every = args.eval_every if args.eval_every is not None else preset.eval_every
+    eval_every = args.eval_every if args.eval_every is not None else preset.eval_every_for(reward)
     # `is not None`, not `or`: a 0 is refused below, never read as "the preset's".
     trajectories = (args.trajectories_per_epoch if args.trajectories_per_epoch is not None
                     else preset.trajectories_per_epoch)

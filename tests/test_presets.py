@@ -249,6 +249,19 @@ def test_a_preset_names_the_algorithms_a_run_trains_by_default(tmp_path):
     assert not PRESETS["sd-turbo"]().algos
 
 
+def test_a_task_with_its_own_measured_budget_plans_it_unless_flags_say_otherwise(tmp_path):
+    """tiny-turbo's alignment task trains 20 epochs evaluated every 2 (its measured budget, 10
+    points of the curve); the default task keeps the verdict protocol's 40 every 4; the flags win."""
+    def planned(preset: str, *flags: str) -> tuple[int, int]:
+        plan = make_plan(parse_args(["--preset", preset, "--out", str(tmp_path / "run"), *flags]))
+        return plan.epochs, plan.eval_every
+
+    assert planned("tiny-turbo") == (40, 4)
+    assert planned("tiny-turbo", "--reward", "tiny-align") == (20, 2)
+    assert planned("tiny-turbo", "--reward", "tiny-align", "--epochs", "8", "--eval-every", "4") == (8, 4)
+    assert planned("tiny-flow-turbo", "--reward", "tiny-align") == (40, 4)
+
+
 FLOW_PRESETS = [name for name in GPU_PRESETS if PRESETS[name]().sampler == "flow"]
 
 
