@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import pandas as pd  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.records import BASE, load_records, steps_label  # noqa: E402
+from benchmarks.records import BASE, load_records, steps_label, with_base  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 
 FRACTION_OF_PEAK = 0.9
@@ -71,15 +71,19 @@ def chosen_epochs(validation: pd.DataFrame, reward: str) -> dict[str, int]:
     return chosen
 
 
-def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Sequence[str]) -> pd.DataFrame:
+def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Sequence[str],
+               base_curve: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per trained algorithm (index) and step count k: `<k> final`, `<k> peak` (the mean
     test score over seeds at the last complete epoch and at the chosen one) and `<k> to
-    90%` (trajectories, module docstring); `epoch` the chosen epoch, for the reward
-    `reward` (a gold, or any recorded reward)."""
+    90%` (trajectories, module docstring; each point's gain over the base of its seed on its
+    own images where `base_curve` holds them, `records.with_base`); `epoch` the chosen
+    epoch, for the reward `reward` (a gold, or any recorded reward)."""
     of_reward = test[test["reward"] == reward]
     curve = _complete_epochs(of_reward)
+    trained = of_reward[of_reward["algo"] != BASE]
+    paired = with_base(trained, of_reward[of_reward["algo"] == BASE], base_curve)
+    gains = _complete_epochs(trained.assign(mean=paired["mean"].to_numpy() - paired["base"].to_numpy()))
     samples = of_reward.groupby(["algo", "epoch"])["samples_seen"].mean()
-    base = of_reward[of_reward["algo"] == BASE].groupby("eval_steps")["mean"].mean()
     table = pd.DataFrame(index=pd.Index([r for r in rows if r != BASE and r in epochs], name="algorithm"))
     table["epoch"] = [epochs[algo] for algo in table.index]
     for k in sorted(of_reward["eval_steps"].unique()):
@@ -87,13 +91,13 @@ def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Se
         for algo in table.index:
             own = curve[(curve["algo"] == algo) & (curve["eval_steps"] == k)].set_index("epoch")["mean"].sort_index()
             finals.append(float(own.iloc[-1]) if len(own) else math.nan)
-            peak = float(own.get(epochs[algo], math.nan))
-            peaks.append(peak)
-            gain = peak - base.get(k, math.nan)
+            peaks.append(float(own.get(epochs[algo], math.nan)))
+            own_gains = gains[(gains["algo"] == algo) & (gains["eval_steps"] == k)].set_index("epoch")["mean"]
+            gain = float(own_gains.get(epochs[algo], math.nan))
             if not gain > 0:
                 reach.append(math.nan)
                 continue
-            reached = own[own - base[k] >= FRACTION_OF_PEAK * gain]
+            reached = own_gains.sort_index()[own_gains.sort_index() >= FRACTION_OF_PEAK * gain]
             reach.append(float(samples[algo, int(reached.index[0])]))
         table[f"{k} final"] = finals
         table[f"{k} peak"] = peaks
@@ -167,10 +171,11 @@ def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[st
     except ValueError:
         return None
     epochs = chosen_epochs(validation, reward)
+    base_curve = load_records(run_dir, "test", base_curve=True)
     scored = [name for name in dict.fromkeys([scoring_reward(reward), reward]) if name in set(test["reward"])]
     sections, frames = [], []
     for name in scored:
-        table = peak_table(test, name, epochs, rows)
+        table = peak_table(test, name, epochs, rows, base_curve)
         base = test[(test["reward"] == name) & (test["algo"] == BASE)].groupby("eval_steps")["mean"].mean()
         sections.append(markdown(table, name, base))
         frames.append(table.assign(reward=name))

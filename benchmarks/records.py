@@ -25,13 +25,16 @@ def steps_label(steps: int) -> str:
     return f"{steps} step" if steps == 1 else f"{steps} steps"
 
 
-def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
+def load_records(run_dir: str | Path, split: str | None = None, base_curve: bool = False) -> pd.DataFrame:
     """The run's evaluation records of one prompt set, one row per (algo, seed, epoch,
-    eval_steps, reward).
+    eval_steps, reward), with the images per prompt each scored (`samples_per_prompt`).
 
     `split`: "test" or "validation"; None: the reported one, the test prompts when the run
     evaluated them (`--eval-split test` or `both`), else the validation prompts (a tuning
     run). Records written before runs named their split are of the run's `--eval-split`.
+    `base_curve`: instead, the base's rows scored on the curve's images (a run whose
+    intermediate points score fewer images than its last, `curve_samples_per_prompt`),
+    which `paired_base` pairs with those points; none in a run recorded before them.
     """
     path = Path(run_dir) / "records.jsonl"
     if not jsonl_exists(path):
@@ -59,13 +62,50 @@ def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     frame = frame[frame["split"] == wanted]
     if frame.empty:
         raise ValueError(f"{path} holds no records of the {wanted} prompts (it holds {', '.join(sorted(recorded))})")
+    frame = _with_samples_per_prompt(frame, _config(Path(run_dir)))
     # A resumed run can evaluate an epoch again; its latest evaluation is the one that counts.
-    return frame.drop_duplicates(RECORD_KEY, keep="last").reset_index(drop=True)
+    frame = frame.drop_duplicates([*RECORD_KEY, "samples_per_prompt"], keep="last")
+    config = _config(Path(run_dir))
+    full = config.get("eval_samples_per_prompt", frame.loc[frame["algo"] == BASE, "samples_per_prompt"].max())
+    counts = frame["samples_per_prompt"]
+    of_curve = (frame["algo"] == BASE) & counts.notna() & (counts != full)
+    return frame[of_curve if base_curve else ~of_curve].reset_index(drop=True)
+
+
+def _with_samples_per_prompt(frame: pd.DataFrame, config: dict) -> pd.DataFrame:
+    """`frame` with every row's images per prompt: rows written before records named them
+    are of the full evaluation at epoch 0 and at the run's last epoch, of the curve's between
+    (config.json's counts; unknown without one)."""
+    full = config.get("eval_samples_per_prompt", math.nan)
+    curve = config.get("curve_samples_per_prompt") or full
+    inferred = frame["epoch"].map(lambda epoch: full if epoch in (0, config.get("epochs")) else curve)
+    recorded = frame["samples_per_prompt"] if "samples_per_prompt" in frame else math.nan
+    return frame.assign(samples_per_prompt=pd.Series(recorded, index=frame.index).fillna(inferred))
+
+
+def _config(run_dir: Path) -> dict:
+    config = run_dir / "config.json"
+    return json.loads(config.read_text()) if config.is_file() else {}
 
 
 def _recorded_split(run_dir: Path) -> str:
-    config = run_dir / "config.json"
-    return json.loads(config.read_text()).get("eval_split", "test") if config.is_file() else "test"
+    return _config(run_dir).get("eval_split", "test")
+
+
+def with_base(rows: pd.DataFrame, base: pd.DataFrame, base_curve: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`rows` (trained rows of one prompt set) with `base`: the base's mean at the same seed,
+    step count and reward, scored on the same images as the row (the same noise, so that
+    their difference is paired) where `base_curve` (`load_records(..., base_curve=True)`)
+    holds that evaluation, else on the full evaluation's (`base`, the base's reported rows);
+    NaN for a seed without a base row."""
+    on = ["seed", "eval_steps", "reward"]
+    paired = rows.merge(base[on + ["mean"]].rename(columns={"mean": "base"}), on=on, how="left")
+    if base_curve is not None and not base_curve.empty and "samples_per_prompt" in rows:
+        own = base_curve[[*on, "samples_per_prompt", "mean"]].rename(columns={"mean": "base_curve"})
+        paired = paired.merge(own, on=[*on, "samples_per_prompt"], how="left", indicator=True)
+        paired["base"] = paired["base"].where(paired.pop("_merge") != "both", paired["base_curve"])
+        paired = paired.drop(columns="base_curve")
+    return paired
 
 
 def row_order(records: pd.DataFrame, algos: Sequence[str] | None = None) -> list[str]:

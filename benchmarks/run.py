@@ -168,9 +168,10 @@ def _start_folder(plan: Plan) -> None:
 
 def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precision: str) -> list:
     """The plan's jobs whose rows `rows` lacks, in the order a serial run takes them: per
-    seed, the base evaluation, then each algorithm that has the seed."""
+    seed, the base evaluation (also when its rows lack one of its evaluations), then each
+    algorithm that has the seed."""
     from benchmarks.jobs import Job
-    from benchmarks.train import JobSettings
+    from benchmarks.train import JobSettings, missing_base_evaluations
 
     jobs = []
     for seed in plan.seeds:
@@ -195,8 +196,12 @@ def plan_jobs(plan: Plan, rows: dict[tuple[str, int], list[dict]], mixed_precisi
             finetune=plan.args.finetune,
             fsdp=plan.args.fsdp,
         )
+        # A base whose rows lack an evaluation (the curve's, in a run recorded before the base
+        # was evaluated on the curve's images) is evaluated again.
+        base_done = (BASE, seed) in rows and not missing_base_evaluations(settings, rows[BASE, seed])
         for name in [BASE, *plan.algos]:
-            if seed in plan.seeds_of(name) and (name, seed) not in rows:
+            done = base_done if name == BASE else (name, seed) in rows
+            if seed in plan.seeds_of(name) and not done:
                 jobs.append(Job(name, seed, settings, None if name == BASE else plan.configs[name],
                                 tuple(plan.eval_rewards), tuple(sorted(plan.reward_paths.items()))))
     return jobs

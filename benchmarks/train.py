@@ -120,11 +120,24 @@ class JobSettings:
     """Shard the fully fine-tuned denoiser over the processes (`benchmarks.sharding`)."""
 
     def evaluations(self, epoch: int) -> list[EvalSettings]:
-        """The evaluations made after `epoch` (0: the base model's, the full ones)."""
-        chosen = [self.eval] if self.selection_eval is None else [self.eval, self.selection_eval]
-        if epoch in (0, self.epochs) or self.curve_samples_per_prompt is None:
-            return chosen
-        return [dataclasses.replace(e, samples_per_prompt=self.curve_samples_per_prompt) for e in chosen]
+        """The evaluations made after training epoch `epoch`: the full ones at the last, the
+        curve's (`curve_samples_per_prompt`) before it."""
+        full = [self.eval] if self.selection_eval is None else [self.eval, self.selection_eval]
+        if epoch == self.epochs or not self.curve_scores_other_images():
+            return full
+        return [dataclasses.replace(e, samples_per_prompt=self.curve_samples_per_prompt) for e in full]
+
+    def curve_scores_other_images(self) -> bool:
+        """Whether the curve's intermediate points score other images than the last epoch's."""
+        return (self.curve_samples_per_prompt not in (None, self.eval.samples_per_prompt)
+                and self.eval_every < self.epochs)
+
+    def base_evaluations(self) -> list[EvalSettings]:
+        """The base model's evaluations: the full ones, and the curve's too when its points
+        score other images, so that every trained point has the base on its own images (the
+        same noise: a paired gain) as well as the final table's."""
+        full = self.evaluations(self.epochs)
+        return full + (self.evaluations(self.eval_every) if self.curve_scores_other_images() else [])
 
 
 def _fresh_counters() -> dict:
@@ -142,13 +155,14 @@ def trained_weights_folder(out_dir: Path, algo: str, seed: int, finetune: str) -
     return out_dir / ("model" if finetune == "full" else "lora") / f"{algo}_seed{seed}"
 
 
-def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict, split: str) -> list[dict]:
+def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict, evaluation: EvalSettings) -> list[dict]:
     return [
         {
             "algo": algo,
             "seed": seed,
             "epoch": epoch,
-            "split": split,
+            "split": evaluation.split,
+            "samples_per_prompt": evaluation.samples_per_prompt,
             "eval_steps": step_count,
             "reward": reward_name,
             **values,
@@ -164,10 +178,12 @@ def _records(algo: str, seed: int, epoch: int, counters: dict, stats: dict, spli
 
 
 def _evaluate_and_record(
-    policy, rewards, settings: JobSettings, accelerator, algo, seed, epoch, counters, save_strips: bool
+    policy, rewards, settings: JobSettings, accelerator, algo, seed, epoch, counters, save_strips: bool,
+    evaluations: list[EvalSettings] | None = None,
 ) -> list[dict]:
+    """Records of `evaluations` (default: those after training epoch `epoch`)."""
     records = []
-    for evaluation in settings.evaluations(epoch):
+    for evaluation in settings.evaluations(epoch) if evaluations is None else evaluations:
         where = f"{algo} seed {seed}, epoch {epoch}"
         if settings.selection_eval is not None:
             where += f", {evaluation.split} prompts"
@@ -177,7 +193,7 @@ def _evaluate_and_record(
             (settings.out_dir / "samples").mkdir(parents=True, exist_ok=True)
             for step_count, images in strips.items():
                 save_strip(images, settings.out_dir / "samples" / f"{algo}_seed{seed}_steps{step_count}.png")
-        records += _records(algo, seed, epoch, counters, stats, evaluation.split)
+        records += _records(algo, seed, epoch, counters, stats, evaluation)
     if accelerator.is_main_process:
         settings.log_evaluations(records)
     return records
@@ -201,19 +217,32 @@ def _save_on_main(accelerator: Accelerator, path: Path, state: dict) -> None:
 
 
 def evaluate_base(settings: JobSettings, seed: int, rewards: dict[str, Reward], accelerator: Accelerator) -> list[dict]:
-    """Rows of the untrained model (epoch 0), computed once per seed and checkpointed."""
+    """Rows of the untrained model (epoch 0), computed once per seed and checkpointed; a
+    checkpoint of an older run that lacks some of `settings.base_evaluations()` (the
+    curve's) gets them added."""
     path = checkpoint_path(settings.out_dir, BASE, seed)
     state = load_state(path)
-    if state is not None:
-        return state["records"]
+    kept = state["records"] if state is not None else []
+    missing = missing_base_evaluations(settings, kept)
+    if not missing:
+        return kept
     policy = load_policy(
         settings.model, device=accelerator.device, mixed_precision=settings.mixed_precision,
         performance=settings.performance, resolution=settings.resolution,
     )
     counters = _fresh_counters()
-    records = _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters, save_strips=True)
+    records = kept + _evaluate_and_record(policy, rewards, settings, accelerator, BASE, seed, 0, counters,
+                                          save_strips=True, evaluations=missing)
     _save_on_main(accelerator, path, {"records": records, "done": True})
     return records
+
+
+def missing_base_evaluations(settings: JobSettings, rows: list[dict]) -> list[EvalSettings]:
+    """The base evaluations of `settings` that `rows` (the base's records of one seed) lack.
+    Rows written before records named their images per prompt are of the full evaluation."""
+    made = {(row.get("split", settings.eval.split), row.get("samples_per_prompt", settings.eval.samples_per_prompt))
+            for row in rows}
+    return [e for e in settings.base_evaluations() if (e.split, e.samples_per_prompt) not in made]
 
 
 def training_sampler_config(config: Any, settings: JobSettings) -> SamplerConfig:

@@ -78,7 +78,7 @@ import tyro  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.records import BASE, final_records, load_records, row_order, steps_label  # noqa: E402
+from benchmarks.records import BASE, final_records, load_records, row_order, steps_label, with_base  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.spec import gold_rewards  # noqa: E402
@@ -129,6 +129,9 @@ class Run:
     records: pd.DataFrame
     reward: str | None
     golds: list[str]
+    base_curve: pd.DataFrame | None = None
+    """The base's rows on the curve's images (`records.load_records(..., base_curve=True)`),
+    which pair with trained rows at the curve's points; None or empty: none recorded."""
 
 
 def own_golds(reward: str | None) -> list[str]:
@@ -162,7 +165,7 @@ def load_run(run_dir: str | Path) -> Run:
     if not golds:
         every_gold = ", ".join(sorted(set(GOLD_OF.values())))
         raise ValueError(f"{run_dir / 'records.jsonl'} records no gold reward (golds: {every_gold})")
-    return Run(run_dir.resolve().name, records, reward, golds)
+    return Run(run_dir.resolve().name, records, reward, golds, load_records(run_dir, base_curve=True))
 
 
 def select_epochs(records: pd.DataFrame, chosen: EpochChoice | None = None) -> pd.DataFrame:
@@ -191,14 +194,15 @@ def select_epochs(records: pd.DataFrame, chosen: EpochChoice | None = None) -> p
     return pd.concat(parts, ignore_index=True)
 
 
-def paired_gains(selected: pd.DataFrame, gold: str) -> pd.DataFrame:
+def paired_gains(selected: pd.DataFrame, gold: str, base_curve: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per (algo, seed, eval_steps) of a trained algorithm: its epoch, its `gold`
-    mean, `base` (the base's mean at the same seed and step count) and `gain`, the
-    difference. Seeds without a base row, and non-finite scores, are left out."""
+    mean, `base` (the base's mean at the same seed and step count, on the row's own images
+    where `base_curve` holds them: `records.with_base`) and `gain`, the difference. Seeds
+    without a base row, and non-finite scores, are left out."""
     of_gold = selected[selected["reward"] == gold]
-    base = of_gold.loc[of_gold["algo"] == BASE, ["seed", "eval_steps", "mean"]].rename(columns={"mean": "base"})
-    trained = of_gold.loc[of_gold["algo"] != BASE, ["algo", "seed", "eval_steps", "epoch", "mean"]]
-    pairs = trained.merge(base, on=["seed", "eval_steps"], how="inner")
+    trained = of_gold.loc[of_gold["algo"] != BASE]
+    pairs = with_base(trained, of_gold[of_gold["algo"] == BASE], base_curve)
+    pairs = pairs[["algo", "seed", "eval_steps", "epoch", "mean", "base"]]
     pairs["gain"] = (pairs["mean"] - pairs["base"]).round(GAIN_DECIMALS)
     return pairs[np.isfinite(pairs["gain"].astype(float))].reset_index(drop=True)
 
@@ -605,7 +609,7 @@ def verdict(run_dirs: Sequence[str | Path], epochs: Sequence[EpochChoice | None]
         # Precision also reads the last epochs: the rows selected here, unless epochs were chosen.
         finals.append(select_epochs(run.records) if choice else selected)
         for gold in run.golds:
-            pairs = paired_gains(selected, gold)
+            pairs = paired_gains(selected, gold, run.base_curve)
             cells += table_verdicts(run.name, gold, pairs, [a for a in algos if a in set(pairs["algo"])])
     if not any(c.gains for c in cells):
         raise ValueError(f"no trained algorithm has a gold evaluation paired with a base in {', '.join(names)}")

@@ -122,18 +122,68 @@ def test_both_splits_are_evaluated_and_the_curve_points_use_fewer_images(tiny_pi
                                                  "--eval-samples-per-prompt", "2", "--curve-samples-per-prompt", "1"]
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
-    counts = {(r["algo"], r["epoch"], r["split"]) for r in records}
-    assert counts == {("base", 0, "test"), ("base", 0, "validation"), ("ddpo", 1, "test"), ("ddpo", 1, "validation"),
-                      ("ddpo", 2, "test"), ("ddpo", 2, "validation")}
-    images = {(r["algo"], r["epoch"]): r["count"] for r in records}
-    # 4 prompts per set: 2 samples each at the base and the last epoch, 1 at the curve's point.
-    assert images == {("base", 0): 8, ("ddpo", 1): 4, ("ddpo", 2): 8}
+    # 4 prompts per set: 2 samples each at the last epoch, 1 at the curve's point, and the
+    # base at both (the curve's points pair with it on their own images).
+    images = {(r["algo"], r["epoch"], r["split"], r["samples_per_prompt"], r["count"]) for r in records}
+    assert images == {(algo, epoch, split, n, 4 * n) for split in ("test", "validation")
+                      for algo, epoch, n in [("base", 0, 2), ("base", 0, 1), ("ddpo", 1, 1), ("ddpo", 2, 2)]}
     config = json.loads((out / "config.json").read_text())
     assert config["eval_split"] == "both" and config["curve_samples_per_prompt"] == 1
     assert len(config["val_prompts"]) == 4
     assert (out / "peak.md").is_file()
     # The reported table reads the test prompts only.
     assert set(load_records(out)["split"]) == {"test"}
+
+
+def test_a_curve_point_pairs_with_the_base_scored_on_its_own_images(tiny_pipeline_dir, tmp_path):
+    """A curve point scores fewer images than the last epoch, so the base is also evaluated on
+    those very images (same prompts, same noise): a policy that has barely moved (a learning
+    rate of 1e-30) scores exactly what the base scores there, and not what the base scores on
+    the full evaluation's images; the verdict pairs the point with the former."""
+    from benchmarks.verdict import load_run, paired_gains, select_epochs
+
+    out = tmp_path / "run"
+    assert main(micro_args(tiny_pipeline_dir, out) + [
+        "--algos", "ddpo", "--eval-samples-per-prompt", "2", "--curve-samples-per-prompt", "1",
+        "--ddpo.learning-rate", "1e-30", "--eval-rewards", "tiny-aesthetic-gold"]) == 0
+    records = load_records(out)
+    point = records[(records["algo"] == "ddpo") & (records["epoch"] == 1)].set_index(["eval_steps", "reward"])["mean"]
+    base_curve = load_records(out, base_curve=True).set_index(["eval_steps", "reward"])["mean"]
+    base_full = records[records["algo"] == "base"].set_index(["eval_steps", "reward"])["mean"]
+    assert set(load_records(out, base_curve=True)["samples_per_prompt"]) == {1}
+    pd.testing.assert_series_equal(point.sort_index(), base_curve.sort_index(), check_names=False, atol=1e-6)
+    assert (point.sort_index() - base_full.sort_index()).abs().max() > 1e-3
+    run = load_run(out)
+    gains = paired_gains(select_epochs(run.records, {("ddpo", 0): 1}), "tiny-aesthetic-gold", run.base_curve)
+    assert gains["gain"].abs().max() < 1e-5
+    unpaired = paired_gains(select_epochs(run.records, {("ddpo", 0): 1}), "tiny-aesthetic-gold")
+    assert unpaired["gain"].abs().max() > 1e-3
+
+
+def test_a_run_recorded_before_the_base_was_scored_on_the_curves_images_gets_it_on_resume(tiny_pipeline_dir, tmp_path):
+    """A finished run whose base rows are the full evaluation only (written before the base was
+    also scored on the curve's images, its checkpoints not kept, as in results/) gains the
+    base's curve evaluation with --resume; its trained rows are kept as recorded."""
+    out = tmp_path / "run"
+    args = micro_args(tiny_pipeline_dir, out) + ["--algos", "ddpo", "--eval-samples-per-prompt", "2",
+                                                 "--curve-samples-per-prompt", "1"]
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    old = [{k: v for k, v in row.items() if k != "samples_per_prompt"} for row in rows
+           if row["algo"] != "base" or row["samples_per_prompt"] == 2]
+    (out / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in old))
+    for checkpoint in (out / "checkpoints").glob("*"):
+        checkpoint.unlink()
+    assert load_records(out, base_curve=True).empty
+    assert main(args + ["--resume"]) == 0
+    again = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert [row for row in again if row["algo"] == "ddpo"] == [row for row in old if row["algo"] == "ddpo"]
+    base = {row["samples_per_prompt"]: row["mean"] for row in again if row["algo"] == "base"
+            and row["eval_steps"] == 1}
+    assert base == {2: next(row["mean"] for row in rows if row["algo"] == "base" and row["eval_steps"] == 1
+                            and row["samples_per_prompt"] == 2),
+                    1: next(row["mean"] for row in rows if row["algo"] == "base" and row["eval_steps"] == 1
+                            and row["samples_per_prompt"] == 1)}
 
 
 def test_the_report_writes_the_verdict_at_the_final_and_at_the_chosen_epochs(tmp_path):
