@@ -105,7 +105,10 @@ def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Se
     return table
 
 
-def markdown(table: pd.DataFrame, reward: str, base: pd.Series) -> str:
+def markdown(table: pd.DataFrame, reward: str, base: pd.Series, base_curve: pd.Series | None = None,
+             curve_samples: int | None = None) -> str:
+    """`base`, `base_curve`: the base's seed-mean per step count on the full evaluation's
+    images and on the curve's (`curve_samples` a prompt; None: not recorded)."""
     steps = sorted({int(c.split()[0]) for c in table.columns if c.endswith(" final")})
     header = ["algorithm", "epoch"] + [f"{steps_label(k)}: final / peak / to 90%" for k in steps]
     lines = [
@@ -115,6 +118,9 @@ def markdown(table: pd.DataFrame, reward: str, base: pd.Series) -> str:
         "|---" + "|---:" * (len(header) - 1) + "|",
         "| base | 0 | " + " | ".join(f"{base.get(k, math.nan):.3f}" for k in steps) + " |",
     ]
+    if base_curve is not None and not base_curve.empty:
+        lines.append(f"| base, on the curve's {curve_samples} images a prompt | 0 | "
+                     + " | ".join(f"{base_curve.get(k, math.nan):.3f}" for k in steps) + " |")
     for algo, row in table.iterrows():
         cells = []
         for k in steps:
@@ -128,7 +134,8 @@ def markdown(table: pd.DataFrame, reward: str, base: pd.Series) -> str:
         f"validation score averaged over seeds and step counts (peak; epoch column), and the trajectories at the "
         f"first evaluated epoch whose mean test gain over the base reaches {FRACTION_OF_PEAK:.0%} of the peak's "
         f"(– where the peak gains nothing). Intermediate epochs may be evaluated on fewer images than the last "
-        f"(config.json: curve_samples_per_prompt).",
+        f"(config.json: curve_samples_per_prompt); the base is then scored on those images too, and each point's "
+        f"gain is over it (the same noise).",
     ]
     return "\n".join(lines)
 
@@ -177,7 +184,9 @@ def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[st
     for name in scored:
         table = peak_table(test, name, epochs, rows, base_curve)
         base = test[(test["reward"] == name) & (test["algo"] == BASE)].groupby("eval_steps")["mean"].mean()
-        sections.append(markdown(table, name, base))
+        of_curve = base_curve[base_curve["reward"] == name]
+        sections.append(markdown(table, name, base, of_curve.groupby("eval_steps")["mean"].mean(),
+                                 int(of_curve["samples_per_prompt"].max()) if not of_curve.empty else None))
         frames.append(table.assign(reward=name))
     pd.concat(frames).to_csv(run_dir / "peak.csv")
     (run_dir / "peak.md").write_text("\n\n".join(sections) + "\n")
