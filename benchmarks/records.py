@@ -34,7 +34,7 @@ def load_records(run_dir: str | Path, split: str | None = None, base_curve: bool
     run). Records written before runs named their split are of the run's `--eval-split`.
     `base_curve`: instead, the base's rows scored on the curve's images (a run whose
     intermediate points score fewer images than its last, `curve_samples_per_prompt`),
-    which `paired_base` pairs with those points; none in a run recorded before them.
+    which `with_base` pairs with those points; none in a run recorded before them.
     """
     path = Path(run_dir) / "records.jsonl"
     if not jsonl_exists(path):
@@ -62,10 +62,10 @@ def load_records(run_dir: str | Path, split: str | None = None, base_curve: bool
     frame = frame[frame["split"] == wanted]
     if frame.empty:
         raise ValueError(f"{path} holds no records of the {wanted} prompts (it holds {', '.join(sorted(recorded))})")
-    frame = _with_samples_per_prompt(frame, _config(Path(run_dir)))
+    config = _config(Path(run_dir))
+    frame = _with_samples_per_prompt(frame, config)
     # A resumed run can evaluate an epoch again; its latest evaluation is the one that counts.
     frame = frame.drop_duplicates([*RECORD_KEY, "samples_per_prompt"], keep="last")
-    config = _config(Path(run_dir))
     full = config.get("eval_samples_per_prompt", frame.loc[frame["algo"] == BASE, "samples_per_prompt"].max())
     counts = frame["samples_per_prompt"]
     of_curve = (frame["algo"] == BASE) & counts.notna() & (counts != full)
