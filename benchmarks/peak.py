@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 import pandas as pd  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.records import BASE, load_records, steps_label, with_base  # noqa: E402
+from benchmarks.records import BASE, load_records, load_records_and_base_curve, steps_label, with_base  # noqa: E402
 from rewards.catalog import GOLD_OF  # noqa: E402
 
 FRACTION_OF_PEAK = 0.9
@@ -80,9 +80,8 @@ def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Se
     epoch, for the reward `reward` (a gold, or any recorded reward)."""
     of_reward = test[test["reward"] == reward]
     curve = _complete_epochs(of_reward)
-    trained = of_reward[of_reward["algo"] != BASE]
-    paired = with_base(trained, of_reward[of_reward["algo"] == BASE], base_curve)
-    gains = _complete_epochs(trained.assign(mean=paired["mean"].to_numpy() - paired["base"].to_numpy()))
+    paired = with_base(of_reward[of_reward["algo"] != BASE], of_reward[of_reward["algo"] == BASE], base_curve)
+    gains = _complete_epochs(paired.assign(mean=paired["mean"] - paired["base"]))
     samples = of_reward.groupby(["algo", "epoch"])["samples_seen"].mean()
     table = pd.DataFrame(index=pd.Index([r for r in rows if r != BASE and r in epochs], name="algorithm"))
     table["epoch"] = [epochs[algo] for algo in table.index]
@@ -93,11 +92,12 @@ def peak_table(test: pd.DataFrame, reward: str, epochs: dict[str, int], rows: Se
             finals.append(float(own.iloc[-1]) if len(own) else math.nan)
             peaks.append(float(own.get(epochs[algo], math.nan)))
             own_gains = gains[(gains["algo"] == algo) & (gains["eval_steps"] == k)].set_index("epoch")["mean"]
+            own_gains = own_gains.sort_index()
             gain = float(own_gains.get(epochs[algo], math.nan))
             if not gain > 0:
                 reach.append(math.nan)
                 continue
-            reached = own_gains.sort_index()[own_gains.sort_index() >= FRACTION_OF_PEAK * gain]
+            reached = own_gains[own_gains >= FRACTION_OF_PEAK * gain]
             reach.append(float(samples[algo, int(reached.index[0])]))
         table[f"{k} final"] = finals
         table[f"{k} peak"] = peaks
@@ -174,11 +174,11 @@ def write_peak(run_dir: str | Path, reward: str, rows: Sequence[str]) -> dict[st
     the chosen epoch of every algorithm, or None unless the run evaluated both prompt sets."""
     run_dir = Path(run_dir)
     try:
-        test, validation = load_records(run_dir, "test"), load_records(run_dir, "validation")
+        test, base_curve = load_records_and_base_curve(run_dir, "test")
+        validation = load_records(run_dir, "validation")
     except ValueError:
         return None
     epochs = chosen_epochs(validation, reward)
-    base_curve = load_records(run_dir, "test", base_curve=True)
     scored = [name for name in dict.fromkeys([scoring_reward(reward), reward]) if name in set(test["reward"])]
     sections, frames = [], []
     for name in scored:

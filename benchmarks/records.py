@@ -25,17 +25,22 @@ def steps_label(steps: int) -> str:
     return f"{steps} step" if steps == 1 else f"{steps} steps"
 
 
-def load_records(run_dir: str | Path, split: str | None = None, base_curve: bool = False) -> pd.DataFrame:
+def load_records(run_dir: str | Path, split: str | None = None) -> pd.DataFrame:
     """The run's evaluation records of one prompt set, one row per (algo, seed, epoch,
     eval_steps, reward), with the images per prompt each scored (`samples_per_prompt`).
 
     `split`: "test" or "validation"; None: the reported one, the test prompts when the run
     evaluated them (`--eval-split test` or `both`), else the validation prompts (a tuning
     run). Records written before runs named their split are of the run's `--eval-split`.
-    `base_curve`: instead, the base's rows scored on the curve's images (a run whose
-    intermediate points score fewer images than its last, `curve_samples_per_prompt`),
-    which `with_base` pairs with those points; none in a run recorded before them.
     """
+    return load_records_and_base_curve(run_dir, split)[0]
+
+
+def load_records_and_base_curve(run_dir: str | Path, split: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`load_records`, and from the same reading the base's rows scored on the curve's
+    images (a run whose intermediate points score fewer images than its last,
+    `curve_samples_per_prompt`), which `with_base` pairs with those points; none in a run
+    recorded before them."""
     path = Path(run_dir) / "records.jsonl"
     if not jsonl_exists(path):
         raise FileNotFoundError(f"{path} does not exist (nor its packed copy {packed(path).name})")
@@ -69,7 +74,7 @@ def load_records(run_dir: str | Path, split: str | None = None, base_curve: bool
     full = config.get("eval_samples_per_prompt", frame.loc[frame["algo"] == BASE, "samples_per_prompt"].max())
     counts = frame["samples_per_prompt"]
     of_curve = (frame["algo"] == BASE) & counts.notna() & (counts != full)
-    return frame[of_curve if base_curve else ~of_curve].reset_index(drop=True)
+    return frame[~of_curve].reset_index(drop=True), frame[of_curve].reset_index(drop=True)
 
 
 def _with_samples_per_prompt(frame: pd.DataFrame, config: dict) -> pd.DataFrame:
@@ -95,7 +100,7 @@ def _recorded_split(run_dir: Path) -> str:
 def with_base(rows: pd.DataFrame, base: pd.DataFrame, base_curve: pd.DataFrame | None = None) -> pd.DataFrame:
     """`rows` (trained rows of one prompt set) with `base`: the base's mean at the same seed,
     step count and reward, scored on the same images as the row (the same noise, so that
-    their difference is paired) where `base_curve` (`load_records(..., base_curve=True)`)
+    their difference is paired) where `base_curve` (`load_records_and_base_curve`)
     holds that evaluation, else on the full evaluation's (`base`, the base's reported rows);
     NaN for a seed without a base row."""
     on = ["seed", "eval_steps", "reward"]

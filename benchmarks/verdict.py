@@ -78,7 +78,9 @@ import tyro  # noqa: E402
 from scipy import optimize, stats  # noqa: E402
 
 from benchmarks.figures import save_figure  # noqa: E402
-from benchmarks.records import BASE, final_records, load_records, row_order, steps_label, with_base  # noqa: E402
+from benchmarks.records import (  # noqa: E402
+    BASE, final_records, load_records_and_base_curve, row_order, steps_label, with_base,
+)
 from rewards.catalog import GOLD_OF  # noqa: E402
 from rewards.errors import UnknownReward  # noqa: E402
 from rewards.spec import gold_rewards  # noqa: E402
@@ -130,7 +132,7 @@ class Run:
     reward: str | None
     golds: list[str]
     base_curve: pd.DataFrame | None = None
-    """The base's rows on the curve's images (`records.load_records(..., base_curve=True)`),
+    """The base's rows on the curve's images (`records.load_records_and_base_curve`),
     which pair with trained rows at the curve's points; None or empty: none recorded."""
 
 
@@ -158,14 +160,14 @@ def load_run(run_dir: str | Path) -> Run:
     """A run folder's records, its training reward (config.json's `reward`; None without a
     config.json) and golds."""
     run_dir = Path(run_dir)
-    records = load_records(run_dir)
+    records, base_curve = load_records_and_base_curve(run_dir)
     config = run_dir / "config.json"
     reward = json.loads(config.read_text())["reward"] if config.exists() else None
     golds = gold_order(reward, list(dict.fromkeys(records["reward"])))
     if not golds:
         every_gold = ", ".join(sorted(set(GOLD_OF.values())))
         raise ValueError(f"{run_dir / 'records.jsonl'} records no gold reward (golds: {every_gold})")
-    return Run(run_dir.resolve().name, records, reward, golds, load_records(run_dir, base_curve=True))
+    return Run(run_dir.resolve().name, records, reward, golds, base_curve)
 
 
 def select_epochs(records: pd.DataFrame, chosen: EpochChoice | None = None) -> pd.DataFrame:

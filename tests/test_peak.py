@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from benchmarks.peak import chosen_epochs, peak_table, write_peak
-from benchmarks.records import load_records
+from benchmarks.records import load_records, load_records_and_base_curve
 from benchmarks.run import main
 
 from helpers.runs import micro_args
@@ -148,9 +148,10 @@ def test_a_curve_point_pairs_with_the_base_scored_on_its_own_images(tiny_pipelin
         "--ddpo.learning-rate", "1e-30", "--eval-rewards", "tiny-aesthetic-gold"]) == 0
     records = load_records(out)
     point = records[(records["algo"] == "ddpo") & (records["epoch"] == 1)].set_index(["eval_steps", "reward"])["mean"]
-    base_curve = load_records(out, base_curve=True).set_index(["eval_steps", "reward"])["mean"]
+    curve_rows = load_records_and_base_curve(out)[1]
+    base_curve = curve_rows.set_index(["eval_steps", "reward"])["mean"]
     base_full = records[records["algo"] == "base"].set_index(["eval_steps", "reward"])["mean"]
-    assert set(load_records(out, base_curve=True)["samples_per_prompt"]) == {1}
+    assert set(curve_rows["samples_per_prompt"]) == {1}
     pd.testing.assert_series_equal(point.sort_index(), base_curve.sort_index(), check_names=False, atol=1e-6)
     assert (point.sort_index() - base_full.sort_index()).abs().max() > 1e-3
     run = load_run(out)
@@ -174,7 +175,7 @@ def test_a_run_recorded_before_the_base_was_scored_on_the_curves_images_gets_it_
     (out / "records.jsonl").write_text("".join(json.dumps(row) + "\n" for row in old))
     for checkpoint in (out / "checkpoints").glob("*"):
         checkpoint.unlink()
-    assert load_records(out, base_curve=True).empty
+    assert load_records_and_base_curve(out)[1].empty
     assert main(args + ["--resume"]) == 0
     again = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     assert [row for row in again if row["algo"] == "ddpo"] == [row for row in old if row["algo"] == "ddpo"]
