@@ -146,9 +146,8 @@ def test_a_curve_point_pairs_with_the_base_scored_on_its_own_images(tiny_pipelin
     assert main(micro_args(tiny_pipeline_dir, out) + [
         "--algos", "ddpo", "--eval-samples-per-prompt", "2", "--curve-samples-per-prompt", "1",
         "--ddpo.learning-rate", "1e-30", "--eval-rewards", "tiny-aesthetic-gold"]) == 0
-    records = load_records(out)
+    records, curve_rows = load_records_and_base_curve(out)
     point = records[(records["algo"] == "ddpo") & (records["epoch"] == 1)].set_index(["eval_steps", "reward"])["mean"]
-    curve_rows = load_records_and_base_curve(out)[1]
     base_curve = curve_rows.set_index(["eval_steps", "reward"])["mean"]
     base_full = records[records["algo"] == "base"].set_index(["eval_steps", "reward"])["mean"]
     assert set(curve_rows["samples_per_prompt"]) == {1}
